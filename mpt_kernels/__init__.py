@@ -1,0 +1,23 @@
+"""mpt_kernels: fast kernels and a thin model for training and serving MPT-style language models.
+
+    import mpt_kernels as mk
+    out = mk.alibi_attention(q, k, v)                 # ALiBi flash attention, O(seqlen) memory
+    y = mk.layer_norm(x, weight)                      # low-precision LayerNorm, float32 statistics
+    opt = mk.optim.Lion(model.parameters(), lr=1e-4)  # fused multi-tensor Lion
+"""
+from ._ext import build_info, cuda_available
+from .ops.attention import alibi_attention, alibi_slopes
+from .ops.layernorm import layer_norm
+from . import nn, optim
+
+__version__ = build_info()["version"]
+
+__all__ = [
+    "alibi_attention",
+    "alibi_slopes",
+    "layer_norm",
+    "nn",
+    "optim",
+    "build_info",
+    "cuda_available",
+]

@@ -1,0 +1,95 @@
+"""Bridge between torch (or numpy) arrays and the framework-free compiled core ``mpt_kernels._C``.
+
+``_C`` never sees a torch object: every tensor crosses as a 5-tuple
+``(data_ptr, dtype_code, shape, strides_in_elements, device)`` with ``device = -1`` for host memory,
+and CUDA launches take the caller's current stream as an integer.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    from . import _C  # noqa: F401
+except ImportError as exc:  # pragma: no cover - only hit on a broken install
+    raise ImportError(
+        "mpt_kernels._C is missing or failed to load: build the package with `pip install .` "
+        f"(or `python setup.py build_ext --inplace` in a checkout). Original error: {exc}"
+    ) from exc
+
+# Mirrors csrc/common/tensor.h: DType. Never renumber.
+FLOAT32, FLOAT16, BFLOAT16, FLOAT64, INT32, INT64, UINT8 = range(7)
+
+_NUMPY_CODES = {
+    np.dtype(np.float32): FLOAT32,
+    np.dtype(np.float16): FLOAT16,
+    np.dtype(np.float64): FLOAT64,
+    np.dtype(np.int32): INT32,
+    np.dtype(np.int64): INT64,
+    np.dtype(np.uint8): UINT8,
+}
+
+_TORCH_CODES = None
+
+
+def _torch_codes():
+    global _TORCH_CODES
+    if _TORCH_CODES is None:
+        import torch
+
+        _TORCH_CODES = {
+            torch.float32: FLOAT32,
+            torch.float16: FLOAT16,
+            torch.bfloat16: BFLOAT16,
+            torch.float64: FLOAT64,
+            torch.int32: INT32,
+            torch.int64: INT64,
+            torch.uint8: UINT8,
+        }
+    return _TORCH_CODES
+
+
+def view(t, name: str = "tensor"):
+    """Describe a torch tensor for ``_C``. Raises ValueError naming ``name`` for unsupported dtypes."""
+    code = _torch_codes().get(t.dtype)
+    if code is None:
+        raise ValueError(f"{name}: unsupported dtype {t.dtype}")
+    device = t.device.index if t.device.type == "cuda" else -1
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: unsupported device {t.device} (expected cpu or cuda)")
+    return (t.data_ptr(), code, tuple(t.shape), tuple(t.stride()), device)
+
+
+def optional_view(t, name: str = "tensor"):
+    return None if t is None else view(t, name)
+
+
+def numpy_view(a: np.ndarray, name: str = "array", dtype_code: int | None = None):
+    """Describe a numpy array for ``_C`` (host memory). ``dtype_code`` overrides the inferred code,
+    e.g. BFLOAT16 for a uint16 array holding bfloat16 bit patterns."""
+    if dtype_code is None:
+        dtype_code = _NUMPY_CODES.get(a.dtype)
+        if dtype_code is None:
+            raise ValueError(f"{name}: unsupported numpy dtype {a.dtype}")
+    item = a.itemsize
+    if any(s % item for s in a.strides):
+        raise ValueError(f"{name}: strides must be multiples of the item size")
+    return (a.ctypes.data, dtype_code, tuple(a.shape), tuple(s // item for s in a.strides), -1)
+
+
+def current_stream(t) -> int:
+    """The caller's current CUDA stream for ``t``'s device as an integer (0 for host tensors)."""
+    if t.device.type != "cuda":
+        return 0
+    import torch
+
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def cuda_available() -> bool:
+    """True when this build has CUDA kernels and a CUDA device is usable."""
+    return bool(_C.cuda_available())
+
+
+def build_info() -> dict:
+    """Version, compiler and flags, CPU features used, CUDA architectures compiled in, ops."""
+    return dict(_C.build_info())

@@ -1,0 +1,1 @@
+"""torch ops over the compiled kernels: one module per op, plus plain-torch references."""

@@ -1,0 +1,1 @@
+"""Optimizers. TEMPORARY placeholder until the fused Lion lands (issue 4)."""

@@ -1,0 +1,107 @@
+// Shared binding helpers: the TensorView type caster (Python passes a 5-tuple
+// (data_ptr, dtype_code, shape, strides, device); see mpt_kernels/_ext.py: view()), the common
+// argument checks, and a registry so each op's bind_<op>.cpp adds itself without touching module.cpp.
+#pragma once
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <utility>
+#include <vector>
+
+#include "common/error.h"
+#include "common/tensor.h"
+#ifdef MPTK_WITH_CUDA
+#include "common/cuda_check.h"
+#endif
+
+namespace pybind11 {
+namespace detail {
+template <>
+struct type_caster<mptk::TensorView> {
+ public:
+  PYBIND11_TYPE_CASTER(mptk::TensorView, const_name("TensorView"));
+  bool load(handle src, bool) {
+    if (!isinstance<tuple>(src)) return false;
+    auto t = reinterpret_borrow<tuple>(src);
+    if (t.size() != 5) return false;
+    mptk::TensorView v;
+    v.data = reinterpret_cast<void*>(t[0].cast<uintptr_t>());
+    v.dtype = static_cast<mptk::DType>(t[1].cast<int>());
+    auto shape = t[2].cast<std::vector<int64_t>>();
+    auto strides = t[3].cast<std::vector<int64_t>>();
+    if (shape.size() != strides.size() || shape.size() > static_cast<size_t>(mptk::kMaxDims)) return false;
+    v.ndim = static_cast<int>(shape.size());
+    for (int i = 0; i < v.ndim; ++i) {
+      v.shape[i] = shape[i];
+      v.stride[i] = strides[i];
+    }
+    v.device = t[4].cast<int>();
+    value = v;
+    return true;
+  }
+  static handle cast(const mptk::TensorView&, return_value_policy, handle) {
+    throw std::runtime_error("TensorView cannot be returned to Python");
+  }
+};
+}  // namespace detail
+}  // namespace pybind11
+
+namespace mptk {
+
+using RegisterFn = void (*)(pybind11::module_&);
+std::vector<std::pair<const char*, RegisterFn>>& binding_registry();
+struct BindingRegistrar {
+  BindingRegistrar(const char* name, RegisterFn fn) { binding_registry().emplace_back(name, fn); }
+};
+#define MPTK_REGISTER_BINDINGS(name, fn) static ::mptk::BindingRegistrar mptk_registrar_##name(#name, fn)
+
+// ---- argument checks shared by all ops (each names the argument) ----
+inline void check_dtype(const TensorView& t, const char* name, std::initializer_list<DType> allowed) {
+  for (DType d : allowed)
+    if (t.dtype == d) return;
+  std::string s;
+  for (DType d : allowed) s += std::string(s.empty() ? "" : ", ") + dtype_name(d);
+  MPTK_CHECK_ARG(false, name, "unsupported dtype ", dtype_name(t.dtype), " (expected one of: ", s, ")");
+}
+inline void check_same_device(const TensorView& a, const char* na, const TensorView& b, const char* nb) {
+  MPTK_CHECK_ARG(a.device == b.device, nb, "is on ", b.device_str(), " but ", na, " is on ", a.device_str(),
+                 "; all tensors must be on the same device");
+}
+inline void check_last_dim_contiguous(const TensorView& t, const char* name) {
+  MPTK_CHECK_ARG(t.ndim >= 1 && (t.stride[t.ndim - 1] == 1 || t.shape[t.ndim - 1] <= 1), name,
+                 "last dimension must be contiguous (stride 1), got stride ", t.ndim ? t.stride[t.ndim - 1] : 0);
+}
+inline void check_contiguous(const TensorView& t, const char* name) {
+  MPTK_CHECK_ARG(t.is_contiguous(), name, "must be contiguous, got shape ", t.shape_str());
+}
+inline void check_ndim(const TensorView& t, const char* name, int ndim) {
+  MPTK_CHECK_ARG(t.ndim == ndim, name, "expected ", ndim, " dimensions, got ", t.ndim, " (shape ", t.shape_str(), ")");
+}
+inline void check_alignment(const TensorView& t, const char* name, size_t bytes) {
+  MPTK_CHECK_ARG(reinterpret_cast<uintptr_t>(t.data) % bytes == 0, name, "data pointer must be ", bytes,
+                 "-byte aligned");
+}
+[[noreturn]] inline void throw_no_cuda(const char* op) {
+  throw std::runtime_error(std::string(op) +
+                           ": this build of mpt_kernels has no CUDA kernels (rebuild with nvcc available or "
+                           "MPT_KERNELS_CUDA=1)");
+}
+
+#ifdef MPTK_WITH_CUDA
+// Makes `device` current for the duration of a launch and restores the caller's device after.
+struct CudaDeviceGuard {
+  int prev = -1;
+  explicit CudaDeviceGuard(int device) {
+    MPTK_CUDA_CHECK(cudaGetDevice(&prev));
+    if (prev != device) MPTK_CUDA_CHECK(cudaSetDevice(device));
+  }
+  ~CudaDeviceGuard() {
+    int cur = -1;
+    if (cudaGetDevice(&cur) == cudaSuccess && cur != prev) cudaSetDevice(prev);
+  }
+};
+inline cudaStream_t as_stream(uint64_t s) { return reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(s)); }
+#endif
+
+}  // namespace mptk
