@@ -1,0 +1,245 @@
+// CPU LayerNorm: OpenMP over rows, AVX2/FMA over the hidden axis (csrc/common/cpu_math.h converts
+// bfloat16/float16 at load and store), float32 statistics. The twin of layernorm_cuda.cu: one row
+// is one unit of work, its statistics take two passes over the row (sum, then squared deviations)
+// while the row sits in L1/L2, and the weight/bias gradients go through per-group float32 partial
+// rows reduced in a fixed order (see layernorm.h).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common/cpu_math.h"
+#include "common/error.h"
+#include "layernorm/layernorm.h"
+
+namespace mptk {
+namespace {
+
+// Forward of one row. `hout` receives x + res rounded to T when res is set; the statistics are
+// taken over that rounded sum, as the reference does (what is normalised is what is returned).
+template <typename T, typename WT>
+void layer_norm_fwd_row(const T* x, const T* res, T* hout, const WT* w, const WT* b, T* y, int64_t H,
+                        float eps, float* mean_out, float* rstd_out) {
+  float sum = 0.f;
+  int64_t i = 0;
+#ifdef MPTK_AVX2
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  if (res) {
+    for (; i + 8 <= H; i += 8) {
+      store8(hout + i, _mm256_add_ps(load8(x + i), load8(res + i)));
+      a0 = _mm256_add_ps(a0, load8(hout + i));
+    }
+  } else {
+    for (; i + 16 <= H; i += 16) {
+      a0 = _mm256_add_ps(a0, load8(x + i));
+      a1 = _mm256_add_ps(a1, load8(x + i + 8));
+    }
+    for (; i + 8 <= H; i += 8) a0 = _mm256_add_ps(a0, load8(x + i));
+  }
+  sum = hsum8(_mm256_add_ps(a0, a1));
+#endif
+  for (; i < H; ++i) {
+    if (res) {
+      hout[i] = from_float<T>(to_float(x[i]) + to_float(res[i]));
+      sum += to_float(hout[i]);
+    } else {
+      sum += to_float(x[i]);
+    }
+  }
+  const T* h = res ? hout : x;
+  const float mean = sum / static_cast<float>(H);
+
+  // Second pass over the cached row: squared deviations from the mean (no cancellation, unlike
+  // E[x^2] - E[x]^2, which loses everything when |mean| >> std).
+  float sq = 0.f;
+  i = 0;
+#ifdef MPTK_AVX2
+  const __m256 vmean = _mm256_set1_ps(mean);
+  a0 = _mm256_setzero_ps();
+  a1 = _mm256_setzero_ps();
+  for (; i + 16 <= H; i += 16) {
+    __m256 d0 = _mm256_sub_ps(load8(h + i), vmean), d1 = _mm256_sub_ps(load8(h + i + 8), vmean);
+    a0 = _mm256_fmadd_ps(d0, d0, a0);
+    a1 = _mm256_fmadd_ps(d1, d1, a1);
+  }
+  for (; i + 8 <= H; i += 8) {
+    __m256 d0 = _mm256_sub_ps(load8(h + i), vmean);
+    a0 = _mm256_fmadd_ps(d0, d0, a0);
+  }
+  sq = hsum8(_mm256_add_ps(a0, a1));
+#endif
+  for (; i < H; ++i) {
+    float d = to_float(h[i]) - mean;
+    sq += d * d;
+  }
+  const float rstd = 1.f / std::sqrt(sq / static_cast<float>(H) + eps);
+  if (mean_out) *mean_out = mean;
+  if (rstd_out) *rstd_out = rstd;
+
+  i = 0;
+#ifdef MPTK_AVX2
+  const __m256 vrstd = _mm256_set1_ps(rstd);
+  if (b) {
+    for (; i + 8 <= H; i += 8) {
+      __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(load8(h + i), vmean), vrstd);
+      store8(y + i, _mm256_fmadd_ps(xhat, load8(w + i), load8(b + i)));
+    }
+  } else {
+    for (; i + 8 <= H; i += 8) {
+      __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(load8(h + i), vmean), vrstd);
+      store8(y + i, _mm256_mul_ps(xhat, load8(w + i)));
+    }
+  }
+#endif
+  for (; i < H; ++i) {
+    float xhat = (to_float(h[i]) - mean) * rstd;
+    y[i] = from_float<T>(std::fma(xhat, to_float(w[i]), b ? to_float(b[i]) : 0.f));
+  }
+}
+
+template <typename T, typename WT>
+void layer_norm_fwd_impl(const LayerNormFwdParams& p) {
+  const T* x = static_cast<const T*>(p.x);
+  const T* res = static_cast<const T*>(p.residual);
+  T* hout = static_cast<T*>(p.residual_out);
+  T* y = static_cast<T*>(p.y);
+  const WT* w = static_cast<const WT*>(p.weight);
+  const WT* b = static_cast<const WT*>(p.bias);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < p.rows; ++r) {
+    layer_norm_fwd_row<T, WT>(x + r * p.x_row_stride, res ? res + r * p.residual_row_stride : nullptr,
+                              hout ? hout + r * p.residual_out_row_stride : nullptr, w, b, y + r * p.y_row_stride,
+                              p.hidden, p.eps, p.mean ? p.mean + r : nullptr, p.rstd ? p.rstd + r : nullptr);
+  }
+}
+
+// Backward of every row of group g (rows g, g + P, ...), accumulating dy * xhat and dy into the
+// group's own float32 partial rows, which stay in this core's cache across the group's rows.
+template <typename T, typename WT>
+void layer_norm_bwd_group(const LayerNormBwdParams& p, int64_t g) {
+  const int64_t H = p.hidden, P = p.num_partials;
+  const WT* w = static_cast<const WT*>(p.weight);
+  float* dwp = p.workspace + g * H;
+  float* dbp = p.dbias ? p.workspace + (P + g) * H : nullptr;
+  std::fill(dwp, dwp + H, 0.f);
+  if (dbp) std::fill(dbp, dbp + H, 0.f);
+  for (int64_t r = g; r < p.rows; r += P) {
+    const T* h = static_cast<const T*>(p.h) + r * p.h_row_stride;
+    const T* dy = static_cast<const T*>(p.dy) + r * p.dy_row_stride;
+    const T* dres = p.dresidual_out ? static_cast<const T*>(p.dresidual_out) + r * p.dresidual_out_row_stride : nullptr;
+    T* dh = static_cast<T*>(p.dh) + r * p.dh_row_stride;
+    const float mean = p.mean[r], rstd = p.rstd[r];
+
+    float s1 = 0.f, s2 = 0.f;  // sum(g), sum(g * xhat) with g = dy * w
+    int64_t i = 0;
+#ifdef MPTK_AVX2
+    const __m256 vmean = _mm256_set1_ps(mean), vrstd = _mm256_set1_ps(rstd);
+    __m256 a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps();
+    for (; i + 8 <= H; i += 8) {
+      __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(load8(h + i), vmean), vrstd);
+      __m256 vdy = load8(dy + i);
+      __m256 gg = _mm256_mul_ps(vdy, load8(w + i));
+      a1 = _mm256_add_ps(a1, gg);
+      a2 = _mm256_fmadd_ps(gg, xhat, a2);
+      _mm256_storeu_ps(dwp + i, _mm256_fmadd_ps(vdy, xhat, _mm256_loadu_ps(dwp + i)));
+      if (dbp) _mm256_storeu_ps(dbp + i, _mm256_add_ps(vdy, _mm256_loadu_ps(dbp + i)));
+    }
+    s1 = hsum8(a1);
+    s2 = hsum8(a2);
+#endif
+    for (; i < H; ++i) {
+      float xhat = (to_float(h[i]) - mean) * rstd, vdy = to_float(dy[i]), gg = vdy * to_float(w[i]);
+      s1 += gg;
+      s2 += gg * xhat;
+      dwp[i] += vdy * xhat;
+      if (dbp) dbp[i] += vdy;
+    }
+    const float c1 = s1 / static_cast<float>(H), c2 = s2 / static_cast<float>(H);
+
+    i = 0;
+#ifdef MPTK_AVX2
+    const __m256 vc1 = _mm256_set1_ps(c1), vc2 = _mm256_set1_ps(c2);
+    for (; i + 8 <= H; i += 8) {
+      __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(load8(h + i), vmean), vrstd);
+      __m256 gg = _mm256_mul_ps(load8(dy + i), load8(w + i));
+      __m256 d = _mm256_mul_ps(vrstd, _mm256_sub_ps(_mm256_sub_ps(gg, vc1), _mm256_mul_ps(xhat, vc2)));
+      if (dres) d = _mm256_add_ps(d, load8(dres + i));
+      store8(dh + i, d);
+    }
+#endif
+    for (; i < H; ++i) {
+      float xhat = (to_float(h[i]) - mean) * rstd, gg = to_float(dy[i]) * to_float(w[i]);
+      float d = rstd * (gg - c1 - xhat * c2);
+      if (dres) d += to_float(dres[i]);
+      dh[i] = from_float<T>(d);
+    }
+  }
+}
+
+// dst[c] = sum over g = 0..P-1 of partials[g * H + c], always in that order (deterministic).
+template <typename WT>
+void reduce_partials(const float* partials, int64_t P, int64_t H, WT* dst) {
+  constexpr int64_t kCols = 256;  // a column strip of accumulators that fits in L1
+  const int64_t strips = (H + kCols - 1) / kCols;
+#pragma omp parallel for schedule(static)
+  for (int64_t s = 0; s < strips; ++s) {
+    const int64_t c0 = s * kCols, n = std::min(kCols, H - c0);
+    float acc[kCols];
+    std::fill(acc, acc + n, 0.f);
+    for (int64_t g = 0; g < P; ++g) {
+      const float* row = partials + g * H + c0;
+      for (int64_t c = 0; c < n; ++c) acc[c] += row[c];
+    }
+    for (int64_t c = 0; c < n; ++c) dst[c0 + c] = from_float<WT>(acc[c]);
+  }
+}
+
+template <typename T, typename WT>
+void layer_norm_bwd_impl(const LayerNormBwdParams& p) {
+#pragma omp parallel for schedule(static)
+  for (int64_t g = 0; g < p.num_partials; ++g) layer_norm_bwd_group<T, WT>(p, g);
+  reduce_partials<WT>(p.workspace, p.num_partials, p.hidden, static_cast<WT*>(p.dweight));
+  if (p.dbias)
+    reduce_partials<WT>(p.workspace + p.num_partials * p.hidden, p.num_partials, p.hidden,
+                        static_cast<WT*>(p.dbias));
+}
+
+// Calls f.template operator()<T, WT>() for the supported (activation, weight) dtype pairs.
+template <typename F>
+void dispatch_dtypes(DType dtype, DType weight_dtype, F&& f) {
+  if (dtype == DType::Float32 && weight_dtype == DType::Float32) return f(float{}, float{});
+  if (dtype == DType::BFloat16 && weight_dtype == DType::BFloat16) return f(bf16{}, bf16{});
+  if (dtype == DType::BFloat16 && weight_dtype == DType::Float32) return f(bf16{}, float{});
+  if (dtype == DType::Float16 && weight_dtype == DType::Float16) return f(fp16{}, fp16{});
+  if (dtype == DType::Float16 && weight_dtype == DType::Float32) return f(fp16{}, float{});
+  MPTK_CHECK(false, "layer_norm: unsupported dtype pair (", dtype_name(dtype), ", ", dtype_name(weight_dtype), ")");
+}
+
+}  // namespace
+
+void layer_norm_fwd_cpu(const LayerNormFwdParams& p) {
+  MPTK_CHECK(p.hidden > 0 || p.rows == 0, "layer_norm_fwd_cpu: hidden must be positive");
+  MPTK_CHECK(!p.residual == !p.residual_out, "layer_norm_fwd_cpu: residual and residual_out go together");
+  dispatch_dtypes(p.dtype, p.weight_dtype, [&](auto t, auto wt) {
+    layer_norm_fwd_impl<decltype(t), decltype(wt)>(p);
+  });
+}
+
+int64_t layer_norm_bwd_num_partials_cpu(int64_t rows, int64_t /*hidden*/) {
+  // At most 256 groups of at least 8 rows: enough groups to feed many cores, and the partials'
+  // traffic (2 * 4 bytes * hidden per group) stays small next to the rows' own.
+  if (rows <= 0) return 0;
+  const int64_t rows_per_group = std::max<int64_t>(8, (rows + 255) / 256);
+  return (rows + rows_per_group - 1) / rows_per_group;
+}
+
+void layer_norm_bwd_cpu(const LayerNormBwdParams& p) {
+  MPTK_CHECK(p.num_partials == layer_norm_bwd_num_partials_cpu(p.rows, p.hidden),
+             "layer_norm_bwd_cpu: num_partials does not match layer_norm_bwd_num_partials_cpu");
+  dispatch_dtypes(p.dtype, p.weight_dtype, [&](auto t, auto wt) {
+    layer_norm_bwd_impl<decltype(t), decltype(wt)>(p);
+  });
+}
+
+}  // namespace mptk
