@@ -1,0 +1,156 @@
+"""Instruction / chat finetuning data: prompt-response JSONL, loss on the response only.
+
+Records (one JSON object per line) are either ``{"prompt": ..., "response": ...}`` (optionally with
+``"system"``) or ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``.
+
+Formats:
+
+* ``mpt-instruct`` (MPT-7B-Instruct's dolly/HH-RLHF format)::
+
+      Below is an instruction that describes a task. Write a response that appropriately completes the request.
+      ### Instruction:
+      {prompt}
+      ### Response:
+      {response}<|endoftext|>
+
+* ``chatml`` (MPT-7B-Chat): ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per turn; the special
+  tokens are added to the tokenizer when it lacks them (they fit in the padded vocabulary).
+
+Each piece is tokenized separately and labelled ``-100`` unless it is a response (assistant turn),
+so the loss never teaches the model to write prompts. Examples longer than ``max_seq_len`` are cut
+at ``max_seq_len``; one left with no response token is dropped (and counted).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .dataset import SampleOrder, _OrderedDataset
+from .tokenizer import Tokenizer
+
+IGNORE_INDEX = -100
+INSTRUCT_INTRO = ("Below is an instruction that describes a task. "
+                  "Write a response that appropriately completes the request.")
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+FORMATS = ("mpt-instruct", "chatml")
+
+
+def _messages(rec: dict, where: str) -> list[dict]:
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            raise ValueError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
+        return msgs
+    if "prompt" in rec and "response" in rec:
+        msgs = [{"role": "system", "content": rec["system"]}] if rec.get("system") else []
+        return msgs + [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["response"]}]
+    raise ValueError(f"{where}: a record needs 'prompt' and 'response', or 'messages'")
+
+
+def format_mpt_instruct(rec: dict, eos_token: str = "<|endoftext|>", where: str = "record") -> list[tuple[str, bool]]:
+    """Segments ``(text, is_response)`` in MPT-Instruct's format (single turn)."""
+    msgs = _messages(rec, where)
+    users = [m for m in msgs if m["role"] == "user"]
+    bots = [m for m in msgs if m["role"] == "assistant"]
+    if len(users) != 1 or len(bots) != 1:
+        raise ValueError(f"{where}: the mpt-instruct format is single-turn (one prompt, one response); use chatml")
+    prompt = f"{INSTRUCT_INTRO}\n### Instruction:\n{users[0]['content']}\n### Response:\n"
+    return [(prompt, False), (str(bots[0]["content"]) + eos_token, True)]
+
+
+def format_chatml(rec: dict, where: str = "record") -> list[tuple[str, bool]]:
+    """Segments ``(text, is_response)`` in ChatML; every assistant turn (with its end marker) trains."""
+    segs: list[tuple[str, bool]] = []
+    for m in _messages(rec, where):
+        if m["role"] not in ("system", "user", "assistant"):
+            raise ValueError(f"{where}: unknown role {m['role']!r}")
+        segs.append((f"{IM_START}{m['role']}\n", False))
+        if m["role"] == "assistant":
+            segs.append((f"{m['content']}{IM_END}", True))
+            segs.append(("\n", False))
+        else:
+            segs.append((f"{m['content']}{IM_END}\n", False))
+    return segs
+
+
+def ensure_chat_tokens(tokenizer: Tokenizer) -> None:
+    missing = [t for t in (IM_START, IM_END) if tokenizer.token_to_id(t) is None]
+    if missing:
+        tokenizer.backend.add_special_tokens(missing)
+
+
+def tokenize_example(segments: Sequence[tuple[str, bool]], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    ids, labels = [], []
+    for text, train in segments:
+        t = tokenizer.encode(text)
+        ids += t
+        labels += t if train else [IGNORE_INDEX] * len(t)
+    return np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+
+
+class FinetuneDataset(_OrderedDataset):
+    """Tokenized prompt/response examples held in memory, served in the same deterministic,
+    rank-sharded, resumable order as :class:`StreamingTokenDataset`. Items are variable-length
+    ``{"input_ids", "labels"}``; :meth:`collate` pads a batch."""
+
+    def __init__(self, path: str | os.PathLike, tokenizer: Tokenizer, *, max_seq_len: int, fmt: str = "mpt-instruct",
+                 seed: int = 0, shuffle: bool = True, batch_size: int = 1, rank: int | None = None,
+                 world_size: int | None = None, num_samples: int | None = None, pad_to: int | None = None):
+        if fmt not in FORMATS:
+            raise ValueError(f"FinetuneDataset: fmt must be one of {FORMATS}, got {fmt!r}")
+        if fmt == "chatml":
+            ensure_chat_tokens(tokenizer)
+        self.tokenizer = tokenizer
+        self.max_seq_len = int(max_seq_len)
+        self.pad_to = pad_to
+        self.pad_id = tokenizer.pad_id
+        self.examples: list[tuple[np.ndarray, np.ndarray]] = []
+        self.dropped = 0
+        p = Path(path)
+        with open(p, encoding="utf-8") as fh:
+            for n, line in enumerate(fh):
+                if not line.strip():
+                    continue
+                where = f"{p}:{n + 1}"
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{where}: not valid JSON ({exc})") from None
+                segs = format_chatml(rec, where) if fmt == "chatml" else format_mpt_instruct(rec, tokenizer.eos_token, where)
+                ids, labels = tokenize_example(segs, tokenizer)
+                ids, labels = ids[: self.max_seq_len], labels[: self.max_seq_len]
+                # The model predicts token t+1 from position t: a label at position 0 never trains.
+                if (labels[1:] != IGNORE_INDEX).sum() == 0:
+                    self.dropped += 1
+                    continue
+                self.examples.append((ids, labels))
+        if not self.examples:
+            raise ValueError(f"FinetuneDataset: no usable example in {p} ({self.dropped} dropped as too long)")
+        order = SampleOrder([len(self.examples)], seed=seed, shuffle=shuffle)
+        super().__init__(order, batch_size=batch_size, rank=rank, world_size=world_size, num_samples=num_samples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def _read(self, stream: int, sample: int) -> dict:
+        ids, labels = self.examples[sample]
+        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
+
+    def collate(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+        """Right-pad to the longest example (or ``pad_to``). Causal attention means pad tokens at the
+        end cannot influence real ones, and their labels are -100, so no attention mask is needed."""
+        n = max(len(b["input_ids"]) for b in batch)
+        if self.pad_to:
+            n = max(n, self.pad_to)
+        ids = torch.full((len(batch), n), self.pad_id, dtype=torch.int64)
+        labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.int64)
+        for row, b in enumerate(batch):
+            k = len(b["input_ids"])
+            ids[row, :k] = b["input_ids"]
+            labels[row, :k] = b["labels"]
+        return {"input_ids": ids, "labels": labels}

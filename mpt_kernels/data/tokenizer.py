@@ -1,0 +1,145 @@
+"""Tokenizers for MPT training, through the Hugging Face ``tokenizers`` library (Rust, no torch).
+
+Two ways to get one, both giving the same :class:`Tokenizer` wrapper:
+
+* :func:`load_tokenizer` reads a ``tokenizer.json`` from a local path, e.g. GPT-NeoX-20B's (the
+  tokenizer MPT was trained with; 50277 tokens, ``<|endoftext|>`` = 0). No hub access is assumed.
+* :func:`train_bpe_tokenizer` trains a byte-level BPE with NeoX's settings (NFC normalisation,
+  ByteLevel pre-tokenizer without a prefix space, ByteLevel decoder, ``<|endoftext|>`` as token 0)
+  on local text, for runs that have no tokenizer file (the tiny preset uses a few thousand tokens).
+
+The model's embedding table is padded to a multiple of 128 (:func:`padded_vocab_size`), which keeps
+the output projection's GEMM on tensor-core-friendly sizes. Note that MPT-7B's 50432 for NeoX's 50277
+tokens is a multiple of 128 but not the next one (that is 50304): it is the next multiple of 256, and
+the MPT presets carry 50432 themselves so their checkpoints stay interchangeable with MosaicML's.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|padding|>"
+
+
+def padded_vocab_size(n: int, multiple: int = 128) -> int:
+    """Smallest multiple of ``multiple`` that is >= ``n`` (50277 -> 50304; with 256: 50432, MPT's)."""
+    if n <= 0 or multiple <= 0:
+        raise ValueError(f"padded_vocab_size: n and multiple must be positive, got n={n}, multiple={multiple}")
+    return -(-n // multiple) * multiple
+
+
+class Tokenizer:
+    """A thin wrapper over ``tokenizers.Tokenizer`` that knows its end-of-text id and the padded
+    vocabulary size the model should use."""
+
+    def __init__(self, tok, eos_token: str = EOS_TOKEN, path: str | None = None):
+        self._tok = tok
+        eos = tok.token_to_id(eos_token)
+        if eos is None:
+            raise ValueError(f"tokenizer has no end-of-text token {eos_token!r} (path={path})")
+        self.eos_token = eos_token
+        self.eos_id = int(eos)
+        pad = tok.token_to_id(PAD_TOKEN)
+        self.pad_id = int(pad) if pad is not None else self.eos_id
+        self.path = path
+
+    @property
+    def backend(self):
+        """The underlying ``tokenizers.Tokenizer``."""
+        return self._tok
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer can emit (including added/special tokens)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def padded_vocab_size(self, multiple: int = 128) -> int:
+        return padded_vocab_size(self.vocab_size, multiple)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # encode_batch runs on the Rust thread pool (RAYON_NUM_THREADS / all cores).
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        self._tok.save(str(tmp))
+        os.replace(tmp, path)  # atomic: a reader never sees half a tokenizer.json
+        self.path = str(path)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, path={self.path!r})"
+
+
+def load_tokenizer(path: str | os.PathLike, eos_token: str = EOS_TOKEN) -> Tokenizer:
+    """Load a ``tokenizer.json`` (a file, or a folder holding one) from local disk."""
+    from tokenizers import Tokenizer as _HFTokenizer
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"load_tokenizer: no tokenizer.json at {str(path)!r}")
+    return Tokenizer(_HFTokenizer.from_file(str(p)), eos_token=eos_token, path=str(p))
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,
+                        save_path: str | os.PathLike | None = None, show_progress: bool = False) -> Tokenizer:
+    """Train a byte-level BPE with GPT-NeoX-20B's pipeline on ``texts``.
+
+    ``vocab_size`` counts the 256 byte tokens, the merges and the two special tokens
+    (``<|endoftext|>`` = 0, ``<|padding|>`` = 1, as in NeoX). Training is deterministic for the same
+    input order. Saved atomically to ``save_path`` when given.
+    """
+    from tokenizers import Tokenizer as _HFTokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    if vocab_size < 300:
+        raise ValueError(f"train_bpe_tokenizer: vocab_size must be >= 300 (256 bytes + specials + merges), got {vocab_size}")
+    tok = _HFTokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True)
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=True)
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    tok.train_from_iterator(_as_iterator(texts), trainer=trainer)
+    out = Tokenizer(tok)
+    if save_path is not None:
+        out.save(save_path)
+    return out
+
+
+def _as_iterator(texts: Iterable[str]) -> Iterator[str]:
+    for t in texts:
+        if t:
+            yield t
+
+
+def get_tokenizer(path: str | os.PathLike | None, *, cache_path: str | os.PathLike | None = None,
+                  texts: Iterable[str] | None = None, vocab_size: int = 8192) -> Tokenizer:
+    """The tokenizer a run uses: ``path`` when given; otherwise the BPE cached at ``cache_path``;
+    otherwise one trained on ``texts`` and cached there."""
+    if path:
+        return load_tokenizer(path)
+    if cache_path is not None and Path(cache_path).is_file():
+        return load_tokenizer(cache_path)
+    if texts is None:
+        raise ValueError("get_tokenizer: no tokenizer path, no cached tokenizer and no texts to train one on")
+    return train_bpe_tokenizer(texts, vocab_size, save_path=cache_path)

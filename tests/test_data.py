@@ -1,0 +1,398 @@
+"""Tokenizer, shard converter, streaming dataset (order, mixing, sharding, resumption), finetune data
+and the bundled corpus. Small inputs throughout: the whole file runs in seconds on 2 cores."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mpt_kernels.data import (FinetuneDataset, SampleOrder, Stream, StreamingTokenDataset, TokenShards, load_tokenizer,
+                              make_loader, padded_vocab_size, permute, train_bpe_tokenizer)
+from mpt_kernels.data.convert import convert, iter_documents
+from mpt_kernels.data.dataset import _round_keys
+from mpt_kernels.data.finetune import IGNORE_INDEX, IM_END, IM_START, INSTRUCT_INTRO, format_mpt_instruct
+
+NEOX = Path(__file__).resolve().parents[1] / ".." / ".." / "shared" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+NEOX = Path(os.environ.get("MPTK_NEOX_TOKENIZER", NEOX))
+
+CODE = '''def fibonacci(n):
+    """Return the n-th Fibonacci number."""
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+
+class Point:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+'''
+PROSE = ("The quick brown fox jumps over the lazy dog. Grüße aus Köln — naïve café, 東京, emoji 🙂. "
+         "A tokenizer must round-trip every byte of its input exactly.\n")
+
+
+@pytest.fixture(scope="module")
+def small_tok(tmp_path_factory):
+    texts = [CODE * 3, PROSE * 3] + [f"line {i}: value = {i * i}\n" * 5 for i in range(200)]
+    return train_bpe_tokenizer(texts, 600, save_path=tmp_path_factory.mktemp("tok") / "tokenizer.json")
+
+
+def _write_inputs(root: Path) -> list[Path]:
+    """A .txt, a .jsonl and a folder of code files, with varied document lengths."""
+    rng = np.random.default_rng(0)
+    (root / "code").mkdir()
+    for i in range(7):
+        (root / "code" / f"m{i}.py").write_text(CODE.replace("fibonacci", f"fib{i}") * int(rng.integers(1, 4)))
+    (root / "code" / "ignored.bin").write_bytes(b"\x00\xff" * 50)
+    (root / "notes.txt").write_text(PROSE * 4)
+    with open(root / "docs.jsonl", "w") as fh:
+        for i in range(40):
+            fh.write(json.dumps({"text": f"Document {i}. " + PROSE[: 20 + 7 * i], "id": i}) + "\n")
+    return [root / "notes.txt", root / "docs.jsonl", root / "code"]
+
+
+# ------------------------------------------------------------------------------------- tokenizer
+
+def test_padded_vocab_size():
+    # 50277 is NeoX-20B's; MPT-7B's 50432 is a multiple of 128 but the *next* one is 50304: MPT's
+    # table is the next multiple of 256 (the presets carry 50432 themselves).
+    assert padded_vocab_size(50277) == 50304
+    assert padded_vocab_size(50277, 256) == 50432
+    assert padded_vocab_size(8192) == 8192
+    assert padded_vocab_size(1) == 128
+    assert padded_vocab_size(129, 64) == 192
+    with pytest.raises(ValueError):
+        padded_vocab_size(0)
+
+
+def test_bpe_roundtrip_and_specials(small_tok):
+    assert small_tok.eos_id == 0 and small_tok.token_to_id("<|padding|>") == 1
+    assert small_tok.vocab_size == 600
+    for text in (CODE, PROSE, "  leading spaces\tand tabs\n\n", "x"):
+        assert small_tok.decode(small_tok.encode(text)) == text
+    # Merges learned: the code sample needs far fewer tokens than bytes.
+    assert len(small_tok.encode(CODE)) < 0.6 * len(CODE.encode())
+    # The saved file loads back to the same tokenizer.
+    again = load_tokenizer(small_tok.path)
+    assert again.encode(CODE) == small_tok.encode(CODE)
+
+
+def test_train_bpe_is_deterministic():
+    texts = [CODE, PROSE] * 5
+    a = train_bpe_tokenizer(texts, 320)
+    b = train_bpe_tokenizer(texts, 320)
+    assert a.encode(CODE + PROSE) == b.encode(CODE + PROSE)
+
+
+@pytest.mark.skipif(not NEOX.is_file(), reason="GPT-NeoX-20B tokenizer.json not present (set MPTK_NEOX_TOKENIZER)")
+def test_neox_tokenizer():
+    tok = load_tokenizer(NEOX)
+    assert tok.vocab_size == 50277 and tok.padded_vocab_size(256) == 50432
+    assert tok.eos_id == 0
+    assert tok.encode("hello world") == [25521, 1533]
+    assert tok.decode(tok.encode(CODE)) == CODE
+
+
+def test_load_tokenizer_missing(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_tokenizer(tmp_path / "nope.json")
+
+
+# ------------------------------------------------------------------------------------- converter
+
+def test_convert_packs_documents_exactly(tmp_path, small_tok):
+    inputs = _write_inputs(tmp_path)
+    seq_len = 32
+    idx = convert(inputs, tmp_path / "out", tokenizer=small_tok, seq_len=seq_len, samples_per_shard=5,
+                  show_progress=False)["train"]
+    docs = list(iter_documents(inputs))
+    assert len(docs) == 1 + 40 + 7  # the .bin file in the folder is not a code extension
+    stream = np.concatenate([np.array(small_tok.encode(d.text) + [small_tok.eos_id]) for d in docs])
+    n = len(stream) // seq_len
+    assert idx["num_samples"] == n and idx["dropped_tail_tokens"] == len(stream) - n * seq_len
+    assert idx["dtype"] == "uint16" and idx["eos_id"] == 0
+    assert [s["num_samples"] for s in idx["shards"]] == [5] * (n // 5) + ([n % 5] if n % 5 else [])
+    shards = TokenShards(tmp_path / "out")
+    shards.verify()
+    got = np.stack([shards[i] for i in range(len(shards))]).astype(np.int64)
+    np.testing.assert_array_equal(got.reshape(-1), stream[: n * seq_len])
+    assert isinstance(shards._maps[0], np.memmap)
+    with pytest.raises(IndexError):
+        shards[len(shards)]
+
+
+def test_convert_checksum_detects_corruption(tmp_path, small_tok):
+    convert(_write_inputs(tmp_path), tmp_path / "out", tokenizer=small_tok, seq_len=16, show_progress=False)
+    shard = tmp_path / "out" / "shard_00000.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[3] ^= 0x40
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="checksum"):
+        TokenShards(tmp_path / "out").verify()
+    shard.write_bytes(bytes(raw[:-2]))  # truncated: caught without hashing
+    with pytest.raises(ValueError, match="wrong size"):
+        TokenShards(tmp_path / "out")
+
+
+def test_convert_val_split_and_trained_tokenizer(tmp_path):
+    inputs = _write_inputs(tmp_path)
+    idx = convert(inputs, tmp_path / "out", vocab_size=300, seq_len=16, val_fraction=0.25, show_progress=False)
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    assert idx["train"]["num_documents"] + idx["val"]["num_documents"] == 48
+    assert 0 < idx["val"]["num_documents"] < 24
+    # Stable: the same split again.
+    idx2 = convert(inputs, tmp_path / "out2", tokenizer=tmp_path / "out" / "tokenizer.json", seq_len=16,
+                   val_fraction=0.25, show_progress=False)
+    assert idx2["val"]["num_documents"] == idx["val"]["num_documents"]
+    assert idx2["val"]["shards"][0]["sha256"] == idx["val"]["shards"][0]["sha256"]
+
+
+def test_convert_rejects_bad_jsonl(tmp_path, small_tok):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps({"content": "x"}) + "\n")
+    with pytest.raises(ValueError, match="text"):
+        convert([p], tmp_path / "out", tokenizer=small_tok, seq_len=8, show_progress=False)
+    p.write_text("{not json\n")
+    with pytest.raises(ValueError, match="JSON"):
+        convert([p], tmp_path / "out", tokenizer=small_tok, seq_len=8, show_progress=False)
+    with pytest.raises(FileNotFoundError):
+        convert([tmp_path / "missing.txt"], tmp_path / "out", tokenizer=small_tok, seq_len=8, show_progress=False)
+
+
+def test_convert_command_line(tmp_path, small_tok):
+    inputs = _write_inputs(tmp_path)
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "mpt_kernels.data.convert", *map(str, inputs), "--out",
+                        str(tmp_path / "cli"), "--tokenizer", small_tok.path, "--seq-len", "24", "--no-progress"],
+                       capture_output=True, text=True, cwd=root, env=dict(os.environ, PYTHONPATH=str(root)))
+    assert r.returncode == 0, r.stderr
+    assert "samples x 24 tokens" in r.stderr
+    assert TokenShards(tmp_path / "cli").num_samples > 0
+
+
+# ------------------------------------------------------------------------------------- order
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 1000, 4099])
+def test_permute_is_a_bijection(n):
+    out = permute(np.arange(n), n, _round_keys(7, n))
+    assert sorted(out.tolist()) == list(range(n))
+    if n >= 16:  # and actually shuffles, differently per key
+        assert (out != np.arange(n)).mean() > 0.5
+        assert not np.array_equal(out, permute(np.arange(n), n, _round_keys(8, n)))
+
+
+def test_sample_order_mixing():
+    order = SampleOrder([100, 7, 40], [0.5, 0.3, 0.2], epoch_size=200, seed=3)
+    assert order.counts == [100, 60, 40]
+    for epoch in range(3):
+        s, i = order.lookup(np.arange(epoch * 200, (epoch + 1) * 200))
+        assert np.bincount(s, minlength=3).tolist() == [100, 60, 40]
+        # Global interleaving: the first quarter of an epoch already mixes every stream.
+        assert len(np.unique(s[:50])) == 3
+    # Upsampled stream 1 (7 samples, 60 per epoch): each run of 7 consecutive draws is a permutation.
+    s, i = order.lookup(np.arange(0, 600))
+    seq1 = i[s == 1]
+    order_within = np.empty(0, dtype=np.int64)
+    for e in range(3):  # reconstruct stream 1's own sequence in q-order, per epoch
+        g = np.arange(e * 200, (e + 1) * 200)
+        ss, ii = order.lookup(g)
+        slot = permute(g - e * 200, 200, _round_keys(3, 0xE90C, e))
+        mine = np.argsort(slot[ss == 1])
+        order_within = np.concatenate([order_within, ii[ss == 1][mine]])
+    for p in range(len(order_within) // 7):
+        assert sorted(order_within[p * 7:(p + 1) * 7].tolist()) == list(range(7))
+    assert sorted(seq1.tolist()) == sorted(order_within.tolist())
+
+
+def test_downsampled_stream_covers_everything_over_epochs():
+    order = SampleOrder([1000, 50], [0.5, 0.5], epoch_size=100, seed=1)
+    s, i = order.lookup(np.arange(2000))
+    assert len(np.unique(i[s == 0])) == 1000  # 20 epochs x 50 = every sample of stream 0 once
+    assert np.bincount(i[s == 0]).max() == 1
+
+
+def test_sample_order_validation():
+    with pytest.raises(ValueError):
+        SampleOrder([10, 0])
+    with pytest.raises(ValueError):
+        SampleOrder([10, 5], [0.5, None])
+    with pytest.raises(ValueError):
+        SampleOrder([10], [-1.0])
+
+
+# ------------------------------------------------------------------------------------- dataset
+
+@pytest.fixture(scope="module")
+def two_streams(tmp_path_factory, small_tok):
+    root = tmp_path_factory.mktemp("streams")
+    inputs = _write_inputs(root)
+    a = convert(inputs[:2], root / "a", tokenizer=small_tok, seq_len=8, samples_per_shard=16, show_progress=False)
+    b = convert(inputs[2:], root / "b", tokenizer=small_tok, seq_len=8, samples_per_shard=16, show_progress=False)
+    assert a["train"]["num_samples"] > 20 and b["train"]["num_samples"] > 20
+    return [Stream(str(root / "a"), 0.6), Stream(str(root / "b"), 0.4)]
+
+
+def _samples(ds, count):
+    out = []
+    for x in ds:
+        out.append(x["input_ids"])
+        if len(out) == count:
+            break
+    return torch.stack(out)
+
+
+def test_global_order_independent_of_ranks_and_workers(two_streams):
+    b, steps = 3, 6
+    ref = StreamingTokenDataset(two_streams, seed=5, batch_size=b * 2, rank=0, world_size=1)
+    want = _samples(ref, b * 2 * steps)  # one process, global batch 6
+    assert torch.equal(want[0], ref.sample(0)["input_ids"])
+    for workers in (0, 2):
+        per_rank = []
+        for rank in range(2):
+            ds = StreamingTokenDataset(two_streams, seed=5, batch_size=b, rank=rank, world_size=2)
+            batches = []
+            for batch in make_loader(ds, num_workers=workers):
+                batches.append(batch["input_ids"])
+                if len(batches) == steps:
+                    break
+            per_rank.append(batches)
+        for step in range(steps):
+            # At each step, rank r holds global positions step*6 + r + 2k: together, one contiguous block.
+            block = want[step * 6:(step + 1) * 6]
+            assert torch.equal(per_rank[0][step], block[0::2]), (workers, step)
+            assert torch.equal(per_rank[1][step], block[1::2]), (workers, step)
+
+
+def test_seed_changes_order(two_streams):
+    a = _samples(StreamingTokenDataset(two_streams, seed=1), 20)
+    b = _samples(StreamingTokenDataset(two_streams, seed=2), 20)
+    assert not torch.equal(a, b)
+    assert torch.equal(a, _samples(StreamingTokenDataset(two_streams, seed=1), 20))
+
+
+def test_resume_exactly_without_reading_skipped(two_streams, monkeypatch):
+    full = _samples(StreamingTokenDataset(two_streams, seed=9, batch_size=2), 40)
+    ds = StreamingTokenDataset(two_streams, seed=9, batch_size=2)
+    state = ds.state_dict(num_samples=25)
+    json.dumps(state)  # checkpointable as plain JSON
+    reads = []
+    orig = TokenShards.__getitem__
+    monkeypatch.setattr(TokenShards, "__getitem__", lambda self, i: reads.append(i) or orig(self, i))
+    resumed = StreamingTokenDataset(two_streams, seed=9, batch_size=2)
+    resumed.load_state_dict(state)
+    got = _samples(resumed, 15)
+    assert torch.equal(got, full[25:40])
+    assert len(reads) == 15  # only the samples served were read
+    other = StreamingTokenDataset(two_streams, seed=10, batch_size=2)
+    with pytest.raises(ValueError, match="seed"):
+        other.load_state_dict(state)
+
+
+def test_finite_dataset_and_epochs(two_streams):
+    ds = StreamingTokenDataset(two_streams, seed=0, shuffle=False, num_samples=11, batch_size=4)
+    batches = [b["input_ids"].shape[0] for b in make_loader(ds)]
+    assert batches == [4, 4, 3]
+    endless = StreamingTokenDataset(two_streams, seed=0)
+    n = endless.order.epoch_size
+    assert len(_samples(endless, n + 5)) == n + 5  # runs into the second epoch
+
+
+def test_sequence_id(tmp_path, small_tok):
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["ab", "cde fgh", "ij"] * 20))
+    convert([tmp_path / "d.jsonl"], tmp_path / "o", tokenizer=small_tok, seq_len=12, show_progress=False)
+    ds = StreamingTokenDataset(str(tmp_path / "o"), shuffle=False, sequence_id=True)
+    x = next(iter(ds))
+    ids, seq = x["input_ids"].tolist(), x["sequence_id"].tolist()
+    doc = 0
+    for t, s in zip(ids, seq):
+        assert s == doc
+        if t == small_tok.eos_id:
+            doc += 1
+
+
+def test_dataset_errors(tmp_path, two_streams, small_tok):
+    with pytest.raises(FileNotFoundError):
+        StreamingTokenDataset(str(tmp_path))
+    convert([_write_inputs(tmp_path)[1]], tmp_path / "long", tokenizer=small_tok, seq_len=16, show_progress=False)
+    with pytest.raises(ValueError, match="seq_len"):
+        StreamingTokenDataset(two_streams + [Stream(str(tmp_path / "long"), 0.1)])
+
+
+# ------------------------------------------------------------------------------------- finetune
+
+def test_mpt_instruct_format_exact():
+    segs = format_mpt_instruct({"prompt": "Add 2 and 3.", "response": "5"})
+    assert segs == [(f"{INSTRUCT_INTRO}\n### Instruction:\nAdd 2 and 3.\n### Response:\n", False), ("5<|endoftext|>", True)]
+
+
+@pytest.mark.parametrize("fmt", ["mpt-instruct", "chatml"])
+def test_finetune_labels_only_on_response(tmp_path, small_tok, fmt):
+    from mpt_kernels.data.tokenizer import load_tokenizer as _load
+
+    tok = _load(small_tok.path)  # chatml adds tokens: keep the shared fixture untouched
+    recs = [{"prompt": f"What is {i} squared?", "response": f"It is {i * i}."} for i in range(12)]
+    recs.append({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                              {"role": "assistant", "content": "Hello."}]})
+    if fmt == "chatml":
+        recs.append({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                  {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]})
+    recs.append({"prompt": "long " * 400, "response": "dropped: nothing of it fits"})
+    p = tmp_path / "ft.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ds = FinetuneDataset(p, tok, max_seq_len=192, fmt=fmt, shuffle=False, batch_size=4)
+    assert ds.dropped == 1 and len(ds) == len(recs) - 1
+    ids, labels = ds.examples[0]
+    resp = tok.encode("It is 0." + ("<|endoftext|>" if fmt == "mpt-instruct" else IM_END))
+    trained = labels[labels != IGNORE_INDEX].tolist()
+    assert trained == resp
+    assert labels[: len(ids) - len(resp) - (1 if fmt == "chatml" else 0)].tolist() == [IGNORE_INDEX] * (
+        len(ids) - len(resp) - (1 if fmt == "chatml" else 0))
+    assert tok.decode(ids.tolist(), skip_special_tokens=False).count("What is 0 squared?") == 1
+    if fmt == "chatml":
+        assert tok.token_to_id(IM_START) is not None and tok.token_to_id(IM_END) is not None
+        multi_ids, multi_labels = ds.examples[-1]
+        assert tok.decode(multi_labels[multi_labels != IGNORE_INDEX].tolist(), skip_special_tokens=False) == \
+            f"b{IM_END}d{IM_END}"
+    batch = next(iter(make_loader(ds, collate_fn=ds.collate)))
+    lens = [len(ds.examples[i][0]) for i in range(4)]
+    assert batch["input_ids"].shape == (4, max(lens))
+    for row, n in enumerate(lens):
+        assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
+        assert (batch["input_ids"][row, n:] == tok.pad_id).all()
+
+
+def test_finetune_rejects_bad_records(tmp_path, small_tok):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps({"question": "x"}) + "\n")
+    with pytest.raises(ValueError, match="prompt"):
+        FinetuneDataset(p, small_tok, max_seq_len=32)
+    p.write_text(json.dumps({"prompt": "x", "response": "y"}) + "\n")
+    with pytest.raises(ValueError, match="fmt"):
+        FinetuneDataset(p, small_tok, max_seq_len=32, fmt="alpaca")
+
+
+# ------------------------------------------------------------------------------------- corpus
+
+def test_bundled_corpus(tmp_path):
+    import time
+
+    from mpt_kernels.data.corpus import build_default_corpus
+
+    paths = build_default_corpus(tmp_path / "c", seq_len=64, vocab_size=512, max_code_bytes=300_000,
+                                 val_fraction=0.1, show_progress=False)
+    tok = load_tokenizer(paths["tokenizer"])
+    assert tok.vocab_size == 512
+    for src in ("code", "text"):
+        for split in ("train", "val"):
+            assert TokenShards(paths[src][split]).num_samples > 0
+    ds = StreamingTokenDataset([Stream(paths["code"]["train"], 0.7), Stream(paths["text"]["train"], 0.3)])
+    text = tok.decode(ds.sample(0)["input_ids"].tolist())
+    assert len(text) > 64
+    t0 = time.perf_counter()
+    again = build_default_corpus(tmp_path / "c", seq_len=64, vocab_size=512, max_code_bytes=300_000,
+                                 val_fraction=0.1, show_progress=False)
+    assert again == paths and time.perf_counter() - t0 < 1.0  # cached, not rebuilt
