@@ -1,0 +1,136 @@
+"""Hugging Face MPT checkpoint directories, read and written without network access.
+
+Reads: config.json plus one of model.safetensors, model.safetensors.index.json (shards),
+pytorch_model.bin, pytorch_model.bin.index.json (shards). Writes config.json plus model.safetensors
+(or shards with an index above ``max_shard_size``) that transformers' MptForCausalLM.from_pretrained
+loads. Parameter names are the same on both sides; a tied head is stored once (transformer.wte.weight).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+
+from .config import MPTConfig
+
+_SINGLE = ("model.safetensors", "pytorch_model.bin")
+_INDEX = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _load_file(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def load_state_dict(directory: str) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (on the CPU), with any ``model.`` wrapper prefix removed."""
+    for name in _INDEX:
+        index_path = os.path.join(directory, name)
+        if os.path.exists(index_path):
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+            sd = {}
+            for shard in sorted(set(weight_map.values())):
+                sd.update(_load_file(os.path.join(directory, shard)))
+            break
+    else:
+        for name in _SINGLE:
+            p = os.path.join(directory, name)
+            if os.path.exists(p):
+                sd = _load_file(p)
+                break
+        else:
+            raise FileNotFoundError(f"{directory}: no model.safetensors, pytorch_model.bin or shard index found")
+    # Composer checkpoints wrap the HF model as ``model.``; the names below it are the same.
+    if sd and all(k.startswith("model.") for k in sd):
+        sd = {k[len("model."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_pretrained(cls, path, dtype=None, device=None, attn_impl="flash", strict=True):
+    """Build ``cls`` (MPTForCausalLM) from a local HF MPT directory. ``attn_impl`` overrides the
+    checkpoint's (MosaicML's configs say "torch"; "flash" runs our kernel); None keeps it.
+    ``dtype`` None keeps the stored dtype."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"from_pretrained: {path!r} is not a local directory (no network access is attempted)")
+    config = MPTConfig.load(path)
+    if attn_impl is not None:
+        config = config.replace(attn_impl=attn_impl)
+    sd = load_state_dict(path)
+    with torch.device("meta"):
+        model = cls(config)
+    expected = set(model.state_dict())
+    if config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)  # transformers may store the tied copy; ours is wte itself
+    missing = sorted(expected - set(sd))
+    unexpected = sorted(set(sd) - expected)
+    if strict and (missing or unexpected):
+        raise ValueError(f"{path}: checkpoint does not match the config: missing {missing[:8]}"
+                         f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                         f"{'...' if len(unexpected) > 8 else ''}")
+    for k in expected & set(sd):
+        want = model.state_dict()[k].shape
+        if sd[k].shape != want:
+            raise ValueError(f"{path}: {k} has shape {tuple(sd[k].shape)}, the config implies {tuple(want)}")
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=strict, assign=True)
+    model.to(device=device or "cpu")
+    return model
+
+
+def _parse_size(size) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)i?B?\s*", str(size), re.I)
+    if not m:
+        raise ValueError(f"max_shard_size: cannot parse {size!r}")
+    scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[m.group(2).upper()]
+    return int(float(m.group(1)) * scale)
+
+
+def save_pretrained(model, path, max_shard_size="5GB") -> None:
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    cfg_dict = model.config.to_dict()
+    cfg_dict["torch_dtype"] = str(model.dtype).replace("torch.", "")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg_dict, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    meta = {"format": "pt"}  # transformers refuses safetensors files without it
+    for stale in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                  "pytorch_model.bin.index.json"):
+        if os.path.exists(os.path.join(path, stale)):
+            os.remove(os.path.join(path, stale))
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata=meta)
+        return
+    weight_map = {}
+    n = len(shards)
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file(shard, os.path.join(path, name), metadata=meta)
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

@@ -1,0 +1,75 @@
+"""Autoregressive generation with a preallocated KV cache.
+
+One prefill call over the whole prompt (padded rows go through the varlen path), then one decode step
+per token: seqlen_q = 1 against the cache, written in place in the layout the attention kernel reads.
+Nothing caps the length at ``max_seq_len``: ALiBi extrapolates, as MPT-7B-StoryWriter does.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, vocab). ``temperature <= 0`` is greedy (argmax)."""
+    if temperature is None or temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already cover top_p (the top one always stays)
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature=1.0, top_k=None, top_p=None,
+             eos_token_id=None, attention_mask=None, streamer=None, pad_token_id=None, generator=None):
+    """Returns (B, prompt_len + n_generated) token ids (n_generated <= max_new_tokens; fewer when every
+    row has produced an EOS). Rows that finished early are filled with ``pad_token_id`` (default: the
+    first EOS id), as transformers does. ``streamer`` follows transformers' protocol: ``put(ids)`` with
+    the prompt, then with each new (B,) token tensor, and ``end()``."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    model._check_ids(input_ids)
+    input_ids = input_ids.to(model.device)
+    B, L = input_ids.shape
+    eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
+    eos_t = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
+
+    was_training = model.training
+    model.eval()
+    try:
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        cache = model.new_cache(B, capacity=L + max_new_tokens)
+        out = model._forward(input_ids, attention_mask, None, None, cache, True, 1)  # prefill, last logits only
+        tokens = [input_ids]
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            nxt = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+            if eos:
+                nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
+                finished |= torch.isin(nxt, eos_t)
+            tokens.append(nxt[:, None])
+            if streamer is not None:
+                streamer.put(nxt.cpu())
+            if step + 1 == max_new_tokens or (eos and bool(finished.all())):
+                break
+            out = model._forward(nxt[:, None], None, None, None, cache, True, 1)  # decode: one token per row
+        if streamer is not None:
+            streamer.end()
+    finally:
+        model.train(was_training)
+    return torch.cat(tokens, dim=1)

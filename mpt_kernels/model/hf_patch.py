@@ -1,0 +1,90 @@
+"""Swap mpt_kernels' attention and LayerNorm into a transformers MptForCausalLM instance.
+
+    from transformers import MptForCausalLM
+    import mpt_kernels as mk
+    hf = MptForCausalLM.from_pretrained(path)
+    mk.model.apply_to_hf(hf)          # same weights, same logits, generate() keeps working
+
+The Liger-Kernel convention: the instance's modules keep their parameters; only their ``forward`` is
+replaced. Attention then runs the ALiBi flash kernel on views of the Wqkv output and of transformers'
+own KV cache (no dense (S, S) bias or score matrix), which also lifts transformers' max_seq_len limit.
+Padding comes in as transformers' 4-D boolean mask; its last query row tells which keys are real
+(left padding), and padded rows are attended one by one over their real keys.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+
+import mpt_kernels as mk
+
+
+def _layer_norm_forward(self, x):
+    return mk.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def _attention_forward(self, hidden_states, position_bias=None, cache=None, attention_mask=None, **kwargs):
+    B, S, _ = hidden_states.shape
+    H, D = self.n_heads, self.head_dim
+    qkv = self.Wqkv(hidden_states)  # (B, S, 3 * H * D)
+    if self.clip_qkv:
+        qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+    q, k, v = qkv.chunk(3, dim=2)
+    q = q.unflatten(-1, (H, D))  # (B, S, H, D) view
+    if cache is not None:
+        # transformers' cache layout is (B, H, S, D); hand it that, read back transposed views.
+        k, v = cache.update(k.unflatten(-1, (H, D)).transpose(1, 2), v.unflatten(-1, (H, D)).transpose(1, 2),
+                            self.layer_idx)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Sk, H, D), last dim contiguous
+    else:
+        k, v = k.unflatten(-1, (H, D)), v.unflatten(-1, (H, D))
+    Sk = k.shape[1]
+    slopes = self._mk_slopes.get(q.device)
+    if slopes is None:
+        slopes = self._mk_slopes[q.device] = mk.alibi_slopes(H, 8.0).to(q.device)  # transformers fixes 8
+    kw = dict(causal=True, softmax_scale=self.softmax_scale, alibi_slopes=slopes)
+
+    valid = None
+    if attention_mask is not None:
+        valid = ~attention_mask[:, 0, -1, :].to(torch.bool)  # (B, Sk): keys the last query may see
+        if bool(valid.all()):
+            valid = None
+    if valid is None:
+        out = mk.alibi_attention(q, k, v, **kw)  # (B, S, H, D)
+    else:
+        out = q.new_zeros(B, S, H, D)
+        pos = torch.arange(Sk, device=valid.device)
+        starts = torch.where(valid, pos, Sk).amin(1).tolist()
+        counts = valid.sum(1).tolist()
+        for b, (start, count) in enumerate(zip(starts, counts)):
+            if start + count != Sk:
+                raise ValueError("apply_to_hf: only left padding is supported by the patched attention")
+            q_start = max(0, start - (Sk - S))  # queries at pad positions see no key: left as zeros
+            out[b:b + 1, q_start:] = mk.alibi_attention(q[b:b + 1, q_start:], k[b:b + 1, start:],
+                                                         v[b:b + 1, start:], **kw)
+    attn_output = self.out_proj(out.reshape(B, S, H * D))
+    return attn_output, None
+
+
+def apply_to_hf(model, attention: bool = True, layer_norm: bool = True):
+    """Patch every MptAttention and MPT LayerNorm module of ``model`` (a transformers MptForCausalLM or
+    MptModel) in place; returns ``model``. Attention dropout is not supported by the kernel: a model
+    with attn_pdrop > 0 in training mode raises."""
+    from transformers.models.mpt import modeling_mpt
+
+    if attention and float(model.config.attn_config.attn_pdrop or 0) > 0:
+        raise ValueError("apply_to_hf: attn_pdrop > 0 is not supported by the flash kernel")
+    n = 0
+    for module in model.modules():
+        if attention and isinstance(module, modeling_mpt.MptAttention):
+            module._mk_slopes = {}
+            module.forward = types.MethodType(_attention_forward, module)
+            n += 1
+        elif layer_norm and isinstance(module, torch.nn.LayerNorm):
+            module.forward = types.MethodType(_layer_norm_forward, module)
+            n += 1
+    if n == 0:
+        raise ValueError("apply_to_hf: no MPT attention or LayerNorm module found in the model")
+    model._mpt_kernels_patched = True
+    return model

@@ -1,0 +1,536 @@
+"""The MPT decoder, readable in one sitting, running on mpt_kernels' ALiBi attention and LayerNorm.
+
+    tokens (B, S) -> wte -> [ norm_1 -> attention -> +residual -> norm_2 -> MLP -> +residual ] x n_layers
+                  -> norm_f -> logits = h @ wte.weight.T (tied head)
+
+Parameter names are Hugging Face MPT's (``transformer.blocks.N.attn.Wqkv.weight`` ...), so a state dict
+moves between this model and transformers' MptForCausalLM unchanged.
+
+The residual add is fused into the next LayerNorm: each block hands ``(x, branch_out)`` forward and
+``mk.layer_norm(branch_out, w, residual=x)`` returns both ``LN(x + branch_out)`` and ``x + branch_out``
+from one pass over memory.
+
+Attention plans (``_AttnPlan``), chosen once per forward from the inputs:
+- ``dense``: every token of every row is real: one batched call, causal rows aligned bottom-right (so
+  the same call serves prefill and decode against a KV cache).
+- ``varlen``: padding (attention_mask) and/or packed documents (sequence_id), no cached past: real
+  tokens are gathered into one packed (T, H, D) batch and attended per segment via cu_seqlens.
+  ALiBi only depends on the distance between query and key inside a segment, so dropping the pad
+  tokens gives what MPT/transformers compute with a key-padding mask.
+- ``rows``: left-padded rows with a cached past (decode after a padded prefill): the kernel has no
+  key-padding mask, so each row attends to its own slice ``cache[b, start_b:]`` (one call per row).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mpt_kernels as mk
+
+from .config import MPTConfig
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention back ends
+# ------------------------------------------------------------------------------------------------
+def torch_alibi_attention(q, k, v, *, slopes, softmax_scale, dropout_p=0.0, training=False):
+    """Readable reference, as MPT's ``scaled_multihead_dot_product_attention`` and transformers do it:
+    dense scores, MPT's key-position ALiBi bias, causal mask aligned bottom-right, float32 softmax.
+    q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> (B, Sq, H, D). Memory O(Sq * Sk) per head."""
+    B, Sq, H, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    q = q.transpose(1, 2)  # (B, H, Sq, D)
+    k = k.transpose(1, 2).repeat_interleave(H // Hkv, dim=1)  # (B, H, Sk, D)
+    v = v.transpose(1, 2).repeat_interleave(H // Hkv, dim=1)  # (B, H, Sk, D)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * softmax_scale  # (B, H, Sq, Sk)
+    key_distance = (Sk - 1 - torch.arange(Sk, device=q.device)).float()  # (Sk,)
+    scores = scores - slopes.float().view(H, 1, 1) * key_distance  # ALiBi: -slope * (Sk - 1 - j)
+    row = torch.arange(Sq, device=q.device).view(Sq, 1) + (Sk - Sq)  # query i sits at key position i+Sk-Sq
+    scores = scores.masked_fill(torch.arange(Sk, device=q.device).view(1, Sk) > row, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)  # (B, H, Sq, Sk)
+    if dropout_p and training:
+        probs = F.dropout(probs, p=dropout_p)
+    return torch.matmul(probs, v).transpose(1, 2)  # (B, Sq, H, D)
+
+
+@dataclasses.dataclass
+class _AttnPlan:
+    kind: str  # "dense" | "varlen" | "rows"
+    index: torch.Tensor | None = None  # varlen: flat (B*S) positions of real tokens, None when all are
+    cu_seqlens: torch.Tensor | None = None  # varlen: int32 (n_segments + 1,)
+    max_seqlen: int = 0
+    row_starts: list[int] | None = None  # rows: first real key position in each row of the cache
+
+
+# ------------------------------------------------------------------------------------------------
+# KV cache
+# ------------------------------------------------------------------------------------------------
+class KVCache:
+    """Per-layer K and V buffers in the layout the attention kernel reads, (B, capacity, Hkv, D).
+
+    New tokens are written in place at ``length``; attention reads the views ``k[:, :length]``. The
+    buffers grow in chunks (one copy per growth, never per token); ``generate`` sizes them once for
+    prompt + max_new_tokens. ``row_starts`` holds each row's first real position (left padding)."""
+
+    def __init__(self, n_layers, batch_size, kv_heads, head_dim, *, dtype, device, capacity=0, chunk=256):
+        self.n_layers, self.batch_size, self.kv_heads, self.head_dim = n_layers, batch_size, kv_heads, head_dim
+        self.dtype, self.device, self.chunk = dtype, torch.device(device), chunk
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.capacity = 0
+        self.length = 0
+        self.row_starts: list[int] | None = None  # None: no padding
+        self.reserve(capacity)
+
+    def reserve(self, total: int) -> None:
+        """Make room for ``total`` positions (rounded up to the chunk size; grows by at least 1.5x)."""
+        if total <= self.capacity:
+            return
+        new_cap = max(total, self.capacity + self.capacity // 2)
+        new_cap = -(-new_cap // self.chunk) * self.chunk
+        shape = (self.batch_size, new_cap, self.kv_heads, self.head_dim)
+        for i in range(self.n_layers):
+            for buf in (self.k, self.v):
+                new = torch.empty(shape, dtype=self.dtype, device=self.device)
+                if buf[i] is not None and self.length:
+                    new[:, : self.length].copy_(buf[i][:, : self.length])
+                buf[i] = new
+        self.capacity = new_cap
+
+    def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
+        """Write (B, S, Hkv, D) at [length, length + S) of ``layer``; return views of all keys/values so
+        far, (B, length + S, Hkv, D). ``length`` itself moves in ``advance`` once every layer wrote."""
+        end = self.length + k_new.shape[1]
+        if end > self.capacity:
+            raise RuntimeError("KVCache.update: call reserve() first")  # the model always does
+        self.k[layer][:, self.length:end].copy_(k_new)
+        self.v[layer][:, self.length:end].copy_(v_new)
+        return self.k[layer][:, :end], self.v[layer][:, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (beam search / dropping finished rows)."""
+        for buf in (self.k, self.v):
+            for i in range(self.n_layers):
+                buf[i] = buf[i].index_select(0, rows)
+        idx = rows.tolist()
+        if self.row_starts is not None:
+            self.row_starts = [self.row_starts[j] for j in idx]
+        self.batch_size = len(idx)
+
+    def __len__(self) -> int:
+        return self.length
+
+
+# ------------------------------------------------------------------------------------------------
+# Modules
+# ------------------------------------------------------------------------------------------------
+class LayerNorm(nn.Module):
+    """MPT's low-precision LayerNorm on ``mk.layer_norm`` (float32 statistics, activation-dtype output).
+    ``forward(x, residual)`` returns ``(LN(x + residual), x + residual)`` from one fused pass."""
+
+    def __init__(self, dim: int, eps: float, bias: bool):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x, residual=None):
+        return mk.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
+
+
+class MPTAttention(nn.Module):
+    def __init__(self, cfg: MPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
+        self.clip_qkv = cfg.attn_config["clip_qkv"]
+        self.softmax_scale = cfg.softmax_scale
+        self.alibi_bias_max = float(cfg.attn_config["alibi_bias_max"])
+        self.attn_pdrop = float(cfg.attn_config["attn_pdrop"])
+        self.use_kernel = cfg.uses_kernel_attention
+        bias = not cfg.no_bias
+        self.Wqkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.kv_heads) * self.head_dim, bias=bias)
+        # (fan-in init per q/k/v slice, see init_weights)
+        self.Wqkv._fused = (cfg.d_model, cfg.d_model + self.kv_heads * self.head_dim)
+        if cfg.attn_config["qk_ln"]:
+            self.q_ln = LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, bias)
+            self.k_ln = LayerNorm(self.kv_heads * self.head_dim, cfg.layer_norm_epsilon, bias)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=bias)
+        self.out_proj._is_residual = True
+        self._slopes: dict[torch.device, torch.Tensor] = {}  # float32 always, so not a (castable) buffer
+
+    def slopes(self, device) -> torch.Tensor:
+        s = self._slopes.get(device)
+        if s is None:
+            s = self._slopes[device] = mk.alibi_slopes(self.n_heads, self.alibi_bias_max).to(device)
+        return s
+
+    def forward(self, x: torch.Tensor, plan: _AttnPlan, cache: KVCache | None = None) -> torch.Tensor:
+        B, S, _ = x.shape
+        H, Hkv, D = self.n_heads, self.kv_heads, self.head_dim
+        qkv = self.Wqkv(x)  # (B, S, (H + 2*Hkv) * D)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        if hasattr(self, "q_ln"):
+            q, k = self.q_ln(q), self.k_ln(k)
+        # Views of the Wqkv output: only the last dim is contiguous, which is all the kernel needs.
+        q = q.unflatten(-1, (H, D))  # (B, S, H, D)
+        k = k.unflatten(-1, (Hkv, D))  # (B, S, Hkv, D)
+        v = v.unflatten(-1, (Hkv, D))  # (B, S, Hkv, D)
+        if cache is not None:
+            k_all, v_all = cache.update(self.layer_idx, k, v)  # (B, past + S, Hkv, D) views of the cache
+            if plan.kind != "varlen":  # varlen runs only on an empty past, where k_all == k
+                k, v = k_all, v_all
+        y = self._attend(q, k, v, plan)  # (B, S, H, D)
+        return self.out_proj(y.reshape(B, S, H * D))
+
+    def _attend(self, q, k, v, plan: _AttnPlan) -> torch.Tensor:
+        if plan.kind == "dense":
+            return self._attention(q, k, v)
+        if plan.kind == "rows":
+            rows = [self._attention(q[b:b + 1], k[b:b + 1, s:], v[b:b + 1, s:]) for b, s in enumerate(plan.row_starts)]
+            return torch.cat(rows, dim=0)  # (B, S, H, D)
+        B, S, H, D = q.shape
+        qf = q.reshape(B * S, H, D)  # still a view: (B, S) merge over the Wqkv rows
+        kf = k.reshape(B * S, k.shape[2], D)
+        vf = v.reshape(B * S, v.shape[2], D)
+        if plan.index is not None:  # drop pad tokens: (T, heads, D)
+            qf, kf, vf = qf[plan.index], kf[plan.index], vf[plan.index]
+        out = self._attention(qf, kf, vf, plan)  # (T, H, D)
+        if plan.index is not None:
+            out = out.new_zeros(B * S, H, D).index_copy(0, plan.index, out)  # pad tokens get zeros
+        return out.view(B, S, H, D)
+
+    def _attention(self, q, k, v, plan: _AttnPlan | None = None):
+        slopes = self.slopes(q.device)
+        if self.use_kernel:
+            if plan is None:
+                return mk.alibi_attention(q, k, v, causal=True, softmax_scale=self.softmax_scale, alibi_slopes=slopes)
+            return mk.alibi_attention(q, k, v, causal=True, softmax_scale=self.softmax_scale, alibi_slopes=slopes,
+                                      cu_seqlens_q=plan.cu_seqlens, cu_seqlens_k=plan.cu_seqlens,
+                                      max_seqlen_q=plan.max_seqlen, max_seqlen_k=plan.max_seqlen)
+        kw = dict(slopes=slopes, softmax_scale=self.softmax_scale, dropout_p=self.attn_pdrop, training=self.training)
+        if plan is None:
+            return torch_alibi_attention(q, k, v, **kw)
+        cu = plan.cu_seqlens.tolist()
+        segs = [torch_alibi_attention(q[None, a:b], k[None, a:b], v[None, a:b], **kw)[0] for a, b in zip(cu, cu[1:])]
+        return torch.cat(segs, dim=0)  # (T, H, D)
+
+
+class MPTMLP(nn.Module):
+    def __init__(self, cfg: MPTConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden_size, bias=not cfg.no_bias)
+        self.down_proj = nn.Linear(cfg.ffn_hidden_size, cfg.d_model, bias=not cfg.no_bias)
+        self.down_proj._is_residual = True
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.up_proj(x)))  # exact (erf) GELU, as MPT
+
+
+class MPTBlock(nn.Module):
+    def __init__(self, cfg: MPTConfig, layer_idx: int):
+        super().__init__()
+        bias = not cfg.no_bias
+        self.norm_1 = LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, bias)
+        self.attn = MPTAttention(cfg, layer_idx)
+        self.norm_2 = LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, bias)
+        self.ffn = MPTMLP(cfg)
+        self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
+
+    def forward(self, x, pending, plan, cache=None):
+        """x: the residual stream (B, S, d); pending: the previous block's branch output not yet added
+        (None for the first block). Returns the new (x, pending)."""
+        if pending is None:
+            h = self.norm_1(x)
+        else:
+            h, x = self.norm_1(pending, residual=x)  # x <- x + pending; h = LN(x)
+        a = self.resid_dropout(self.attn(h, plan, cache))  # (B, S, d)
+        h, x = self.norm_2(a, residual=x)  # x <- x + attention; h = LN(x)
+        return x, self.resid_dropout(self.ffn(h))
+
+
+class MPTModel(nn.Module):
+    def __init__(self, cfg: MPTConfig):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.emb_drop = nn.Dropout(cfg.emb_pdrop)
+        self.blocks = nn.ModuleList([MPTBlock(cfg, i) for i in range(cfg.n_layers)])
+        self.norm_f = LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, not cfg.no_bias)
+
+
+@dataclasses.dataclass
+class MPTOutput:
+    logits: torch.Tensor  # (B, S, vocab) float in the model dtype (or the last ``logits_to_keep`` positions)
+    loss: torch.Tensor | None = None  # mean next-token cross entropy over labels != -100
+    past_key_values: KVCache | None = None
+
+    def __getitem__(self, i):  # tuple-style access, as transformers' outputs
+        return [x for x in (self.loss, self.logits, self.past_key_values) if x is not None][i]
+
+
+class MPTForCausalLM(nn.Module):
+    """MPT decoder with a (by default tied) language-model head. See the module docstring."""
+
+    def __init__(self, config: MPTConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.transformer = MPTModel(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        ls = config.logit_scale
+        self.logit_scale = 1.0 / math.sqrt(config.d_model) if ls == "inv_sqrt_d_model" else ls
+        init_weights(self)
+
+    # ---- conveniences ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.wte.weight.dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # the tied head counts once
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token at ``seq_len``, llm-foundry's MFU formula:
+        3 * (2 * n_params + 2 * 2 * n_layers * d_model * seq_len). Forward alone is a third of it."""
+        c = self.config
+        return 3.0 * (2.0 * self.num_parameters() + 4.0 * c.n_layers * c.d_model * seq_len)
+
+    def new_cache(self, batch_size: int, capacity: int = 0) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layers, batch_size, c.kv_n_heads, c.head_dim, dtype=self.dtype, device=self.device,
+                       capacity=capacity)
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                sequence_id: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                past_key_values: KVCache | None = None, use_cache: bool = False,
+                logits_to_keep: int = 0) -> MPTOutput:
+        """input_ids (B, S) int; attention_mask (B, S) or (B, past + S) with 1 for real tokens (padding on
+        the left, or on the right without a cache); sequence_id (B, S): packed documents attend only
+        within their own id; labels (B, S): next-token targets, shifted inside, -100 ignored;
+        past_key_values: a KVCache to read and extend (``use_cache=True`` makes one when None);
+        logits_to_keep: compute logits only for the last N positions (0: all)."""
+        self._check_ids(input_ids)
+        return self._forward(input_ids, attention_mask, sequence_id, labels, past_key_values, use_cache,
+                             logits_to_keep)
+
+    def _check_ids(self, input_ids):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError("input_ids: expected an integer tensor of shape (batch, seqlen)")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"input_ids: expected an integer dtype, got {input_ids.dtype}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids: empty sequence")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"input_ids: ids must be in [0, {self.config.vocab_size}), got range [{lo}, {hi}]")
+
+    def _forward(self, input_ids, attention_mask, sequence_id, labels, cache, use_cache, logits_to_keep):
+        B, S = input_ids.shape
+        if use_cache and cache is None:
+            cache = self.new_cache(B, capacity=S)
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"past_key_values: cache holds {cache.batch_size} rows, input_ids has {B}")
+        plan = self._plan(B, S, attention_mask, sequence_id, cache, input_ids.device)
+        if cache is not None:
+            cache.reserve(cache.length + S)
+
+        x = self.transformer.wte(input_ids)  # (B, S, d)
+        f = self.config.embedding_fraction
+        if f != 1:  # scale the embedding gradient only (MPT's trick for stabler training)
+            x = x * f + x.detach() * (1 - f)
+        x = self.transformer.emb_drop(x)
+        pending = None
+        for block in self.transformer.blocks:
+            x, pending = block(x, pending, plan, cache)
+        if cache is not None:
+            cache.advance(S)
+        h, _ = self.transformer.norm_f(pending, residual=x)  # (B, S, d)
+
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        w = self.transformer.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        logits = F.linear(h, w)  # (B, S, vocab)
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+
+        loss = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels: expected shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+            if logits_to_keep:
+                raise ValueError("labels: cannot compute a loss with logits_to_keep")
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().long(),
+                                   ignore_index=-100)
+        return MPTOutput(logits=logits, loss=loss, past_key_values=cache)
+
+    def _plan(self, B, S, attention_mask, sequence_id, cache, device) -> _AttnPlan:
+        past = cache.length if cache is not None else 0
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (S, past + S):
+                raise ValueError(f"attention_mask: expected shape ({B}, {S}) or ({B}, {past + S}), "
+                                 f"got {tuple(attention_mask.shape)}")
+            mask = attention_mask.to(device=device, dtype=torch.bool)
+            if past and mask.shape[1] == past + S:
+                new = mask[:, past:]
+                if not bool(new.all()):
+                    raise ValueError("attention_mask: tokens appended to a KV cache must all be real (1)")
+                starts = _row_starts(mask, right_padding_ok=False)
+                if starts != (cache.row_starts or [0] * B):
+                    raise ValueError("attention_mask: does not match the padding the cache was filled with")
+                mask = None if cache.row_starts is None else mask
+            elif past:
+                if not bool(mask.all()):
+                    raise ValueError("attention_mask: tokens appended to a KV cache must all be real (1)")
+                mask = None
+            elif bool(mask.all()):
+                mask = None
+        else:
+            mask = None
+        if sequence_id is not None:
+            if cache is not None:
+                raise ValueError("sequence_id: not supported together with a KV cache")
+            if sequence_id.shape != (B, S):
+                raise ValueError(f"sequence_id: expected shape ({B}, {S}), got {tuple(sequence_id.shape)}")
+
+        if cache is not None and past:
+            if cache.row_starts is None:
+                return _AttnPlan("dense")
+            return _AttnPlan("rows", row_starts=cache.row_starts)
+
+        if mask is None and sequence_id is None:
+            return _AttnPlan("dense")
+
+        # varlen: pack real tokens, one segment per (row, document)
+        valid = mask if mask is not None else torch.ones(B, S, dtype=torch.bool, device=device)
+        if mask is not None:
+            starts = _row_starts(mask, right_padding_ok=cache is None)
+            if cache is not None:
+                cache.row_starts = starts
+        new_seg = valid.clone()
+        new_seg[:, 1:] &= ~valid[:, :-1]  # first real token of each row
+        if sequence_id is not None:
+            sid = sequence_id.to(device)
+            new_seg[:, 1:] |= valid[:, 1:] & (sid[:, 1:] != sid[:, :-1])
+        flat_valid = valid.flatten()
+        index = None if mask is None else flat_valid.nonzero().flatten()
+        seg_start = new_seg.flatten()[flat_valid]  # (T,) bool in packed order
+        T = int(seg_start.numel())
+        if T == 0:
+            raise ValueError("attention_mask: no real tokens at all")
+        bounds = torch.cat([seg_start.nonzero().flatten(), torch.tensor([T], device=device)])
+        cu = bounds.to(torch.int32)
+        return _AttnPlan("varlen", index=index, cu_seqlens=cu, max_seqlen=int((bounds[1:] - bounds[:-1]).max()))
+
+    # ---- checkpoints and generation (implemented in checkpoint.py / generation.py) -----------------
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None, attn_impl: str | None = "flash", strict=True):
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device, attn_impl=attn_impl, strict=strict)
+
+    def save_pretrained(self, path, max_shard_size: int | str = "5GB") -> None:
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size)
+
+    def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_token_id: int | list[int] | None = None, attention_mask=None,
+                 streamer=None, pad_token_id: int | None = None, generator: torch.Generator | None = None):
+        from .generation import generate
+
+        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        eos_token_id=eos_token_id, attention_mask=attention_mask, streamer=streamer,
+                        pad_token_id=pad_token_id, generator=generator)
+
+
+def _row_starts(mask: torch.Tensor, right_padding_ok: bool) -> list[int]:
+    """First real position of each row; checks every row's real tokens form one contiguous block
+    (left and/or right padding), else ALiBi distances would silently differ from a dense mask."""
+    B, L = mask.shape
+    pos = torch.arange(L, device=mask.device)
+    count = mask.sum(1)
+    first = torch.where(mask, pos, L).amin(1)
+    last = torch.where(mask, pos, -1).amax(1)
+    if bool((count == 0).any()):
+        raise ValueError("attention_mask: a row has no real tokens")
+    if bool((last - first + 1 != count).any()):
+        raise ValueError("attention_mask: real tokens of a row must be contiguous (left or right padding only)")
+    if not right_padding_ok and bool((last != L - 1).any()):
+        raise ValueError("attention_mask: with a KV cache only left padding is supported")
+    return first.tolist()
+
+
+# ------------------------------------------------------------------------------------------------
+# llm-foundry's parameter initialisation
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def init_weights(model: MPTForCausalLM) -> None:
+    """As llm-foundry's ``generic_param_init_fn_``: Linear and Embedding weights drawn by ``init_config``
+    (default kaiming-normal, fan-in, relu gain); fused Wqkv initialised per q/k/v slice; the residual
+    output projections (attn.out_proj, ffn.down_proj) divided by sqrt(2 * n_layers); biases zero;
+    LayerNorm weight one."""
+    cfg = model.config
+    ic = cfg.init_config
+    div = ic["init_div_is_residual"]
+    if div is True:
+        div = math.sqrt(2 * cfg.n_layers)
+    elif div is False or div is None:
+        div = 1.0
+    else:
+        div = float(div)
+
+    def init_(w):
+        name = ic["name"]
+        if name == "kaiming_normal_":
+            nn.init.kaiming_normal_(w, a=ic["init_gain"], mode=ic["fan_mode"], nonlinearity=ic["init_nonlinearity"])
+        elif name == "kaiming_uniform_":
+            nn.init.kaiming_uniform_(w, a=ic["init_gain"], mode=ic["fan_mode"], nonlinearity=ic["init_nonlinearity"])
+        elif name == "baseline_":
+            if ic["init_std"] is None:
+                raise ValueError("init_config.init_std is required for baseline_ init")
+            nn.init.normal_(w, 0.0, ic["init_std"])
+        elif name == "small_init_":
+            nn.init.normal_(w, 0.0, math.sqrt(2 / (5 * cfg.d_model)))
+
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            fused = getattr(module, "_fused", None)
+            if fused:
+                bounds = (0, *fused, module.weight.shape[0])
+                for a, b in zip(bounds, bounds[1:]):
+                    init_(module.weight[a:b])
+            else:
+                init_(module.weight)
+            if module.bias is not None:
+                module.bias.zero_()
+            if getattr(module, "_is_residual", False):
+                module.weight.div_(div)
+        elif isinstance(module, nn.Embedding):
+            if ic["emb_init_std"] is not None:
+                nn.init.normal_(module.weight, 0.0, ic["emb_init_std"])
+            elif ic["emb_init_uniform_lim"] is not None:
+                lim = ic["emb_init_uniform_lim"]
+                lo, hi = (-lim, lim) if isinstance(lim, (int, float)) else lim
+                nn.init.uniform_(module.weight, lo, hi)
+            else:
+                init_(module.weight)
+        elif isinstance(module, LayerNorm):
+            module.weight.fill_(1.0)
+            if module.bias is not None:
+                module.bias.zero_()

@@ -1,0 +1,453 @@
+"""The MPT model: config, parity with transformers' MptForCausalLM (both loading directions),
+checkpoint formats, padding / packed documents, KV-cache generation past max_seq_len, the HF patch.
+
+Tolerances: float32 end to end. Logits agree with transformers to 1e-4 absolute on logits of size
+~5: the only differences are summation order (fused vs dense attention, fused residual add) at ~1e-6
+per op, accumulated over 2-3 layers. Greedy generation is compared token for token.
+"""
+import dataclasses
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import mpt_kernels as mk
+from mpt_kernels.model import KVCache, MPTConfig, MPTForCausalLM, apply_to_hf
+
+transformers = pytest.importorskip("transformers")
+from transformers import MptConfig as HFConfig  # noqa: E402
+from transformers import MptForCausalLM as HFModel  # noqa: E402
+
+ATOL = 1e-4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matrices: one thread is faster, and on a loaded 2-core box OpenMP barriers dominate otherwise.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small(n_heads=6, d_model=96, n_layers=2, vocab=101, max_seq_len=48, attn_impl="flash", **attn):
+    return MPTConfig(d_model=d_model, n_heads=n_heads, n_layers=n_layers, vocab_size=vocab, max_seq_len=max_seq_len,
+                     attn_config=dict(attn_impl=attn_impl, **attn))
+
+
+def perturb_norms(model):
+    """LayerNorm weights start at 1: make them random so a swapped / missing weight would show."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n or "_ln" in n:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def to_hf(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    return HFModel.from_pretrained(tmp_path).eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------------------
+def test_config_defaults_match_transformers():
+    ours, hf = MPTConfig(), HFConfig()
+    for f in ("d_model", "n_heads", "n_layers", "expansion_ratio", "max_seq_len", "vocab_size", "resid_pdrop",
+              "emb_pdrop", "learned_pos_emb", "no_bias", "norm_type", "layer_norm_epsilon", "logit_scale",
+              "embedding_fraction", "tie_word_embeddings"):
+        assert getattr(ours, f) == getattr(hf, f), f
+    for k in ("attn_type", "attn_pdrop", "attn_impl", "clip_qkv", "qk_ln", "softmax_scale", "prefix_lm",
+              "attn_uses_sequence_id", "alibi", "alibi_bias_max"):
+        assert ours.attn_config[k] == getattr(hf.attn_config, k), k
+
+
+def test_config_json_round_trip_and_transformers_reads_it(tmp_path):
+    cfg = MPTConfig.from_preset("mpt-7b-storywriter")
+    cfg.save(tmp_path)
+    back = MPTConfig.load(tmp_path)
+    assert back.to_dict() == cfg.to_dict() and back.kv_n_heads == cfg.kv_n_heads
+    hf = HFConfig.from_pretrained(tmp_path)
+    assert (hf.d_model, hf.n_heads, hf.n_layers, hf.max_seq_len) == (4096, 32, 32, 65536)
+    assert hf.attn_config.clip_qkv == 6 and hf.attn_config.alibi_bias_max == 16
+    # and transformers' own config.json reads back into ours
+    HFConfig(d_model=64, n_heads=4, n_layers=3, vocab_size=77).save_pretrained(tmp_path / "hf")
+    ours = MPTConfig.load(tmp_path / "hf")
+    assert (ours.d_model, ours.n_heads, ours.n_layers, ours.vocab_size) == (64, 4, 3, 77)
+
+
+def test_presets():
+    c = MPTConfig.from_preset("mpt-7b")
+    assert (c.d_model, c.n_heads, c.n_layers, c.vocab_size) == (4096, 32, 32, 50432)
+    c = MPTConfig.from_preset("mpt-7b-storywriter")
+    assert c.max_seq_len == 65536 and c.attn_config["alibi_bias_max"] == 16 and c.attn_config["clip_qkv"] == 6
+    assert MPTConfig.from_preset("mpt-125m").d_model == 768
+    t = MPTConfig.from_preset("tiny", n_layers=2, attn_impl="torch")
+    assert t.n_layers == 2 and t.attn_config["attn_impl"] == "torch" and t.head_dim == 64
+    with pytest.raises(ValueError, match="unknown preset"):
+        MPTConfig.from_preset("mpt-30b-nope")
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(attn_config=dict(prefix_lm=True)), "prefix_lm"),
+    (dict(attn_config=dict(alibi=False)), "alibi"),
+    (dict(norm_type="rmsnorm"), "norm_type"),
+    (dict(attn_config=dict(attn_impl="flash", attn_pdrop=0.1)), "attn_pdrop"),
+    (dict(attn_config=dict(attn_type="grouped_query_attention", kv_n_heads=3)), "kv_n_heads"),
+    (dict(attn_config=dict(attn_impl="xformers")), "attn_impl"),
+    (dict(attn_config=dict(bogus=1)), "unknown keys"),
+    (dict(d_model=100, n_heads=6), "divisible"),
+    (dict(logit_scale="sqrt"), "logit_scale"),
+    (dict(extra=dict(ffn_config=dict(ffn_type="mptgeglu"))), "ffn_type"),
+    (dict(init_config=dict(name="xavier_normal_")), "init_config"),
+])
+def test_unsupported_options_raise(change, match):
+    with pytest.raises(ValueError, match=match):
+        MPTConfig(d_model=change.pop("d_model", 64), n_heads=change.pop("n_heads", 4), n_layers=1, **change)
+
+
+# ---------------------------------------------------------------------------------------------------
+# model structure, init, flops
+# ---------------------------------------------------------------------------------------------------
+def test_state_dict_names_match_transformers():
+    cfg = small()
+    ours = MPTForCausalLM(cfg)
+    hf = HFModel(HFConfig(**{k: v for k, v in cfg.to_dict().items() if k not in ("init_config",)}))
+    hf_keys = set(hf.state_dict()) - {"lm_head.weight"}
+    assert set(ours.state_dict()) == hf_keys
+    for k, v in ours.state_dict().items():
+        assert v.shape == hf.state_dict()[k].shape, k
+
+
+def test_init_follows_llm_foundry():
+    cfg = MPTConfig(d_model=256, n_heads=4, n_layers=8, vocab_size=1000)
+    m = MPTForCausalLM(cfg)
+    std = math.sqrt(2.0 / 256)  # kaiming normal, fan_in, relu gain
+    blk = m.transformer.blocks[0]
+    assert blk.attn.Wqkv.weight.std().item() == pytest.approx(std, rel=0.05)
+    assert m.transformer.wte.weight.std().item() == pytest.approx(std, rel=0.05)
+    assert blk.ffn.up_proj.weight.std().item() == pytest.approx(std, rel=0.05)
+    div = math.sqrt(2 * 8)
+    assert blk.attn.out_proj.weight.std().item() == pytest.approx(std / div, rel=0.05)
+    assert blk.ffn.down_proj.weight.std().item() == pytest.approx(math.sqrt(2.0 / 1024) / div, rel=0.05)
+    assert torch.equal(blk.norm_1.weight, torch.ones(256))
+
+
+def test_flops_per_token():
+    cfg = small()
+    m = MPTForCausalLM(cfg)
+    n = sum(p.numel() for p in m.parameters())
+    assert m.flops_per_token(1024) == 3 * (2 * n + 4 * cfg.n_layers * cfg.d_model * 1024)
+
+
+def test_ids_outside_vocab_raise():
+    m = MPTForCausalLM(small())
+    with pytest.raises(ValueError, match="input_ids"):
+        m(torch.tensor([[1, 2, 101]]))
+    with pytest.raises(ValueError, match="input_ids"):
+        m(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="input_ids"):
+        m(torch.randn(1, 4))
+    with pytest.raises(ValueError, match="attention_mask"):
+        m(torch.tensor([[1, 2, 3, 4]]), attention_mask=torch.tensor([[1, 0, 1, 1]]))  # hole in the middle
+
+
+# ---------------------------------------------------------------------------------------------------
+# parity with transformers
+# ---------------------------------------------------------------------------------------------------
+PARITY = [
+    dict(n_heads=6, d_model=96),  # not a power of two: interleaved slopes
+    dict(n_heads=12, d_model=192),
+    dict(n_heads=4, d_model=64, clip_qkv=0.3),  # clip active on most entries
+    dict(n_heads=6, d_model=96, clip_qkv=2.0, softmax_scale=0.2),
+]
+
+
+@pytest.mark.parametrize("attn_impl", ["flash", "torch"])
+@pytest.mark.parametrize("kw", PARITY, ids=lambda k: "-".join(f"{a}{b}" for a, b in k.items()))
+def test_logits_match_transformers_both_directions(kw, attn_impl, tmp_path):
+    ours = perturb_norms(MPTForCausalLM(small(attn_impl=attn_impl, **kw))).eval()
+    hf = to_hf(ours, tmp_path / "ours")
+    ids = torch.randint(0, 101, (2, 37))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    with torch.no_grad():
+        a, b = ours(ids, labels=labels), hf(ids, labels=labels)
+    torch.testing.assert_close(a.logits, b.logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(a.loss, b.loss, atol=ATOL, rtol=0)
+    # the other way: a model transformers initialised and saved
+    hf2 = HFModel(hf.config)
+    perturb_norms(hf2).eval()
+    hf2.save_pretrained(tmp_path / "hf")
+    ours2 = MPTForCausalLM.from_pretrained(tmp_path / "hf", attn_impl=attn_impl)
+    with torch.no_grad():
+        torch.testing.assert_close(ours2(ids).logits, hf2(ids).logits, atol=ATOL, rtol=0)
+
+
+def test_left_padding_matches_transformers(tmp_path):
+    ours = perturb_norms(MPTForCausalLM(small())).eval()
+    hf = to_hf(ours, tmp_path)
+    ids = torch.randint(0, 101, (3, 20))
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[0, :7] = 0
+    mask[2, :1] = 0
+    with torch.no_grad():
+        a, b = ours(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(a[real], b[real], atol=ATOL, rtol=0)  # pad positions are garbage in both
+    # and a padded row equals the same row run alone without padding
+    with torch.no_grad():
+        alone = ours(ids[:1, 7:]).logits
+    torch.testing.assert_close(a[0, 7:], alone[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_heads=12, d_model=192, clip_qkv=0.5)])
+def test_greedy_generate_matches_transformers_left_padded(kw, tmp_path):
+    ours = perturb_norms(MPTForCausalLM(small(**kw))).eval()
+    hf = to_hf(ours, tmp_path)
+    ids = torch.randint(1, 101, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :8] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    ours_out = ours.generate(ids, 20, temperature=0, attention_mask=mask)
+    hf_out = hf.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours_out, hf_out)
+    # unpadded single row too
+    assert torch.equal(ours.generate(ids[:1], 12, temperature=0),
+                       hf.generate(ids[:1], max_new_tokens=12, do_sample=False, pad_token_id=0))
+
+
+def test_where_transformers_departs_from_mpt(tmp_path):
+    """alibi_bias_max != 8 and expansion_ratio != 4: transformers ignores both (documented); our kernel
+    and reference paths agree with each other, and the 4x/8 config still matches transformers."""
+    cfg = small(alibi_bias_max=16)
+    cfg.expansion_ratio = 2
+    cfg = MPTConfig.from_dict(cfg.to_dict())
+    ours = perturb_norms(MPTForCausalLM(cfg)).eval()
+    assert ours.transformer.blocks[0].ffn.up_proj.weight.shape == (192, 96)
+    ref = MPTForCausalLM(cfg.replace(attn_impl="torch")).eval()
+    ref.load_state_dict(ours.state_dict())
+    ids = torch.randint(0, 101, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=ATOL, rtol=0)
+    with pytest.raises(Exception):  # transformers builds a 4x MLP: the checkpoint does not fit
+        ours.save_pretrained(tmp_path)
+        HFModel.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# kernel path vs readable torch path (features transformers lacks)
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attn", [
+    dict(attn_type="multiquery_attention"),
+    dict(attn_type="grouped_query_attention", kv_n_heads=2),
+    dict(qk_ln=True, clip_qkv=1.0),
+])
+def test_kernel_path_matches_torch_path_gqa_qkln_bias(attn):
+    cfg = small(**attn)
+    cfg.no_bias = False
+    cfg.logit_scale = "inv_sqrt_d_model"
+    cfg = MPTConfig.from_dict(cfg.to_dict())
+    a = perturb_norms(MPTForCausalLM(cfg))
+    with torch.no_grad():
+        for n, p in a.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    b = MPTForCausalLM(cfg.replace(attn_impl="torch"))
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(0, 101, (2, 25))
+    la, lb = a(ids, labels=ids), b(ids, labels=ids)
+    torch.testing.assert_close(la.logits, lb.logits, atol=ATOL, rtol=0)
+    la.loss.backward()
+    lb.loss.backward()
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-5, rtol=1e-3, msg=n)
+
+
+def test_sequence_id_packed_documents_equal_separate_runs():
+    m = perturb_norms(MPTForCausalLM(small())).eval()
+    ids = torch.randint(0, 101, (2, 24))
+    seq = torch.tensor([[0] * 10 + [1] * 5 + [2] * 9, [0] * 24])
+    with torch.no_grad():
+        packed = m(ids, sequence_id=seq).logits
+        torch.testing.assert_close(packed[0, :10], m(ids[:1, :10]).logits[0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(packed[0, 10:15], m(ids[:1, 10:15]).logits[0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(packed[0, 15:], m(ids[:1, 15:]).logits[0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(packed[1], m(ids[1:]).logits[0], atol=ATOL, rtol=0)
+    ref = MPTForCausalLM(m.config.replace(attn_impl="torch")).eval()
+    ref.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids, sequence_id=seq).logits, packed, atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# KV cache and generation
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attn_impl", ["flash", "torch"])
+def test_decode_matches_full_forward_past_max_seq_len(attn_impl):
+    """ALiBi extrapolation: generate to 4x max_seq_len; the cached decode logits at every step equal
+    a fresh full forward over the whole sequence (no cap, no positional table)."""
+    cfg = small(max_seq_len=16, attn_impl=attn_impl)
+    m = perturb_norms(MPTForCausalLM(cfg)).eval()
+    prompt = torch.randint(0, 101, (2, 5))
+    out = m.generate(prompt, 59, temperature=0)
+    assert out.shape == (2, 64)  # 4 x max_seq_len
+    with torch.no_grad():
+        full = m(out).logits  # (2, 64, V)
+        assert torch.equal(full[:, 4:-1].argmax(-1), out[:, 5:])  # greedy tokens = argmax of full forward
+        cache = m.new_cache(2)
+        step = [m(out[:, :5], past_key_values=cache, use_cache=True).logits[:, -1]]
+        for t in range(5, 64):
+            step.append(m(out[:, t:t + 1], past_key_values=cache).logits[:, -1])
+    torch.testing.assert_close(torch.stack(step[:-1], 1), full[:, 4:-1], atol=ATOL, rtol=0)
+
+
+def test_kv_cache_is_preallocated_and_grows_in_chunks():
+    m = MPTForCausalLM(small()).eval()
+    cache = m.new_cache(1)
+    ids = torch.randint(0, 101, (1, 3))
+    with torch.no_grad():
+        m(ids, past_key_values=cache)
+        ptr, cap = cache.k[0].data_ptr(), cache.capacity
+        assert cache.k[0].shape == (1, cap, 6, 16) and cap >= 3
+        for _ in range(cap - 3):  # fill without moving the buffer
+            m(torch.randint(0, 101, (1, 1)), past_key_values=cache)
+            assert cache.k[0].data_ptr() == ptr
+        m(torch.randint(0, 101, (1, 1)), past_key_values=cache)  # one past capacity: one growth
+        assert cache.capacity > cap and cache.length == cap + 1
+        before = cache.k[1][:, :cap + 1].clone()
+        m(torch.randint(0, 101, (1, 1)), past_key_values=cache)
+        assert torch.equal(cache.k[1][:, :cap + 1], before)  # old entries kept across the growth
+
+
+def test_decode_with_padded_cache_matches_unpadded_rows():
+    m = perturb_norms(MPTForCausalLM(small())).eval()
+    ids = torch.randint(1, 101, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0
+    out = m.generate(ids, 10, temperature=0, attention_mask=mask)
+    assert torch.equal(out[0, 6:], m.generate(ids[:1, 6:], 10, temperature=0)[0])
+    assert torch.equal(out[1], m.generate(ids[1:], 10, temperature=0)[0])
+
+
+def test_sampling_options_and_eos():
+    m = perturb_norms(MPTForCausalLM(small())).eval()
+    ids = torch.randint(0, 101, (2, 6))
+    greedy = m.generate(ids, 8, temperature=0)
+    assert torch.equal(m.generate(ids, 8, temperature=1.0, top_k=1), greedy)
+    assert torch.equal(m.generate(ids, 8, temperature=0.7, top_p=1e-6), greedy)
+    g1 = m.generate(ids, 8, temperature=1.5, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    g2 = m.generate(ids, 8, temperature=1.5, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(g1, g2)
+    eos = int(greedy[0, 8])
+    p = 6 + int((greedy[0, 6:] == eos).nonzero()[0])  # row 0's first EOS
+    out = m.generate(ids, 8, temperature=0, eos_token_id=eos, pad_token_id=7)
+    assert torch.equal(out[0, :p + 1], greedy[0, :p + 1]) and bool((out[0, p + 1:] == 7).all())
+    hit = (greedy[1, 6:] == eos).nonzero()
+    if len(hit) == 0:  # row 1 never stops: generation runs the full length
+        assert out.shape[1] == 14 and torch.equal(out[1], greedy[1])
+
+
+def test_streamer_protocol():
+    m = MPTForCausalLM(small()).eval()
+    seen = []
+
+    class Streamer:
+        def put(self, x):
+            seen.append(x.clone())
+
+        def end(self):
+            seen.append("end")
+
+    ids = torch.randint(0, 101, (1, 4))
+    out = m.generate(ids, 5, temperature=0, streamer=Streamer())
+    assert torch.equal(seen[0], ids) and seen[-1] == "end" and len(seen) == 7
+    assert [int(t) for t in seen[1:-1]] == out[0, 4:].tolist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------------
+def test_checkpoint_formats(tmp_path):
+    m = perturb_norms(MPTForCausalLM(small()))
+    ids = torch.randint(0, 101, (1, 12))
+    with torch.no_grad():
+        ref = m(ids).logits
+    # sharded safetensors
+    m.save_pretrained(tmp_path / "sharded", max_shard_size="60KB")
+    idx = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(idx["weight_map"].values())) > 1
+    # pytorch_model.bin and a sharded .bin index, as MosaicML's hub checkpoints ship
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "sharded" / "config.json").read_text())
+    torch.save(m.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "binsh").mkdir()
+    (tmp_path / "binsh" / "config.json").write_text((tmp_path / "sharded" / "config.json").read_text())
+    sd = m.state_dict()
+    keys = list(sd)
+    wm = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        torch.save({k: sd[k] for k in part}, tmp_path / "binsh" / f"pytorch_model-{i}.bin")
+        wm.update({k: f"pytorch_model-{i}.bin" for k in part})
+    (tmp_path / "binsh" / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": wm}))
+    for d in ("sharded", "bin", "binsh"):
+        back = MPTForCausalLM.from_pretrained(tmp_path / d)
+        with torch.no_grad():
+            torch.testing.assert_close(back(ids).logits, ref, atol=0, rtol=0)
+    bf = MPTForCausalLM.from_pretrained(tmp_path / "bin", dtype=torch.bfloat16)
+    assert bf.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in bf.parameters())
+    # transformers reads the sharded safetensors too
+    hf = HFModel.from_pretrained(tmp_path / "sharded").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ref, atol=ATOL, rtol=0)
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        MPTForCausalLM.from_pretrained(tmp_path / "nope")
+    m = MPTForCausalLM(small())
+    m.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["n_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="missing"):
+        MPTForCausalLM.from_pretrained(tmp_path)
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError):
+        MPTForCausalLM.from_pretrained(tmp_path)
+
+
+def test_untied_head_round_trip(tmp_path):
+    cfg = small()
+    cfg.tie_word_embeddings = False
+    m = MPTForCausalLM(MPTConfig.from_dict(cfg.to_dict()))
+    assert "lm_head.weight" in m.state_dict()
+    m.save_pretrained(tmp_path)
+    back = MPTForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(back.lm_head.weight, m.lm_head.weight)
+
+
+# ---------------------------------------------------------------------------------------------------
+# HF patch
+# ---------------------------------------------------------------------------------------------------
+def test_apply_to_hf_logits_and_generate(tmp_path):
+    ours = perturb_norms(MPTForCausalLM(small(n_heads=12, d_model=192, clip_qkv=0.5))).eval()
+    hf = to_hf(ours, tmp_path)
+    ids = torch.randint(1, 101, (2, 15))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        before = hf(ids, attention_mask=mask).logits
+    gen_before = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    apply_to_hf(hf)
+    assert hf.transformer.blocks[0].attn.forward.__func__.__module__ == "mpt_kernels.model.hf_patch"
+    with torch.no_grad():
+        after = hf(ids, attention_mask=mask).logits
+    torch.testing.assert_close(after[mask.bool()], before[mask.bool()], atol=ATOL, rtol=0)
+    gen_after = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(gen_after, gen_before)
+    assert torch.equal(gen_after, ours.generate(ids, 10, temperature=0, attention_mask=mask))
