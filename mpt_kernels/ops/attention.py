@@ -1,20 +1,210 @@
-"""ALiBi attention op. TEMPORARY: reference-backed until the kernel op lands (issue 3)."""
+"""ALiBi flash attention as torch ops over the compiled kernels (csrc/attention/).
+
+    out = alibi_attention(q, k, v)                    # causal, MPT's slopes
+    q: (batch, seqlen_q, n_heads, head_dim); k, v: (batch, seqlen_k, n_kv_heads, head_dim)
+    varlen: q (total_q, n_heads, head_dim), k/v (total_k, n_kv_heads, head_dim), int32 cu_seqlens_q/k
+
+The bias added to score (i, j) is ``-slope * (seqlen_k - 1 - j)`` (MPT's key-position form), computed
+inside the kernel from the slope: nothing of size seqlen^2 is ever allocated. Only the head_dim axis
+must be contiguous, so q, k, v can be views into a fused Wqkv projection without a copy.
+
+Devices and dtypes: CPU float32, bfloat16 and float16 (computed in float32); CUDA float16 and bfloat16
+with the head dims the CUDA build supports (``_C.attention_cuda_supports_head_dim``).
+
+Layers: ``mpt_kernels::alibi_attention_fwd`` / ``_bwd`` are torch.library custom ops with fake
+(meta) implementations and autograd, so ``torch.compile(fullgraph=True)`` traces them; the forward
+saves only out and the float32 logsumexp for the backward.
+"""
 from __future__ import annotations
+
+import math
+from typing import Optional
 
 import torch
 
-from . import reference
-from .reference import alibi_slopes  # noqa: F401
+from .._ext import _C, current_stream, view
+from . import reference as _reference
+from .reference import alibi_slopes  # noqa: F401  (public: mk.alibi_slopes)
+
+
+def _opt_view(t, name):
+    return None if t is None else view(t, name)
+
+
+def _workspace(nbytes: int, device) -> Optional[torch.Tensor]:
+    # The kernels' scratch (split-K partials, backward row statistics): zero-filled, as the launchers
+    # expect, and owned by torch's allocator so no allocation happens inside a kernel.
+    return torch.zeros(nbytes, dtype=torch.uint8, device=device) if nbytes > 0 else None
+
+
+def _check_device_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
+    """The compiled core checks host cu_seqlens itself; device ones are checked here (one small copy
+    to the host), except while a CUDA graph is being captured, where a sync is not allowed."""
+    if cu_seqlens_q.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return
+    if cu_seqlens_q.dtype != torch.int32 or cu_seqlens_k.dtype != torch.int32:
+        return  # the binding names the argument
+    lq = torch.diff(cu_seqlens_q.cpu())
+    lk = torch.diff(cu_seqlens_k.cpu())
+    if (lq < 0).any():
+        raise ValueError("cu_seqlens_q: must be non-decreasing")
+    if (lk < 0).any():
+        raise ValueError("cu_seqlens_k: must be non-decreasing")
+    if lq.numel() and int(lq.max()) > max_seqlen_q:
+        raise ValueError(f"max_seqlen_q: is {max_seqlen_q} but a sequence has {int(lq.max())} queries")
+    if lk.numel() and int(lk.max()) > max_seqlen_k:
+        raise ValueError(f"max_seqlen_k: is {max_seqlen_k} but a sequence has {int(lk.max())} keys")
+    if causal and lq.numel() == lk.numel() and (lq > lk).any():
+        raise ValueError("cu_seqlens_q: a sequence has seqlen_q > seqlen_k, not allowed with causal=True")
+
+
+def _lse_shape(q: torch.Tensor, varlen: bool):
+    if varlen:  # (n_heads, total_q)
+        return (q.shape[1], q.shape[0])
+    return (q.shape[0], q.shape[2], q.shape[1])  # (batch, n_heads, seqlen_q)
+
+
+@torch.library.custom_op("mpt_kernels::alibi_attention_fwd", mutates_args=())
+def alibi_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alibi_slopes: Optional[torch.Tensor],
+    cu_seqlens_q: Optional[torch.Tensor],
+    cu_seqlens_k: Optional[torch.Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out like q, float32 lse: (batch, n_heads, seqlen_q) or varlen (n_heads, total_q))."""
+    varlen = cu_seqlens_q is not None
+    if varlen and cu_seqlens_k is not None:
+        _check_device_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
+    args = (view(q, "q"), view(k, "k"), view(v, "v"), _opt_view(alibi_slopes, "alibi_slopes"),
+            _opt_view(cu_seqlens_q, "cu_seqlens_q"), _opt_view(cu_seqlens_k, "cu_seqlens_k"),
+            max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+    ws = _workspace(_C.attention_fwd_workspace_size(*args), q.device)
+    # Varlen rows outside every sequence (cu_seqlens_q[-1] < total) are not written by the kernel.
+    if varlen:
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.full(_lse_shape(q, True), float("-inf"), dtype=torch.float32, device=q.device)
+    else:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(_lse_shape(q, False), dtype=torch.float32, device=q.device)
+    _C.attention_fwd(args[0], args[1], args[2], view(out, "out"), view(lse, "lse"), *args[3:],
+                     _opt_view(ws, "workspace"), current_stream(q))
+    return out, lse
+
+
+@alibi_attention_fwd.register_fake
+def _(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    varlen = cu_seqlens_q is not None
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, varlen), dtype=torch.float32)
+
+
+@torch.library.custom_op("mpt_kernels::alibi_attention_bwd", mutates_args=())
+def alibi_attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    alibi_slopes: Optional[torch.Tensor],
+    cu_seqlens_q: Optional[torch.Tensor],
+    cu_seqlens_k: Optional[torch.Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv); dk and dv are summed over the query heads of each KV group."""
+    varlen = cu_seqlens_q is not None
+    if dout.stride(-1) != 1:  # autograd may hand over expanded (stride 0) gradients
+        dout = dout.contiguous()
+    args = (view(q, "q"), view(k, "k"), view(v, "v"), _opt_view(alibi_slopes, "alibi_slopes"),
+            _opt_view(cu_seqlens_q, "cu_seqlens_q"), _opt_view(cu_seqlens_k, "cu_seqlens_k"),
+            max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+    ws = _workspace(_C.attention_bwd_workspace_size(*args), q.device)
+    alloc = torch.zeros if varlen else torch.empty  # varlen rows outside every sequence get 0
+    dq = alloc(q.shape, dtype=q.dtype, device=q.device)
+    dk = alloc(k.shape, dtype=k.dtype, device=k.device)
+    dv = alloc(v.shape, dtype=v.dtype, device=v.device)
+    _C.attention_bwd(view(dout, "dout"), args[0], args[1], args[2], view(out, "out"), view(lse, "lse"),
+                     view(dq, "dq"), view(dk, "dk"), view(dv, "dv"), *args[3:], _opt_view(ws, "workspace"),
+                     current_stream(q))
+    return dq, dk, dv
+
+
+@alibi_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      softmax_scale, causal):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, slopes, cu_q, cu_k, max_sq, max_sk, scale, causal = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, slopes, cu_q, cu_k)
+    ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal = max_sq, max_sk, scale, causal
+
+
+def _backward(ctx, dout, dlse):
+    # lse is an auxiliary output: its gradient is not propagated (it is not part of the public API).
+    q, k, v, out, lse, slopes, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = alibi_attention_bwd(dout, q, k, v, out, lse, slopes, cu_q, cu_k, ctx.max_seqlen_q,
+                                     ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+alibi_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def alibi_attention(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=None, alibi_bias_max=8.0,
                     cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
-    H = q.shape[-2]
+    """Exact attention with MPT's ALiBi bias, O(seqlen) memory. See the module docstring for shapes.
+
+    causal: rows aligned to the bottom-right (query i sees keys j <= i + seqlen_k - seqlen_q), so
+        seqlen_q = 1 is a decode step against a KV cache. seqlen_q > seqlen_k is a ValueError.
+    softmax_scale: default 1 / sqrt(head_dim).
+    alibi_slopes: float32 (n_heads,) or (batch, n_heads); default ``alibi_slopes(n_heads, alibi_bias_max)``.
+        Zeros give plain (unbiased) attention.
+    cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) offsets for packed sequences; max_seqlen_q/k are
+        then read from them when not given (a host sync on CUDA; pass them under torch.compile).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() == 0:
+            raise ValueError(f"{name}: expected 3 (varlen) or 4 dimensions, got a scalar")
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if varlen and (cu_seqlens_q is None or cu_seqlens_k is None):
+        raise ValueError(f"{'cu_seqlens_k' if cu_seqlens_k is None else 'cu_seqlens_q'}: cu_seqlens_q and "
+                         "cu_seqlens_k must be given together")
+    if q.dim() != (3 if varlen else 4):
+        raise ValueError(f"q: expected {3 if varlen else 4} dimensions, got shape {tuple(q.shape)}")
+    head_dim, n_heads = q.shape[-1], q.shape[-2]
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
     if alibi_slopes is None:
-        alibi_slopes = reference.alibi_slopes(H, alibi_bias_max, device=q.device)
-    if cu_seqlens_q is not None:
-        return reference.attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal,
-                                                    softmax_scale=softmax_scale, alibi_slopes=alibi_slopes,
-                                                    compute_dtype=torch.float32)
-    return reference.attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                         alibi_slopes=alibi_slopes, compute_dtype=torch.float32)
+        alibi_slopes = _reference.alibi_slopes(n_heads, alibi_bias_max, device=q.device)
+    elif not isinstance(alibi_slopes, torch.Tensor):
+        raise ValueError(f"alibi_slopes: expected a float32 tensor, got {type(alibi_slopes).__name__}")
+    # The kernels need only the last axis contiguous; anything else (rare: a transposed head_dim) is copied.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if varlen:
+        for name, c in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            if not isinstance(c, torch.Tensor) or c.dim() != 1:
+                raise ValueError(f"{name}: expected a 1-D int32 tensor")
+            if c.dtype != torch.int32:
+                raise ValueError(f"{name}: must have dtype int32, got {c.dtype}")
+        if max_seqlen_q is None:
+            max_seqlen_q = int(torch.diff(cu_seqlens_q).max()) if cu_seqlens_q.numel() > 1 else 0
+        if max_seqlen_k is None:
+            max_seqlen_k = int(torch.diff(cu_seqlens_k).max()) if cu_seqlens_k.numel() > 1 else 0
+    else:  # max_seqlen_* only mean something for varlen; the batched shapes decide here
+        max_seqlen_q, max_seqlen_k = q.shape[1], (k.shape[1] if k.dim() == 4 else 0)
+    out, _ = alibi_attention_fwd(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                                 int(max_seqlen_k), float(softmax_scale), bool(causal))
+    return out

@@ -1,0 +1,539 @@
+// ALiBi flash attention on the CPU (float32, bfloat16, float16 storage; float32 compute), the twin
+// of attention_cuda.cu: same tiling, same index math, same float32 softmax statistics.
+//
+//   forward   OpenMP over (batch, head, query block). For each query block, loop over key blocks:
+//             S = Q K^T * scale + bias (bias from the slope, never stored), causal mask aligned to the
+//             bottom-right, online softmax (running max m and sum l in float32, base 2), O += P V.
+//             Key blocks wholly above the causal diagonal are never visited.
+//   decode    When there are fewer work items than threads (seqlen_q = 1 against a long cache), the
+//             key range is split: each split writes its partial (m, l, O) to the workspace and a
+//             second loop combines them (split-K, as flash-decoding does on a GPU).
+//   backward  (FA2) delta = rowsum(dO * O); P recomputed from the saved lse; then two passes that need
+//             no atomics: (batch, kv head, key block) items own dK and dV rows and sum over every
+//             query head of their group; (batch, head, query block) items own dQ rows.
+//
+// Tiles are converted to float32 once per tile into per-thread scratch so the inner loops are plain
+// float32 FMAs (attention_cpu_math.h: gemm). Head dims are padded to a multiple of 8 with zeros.
+// Memory: per-thread scratch of O(block * head_dim), plus the workspace (split partials, delta), so
+// O(seqlen) overall.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "attention/attention.h"
+#include "attention/attention_cpu_math.h"
+#include "common/error.h"
+
+namespace mptk {
+namespace {
+
+using attn_cpu::kNegInf;
+
+constexpr int kBlockQ = 64;
+constexpr int kBlockK = 64;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kMaxSplits = 64;
+
+inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+inline int pad8(int x) { return (x + 7) & ~7; }
+
+// Where sequence b lives and how long it is (batched and varlen alike).
+struct SeqInfo {
+  int sq = 0, sk = 0;
+  int64_t q_row0 = 0, k_row0 = 0;  // first row (varlen) of this sequence
+  int64_t q_off = 0, k_off = 0, v_off = 0, o_off = 0;  // element offsets of row 0, head 0
+  int64_t lse_off = 0;  // lse offset of row 0 (head 0)
+};
+
+inline SeqInfo seq_info(const AttentionFwdParams& p, int b) {
+  SeqInfo s;
+  if (p.is_varlen()) {
+    s.q_row0 = p.cu_seqlens_q[b];
+    s.k_row0 = p.cu_seqlens_k[b];
+    s.sq = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
+    s.sk = p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b];
+    s.q_off = s.q_row0 * p.q_row_stride;
+    s.k_off = s.k_row0 * p.k_row_stride;
+    s.v_off = s.k_row0 * p.v_row_stride;
+    s.o_off = s.q_row0 * p.out_row_stride;
+    s.lse_off = s.q_row0;
+  } else {
+    s.sq = p.seqlen_q;
+    s.sk = p.seqlen_k;
+    s.q_off = b * p.q_batch_stride;
+    s.k_off = b * p.k_batch_stride;
+    s.v_off = b * p.v_batch_stride;
+    s.o_off = b * p.out_batch_stride;
+    s.lse_off = b * p.lse_batch_stride;
+  }
+  return s;
+}
+
+inline float slope_of(const AttentionFwdParams& p, int b, int h) {
+  return p.alibi_slopes ? p.alibi_slopes[b * p.alibi_slopes_batch_stride + h] : 0.f;
+}
+
+// Last key index (absolute, in [-1, sk-1]) that query row i may see.
+inline int last_visible_key(const AttentionFwdParams& p, int i, int sq, int sk) {
+  int lim = p.causal ? i + sk - sq : sk - 1;
+  return std::min(lim, sk - 1);
+}
+
+// Number of key blocks query rows [q0, q1) need (causal blocks past the diagonal skipped).
+inline int key_blocks_for(const AttentionFwdParams& p, int q0, int q1, int sq, int sk) {
+  int lim = last_visible_key(p, q1 - 1, sq, sk);
+  return lim < 0 ? 0 : lim / kBlockK + 1;
+}
+
+// Rows k0..k0+nk of one head of K (or V) -> float32 tile, zero padded to kBlockK rows.
+//   transposed: dst[d * kBlockK + j]  (Dp x kBlockK, for S = Q K^T and dP = dO V^T)
+//   row-major:  dst[j * Dp + d]       (kBlockK x Dp, for O += P V and dQ += dS K)
+template <typename T>
+void load_kv_tile(float* dst, bool transposed, const T* base, int64_t row_stride, int nk, int D, int Dp) {
+  if (transposed) {
+    std::fill(dst, dst + static_cast<size_t>(Dp) * kBlockK, 0.f);
+    for (int j = 0; j < nk; ++j) {
+      const T* src = base + j * row_stride;
+      for (int d = 0; d < D; ++d) dst[d * kBlockK + j] = to_float(src[d]);
+    }
+  } else {
+    for (int j = 0; j < nk; ++j) attn_cpu::load_row(dst + j * Dp, base + j * row_stride, D, Dp);
+    std::fill(dst + static_cast<size_t>(nk) * Dp, dst + static_cast<size_t>(kBlockK) * Dp, 0.f);
+  }
+}
+
+template <typename T>
+void load_q_tile(float* dst, const T* base, int64_t row_stride, int nq, int D, int Dp) {
+  for (int i = 0; i < nq; ++i) attn_cpu::load_row(dst + i * Dp, base + i * row_stride, D, Dp);
+}
+
+// Scores of a (nq x kBlockK) tile in base 2: S = (Q K^T) * scale * log2(e) + bias * log2(e), masked
+// (-inf) past each row's last visible key and past the end of the keys.
+void finish_scores(const AttentionFwdParams& p, float* S, int nq, int q0, int k0, int sq, int sk, float slope) {
+  alignas(32) float bias2[kBlockK];
+  const float slope2 = slope * kLog2e;
+  // MPT's key-position bias -slope * (sk - 1 - j): one vector per key block, the same for every row.
+  for (int j = 0; j < kBlockK; ++j) bias2[j] = -slope2 * static_cast<float>(sk - 1 - (k0 + j));
+  const float scale2 = p.softmax_scale * kLog2e;
+  for (int r = 0; r < nq; ++r) {
+    float* s = S + r * kBlockK;
+    attn_cpu::scale_add(s, bias2, scale2, kBlockK);
+    const int first_hidden = last_visible_key(p, q0 + r, sq, sk) + 1 - k0;
+    for (int j = std::max(first_hidden, 0); j < kBlockK; ++j) s[j] = kNegInf;
+  }
+}
+
+// ---------------------------------------------------------------- forward
+
+struct FwdScratch {
+  float* q;   // kBlockQ x Dp
+  float* kt;  // Dp x kBlockK
+  float* v;   // kBlockK x Dp
+  float* s;   // kBlockQ x kBlockK
+  float* o;   // kBlockQ x Dp
+  float* m;   // kBlockQ
+  float* l;   // kBlockQ
+  FwdScratch(float* base, int Dp) {
+    q = base;
+    o = q + kBlockQ * Dp;
+    kt = o + kBlockQ * Dp;
+    v = kt + kBlockK * Dp;
+    s = v + kBlockK * Dp;
+    m = s + kBlockQ * kBlockK;
+    l = m + kBlockQ;
+  }
+};
+
+inline size_t fwd_scratch_floats(int Dp) {
+  return 2ull * kBlockQ * Dp + 2ull * kBlockK * Dp + 1ull * kBlockQ * kBlockK + 2 * kBlockQ;
+}
+
+// Processes query rows [q0, q0+nq) of head h in sequence b against key blocks [kb_begin, kb_end);
+// leaves the unnormalised accumulator in w.o and the base-2 running max / sum in w.m, w.l.
+template <typename T>
+void fwd_tile(const AttentionFwdParams& p, const SeqInfo& si, int b, int h, int q0, int nq, int kb_begin,
+              int kb_end, FwdScratch& w) {
+  const int D = p.head_dim, Dp = pad8(D);
+  const int hk = h / (p.n_heads / p.n_kv_heads);
+  const T* q = static_cast<const T*>(p.q) + si.q_off + h * p.q_head_stride + q0 * p.q_row_stride;
+  const T* kbase = static_cast<const T*>(p.k) + si.k_off + hk * p.k_head_stride;
+  const T* vbase = static_cast<const T*>(p.v) + si.v_off + hk * p.v_head_stride;
+  const float slope = slope_of(p, b, h);
+
+  load_q_tile(w.q, q, p.q_row_stride, nq, D, Dp);
+  std::fill(w.o, w.o + static_cast<size_t>(nq) * Dp, 0.f);
+  std::fill(w.m, w.m + nq, kNegInf);
+  std::fill(w.l, w.l + nq, 0.f);
+
+  for (int kb = kb_begin; kb < kb_end; ++kb) {
+    const int k0 = kb * kBlockK, nk = std::min(kBlockK, si.sk - k0);
+    load_kv_tile(w.kt, true, kbase + k0 * p.k_row_stride, p.k_row_stride, nk, D, Dp);
+    load_kv_tile(w.v, false, vbase + k0 * p.v_row_stride, p.v_row_stride, nk, D, Dp);
+    attn_cpu::gemm(nq, kBlockK, Dp, w.q, Dp, w.kt, kBlockK, w.s, kBlockK, false);
+    finish_scores(p, w.s, nq, q0, k0, si.sq, si.sk, slope);
+    for (int r = 0; r < nq; ++r) {
+      float* s = w.s + r * kBlockK;
+      const float m_new = std::max(w.m[r], attn_cpu::row_max(s, kBlockK));
+      const float rowsum = attn_cpu::exp2_sub_sum(s, kBlockK, m_new);
+      if (m_new == kNegInf) continue;  // nothing visible yet in this row: O, l stay 0
+      const float alpha = std::exp2(w.m[r] - m_new);  // 0 on the first visible block
+      if (alpha != 1.f) attn_cpu::scale_row(w.o + r * Dp, Dp, alpha);
+      w.l[r] = w.l[r] * alpha + rowsum;
+      w.m[r] = m_new;
+    }
+    attn_cpu::gemm(nq, Dp, kBlockK, w.s, kBlockK, w.v, Dp, w.o, Dp, true);
+  }
+}
+
+// Normalises w.o and writes out rows and lse. Rows that saw no key (only possible with an empty key
+// sequence) get zeros and lse = -inf, like a softmax over nothing whose terms are all dropped.
+template <typename T>
+void fwd_store(const AttentionFwdParams& p, const SeqInfo& si, int h, int q0, int nq, const FwdScratch& w) {
+  const int D = p.head_dim, Dp = pad8(D);
+  T* out = static_cast<T*>(p.out) + si.o_off + h * p.out_head_stride + q0 * p.out_row_stride;
+  for (int r = 0; r < nq; ++r) {
+    const float l = w.l[r];
+    attn_cpu::store_row(out + r * p.out_row_stride, w.o + r * Dp, D, l > 0.f ? 1.f / l : 0.f);
+    if (p.lse) p.lse[si.lse_off + h * p.lse_head_stride + q0 + r] = l > 0.f ? (w.m[r] + std::log2(l)) * kLn2 : kNegInf;
+  }
+}
+
+// Split-K decode: the number of key splits for these params, or 1. Shared by the workspace query and
+// the launcher, so the caller's workspace is exactly what the launcher will use.
+int fwd_num_splits(const AttentionFwdParams& p) {
+  if (p.seqlen_q > kBlockQ || p.batch <= 0 || p.n_heads <= 0) return 1;
+  const int threads = omp_get_max_threads();
+  const long items = static_cast<long>(p.batch) * p.n_heads;  // one query block per (b, h)
+  const int nkb = ceil_div(std::max(p.seqlen_k, 0), kBlockK);
+  if (threads < 2 || items >= threads || nkb < 4) return 1;
+  // Enough splits to give every thread about two pieces, each of at least two key blocks.
+  long want = (2L * threads + items - 1) / items;
+  int splits = static_cast<int>(std::min<long>({want, nkb / 2, kMaxSplits}));
+  return std::max(splits, 1);
+}
+
+inline size_t split_row_floats(const AttentionFwdParams& p) { return static_cast<size_t>(p.head_dim) + 2; }
+
+size_t fwd_split_workspace_bytes(const AttentionFwdParams& p, int splits) {
+  if (splits <= 1) return 0;
+  return static_cast<size_t>(splits) * p.batch * p.n_heads * p.seqlen_q * split_row_floats(p) * sizeof(float);
+}
+
+template <typename T>
+void fwd_run(const AttentionFwdParams& p) {
+  const int Dp = pad8(p.head_dim);
+  int splits = fwd_num_splits(p);
+  if (fwd_split_workspace_bytes(p, splits) > p.workspace_bytes || (splits > 1 && !p.workspace)) splits = 1;
+  const int nthreads = omp_get_max_threads();
+  std::vector<float> scratch(fwd_scratch_floats(Dp) * nthreads);
+  const int nqb = ceil_div(std::max(p.seqlen_q, 0), kBlockQ);
+  const long items = static_cast<long>(p.batch) * p.n_heads * nqb * splits;
+
+  // Item order: query block descending (causal blocks near the bottom cost the most) so dynamic
+  // scheduling hands out the long items first.
+#pragma omp parallel num_threads(nthreads)
+  {
+    FwdScratch w(scratch.data() + fwd_scratch_floats(Dp) * omp_get_thread_num(), Dp);
+#pragma omp for schedule(dynamic, 1)
+    for (long it = 0; it < items; ++it) {
+      long rest = it;
+      const int split = static_cast<int>(rest % splits);
+      rest /= splits;
+      const int h = static_cast<int>(rest % p.n_heads);
+      rest /= p.n_heads;
+      const int b = static_cast<int>(rest % p.batch);
+      const int qb = nqb - 1 - static_cast<int>(rest / p.batch);
+      const SeqInfo si = seq_info(p, b);
+      const int q0 = qb * kBlockQ;
+      if (q0 >= si.sq) continue;
+      const int nq = std::min(kBlockQ, si.sq - q0);
+      const int nkb = key_blocks_for(p, q0, q0 + nq, si.sq, si.sk);
+      if (splits == 1) {
+        fwd_tile<T>(p, si, b, h, q0, nq, 0, nkb, w);
+        fwd_store<T>(p, si, h, q0, nq, w);
+      } else {
+        const int per = ceil_div(nkb, splits);
+        const int kb0 = std::min(nkb, split * per), kb1 = std::min(nkb, kb0 + per);
+        fwd_tile<T>(p, si, b, h, q0, nq, kb0, kb1, w);
+        float* part = static_cast<float*>(p.workspace) +
+                      ((static_cast<size_t>(split) * p.batch + b) * p.n_heads + h) * p.seqlen_q * split_row_floats(p);
+        for (int r = 0; r < nq; ++r) {
+          float* dst = part + (q0 + r) * split_row_floats(p);
+          std::copy(w.o + r * Dp, w.o + r * Dp + p.head_dim, dst);
+          dst[p.head_dim] = w.m[r];
+          dst[p.head_dim + 1] = w.l[r];
+        }
+      }
+    }
+  }
+  if (splits == 1) return;
+
+  // Combine: with M = max_s m_s, l = sum_s l_s 2^(m_s - M) and O = sum_s O_s 2^(m_s - M) / l.
+  const size_t rowf = split_row_floats(p);
+  const long rows = static_cast<long>(p.batch) * p.n_heads * p.seqlen_q;
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> acc(Dp);
+#pragma omp for schedule(static)
+    for (long it = 0; it < rows; ++it) {
+      const int i = static_cast<int>(it % p.seqlen_q);
+      const int h = static_cast<int>((it / p.seqlen_q) % p.n_heads);
+      const int b = static_cast<int>(it / (static_cast<long>(p.seqlen_q) * p.n_heads));
+      const SeqInfo si = seq_info(p, b);
+      if (i >= si.sq) continue;
+      auto part = [&](int s) {
+        return static_cast<const float*>(p.workspace) +
+               (((static_cast<size_t>(s) * p.batch + b) * p.n_heads + h) * p.seqlen_q + i) * rowf;
+      };
+      float M = kNegInf;
+      for (int s = 0; s < splits; ++s) M = std::max(M, part(s)[p.head_dim]);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float l = 0.f;
+      if (M != kNegInf) {
+        for (int s = 0; s < splits; ++s) {
+          const float* ps = part(s);
+          if (ps[p.head_dim] == kNegInf) continue;
+          const float c = std::exp2(ps[p.head_dim] - M);
+          l += ps[p.head_dim + 1] * c;
+          for (int d = 0; d < p.head_dim; ++d) acc[d] += ps[d] * c;
+        }
+      }
+      T* out = static_cast<T*>(p.out) + si.o_off + h * p.out_head_stride + i * p.out_row_stride;
+      attn_cpu::store_row(out, acc.data(), p.head_dim, l > 0.f ? 1.f / l : 0.f);
+      if (p.lse) p.lse[si.lse_off + h * p.lse_head_stride + i] = l > 0.f ? (M + std::log2(l)) * kLn2 : kNegInf;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- backward
+
+// delta[(b * H + h) * seqlen_q + i] lives at the start of the backward workspace.
+inline size_t delta_floats(const AttentionFwdParams& p) {
+  return static_cast<size_t>(p.batch) * p.n_heads * std::max(p.seqlen_q, 0);
+}
+
+// Per-thread scratch for both backward passes.
+struct BwdScratch {
+  float *q, *dout, *kt, *vt, *k, *p, *ds, *pt, *acc0, *acc1, *lse2, *delta;
+  static size_t floats(int Dp) {
+    return 2ull * kBlockQ * Dp      // q, dout
+           + 3ull * kBlockK * Dp    // kt, vt, k
+           + 3ull * kBlockQ * kBlockK  // p, ds, pt (transposes)
+           + 2ull * std::max(kBlockQ, kBlockK) * Dp  // two float32 accumulators
+           + 2ull * kBlockQ;
+  }
+  BwdScratch(float* base, int Dp) {
+    q = base;
+    dout = q + kBlockQ * Dp;
+    kt = dout + kBlockQ * Dp;
+    vt = kt + kBlockK * Dp;
+    k = vt + kBlockK * Dp;
+    p = k + kBlockK * Dp;
+    ds = p + kBlockQ * kBlockK;
+    pt = ds + kBlockQ * kBlockK;
+    acc0 = pt + kBlockQ * kBlockK;
+    acc1 = acc0 + std::max(kBlockQ, kBlockK) * Dp;
+    lse2 = acc1 + std::max(kBlockQ, kBlockK) * Dp;
+    delta = lse2 + kBlockQ;
+  }
+};
+
+// For query rows [q0, q0+nq) (already in w.q, w.dout, w.lse2, w.delta) and the key tile in w.kt,
+// w.vt: P = 2^(S - lse) into w.p and dS = P * (dO V^T - delta) into w.ds.
+void bwd_probs_and_dscores(const AttentionFwdParams& p, BwdScratch& w, int nq, int q0, int k0, int sq, int sk,
+                           float slope, int Dp) {
+  attn_cpu::gemm(nq, kBlockK, Dp, w.q, Dp, w.kt, kBlockK, w.p, kBlockK, false);
+  finish_scores(p, w.p, nq, q0, k0, sq, sk, slope);
+  for (int r = 0; r < nq; ++r) attn_cpu::exp2_sub_sum(w.p + r * kBlockK, kBlockK, w.lse2[r]);
+  attn_cpu::gemm(nq, kBlockK, Dp, w.dout, Dp, w.vt, kBlockK, w.ds, kBlockK, false);
+  for (int r = 0; r < nq; ++r)
+    attn_cpu::softmax_grad_row(w.ds + r * kBlockK, w.p + r * kBlockK, w.delta[r], kBlockK);
+}
+
+// Loads query rows [q0, q0+nq) of head h: q, dO as float32 tiles, lse (base 2) and delta.
+template <typename T>
+void bwd_load_query_side(const AttentionBwdParams& p, const SeqInfo& si, const float* delta_ws, int b, int h, int q0,
+                         int nq, BwdScratch& w) {
+  const int D = p.head_dim, Dp = pad8(D);
+  load_q_tile(w.q, static_cast<const T*>(p.q) + si.q_off + h * p.q_head_stride + q0 * p.q_row_stride,
+              p.q_row_stride, nq, D, Dp);
+  const int64_t do_off = p.is_varlen() ? si.q_row0 * p.dout_row_stride : b * p.dout_batch_stride;
+  load_q_tile(w.dout, static_cast<const T*>(p.dout) + do_off + h * p.dout_head_stride + q0 * p.dout_row_stride,
+              p.dout_row_stride, nq, D, Dp);
+  for (int r = 0; r < nq; ++r) {
+    // A row that saw nothing has lse = -inf; +inf here makes every P of that row exactly 0.
+    const float lse = p.lse[si.lse_off + h * p.lse_head_stride + q0 + r];
+    w.lse2[r] = lse == kNegInf ? std::numeric_limits<float>::infinity() : lse * kLog2e;
+    w.delta[r] = delta_ws[(static_cast<size_t>(b) * p.n_heads + h) * p.seqlen_q + q0 + r];
+  }
+}
+
+// dst (cols x rows) = src (rows x cols)^T; src row stride kBlockK, dst row stride kBlockQ.
+inline void transpose_tile(float* dst, const float* src, int rows) {
+  for (int j = 0; j < kBlockK; ++j)
+    for (int r = 0; r < rows; ++r) dst[j * kBlockQ + r] = src[r * kBlockK + j];
+}
+
+template <typename T>
+void bwd_run(const AttentionBwdParams& p) {
+  const int D = p.head_dim, Dp = pad8(D);
+  const int group = p.n_heads / p.n_kv_heads;
+  const int nthreads = omp_get_max_threads();
+  float* delta_ws = static_cast<float*>(p.workspace);
+  std::vector<float> scratch(BwdScratch::floats(Dp) * nthreads);
+  const int nqb = ceil_div(std::max(p.seqlen_q, 0), kBlockQ);
+  const int nkb = ceil_div(std::max(p.seqlen_k, 0), kBlockK);
+
+  // Pass 0: delta = rowsum(dO * O) in float32, the same for every key block.
+  const long rows = static_cast<long>(p.batch) * p.n_heads * p.seqlen_q;
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> a(Dp), c(Dp);
+#pragma omp for schedule(static)
+    for (long it = 0; it < rows; ++it) {
+      const int i = static_cast<int>(it % p.seqlen_q);
+      const int h = static_cast<int>((it / p.seqlen_q) % p.n_heads);
+      const int b = static_cast<int>(it / (static_cast<long>(p.seqlen_q) * p.n_heads));
+      const SeqInfo si = seq_info(p, b);
+      if (i >= si.sq) continue;
+      const int64_t do_off = p.is_varlen() ? si.q_row0 * p.dout_row_stride : b * p.dout_batch_stride;
+      attn_cpu::load_row(a.data(), static_cast<const T*>(p.dout) + do_off + h * p.dout_head_stride + i * p.dout_row_stride, D, Dp);
+      attn_cpu::load_row(c.data(), static_cast<const T*>(p.out) + si.o_off + h * p.out_head_stride + i * p.out_row_stride, D, Dp);
+      delta_ws[it] = attn_cpu::dot_row(a.data(), c.data(), Dp);
+    }
+  }
+
+  // Pass 1: dK, dV. Item (b, kv head, key block) sums over the group's query heads and every query
+  // block that sees this key block, so each dK/dV row has one owner.
+  const long kv_items = static_cast<long>(p.batch) * p.n_kv_heads * nkb;
+#pragma omp parallel num_threads(nthreads)
+  {
+    BwdScratch w(scratch.data() + BwdScratch::floats(Dp) * omp_get_thread_num(), Dp);
+#pragma omp for schedule(dynamic, 1)
+    for (long it = 0; it < kv_items; ++it) {
+      // Key block ascending in the item order: under causal masking the first key blocks are seen by
+      // the most query blocks, so the longest items go out first.
+      const int kb = static_cast<int>(it / (static_cast<long>(p.batch) * p.n_kv_heads));
+      const int hk = static_cast<int>(it % p.n_kv_heads);
+      const int b = static_cast<int>((it / p.n_kv_heads) % p.batch);
+      const SeqInfo si = seq_info(p, b);
+      const int k0 = kb * kBlockK;
+      if (k0 >= si.sk) continue;
+      const int nk = std::min(kBlockK, si.sk - k0);
+      const T* kbase = static_cast<const T*>(p.k) + si.k_off + hk * p.k_head_stride + k0 * p.k_row_stride;
+      const T* vbase = static_cast<const T*>(p.v) + si.v_off + hk * p.v_head_stride + k0 * p.v_row_stride;
+      load_kv_tile(w.kt, true, kbase, p.k_row_stride, nk, D, Dp);
+      load_kv_tile(w.vt, true, vbase, p.v_row_stride, nk, D, Dp);
+      float* dk = w.acc0;
+      float* dv = w.acc1;
+      std::fill(dk, dk + static_cast<size_t>(kBlockK) * Dp, 0.f);
+      std::fill(dv, dv + static_cast<size_t>(kBlockK) * Dp, 0.f);
+      // First query row that sees key k0: i + sk - sq >= k0.
+      const int i_first = p.causal ? std::max(0, k0 - (si.sk - si.sq)) : 0;
+      for (int h = hk * group; h < (hk + 1) * group; ++h) {
+        const float slope = slope_of(p, b, h);
+        for (int q0 = (i_first / kBlockQ) * kBlockQ; q0 < si.sq; q0 += kBlockQ) {
+          const int nq = std::min(kBlockQ, si.sq - q0);
+          bwd_load_query_side<T>(p, si, delta_ws, b, h, q0, nq, w);
+          bwd_probs_and_dscores(p, w, nq, q0, k0, si.sq, si.sk, slope, Dp);
+          transpose_tile(w.pt, w.p, nq);
+          attn_cpu::gemm(nk, Dp, nq, w.pt, kBlockQ, w.dout, Dp, dv, Dp, true);  // dV += P^T dO
+          transpose_tile(w.pt, w.ds, nq);
+          attn_cpu::gemm(nk, Dp, nq, w.pt, kBlockQ, w.q, Dp, dk, Dp, true);  // dK += dS^T Q
+        }
+      }
+      const int64_t dk_off = p.is_varlen() ? si.k_row0 * p.dk_row_stride : b * p.dk_batch_stride;
+      const int64_t dv_off = p.is_varlen() ? si.k_row0 * p.dv_row_stride : b * p.dv_batch_stride;
+      T* dkp = static_cast<T*>(p.dk) + dk_off + hk * p.dk_head_stride + k0 * p.dk_row_stride;
+      T* dvp = static_cast<T*>(p.dv) + dv_off + hk * p.dv_head_stride + k0 * p.dv_row_stride;
+      for (int j = 0; j < nk; ++j) {
+        attn_cpu::store_row(dkp + j * p.dk_row_stride, dk + j * Dp, D, p.softmax_scale);
+        attn_cpu::store_row(dvp + j * p.dv_row_stride, dv + j * Dp, D, 1.f);
+      }
+    }
+  }
+
+  // Pass 2: dQ. Item (b, head, query block) owns its dQ rows: dQ = scale * sum_kb dS K.
+  const long q_items = static_cast<long>(p.batch) * p.n_heads * nqb;
+#pragma omp parallel num_threads(nthreads)
+  {
+    BwdScratch w(scratch.data() + BwdScratch::floats(Dp) * omp_get_thread_num(), Dp);
+#pragma omp for schedule(dynamic, 1)
+    for (long it = 0; it < q_items; ++it) {
+      const int qb = nqb - 1 - static_cast<int>(it / (static_cast<long>(p.batch) * p.n_heads));
+      const int h = static_cast<int>(it % p.n_heads);
+      const int b = static_cast<int>((it / p.n_heads) % p.batch);
+      const SeqInfo si = seq_info(p, b);
+      const int q0 = qb * kBlockQ;
+      if (q0 >= si.sq) continue;
+      const int nq = std::min(kBlockQ, si.sq - q0);
+      const int hk = h / group;
+      const float slope = slope_of(p, b, h);
+      bwd_load_query_side<T>(p, si, delta_ws, b, h, q0, nq, w);
+      float* dq = w.acc0;
+      std::fill(dq, dq + static_cast<size_t>(kBlockQ) * Dp, 0.f);
+      const int nkb_row = key_blocks_for(p, q0, q0 + nq, si.sq, si.sk);
+      for (int kb = 0; kb < nkb_row; ++kb) {
+        const int k0 = kb * kBlockK, nk = std::min(kBlockK, si.sk - k0);
+        const T* kbase = static_cast<const T*>(p.k) + si.k_off + hk * p.k_head_stride + k0 * p.k_row_stride;
+        const T* vbase = static_cast<const T*>(p.v) + si.v_off + hk * p.v_head_stride + k0 * p.v_row_stride;
+        load_kv_tile(w.kt, true, kbase, p.k_row_stride, nk, D, Dp);
+        load_kv_tile(w.vt, true, vbase, p.v_row_stride, nk, D, Dp);
+        load_kv_tile(w.k, false, kbase, p.k_row_stride, nk, D, Dp);
+        bwd_probs_and_dscores(p, w, nq, q0, k0, si.sq, si.sk, slope, Dp);
+        attn_cpu::gemm(nq, Dp, kBlockK, w.ds, kBlockK, w.k, Dp, dq, Dp, true);  // dQ += dS K
+      }
+      const int64_t dq_off = p.is_varlen() ? si.q_row0 * p.dq_row_stride : b * p.dq_batch_stride;
+      T* dqp = static_cast<T*>(p.dq) + dq_off + h * p.dq_head_stride + q0 * p.dq_row_stride;
+      for (int r = 0; r < nq; ++r) attn_cpu::store_row(dqp + r * p.dq_row_stride, dq + r * Dp, D, p.softmax_scale);
+    }
+  }
+}
+
+void check_common(const AttentionFwdParams& p, const char* who) {
+  MPTK_CHECK(p.head_dim > 0 && p.head_dim <= 256, who, ": head_dim must be in [1, 256], got ", p.head_dim);
+  MPTK_CHECK(p.n_kv_heads > 0 && p.n_heads % p.n_kv_heads == 0, who, ": n_heads % n_kv_heads != 0");
+  MPTK_CHECK(p.batch >= 0 && p.seqlen_q >= 0 && p.seqlen_k >= 0, who, ": negative sizes");
+  MPTK_CHECK((p.cu_seqlens_q == nullptr) == (p.cu_seqlens_k == nullptr), who,
+             ": cu_seqlens_q and cu_seqlens_k must be given together");
+}
+
+template <typename Fn>
+void dispatch_dtype(DType t, const char* who, Fn&& fn) {
+  switch (t) {
+    case DType::Float32: fn(float{}); break;
+    case DType::BFloat16: fn(bf16{}); break;
+    case DType::Float16: fn(fp16{}); break;
+    default: throw ValueError(str_cat(who, ": unsupported dtype ", dtype_name(t), " on the CPU"));
+  }
+}
+
+}  // namespace
+
+size_t alibi_attention_fwd_workspace_size_cpu(const AttentionFwdParams& p) {
+  return fwd_split_workspace_bytes(p, fwd_num_splits(p));
+}
+
+void alibi_attention_fwd_cpu(const AttentionFwdParams& p) {
+  check_common(p, "alibi_attention_fwd_cpu");
+  if (p.batch == 0 || p.seqlen_q == 0 || p.n_heads == 0) return;
+  dispatch_dtype(p.dtype, "q", [&](auto tag) { fwd_run<decltype(tag)>(p); });
+}
+
+size_t alibi_attention_bwd_workspace_size_cpu(const AttentionBwdParams& p) {
+  return delta_floats(p) * sizeof(float);
+}
+
+void alibi_attention_bwd_cpu(const AttentionBwdParams& p) {
+  check_common(p, "alibi_attention_bwd_cpu");
+  MPTK_CHECK(p.lse != nullptr, "alibi_attention_bwd_cpu: lse from the forward is required");
+  MPTK_CHECK(p.workspace_bytes >= alibi_attention_bwd_workspace_size_cpu(p),
+             "alibi_attention_bwd_cpu: workspace too small");
+  if (p.batch == 0 || p.n_heads == 0) return;
+  dispatch_dtype(p.dtype, "q", [&](auto tag) { bwd_run<decltype(tag)>(p); });
+}
+
+}  // namespace mptk

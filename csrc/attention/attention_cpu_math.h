@@ -1,0 +1,233 @@
+// Small float32 building blocks of the CPU attention kernels (attention_cpu.cpp): a register-tiled
+// GEMM on row-major tiles, a vectorised exp2 and row reductions. AVX2+FMA when the build has them,
+// plain loops otherwise (same results up to rounding).
+//
+// Everything works on float32 tiles whose row length is a multiple of 8 (head dims are padded with
+// zeros), so the vector loops never need a scalar tail.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "common/cpu_math.h"
+
+namespace mptk {
+namespace attn_cpu {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+#ifdef MPTK_AVX2
+// R rows x (8*NV) columns of C kept in registers across the whole K loop: 6x16 uses 12 accumulators,
+// 2 B vectors and 1 broadcast, i.e. 15 of the 16 ymm registers.
+// Accumulators are named variables rather than an array: GCC keeps an array of __m256 in memory and
+// stores it back on every iteration, which halves the FMA rate.
+template <int R, int NV>
+inline void gemm_micro(int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                       bool accumulate) {
+  static_assert(R >= 1 && R <= 6 && (NV == 1 || NV == 2), "register tile");
+  const __m256 z = _mm256_setzero_ps();
+  __m256 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z, c50 = z, c51 = z;
+#define MPTK_GEMM_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#define MPTK_GEMM_LOAD(r)                                       \
+  if constexpr (R > r) {                                        \
+    c##r##0 = _mm256_loadu_ps(C + r * ldc);                     \
+    if constexpr (NV > 1) c##r##1 = _mm256_loadu_ps(C + r * ldc + 8); \
+  }
+#define MPTK_GEMM_FMA(r)                                        \
+  if constexpr (R > r) {                                        \
+    const __m256 a = _mm256_broadcast_ss(A + r * lda + k);      \
+    c##r##0 = _mm256_fmadd_ps(a, b0, c##r##0);                  \
+    if constexpr (NV > 1) c##r##1 = _mm256_fmadd_ps(a, b1, c##r##1); \
+  }
+#define MPTK_GEMM_STORE(r)                                      \
+  if constexpr (R > r) {                                        \
+    _mm256_storeu_ps(C + r * ldc, c##r##0);                     \
+    if constexpr (NV > 1) _mm256_storeu_ps(C + r * ldc + 8, c##r##1); \
+  }
+  if (accumulate) {
+    MPTK_GEMM_ROWS(MPTK_GEMM_LOAD)
+  }
+  for (int k = 0; k < K; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(B + k * ldb);
+    const __m256 b1 = NV > 1 ? _mm256_loadu_ps(B + k * ldb + 8) : z;
+    MPTK_GEMM_ROWS(MPTK_GEMM_FMA)
+  }
+  MPTK_GEMM_ROWS(MPTK_GEMM_STORE)
+#undef MPTK_GEMM_ROWS
+#undef MPTK_GEMM_LOAD
+#undef MPTK_GEMM_FMA
+#undef MPTK_GEMM_STORE
+}
+
+template <int NV>
+inline void gemm_rows(int rows, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                      int64_t ldc, bool acc) {
+  switch (rows) {
+    case 1: gemm_micro<1, NV>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 2: gemm_micro<2, NV>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 3: gemm_micro<3, NV>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 4: gemm_micro<4, NV>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 5: gemm_micro<5, NV>(K, A, lda, B, ldb, C, ldc, acc); break;
+    default: gemm_micro<6, NV>(K, A, lda, B, ldb, C, ldc, acc); break;
+  }
+}
+#endif
+
+// C[M x N] = (accumulate ? C : 0) + A[M x K] * B[K x N]; all row-major float32, N % 8 == 0.
+inline void gemm(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                 int64_t ldc, bool accumulate) {
+#ifdef MPTK_AVX2
+  // Column panels outermost: a K x 16 panel of B (at most 16 KiB) stays in L1 while the rows of A
+  // stream past it.
+  int n = 0;
+  for (; n + 16 <= N; n += 16)
+    for (int m = 0; m < M; m += 6)
+      gemm_rows<2>(std::min(6, M - m), K, A + m * lda, lda, B + n, ldb, C + m * ldc + n, ldc, accumulate);
+  for (; n < N; n += 8)
+    for (int m = 0; m < M; m += 6)
+      gemm_rows<1>(std::min(6, M - m), K, A + m * lda, lda, B + n, ldb, C + m * ldc + n, ldc, accumulate);
+#else
+  for (int m = 0; m < M; ++m) {
+    float* c = C + m * ldc;
+    if (!accumulate)
+      for (int n = 0; n < N; ++n) c[n] = 0.f;
+    for (int k = 0; k < K; ++k) {
+      const float a = A[m * lda + k];
+      const float* b = B + k * ldb;
+      for (int n = 0; n < N; ++n) c[n] += a * b[n];
+    }
+  }
+#endif
+}
+
+#ifdef MPTK_AVX2
+// 2^x for float32 lanes: x = n + f with f in [-0.5, 0.5]; 2^f from its Taylor series in f*ln2 to
+// degree 7 (relative error < 1e-8 before float rounding), 2^n built in the exponent field.
+// x <= -127 (including -inf) gives exactly 0 because the biased exponent becomes 0; NaN stays NaN.
+inline __m256 exp2_ps(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-127.f), x);  // operand order keeps NaN in x
+  x = _mm256_min_ps(x, _mm256_set1_ps(127.f));
+  __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 f = _mm256_sub_ps(x, n);
+  __m256 p = _mm256_set1_ps(1.525273380405984e-05f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.5403530393381606e-04f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618129107628477e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550410866482158e-02f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402265069591007e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471805599453e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+inline float exp2_scalar(float x) { return std::exp2(x); }
+
+// x[j] = x[j] * scale + bias[j], n % 8 == 0.
+inline void scale_add(float* x, const float* bias, float scale, int n) {
+#ifdef MPTK_AVX2
+  const __m256 s = _mm256_set1_ps(scale);
+  for (int j = 0; j < n; j += 8)
+    _mm256_storeu_ps(x + j, _mm256_fmadd_ps(_mm256_loadu_ps(x + j), s, _mm256_loadu_ps(bias + j)));
+#else
+  for (int j = 0; j < n; ++j) x[j] = x[j] * scale + bias[j];
+#endif
+}
+
+inline float row_max(const float* x, int n) {
+#ifdef MPTK_AVX2
+  __m256 m = _mm256_set1_ps(kNegInf);
+  for (int j = 0; j < n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + j));
+  return hmax8(m);
+#else
+  float m = kNegInf;
+  for (int j = 0; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+#endif
+}
+
+// x[j] = 2^(x[j] - sub); returns the sum. sub = -inf (a row with nothing visible yet) gives zeros.
+inline float exp2_sub_sum(float* x, int n, float sub) {
+  if (sub == kNegInf) {
+    std::fill(x, x + n, 0.f);
+    return 0.f;
+  }
+#ifdef MPTK_AVX2
+  const __m256 s = _mm256_set1_ps(sub);
+  __m256 acc = _mm256_setzero_ps();
+  for (int j = 0; j < n; j += 8) {
+    __m256 e = exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), s));
+    _mm256_storeu_ps(x + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  return hsum8(acc);
+#else
+  float acc = 0.f;
+  for (int j = 0; j < n; ++j) {
+    x[j] = std::exp2(x[j] - sub);
+    acc += x[j];
+  }
+  return acc;
+#endif
+}
+
+inline void scale_row(float* x, int n, float a) {
+#ifdef MPTK_AVX2
+  const __m256 s = _mm256_set1_ps(a);
+  for (int j = 0; j < n; j += 8) _mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), s));
+#else
+  for (int j = 0; j < n; ++j) x[j] *= a;
+#endif
+}
+
+// dot of two float32 rows, n % 8 == 0.
+inline float dot_row(const float* a, const float* b, int n) {
+#ifdef MPTK_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (int j = 0; j < n; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
+  return hsum8(acc);
+#else
+  float acc = 0.f;
+  for (int j = 0; j < n; ++j) acc += a[j] * b[j];
+  return acc;
+#endif
+}
+
+// ds[j] = p[j] * (ds[j] - delta), n % 8 == 0 (dP -> dS in place).
+inline void softmax_grad_row(float* ds, const float* p, float delta, int n) {
+#ifdef MPTK_AVX2
+  const __m256 d = _mm256_set1_ps(delta);
+  for (int j = 0; j < n; j += 8)
+    _mm256_storeu_ps(ds + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), _mm256_sub_ps(_mm256_loadu_ps(ds + j), d)));
+#else
+  for (int j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - delta);
+#endif
+}
+
+// Row of storage type T (length d) -> float32 row of length dp >= d, zero padded.
+template <typename T>
+inline void load_row(float* dst, const T* src, int d, int dp) {
+  int j = 0;
+#ifdef MPTK_AVX2
+  for (; j + 8 <= d; j += 8) _mm256_storeu_ps(dst + j, load8(src + j));
+#endif
+  for (; j < d; ++j) dst[j] = to_float(src[j]);
+  for (; j < dp; ++j) dst[j] = 0.f;
+}
+
+// float32 row * scale -> storage type T (first d elements).
+template <typename T>
+inline void store_row(T* dst, const float* src, int d, float scale) {
+  int j = 0;
+#ifdef MPTK_AVX2
+  const __m256 s = _mm256_set1_ps(scale);
+  for (; j + 8 <= d; j += 8) store8(dst + j, _mm256_mul_ps(_mm256_loadu_ps(src + j), s));
+#endif
+  for (; j < d; ++j) dst[j] = from_float<T>(src[j] * scale);
+}
+
+}  // namespace attn_cpu
+}  // namespace mptk
