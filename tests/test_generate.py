@@ -1,0 +1,79 @@
+"""The sampling CLI: python -m mpt_kernels.generate --model DIR --prompt "..." (tokenizer.json in DIR)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mpt_kernels.generate import TextStreamer
+from mpt_kernels.model import MPTConfig, MPTForCausalLM
+
+tokenizers = pytest.importorskip("tokenizers")
+
+WORDS = "the a cat dog sat ran on mat log and then it was <|endoftext|>".split()
+
+
+def make_model_dir(path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.save(os.path.join(path, "tokenizer.json"))
+    cfg = MPTConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=len(vocab), max_seq_len=8,
+                    attn_config=dict(attn_impl="flash"))
+    model = MPTForCausalLM(cfg)
+    model.save_pretrained(path)
+    return model, tok
+
+
+def test_cli_streams_greedy_tokens(tmp_path):
+    model, tok = make_model_dir(tmp_path)
+    prompt = "the cat sat on"
+    ids = torch.tensor([tok.encode(prompt).ids])
+    expected = model.generate(ids, 12, temperature=0)[0, ids.shape[1]:].tolist()  # past max_seq_len 8
+    eos = tok.token_to_id("<|endoftext|>")
+    if eos in expected:
+        expected = expected[:expected.index(eos) + 1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "mpt_kernels.generate", "--model", str(tmp_path), "--prompt", prompt,
+                        "--max-new-tokens", "12", "--temperature", "0", "--device", "cpu"],
+                       capture_output=True, text=True, env=env, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(prompt)
+    assert r.stdout[len(prompt):].strip() == tok.decode(expected).strip()
+    assert "tokens/s" in r.stderr
+
+
+def test_cli_rejects_missing_tokenizer(tmp_path):
+    MPTForCausalLM(MPTConfig(d_model=64, n_heads=4, n_layers=1, vocab_size=20)).save_pretrained(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "mpt_kernels.generate", "--model", str(tmp_path), "--prompt", "x"],
+                       capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 2 and "tokenizer.json" in r.stderr
+
+
+def test_text_streamer_prints_incrementally(tmp_path):
+    _, tok = make_model_dir(tmp_path)
+
+    class Out:
+        def __init__(self):
+            self.chunks = []
+
+        def write(self, s):
+            self.chunks.append(s)
+
+        def flush(self):
+            pass
+
+    out = Out()
+    s = TextStreamer(tok, out)
+    s.put(torch.tensor([[1, 2]]))  # the prompt: not printed
+    for w in ("dog", "ran", "on"):
+        s.put(torch.tensor([tok.token_to_id(w)]))
+    s.end()
+    assert "".join(out.chunks).strip() == "dog ran on"
+    assert len([c for c in out.chunks if c]) >= 3  # one write per token, not one at the end
