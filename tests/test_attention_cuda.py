@@ -792,8 +792,9 @@ def test_cuda_gqa_mqa_matches_reference(Sq, Sk, causal, H, Hkv, dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_no_bias(dtype):
+    # the op defaults to MPT's slopes; zero slopes are how a caller asks for plain attention
     q, k, v = _cuda_case(1, 97, 97, 4, 4, 64, dtype, strided=False)
-    _run_and_check(q, k, v, True, None)
+    _run_and_check(q, k, v, True, torch.zeros(4, device="cuda"))
 
 
 @pytest.mark.cuda
@@ -801,7 +802,7 @@ def test_cuda_no_bias(dtype):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("H,Hkv,D", [(12, 12, 64), (8, 2, 128)])
 def test_cuda_varlen_equals_padded(causal, H, Hkv, D, dtype):
-    lens = [(17, 17), (1, 40), (97, 97), (64, 130)] if not causal else [(17, 17), (1, 40), (97, 97), (64, 130)]
+    lens = [(17, 17), (1, 40), (97, 97), (64, 130)]
     slopes = mk.alibi_slopes(H).cuda()
     qs, ks, vs, outs, grads = [], [], [], [], []
     for lq, lk in lens:
@@ -840,6 +841,12 @@ def test_cuda_rejects_bad_input():
     q256 = torch.randn(1, 8, 2, 256, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="head_dim"):
         mk.alibi_attention(q256, q256, q256)
+    # the kernels copy 16-byte chunks: a view starting one element into its storage is refused by name
+    buf = torch.randn(1, 8, 4, 72, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="q"):
+        mk.alibi_attention(buf[..., 1:65], q, q)
+    with pytest.raises(ValueError):
+        mk.alibi_attention(q.float(), q.float(), q.float())  # float32 has no CUDA kernel
 
 
 @pytest.mark.cuda
