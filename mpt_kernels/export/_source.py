@@ -1,0 +1,136 @@
+"""Where export reads an MPT from: a model object or a Hugging Face checkpoint directory.
+
+Both exporters work on the pair (config as a plain dict with Hugging Face MPT field names, weights
+under Hugging Face MPT parameter names). Keeping them on that pair, rather than on one model class,
+lets them export our ``MPTForCausalLM``, transformers' ``MptForCausalLM`` or a checkpoint directory
+without loading a model at all (a large checkpoint is read one tensor at a time).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+# Attention options we need to read, with MPT's defaults, so that a config written by any version of
+# MPT (or ours) reads the same.
+ATTN_DEFAULTS = {
+    "attn_type": "multihead_attention",
+    "clip_qkv": None,
+    "qk_ln": False,
+    "alibi": True,
+    "alibi_bias_max": 8,
+    "softmax_scale": None,
+    "kv_n_heads": None,
+}
+
+
+def _to_plain(obj):
+    if obj is None or isinstance(obj, (int, float, str, bool)):
+        return obj
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    if hasattr(obj, "to_dict"):
+        return _to_plain(obj.to_dict())
+    if dataclasses.is_dataclass(obj):
+        return _to_plain({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
+    if hasattr(obj, "__dict__"):
+        return _to_plain({k: v for k, v in vars(obj).items() if not k.startswith("_")})
+    return obj
+
+
+def config_to_dict(config) -> dict:
+    """An MPT config (ours, transformers' MptConfig, or a dict) as a plain dict with every attention
+    option present."""
+    cfg = dict(_to_plain(config))
+    attn = dict(ATTN_DEFAULTS)
+    attn.update(cfg.get("attn_config") or {})
+    cfg["attn_config"] = attn
+    cfg.setdefault("no_bias", True)
+    cfg.setdefault("layer_norm_epsilon", 1e-5)
+    cfg.setdefault("logit_scale", None)
+    cfg.setdefault("tie_word_embeddings", True)
+    return cfg
+
+
+def kv_heads(cfg: dict) -> int:
+    """Number of key/value heads: MPT's kv_n_heads, 1 for multi-query, else n_heads."""
+    attn = cfg["attn_config"]
+    if attn.get("attn_type") == "multiquery_attention":
+        return 1
+    return int(attn.get("kv_n_heads") or cfg["n_heads"])
+
+
+def default_softmax_scale(cfg: dict) -> float:
+    return 1.0 / math.sqrt(cfg["d_model"] // cfg["n_heads"])
+
+
+class WeightSource:
+    """Lazy access to an MPT's weights by Hugging Face name: ``src[name]``, ``name in src``."""
+
+    def __init__(self, getter: Callable[[str], torch.Tensor], names):
+        self._get = getter
+        self.names = set(names)
+
+    def __contains__(self, name):
+        return name in self.names
+
+    def __getitem__(self, name) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(f"checkpoint has no weight named {name!r}")
+        return self._get(name)
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+
+def _dir_weights(path: Path) -> WeightSource:
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.exists() or single.exists():
+        from safetensors import safe_open
+
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            with safe_open(str(single), framework="pt") as f:
+                weight_map = {k: single.name for k in f.keys()}
+
+        def get(name):
+            with safe_open(str(path / weight_map[name]), framework="pt") as f:
+                return f.get_tensor(name)
+
+        return WeightSource(get, weight_map)
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if bins:
+        state = {}
+        for b in bins:
+            state.update(torch.load(b, map_location="cpu", weights_only=True))
+        return WeightSource(state.__getitem__, state)
+    raise FileNotFoundError(
+        f"model_or_dir: {path} holds no model.safetensors, model.safetensors.index.json or pytorch_model*.bin"
+    )
+
+
+def open_source(model_or_dir) -> tuple[dict, WeightSource]:
+    """(config dict, weights) from a model object (anything with ``.config`` and ``.state_dict()``
+    using MPT's parameter names) or a Hugging Face checkpoint directory."""
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        path = Path(model_or_dir)
+        cfg_file = path / "config.json"
+        if not cfg_file.exists():
+            raise FileNotFoundError(f"model_or_dir: {path} has no config.json (expected a Hugging Face MPT checkpoint)")
+        cfg = config_to_dict(json.loads(cfg_file.read_text()))
+        return cfg, _dir_weights(path)
+    if isinstance(model_or_dir, torch.nn.Module) and hasattr(model_or_dir, "config"):
+        state = model_or_dir.state_dict()
+        return config_to_dict(model_or_dir.config), WeightSource(state.__getitem__, state)
+    raise TypeError(
+        f"model_or_dir: expected an MPT model (with .config) or a checkpoint directory, got {type(model_or_dir).__name__}"
+    )

@@ -1,0 +1,314 @@
+"""MPT -> ONNX, one graph for prefill and decode with an explicit KV cache.
+
+Why a graph module instead of tracing the model's own forward:
+
+* ONNX needs the KV cache as plain tensors in and out of the graph. A model's cache object (ours or
+  transformers' ``Cache``) is Python state that exporters cannot carry across calls.
+* Our attention is the custom op ``mk.alibi_attention`` backed by compiled CPU/CUDA kernels. Those
+  are opaque to every ONNX runtime; shipping them as an ONNX custom op would tie the graph to our
+  library. The graph instead spells ALiBi attention in standard operators: ``MatMul`` for the scores,
+  the ALiBi bias and causal mask built from ``Shape``/``Range`` of the inputs (so nothing is sized at
+  export time), ``Softmax``, ``MatMul``. ``alibi_attention_onnx`` below is that decomposition; it is
+  the same function as ``mk.alibi_attention`` (MPT's key-position bias, bottom-right causal rows).
+* The graph module reads only the config and the weights under MPT's Hugging Face names, so it
+  exports our ``MPTForCausalLM`` and transformers' ``MptForCausalLM`` alike, and the tests hold it to
+  the source model's own forward and ``generate``.
+
+Graph interface (names are stable; batch, sequence and past lengths are dynamic):
+    inputs : input_ids int64 (batch, seq); past_key_values.{i}.key / .value (batch, kv_heads, past, head_dim)
+    outputs: logits (batch, seq, vocab); present.{i}.key / .value (batch, kv_heads, past + seq, head_dim)
+Prefill passes past tensors with ``past = 0``; each decode step feeds ``present`` back as ``past``.
+Sequences in a batch share one length (no padding mask), which is what greedy serving of equal-length
+prompts needs; see docs/export.md.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ._source import config_to_dict, default_softmax_scale, kv_heads, open_source
+
+
+def _alibi_slopes(n_heads: int, alibi_bias_max: float) -> torch.Tensor:
+    # MPT's gen_slopes (see mpt_kernels.ops.reference.alibi_slopes); constant-folded into the graph.
+    padded = 2 ** math.ceil(math.log2(n_heads))
+    m = torch.arange(1, padded + 1, dtype=torch.float32) * (alibi_bias_max / padded)
+    s = 1.0 / torch.pow(2, m)
+    if padded != n_heads:
+        s = torch.cat([s[1::2], s[::2]])[:n_heads]
+    return s
+
+
+def alibi_attention_onnx(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor | None,
+                         softmax_scale: float) -> torch.Tensor:
+    """Causal ALiBi attention from standard operators. q (B, H, Sq, D); k, v (B, Hkv, Sk, D) with
+    Sk >= Sq, query rows aligned to the last Sq keys; slopes (H,) float32 or None. Returns (B, H, Sq, D).
+    The score bias is MPT's ``-slope * (Sk - 1 - j)``; scores and softmax run in float32."""
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if Hkv != H:
+        # repeat each k/v head for the H // Hkv query heads that share it (Expand + Reshape in ONNX)
+        k = k[:, :, None].expand(B, Hkv, H // Hkv, Sk, D).reshape(B, H, Sk, D)
+        v = v[:, :, None].expand(B, Hkv, H // Hkv, Sk, D).reshape(B, H, Sk, D)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * softmax_scale  # (B, H, Sq, Sk)
+    j = torch.arange(Sk, device=q.device)  # key positions
+    i = torch.arange(Sq, device=q.device) + (Sk - Sq)  # absolute query positions
+    if slopes is not None:
+        dist = (Sk - 1 - j).to(torch.float32)  # (Sk,)
+        scores = scores - slopes[:, None, None] * dist  # (H, 1, Sk) broadcast
+    masked = j[None, :] > i[:, None]  # (Sq, Sk)
+    scores = scores.masked_fill(masked, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+class MPTGraph(torch.nn.Module):
+    """MPT's causal-LM forward with the KV cache as tensors: the module ``export_onnx`` exports.
+
+    ``forward(input_ids, *past)`` with ``past = (k_0, v_0, k_1, v_1, ...)`` returns
+    ``(logits, k_0', v_0', ...)``. Built from an MPT model (weights shared, not copied) or a
+    Hugging Face MPT checkpoint directory."""
+
+    def __init__(self, model_or_dir):
+        super().__init__()
+        cfg, src = open_source(model_or_dir)
+        self.cfg = cfg
+        attn = cfg["attn_config"]
+        self.d_model, self.n_heads, self.n_layers = int(cfg["d_model"]), int(cfg["n_heads"]), int(cfg["n_layers"])
+        self.head_dim = self.d_model // self.n_heads
+        self.n_kv = kv_heads(cfg)
+        self.eps = float(cfg["layer_norm_epsilon"])
+        self.clip_qkv = attn.get("clip_qkv")
+        self.qk_ln = bool(attn.get("qk_ln"))
+        self.softmax_scale = float(attn.get("softmax_scale") or default_softmax_scale(cfg))
+        self.alibi = bool(attn.get("alibi", True))
+        ls = cfg.get("logit_scale")
+        self.logit_scale = 1.0 / math.sqrt(self.d_model) if ls == "inv_sqrt_d_model" else (float(ls) if ls else None)
+        act = (cfg.get("ffn_config") or {}).get("ffn_act_fn") or {}
+        if act and act.get("name", "gelu") != "gelu":
+            raise ValueError(f"model_or_dir: ffn activation {act} is not supported by the ONNX export (MPT uses gelu)")
+        self.gelu_approximate = act.get("approximate", "none") if act else "none"
+
+        # Parameters by their MPT names with '.' -> '_' (module attribute names cannot hold dots);
+        # registered as buffers of the same storage so exporting never copies a model's weights.
+        self._names = {}
+        for name in sorted(src.names):
+            if name == "lm_head.weight" and cfg.get("tie_word_embeddings", True):
+                continue
+            t = src[name]
+            key = name.replace(".", "_")
+            self._names[name] = key
+            self.register_buffer(key, t.detach(), persistent=False)
+        if self.alibi:
+            self.register_buffer("alibi_slopes", _alibi_slopes(self.n_heads, float(attn.get("alibi_bias_max", 8))),
+                                 persistent=False)
+        else:
+            self.alibi_slopes = None
+
+    def w(self, name):
+        key = self._names.get(name)
+        return None if key is None else getattr(self, key)
+
+    def _ln(self, x, prefix):
+        # MPT's low-precision LayerNorm in our model's form: float32 statistics, output in x's dtype.
+        w, b = self.w(prefix + ".weight"), self.w(prefix + ".bias")
+        y = F.layer_norm(x.float(), (x.shape[-1],), w.float(), None if b is None else b.float(), self.eps)
+        return y.to(x.dtype)
+
+    def _linear(self, x, prefix):
+        return F.linear(x, self.w(prefix + ".weight"), self.w(prefix + ".bias"))
+
+    def forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
+        B, S = input_ids.shape
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        x = F.embedding(input_ids, self.w("transformer.wte.weight"))  # (B, S, d)
+        if not self.alibi and self.w("transformer.wpe.weight") is not None:
+            P = past[0].shape[2]
+            pos = torch.arange(S, device=input_ids.device) + P
+            x = x + F.embedding(pos, self.w("transformer.wpe.weight"))[None]
+        presents = []
+        for li in range(self.n_layers):
+            p = f"transformer.blocks.{li}."
+            h = self._ln(x, p + "norm_1")
+            qkv = self._linear(h, p + "attn.Wqkv")  # (B, S, (H + 2*Hkv) * D)
+            if self.clip_qkv:
+                qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+            if self.qk_ln:
+                q, k = self._ln(q, p + "attn.q_ln"), self._ln(k, p + "attn.k_ln")
+            q = q.reshape(B, S, H, D).transpose(1, 2)  # (B, H, S, D)
+            k = k.reshape(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
+            v = v.reshape(B, S, Hkv, D).transpose(1, 2)
+            k = torch.cat([past[2 * li], k], dim=2)  # (B, Hkv, P + S, D)
+            v = torch.cat([past[2 * li + 1], v], dim=2)
+            presents += [k, v]
+            a = alibi_attention_onnx(q, k, v, self.alibi_slopes, self.softmax_scale)  # (B, H, S, D)
+            a = a.transpose(1, 2).reshape(B, S, H * D)
+            x = x + self._linear(a, p + "attn.out_proj")
+            h = self._ln(x, p + "norm_2")
+            h = F.gelu(self._linear(h, p + "ffn.up_proj"), approximate=self.gelu_approximate)
+            x = x + self._linear(h, p + "ffn.down_proj")
+        x = self._ln(x, "transformer.norm_f")
+        head = self.w("lm_head.weight")
+        logits = F.linear(x, head if head is not None else self.w("transformer.wte.weight"))
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        return (logits, *presents)
+
+    def empty_past(self, batch: int = 1, dtype=None, device=None):
+        """Past tensors of length 0, the prefill input."""
+        dtype = dtype or self.w("transformer.wte.weight").dtype
+        return [torch.zeros(batch, self.n_kv, 0, self.head_dim, dtype=dtype, device=device)
+                for _ in range(2 * self.n_layers)]
+
+    def input_names(self):
+        return ["input_ids"] + [f"past_key_values.{i}.{kv}" for i in range(self.n_layers) for kv in ("key", "value")]
+
+    def output_names(self):
+        return ["logits"] + [f"present.{i}.{kv}" for i in range(self.n_layers) for kv in ("key", "value")]
+
+
+class _NoCache(torch.nn.Module):
+    """``input_ids -> logits`` only: the graph for runtimes that do not keep a cache."""
+
+    def __init__(self, graph: MPTGraph):
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, input_ids):
+        B = input_ids.shape[0]
+        g = self.graph
+        empty = torch.zeros(B, g.n_kv, 0, g.head_dim, dtype=g.w("transformer.wte.weight").dtype)
+        return g(input_ids, *([empty] * (2 * g.n_layers)))[0]
+
+
+_ONNX_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype: str | None = None,
+                progress: bool = False) -> Path:
+    """Export an MPT (our ``MPTForCausalLM``, transformers' ``MptForCausalLM`` or a Hugging Face MPT
+    checkpoint directory) to ONNX with torch's dynamo exporter and return the ``.onnx`` path.
+
+    ``path``: a ``.onnx`` file, or a directory (then ``<path>/model.onnx``). ``with_kv_cache=True``
+    exports the one graph that does prefill (past length 0) and decode (see the module docstring for
+    its inputs and outputs); ``False`` exports ``input_ids -> logits``. Batch and sequence (and past)
+    axes are dynamic. ``dtype`` ("fp32"/"fp16", default: the model's) sets the weight dtype; scores
+    and softmax run in float32 either way. Graphs over 2 GB store weights in ``<name>.onnx.data``.
+    """
+    if not isinstance(opset, int) or opset < 18:
+        # LayerNormalization needs 17; the dynamo exporter's own translations target 18 and newer.
+        raise ValueError(f"opset: expected an int >= 18, got {opset!r}")
+    if dtype is not None and dtype not in _ONNX_DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(_ONNX_DTYPES)} or None, got {dtype!r}")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=3, desc="ONNX export", unit="stage", disable=not progress)
+    path = Path(path)
+    if path.suffix != ".onnx":
+        path = path / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    graph = MPTGraph(model).eval()
+    if dtype is not None:
+        graph = graph.to(_ONNX_DTYPES[dtype])
+    wdtype = graph.w("transformer.wte.weight").dtype
+    bar.set_postfix_str("traced with torch.export")
+    bar.update(1)
+
+    from torch.export import Dim
+
+    batch, seq, past = Dim("batch"), Dim("seq"), Dim("past")
+    # Example sizes are distinct and > 1 so torch.export does not specialise (0/1) or tie the axes;
+    # the graph itself runs at past = 0 (prefill) and seq = 1 (decode).
+    B, S, P = 2, 3, 4
+    ids = torch.randint(0, int(graph.cfg["vocab_size"]), (B, S))
+    if with_kv_cache:
+        past_t = tuple(torch.zeros(B, graph.n_kv, P, graph.head_dim, dtype=wdtype) for _ in range(2 * graph.n_layers))
+        module, args = graph, (ids, *past_t)
+        dynamic_shapes = ({0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in past_t))
+        input_names, output_names = graph.input_names(), graph.output_names()
+    else:
+        module, args = _NoCache(graph), (ids,)
+        dynamic_shapes = ({0: batch, 1: seq},)
+        input_names, output_names = ["input_ids"], ["logits"]
+
+    nbytes = sum(b.numel() * b.element_size() for b in graph.buffers())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation chatter, not about this model
+        program = torch.onnx.export(
+            module, args, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names,
+            output_names=output_names, opset_version=opset, optimize=True, verbose=False,
+        )
+    bar.update(1)
+    import onnx
+
+    meta = {
+        "mpt_kernels.interface": "kv_cache" if with_kv_cache else "logits",
+        "mpt_kernels.n_layers": str(graph.n_layers),
+        "mpt_kernels.kv_heads": str(graph.n_kv),
+        "mpt_kernels.head_dim": str(graph.head_dim),
+        "mpt_kernels.vocab_size": str(graph.cfg["vocab_size"]),
+    }
+    proto = program.model_proto
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    if nbytes > 1_800_000_000:  # protobuf's 2 GB limit
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data")
+    else:
+        onnx.save_model(proto, str(path))
+    bar.update(1)
+    bar.close()
+    return path
+
+
+class OnnxMPT:
+    """A minimal onnxruntime driver for the KV-cache graph: ``logits, past = run(ids, past)`` and
+    greedy generation. Used by the tests and the CLI's --verify; a template for serving code."""
+
+    def __init__(self, path, providers=("CPUExecutionProvider",)):
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(path), providers=list(providers))
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if meta.get("mpt_kernels.interface") != "kv_cache":
+            raise ValueError(f"path: {path} is not an mpt_kernels KV-cache graph (metadata {meta})")
+        self.n_layers = int(meta["mpt_kernels.n_layers"])
+        self.kv_heads = int(meta["mpt_kernels.kv_heads"])
+        self.head_dim = int(meta["mpt_kernels.head_dim"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.past_dtype = {"tensor(float)": "float32", "tensor(float16)": "float16"}[self.session.get_inputs()[1].type]
+
+    def empty_past(self, batch):
+        import numpy as np
+
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.past_dtype)
+                for _ in range(2 * self.n_layers)]
+
+    def run(self, input_ids, past=None):
+        import numpy as np
+
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        past = self.empty_past(input_ids.shape[0]) if past is None else past
+        out = self.session.run(None, dict(zip(self.input_names, [input_ids, *past])))
+        return out[0], out[1:]
+
+    def greedy(self, input_ids, max_new_tokens: int):
+        """Prefill then ``max_new_tokens`` decode steps; returns prompt + new tokens (batch, S + n)."""
+        import numpy as np
+
+        ids = np.asarray(input_ids, dtype=np.int64)
+        logits, past = self.run(ids)
+        out = [ids]
+        for step in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+            out.append(nxt)
+            if step + 1 < max_new_tokens:
+                logits, past = self.run(nxt, past)
+        return np.concatenate(out, axis=1)

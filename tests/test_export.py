@@ -1,0 +1,402 @@
+"""Export tests: FasterTransformer layout (round trip at TP 1/2/4 and an independent tensor-parallel
+forward computed straight from the rank files) and ONNX (onnxruntime prefill logits and greedy decode
+against the torch model). Models are tiny and random (weights drawn with a large std so logits are
+far from ties and a layout mistake cannot hide)."""
+from __future__ import annotations
+
+import configparser
+import json
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mpt_kernels.export import export_fastertransformer, read_fastertransformer
+from mpt_kernels.export.onnx import MPTGraph
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+
+
+def _randomize(model, std=0.15):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + std * torch.randn_like(p))  # LayerNorm gains near 1
+            else:
+                p.normal_(0, std)
+    return model.eval()
+
+
+def hf_mpt(d_model=32, n_heads=4, n_layers=2, **attn):
+    cfg = transformers.MptConfig(d_model=d_model, n_heads=n_heads, n_layers=n_layers, max_seq_len=64,
+                                 vocab_size=VOCAB, attn_config=dict(attn) if attn else None)
+    return _randomize(transformers.MptForCausalLM(cfg))
+
+
+def hf_from_state(cfg: dict, sd: dict):
+    """transformers' MptForCausalLM from read_fastertransformer's output (an independent model class)."""
+    model = transformers.MptForCausalLM(transformers.MptConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+# ---------------------------------------------------------------------------------------------------
+# An independent FasterTransformer forward: reads config.ini and the rank files with the shapes
+# FasterTransformer documents, runs each rank's share of heads / FFN columns and sums the row-parallel
+# partial outputs as the all-reduce does. It shares no code with read_fastertransformer, so a layout
+# mistake that round-trips (written and read back the same wrong way) still fails here.
+
+
+def _paper_alibi_slopes(n):
+    # The ALiBi paper's slopes (FasterTransformer's formula), not MPT's interleaved form.
+    def pow2(n):
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(n).is_integer():
+        return pow2(n)
+    closest = 2 ** math.floor(math.log2(n))
+    return pow2(closest) + _paper_alibi_slopes(2 * closest)[0::2][: n - closest]
+
+
+def ft_forward(ft_dir, ids):
+    ini = configparser.ConfigParser()
+    ini.read(os.path.join(ft_dir, "config.ini"))
+    g = ini["gpt"]
+    H, hd, L, I, V, TP = (g.getint(k) for k in ("head_num", "size_per_head", "num_layer", "inter_size",
+                                                   "vocab_size", "tensor_para_size"))
+    d, eps = H * hd, g.getfloat("layernorm_eps")
+    npdt = {"fp32": np.float32, "fp16": np.float16}[g["weight_data_type"]]
+    assert g["use_attention_linear_bias"] == "True" and g["has_positional_encoding"] == "False"
+
+    def ld(name, shape):
+        a = np.fromfile(os.path.join(ft_dir, f"model.{name}.bin"), dtype=npdt)
+        assert a.size == math.prod(shape), name
+        return torch.from_numpy(a.astype(np.float64).reshape(shape))
+
+    B, S = ids.shape
+    slopes = torch.tensor(_paper_alibi_slopes(H), dtype=torch.float64)
+    rel = torch.arange(S)[None, :] - torch.arange(S)[:, None]  # j - i
+    causal = rel > 0
+    x = ld("wte", (V, d))[ids]
+    for li in range(L):
+        o = f"layers.{li}."
+        h = F.layer_norm(x, (d,), ld(o + "input_layernorm.weight", (d,)), ld(o + "input_layernorm.bias", (d,)), eps)
+        attn_sum = 0
+        for r in range(TP):
+            hr = H // TP
+            qkv = h @ ld(o + f"attention.query_key_value.weight.{r}", (d, 3, d // TP)).reshape(d, 3 * d // TP)
+            qkv = qkv + ld(o + f"attention.query_key_value.bias.{r}", (3, d // TP)).reshape(-1)
+            q, k, v = qkv.reshape(B, S, 3, hr, hd).permute(2, 0, 3, 1, 4)  # each (B, hr, S, hd)
+            sc = q @ k.transpose(-1, -2) / math.sqrt(hd)
+            sc = sc + slopes[r * hr:(r + 1) * hr, None, None] * rel.clamp(max=0)  # slope * (j - i)
+            sc = sc.masked_fill(causal, float("-inf"))
+            a = (sc.softmax(-1) @ v).transpose(1, 2).reshape(B, S, hr * hd)
+            attn_sum = attn_sum + a @ ld(o + f"attention.dense.weight.{r}", (d // TP, d))
+        x = x + attn_sum + ld(o + "attention.dense.bias", (d,))
+        h = F.layer_norm(x, (d,), ld(o + "post_attention_layernorm.weight", (d,)),
+                         ld(o + "post_attention_layernorm.bias", (d,)), eps)
+        mlp_sum = 0
+        for r in range(TP):
+            u = h @ ld(o + f"mlp.dense_h_to_4h.weight.{r}", (d, I // TP)) + ld(o + f"mlp.dense_h_to_4h.bias.{r}", (I // TP,))
+            # MPT's exact GELU; FasterTransformer's kernel uses the tanh form (see docs/export.md).
+            mlp_sum = mlp_sum + F.gelu(u) @ ld(o + f"mlp.dense_4h_to_h.weight.{r}", (I // TP, d))
+        x = x + mlp_sum + ld(o + "mlp.dense_4h_to_h.bias", (d,))
+    x = F.layer_norm(x, (d,), ld("final_layernorm.weight", (d,)), ld("final_layernorm.bias", (d,)), eps)
+    return x @ ld("wte", (V, d)).T
+
+
+def expected_ft_files(L, TP, lm_head=False):
+    files = {"config.ini", "model.wte.bin", "model.final_layernorm.weight.bin", "model.final_layernorm.bias.bin"}
+    if lm_head:
+        files.add("model.lm_head.weight.bin")
+    for i in range(L):
+        o = f"model.layers.{i}."
+        for n in ("input_layernorm.weight", "input_layernorm.bias", "post_attention_layernorm.weight",
+                  "post_attention_layernorm.bias", "attention.dense.bias", "mlp.dense_4h_to_h.bias"):
+            files.add(o + n + ".bin")
+        for r in range(TP):
+            for n in ("attention.query_key_value.weight", "attention.query_key_value.bias", "attention.dense.weight",
+                      "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias", "mlp.dense_4h_to_h.weight"):
+                files.add(f"{o}{n}.{r}.bin")
+    return files
+
+
+# ---------------------------------------------------------------------------------------------------
+# FasterTransformer
+
+
+def test_ft_layout_and_config(tmp_path):
+    model = hf_mpt(d_model=48, n_heads=6, n_layers=3)
+    out = export_fastertransformer(model, tmp_path, tensor_parallel=2)
+    assert out == tmp_path / "2-gpu"
+    assert set(os.listdir(out)) == expected_ft_files(3, 2)
+    ini = configparser.ConfigParser()
+    ini.read(out / "config.ini")
+    assert dict(ini["gpt"]) == {
+        "model_name": "mpt", "head_num": "6", "size_per_head": "8", "inter_size": "192",
+        "max_pos_seq_len": "64", "num_layer": "3", "vocab_size": str(VOCAB), "start_id": "0", "end_id": "0",
+        "weight_data_type": "fp32", "tensor_para_size": "2", "layernorm_eps": "1e-05",
+        "has_positional_encoding": "False", "use_attention_linear_bias": "True",
+    }
+    # QKV rank 1 holds heads 3..5 of q, k and v: check one element of each against Wqkv directly.
+    wqkv = model.transformer.blocks[1].attn.Wqkv.weight.detach()  # (3d, d) rows [q; k; v]
+    shard = np.fromfile(out / "model.layers.1.attention.query_key_value.weight.1.bin", dtype=np.float32).reshape(48, 3, 24)
+    for part in range(3):
+        assert shard[5, part, 7] == wqkv[part * 48 + 24 + 7, 5].item()
+    # MPT has no biases: FasterTransformer's bias files are zeros of the right size.
+    b = np.fromfile(out / "model.layers.0.mlp.dense_h_to_4h.bias.0.bin", dtype=np.float32)
+    assert b.shape == (96,) and not b.any()
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_ft_roundtrip_fp32_exact(tmp_path, tp):
+    model = hf_mpt()
+    ids = torch.randint(0, VOCAB, (2, 11))
+    export_fastertransformer(model, tmp_path, tensor_parallel=tp)
+    cfg, sd = read_fastertransformer(tmp_path)
+    assert cfg["no_bias"] and cfg["n_heads"] == 4 and cfg["expansion_ratio"] == 4
+    for k, v in model.state_dict().items():
+        assert torch.equal(sd[k], v), k  # fp32 files are the weights bit for bit
+    back = hf_from_state(cfg, sd)
+    torch.testing.assert_close(logits_of(back, ids), logits_of(model, ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_ft_roundtrip_fp16(tmp_path, tp):
+    model = hf_mpt()
+    ids = torch.randint(0, VOCAB, (2, 11))
+    export_fastertransformer(model, tmp_path, tensor_parallel=tp, dtype="fp16")
+    cfg, sd = read_fastertransformer(tmp_path)
+    back = hf_from_state(cfg, sd)
+    # Exact against the same model with its weights rounded to fp16 (the only change fp16 files make)...
+    rounded = hf_mpt()
+    rounded.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+    torch.testing.assert_close(logits_of(back, ids), logits_of(rounded, ids), rtol=0, atol=0)
+    # ...and close to the fp32 model: fp16 rounding (2^-11 relative) of every weight through 2 layers
+    # moves logits of magnitude ~5 by a few 1e-3.
+    torch.testing.assert_close(logits_of(back, ids), logits_of(model, ids), rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_ft_tensor_parallel_forward_from_files(tmp_path, tp):
+    """Runs FasterTransformer's tensor-parallel GPT math on the exported rank files (float64)."""
+    model = hf_mpt(d_model=48, n_heads=12 if tp != 4 else 4, n_layers=2)  # 12 heads: non-power-of-2 ALiBi
+    ids = torch.randint(0, VOCAB, (2, 13))
+    out = export_fastertransformer(model, tmp_path, tensor_parallel=tp)
+    # float64 forward vs the float32 model: float32 rounding through 2 layers, logits ~5 -> 1e-5.
+    torch.testing.assert_close(ft_forward(out, ids).float(), logits_of(model, ids), rtol=0, atol=2e-5)
+
+
+def test_ft_rejects_bad_arguments(tmp_path):
+    model = hf_mpt()  # 4 heads, d_model 32
+    with pytest.raises(ValueError, match="n_heads=4 is not divisible by tensor_parallel=3"):
+        export_fastertransformer(model, tmp_path, tensor_parallel=3)
+    with pytest.raises(ValueError, match="n_heads=4 is not divisible by tensor_parallel=8"):
+        export_fastertransformer(model, tmp_path, tensor_parallel=8)
+    for bad in (0, -2, 1.0, True):
+        with pytest.raises(ValueError, match="tensor_parallel"):
+            export_fastertransformer(model, tmp_path, tensor_parallel=bad)
+    with pytest.raises(ValueError, match="dtype"):
+        export_fastertransformer(model, tmp_path, dtype="bf16")
+    with pytest.raises(TypeError, match="model_or_dir"):
+        export_fastertransformer(object(), tmp_path)
+    assert not (tmp_path / "3-gpu").exists() and not (tmp_path / "8-gpu").exists()
+    export_fastertransformer(model, tmp_path)
+    with pytest.raises(FileExistsError, match="out_dir"):
+        export_fastertransformer(model, tmp_path)
+    export_fastertransformer(model, tmp_path, overwrite=True)
+
+
+def test_ft_read_rejects_truncated_file(tmp_path):
+    out = export_fastertransformer(hf_mpt(), tmp_path, tensor_parallel=2)
+    f = out / "model.layers.1.mlp.dense_4h_to_h.weight.1.bin"
+    f.write_bytes(f.read_bytes()[:-4])
+    with pytest.raises(ValueError, match="dense_4h_to_h.weight.1.bin holds"):
+        read_fastertransformer(out)
+    (out / "model.wte.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="model.wte.bin"):
+        read_fastertransformer(out)
+
+
+@pytest.mark.parametrize("option", [{"clip_qkv": 4.0}, {"qk_ln": True}, {"alibi_bias_max": 16}, {"softmax_scale": 0.5}])
+def test_ft_unsupported_options_need_force(tmp_path, option):
+    model = hf_mpt(**option)
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=name):
+        export_fastertransformer(model, tmp_path)
+    assert not (tmp_path / "1-gpu").exists()
+    with pytest.warns(UserWarning, match=name):
+        out = export_fastertransformer(model, tmp_path, force=True)
+    assert set(os.listdir(out)) == expected_ft_files(2, 1)
+
+
+def test_ft_from_checkpoint_dir_matches_model(tmp_path):
+    model = hf_mpt()
+    model.save_pretrained(tmp_path / "hf")
+    a = export_fastertransformer(model, tmp_path / "a", tensor_parallel=2)
+    b = export_fastertransformer(tmp_path / "hf", tmp_path / "b", tensor_parallel=2, progress=True)
+    for f in sorted(os.listdir(a)):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def _write_checkpoint(path, cfg, sd):
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path / "model.safetensors"))
+
+
+def _synthetic_mpt(n_heads=4, kv_n_heads=4, d_model=32, n_layers=2, no_bias=True):
+    """Config + weights of an MPT variant transformers' MptForCausalLM cannot build (GQA, biases)."""
+    hd = d_model // n_heads
+    cfg = {"model_type": "mpt", "d_model": d_model, "n_heads": n_heads, "n_layers": n_layers, "expansion_ratio": 4,
+           "max_seq_len": 64, "vocab_size": VOCAB, "no_bias": no_bias,
+           "attn_config": {"attn_type": "grouped_query_attention" if kv_n_heads != n_heads else "multihead_attention",
+                           "kv_n_heads": kv_n_heads, "alibi": True}}
+    shapes = {"transformer.wte.weight": (VOCAB, d_model), "transformer.norm_f.weight": (d_model,)}
+    for i in range(n_layers):
+        p = f"transformer.blocks.{i}."
+        shapes.update({p + "norm_1.weight": (d_model,), p + "norm_2.weight": (d_model,),
+                       p + "attn.Wqkv.weight": ((n_heads + 2 * kv_n_heads) * hd, d_model),
+                       p + "attn.out_proj.weight": (d_model, d_model),
+                       p + "ffn.up_proj.weight": (4 * d_model, d_model), p + "ffn.down_proj.weight": (d_model, 4 * d_model)})
+    if not no_bias:
+        for name, shape in list(shapes.items()):
+            if name != "transformer.wte.weight":
+                shapes[name.replace(".weight", ".bias")] = (shape[0],)
+    sd = {k: (1 + 0.15 * torch.randn(s)) if "norm" in k and k.endswith("weight") else 0.15 * torch.randn(s)
+          for k, s in shapes.items()}
+    return cfg, sd
+
+
+def _graph_logits(src, ids):
+    g = MPTGraph(src).eval()
+    with torch.no_grad():
+        return g(ids, *g.empty_past(ids.shape[0]))[0]
+
+
+def test_ft_grouped_query_attention_force_repeats_kv(tmp_path):
+    cfg, sd = _synthetic_mpt(n_heads=4, kv_n_heads=2)
+    _write_checkpoint(tmp_path / "gqa", cfg, sd)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with pytest.raises(ValueError, match="grouped/multi-query"):
+        export_fastertransformer(tmp_path / "gqa", tmp_path / "ft", tensor_parallel=2)
+    with pytest.warns(UserWarning, match="repeated"):
+        out = export_fastertransformer(tmp_path / "gqa", tmp_path / "ft", tensor_parallel=2, force=True)
+    mha_cfg, mha_sd = read_fastertransformer(out)
+    # Repeating k/v heads is exact: the multi-head model FasterTransformer runs is the GQA model.
+    ref = _graph_logits(tmp_path / "gqa", ids)
+    torch.testing.assert_close(hf_from_state(mha_cfg, mha_sd)(ids).logits.detach(), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ft_forward(out, ids).float(), ref, rtol=0, atol=2e-5)
+
+
+def test_ft_biases_roundtrip(tmp_path):
+    cfg, sd = _synthetic_mpt(no_bias=False)
+    _write_checkpoint(tmp_path / "b", cfg, sd)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    out = export_fastertransformer(tmp_path / "b", tmp_path / "ft", tensor_parallel=4)
+    cfg2, sd2 = read_fastertransformer(out)
+    assert cfg2["no_bias"] is False
+    for k, v in sd.items():
+        assert torch.equal(sd2[k], v), k
+    torch.testing.assert_close(ft_forward(out, ids).float(), _graph_logits(tmp_path / "b", ids), rtol=0, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ONNX graph module (torch only, cheap): the decomposition equals the model it was built from.
+
+
+@pytest.mark.parametrize("attn", [{}, {"clip_qkv": 0.3}, {"softmax_scale": 0.2}])
+def test_graph_module_matches_model_prefill_and_cached(attn):
+    model = hf_mpt(d_model=48, n_heads=6, n_layers=2, **attn)  # 6 heads: non-power-of-2 ALiBi slopes
+    g = MPTGraph(model).eval()
+    ids = torch.randint(0, VOCAB, (3, 10))
+    ref = logits_of(model, ids)
+    with torch.no_grad():
+        full = g(ids, *g.empty_past(3))
+        torch.testing.assert_close(full[0], ref, rtol=0, atol=1e-5)
+        # prefill 6 tokens, then 4 one at a time through the cache
+        out = g(ids[:, :6], *g.empty_past(3))
+        steps = [out[0]]
+        for t in range(6, 10):
+            out = g(ids[:, t:t + 1], *out[1:])
+            steps.append(out[0])
+    torch.testing.assert_close(torch.cat(steps, dim=1), ref, rtol=0, atol=1e-5)
+    assert out[1].shape == (3, 6, 10, 8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ONNX through onnxruntime
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(1234)
+    model = hf_mpt(d_model=48, n_heads=6, n_layers=2)
+    from mpt_kernels.export import export_onnx
+
+    path = export_onnx(model, tmp_path_factory.mktemp("onnx"))
+    return model, path
+
+
+def test_onnx_graph_is_standard_ops_with_dynamic_axes(onnx_export):
+    import onnx
+
+    _, path = onnx_export
+    proto = onnx.load(str(path))
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}, "custom-domain operators in the graph"
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"MatMul", "Softmax"} <= ops
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    assert dims["input_ids"] == ["batch", "seq"]
+    assert dims["past_key_values.1.value"] == ["batch", 6, "past", 8]
+    outs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
+    assert outs["logits"][0] == "batch" and outs["logits"][2] == VOCAB and isinstance(outs["logits"][1], str)
+
+
+def test_onnx_prefill_logits_match_torch(onnx_export):
+    from mpt_kernels.export.onnx import OnnxMPT
+
+    model, path = onnx_export
+    runner = OnnxMPT(path)
+    for shape in [(1, 1), (3, 17)]:  # neither is the traced example shape (2, 3)
+        ids = torch.randint(0, VOCAB, shape)
+        logits, present = runner.run(ids.numpy())
+        # float32 on both sides; different matmul/softmax kernels -> ~1e-6, bound from the issue.
+        torch.testing.assert_close(torch.from_numpy(logits), logits_of(model, ids), rtol=0, atol=1e-4)
+        assert present[0].shape == (shape[0], 6, shape[1], 8)
+
+
+def test_onnx_greedy_decode_matches_generate(onnx_export):
+    from mpt_kernels.export.onnx import OnnxMPT
+
+    model, path = onnx_export
+    ids = torch.randint(0, VOCAB, (2, 5))
+    ref = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    got = OnnxMPT(path).greedy(ids.numpy(), max_new_tokens=10)
+    assert got.shape == (2, 15)
+    np.testing.assert_array_equal(got, ref.numpy())
+
+
+def test_onnx_rejects_bad_arguments(tmp_path):
+    from mpt_kernels.export import export_onnx
+
+    with pytest.raises(ValueError, match="opset"):
+        export_onnx(hf_mpt(), tmp_path, opset=11)
+    with pytest.raises(ValueError, match="dtype"):
+        export_onnx(hf_mpt(), tmp_path, dtype="int8")
