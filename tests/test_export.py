@@ -199,6 +199,20 @@ def test_ft_tensor_parallel_forward_from_files(tmp_path, tp):
     torch.testing.assert_close(ft_forward(out, ids).float(), logits_of(model, ids), rtol=0, atol=2e-5)
 
 
+def test_load_fastertransformer_any_tp(tmp_path):
+    from mpt_kernels.export import load_fastertransformer
+
+    model = hf_mpt()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    for tp in (1, 2, 4):
+        export_fastertransformer(model, tmp_path, tensor_parallel=tp)
+    for tp in (1, 2, 4):
+        back = load_fastertransformer(tmp_path / f"{tp}-gpu")
+        torch.testing.assert_close(logits_of(back, ids), logits_of(model, ids), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="several FasterTransformer exports"):
+        load_fastertransformer(tmp_path)  # ambiguous: three exports side by side
+
+
 def test_ft_rejects_bad_arguments(tmp_path):
     model = hf_mpt()  # 4 heads, d_model 32
     with pytest.raises(ValueError, match="n_heads=4 is not divisible by tensor_parallel=3"):

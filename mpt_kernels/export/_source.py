@@ -120,7 +120,7 @@ def _dir_weights(path: Path) -> WeightSource:
 
 def open_source(model_or_dir) -> tuple[dict, WeightSource]:
     """(config dict, weights) from a model object (anything with ``.config`` and ``.state_dict()``
-    using MPT's parameter names) or a Hugging Face checkpoint directory."""
+    using MPT's parameter names), a Hugging Face checkpoint directory, or a (config, state dict) pair."""
     if isinstance(model_or_dir, (str, os.PathLike)):
         path = Path(model_or_dir)
         cfg_file = path / "config.json"
@@ -128,6 +128,9 @@ def open_source(model_or_dir) -> tuple[dict, WeightSource]:
             raise FileNotFoundError(f"model_or_dir: {path} has no config.json (expected a Hugging Face MPT checkpoint)")
         cfg = config_to_dict(json.loads(cfg_file.read_text()))
         return cfg, _dir_weights(path)
+    if isinstance(model_or_dir, tuple) and len(model_or_dir) == 2 and isinstance(model_or_dir[1], dict):
+        cfg, state = model_or_dir  # (config, state dict), e.g. read_fastertransformer's result
+        return config_to_dict(cfg), WeightSource(state.__getitem__, state)
     if isinstance(model_or_dir, torch.nn.Module) and hasattr(model_or_dir, "config"):
         state = model_or_dir.state_dict()
         return config_to_dict(model_or_dir.config), WeightSource(state.__getitem__, state)

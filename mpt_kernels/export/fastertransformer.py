@@ -321,11 +321,14 @@ def load_fastertransformer(path, torch_dtype: torch.dtype = torch.float32):
     """Rebuild an ``MPTForCausalLM`` from a FasterTransformer checkpoint of any tensor-parallel size
     (the model FasterTransformer would run: see ``read_fastertransformer``)."""
     cfg, sd = read_fastertransformer(path)
-    from ..model import MPTConfig, MPTForCausalLM
+    try:
+        from ..model import MPTConfig, MPTForCausalLM
+    except ImportError:  # our model not present in this build: transformers' MPT has the same names
+        from transformers import MptConfig as MPTConfig, MptForCausalLM as MPTForCausalLM
 
     model = MPTForCausalLM(MPTConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [m for m in missing if m != "lm_head.weight"]
     if missing or unexpected:
-        raise ValueError(f"path: weights do not match MPTForCausalLM (missing {missing}, unexpected {unexpected})")
+        raise ValueError(f"path: weights do not match {type(model).__name__} (missing {missing}, unexpected {unexpected})")
     return model.to(torch_dtype).eval()

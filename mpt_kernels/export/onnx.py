@@ -218,8 +218,8 @@ def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype:
     if dtype is not None:
         graph = graph.to(_ONNX_DTYPES[dtype])
     wdtype = graph.w("transformer.wte.weight").dtype
-    bar.set_postfix_str("traced with torch.export")
     bar.update(1)
+    bar.set_postfix_str("torch.export + ONNX translation")
 
     from torch.export import Dim
 
@@ -246,6 +246,7 @@ def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype:
             output_names=output_names, opset_version=opset, optimize=True, verbose=False,
         )
     bar.update(1)
+    bar.set_postfix_str("saving")
     import onnx
 
     meta = {

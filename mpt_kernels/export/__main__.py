@@ -1,0 +1,86 @@
+"""Command line: export a Hugging Face MPT checkpoint directory for serving.
+
+    python -m mpt_kernels.export fastertransformer --model DIR --out DIR [--tp N] [--dtype fp16] [--force]
+    python -m mpt_kernels.export onnx --model DIR --out DIR [--opset 18] [--dtype fp16] [--no-kv-cache]
+
+Both read the checkpoint's config.json and weights directly (no model is built for the
+FasterTransformer export; weights are read one tensor at a time). ``--verify`` reads the export back
+and compares logits on random tokens against the checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def _random_ids(cfg, batch=2, seq=8):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, int(cfg["vocab_size"]), (batch, seq), generator=g)
+
+
+def _verify_ft(model_dir, out):
+    from .fastertransformer import read_fastertransformer
+    from .onnx import MPTGraph
+
+    src, back = MPTGraph(model_dir).eval(), MPTGraph(read_fastertransformer(out)).eval()
+    ids = _random_ids(src.cfg)
+    with torch.no_grad():
+        diff = (src(ids, *src.empty_past(2))[0] - back(ids, *back.empty_past(2))[0]).abs().max().item()
+    print(f"verify: max |logits(checkpoint) - logits(FasterTransformer files)| = {diff:.3g}")
+    return diff
+
+
+def _verify_onnx(model_dir, path):
+    from .onnx import MPTGraph, OnnxMPT
+
+    src = MPTGraph(model_dir).eval()
+    ids = _random_ids(src.cfg)
+    with torch.no_grad():
+        ref = src(ids, *src.empty_past(2))[0]
+    logits, _ = OnnxMPT(path).run(ids.numpy())
+    diff = (torch.from_numpy(logits).float() - ref.float()).abs().max().item()
+    print(f"verify: max |logits(torch) - logits(onnxruntime)| = {diff:.3g}")
+    return diff
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mpt_kernels.export", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="format", required=True)
+    ft = sub.add_parser("fastertransformer", help="FasterTransformer GPT checkpoint (<out>/<tp>-gpu/)")
+    ft.add_argument("--tp", type=int, default=1, help="tensor-parallel size (GPUs FasterTransformer will use)")
+    ft.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="weight_data_type of the files")
+    ft.add_argument("--force", action="store_true", help="export even with options FasterTransformer ignores")
+    ft.add_argument("--overwrite", action="store_true", help="replace an existing <out>/<tp>-gpu/")
+    on = sub.add_parser("onnx", help="ONNX graph with a KV cache (<out>/model.onnx)")
+    on.add_argument("--opset", type=int, default=18)
+    on.add_argument("--dtype", choices=["fp32", "fp16"], default=None, help="weight dtype (default: the checkpoint's)")
+    on.add_argument("--no-kv-cache", action="store_true", help="export input_ids -> logits only")
+    for p in (ft, on):
+        p.add_argument("--model", required=True, help="Hugging Face MPT checkpoint directory (config.json + weights)")
+        p.add_argument("--out", required=True, help="output directory")
+        p.add_argument("--verify", action="store_true", help="read the export back and compare logits")
+    args = ap.parse_args(argv)
+
+    if args.format == "fastertransformer":
+        from .fastertransformer import export_fastertransformer
+
+        out = export_fastertransformer(args.model, args.out, tensor_parallel=args.tp, dtype=args.dtype,
+                                       force=args.force, overwrite=args.overwrite, progress=True)
+        print(f"wrote {out}")
+        if args.verify:
+            _verify_ft(args.model, out)
+    else:
+        from .onnx import export_onnx
+
+        out = export_onnx(args.model, args.out, opset=args.opset, with_kv_cache=not args.no_kv_cache,
+                          dtype=args.dtype, progress=True)
+        print(f"wrote {out}")
+        if args.verify and not args.no_kv_cache:
+            _verify_onnx(args.model, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
