@@ -60,11 +60,14 @@ def config_to_dict(config) -> dict:
 
 
 def kv_heads(cfg: dict) -> int:
-    """Number of key/value heads: MPT's kv_n_heads, 1 for multi-query, else n_heads."""
+    """Number of key/value heads, by MPT's rule: 1 for multi-query, kv_n_heads for grouped-query,
+    else n_heads (kv_n_heads is ignored for multi-head attention, as llm-foundry does)."""
     attn = cfg["attn_config"]
     if attn.get("attn_type") == "multiquery_attention":
         return 1
-    return int(attn.get("kv_n_heads") or cfg["n_heads"])
+    if attn.get("attn_type") == "grouped_query_attention":
+        return int(attn.get("kv_n_heads") or cfg["n_heads"])
+    return int(cfg["n_heads"])
 
 
 def default_softmax_scale(cfg: dict) -> float:

@@ -317,18 +317,18 @@ def read_fastertransformer(path) -> tuple[dict, dict[str, torch.Tensor]]:
     return cfg, sd
 
 
-def load_fastertransformer(path, torch_dtype: torch.dtype = torch.float32):
-    """Rebuild an ``MPTForCausalLM`` from a FasterTransformer checkpoint of any tensor-parallel size
-    (the model FasterTransformer would run: see ``read_fastertransformer``)."""
-    cfg, sd = read_fastertransformer(path)
-    try:
-        from ..model import MPTConfig, MPTForCausalLM
-    except ImportError:  # our model not present in this build: transformers' MPT has the same names
-        from transformers import MptConfig as MPTConfig, MptForCausalLM as MPTForCausalLM
+def load_fastertransformer(path, torch_dtype: torch.dtype = torch.float32, attn_impl: str = "flash"):
+    """Rebuild our ``MPTForCausalLM`` from a FasterTransformer checkpoint of any tensor-parallel size:
+    the model FasterTransformer would run (see ``read_fastertransformer``). ``attn_impl`` as in
+    ``MPTForCausalLM.from_pretrained`` ("flash": mpt_kernels' attention kernel; "torch": reference)."""
+    from ..model import MPTConfig, MPTForCausalLM
 
-    model = MPTForCausalLM(MPTConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
+    cfg, sd = read_fastertransformer(path)
+    cfg["attn_config"]["attn_impl"] = attn_impl
+    model = MPTForCausalLM(MPTConfig.from_dict(cfg))
+    if cfg["tie_word_embeddings"]:
+        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}  # our tied model has no lm_head
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [m for m in missing if m != "lm_head.weight"]
     if missing or unexpected:
-        raise ValueError(f"path: weights do not match {type(model).__name__} (missing {missing}, unexpected {unexpected})")
+        raise ValueError(f"path: weights do not match MPTForCausalLM (missing {missing}, unexpected {unexpected})")
     return model.to(torch_dtype).eval()
