@@ -14,9 +14,9 @@ Two parts:
 
 2. CUDA tests (@pytest.mark.cuda, skipped without a device; benchmarks/device_check.sh runs them):
    the same cases as the CPU kernel's tests through mk.alibi_attention on the GPU.
-   Tolerance (FlashAttention's convention): |kernel - ref64| <= 2 * |torch_same_dtype - ref64| + atol,
-   where torch_same_dtype is the plain-torch reference computed in the input dtype; atol covers the
-   cases where torch's own error happens to be ~0 at an element.
+   Tolerance (FlashAttention's convention, per tensor): max|kernel - ref64| <=
+   2 * max|torch_same_dtype - ref64| + atol, where torch_same_dtype is the plain-torch reference run in
+   the input dtype; atol covers cases where torch's own error is ~0 (a single visible key).
 """
 from __future__ import annotations
 
@@ -736,19 +736,25 @@ def _cuda_case(B, Sq, Sk, H, Hkv, D, dtype, *, strided=True):
 
 
 def _bound_check(got, ref64, ref_lp, name, atol):
-    """|got - ref64| <= 2 * |ref_lp - ref64| + atol, elementwise: ref_lp is plain torch in the same
-    low precision, so the kernel may be at most twice as wrong as torch itself (+ atol)."""
+    """FlashAttention's convention, per tensor: max|got - ref64| <= 2 * max|ref_lp - ref64| + atol, where
+    ref_lp is plain torch in the same low precision, i.e. the kernel may be at most twice as wrong as
+    torch itself. (Per tensor, not per element: two correct low-precision results can round a given
+    element to neighbouring grid points.) A relative-norm check guards against a sloppy ref_lp."""
     assert not torch.isnan(got).any(), f"{name}: NaN (unwritten element?)"
-    err = (got.double() - ref64).abs()
-    bound = 2 * (ref_lp.double() - ref64).abs() + atol
-    worst = (err - bound).max().item()
-    assert worst <= 0, f"{name}: error exceeds 2x torch's own low-precision error + {atol} by {worst:.3g}"
+    err = (got.double() - ref64).abs().max().item()
+    torch_err = (ref_lp.double() - ref64).abs().max().item()
+    assert err <= 2 * torch_err + atol, f"{name}: max error {err:.3g} > 2 x torch's {torch_err:.3g} + {atol}"
+    if ref64.abs().max() > 1e-2:  # (dq is exactly 0 with a single key: nothing to be relative to)
+        rel = ((got.double() - ref64).norm() / ref64.norm()).item()
+        assert rel < (2e-2 if got.dtype == torch.bfloat16 else 4e-3), f"{name}: relative error {rel:.3g}"
 
 
 def _run_and_check(q, k, v, causal, slopes, grad=True, atol_fwd=None, atol_bwd=None):
     dtype = q.dtype
-    atol_fwd = atol_fwd if atol_fwd is not None else (2e-3 if dtype == torch.bfloat16 else 3e-4)
-    atol_bwd = atol_bwd if atol_bwd is not None else (5e-3 if dtype == torch.bfloat16 else 1e-3)
+    # atol: a few units in the last place of O(1) values, for cases where torch's own error is ~0
+    # (e.g. a single visible key, where attention is a copy of v).
+    atol_fwd = atol_fwd if atol_fwd is not None else (1e-3 if dtype == torch.bfloat16 else 2e-4)
+    atol_bwd = atol_bwd if atol_bwd is not None else (2e-3 if dtype == torch.bfloat16 else 5e-4)
     qg, kg, vg = (x.detach().clone().requires_grad_(grad) for x in (q, k, v))
     out = mk.alibi_attention(qg, kg, vg, causal=causal, alibi_slopes=slopes)
     q64, k64, v64 = (x.detach().double().requires_grad_(grad) for x in (q, k, v))
