@@ -93,8 +93,20 @@ def mma(c, a, b0, b1):
     return out
 
 
+# Low-precision mode of the emulation: None (exact float64, for the index checks) or a torch dtype
+# whose rounding the kernels apply: P and dS packed to 16 bits before the second mma (pack2), and
+# every output stored in the input dtype. Accumulators stay float64 here (float32 on the GPU).
+ROUND = None
+
+
+def rnd(x):
+    if ROUND is None:
+        return x
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)).to(ROUND).double().numpy()
+
+
 def pack2(lo, hi):
-    return np.stack([lo, hi], axis=-1)
+    return rnd(np.stack([lo, hi], axis=-1))
 
 
 def shfl_xor(x, m):
@@ -268,8 +280,8 @@ def emulate_fwd_cta(P, m_block, h, b, kd):
                 for dt in range(kd // 8):
                     d = dt * 8 + 2 * t
                     if d < hd:
-                        o.flat[ob + d] = st[warp]["acc"][lane, dt, 2 * r] * inv
-                        o.flat[ob + d + 1] = st[warp]["acc"][lane, dt, 2 * r + 1] * inv
+                        o.flat[ob + d:ob + d + 2] = pack2(st[warp]["acc"][lane, dt, 2 * r] * inv,
+                                                          st[warp]["acc"][lane, dt, 2 * r + 1] * inv)
                 if t == 0:
                     P["lse"][lse_index(P, b, h, sb["q_row0"] + i)] = row_lse(st[warp]["m"][lane, r], l[lane, r], slope,
                                                                            rr[warp]["ref"][lane, r], sk)
@@ -370,7 +382,7 @@ def emulate_decode(P, kd, n_splits=None):
                 inv = 1.0 / ls if ls > 0 else 0.0
                 ob = o.off + (0 if varlen else b * o.stride[0]) + (sb["q_row0"] + i) * o.stride[-3] + h * o.stride[-2]
                 for d in range(P["head_dim"]):
-                    o.flat[ob + d] = sum(np.exp2(ws_m[x] - mu) * ws_acc[x, d] for x in ks) * inv
+                    o.flat[ob + d] = rnd(np.array(sum(np.exp2(ws_m[x] - mu) * ws_acc[x, d] for x in ks) * inv))
                 slope = slope_of(P, b, h)
                 rr = row_rule(np.array([[i, i]]), sb["sq"], sb["sk"], P["causal"], np.array([[slope, slope]]))
                 P["lse"][lse_index(P, b, h, sb["q_row0"] + i)] = row_lse(mx, ls, slope, rr["ref"][0, 0], sb["sk"])
@@ -539,15 +551,15 @@ def emulate_bwd(P, kd):
                             for dt in range(kd // 8):
                                 d = dt * 8 + 2 * (lane & 3)
                                 if d < hd:
-                                    P["dk"].flat[dkb + d:dkb + d + 2] = dk[warp, lane, dt, 2 * r:2 * r + 2] * P["scale"]
-                                    P["dv"].flat[dvb + d:dvb + d + 2] = dv[warp, lane, dt, 2 * r:2 * r + 2]
+                                    P["dk"].flat[dkb + d:dkb + d + 2] = rnd(dk[warp, lane, dt, 2 * r:2 * r + 2] * P["scale"])
+                                    P["dv"].flat[dvb + d:dvb + d + 2] = rnd(dv[warp, lane, dt, 2 * r:2 * r + 2])
     for b in range(P["B"]):  # dq convert
         sb = seq_bounds(P, b)
         for h in range(H):
             for i in range(sb["sq"]):
                 src = ((sb["ws_row0"] + i) * H + h) * hd
                 dst = P["dq"].off + bs(P["dq"], b) + (sb["q_row0"] + i) * P["dq"].stride[-3] + h * P["dq"].stride[-2]
-                P["dq"].flat[dst:dst + hd] = dq_acc[src:src + hd] * P["scale"]
+                P["dq"].flat[dst:dst + hd] = rnd(dq_acc[src:src + hd] * P["scale"])
 
 
 def _strided(shape, pad_heads=1, pad_dim=8):
@@ -715,6 +727,37 @@ def test_emulated_backward_kernel(case):
     for name, mem, like, ref in (("dq", P["dq"], dq, dq_ref), ("dk", P["dk"], dk, dk_ref), ("dv", P["dv"], dv, dv_ref)):
         assert not torch.isnan(like).any(), f"unwritten {name} element"
         torch.testing.assert_close(like, ref, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_emulated_kernels_low_precision_within_2x_torch_error(dtype, monkeypatch):
+    """The kernels' own roundings (P, dS to 16 bits before the second mma; outputs in dtype) keep the
+    error within the GPU tests' bound: at most 2x plain torch's error in the same dtype."""
+    monkeypatch.setattr(sys.modules[__name__], "ROUND", dtype)
+    B, Sq, Sk, H, Hkv, D, causal = 1, 70, 130, 2, 1, 64, True
+    P, (q, k, v, out, slopes) = _setup(B, Sq, Sk, H, Hkv, D, causal, None, "mpt")
+    for t in (q, k, v):  # inputs representable in dtype
+        t.copy_(t.to(dtype).double())
+    dout = _strided(q.shape)
+    dout.copy_(dout.to(dtype).double())
+    o_ref, lse_ref, (dq_ref, dk_ref, dv_ref) = _reference(q, k, v, slopes, causal, None, None, dout)
+    lp = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+    o_lp = reference.attention_reference(*lp, causal=causal, alibi_slopes=slopes.float(), compute_dtype=dtype)
+    g_lp = torch.autograd.grad(o_lp, lp, dout.to(dtype))
+    for mb in range(-(-Sq // KFWD_BM)):
+        for h in range(H):
+            emulate_fwd_cta(P, mb, h, 0, 64)
+    P["lse"] = _lse64(q, k, slopes, causal, None, None)
+    P["dout"] = Mem(dout)
+    dq, dk, dv = (_strided(x.shape).fill_(float("nan")) for x in (q, k, v))
+    P["dq"], P["dk"], P["dv"] = Mem(dq), Mem(dk), Mem(dv)
+    emulate_bwd(P, 64)  # reads the emulated (rounded) out for delta, as the GPU does
+    for name, got, ref, lpv in (("out", out, o_ref, o_lp), ("dq", dq, dq_ref, g_lp[0]), ("dk", dk, dk_ref, g_lp[1]),
+                                ("dv", dv, dv_ref, g_lp[2])):
+        err = (got - ref).abs().max().item()
+        torch_err = (lpv.double() - ref).abs().max().item()
+        print(f"{dtype} {name}: emulated kernel max err {err:.3g}, torch {torch_err:.3g}")
+        assert err <= 2 * torch_err + 1e-3, f"{name}: {err:.3g} > 2 x {torch_err:.3g} + 1e-3"
 
 
 # ------------------------------------------------------------------------------------------------
