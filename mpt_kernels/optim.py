@@ -1,1 +1,405 @@
-"""Optimizers. TEMPORARY placeholder until the fused Lion lands (issue 4)."""
+"""Optimizers: the fused multi-tensor Lion and a multi-tensor ``clip_grad_norm_``.
+
+    opt = mk.optim.Lion(model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1,
+                        max_grad_norm=1.0)        # global-norm clipping fused into the step
+    loss.backward(); opt.step(); opt.zero_grad()
+    opt.skipped_steps                             # steps skipped for non-finite gradients
+
+One ``step()`` makes one call into the compiled core per (device, param dtype, grad dtype, state
+dtype) group with lists of tensors; on CUDA that is one kernel launch per group (more only when a
+group has more tensors than one kernel-argument block holds, see ``LION_CUDA_MAX_TENSORS_PER_LAUNCH``).
+With clipping, gradient unscaling (``grad_scale``) or skipping, a multi-tensor sum-of-squares kernel
+and a one-block "finalize" kernel run first and leave the gradient multiplier and the skip flag on the
+device, so there is no host synchronisation anywhere in ``step()``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from ._ext import _C, view
+
+try:  # torch >= 2.4; FSDP2 parameters are DTensors whose local shards we step
+    from torch.distributed.tensor import DTensor
+except Exception:  # pragma: no cover - very old torch or a build without distributed
+    DTensor = None
+
+__all__ = ["Lion", "clip_grad_norm_"]
+
+_STORAGE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _local(t):
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _shard_groups(dtensor):
+    """Process groups over which a DTensor's local squared norms must be summed: the mesh dimensions
+    it is sharded along (replicated dimensions already hold the whole value)."""
+    from torch.distributed.tensor import Shard
+
+    mesh = dtensor.device_mesh
+    return tuple(mesh.get_group(d) for d, pl in enumerate(dtensor.placements) if isinstance(pl, Shard))
+
+
+def _check_grad(p, grad, where: str):
+    if grad.is_sparse:
+        raise ValueError(f"{where}: Lion does not support sparse gradients")
+    if p.is_complex() or grad.is_complex():
+        raise ValueError(f"{where}: Lion does not support complex parameters or gradients")
+    if p.dtype not in _STORAGE_DTYPES:
+        raise ValueError(f"{where}: parameters must be float32 or bfloat16, got {p.dtype}")
+    if grad.dtype not in _STORAGE_DTYPES:
+        raise ValueError(f"{where}: gradients must be float32 or bfloat16, got {grad.dtype}")
+    if grad.shape != p.shape:
+        raise ValueError(f"{where}: gradient shape {tuple(grad.shape)} differs from parameter shape {tuple(p.shape)}")
+    if p.device != grad.device:
+        raise ValueError(f"{where}: gradient is on {grad.device} but the parameter is on {p.device}")
+    if p.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{where}: unsupported device {p.device} (expected cpu or cuda)")
+
+
+class _NormPlan:
+    """Gradients to take the global L2 norm of, grouped by (device, dtype, sharding)."""
+
+    def __init__(self):
+        self.groups: dict = {}  # (device, dtype, shard process groups or None) -> [local grads]
+
+    def add(self, grad, dtensor_of=None):
+        key = (grad.device, grad.dtype, _shard_groups(dtensor_of) if dtensor_of is not None else None)
+        self.groups.setdefault(key, []).append(grad)
+
+    def devices(self):
+        out = []
+        for dev, _, _ in self.groups:
+            if dev not in out:
+                out.append(dev)
+        return out
+
+    def finalize(self, max_norm, grad_scale, found_inf, skip_nonfinite, counters=None):
+        """Runs the sum-of-squares kernels and the finalize step on each device; returns
+        {device: aux} with aux = [norm of the unscaled gradients, gradient multiplier, skip flag]."""
+        partials_by_dev = {}
+        sharded = False
+        for (dev, dtype, shard), grads in self.groups.items():
+            n = _C.lion_num_chunks([g.numel() for g in grads])
+            part = torch.empty(n, dtype=torch.float32, device=dev)
+            _C.sum_squares([view(g, "grads") for g in grads], view(part, "partials"), _stream(dev))
+            partials_by_dev.setdefault(dev, []).append((shard, part))
+            sharded |= shard is not None
+        devices = self.devices()
+        if len(devices) == 1 and not sharded:
+            # Fast path: the finalize kernel reduces the partials itself, in a fixed order.
+            parts = [p for _, p in partials_by_dev[devices[0]]]
+            partials = {devices[0]: parts[0] if len(parts) == 1 else torch.cat(parts)}
+        else:
+            # Several devices or sharded parameters: reduce in float64 with torch, all-reduce the
+            # sharded part across its process groups, then hand each device the total.
+            total = torch.zeros((), dtype=torch.float64, device=devices[0])
+            for dev, items in partials_by_dev.items():
+                for shard, part in items:
+                    s = part.double().sum()
+                    if shard:
+                        import torch.distributed as dist
+
+                        for pg in shard:
+                            dist.all_reduce(s, group=pg)
+                    total = total + s.to(devices[0])
+            partials = {dev: total.float().reshape(1).to(dev) for dev in devices}
+        aux = {}
+        for dev in devices:
+            a = torch.empty(3, dtype=torch.float32, device=dev)
+            gs = None if grad_scale is None else grad_scale.to(device=dev, dtype=torch.float32)
+            fi = None if found_inf is None else found_inf.to(device=dev, dtype=torch.float32)
+            cnt = None if counters is None else counters(dev)
+            _C.lion_finalize(view(partials[dev], "partials"), view(a, "aux"), float(max_norm or 0.0),
+                             None if gs is None else view(gs, "grad_scale"),
+                             None if fi is None else view(fi, "found_inf"), bool(skip_nonfinite),
+                             None if cnt is None else view(cnt, "skipped_count"), _stream(dev))
+            aux[dev] = a
+        return aux
+
+
+def _stream(dev) -> int:
+    return torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+
+
+def _scale_only(devices, grad_scale, found_inf, counters):
+    """The finalize step without a norm: multiplier 1/grad_scale, skip flag from found_inf."""
+    aux = {}
+    for dev in devices:
+        a = torch.empty(3, dtype=torch.float32, device=dev)
+        gs = None if grad_scale is None else grad_scale.to(device=dev, dtype=torch.float32)
+        fi = None if found_inf is None else found_inf.to(device=dev, dtype=torch.float32)
+        empty = torch.empty(0, dtype=torch.float32, device=dev)
+        cnt = counters(dev)
+        _C.lion_finalize(view(empty, "partials"), view(a, "aux"), 0.0,
+                         None if gs is None else view(gs, "grad_scale"),
+                         None if fi is None else view(fi, "found_inf"), False,
+                         view(cnt, "skipped_count"), _stream(dev))
+        aux[dev] = a
+    return aux
+
+
+class Lion(Optimizer):
+    r"""Lion (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms"), fused.
+
+    Per element, in float32:  c = b1*m + (1-b1)*g;  p = p*(1-decay) - lr*sign(c);
+    m = b2*m + (1-b2)*g  with sign(0) = 0.
+
+    Args:
+        params: parameters or parameter groups (float32 or bfloat16, contiguous; CPU or CUDA;
+            DTensor parameters are stepped through their local shards).
+        lr, betas, weight_decay: as in the paper.
+        decoupled_weight_decay: True (llm-foundry's DecoupledLionW): decay = weight_decay * lr /
+            initial_lr, initial_lr being the group's lr when the optimizer was built, so the decay
+            follows the LR schedule but not the LR's magnitude. False: decay = lr * weight_decay.
+        max_grad_norm: clip by the global L2 norm of all gradients (torch.nn.utils.clip_grad_norm_
+            semantics), applied inside the step as a multiplier; gradients are not rewritten.
+        skip_nonfinite: skip the step (parameters and state untouched) when the global gradient
+            norm is inf/NaN, counting it in ``skipped_steps``. Default: on when max_grad_norm is set
+            (the norm is computed anyway); set True to pay for the norm without clipping.
+        state_dtype: dtype of ``exp_avg``: torch.float32 (default) or torch.bfloat16.
+        stochastic_rounding: round bfloat16 parameters and bfloat16 state stochastically (default
+            True): updates below one bf16 ulp survive on average, so pure-bf16 training works
+            without an fp32 master copy. No effect on float32 storage.
+        seed: seed of the stochastic-rounding hash (default: drawn from torch's generator).
+    Per-group keys: lr, betas, weight_decay, decoupled_weight_decay, state_dtype,
+    stochastic_rounding, initial_lr, step. ``step(grad_scale=, found_inf=)`` take the tensors torch's
+    fused optimizers take, so ``torch.amp.GradScaler`` drives this optimizer without a host sync.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = True,
+        *,
+        max_grad_norm: float | None = None,
+        skip_nonfinite: bool | None = None,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = True,
+        seed: int | None = None,
+    ):
+        _check_hyper(lr, betas, weight_decay, state_dtype, "")
+        if max_grad_norm is not None and not (float(max_grad_norm) > 0.0 and float(max_grad_norm) < float("inf")):
+            raise ValueError(f"max_grad_norm: must be a positive finite number or None, got {max_grad_norm}")
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            weight_decay=weight_decay,
+            decoupled_weight_decay=bool(decoupled_weight_decay),
+            state_dtype=state_dtype or torch.float32,
+            stochastic_rounding=bool(stochastic_rounding),
+            seed=int(seed),
+        )
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.skip_nonfinite = (max_grad_norm is not None) if skip_nonfinite is None else bool(skip_nonfinite)
+        self._skip_counters: dict = {}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hyper(group["lr"], group["betas"], group["weight_decay"], group["state_dtype"],
+                     f"param_groups[{len(self.param_groups) - 1}]: ")
+        group.setdefault("initial_lr", group["lr"])
+        group.setdefault("step", 0)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for k, v in (("decoupled_weight_decay", True), ("state_dtype", torch.float32),
+                         ("stochastic_rounding", True), ("seed", 0), ("step", 0)):
+                group.setdefault(k, v)
+            group.setdefault("initial_lr", group["lr"])
+        self.__dict__.setdefault("_skip_counters", {})
+        self.__dict__.setdefault("max_grad_norm", None)
+        self.__dict__.setdefault("skip_nonfinite", False)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because the gradients were not finite (reading it synchronises CUDA)."""
+        if not self._skip_counters:
+            return 0
+        return max(int(c.item()) for c in self._skip_counters.values())
+
+    def _counter(self, device):
+        c = self._skip_counters.get(device)
+        if c is None:
+            c = self._skip_counters[device] = torch.zeros(1, dtype=torch.int64, device=device)
+        return c
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts floating-point state to the parameter's dtype on load; exp_avg keeps the
+        # group's state_dtype instead (a float32 state of a bf16 parameter must not be rounded).
+        saved = {}
+        for group in state_dict["param_groups"]:
+            for idx in group["params"]:
+                st = state_dict["state"].get(idx)
+                if st is not None and "exp_avg" in st:
+                    saved[idx] = st["exp_avg"]
+        super().load_state_dict(state_dict)
+        id_map = {}
+        for g_saved, group in zip(state_dict["param_groups"], self.param_groups):
+            id_map.update(zip(g_saved["params"], group["params"]))
+        for idx, value in saved.items():
+            p = id_map[idx]
+            group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+            self.state[p]["exp_avg"] = value.to(device=p.device, dtype=group["state_dtype"], copy=True)
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None, *, grad_scale: torch.Tensor | None = None,
+             found_inf: torch.Tensor | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # torch.amp.GradScaler hands these over as attributes (the fused-optimizer contract).
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
+
+        buckets: dict = {}  # (device, p dtype, g dtype, state dtype) -> lists
+        hyper = []
+        norm_plan = _NormPlan() if (self.max_grad_norm is not None or self.skip_nonfinite) else None
+        devices = []
+        rng_index = 0
+        for gi, group in enumerate(self.param_groups):
+            group["step"] += 1
+            lr = float(group["lr"])
+            beta1, beta2 = (float(b) for b in group["betas"])
+            wd = float(group["weight_decay"])
+            if group["decoupled_weight_decay"]:
+                initial_lr = float(group["initial_lr"])
+                decay = wd * (lr / initial_lr if initial_lr else 1.0)
+            else:
+                decay = lr * wd
+            hyper.append((lr, beta1, beta2, decay, bool(group["stochastic_rounding"])))
+            state_dtype = group["state_dtype"]
+            for p in group["params"]:
+                index = rng_index
+                rng_index += 1
+                if p.grad is None:
+                    continue
+                where = f"param_groups[{gi}] parameter {index}"
+                grad = p.grad
+                _check_grad(p, grad, where)
+                p_local, g_local = _local(p), _local(grad)
+                if not p_local.is_contiguous():
+                    raise ValueError(f"{where}: parameters must be contiguous")
+                if not g_local.is_contiguous():
+                    g_local = g_local.contiguous()
+                state = self.state[p]
+                m = state.get("exp_avg")
+                if m is None or m.dtype != state_dtype:
+                    m = torch.zeros_like(p, dtype=state_dtype) if m is None else m.to(state_dtype)
+                    state["exp_avg"] = m
+                m_local = _local(m)
+                if not m_local.is_contiguous():
+                    m = state["exp_avg"] = m.contiguous()
+                    m_local = _local(m)
+                key = (p_local.device, p_local.dtype, g_local.dtype, m_local.dtype)
+                b = buckets.get(key)
+                if b is None:
+                    b = buckets[key] = ([], [], [], [], [])
+                b[0].append(view(p_local, "params"))
+                b[1].append(view(g_local, "grads"))
+                b[2].append(view(m_local, "exp_avgs"))
+                b[3].append(index)
+                b[4].append(gi)
+                if p_local.device not in devices:
+                    devices.append(p_local.device)
+                if norm_plan is not None:
+                    norm_plan.add(g_local, p if _is_dtensor(p) else None)
+        if not buckets:
+            return loss
+
+        aux = None
+        if norm_plan is not None:
+            aux = norm_plan.finalize(self.max_grad_norm, grad_scale, found_inf, self.skip_nonfinite, self._counter)
+        elif grad_scale is not None or found_inf is not None:
+            aux = _scale_only(devices, grad_scale, found_inf, self._counter)
+
+        seed = int(self.param_groups[0]["seed"])
+        rng_step = max(int(g["step"]) for g in self.param_groups)
+        for (dev, _, _, _), (pv, gv, mv, idx, hidx) in buckets.items():
+            a = None if aux is None else aux[dev]
+            _C.lion_step(pv, gv, mv, idx, hidx, hyper,
+                         None if a is None else view(a[1:2], "grad_multiplier"),
+                         None if a is None else view(a[2:3], "skip"),
+                         seed, rng_step, _stream(dev))
+        return loss
+
+
+def _check_hyper(lr, betas, weight_decay, state_dtype, prefix):
+    lr_f = float(lr)
+    if not (lr_f >= 0.0 and lr_f < float("inf")):
+        raise ValueError(f"{prefix}lr: must be a finite number >= 0, got {lr}")
+    if len(tuple(betas)) != 2 or not all(0.0 <= float(b) <= 1.0 for b in betas):
+        raise ValueError(f"{prefix}betas: must be two numbers in [0, 1], got {betas}")
+    if not (float(weight_decay) >= 0.0 and float(weight_decay) < float("inf")):
+        raise ValueError(f"{prefix}weight_decay: must be a finite number >= 0, got {weight_decay}")
+    if state_dtype not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(f"{prefix}state_dtype: must be torch.float32 or torch.bfloat16, got {state_dtype}")
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False, foreach: bool | None = None) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ with the norm from the multi-tensor sum-of-squares kernel.
+
+    Returns the total norm of the gradients (before clipping), like torch. The clip coefficient stays
+    on the device (no host sync unless ``error_if_nonfinite``). Norms other than L2 and gradients the
+    kernels do not take (float16, float64, sparse) go to torch's implementation.
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    params = [p for p in parameters]
+    grads = [p.grad for p in params if p.grad is not None]
+    max_norm = float(max_norm)
+    if not grads:
+        return torch.tensor(0.0)
+    supported = float(norm_type) == 2.0 and all(
+        not g.is_sparse and g.dtype in _STORAGE_DTYPES and g.device.type in ("cpu", "cuda") for g in grads)
+    if not supported:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
+    if not (max_norm > 0.0 and max_norm < float("inf")):
+        # torch allows any max_norm; a non-positive one zeroes (or flips) the gradients there. Keep
+        # its exact behaviour rather than reinvent it.
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
+    plan = _NormPlan()
+    locals_by_dev: dict = {}
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        gl = _local(g)
+        if not gl.is_contiguous():
+            raise ValueError("parameters: gradients must be contiguous")
+        plan.add(gl, g if _is_dtensor(g) else None)
+        locals_by_dev.setdefault(gl.device, []).append(gl)
+    aux = plan.finalize(max_norm, None, None, False)
+    first = plan.devices()[0]
+    total = aux[first][0]
+    if error_if_nonfinite and not bool(torch.isfinite(total)):
+        raise RuntimeError(
+            "The total norm of order 2.0 for gradients from `parameters` is non-finite, so it cannot be "
+            "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
+            "`error_if_nonfinite=False`")
+    for dev, gl in locals_by_dev.items():
+        torch._foreach_mul_(gl, aux[dev][1])
+    return total
