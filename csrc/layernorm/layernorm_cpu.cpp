@@ -13,8 +13,21 @@
 #include "common/error.h"
 #include "layernorm/layernorm.h"
 
+// No implicit a*b+c contraction: the backward forms mean(g) from the same rounded products g that
+// it later subtracts it from, so a constant row (hidden 1, or all g equal) gives exactly dx = 0
+// instead of rstd (up to 1/sqrt(eps)) times a rounding difference. Explicit FMAs stay FMAs.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 namespace mptk {
 namespace {
+
+// Below this many elements a launch is done by the calling thread alone: waking the OpenMP team
+// costs more than the work (and far more on an oversubscribed machine).
+constexpr int64_t kParallelMinElems = 1 << 15;
 
 // Forward of one row. `hout` receives x + res rounded to T when res is set; the statistics are
 // taken over that rounded sum, as the reference does (what is normalised is what is returned).
@@ -106,7 +119,7 @@ void layer_norm_fwd_impl(const LayerNormFwdParams& p) {
   T* y = static_cast<T*>(p.y);
   const WT* w = static_cast<const WT*>(p.weight);
   const WT* b = static_cast<const WT*>(p.bias);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (p.rows * p.hidden >= kParallelMinElems)
   for (int64_t r = 0; r < p.rows; ++r) {
     layer_norm_fwd_row<T, WT>(x + r * p.x_row_stride, res ? res + r * p.residual_row_stride : nullptr,
                               hout ? hout + r * p.residual_out_row_stride : nullptr, w, b, y + r * p.y_row_stride,
@@ -182,7 +195,7 @@ template <typename WT>
 void reduce_partials(const float* partials, int64_t P, int64_t H, WT* dst) {
   constexpr int64_t kCols = 256;  // a column strip of accumulators that fits in L1
   const int64_t strips = (H + kCols - 1) / kCols;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (P * H >= kParallelMinElems)
   for (int64_t s = 0; s < strips; ++s) {
     const int64_t c0 = s * kCols, n = std::min(kCols, H - c0);
     float acc[kCols];
@@ -197,7 +210,7 @@ void reduce_partials(const float* partials, int64_t P, int64_t H, WT* dst) {
 
 template <typename T, typename WT>
 void layer_norm_bwd_impl(const LayerNormBwdParams& p) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (p.rows * p.hidden >= kParallelMinElems)
   for (int64_t g = 0; g < p.num_partials; ++g) layer_norm_bwd_group<T, WT>(p, g);
   reduce_partials<WT>(p.workspace, p.num_partials, p.hidden, static_cast<WT*>(p.dweight));
   if (p.dbias)

@@ -1,0 +1,346 @@
+"""LayerNorm kernels (CPU and CUDA) against the float64 reference.
+
+Every output, gradient and workspace the op allocates is NaN-filled first (autouse fixture below
+swaps the op's allocator), so an element the kernel forgets to write fails the comparison.
+
+Tolerances (|actual - expected| <= rtol * |expected| + atol_frac * max|expected|):
+  outputs      rtol = one ulp of the output dtype: float32 1e-5 (a few float32 roundings of the
+               affine step), bfloat16 2^-7, float16 2^-10 (round-to-nearest costs half an ulp and the
+               float32 arithmetic before it may cross one rounding boundary: one ulp in total);
+               atol_frac = 1e-5 covers float32 statistics (mean/variance summed over up to 40000
+               elements) on elements near zero, where relative error means nothing.
+  gradients    same rtol; atol_frac = 1e-4: dx subtracts the row means of g and g*xhat from g
+               (cancellation on small elements), dweight/dbias sum up to 64 rows in float32.
+A wrong index, a missed row or column, or a wrong formula errs by O(1) and fails all of these.
+"""
+import pytest
+import torch
+
+import mpt_kernels as mk
+from mpt_kernels import _ext
+from mpt_kernels._ext import _C
+from mpt_kernels.ops import layernorm as ln_op
+from mpt_kernels.ops.reference import layer_norm_reference
+
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+OUT_ATOL_FRAC = 1e-5
+GRAD_ATOL_FRAC = 1e-4
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+DTYPES = {"cpu": [torch.float32, torch.bfloat16, torch.float16],
+          "cuda": [torch.float32, torch.bfloat16, torch.float16]}
+# rows x hidden: empty, hidden 1, tiny, odd (1023: no 16-byte packs), MPT-125M, MPT-7B, wide, and
+# wider than any register-cached path of the CUDA kernels (40000).
+SHAPES = [(0, 64), (3, 1), (5, 7), (2, 3, 1023), (37, 768), (9, 4096), (3, 16384), (2, 40000)]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    def alloc(shape, dtype, device):
+        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(ln_op, "_alloc", alloc)
+
+
+def assert_close(actual, expected, rtol, atol_frac, what):
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if expected.numel() == 0:
+        return
+    a, e = actual.double().cpu(), expected.double().cpu()
+    bound = rtol * e.abs() + atol_frac * e.abs().max() + 1e-300
+    bad = ~((a - e).abs() <= bound)  # NaN (an unwritten element) counts as bad
+    if bad.any():
+        err = (a - e).abs().nan_to_num(float("inf"))
+        i = int(torch.argmax((err - bound).flatten()))
+        raise AssertionError(f"{what}: {int(bad.sum())}/{a.numel()} elements out of tolerance; worst at flat index "
+                             f"{i}: got {a.flatten()[i].item()}, expected {e.flatten()[i].item()}")
+
+
+def make_inputs(shape, dtype, device, with_bias, with_residual, weight_dtype=None):
+    hidden = shape[-1]
+    wd = weight_dtype or dtype
+    # Non-zero mean and non-unit scale so that mean subtraction and rstd both matter.
+    x = (torch.randn(shape) * 2.5 + 0.75).to(dtype).to(device)
+    w = (torch.randn(hidden) * 0.5 + 1.0).to(wd).to(device)
+    b = torch.randn(hidden).to(wd).to(device) if with_bias else None
+    r = torch.randn(shape).to(dtype).to(device) if with_residual else None
+    return x, w, b, r
+
+
+def reference(x, w, b, r, eps, dy=None, dsum=None):
+    """float64 reference: h = x + r rounded to x's dtype (what the op normalises and returns), then
+    y, and gradients by float64 autograd of layer_norm_reference. The gradient of x (and r) is that
+    of h plus the gradient flowing into the returned sum."""
+    h = x if r is None else (x.double() + r.double()).to(x.dtype)
+    h64 = h.double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    b64 = b.double().requires_grad_() if b is not None else None
+    y64 = layer_norm_reference(h64, w64, b64, eps, compute_dtype=torch.float64)
+    grads = None
+    if dy is not None:
+        y64.backward(dy.double())
+        dx = h64.grad + (dsum.double() if dsum is not None else 0.0)
+        grads = (dx, w64.grad, b64.grad if b is not None else None)
+    return y64.detach(), h, grads
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_forward_backward(device, dtype, shape, with_bias, with_residual):
+    if dtype not in DTYPES[device]:
+        pytest.skip(f"{dtype} not supported on {device}")
+    eps = 1e-5
+    x, w, b, r = make_inputs(shape, dtype, device, with_bias, with_residual)
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, w, b, r)]
+    out = mk.layer_norm(*leaves[:3], eps=eps, residual=leaves[3])
+    y, h = out if with_residual else (out, None)
+    dy = torch.randn(shape).to(dtype).to(device)
+    dsum = torch.randn(shape).to(dtype).to(device) if with_residual else None
+    y_ref, h_ref, (dx_ref, dw_ref, db_ref) = reference(x, w, b, r, eps, dy, dsum)
+
+    rtol = RTOL[dtype]
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, y_ref, rtol, OUT_ATOL_FRAC, "y")
+    if with_residual:
+        assert torch.equal(h.cpu(), h_ref.cpu()), "residual sum must equal (x + residual) rounded to dtype"
+        torch.autograd.backward([y, h], [dy, dsum])
+    else:
+        y.backward(dy)
+    assert_close(leaves[0].grad, dx_ref, rtol, GRAD_ATOL_FRAC, "dx")
+    assert_close(leaves[1].grad, dw_ref, RTOL[w.dtype], GRAD_ATOL_FRAC, "dweight")
+    if with_bias:
+        assert_close(leaves[2].grad, db_ref, RTOL[w.dtype], GRAD_ATOL_FRAC, "dbias")
+    if with_residual:
+        assert_close(leaves[3].grad, dx_ref, rtol, GRAD_ATOL_FRAC, "dresidual")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(5, 7), (17, 1024), (4, 16384)], ids=lambda s: "x".join(map(str, s)))
+def test_float32_weight_with_low_precision_input(device, dtype, shape):
+    """Weights kept in float32 (no autocast) with bfloat16/float16 activations."""
+    x, w, b, r = make_inputs(shape, dtype, device, True, True, weight_dtype=torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, r)]
+    y, h = mk.layer_norm(*leaves[:3], residual=leaves[3])
+    dy, dsum = torch.randn(shape).to(dtype).to(device), torch.randn(shape).to(dtype).to(device)
+    y_ref, h_ref, (dx_ref, dw_ref, db_ref) = reference(x, w, b, r, 1e-5, dy, dsum)
+    assert_close(y, y_ref, RTOL[dtype], OUT_ATOL_FRAC, "y")
+    torch.autograd.backward([y, h], [dy, dsum])
+    assert leaves[1].grad.dtype == torch.float32
+    assert_close(leaves[0].grad, dx_ref, RTOL[dtype], GRAD_ATOL_FRAC, "dx")
+    assert_close(leaves[1].grad, dw_ref, RTOL[torch.float32], GRAD_ATOL_FRAC, "dweight")
+    assert_close(leaves[2].grad, db_ref, RTOL[torch.float32], GRAD_ATOL_FRAC, "dbias")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_strided_and_misaligned_rows(device, dtype):
+    """Rows one stride apart inside a wider buffer, at an odd element offset (no 16-byte packs on
+    CUDA); and a 3-D slice whose leading dims cannot share one stride (copied by the op)."""
+    H = 1024
+    buf = torch.randn(12, H + 8).to(dtype).to(device)
+    x = buf[1:, 1:H + 1]  # row stride H + 8, storage offset H + 9
+    rbuf = torch.randn(11, H + 3).to(dtype).to(device)
+    r = rbuf[:, 2:H + 2]
+    w = torch.randn(H).to(dtype).to(device)
+    y, h = mk.layer_norm(x, w, residual=r)
+    y_ref, h_ref, _ = reference(x, w, None, r, 1e-5)
+    assert torch.equal(h.cpu(), h_ref.cpu())
+    assert_close(y, y_ref, RTOL[dtype], OUT_ATOL_FRAC, "y (strided rows)")
+
+    x3 = torch.randn(2, 5, H).to(dtype).to(device)[:, :4]  # strides (5H, H, 1): not one row stride
+    y3 = mk.layer_norm(x3, w)
+    assert_close(y3, reference(x3, w, None, None, 1e-5)[0], RTOL[dtype], OUT_ATOL_FRAC, "y (3-D slice)")
+
+    # Backward through _C with strided dy and dresidual_out, NaN-filled outputs and workspace.
+    xs = x.clone()
+    mean = torch.full((11,), float("nan"), device=device)
+    rstd = torch.full((11,), float("nan"), device=device)
+    yo = torch.full((11, H), float("nan"), dtype=dtype, device=device)
+    _C.layer_norm_fwd(_ext.view(xs), _ext.view(w), None, None, _ext.view(yo), None, _ext.view(mean), _ext.view(rstd),
+                      1e-5, _ext.current_stream(xs))
+    dybuf = torch.randn(11, H + 16).to(dtype).to(device)
+    dy, dres = dybuf[:, 8:H + 8], rbuf[:, 1:H + 1]
+    dev = -1 if device == "cpu" else torch.device(device).index or 0
+    codes = _ext._torch_codes()
+    ws = torch.full((_C.layer_norm_bwd_workspace_numel(11, H, codes[dtype], codes[dtype], False, dev),), float("nan"),
+                    device=device)
+    dh = torch.full((11, H), float("nan"), dtype=dtype, device=device)
+    dw = torch.full((H,), float("nan"), dtype=dtype, device=device)
+    _C.layer_norm_bwd(_ext.view(dy), _ext.view(dres), _ext.view(x), _ext.view(w), _ext.view(mean), _ext.view(rstd),
+                      _ext.view(dh), _ext.view(dw), None, _ext.view(ws), _ext.current_stream(x))
+    _, _, (dx_ref, dw_ref, _) = reference(x, w, None, None, 1e-5, dy, dres)
+    assert_close(dh, dx_ref, RTOL[dtype], GRAD_ATOL_FRAC, "dh (strided dy)")
+    assert_close(dw, dw_ref, RTOL[dtype], GRAD_ATOL_FRAC, "dweight (strided dy)")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_saved_statistics_and_determinism(device):
+    x, w, b, _ = make_inputs((64, 768), torch.bfloat16, device, True, False)
+    y, h, mean, rstd = ln_op.layer_norm_fwd(x, w, b, None, 1e-5)
+    assert mean.dtype == torch.float32 and rstd.dtype == torch.float32 and mean.shape == (64,)
+    x64 = x.double()
+    assert_close(mean, x64.mean(-1), 1e-6, 1e-6, "mean")
+    assert_close(rstd, torch.rsqrt(x64.var(-1, unbiased=False) + 1e-5), 1e-5, 0, "rstd")
+    dy = torch.randn(64, 768).to(torch.bfloat16).to(device)
+    first = ln_op.layer_norm_bwd(dy, None, x, w, mean, rstd, True)
+    for _ in range(2):
+        again = ln_op.layer_norm_bwd(dy, None, x, w, mean, rstd, True)
+        for a, b2 in zip(first, again):
+            assert torch.equal(a, b2), "backward must be bitwise deterministic"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_through_sum_output_only(device):
+    """The normed output unused: its gradient arrives as zeros; x and residual get dsum only."""
+    x, w, _, r = make_inputs((6, 96), torch.float32, device, False, True)
+    xl, rl = x.clone().requires_grad_(), r.clone().requires_grad_()
+    _, h = mk.layer_norm(xl, w, residual=rl)
+    (h * 3).sum().backward()
+    assert torch.equal(xl.grad, torch.full_like(x, 3.0)) and torch.equal(rl.grad, torch.full_like(r, 3.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lp_layer_norm_module(device):
+    torch_ln = torch.nn.LayerNorm(256, bias=True).to(device)
+    with torch.no_grad():
+        torch_ln.weight.normal_()
+        torch_ln.bias.normal_()
+    m = mk.nn.LPLayerNorm(256, bias=True).to(device)
+    m.load_state_dict(torch_ln.state_dict())  # same parameter names as torch.nn.LayerNorm
+    assert set(m.state_dict()) == {"weight", "bias"}
+    assert set(mk.nn.LPLayerNorm(256).state_dict()) == {"weight"}  # MPT default: no bias
+    x = torch.randn(4, 9, 256, device=device)
+    assert_close(m(x), torch_ln(x).detach(), 1e-5, 1e-5, "LPLayerNorm vs torch.nn.LayerNorm (float32)")
+    xb = x.bfloat16()
+    r = torch.randn_like(xb)
+    y, h = m.to(torch.bfloat16)(xb, residual=r)
+    y_ref, h_ref, _ = reference(xb, m.weight.detach(), m.bias.detach(), r, 1e-5)
+    assert torch.equal(h, h_ref)
+    assert_close(y, y_ref, RTOL[torch.bfloat16], OUT_ATOL_FRAC, "LPLayerNorm residual")
+    # Two normalised dims, like torch.nn.LayerNorm((9, 256)).
+    m2 = mk.nn.LPLayerNorm((9, 256), bias=True).to(device)
+    t2 = torch.nn.LayerNorm((9, 256)).to(device)
+    t2.load_state_dict(m2.state_dict())
+    assert_close(m2(x), t2(x).detach(), 1e-5, 1e-5, "LPLayerNorm 2-D normalized_shape")
+
+
+def test_lp_layer_norm_autocast_cpu():
+    """Like MPT's LPLayerNorm: under autocast, input and weights are cast to the autocast dtype."""
+    m = mk.nn.LPLayerNorm(128)
+    with torch.no_grad():
+        m.weight.normal_()
+    x = torch.randn(8, 128, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16
+    y_ref, _, _ = reference(x.detach().bfloat16(), m.weight.detach().bfloat16(), None, None, 1e-5)
+    assert_close(y, y_ref, RTOL[torch.bfloat16], OUT_ATOL_FRAC, "autocast")
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and m.weight.grad.dtype == torch.float32
+
+
+def test_torch_compile_fullgraph_cpu():
+    """The custom ops trace with torch.compile(fullgraph=True): no graph breaks, same values and
+    gradients as eager."""
+    torch._dynamo.reset()
+
+    def block(x, w, r):
+        y, h = mk.layer_norm(x, w, residual=r)
+        z = mk.layer_norm(h * 0.5, w)
+        return (y.float() * z.float()).sum() + h.float().pow(2).sum()
+
+    x, w, _, r = make_inputs((16, 256), torch.bfloat16, "cpu", False, True)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    grads = []
+    for fn in (block, compiled):
+        leaves = [t.clone().requires_grad_() for t in (x, w, r)]
+        loss = fn(*leaves)
+        loss.backward()
+        grads.append((loss.detach(), *[t.grad for t in leaves]))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_torch_compile_inductor_cpu():
+    torch._dynamo.reset()
+    x, w, b, _ = make_inputs((8, 64), torch.float32, "cpu", True, False)
+    f = torch.compile(lambda x, w, b: mk.layer_norm(x, w, b) * 2 + 1, fullgraph=True)
+    assert torch.equal(f(x, w, b), mk.layer_norm(x, w, b) * 2 + 1)
+
+
+def test_bad_inputs_raise_value_error_naming_the_argument():
+    x = torch.randn(4, 32)
+    w = torch.randn(32)
+    cases = [
+        ("x", lambda: mk.layer_norm(x.double(), w)),
+        ("x", lambda: mk.layer_norm(x.to(torch.int32), w)),
+        ("x", lambda: mk.layer_norm(torch.randn(32, 4).t(), w)),  # non-contiguous last dim
+        ("x", lambda: mk.layer_norm(torch.randn(4, 0), torch.randn(0))),
+        ("weight", lambda: mk.layer_norm(x, torch.randn(31))),
+        ("weight", lambda: mk.layer_norm(x, torch.randn(32, dtype=torch.float64))),
+        ("weight", lambda: mk.layer_norm(x.bfloat16(), torch.randn(32, dtype=torch.float16))),
+        ("weight", lambda: mk.layer_norm(x, torch.randn(64)[::2])),
+        ("weight", lambda: mk.layer_norm(x, torch.randn(32, device="meta"))),  # another device
+        ("bias", lambda: mk.layer_norm(x, w, torch.randn(33))),
+        ("bias", lambda: mk.layer_norm(x, w.bfloat16().float(), torch.randn(32).bfloat16())),
+        ("residual", lambda: mk.layer_norm(x, w, residual=torch.randn(4, 31))),
+        ("residual", lambda: mk.layer_norm(x, w, residual=torch.randn(4, 32).bfloat16())),
+        ("residual", lambda: mk.layer_norm(x, w, residual=torch.randn(32, 4).t())),
+        ("residual", lambda: mk.layer_norm(x, w, residual=torch.randn(4, 32, device="meta"))),
+    ]
+    for name, fn in cases:
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            fn()
+
+
+def test_bad_inputs_at_the_c_boundary():
+    """_C validates on its own (it is usable without the Python op): names the argument."""
+    x, w = torch.randn(4, 32), torch.randn(32)
+    y, mean, rstd = torch.empty(4, 32), torch.empty(4), torch.empty(4)
+    V = _ext.view
+
+    def fwd(**kw):
+        args = dict(x=V(x), weight=V(w), bias=None, residual=None, y=V(y), residual_out=None, mean=V(mean),
+                    rstd=V(rstd), eps=1e-5)
+        args.update(kw)
+        _C.layer_norm_fwd(**args)
+
+    on_gpu = lambda t: V(t)[:4] + (0,)  # noqa: E731  (same memory, claimed to be on cuda:0)
+    cases = [
+        ("weight", dict(weight=on_gpu(w))),
+        ("y", dict(y=on_gpu(y))),
+        ("y", dict(y=V(torch.empty(4, 32, dtype=torch.bfloat16)))),
+        ("y", dict(y=V(torch.empty(4, 31)))),
+        ("y", dict(y=(y.data_ptr(), 0, (4, 32), (0, 1), -1))),  # overlapping output rows
+        ("x", dict(x=V(torch.randn(2, 5, 32)[:, :2]), y=V(torch.empty(2, 2, 32)))),  # no single row stride
+        ("mean", dict(mean=V(torch.empty(5)))),
+        ("rstd", dict(rstd=V(torch.empty(4, dtype=torch.float64)))),
+        ("residual_out", dict(residual=V(torch.randn(4, 32)))),
+        ("eps", dict(eps=float("nan"))),
+    ]
+    for name, kw in cases:
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            fwd(**kw)
+    ws = torch.empty(3)
+    with pytest.raises(ValueError, match="^workspace:"):
+        _C.layer_norm_bwd(V(x), None, V(x), V(w), V(mean), V(rstd), V(y), V(torch.empty(32)), None, V(ws))
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_and_uses_current_stream():
+    x, w, b, r = make_inputs((33, 4096), torch.bfloat16, "cpu", True, True)
+    y_cpu, h_cpu = mk.layer_norm(x, w, b, residual=r)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        y, h = mk.layer_norm(x.cuda(), w.cuda(), b.cuda(), residual=r.cuda())
+    s.synchronize()
+    assert torch.equal(h.cpu(), h_cpu)
+    assert (y.cpu().float() - y_cpu.float()).abs().max().item() <= 2 * 2.0 ** -7 * y_cpu.float().abs().max().item()
+
+
+def test_module_ops_registered():
+    assert "layernorm" in mk.build_info()["ops"]
