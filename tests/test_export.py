@@ -434,3 +434,22 @@ def test_onnx_rejects_bad_arguments(tmp_path):
         export_onnx(mpt(), tmp_path, opset=11)
     with pytest.raises(ValueError, match="dtype"):
         export_onnx(mpt(), tmp_path, dtype="int8")
+
+
+@pytest.mark.slow
+def test_onnx_no_cache_graph_fp16(tmp_path):
+    """The input_ids -> logits graph, with fp16 weights, through onnxruntime's CPU provider."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+    from mpt_kernels.export import export_onnx
+
+    model = mpt(d_model=32, n_heads=4, n_layers=1)
+    path = export_onnx(model, tmp_path / "m.onnx", with_kv_cache=False, dtype="fp16")
+    assert path == tmp_path / "m.onnx"
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input_ids"]
+    ids = torch.randint(0, VOCAB, (2, 9))
+    logits = sess.run(None, {"input_ids": ids.numpy()})[0]
+    assert logits.dtype == np.float16
+    # fp16 weights and activations (scores/softmax in fp32) vs the fp32 model, logits ~5: a few 1e-3.
+    torch.testing.assert_close(torch.from_numpy(logits).float(), logits_of(model, ids), rtol=0, atol=3e-2)

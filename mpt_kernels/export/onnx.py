@@ -178,11 +178,11 @@ class _NoCache(torch.nn.Module):
 
     def __init__(self, graph: MPTGraph):
         super().__init__()
-        self.graph = graph
+        self.mpt = graph  # not "graph": that name is GraphModule's own attribute after export
 
     def forward(self, input_ids):
         B = input_ids.shape[0]
-        g = self.graph
+        g = self.mpt
         empty = torch.zeros(B, g.n_kv, 0, g.head_dim, dtype=g.w("transformer.wte.weight").dtype)
         return g(input_ids, *([empty] * (2 * g.n_layers)))[0]
 
