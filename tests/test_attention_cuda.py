@@ -287,9 +287,17 @@ def emulate_fwd_cta(P, m_block, h, b, kd):
                                                                            rr[warp]["ref"][lane, r], sk)
 
 
+def decode_row_blocks(P):
+    return -(-(P["seqlen_q"] * (P["H"] // P["Hkv"])) // KDECODE_ROWS)
+
+
+def use_decode_path(P):
+    return 1 <= P["seqlen_q"] <= KDECODE_ROWS and decode_row_blocks(P) <= 4
+
+
 def decode_splits(P):
     tiles = max(1, -(-max(P["seqlen_k"], 0) // KBLOCKN))
-    bh = max(1, P["B"] * P["Hkv"])
+    bh = max(1, P["B"] * P["Hkv"] * decode_row_blocks(P))
     return min(tiles, max(1, (256 + bh - 1) // bh))
 
 
@@ -299,7 +307,8 @@ def emulate_decode(P, kd, n_splits=None):
     n_splits = n_splits or decode_splits(P)
     tiles = -(-max(P["seqlen_k"], 0) // KBLOCKN)
     tps = max(1, -(-tiles // n_splits))
-    slots = P["B"] * P["Hkv"] * n_splits
+    nrb = decode_row_blocks(P)
+    slots = P["B"] * P["Hkv"] * nrb * n_splits
     ws_acc = np.zeros((slots * KDECODE_ROWS, kd))
     ws_m = np.zeros(slots * KDECODE_ROWS)
     ws_l = np.zeros(slots * KDECODE_ROWS)
@@ -308,10 +317,13 @@ def emulate_decode(P, kd, n_splits=None):
     for b in range(P["B"]):
         sb = seq_bounds(P, b)
         sq, sk, hd = sb["sq"], sb["sk"], P["head_dim"]
-        for kvh in range(P["Hkv"]):
+        for gy in range(P["Hkv"] * nrb):  # blockIdx.y
+            kvh, row0 = gy // nrb, (gy % nrb) * KDECODE_ROWS
             for split in range(n_splits):
                 q_s, k_s, v_s = np.zeros((KDECODE_ROWS, kp)), np.zeros((2 * KBLOCKN, kp)), np.zeros((2 * KBLOCKN, kp))
-                valid_rows = min(sq * group, KDECODE_ROWS)
+                valid_rows = min(sq * group - row0, KDECODE_ROWS)
+                if valid_rows <= 0:
+                    continue
                 n_all = (sk - 1) // KBLOCKN + 1 if sk > 0 else 0
                 t_begin = split * tps
                 n_tiles = max(0, min(t_begin + tps, n_all) - t_begin)
@@ -320,17 +332,18 @@ def emulate_decode(P, kd, n_splits=None):
                 for c in range(KDECODE_ROWS * chunks):
                     r, cc = c // chunks, c % chunks
                     ok = r < valid_rows and cc * 8 < hd
-                    src = q.off + (0 if varlen else b * q.stride[0]) + (sb["q_row0"] + r // group) * q.stride[-3] + \
-                        (kvh * group + r % group) * q.stride[-2] + cc * 8
+                    R = row0 + r
+                    src = q.off + (0 if varlen else b * q.stride[0]) + (sb["q_row0"] + R // group) * q.stride[-3] + \
+                        (kvh * group + R % group) * q.stride[-2] + cc * 8
                     q_s[r, cc * 8:cc * 8 + 8] = q.flat[src:src + 8] if ok else 0.0
                 k_off = k.off + (0 if varlen else b * k.stride[0]) + sb["k_row0"] * k.stride[-3] + kvh * k.stride[-2]
                 v_off = v.off + (0 if varlen else b * v.stride[0]) + sb["k_row0"] * v.stride[-3] + kvh * v.stride[-2]
                 comb_m, comb_l = np.zeros((4, 16)), np.zeros((4, 16))
                 comb_acc = np.zeros((4, 16, kd))
                 qf = load_a_rows(q_s, 0, 0, kd)  # every warp holds all 16 rows
-                row = G[:, None] + 8 * np.arange(2)[None]
+                row = row0 + G[:, None] + 8 * np.arange(2)[None]
                 hh = kvh * group + row % group
-                slope = np.array([[slope_of(P, b, x) if x < P["H"] else 0.0 for x in rw] for rw in hh])
+                slope = np.array([[slope_of(P, b, x) for x in rw] for rw in hh])
                 rr = row_rule(row // group, sq, sk, P["causal"], slope)
                 st = [new_state(kd) for _ in range(4)]
                 for it in range(n_tiles):
@@ -356,7 +369,7 @@ def emulate_decode(P, kd, n_splits=None):
                                 d = dt * 8 + 2 * (lane & 3)
                                 comb_acc[warp, rw, d] = st[warp]["acc"][lane, dt, 2 * r]
                                 comb_acc[warp, rw, d + 1] = st[warp]["acc"][lane, dt, 2 * r + 1]
-                slot = (b * P["Hkv"] + kvh) * n_splits + split
+                slot = (b * P["Hkv"] * nrb + gy) * n_splits + split
                 for idx in range(KDECODE_ROWS * kd):
                     rw, col = idx // kd, idx % kd
                     mx = comb_m[:, rw].max()
@@ -370,11 +383,12 @@ def emulate_decode(P, kd, n_splits=None):
     for b in range(P["B"]):
         sb = seq_bounds(P, b)
         for kvh in range(P["Hkv"]):
-            for row in range(KDECODE_ROWS):
-                i, h = row // group, kvh * group + row % group
+            for R in range(KDECODE_ROWS * nrb):
+                i, h = R // group, kvh * group + R % group
                 if i >= sb["sq"]:
                     continue
-                slot0 = (b * P["Hkv"] + kvh) * n_splits
+                row = R % KDECODE_ROWS
+                slot0 = ((b * P["Hkv"] + kvh) * nrb + R // KDECODE_ROWS) * n_splits
                 ks = [(slot0 + s) * 16 + row for s in range(n_splits)]
                 mx = max(ws_m[x] for x in ks)
                 mu = 0.0 if mx == -np.inf else mx
@@ -686,6 +700,9 @@ EMU_DECODE_CASES = [
     (1, 3, 300, 4, 1, 128, True, None, "batch", 2),     # 3 positions x MQA 4 heads = 12 rows, 3 tiles/split
     (1, 16, 40, 1, 1, 40, False, None, "mpt", 3),       # 16 rows, more splits than tiles (empty splits)
     (0, 0, 0, 2, 2, 64, True, [(1, 70), (2, 1), (1, 0)], "mpt", None),  # varlen incl. empty keys
+    (1, 1, 130, 48, 1, 64, True, None, "mpt", 2),       # MQA 48:1: 3 row blocks of 16 heads
+    (1, 5, 70, 12, 1, 64, False, None, "batch", None),  # 60 rows: 4 row blocks, the last one partial
+    (0, 0, 0, 8, 2, 64, True, [(8, 100), (2, 9)], "mpt", 2),  # varlen: 32 vs 8 rows (empty row blocks)
 ]
 
 
@@ -694,7 +711,7 @@ EMU_DECODE_CASES = [
 def test_emulated_decode_kernel(case):
     B, Sq, Sk, H, Hkv, D, causal, lens, sk_kind, splits = case
     P, (q, k, v, out, slopes) = _setup(B, Sq, Sk, H, Hkv, D, causal, lens, sk_kind)
-    assert P["seqlen_q"] * (H // Hkv) <= KDECODE_ROWS
+    assert use_decode_path(P)
     emulate_decode(P, 64 if D <= 64 else 128, splits)
     o_ref, lse_ref, _ = _reference(q, k, v, slopes, causal, P["cu_q"], P["cu_k"])
     _check_outputs(P, out, o_ref, lse_ref)
@@ -836,6 +853,15 @@ def test_cuda_gqa_mqa_matches_reference(Sq, Sk, causal, H, Hkv, dtype):
     q, k, v = _cuda_case(2, Sq, Sk, H, Hkv, 128, dtype, strided=False)
     slopes = torch.rand(2, H, device="cuda")  # per-batch random slopes
     _run_and_check(q, k, v, causal, slopes)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Sq,Sk,H,Hkv", [(1, 2000, 48, 1), (3, 500, 32, 2), (16, 16, 4, 4), (16, 333, 8, 2)])
+def test_cuda_decode_row_blocks(Sq, Sk, H, Hkv, dtype):
+    # split-K decode with several 16-row blocks per kv head (48, 48, 16 and 64 rows per kv head)
+    q, k, v = _cuda_case(2, Sq, Sk, H, Hkv, 128, dtype, strided=False)
+    _run_and_check(q, k, v, True, mk.alibi_slopes(H).cuda())
 
 
 @pytest.mark.cuda

@@ -5,9 +5,10 @@
 //        -c csrc/attention/attention_cuda.cu -o /tmp/a80.o          (and -arch=sm_90a)
 // Kernels (each instantiated for {fp16, bf16} x padded head dim {64, 128}):
 //   attention_fwd_kernel     64 query rows x 64-key tiles, 4 warps x 16 rows, K/V double-buffered.
-//   attention_decode_kernel  seqlen_q * group <= 16: one CTA per (key chunk, kv head, batch) handles
-//                            every query head of the group (K/V read once per group); the 4 warps
-//                            split each 64-key tile 4 x 16; float32 partials go to the workspace.
+//   attention_decode_kernel  seqlen_q <= 16 and seqlen_q * group <= 64: one CTA per (key chunk,
+//                            kv head x 16-row block, batch) handles 16 (position, query head) rows of
+//                            the group (K/V read once per 16 rows); the 4 warps split each 64-key tile
+//                            4 x 16; float32 partials go to the workspace.
 //   attention_decode_combine merges the partials of the chunks into out and lse.
 //   attention_bwd_delta      delta = rowsum(dO * O) (float32, workspace).
 //   attention_bwd_kernel     one CTA per (64-key block, kv head, batch) loops over the group's heads
@@ -328,10 +329,12 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
 }
 
 // ------------------------------------------------------------------------------------------------
-// Decode / short queries (seqlen_q * group <= 16). Row r of the 16-row tile is query position
-// r / group of head kvh * group + r % group. Grid (n_splits, n_kv_heads, batch).
-// Workspace per (batch, kv head, split) slot: acc[16][kD], then m[16] and l[16] (log2 domain,
-// unnormalised acc), regions laid out as [slots*16*kD | slots*16 | slots*16] floats.
+// Decode / short queries (seqlen_q <= 16, seqlen_q * group <= 64). The (position, head-in-group) rows
+// of one kv head, row R = position * group + head-in-group, are cut into blocks of 16 (one mma M tile);
+// a CTA handles one block against one chunk of keys, so K/V are read once per 16 rows, not once per
+// query head. Grid (n_splits, n_kv_heads * n_row_blocks, batch).
+// Workspace per (batch, kv head, row block, split) slot: acc[16][kD], then m[16] and l[16] (log2
+// domain, unnormalised acc), regions laid out as [slots*16*kD | slots*16 | slots*16] floats.
 struct DecodeWorkspace {
   float* acc;
   float* m;
@@ -345,7 +348,7 @@ __host__ __device__ inline DecodeWorkspace decode_workspace(void* ws, int64_t sl
 
 template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads)
-    attention_decode_kernel(const AttentionFwdParams p, int n_splits, int tiles_per_split) {
+    attention_decode_kernel(const AttentionFwdParams p, int n_splits, int tiles_per_split, int n_row_blocks) {
   constexpr int kP = Pitch<kD>::value;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* q_s = reinterpret_cast<T*>(smem_raw);
@@ -358,10 +361,12 @@ __global__ void __launch_bounds__(kThreads)
   static_assert((4 * kDecodeRows * kD + 8 * kDecodeRows) * 4 <= 4 * kBlockN * kP * 2, "merge scratch fits");
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const int split = blockIdx.x, b = blockIdx.z;
+  const int kvh = blockIdx.y / n_row_blocks, row0 = (blockIdx.y % n_row_blocks) * kDecodeRows;
   const SeqBounds sb = seq_bounds(p, b);
   const int group = p.n_heads / p.n_kv_heads;
-  const int valid_rows = min(sb.sq * group, kDecodeRows);
+  const int valid_rows = min(sb.sq * group - row0, kDecodeRows);
+  if (valid_rows <= 0) return;  // varlen: a shorter sequence; the combine never reads this slot
 
   const T* q_base = static_cast<const T*>(p.q);
   const T* k_base = static_cast<const T*>(p.k);
@@ -382,8 +387,9 @@ __global__ void __launch_bounds__(kThreads)
       const int c = c0 + tid;
       const int r = c / kChunks, cc = c % kChunks;
       const bool ok = r < valid_rows && cc * 8 < p.head_dim;
-      const T* src = q_base + b * p.q_batch_stride + (sb.q_row0 + r / group) * p.q_row_stride +
-                     (kvh * group + r % group) * p.q_head_stride + cc * 8;
+      const int R = row0 + r;
+      const T* src = q_base + b * p.q_batch_stride + (sb.q_row0 + R / group) * p.q_row_stride +
+                     (kvh * group + R % group) * p.q_head_stride + cc * 8;
       cp_async_16(smem_addr(q_s + r * kP + cc * 8), ok ? src : q_base, ok);
     }
   }
@@ -403,10 +409,10 @@ __global__ void __launch_bounds__(kThreads)
   float slope_row[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int row = (lane >> 2) + 8 * r;
-    const int h = kvh * group + row % group;
-    slope_row[r] = (p.alibi_slopes && h < p.n_heads) ? p.alibi_slopes[b * p.alibi_slopes_batch_stride + h] : 0.f;
-    rr[r] = row_rule(row / group, sb.sq, sb.sk, p.causal, slope_row[r]);
+    const int R = row0 + (lane >> 2) + 8 * r;
+    const int h = kvh * group + R % group;
+    slope_row[r] = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_slopes_batch_stride + h] : 0.f;
+    rr[r] = row_rule(R / group, sb.sq, sb.sk, p.causal, slope_row[r]);
   }
   float m[2], l[2], acc[kD / 8][4];
   init_state<T, kD>(m, l, acc);
@@ -454,7 +460,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
 
   const int64_t slots = static_cast<int64_t>(gridDim.z) * gridDim.y * n_splits;
-  const int64_t slot = (static_cast<int64_t>(b) * gridDim.y + kvh) * n_splits + split;
+  const int64_t slot = (static_cast<int64_t>(b) * gridDim.y + blockIdx.y) * n_splits + split;
   const DecodeWorkspace ws = decode_workspace(p.workspace, slots, kD);
   for (int idx = tid; idx < kDecodeRows * kD; idx += kThreads) {
     const int row = idx / kD, col = idx % kD;
@@ -477,16 +483,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Grid (16 rows, n_kv_heads, batch); block 128 threads over the head dim.
+// Grid (16 * n_row_blocks rows, n_kv_heads, batch); block 128 threads over the head dim.
 template <typename T, int kD>
-__global__ void __launch_bounds__(kThreads) attention_decode_combine_kernel(const AttentionFwdParams p, int n_splits) {
-  const int row = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+__global__ void __launch_bounds__(kThreads)
+    attention_decode_combine_kernel(const AttentionFwdParams p, int n_splits, int n_row_blocks) {
+  const int R = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const SeqBounds sb = seq_bounds(p, b);
   const int group = p.n_heads / p.n_kv_heads;
-  const int i = row / group, h = kvh * group + row % group;
+  const int i = R / group, h = kvh * group + R % group;
   if (i >= sb.sq) return;
-  const int64_t slots = static_cast<int64_t>(gridDim.z) * gridDim.y * n_splits;
-  const int64_t slot0 = (static_cast<int64_t>(b) * gridDim.y + kvh) * n_splits;
+  const int row = R % kDecodeRows;
+  const int64_t slots = static_cast<int64_t>(gridDim.z) * gridDim.y * n_row_blocks * n_splits;
+  const int64_t slot0 =
+      ((static_cast<int64_t>(b) * gridDim.y + kvh) * n_row_blocks + R / kDecodeRows) * n_splits;
   const DecodeWorkspace ws = decode_workspace(p.workspace, slots, kD);
   float mx = -INFINITY;
   for (int s = 0; s < n_splits; ++s) mx = fmaxf(mx, ws.m[(slot0 + s) * kDecodeRows + row]);
@@ -848,24 +857,33 @@ inline int padded_head_dim(int head_dim) { return head_dim <= 64 ? 64 : 128; }
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
-// The split-K decode path: the query rows of one kv head (positions x heads of the group) fit one
-// 16-row mma tile. Must agree between the workspace-size query and the launch.
+constexpr int kDecodeMaxRowBlocks = 4;
+
+inline int decode_row_blocks(const AttentionFwdParams& p) {
+  const int64_t rows = static_cast<int64_t>(p.seqlen_q) * (p.n_heads / p.n_kv_heads);
+  return static_cast<int>((rows + kDecodeRows - 1) / kDecodeRows);
+}
+
+// The split-K decode path: short queries whose (position, head) rows per kv head fit a few 16-row
+// mma tiles (a decode step, speculative tokens, GQA/MQA groups up to 64 heads). Must agree between
+// the workspace-size query and the launch.
 inline bool use_decode_path(const AttentionFwdParams& p) {
-  const int64_t group = p.n_heads / p.n_kv_heads;
-  return p.seqlen_q >= 1 && static_cast<int64_t>(p.seqlen_q) * group <= kDecodeRows;
+  if (p.seqlen_q < 1 || p.seqlen_q > kDecodeRows) return false;
+  const int nrb = decode_row_blocks(p);
+  return nrb <= kDecodeMaxRowBlocks && static_cast<int64_t>(p.n_kv_heads) * nrb <= 65535;
 }
 
 // Key chunks per (batch, kv head): aim at ~256 CTAs in total (2 waves on 108-132 SMs), never more
 // chunks than 64-key tiles. Depends only on the shapes, so the size query needs no device.
 inline int decode_splits(const AttentionFwdParams& p) {
   const int64_t tiles = std::max<int64_t>(1, ceil_div(std::max(p.seqlen_k, 0), kBlockN));
-  const int64_t bh = std::max<int64_t>(1, static_cast<int64_t>(p.batch) * p.n_kv_heads);
+  const int64_t bh = std::max<int64_t>(1, static_cast<int64_t>(p.batch) * p.n_kv_heads * decode_row_blocks(p));
   const int64_t want = std::max<int64_t>(1, (256 + bh - 1) / bh);
   return static_cast<int>(std::min(tiles, want));
 }
 
 inline size_t decode_workspace_bytes(const AttentionFwdParams& p) {
-  const int64_t slots = static_cast<int64_t>(p.batch) * p.n_kv_heads * decode_splits(p);
+  const int64_t slots = static_cast<int64_t>(p.batch) * p.n_kv_heads * decode_row_blocks(p) * decode_splits(p);
   return static_cast<size_t>(slots) * kDecodeRows * (padded_head_dim(p.head_dim) + 2) * sizeof(float);
 }
 
@@ -914,12 +932,14 @@ void launch_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
     const int splits = decode_splits(p);
     const int64_t tiles = ceil_div(std::max(p.seqlen_k, 0), kBlockN);
     const int tiles_per_split = static_cast<int>(std::max<int64_t>(1, (tiles + splits - 1) / splits));
+    const int nrb = decode_row_blocks(p);
     auto kernel = attention_decode_kernel<T, kD>;
     set_smem(kernel, decode_smem_bytes<kD>());
-    kernel<<<dim3(splits, p.n_kv_heads, p.batch), kThreads, decode_smem_bytes<kD>(), stream>>>(p, splits,
-                                                                                              tiles_per_split);
+    kernel<<<dim3(splits, p.n_kv_heads * nrb, p.batch), kThreads, decode_smem_bytes<kD>(), stream>>>(
+        p, splits, tiles_per_split, nrb);
     MPTK_CUDA_CHECK_LAUNCH();
-    attention_decode_combine_kernel<T, kD><<<dim3(kDecodeRows, p.n_kv_heads, p.batch), kThreads, 0, stream>>>(p, splits);
+    attention_decode_combine_kernel<T, kD><<<dim3(kDecodeRows * nrb, p.n_kv_heads, p.batch), kThreads, 0, stream>>>(
+        p, splits, nrb);
     MPTK_CUDA_CHECK_LAUNCH();
     return;
   }
