@@ -833,6 +833,30 @@ def _run_and_check(q, k, v, causal, slopes, grad=True, atol_fwd=None, atol_bwd=N
         _bound_check(a, b64, blp, name, atol_bwd)
 
 
+# Smoke tests first (pytest -x stops at the first failure): one kernel path each, smallest sizes, so a
+# failure on a first GPU run names the path. The emulation tests above localise index bugs further.
+SMOKE = [
+    # name, (B, Sq, Sk, H, Hkv, D, causal, alibi), grad
+    ("fwd_kernel_d64_full_nobias", (1, 64, 64, 1, 1, 64, False, False), False),
+    ("fwd_kernel_d128_full_nobias", (1, 64, 64, 1, 1, 128, False, False), False),
+    ("fwd_kernel_d64_causal_alibi_partial_tiles", (1, 70, 100, 2, 1, 64, True, True), False),
+    ("decode_kernel_d64", (1, 1, 100, 2, 2, 64, True, True), False),
+    ("decode_kernel_d128_gqa", (1, 2, 300, 8, 2, 128, True, True), False),
+    ("bwd_kernel_d64", (1, 64, 64, 1, 1, 64, False, True), True),
+    ("bwd_kernel_d128_causal_gqa", (1, 70, 100, 4, 2, 128, True, True), True),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,shape,grad", SMOKE, ids=[c[0] for c in SMOKE])
+def test_cuda_smoke_each_path(name, shape, grad, dtype):
+    B, Sq, Sk, H, Hkv, D, causal, alibi = shape
+    q, k, v = _cuda_case(B, Sq, Sk, H, Hkv, D, dtype, strided=False)
+    slopes = mk.alibi_slopes(H).cuda() if alibi else torch.zeros(H, device="cuda")
+    _run_and_check(q, k, v, causal, slopes, grad=grad)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D", [64, 128, 80])
