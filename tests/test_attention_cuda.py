@@ -39,7 +39,17 @@ G = LANE >> 2
 T = LANE & 3
 KTHREADS = 128
 KBLOCKN = 64
-KFWD_BM = 64
+
+
+def fwd_warps(kd):
+    """FwdShape: 16 query rows per warp; 8 warps at d=128, 4 at d=64."""
+    return 8 if kd > 64 else 4
+
+
+def fwd_block_m(kd):
+    return 16 * fwd_warps(kd)
+
+
 KDECODE_ROWS = 16
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -125,12 +135,12 @@ class Mem:
         self.stride = t.stride()
 
 
-def load_tile(smem, row0, flat, off, row_stride, valid_rows, head_dim, k_rows, kd):
+def load_tile(smem, row0, flat, off, row_stride, valid_rows, head_dim, k_rows, kd, n_threads=KTHREADS):
     """attn_cuda::load_tile_async: 16-byte chunks c = c0 + tid over the CTA, zero-fill past
     valid_rows / head_dim. Indexing the flat storage raises if a valid chunk is out of bounds."""
     chunks = kd // 8
     total = k_rows * chunks
-    assert total % KTHREADS == 0
+    assert total % n_threads == 0
     c = np.arange(total)
     r, cc = c // chunks, c % chunks
     ok = (r < valid_rows) & (cc * 8 < head_dim)
@@ -225,7 +235,8 @@ def slope_of(P, b, h):
 
 
 def emulate_fwd_cta(P, m_block, h, b, kd):
-    kp, kbm = pitch(kd), KFWD_BM
+    kp, kbm, n_warps = pitch(kd), fwd_block_m(kd), fwd_warps(kd)
+    n_thr = 32 * n_warps
     q_s, k_s, v_s = np.zeros((kbm, kp)), np.zeros((2 * KBLOCKN, kp)), np.zeros((2 * KBLOCKN, kp))
     sb = seq_bounds(P, b)
     m0 = m_block * kbm
@@ -247,24 +258,24 @@ def emulate_fwd_cta(P, m_block, h, b, kd):
     max_key = min(sk - 1, last_row + sk - sq) if causal else sk - 1
     n_tiles = max_key // KBLOCKN + 1 if max_key >= 0 else 0
     first_row_last_key = min(sk - 1, m0 + sk - sq) if causal else sk - 1
-    load_tile(q_s, 0, q.flat, q_off, q.stride[-3], sq - m0, hd, kbm, kd)
+    load_tile(q_s, 0, q.flat, q_off, q.stride[-3], sq - m0, hd, kbm, kd, n_thr)
     scale2 = P["scale"] * LOG2E
     P["stats"]["tiles"] += n_tiles
     qf, rows, rr, st = [], [], [], []
-    for warp in range(4):
+    for warp in range(n_warps):
         qf.append(load_a_rows(q_s, 0, warp * 16, kd))
         rows.append(m0 + warp * 16 + G[:, None] + 8 * np.arange(2)[None])
         rr.append(row_rule(rows[warp], sq, sk, causal, np.full((32, 2), slope)))
         st.append(new_state(kd))
     for it in range(n_tiles):
         n0, stg = it * KBLOCKN, it & 1
-        load_tile(k_s, stg * KBLOCKN, k.flat, k_off + n0 * k.stride[-3], k.stride[-3], sk - n0, hd, KBLOCKN, kd)
-        load_tile(v_s, stg * KBLOCKN, v.flat, v_off + n0 * v.stride[-3], v.stride[-3], sk - n0, hd, KBLOCKN, kd)
+        load_tile(k_s, stg * KBLOCKN, k.flat, k_off + n0 * k.stride[-3], k.stride[-3], sk - n0, hd, KBLOCKN, kd, n_thr)
+        load_tile(v_s, stg * KBLOCKN, v.flat, v_off + n0 * v.stride[-3], v.stride[-3], sk - n0, hd, KBLOCKN, kd, n_thr)
         need_mask = n0 + KBLOCKN - 1 > first_row_last_key
         P["stats"]["masked_tiles"] += int(need_mask)
-        for warp in range(4):
+        for warp in range(n_warps):
             attend_keys(qf[warp], k_s, v_s, stg * KBLOCKN, n0, rr[warp], need_mask, scale2, st[warp], kd, KBLOCKN // 8)
-    for warp in range(4):
+    for warp in range(n_warps):
         l = st[warp]["l"].copy()
         for r in range(2):
             l[:, r] += shfl_xor(l[:, r], 1)
@@ -674,7 +685,8 @@ EMU_FWD_CASES = [
     # (B, Sq, Sk, H, Hkv, D, causal, varlen_lens, slopes)
     (1, 17, 97, 4, 2, 64, True, None, "mpt"),       # GQA, partial tiles, causal offset Sk-Sq
     (1, 70, 70, 2, 1, 40, False, None, "batch"),    # MQA, padded head dim, two m blocks, batch slopes
-    (2, 65, 130, 2, 2, 128, True, None, None),      # d=128, no bias, 3 key tiles
+    (2, 65, 130, 2, 2, 128, True, None, None),      # d=128 (8 warps, 128 rows), no bias, 3 key tiles
+    (1, 140, 200, 2, 1, 112, True, None, "mpt"),     # d=128 shape: 2 query blocks of 128, causal skipping
     (0, 0, 0, 3, 1, 64, True, [(17, 30), (70, 70), (1, 5)], "mpt"),  # varlen, MQA 3:1
     (0, 0, 0, 2, 2, 96, False, [(5, 0), (20, 64)], "mpt"),  # varlen with an empty key sequence
 ]
@@ -688,7 +700,7 @@ def test_emulated_forward_kernel(case):
     kd = 64 if D <= 64 else 128
     for b in range(P["B"]):
         for h in range(H):
-            for mb in range(-(-P["seqlen_q"] // KFWD_BM)):
+            for mb in range(-(-P["seqlen_q"] // fwd_block_m(kd))):
                 emulate_fwd_cta(P, mb, h, b, kd)
     o_ref, lse_ref, _ = _reference(q, k, v, slopes, causal, P["cu_q"], P["cu_k"])
     _check_outputs(P, out, o_ref, lse_ref)
@@ -761,7 +773,7 @@ def test_emulated_kernels_low_precision_within_2x_torch_error(dtype, monkeypatch
     lp = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
     o_lp = reference.attention_reference(*lp, causal=causal, alibi_slopes=slopes.float(), compute_dtype=dtype)
     g_lp = torch.autograd.grad(o_lp, lp, dout.to(dtype))
-    for mb in range(-(-Sq // KFWD_BM)):
+    for mb in range(-(-Sq // fwd_block_m(64))):
         for h in range(H):
             emulate_fwd_cta(P, mb, h, 0, 64)
     P["lse"] = _lse64(q, k, slopes, causal, None, None)

@@ -4,7 +4,8 @@
 //   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -arch=sm_80 -Icsrc -DMPTK_WITH_CUDA -Xptxas -v \
 //        -c csrc/attention/attention_cuda.cu -o /tmp/a80.o          (and -arch=sm_90a)
 // Kernels (each instantiated for {fp16, bf16} x padded head dim {64, 128}):
-//   attention_fwd_kernel     64 query rows x 64-key tiles, 4 warps x 16 rows, K/V double-buffered.
+//   attention_fwd_kernel     16 query rows per warp (d=64: 4 warps, d=128: 8 warps) x 64-key tiles,
+//                            K/V double-buffered.
 //   attention_decode_kernel  seqlen_q <= 16 and seqlen_q * group <= 64: one CTA per (key chunk,
 //                            kv head x 16-row block, batch) handles 16 (position, query head) rows of
 //                            the group (K/V read once per 16 rows); the 4 warps split each 64-key tile
@@ -36,9 +37,18 @@
 namespace mptk {
 namespace attn_cuda {
 
-constexpr int kThreads = 128;  // 4 warps everywhere
+constexpr int kThreads = 128;  // 4 warps, everywhere except the d=128 forward
 constexpr int kBlockN = 64;    // keys per tile
-constexpr int kFwdBlockM = 64;  // query rows per forward CTA (16 per warp)
+
+// Forward CTA shape: 16 query rows per warp. d=128 uses 8 warps (128 rows): each K/V tile fetched from
+// L2 then feeds twice the rows (128 instead of 64 FLOP per byte), at the same 8 warps per SM (255
+// registers x 256 threads fill the register file). d=64 keeps 4 warps: 168 registers allow 3 CTAs/SM.
+template <int kD>
+struct FwdShape {
+  static constexpr int kWarps = kD > 64 ? 8 : 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kBlockM = 16 * kWarps;
+};
 constexpr int kDecodeRows = 16;  // one mma M tile of (query position, head-in-group) rows
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -109,14 +119,14 @@ __device__ __forceinline__ float row_lse(float m2, float l, float slope, int ref
 // Copies a kRows x kD tile (row stride in elements) into shared memory with the padded pitch;
 // rows >= valid_rows and 16-byte chunks at or past head_dim become zeros. `fallback` is any valid
 // address, used as the (unread) source of zero-filled chunks.
-template <int kRows, int kD, typename T>
+template <int kRows, int kD, int kNThreads = kThreads, typename T>
 __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t row_stride, int valid_rows,
                                                 int head_dim, const T* fallback, int tid) {
   constexpr int kChunks = kD / 8;
   constexpr int kTotal = kRows * kChunks;
-  static_assert(kTotal % kThreads == 0, "tile must split evenly over the CTA");
+  static_assert(kTotal % kNThreads == 0, "tile must split evenly over the CTA");
 #pragma unroll
-  for (int c0 = 0; c0 < kTotal; c0 += kThreads) {
+  for (int c0 = 0; c0 < kTotal; c0 += kNThreads) {
     const int c = c0 + tid;
     const int r = c / kChunks, cc = c % kChunks;
     const bool ok = r < valid_rows && cc * 8 < head_dim;
@@ -236,10 +246,10 @@ __device__ __forceinline__ void init_state(float (&m)[2], float (&l)[2], float (
 }
 
 // ------------------------------------------------------------------------------------------------
-// Forward. Grid (ceil(seqlen_q / 64), n_heads, batch); block 128; smem Q + 2 x (K, V) tiles.
+// Forward. Grid (ceil(seqlen_q / kBlockM), n_heads, batch); block FwdShape::kThreads; smem Q + 2 x (K, V).
 template <typename T, int kD>
-__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttentionFwdParams p) {
-  constexpr int kBM = kFwdBlockM, kP = Pitch<kD>::value;
+__global__ void __launch_bounds__(FwdShape<kD>::kThreads) attention_fwd_kernel(const AttentionFwdParams p) {
+  constexpr int kBM = FwdShape<kD>::kBlockM, kNT = FwdShape<kD>::kThreads, kP = Pitch<kD>::value;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* q_s = reinterpret_cast<T*>(smem_raw);
   T* k_s = q_s + kBM * kP;          // [2][kBlockN][kP]
@@ -268,11 +278,11 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   const int n_tiles = max_key >= 0 ? max_key / kBlockN + 1 : 0;
   const int first_row_last_key = p.causal ? min(sb.sk - 1, m0 + sb.sk - sb.sq) : sb.sk - 1;
 
-  load_tile_async<kBM, kD>(q_s, q_g, p.q_row_stride, sb.sq - m0, p.head_dim, q_base, tid);
+  load_tile_async<kBM, kD, kNT>(q_s, q_g, p.q_row_stride, sb.sq - m0, p.head_dim, q_base, tid);
   cp_async_commit();
   if (n_tiles > 0) {
-    load_tile_async<kBlockN, kD>(k_s, k_g, p.k_row_stride, sb.sk, p.head_dim, k_base, tid);
-    load_tile_async<kBlockN, kD>(v_s, v_g, p.v_row_stride, sb.sk, p.head_dim, v_base, tid);
+    load_tile_async<kBlockN, kD, kNT>(k_s, k_g, p.k_row_stride, sb.sk, p.head_dim, k_base, tid);
+    load_tile_async<kBlockN, kD, kNT>(v_s, v_g, p.v_row_stride, sb.sk, p.head_dim, v_base, tid);
   }
   cp_async_commit();
   cp_async_wait<1>();  // Q has landed (the first K/V tile may still be in flight)
@@ -290,9 +300,9 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   for (int it = 0; it < n_tiles; ++it) {
     if (it + 1 < n_tiles) {  // prefetch the next tile into the other stage while this one computes
       const int n1 = (it + 1) * kBlockN, st = (it + 1) & 1;
-      load_tile_async<kBlockN, kD>(k_s + st * kBlockN * kP, k_g + n1 * p.k_row_stride, p.k_row_stride, sb.sk - n1,
+      load_tile_async<kBlockN, kD, kNT>(k_s + st * kBlockN * kP, k_g + n1 * p.k_row_stride, p.k_row_stride, sb.sk - n1,
                                    p.head_dim, k_base, tid);
-      load_tile_async<kBlockN, kD>(v_s + st * kBlockN * kP, v_g + n1 * p.v_row_stride, p.v_row_stride, sb.sk - n1,
+      load_tile_async<kBlockN, kD, kNT>(v_s + st * kBlockN * kP, v_g + n1 * p.v_row_stride, p.v_row_stride, sb.sk - n1,
                                    p.head_dim, v_base, tid);
       cp_async_commit();
       cp_async_wait<1>();
@@ -840,7 +850,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const Attention
 
 template <int kD>
 constexpr size_t fwd_smem_bytes() {
-  return static_cast<size_t>(kFwdBlockM + 4 * kBlockN) * Pitch<kD>::value * 2;
+  return static_cast<size_t>(FwdShape<kD>::kBlockM + 4 * kBlockN) * Pitch<kD>::value * 2;
 }
 template <int kD>
 constexpr size_t decode_smem_bytes() {
@@ -945,7 +955,8 @@ void launch_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   }
   auto kernel = attention_fwd_kernel<T, kD>;
   set_smem(kernel, fwd_smem_bytes<kD>());
-  kernel<<<dim3(ceil_div(p.seqlen_q, kFwdBlockM), p.n_heads, p.batch), kThreads, fwd_smem_bytes<kD>(), stream>>>(p);
+  kernel<<<dim3(ceil_div(p.seqlen_q, FwdShape<kD>::kBlockM), p.n_heads, p.batch), FwdShape<kD>::kThreads,
+           fwd_smem_bytes<kD>(), stream>>>(p);
   MPTK_CUDA_CHECK_LAUNCH();
 }
 
