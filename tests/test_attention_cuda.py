@@ -59,6 +59,9 @@ def pitch(kd):
     return kd + 8
 
 
+BWD_WARPS = 8
+
+
 def bwd_block_m(kd):
     return 32 if kd > 64 else 64
 
@@ -417,10 +420,12 @@ def emulate_decode(P, kd, n_splits=None):
 def emulate_bwd(P, kd):
     """delta kernel + main backward kernel + dq convert, emulated. Returns nothing; writes dq/dk/dv."""
     kbm, kp = bwd_block_m(kd), pitch(kd)
+    n_warps = BWD_WARPS
+    kbn, n_thr = 16 * n_warps, 32 * n_warps  # BwdShape: 128 keys per CTA
     kdsp = kbm + 8
     kwm = kbm // 16
-    kdq_cols = kd // (4 // kwm)
-    assert kdq_cols == 64
+    kdq_cols = kd // (n_warps // kwm)
+    assert kdq_cols % 16 == 0
     H, Hkv, hd = P["H"], P["Hkv"], P["head_dim"]
     group = H // Hkv
     varlen = P["cu_q"] is not None
@@ -442,13 +447,13 @@ def emulate_bwd(P, kd):
         sq, sk, causal = sb["sq"], sb["sk"], P["causal"]
         diag_off = sk - sq
         for kvh in range(Hkv):
-            for n_block in range(-(-P["seqlen_k"] // KBLOCKN)):
-                n0 = n_block * KBLOCKN
+            for n_block in range(-(-P["seqlen_k"] // kbn)):
+                n0 = n_block * kbn
                 if n0 >= sk:
                     continue
-                k_s, v_s = np.zeros((KBLOCKN, kp)), np.zeros((KBLOCKN, kp))
+                k_s, v_s = np.zeros((kbn, kp)), np.zeros((kbn, kp))
                 q_s, do_s = np.zeros((2 * kbm, kp)), np.zeros((2 * kbm, kp))
-                ds_s = np.zeros((KBLOCKN, kdsp))
+                ds_s = np.zeros((kbn, kdsp))
                 lse2_s, delta_s = np.zeros(kbm), np.zeros(kbm)
                 k_off = k.off + bs(k, b) + (sb["k_row0"] + n0) * k.stride[-3] + kvh * k.stride[-2]
                 v_off = v.off + bs(v, b) + (sb["k_row0"] + n0) * v.stride[-3] + kvh * v.stride[-2]
@@ -456,18 +461,18 @@ def emulate_bwd(P, kd):
                 m_end = (sq + kbm - 1) // kbm
                 n_m = max(0, m_end - m_begin)
                 total = n_m * group
-                load_tile(k_s, 0, k.flat, k_off, k.stride[-3], sk - n0, hd, KBLOCKN, kd)
-                load_tile(v_s, 0, v.flat, v_off, v.stride[-3], sk - n0, hd, KBLOCKN, kd)
-                dk = np.zeros((4, 32, kd // 8, 4))
-                dv = np.zeros((4, 32, kd // 8, 4))
+                load_tile(k_s, 0, k.flat, k_off, k.stride[-3], sk - n0, hd, kbn, kd, n_thr)
+                load_tile(v_s, 0, v.flat, v_off, v.stride[-3], sk - n0, hd, kbn, kd, n_thr)
+                dk = np.zeros((n_warps, 32, kd // 8, 4))
+                dv = np.zeros((n_warps, 32, kd // 8, 4))
                 for it in range(total):
                     h = kvh * group + it // n_m
                     i0 = (m_begin + it % n_m) * kbm
                     stg = it & 1
                     q_off = q.off + bs(q, b) + (sb["q_row0"] + i0) * q.stride[-3] + h * q.stride[-2]
                     d_off = do.off + bs(do, b) + (sb["q_row0"] + i0) * do.stride[-3] + h * do.stride[-2]
-                    load_tile(q_s, stg * kbm, q.flat, q_off, q.stride[-3], sq - i0, hd, kbm, kd)
-                    load_tile(do_s, stg * kbm, do.flat, d_off, do.stride[-3], sq - i0, hd, kbm, kd)
+                    load_tile(q_s, stg * kbm, q.flat, q_off, q.stride[-3], sq - i0, hd, kbm, kd, n_thr)
+                    load_tile(do_s, stg * kbm, do.flat, d_off, do.stride[-3], sq - i0, hd, kbm, kd, n_thr)
                     slope = slope_of(P, b, h)
                     slope2 = slope * LOG2E
                     for tid in range(kbm):
@@ -481,10 +486,10 @@ def emulate_bwd(P, kd):
                             dl = delta[(sb["ws_row0"] + i) * H + h]
                         lse2_s[tid], delta_s[tid] = l2, dl
                     qrow_base = stg * kbm
-                    need_mask = (n0 + KBLOCKN - 1 > sk - 1) or (causal and n0 + KBLOCKN - 1 - i0 > diag_off)
+                    need_mask = (n0 + kbn - 1 > sk - 1) or (causal and n0 + kbn - 1 - i0 > diag_off)
                     P["stats"]["masked_tiles"] += int(need_mask)
                     P["stats"]["tiles"] += 1
-                    for warp in range(4):
+                    for warp in range(n_warps):
                         key_row = n0 + warp * 16 + G[:, None] + 8 * np.arange(2)[None]  # (32, 2)
                         s = np.zeros((32, kbm // 8, 4))
                         arow = warp * 16 + (LANE & 7) + (((LANE >> 3) & 1) << 3)
@@ -540,10 +545,10 @@ def emulate_bwd(P, kd):
                                 ds_s[r0 + dr, c0 + dc] = a[:, reg, 0]
                                 ds_s[r0 + dr, c0 + dc + 1] = a[:, reg, 1]
                     # __syncthreads(); dQ phase
-                    for warp in range(4):
+                    for warp in range(n_warps):
                         wm, wn = warp % kwm, warp // kwm
                         dq = np.zeros((32, kdq_cols // 8, 4))
-                        for kk in range(KBLOCKN // 16):
+                        for kk in range(kbn // 16):
                             a = ldmatrix_x4(ds_s, kk * 16 + (LANE & 7) + ((LANE >> 4) << 3),
                                             wm * 16 + (((LANE >> 3) & 1) << 3), trans=True)
                             krow = kk * 16 + (LANE & 7) + (((LANE >> 3) & 1) << 3)
@@ -563,7 +568,7 @@ def emulate_bwd(P, kd):
                                         dq_acc[dst + d] += dq[lane, nt, 2 * r]
                                         dq_acc[dst + d + 1] += dq[lane, nt, 2 * r + 1]
                 # epilogue: dk, dv
-                for warp in range(4):
+                for warp in range(n_warps):
                     for lane in range(32):
                         for r in range(2):
                             j = n0 + warp * 16 + (lane >> 2) + 8 * r
@@ -732,6 +737,7 @@ def test_emulated_decode_kernel(case):
 EMU_BWD_CASES = [
     (1, 17, 97, 4, 2, 64, True, None, "mpt"),
     (1, 33, 33, 2, 1, 128, False, None, "batch"),   # d=128 (32-row query blocks), MQA
+    (1, 40, 150, 1, 1, 128, True, None, "mpt"),     # 2 key blocks of 128 (the second partial), causal offset
     (1, 70, 80, 1, 1, 40, True, None, None),        # padded head dim, 2 query blocks, partial key block
     (0, 0, 0, 2, 1, 64, True, [(9, 20), (66, 66), (0, 3)], "mpt"),  # varlen incl. a sequence with no queries
 ]

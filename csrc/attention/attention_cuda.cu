@@ -12,7 +12,7 @@
 //                            4 x 16; float32 partials go to the workspace.
 //   attention_decode_combine merges the partials of the chunks into out and lse.
 //   attention_bwd_delta      delta = rowsum(dO * O) (float32, workspace).
-//   attention_bwd_kernel     one CTA per (64-key block, kv head, batch) loops over the group's heads
+//   attention_bwd_kernel     one CTA (8 warps) per (128-key block, kv head, batch) loops over the group's heads
 //                            and the query blocks: dK, dV in registers, dQ by float32 atomics.
 //   attention_bwd_dq_convert dq = scale * dq_accum in dtype with dq's strides.
 // Head dims that are multiples of 8 up to 128 run the 64- or 128-wide instantiation with the extra
@@ -60,10 +60,16 @@ struct Pitch {
   static constexpr int value = kD + 8;
 };
 
+// Backward CTA shape: 8 warps x 16 keys = 128 keys per CTA (as FlashAttention-2's mma.sync
+// backward), so each Q/dO block loaded and each dQ atomic serves 128 keys; query blocks of 64 rows
+// (d=64) or 32 (d=128: fewer rows keep dK, dV, S^T and dP^T in registers).
 template <int kD>
-constexpr int bwd_block_m() {
-  return kD > 64 ? 32 : 64;  // d=128: fewer query rows so dK, dV, S and dP stay in registers
-}
+struct BwdShape {
+  static constexpr int kWarps = 8;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kBlockN = 16 * kWarps;
+  static constexpr int kBlockM = kD > 64 ? 32 : 64;
+};
 
 // Where sequence b lives and how long it is. Varlen lengths are clamped to the max_seqlen_* the
 // caller passed, so a wrong max can give a wrong answer but never an out-of-bounds write.
@@ -588,30 +594,31 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_convert_kernel(cons
   }
 }
 
-// Grid (ceil(seqlen_k / 64), n_kv_heads, batch). Warp w owns keys 16w..16w+15 of the block and works
+// Grid (ceil(seqlen_k / 128), n_kv_heads, batch). Warp w owns keys 16w..16w+15 of the block and works
 // on the transposed scores S^T = K Q^T, so P^T and dS^T come out of the mma already in the A-operand
 // layout that dV += P^T dO and dK += dS^T Q need. dS^T also goes through shared memory for
-// dQ += dS K, whose 16-row x 64-column pieces are split over the warps and added to float32 with
+// dQ += dS K, whose 16-row x 32-column pieces are split over the warps and added to float32 with
 // atomics (several key blocks contribute to the same dQ rows).
 template <typename T, int kD>
-__global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const AttentionBwdParams p) {
-  constexpr int kBM = bwd_block_m<kD>(), kP = Pitch<kD>::value, kDsP = kBM + 8;
-  constexpr int kWM = kBM / 16;        // dQ: warps along the query rows
-  constexpr int kDqCols = kD / (4 / kWM);  // dQ: head-dim columns per warp
-  static_assert(kDqCols == 64, "dQ pieces are 16 x 64 per warp");
+__global__ void __launch_bounds__(BwdShape<kD>::kThreads) attention_bwd_kernel(const AttentionBwdParams p) {
+  constexpr int kBM = BwdShape<kD>::kBlockM, kBN = BwdShape<kD>::kBlockN, kNT = BwdShape<kD>::kThreads;
+  constexpr int kP = Pitch<kD>::value, kDsP = kBM + 8;
+  constexpr int kWM = kBM / 16;                             // dQ: warps along the query rows
+  constexpr int kDqCols = kD / (BwdShape<kD>::kWarps / kWM);  // dQ: head-dim columns per warp
+  static_assert(kDqCols % 16 == 0 && kBM <= kNT, "dQ pieces are 16 x kDqCols per warp");
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* k_s = reinterpret_cast<T*>(smem_raw);  // [kBlockN][kP]
-  T* v_s = k_s + kBlockN * kP;               // [kBlockN][kP]
-  T* q_s = v_s + kBlockN * kP;               // [2][kBM][kP]
+  T* k_s = reinterpret_cast<T*>(smem_raw);  // [kBN][kP]
+  T* v_s = k_s + kBN * kP;               // [kBN][kP]
+  T* q_s = v_s + kBN * kP;               // [2][kBM][kP]
   T* do_s = q_s + 2 * kBM * kP;              // [2][kBM][kP]
-  T* ds_s = do_s + 2 * kBM * kP;             // [kBlockN][kDsP]  dS^T in dtype
-  float* lse2_s = reinterpret_cast<float*>(ds_s + kBlockN * kDsP);  // [kBM]
+  T* ds_s = do_s + 2 * kBM * kP;             // [kBN][kDsP]  dS^T in dtype
+  float* lse2_s = reinterpret_cast<float*>(ds_s + kBN * kDsP);  // [kBM]
   float* delta_s = lse2_s + kBM;                                     // [kBM]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int n_block = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const SeqBounds sb = seq_bounds(p, b);
-  const int n0 = n_block * kBlockN;
+  const int n0 = n_block * kBN;
   if (n0 >= sb.sk) return;
   const int group = p.n_heads / p.n_kv_heads;
   const BwdWorkspace ws = bwd_workspace(p.workspace, static_cast<int64_t>(p.batch) * p.seqlen_q, p.n_heads, p.head_dim);
@@ -629,16 +636,16 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const Attention
   const int n_m = max(0, m_end - m_begin);
   const int total = n_m * group;  // (head in group, query block) flattened so prefetch crosses heads
 
-  load_tile_async<kBlockN, kD>(k_s, k_g, p.k_row_stride, sb.sk - n0, p.head_dim, k_base, tid);
-  load_tile_async<kBlockN, kD>(v_s, v_g, p.v_row_stride, sb.sk - n0, p.head_dim, v_base, tid);
+  load_tile_async<kBN, kD, kNT>(k_s, k_g, p.k_row_stride, sb.sk - n0, p.head_dim, k_base, tid);
+  load_tile_async<kBN, kD, kNT>(v_s, v_g, p.v_row_stride, sb.sk - n0, p.head_dim, v_base, tid);
   cp_async_commit();
 
   auto issue_q_block = [&](int it) {
     const int h = kvh * group + it / n_m, i0 = (m_begin + it % n_m) * kBM, st = it & 1;
     const T* q_g = q_base + b * p.q_batch_stride + (sb.q_row0 + i0) * p.q_row_stride + h * p.q_head_stride;
     const T* d_g = do_base + b * p.dout_batch_stride + (sb.q_row0 + i0) * p.dout_row_stride + h * p.dout_head_stride;
-    load_tile_async<kBM, kD>(q_s + st * kBM * kP, q_g, p.q_row_stride, sb.sq - i0, p.head_dim, q_base, tid);
-    load_tile_async<kBM, kD>(do_s + st * kBM * kP, d_g, p.dout_row_stride, sb.sq - i0, p.head_dim, do_base, tid);
+    load_tile_async<kBM, kD, kNT>(q_s + st * kBM * kP, q_g, p.q_row_stride, sb.sq - i0, p.head_dim, q_base, tid);
+    load_tile_async<kBM, kD, kNT>(do_s + st * kBM * kP, d_g, p.dout_row_stride, sb.sq - i0, p.head_dim, do_base, tid);
     cp_async_commit();
   };
   if (total > 0) issue_q_block(0);
@@ -704,7 +711,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const Attention
       }
     }
     // P^T = exp2(score2 - lse2): rows are keys (this warp's), columns are queries.
-    const bool need_mask = (n0 + kBlockN - 1 > sb.sk - 1) || (p.causal && n0 + kBlockN - 1 - i0 > diag_off);
+    const bool need_mask = (n0 + kBN - 1 > sb.sk - 1) || (p.causal && n0 + kBN - 1 - i0 > diag_off);
 #pragma unroll
     for (int nt = 0; nt < kBM / 8; ++nt) {
 #pragma unroll
@@ -792,7 +799,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const Attention
 #pragma unroll
       for (int nt = 0; nt < kDqCols / 8; ++nt) dq[nt][0] = dq[nt][1] = dq[nt][2] = dq[nt][3] = 0.f;
 #pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      for (int kk = 0; kk < kBN / 16; ++kk) {
         uint32_t a[4];
         ldmatrix_x4_trans(a, smem_addr(ds_s + (kk * 16 + (lane & 7) + ((lane >> 4) << 3)) * kDsP + wm * 16 +
                                        (((lane >> 3) & 1) << 3)));
@@ -858,9 +865,8 @@ constexpr size_t decode_smem_bytes() {
 }
 template <int kD>
 constexpr size_t bwd_smem_bytes() {
-  constexpr int kBM = bwd_block_m<kD>();
-  return static_cast<size_t>(2 * kBlockN + 4 * kBM) * Pitch<kD>::value * 2 + kBlockN * (kBM + 8) * 2 +
-         2 * kBM * sizeof(float);
+  constexpr int kBM = BwdShape<kD>::kBlockM, kBN = BwdShape<kD>::kBlockN;
+  return static_cast<size_t>(2 * kBN + 4 * kBM) * Pitch<kD>::value * 2 + kBN * (kBM + 8) * 2 + 2 * kBM * sizeof(float);
 }
 
 inline int padded_head_dim(int head_dim) { return head_dim <= 64 ? 64 : 128; }
@@ -972,7 +978,8 @@ void launch_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   if (p.seqlen_k > 0) {
     auto kernel = attention_bwd_kernel<T, kD>;
     set_smem(kernel, bwd_smem_bytes<kD>());
-    kernel<<<dim3(ceil_div(p.seqlen_k, kBlockN), p.n_kv_heads, p.batch), kThreads, bwd_smem_bytes<kD>(), stream>>>(p);
+    kernel<<<dim3(ceil_div(p.seqlen_k, BwdShape<kD>::kBlockN), p.n_kv_heads, p.batch), BwdShape<kD>::kThreads,
+             bwd_smem_bytes<kD>(), stream>>>(p);
     MPTK_CUDA_CHECK_LAUNCH();
   }
   if (p.seqlen_q > 0) {
