@@ -191,6 +191,11 @@ def alibi_attention(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=No
         alibi_slopes = _reference.alibi_slopes(n_heads, alibi_bias_max, device=q.device)
     elif not isinstance(alibi_slopes, torch.Tensor):
         raise ValueError(f"alibi_slopes: expected a float32 tensor, got {type(alibi_slopes).__name__}")
+    # Checked here as well as in _C: a mix with a meta tensor would otherwise dispatch to the fake kernel.
+    for name, t in (("k", k), ("v", v), ("alibi_slopes", alibi_slopes), ("cu_seqlens_q", cu_seqlens_q),
+                    ("cu_seqlens_k", cu_seqlens_k)):
+        if isinstance(t, torch.Tensor) and t.device != q.device:
+            raise ValueError(f"{name}: is on {t.device} but q is on {q.device}; all tensors must be on the same device")
     # The kernels need only the last axis contiguous; anything else (rare: a transposed head_dim) is copied.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if varlen:

@@ -1,0 +1,521 @@
+"""ALiBi flash attention (csrc/attention, mpt_kernels/ops/attention.py) against a float64 reference.
+
+Error bounds follow the FlashAttention test convention: the kernel's max error against the float64
+reference must be at most twice PyTorch's own max error when it computes the same attention in the
+same dtype, plus a small atol. The kernel computes in float32 whatever the storage dtype, so its error
+is mostly the final rounding of the output; PyTorch's low-precision path rounds the scores, the
+probabilities and the output, so "2x PyTorch's error" is a bound a correct kernel meets with margin
+and a wrong one (a mask off by one, a dropped tile, a bad rescale) misses by orders of magnitude.
+
+Helpers at module level (make_qkv, fwd_C, bwd_C, reference_fwd, torch_lowp_attention, ...) take a
+device argument so tests/test_attention_cuda.py can reuse them.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import mpt_kernels as mk
+from mpt_kernels._ext import _C, view
+from mpt_kernels.ops import reference as R
+from mpt_kernels.ops.attention import alibi_attention_bwd, alibi_attention_fwd
+
+NAN = float("nan")
+
+# atol added to "2 x PyTorch's error": about a quarter of the dtype's rounding step at 1.0 for the
+# low-precision types (covers a single rounding of an output whose reference error is tiny), and a
+# few float32 ulps for float32 (sums of up to 1025 terms reordered by the tiling).
+ATOL = {torch.float32: 2e-5, torch.bfloat16: 1e-3, torch.float16: 2e-4}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_qkv(B, Sq, Sk, H, Hkv, D, dtype, device="cpu", fused=False):
+    """Fresh random q (B, Sq, H, D), k, v (B, Sk, Hkv, D). fused=True returns non-contiguous views
+    into one (B, S, H + 2 Hkv, D) buffer, like slices of MPT's fused Wqkv output (needs Sq == Sk)."""
+    if fused:
+        assert Sq == Sk
+        qkv = torch.randn(B, Sq, H + 2 * Hkv, D, dtype=dtype, device=device)
+        return qkv[:, :, :H], qkv[:, :, H:H + Hkv], qkv[:, :, H + Hkv:]
+    q = torch.randn(B, Sq, H, D, dtype=dtype, device=device)
+    k = torch.randn(B, Sk, Hkv, D, dtype=dtype, device=device)
+    v = torch.randn(B, Sk, Hkv, D, dtype=dtype, device=device)
+    return q, k, v
+
+
+def make_slopes(kind, B, H, device="cpu"):
+    if kind == "mpt":
+        return mk.alibi_slopes(H).to(device)
+    # Random slopes per (batch, head), up to 0.5 (the steepest MPT slope with alibi_bias_max=8 at 8 heads).
+    return (torch.rand(B, H, device=device) * 0.5).float()
+
+
+def _lse_shape(q, varlen):
+    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+
+
+def fwd_C(q, k, v, slopes, causal, scale=None, cu_q=None, cu_k=None, max_sq=None, max_sk=None):
+    """Forward straight through _C with out and lse poisoned (NaN), so any unwritten element fails.
+    Returns (out, lse, workspace_bytes)."""
+    varlen = cu_q is not None
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if not varlen:
+        max_sq, max_sk = q.shape[1], k.shape[1]
+    out = torch.full(q.shape, NAN, dtype=q.dtype, device=q.device)
+    lse = torch.full(_lse_shape(q, varlen), NAN, dtype=torch.float32, device=q.device)
+    args = (view(q, "q"), view(k, "k"), view(v, "v"), None if slopes is None else view(slopes, "alibi_slopes"),
+            None if cu_q is None else view(cu_q), None if cu_k is None else view(cu_k), max_sq, max_sk, scale, causal)
+    nbytes = _C.attention_fwd_workspace_size(*args)
+    ws = torch.zeros(nbytes, dtype=torch.uint8, device=q.device) if nbytes else None
+    stream = torch.cuda.current_stream().cuda_stream if q.is_cuda else 0
+    _C.attention_fwd(args[0], args[1], args[2], view(out), view(lse), *args[3:],
+                     None if ws is None else view(ws), stream)
+    return out, lse, nbytes
+
+
+def bwd_C(dout, q, k, v, out, lse, slopes, causal, scale=None, cu_q=None, cu_k=None, max_sq=None, max_sk=None):
+    """Backward straight through _C with dq, dk, dv poisoned (NaN)."""
+    varlen = cu_q is not None
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if not varlen:
+        max_sq, max_sk = q.shape[1], k.shape[1]
+    dq, dk, dv = (torch.full(t.shape, NAN, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    args = (view(q), view(k), view(v), None if slopes is None else view(slopes), None if cu_q is None else view(cu_q),
+            None if cu_k is None else view(cu_k), max_sq, max_sk, scale, causal)
+    nbytes = _C.attention_bwd_workspace_size(*args)
+    ws = torch.zeros(nbytes, dtype=torch.uint8, device=q.device) if nbytes else None
+    stream = torch.cuda.current_stream().cuda_stream if q.is_cuda else 0
+    _C.attention_bwd(view(dout), args[0], args[1], args[2], view(out), view(lse), view(dq), view(dk), view(dv),
+                     *args[3:], None if ws is None else view(ws), stream)
+    return dq, dk, dv
+
+
+def reference_fwd(q, k, v, slopes, causal, scale=None):
+    """float64 reference (mpt_kernels.ops.reference builds the bias itself): (out float64, lse)."""
+    out, lse = R.attention_reference(q.double(), k.double(), v.double(), causal=causal, softmax_scale=scale,
+                                     alibi_slopes=slopes, compute_dtype=torch.float64, return_lse=True)
+    return out, lse
+
+
+def torch_lowp_attention(q, k, v, slopes, causal, scale=None):
+    """What PyTorch computes in q's dtype, the way Hugging Face's MptAttention does it: scores from a
+    low-precision matmul (float32 accumulation, output rounded to the dtype), the float32 bias added,
+    float32 softmax, probabilities rounded to the dtype, then a low-precision P @ V. Low-precision
+    matmuls are emulated as float32 matmul + rounding (the same arithmetic: CPU bf16 matmul runs at
+    under 1 GFLOP/s on an AVX2 host). Differentiable, so it also gives PyTorch's gradient error."""
+    dt = q.dtype
+    B, Sq, H, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+
+    def mm(a, b):
+        return torch.matmul(a.float(), b.float()).to(dt)
+
+    qh = q.permute(0, 2, 1, 3)
+    kh = k.permute(0, 2, 1, 3).repeat_interleave(H // Hkv, dim=1)
+    vh = v.permute(0, 2, 1, 3).repeat_interleave(H // Hkv, dim=1)
+    scores = (mm(qh, kh.transpose(-1, -2)) * scale).to(dt).float()
+    if slopes is not None:
+        s = slopes if slopes.dim() == 2 else slopes[None].expand(B, H)
+        scores = scores + R.alibi_bias(s.float(), Sq, Sk)
+    if causal:
+        i = torch.arange(Sq, device=q.device)[:, None]
+        j = torch.arange(Sk, device=q.device)[None, :]
+        scores = scores.masked_fill(j > i + (Sk - Sq), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(dt)
+    return mm(probs, vh).permute(0, 2, 1, 3)
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_within(kernel, ref64, lowp, dtype, what):
+    err, base = max_err(kernel, ref64), max_err(lowp, ref64)
+    bound = 2 * base + ATOL[dtype]
+    assert err <= bound, f"{what}: kernel error {err:.3g} > 2 x PyTorch's {dtype} error {base:.3g} + {ATOL[dtype]}"
+
+
+def lowp_baseline(q, k, v, slopes, causal, scale=None):
+    """PyTorch's own result in q's dtype (float32 runs the plain reference in float32)."""
+    if q.dtype == torch.float32:
+        return R.attention_reference(q, k, v, causal=causal, softmax_scale=scale, alibi_slopes=slopes,
+                                     compute_dtype=torch.float32)
+    return torch_lowp_attention(q, k, v, slopes, causal, scale)
+
+
+# ----------------------------------------------------------------------------- forward
+
+# (B, Sq, Sk, H, Hkv, D): seqlen_q in {1, 17, 97, 1025}, head dims 64, 128, 40, 80, 12 heads (not a
+# power of two), GQA 8:2 and MQA. The largest cases use fewer heads to keep the file fast.
+FWD_CASES = [
+    (2, 1, 1, 12, 12, 64),
+    (2, 1, 1025, 12, 12, 128),  # decode against a cache
+    (2, 17, 17, 12, 12, 40),
+    (2, 17, 97, 8, 2, 80),  # GQA 8:2
+    (1, 97, 97, 12, 1, 64),  # MQA
+    (1, 97, 1025, 8, 2, 128),
+    (1, 1025, 1025, 2, 1, 40),
+    (1, 1025, 1025, 2, 2, 80),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("case", FWD_CASES, ids=lambda c: "B{}_Sq{}_Sk{}_H{}_{}_D{}".format(*c))
+def test_forward_matches_float64_reference(case, causal, dtype):
+    B, Sq, Sk, H, Hkv, D = case
+    q, k, v = make_qkv(B, Sq, Sk, H, Hkv, D, dtype)
+    slopes = make_slopes("mpt" if (Sq + D) % 2 else "random", B, H)
+    out, lse, _ = fwd_C(q, k, v, slopes, causal)
+    ref, ref_lse = reference_fwd(q, k, v, slopes, causal)
+    assert_within(out, ref, lowp_baseline(q, k, v, slopes, causal), dtype, "out")
+    # lse is float32 from float32 statistics whatever the dtype; its inputs are the dtype's values,
+    # which the float64 reference sees too, so only float32 rounding separates them.
+    torch.testing.assert_close(lse, ref_lse.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_public_api_default_slopes_and_scale(dtype):
+    q, k, v = make_qkv(2, 33, 70, 12, 4, 64, dtype)
+    out = mk.alibi_attention(q, k, v)
+    assert out.dtype == dtype and out.shape == q.shape
+    slopes = R.alibi_slopes(12)
+    ref, _ = reference_fwd(q, k, v, slopes, True)
+    assert_within(out, ref, lowp_baseline(q, k, v, slopes, True), dtype, "out")
+
+
+def test_custom_scale_bias_max_and_zero_slopes():
+    q, k, v = make_qkv(1, 40, 40, 12, 12, 64, torch.float32)
+    out = mk.alibi_attention(q, k, v, causal=False, softmax_scale=0.3, alibi_bias_max=16.0)
+    ref, _ = reference_fwd(q, k, v, R.alibi_slopes(12, 16.0), False, scale=0.3)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    # Zero slopes: plain attention, compared with PyTorch's SDPA.
+    out0 = mk.alibi_attention(q, k, v, alibi_slopes=torch.zeros(12))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True)
+    torch.testing.assert_close(out0, sdpa.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_alibi_slopes_match_mpt_gen_slopes():
+    # MPT's gen_slopes, written out independently: 1/2^(i*8/H') for i=1..H', interleaved for H=12.
+    s8 = torch.tensor([1 / 2 ** (i * 8 / 8) for i in range(1, 9)])
+    torch.testing.assert_close(mk.alibi_slopes(8), s8)
+    s16 = [1 / 2 ** (i * 8 / 16) for i in range(1, 17)]
+    s12 = torch.tensor((s16[1::2] + s16[::2])[:12])
+    torch.testing.assert_close(mk.alibi_slopes(12), s12)
+
+
+def test_noncontiguous_views_of_fused_qkv_need_no_copy():
+    q, k, v = make_qkv(2, 97, 97, 8, 2, 64, torch.bfloat16, fused=True)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    slopes = mk.alibi_slopes(8)
+    out, lse, _ = fwd_C(q, k, v, slopes, True)  # _C takes the views' strides directly
+    out2, lse2, _ = fwd_C(q.contiguous(), k.contiguous(), v.contiguous(), slopes, True)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    assert torch.equal(mk.alibi_attention(q, k, v), out)
+
+
+def test_split_k_decode_path():
+    """seqlen_q = 1 with few (batch, head) items splits the keys across threads (workspace > 0);
+    the combined result must match the reference like the unsplit one does."""
+    q, k, v = make_qkv(1, 1, 4099, 1, 1, 128, torch.float32)
+    slopes = make_slopes("random", 1, 1)
+    out, lse, nbytes = fwd_C(q, k, v, slopes, True)
+    if torch.get_num_threads() >= 2 and int(os.environ.get("OMP_NUM_THREADS", "2")) >= 2:
+        assert nbytes > 0, "expected the split-K path for one decode row on several threads"
+    ref, ref_lse = reference_fwd(q, k, v, slopes, True)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(lse, ref_lse.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_key_sequence_gives_zeros():
+    q, k, v = make_qkv(1, 3, 0, 2, 2, 64, torch.float32)
+    out, lse, _ = fwd_C(q, k, v, mk.alibi_slopes(2), False)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+
+
+def test_matches_hugging_face_mpt_attention():
+    """Hugging Face's MptAttention adds build_mpt_alibi_tensor's bias to the scores (plus its causal
+    mask); the kernel computes the same bias from the slopes. Tiny config, float32."""
+    from transformers import MptConfig
+    from transformers.models.mpt.modeling_mpt import MptAttention, build_mpt_alibi_tensor
+
+    H, D, S, B = 12, 8, 23, 2
+    cfg = MptConfig(d_model=H * D, n_heads=H, max_seq_len=64, attn_config={"alibi": True})
+    attn = MptAttention(cfg).eval()
+    x = torch.randn(B, S, H * D)
+    bias = build_mpt_alibi_tensor(H, cfg.max_seq_len)
+    for causal in (True, False):
+        mask = torch.ones(S, S, dtype=torch.bool).triu(1)[None, None].expand(B, 1, S, S) if causal else None
+        with torch.no_grad():
+            hf, _ = attn(x, position_bias=bias, attention_mask=mask)
+            q, k, v = attn.Wqkv(x).chunk(3, dim=2)
+            q, k, v = (t.reshape(B, S, H, D) for t in (q, k, v))
+            ours = mk.alibi_attention(q, k, v, causal=causal, softmax_scale=attn.softmax_scale)
+            ours = attn.out_proj(ours.reshape(B, S, H * D))
+            ref = R.attention_reference(q, k, v, causal=causal, softmax_scale=attn.softmax_scale,
+                                        alibi_slopes=mk.alibi_slopes(H), compute_dtype=torch.float64)
+            ref = attn.out_proj(ref.reshape(B, S, H * D).float())
+        torch.testing.assert_close(ours, hf, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ref, hf, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- varlen
+
+
+def _varlen_batch(lens_q, lens_k, H, Hkv, D, dtype):
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32)
+    q = torch.randn(int(cu_q[-1]), H, D, dtype=dtype)
+    k = torch.randn(int(cu_k[-1]), Hkv, D, dtype=dtype)
+    v = torch.randn(int(cu_k[-1]), Hkv, D, dtype=dtype)
+    return q, k, v, cu_q, cu_k
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("per_batch_slopes", [False, True])
+def test_varlen_equals_batched_per_sequence(causal, per_batch_slopes):
+    lens_q, lens_k = [17, 1, 97, 64], [40, 5, 97, 130]
+    H, Hkv, D = 8, 2, 80
+    q, k, v, cu_q, cu_k = _varlen_batch(lens_q, lens_k, H, Hkv, D, torch.bfloat16)
+    slopes = make_slopes("random", 4, H) if per_batch_slopes else mk.alibi_slopes(H)
+    out, lse, _ = fwd_C(q, k, v, slopes, causal, cu_q=cu_q, cu_k=cu_k, max_sq=max(lens_q), max_sk=max(lens_k))
+    dout = torch.randn_like(q)
+    dq, dk, dv = bwd_C(dout, q, k, v, out, lse, slopes, causal, cu_q=cu_q, cu_k=cu_k, max_sq=max(lens_q),
+                       max_sk=max(lens_k))
+    for b in range(4):
+        qs, qe, ks, ke = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
+        s = slopes[b:b + 1] if per_batch_slopes else slopes
+        ob, lb, _ = fwd_C(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], s, causal)
+        # Same tiles, same arithmetic: the packed run must equal the batched one bit for bit.
+        assert torch.equal(out[qs:qe], ob[0]), f"sequence {b}: out"
+        assert torch.equal(lse[:, qs:qe], lb[0]), f"sequence {b}: lse"
+        gq, gk, gv = bwd_C(dout[None, qs:qe], q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], ob, lb, s, causal)
+        assert torch.equal(dq[qs:qe], gq[0]) and torch.equal(dk[ks:ke], gk[0]) and torch.equal(dv[ks:ke], gv[0])
+
+
+def test_varlen_public_api_and_reference():
+    lens_q, lens_k = [5, 33, 1], [5, 40, 70]
+    q, k, v, cu_q, cu_k = _varlen_batch(lens_q, lens_k, 12, 4, 64, torch.float32)
+    out = mk.alibi_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)  # max_seqlen_* from cu_seqlens
+    ref = R.attention_varlen_reference(q.double(), k.double(), v.double(), cu_q, cu_k, causal=True,
+                                       alibi_slopes=mk.alibi_slopes(12), compute_dtype=torch.float64)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- backward
+
+# (B, Sq, Sk, H, Hkv, D, causal, slopes)
+BWD_CASES = [
+    (2, 17, 97, 8, 2, 80, True, "mpt"),
+    (1, 97, 97, 12, 1, 40, False, "random"),
+    (2, 1, 300, 4, 4, 64, True, "mpt"),
+    (1, 130, 257, 4, 2, 128, True, "random"),
+    (1, 1025, 1025, 2, 2, 64, True, "mpt"),
+]
+
+
+# Every case in float32 and bfloat16, except the largest (float32 only, for the file's run time).
+BWD_PARAMS = [(c, dt) for c in BWD_CASES for dt in (torch.float32, torch.bfloat16)
+              if not (c[1] == 1025 and dt == torch.bfloat16)]
+
+
+@pytest.mark.parametrize("case,dtype", BWD_PARAMS,
+                         ids=["B{}_Sq{}_Sk{}_H{}_{}_D{}_causal{}_{}".format(*c) + f"_{str(d)[6:]}" for c, d in BWD_PARAMS])
+def test_gradients_match_float64_autograd(case, dtype):
+    B, Sq, Sk, H, Hkv, D, causal, kind = case
+    q, k, v = make_qkv(B, Sq, Sk, H, Hkv, D, dtype)
+    slopes = make_slopes(kind, B, H)
+    dout = torch.randn(B, Sq, H, D, dtype=dtype)
+    out, lse, _ = fwd_C(q, k, v, slopes, causal)
+    grads = bwd_C(dout, q, k, v, out, lse, slopes, causal)
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = R.attention_reference(q64, k64, v64, causal=causal, alibi_slopes=slopes)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    low = lowp_baseline(ql, kl, vl, slopes, causal)
+    low_grads = torch.autograd.grad(low, (ql, kl, vl), dout)
+    for name, g, r, lo in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
+        assert g.dtype == dtype
+        assert_within(g, r, lo, dtype, name)
+
+
+def test_autograd_through_public_api_with_views_and_gqa():
+    q, k, v = make_qkv(2, 65, 65, 8, 2, 64, torch.float32, fused=True)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = mk.alibi_attention(q, k, v)
+    out.sum().backward()  # expanded (stride-0) output gradient
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    R.attention_reference(q64, k64, v64, causal=True, alibi_slopes=mk.alibi_slopes(8)).sum().backward()
+    for g, r in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5)
+
+
+def test_varlen_gradients_through_public_api():
+    lens = [7, 30]
+    q, k, v, cu_q, cu_k = _varlen_batch(lens, lens, 4, 4, 40, torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = mk.alibi_attention(q, k, v, causal=False, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=30,
+                             max_seqlen_k=30)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = R.attention_varlen_reference(q64, k64, v64, cu_q, cu_k, causal=False, alibi_slopes=mk.alibi_slopes(4))
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_compile_fullgraph_traces_forward_and_backward():
+    q, k, v = make_qkv(2, 33, 40, 4, 2, 64, torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def f(q, k, v):
+        return mk.alibi_attention(q, k, v, causal=True)
+
+    # aot_eager: Dynamo + the fake kernels + the registered autograd, without Inductor's C++ build.
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v)
+    gc = torch.autograd.grad(out.square().sum(), (q, k, v))
+    out_e = f(q, k, v)
+    ge = torch.autograd.grad(out_e.square().sum(), (q, k, v))
+    assert torch.equal(out, out_e)
+    for a, b in zip(gc, ge):
+        assert torch.equal(a, b)
+
+
+def test_opcheck_custom_ops():
+    q, k, v = make_qkv(1, 9, 12, 4, 2, 64, torch.float32)
+    slopes = mk.alibi_slopes(4)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), slopes, None, None, 9, 12, 0.125, True)
+    torch.library.opcheck(alibi_attention_fwd, args, test_utils=("test_schema", "test_faketensor",
+                                                                  "test_aot_dispatch_dynamic"))
+    out, lse = alibi_attention_fwd(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    bargs = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, slopes, None, None, 9, 12, 0.125,
+             True)
+    torch.library.opcheck(alibi_attention_bwd, bargs, test_utils=("test_schema", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------- long context
+
+
+def test_long_context_forward_memory_is_linear():
+    """seqlen 16384 forward in a fresh process: the peak RSS growth during the call (VmHWM reset
+    through /proc/self/clear_refs) stays under 64 MiB; the dense bias alone would be 1 GiB per head."""
+    code = textwrap.dedent(
+        """
+        import torch, mpt_kernels as mk
+        S, H, D = 16384, 1, 64
+        q = torch.randn(1, S, H, D, dtype=torch.bfloat16)
+        k, v = torch.randn_like(q), torch.randn_like(q)
+        mk.alibi_attention(q[:, :64], k[:, :64], v[:, :64])  # warm up the op machinery
+        def status(key):
+            for line in open("/proc/self/status"):
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+        before = status("VmRSS:")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak-RSS watermark VmHWM to the current RSS
+        out = mk.alibi_attention(q, k, v)
+        peak = status("VmHWM:")
+        assert torch.isfinite(out.float()).all()
+        print(peak - before)
+        """
+    )
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    extra = int(res.stdout.strip().splitlines()[-1])
+    assert extra < 64 * 2 ** 20, f"extra memory {extra / 2**20:.1f} MiB"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _good():
+    q, k, v = make_qkv(2, 8, 8, 12, 4, 64, torch.float32)
+    return dict(q=q, k=k, v=v)
+
+
+BAD_INPUTS = [
+    ("head-dim mismatch", lambda a: a.update(k=a["k"][..., :32], v=a["v"][..., :32]), "k"),
+    ("v head-dim mismatch", lambda a: a.update(v=a["v"][..., :32]), "v"),
+    ("n_heads % n_kv_heads", lambda a: a.update(k=torch.randn(2, 8, 5, 64), v=torch.randn(2, 8, 5, 64)), "k"),
+    ("seqlen_q > seqlen_k causal", lambda a: a.update(k=a["k"][:, :4], v=a["v"][:, :4]), "q"),
+    ("slopes wrong shape", lambda a: a.update(alibi_slopes=torch.rand(11)), "alibi_slopes"),
+    ("slopes wrong batch", lambda a: a.update(alibi_slopes=torch.rand(3, 12)), "alibi_slopes"),
+    ("slopes wrong dtype", lambda a: a.update(alibi_slopes=torch.rand(12, dtype=torch.float64)), "alibi_slopes"),
+    ("unsupported dtype", lambda a: a.update(q=a["q"].double(), k=a["k"].double(), v=a["v"].double()), "q"),
+    ("mixed dtypes", lambda a: a.update(k=a["k"].bfloat16()), "k"),
+    ("head_dim too big on CPU", lambda a: a.update(q=torch.randn(1, 2, 2, 264), k=torch.randn(1, 2, 2, 264),
+                                                   v=torch.randn(1, 2, 2, 264)), "q"),
+    ("3-D q without cu_seqlens", lambda a: a.update(q=a["q"][0]), "q"),
+    ("k batch mismatch", lambda a: a.update(k=a["k"][:1], v=a["v"][:1]), "k"),
+    ("k on another device", lambda a: a.update(k=a["k"].to("meta")), "k"),
+    ("slopes on another device", lambda a: a.update(alibi_slopes=mk.alibi_slopes(12, device="meta")), "alibi_slopes"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,arg", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises_value_error_naming_argument(name, mutate, arg):
+    a = _good()
+    mutate(a)
+    with pytest.raises(ValueError, match=rf"^{arg}\b"):
+        mk.alibi_attention(a.pop("q"), a.pop("k"), a.pop("v"), **a)
+
+
+def test_bad_cu_seqlens():
+    q, k, v, cu_q, cu_k = _varlen_batch([4, 6], [4, 6], 4, 4, 64, torch.float32)
+    with pytest.raises(ValueError, match=r"^cu_seqlens_q\b"):
+        mk.alibi_attention(q, k, v, cu_seqlens_q=cu_q.long(), cu_seqlens_k=cu_k)
+    with pytest.raises(ValueError, match=r"^cu_seqlens_k\b"):
+        mk.alibi_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=torch.tensor([0, 6, 4], dtype=torch.int32),
+                           max_seqlen_q=6, max_seqlen_k=6)
+    with pytest.raises(ValueError, match=r"^cu_seqlens_q\b"):
+        mk.alibi_attention(q, k, v, cu_seqlens_q=torch.tensor([0, 6, 4], dtype=torch.int32), cu_seqlens_k=cu_k,
+                           max_seqlen_q=6, max_seqlen_k=6)
+    with pytest.raises(ValueError, match=r"^cu_seqlens_k\b"):
+        mk.alibi_attention(q, k, v, cu_seqlens_q=cu_q)
+    with pytest.raises(ValueError, match=r"^cu_seqlens_q\b"):  # past the end of q
+        mk.alibi_attention(q, k, v, cu_seqlens_q=torch.tensor([0, 4, 99], dtype=torch.int32), cu_seqlens_k=cu_k,
+                           max_seqlen_q=95, max_seqlen_k=6, causal=False)
+    with pytest.raises(ValueError, match=r"^max_seqlen_q\b"):
+        mk.alibi_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=3, max_seqlen_k=6)
+    with pytest.raises(ValueError, match=r"^cu_seqlens_q\b"):  # causal with seqlen_q > seqlen_k in a sequence
+        mk.alibi_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=torch.tensor([0, 2, 10], dtype=torch.int32))
+
+
+def test_tensors_on_different_devices_rejected_by_C():
+    """A CUDA-vs-CPU mix is rejected before any memory is touched (the view's device field is
+    checked first), so this runs without a GPU."""
+    q, k, v = make_qkv(1, 4, 4, 2, 2, 64, torch.float32)
+    kv = list(view(k, "k"))
+    kv[4] = 0  # claim k lives on cuda:0
+    with pytest.raises(ValueError, match=r"^k: is on cuda:0 but q is on cpu"):
+        _C.attention_fwd_workspace_size(view(q), tuple(kv), view(v), None, None, None, 4, 4, 0.125, True)
+    sl = list(view(mk.alibi_slopes(2)))
+    sl[4] = 0
+    with pytest.raises(ValueError, match=r"^alibi_slopes: is on cuda:0"):
+        _C.attention_fwd_workspace_size(view(q), view(k), view(v), tuple(sl), None, None, 4, 4, 0.125, True)
+
+
+def test_out_and_workspace_checked_by_C():
+    q, k, v = make_qkv(1, 4, 4, 2, 2, 64, torch.float32)
+    lse = torch.empty(1, 2, 4)
+    with pytest.raises(ValueError, match=r"^out\b"):
+        _C.attention_fwd(view(q), view(k), view(v), view(torch.empty(1, 4, 2, 32)), view(lse), None, None, None, 4, 4,
+                         0.125, True, None)
+    with pytest.raises(ValueError, match=r"^lse\b"):
+        _C.attention_fwd(view(q), view(k), view(v), view(torch.empty_like(q)), view(torch.empty(1, 2, 5)), None, None,
+                         None, 4, 4, 0.125, True, None)
+    with pytest.raises(ValueError, match=r"^workspace\b"):  # the backward always needs one
+        _C.attention_bwd(view(q), view(q), view(k), view(v), view(q), view(lse), view(q), view(k), view(v), None,
+                         None, None, 4, 4, 0.125, True, None)
