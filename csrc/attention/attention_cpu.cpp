@@ -31,7 +31,7 @@ namespace {
 
 using attn_cpu::kNegInf;
 
-constexpr int kBlockQ = 64;
+constexpr int kBlockQ = 96;
 constexpr int kBlockK = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -88,21 +88,69 @@ inline int key_blocks_for(const AttentionFwdParams& p, int q0, int q1, int sq, i
   return lim < 0 ? 0 : lim / kBlockK + 1;
 }
 
+#ifdef MPTK_AVX2
+inline void transpose8x8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4, __m256& r5, __m256& r6,
+                         __m256& r7) {
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  r0 = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r1 = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r2 = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r3 = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r4 = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r5 = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r6 = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r7 = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+#endif
+
 // Rows k0..k0+nk of one head of K (or V) -> float32 tile, zero padded to kBlockK rows.
 //   transposed: dst[d * kBlockK + j]  (Dp x kBlockK, for S = Q K^T and dP = dO V^T)
 //   row-major:  dst[j * Dp + d]       (kBlockK x Dp, for O += P V and dQ += dS K)
 template <typename T>
 void load_kv_tile(float* dst, bool transposed, const T* base, int64_t row_stride, int nk, int D, int Dp) {
-  if (transposed) {
-    std::fill(dst, dst + static_cast<size_t>(Dp) * kBlockK, 0.f);
-    for (int j = 0; j < nk; ++j) {
-      const T* src = base + j * row_stride;
-      for (int d = 0; d < D; ++d) dst[d * kBlockK + j] = to_float(src[d]);
-    }
-  } else {
+  if (!transposed) {
     for (int j = 0; j < nk; ++j) attn_cpu::load_row(dst + j * Dp, base + j * row_stride, D, Dp);
     std::fill(dst + static_cast<size_t>(nk) * Dp, dst + static_cast<size_t>(kBlockK) * Dp, 0.f);
+    return;
   }
+#ifdef MPTK_AVX2
+  // 8 key rows x 8 dims at a time, transposed in registers: the conversion costs a few percent of
+  // the tile's GEMMs instead of a scalar strided scatter.
+  alignas(32) float pad[8 * 8];
+  for (int j0 = 0; j0 < kBlockK; j0 += 8) {
+    const int rows = std::min(8, nk - j0);
+    for (int d0 = 0; d0 < Dp; d0 += 8) {
+      __m256 r[8];
+      if (rows == 8 && d0 + 8 <= D) {
+        for (int i = 0; i < 8; ++i) r[i] = load8(base + (j0 + i) * row_stride + d0);
+      } else {  // key tail or head-dim tail: go through a zero-padded 8x8 block
+        for (int i = 0; i < 8; ++i)
+          for (int c = 0; c < 8; ++c)
+            pad[i * 8 + c] = (i < rows && d0 + c < D) ? to_float(base[(j0 + i) * row_stride + d0 + c]) : 0.f;
+        for (int i = 0; i < 8; ++i) r[i] = _mm256_load_ps(pad + i * 8);
+      }
+      transpose8x8(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (d0 + i) * kBlockK + j0, r[i]);
+    }
+  }
+#else
+  std::fill(dst, dst + static_cast<size_t>(Dp) * kBlockK, 0.f);
+  for (int j = 0; j < nk; ++j) {
+    const T* src = base + j * row_stride;
+    for (int d = 0; d < D; ++d) dst[d * kBlockK + j] = to_float(src[d]);
+  }
+#endif
 }
 
 template <typename T>
@@ -111,18 +159,17 @@ void load_q_tile(float* dst, const T* base, int64_t row_stride, int nq, int D, i
 }
 
 // Scores of a (nq x kBlockK) tile in base 2: S = (Q K^T) * scale * log2(e) + bias * log2(e), masked
-// (-inf) past each row's last visible key and past the end of the keys.
-void finish_scores(const AttentionFwdParams& p, float* S, int nq, int q0, int k0, int sq, int sk, float slope) {
+// (-inf) past each row's last visible key and past the end of the keys. Row maxima into row_max.
+void finish_scores(const AttentionFwdParams& p, float* S, int nq, int q0, int k0, int sq, int sk, float slope,
+                   float* row_max) {
   alignas(32) float bias2[kBlockK];
   const float slope2 = slope * kLog2e;
   // MPT's key-position bias -slope * (sk - 1 - j): one vector per key block, the same for every row.
   for (int j = 0; j < kBlockK; ++j) bias2[j] = -slope2 * static_cast<float>(sk - 1 - (k0 + j));
   const float scale2 = p.softmax_scale * kLog2e;
   for (int r = 0; r < nq; ++r) {
-    float* s = S + r * kBlockK;
-    attn_cpu::scale_add(s, bias2, scale2, kBlockK);
     const int first_hidden = last_visible_key(p, q0 + r, sq, sk) + 1 - k0;
-    for (int j = std::max(first_hidden, 0); j < kBlockK; ++j) s[j] = kNegInf;
+    row_max[r] = attn_cpu::scale_add_mask_max(S + r * kBlockK, bias2, scale2, kBlockK, first_hidden);
   }
 }
 
@@ -136,6 +183,7 @@ struct FwdScratch {
   float* o;   // kBlockQ x Dp
   float* m;   // kBlockQ
   float* l;   // kBlockQ
+  float* bmax;  // kBlockQ: this key block's row maxima
   FwdScratch(float* base, int Dp) {
     q = base;
     o = q + kBlockQ * Dp;
@@ -144,11 +192,12 @@ struct FwdScratch {
     s = v + kBlockK * Dp;
     m = s + kBlockQ * kBlockK;
     l = m + kBlockQ;
+    bmax = l + kBlockQ;
   }
 };
 
 inline size_t fwd_scratch_floats(int Dp) {
-  return 2ull * kBlockQ * Dp + 2ull * kBlockK * Dp + 1ull * kBlockQ * kBlockK + 2 * kBlockQ;
+  return 2ull * kBlockQ * Dp + 2ull * kBlockK * Dp + 1ull * kBlockQ * kBlockK + 3 * kBlockQ;
 }
 
 // Processes query rows [q0, q0+nq) of head h in sequence b against key blocks [kb_begin, kb_end);
@@ -173,10 +222,10 @@ void fwd_tile(const AttentionFwdParams& p, const SeqInfo& si, int b, int h, int 
     load_kv_tile(w.kt, true, kbase + k0 * p.k_row_stride, p.k_row_stride, nk, D, Dp);
     load_kv_tile(w.v, false, vbase + k0 * p.v_row_stride, p.v_row_stride, nk, D, Dp);
     attn_cpu::gemm(nq, kBlockK, Dp, w.q, Dp, w.kt, kBlockK, w.s, kBlockK, false);
-    finish_scores(p, w.s, nq, q0, k0, si.sq, si.sk, slope);
+    finish_scores(p, w.s, nq, q0, k0, si.sq, si.sk, slope, w.bmax);
     for (int r = 0; r < nq; ++r) {
       float* s = w.s + r * kBlockK;
-      const float m_new = std::max(w.m[r], attn_cpu::row_max(s, kBlockK));
+      const float m_new = std::max(w.m[r], w.bmax[r]);
       const float rowsum = attn_cpu::exp2_sub_sum(s, kBlockK, m_new);
       if (m_new == kNegInf) continue;  // nothing visible yet in this row: O, l stay 0
       const float alpha = std::exp2(w.m[r] - m_new);  // 0 on the first visible block
@@ -317,13 +366,13 @@ inline size_t delta_floats(const AttentionFwdParams& p) {
 
 // Per-thread scratch for both backward passes.
 struct BwdScratch {
-  float *q, *dout, *kt, *vt, *k, *p, *ds, *pt, *acc0, *acc1, *lse2, *delta;
+  float *q, *dout, *kt, *vt, *k, *p, *ds, *pt, *acc0, *acc1, *lse2, *delta, *bmax;
   static size_t floats(int Dp) {
     return 2ull * kBlockQ * Dp      // q, dout
            + 3ull * kBlockK * Dp    // kt, vt, k
            + 3ull * kBlockQ * kBlockK  // p, ds, pt (transposes)
            + 2ull * std::max(kBlockQ, kBlockK) * Dp  // two float32 accumulators
-           + 2ull * kBlockQ;
+           + 3ull * kBlockQ;
   }
   BwdScratch(float* base, int Dp) {
     q = base;
@@ -338,6 +387,7 @@ struct BwdScratch {
     acc1 = acc0 + std::max(kBlockQ, kBlockK) * Dp;
     lse2 = acc1 + std::max(kBlockQ, kBlockK) * Dp;
     delta = lse2 + kBlockQ;
+    bmax = delta + kBlockQ;
   }
 };
 
@@ -346,7 +396,7 @@ struct BwdScratch {
 void bwd_probs_and_dscores(const AttentionFwdParams& p, BwdScratch& w, int nq, int q0, int k0, int sq, int sk,
                            float slope, int Dp) {
   attn_cpu::gemm(nq, kBlockK, Dp, w.q, Dp, w.kt, kBlockK, w.p, kBlockK, false);
-  finish_scores(p, w.p, nq, q0, k0, sq, sk, slope);
+  finish_scores(p, w.p, nq, q0, k0, sq, sk, slope, w.bmax);
   for (int r = 0; r < nq; ++r) attn_cpu::exp2_sub_sum(w.p + r * kBlockK, kBlockK, w.lse2[r]);
   attn_cpu::gemm(nq, kBlockK, Dp, w.dout, Dp, w.vt, kBlockK, w.ds, kBlockK, false);
   for (int r = 0; r < nq; ++r)
