@@ -313,9 +313,11 @@ def test_ft_grouped_query_attention_force_repeats_kv(tmp_path, attn):
 
 def test_ft_from_checkpoint_dir_matches_model(tmp_path):
     model = mpt()
-    model.save_pretrained(tmp_path / "ckpt")
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size=20_000)  # several safetensors shards + index
+    assert (tmp_path / "ckpt" / "model.safetensors.index.json").exists()
     a = export_fastertransformer(model, tmp_path / "a", tensor_parallel=2)
     b = export_fastertransformer(tmp_path / "ckpt", tmp_path / "b", tensor_parallel=2, progress=True)
+    assert sorted(os.listdir(a)) == sorted(os.listdir(b))
     for f in sorted(os.listdir(a)):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
 
@@ -446,6 +448,7 @@ def test_onnx_no_cache_graph_fp16(tmp_path):
     model = mpt(d_model=32, n_heads=4, n_layers=1)
     path = export_onnx(model, tmp_path / "m.onnx", with_kv_cache=False, dtype="fp16")
     assert path == tmp_path / "m.onnx"
+    assert model.dtype == torch.float32  # the export casts its own copy, never the model
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == ["input_ids"]
     ids = torch.randint(0, VOCAB, (2, 9))

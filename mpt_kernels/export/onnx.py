@@ -183,7 +183,8 @@ class _NoCache(torch.nn.Module):
     def forward(self, input_ids):
         B = input_ids.shape[0]
         g = self.mpt
-        empty = torch.zeros(B, g.n_kv, 0, g.head_dim, dtype=g.w("transformer.wte.weight").dtype)
+        empty = torch.zeros(B, g.n_kv, 0, g.head_dim, dtype=g.w("transformer.wte.weight").dtype,
+                            device=input_ids.device)
         return g(input_ids, *([empty] * (2 * g.n_layers)))[0]
 
 
@@ -217,7 +218,7 @@ def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype:
     graph = MPTGraph(model).eval()
     if dtype is not None:
         graph = graph.to(_ONNX_DTYPES[dtype])
-    wdtype = graph.w("transformer.wte.weight").dtype
+    wdtype, device = graph.w("transformer.wte.weight").dtype, graph.w("transformer.wte.weight").device
     bar.update(1)
     bar.set_postfix_str("torch.export + ONNX translation")
 
@@ -227,9 +228,10 @@ def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype:
     # Example sizes are distinct and > 1 so torch.export does not specialise (0/1) or tie the axes;
     # the graph itself runs at past = 0 (prefill) and seq = 1 (decode).
     B, S, P = 2, 3, 4
-    ids = torch.randint(0, int(graph.cfg["vocab_size"]), (B, S))
+    ids = torch.randint(0, int(graph.cfg["vocab_size"]), (B, S), device=device)
     if with_kv_cache:
-        past_t = tuple(torch.zeros(B, graph.n_kv, P, graph.head_dim, dtype=wdtype) for _ in range(2 * graph.n_layers))
+        past_t = tuple(torch.zeros(B, graph.n_kv, P, graph.head_dim, dtype=wdtype, device=device)
+                       for _ in range(2 * graph.n_layers))
         module, args = graph, (ids, *past_t)
         dynamic_shapes = ({0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in past_t))
         input_names, output_names = graph.input_names(), graph.output_names()
