@@ -352,16 +352,25 @@ def test_graph_module_matches_model_prefill_and_cached(kw):
     ids = torch.randint(0, VOCAB, (3, 10))
     ref = logits_of(model, ids)
     with torch.no_grad():
-        full = g(ids, *g.empty_past(3))
+        full = g(ids, None, *g.empty_past(3))
         torch.testing.assert_close(full[0], ref, rtol=0, atol=1e-5)
         # prefill 6 tokens, then 4 one at a time through the cache
-        out = g(ids[:, :6], *g.empty_past(3))
+        out = g(ids[:, :6], None, *g.empty_past(3))
         steps = [out[0]]
         for t in range(6, 10):
-            out = g(ids[:, t:t + 1], *out[1:])
+            out = g(ids[:, t:t + 1], None, *out[1:])
             steps.append(out[0])
     torch.testing.assert_close(torch.cat(steps, dim=1), ref, rtol=0, atol=1e-5)
     assert out[1].shape == (3, model.config.kv_n_heads, 10, 8)
+    # Left padding: row 1 padded by 4 computes what its unpadded 6 tokens compute, also through the cache.
+    mask = torch.ones(3, 10, dtype=torch.int64)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        padded = g(ids, mask, *g.empty_past(3))[0]
+        torch.testing.assert_close(padded[1, 4:], logits_of(model, ids[1:2, 4:])[0], rtol=0, atol=1e-5)
+        out = g(ids[:, :7], mask[:, :7], *g.empty_past(3))
+        out = g(ids[:, 7:], mask, *out[1:])
+        torch.testing.assert_close(out[0][1], logits_of(model, ids[1:2, 4:])[0, 3:], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("attn", [{}, {"clip_qkv": 0.3}, {"softmax_scale": 0.2}])
@@ -370,7 +379,7 @@ def test_graph_module_matches_transformers_model(attn):
     g = MPTGraph(model).eval()
     ids = torch.randint(0, VOCAB, (2, 10))
     with torch.no_grad():
-        torch.testing.assert_close(g(ids, *g.empty_past(2))[0], logits_of(model, ids), rtol=0, atol=1e-5)
+        torch.testing.assert_close(g(ids, None, *g.empty_past(2))[0], logits_of(model, ids), rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -399,6 +408,7 @@ def test_onnx_graph_is_standard_ops_with_dynamic_axes(onnx_export):
     assert {"MatMul", "Softmax"} <= ops
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     assert dims["input_ids"] == ["batch", "seq"]
+    assert dims["attention_mask"] == ["batch", "past + seq"]
     assert dims["past_key_values.1.value"] == ["batch", 6, "past", 8]
     outs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
     assert outs["logits"][0] == "batch" and outs["logits"][2] == VOCAB and isinstance(outs["logits"][1], str)
@@ -417,6 +427,22 @@ def test_onnx_prefill_logits_match_torch(onnx_export):
         assert present[0].shape == (shape[0], 6, shape[1], 8)
 
 
+def test_onnx_left_padded_prefill_matches_unpadded_rows(onnx_export):
+    from mpt_kernels.export.onnx import OnnxMPT
+
+    model, path = onnx_export
+    ids = torch.randint(0, VOCAB, (3, 12))
+    pads = [0, 4, 11]  # the last row is a single real token
+    mask = torch.ones(3, 12, dtype=torch.int64)
+    for r, n in enumerate(pads):
+        mask[r, :n] = 0
+    logits, _ = OnnxMPT(path).run(ids.numpy(), attention_mask=mask.numpy())
+    assert np.isfinite(logits).all()  # padding rows see no key: finite fill, no NaN leaking into real rows
+    for r, n in enumerate(pads):
+        ref = logits_of(model, ids[r:r + 1, n:])[0]
+        torch.testing.assert_close(torch.from_numpy(logits[r, n:]), ref, rtol=0, atol=1e-4)
+
+
 def test_onnx_greedy_decode_matches_generate(onnx_export):
     from mpt_kernels.export.onnx import OnnxMPT
 
@@ -427,6 +453,18 @@ def test_onnx_greedy_decode_matches_generate(onnx_export):
     assert got.shape == (2, 15)
     assert len(set(got[:, 5:].ravel().tolist())) > 3, "degenerate generation would make this check weak"
     np.testing.assert_array_equal(got, ref.numpy())
+
+
+def test_onnx_greedy_decode_left_padded_batch(onnx_export):
+    from mpt_kernels.export.onnx import OnnxMPT
+
+    model, path = onnx_export
+    ids = torch.randint(0, VOCAB, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.int64)
+    mask[1, :5] = 0  # prompts of 8 and 3 tokens
+    got = OnnxMPT(path).greedy(ids.numpy(), max_new_tokens=10, attention_mask=mask.numpy())
+    np.testing.assert_array_equal(got, model.generate(ids, 10, temperature=0, attention_mask=mask).numpy())
+    np.testing.assert_array_equal(got[1:, 5:], model.generate(ids[1:, 5:], 10, temperature=0).numpy())
 
 
 def test_onnx_rejects_bad_arguments(tmp_path):
@@ -450,9 +488,9 @@ def test_onnx_no_cache_graph_fp16(tmp_path):
     assert path == tmp_path / "m.onnx"
     assert model.dtype == torch.float32  # the export casts its own copy, never the model
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert [i.name for i in sess.get_inputs()] == ["input_ids"]
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
     ids = torch.randint(0, VOCAB, (2, 9))
-    logits = sess.run(None, {"input_ids": ids.numpy()})[0]
+    logits = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": np.ones((2, 9), np.int64)})[0]
     assert logits.dtype == np.float16
     # fp16 weights and activations (scores/softmax in fp32) vs the fp32 model, logits ~5: a few 1e-3.
     torch.testing.assert_close(torch.from_numpy(logits).float(), logits_of(model, ids), rtol=0, atol=3e-2)

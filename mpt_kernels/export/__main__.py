@@ -27,7 +27,7 @@ def _verify_ft(model_dir, out):
     src, back = MPTGraph(model_dir).eval(), MPTGraph(read_fastertransformer(out)).eval()
     ids = _random_ids(src.cfg)
     with torch.no_grad():
-        diff = (src(ids, *src.empty_past(2))[0] - back(ids, *back.empty_past(2))[0]).abs().max().item()
+        diff = (src(ids, None, *src.empty_past(2))[0] - back(ids, None, *back.empty_past(2))[0]).abs().max().item()
     print(f"verify: max |logits(checkpoint) - logits(FasterTransformer files)| = {diff:.3g}")
     return diff
 
@@ -38,7 +38,7 @@ def _verify_onnx(model_dir, path):
     src = MPTGraph(model_dir).eval()
     ids = _random_ids(src.cfg)
     with torch.no_grad():
-        ref = src(ids, *src.empty_past(2))[0]
+        ref = src(ids, None, *src.empty_past(2))[0]
     logits, _ = OnnxMPT(path).run(ids.numpy())
     diff = (torch.from_numpy(logits).float() - ref.float()).abs().max().item()
     print(f"verify: max |logits(torch) - logits(onnxruntime)| = {diff:.3g}")

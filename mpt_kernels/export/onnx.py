@@ -15,11 +15,13 @@ Why a graph module instead of tracing the model's own forward:
   the source model's own forward and ``generate``.
 
 Graph interface (names are stable; batch, sequence and past lengths are dynamic):
-    inputs : input_ids int64 (batch, seq); past_key_values.{i}.key / .value (batch, kv_heads, past, head_dim)
+    inputs : input_ids int64 (batch, seq); attention_mask int64 (batch, past + seq), 1 = real token,
+             0 = left padding; past_key_values.{i}.key / .value (batch, kv_heads, past, head_dim)
     outputs: logits (batch, seq, vocab); present.{i}.key / .value (batch, kv_heads, past + seq, head_dim)
-Prefill passes past tensors with ``past = 0``; each decode step feeds ``present`` back as ``past``.
-Sequences in a batch share one length (no padding mask), which is what greedy serving of equal-length
-prompts needs; see docs/export.md.
+Prefill passes past tensors with ``past = 0``; each decode step feeds ``present`` back as ``past`` and
+the mask grown by a column of ones. Left-padded rows compute exactly what the unpadded row computes
+(MPT's ALiBi bias depends only on the distance to the last key); logits at padding positions are
+meaningless.
 """
 from __future__ import annotations
 
@@ -45,10 +47,11 @@ def _alibi_slopes(n_heads: int, alibi_bias_max: float) -> torch.Tensor:
 
 
 def alibi_attention_onnx(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor | None,
-                         softmax_scale: float) -> torch.Tensor:
+                         softmax_scale: float, key_padding: torch.Tensor | None = None) -> torch.Tensor:
     """Causal ALiBi attention from standard operators. q (B, H, Sq, D); k, v (B, Hkv, Sk, D) with
-    Sk >= Sq, query rows aligned to the last Sq keys; slopes (H,) float32 or None. Returns (B, H, Sq, D).
-    The score bias is MPT's ``-slope * (Sk - 1 - j)``; scores and softmax run in float32."""
+    Sk >= Sq, query rows aligned to the last Sq keys; slopes (H,) float32 or None; key_padding
+    (B, Sk) bool, True = masked key. Returns (B, H, Sq, D). The score bias is MPT's
+    ``-slope * (Sk - 1 - j)``; scores and softmax run in float32."""
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     if Hkv != H:
@@ -62,7 +65,12 @@ def alibi_attention_onnx(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slop
         dist = (Sk - 1 - j).to(torch.float32)  # (Sk,)
         scores = scores - slopes[:, None, None] * dist  # (H, 1, Sk) broadcast
     masked = j[None, :] > i[:, None]  # (Sq, Sk)
-    scores = scores.masked_fill(masked, float("-inf"))
+    if key_padding is not None:
+        masked = masked | key_padding[:, None, None, :]  # (B, 1, Sq, Sk)
+    # A finite fill, not -inf: a padding query row sees no key at all and must give a finite (ignored)
+    # output, because NaN there would reach real rows through 0 * NaN in the next layer's probs @ v.
+    # Rows with a visible key are unchanged: exp(min - max) is exactly 0.
+    scores = scores.masked_fill(masked, torch.finfo(torch.float32).min)
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs.to(v.dtype), v)
 
@@ -70,8 +78,8 @@ def alibi_attention_onnx(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slop
 class MPTGraph(torch.nn.Module):
     """MPT's causal-LM forward with the KV cache as tensors: the module ``export_onnx`` exports.
 
-    ``forward(input_ids, *past)`` with ``past = (k_0, v_0, k_1, v_1, ...)`` returns
-    ``(logits, k_0', v_0', ...)``. Built from an MPT model (weights shared, not copied) or a
+    ``forward(input_ids, attention_mask, *past)`` with ``past = (k_0, v_0, k_1, v_1, ...)`` returns
+    ``(logits, k_0', v_0', ...)``; ``attention_mask`` may be None (no padding) in torch. Built from an MPT model (weights shared, not copied) or a
     Hugging Face MPT checkpoint directory."""
 
     def __init__(self, model_or_dir):
@@ -86,7 +94,8 @@ class MPTGraph(torch.nn.Module):
         self.clip_qkv = attn.get("clip_qkv")
         self.qk_ln = bool(attn.get("qk_ln"))
         self.softmax_scale = float(attn.get("softmax_scale") or default_softmax_scale(cfg))
-        self.alibi = bool(attn.get("alibi", True))
+        if not attn.get("alibi", True):
+            raise ValueError("model_or_dir: attn_config.alibi=False is not supported by the ONNX export (MPT is ALiBi)")
         ls = cfg.get("logit_scale")
         self.logit_scale = 1.0 / math.sqrt(self.d_model) if ls == "inv_sqrt_d_model" else (float(ls) if ls else None)
         act = (cfg.get("ffn_config") or {}).get("ffn_act_fn") or {}
@@ -104,11 +113,8 @@ class MPTGraph(torch.nn.Module):
             key = name.replace(".", "_")
             self._names[name] = key
             self.register_buffer(key, t.detach(), persistent=False)
-        if self.alibi:
-            self.register_buffer("alibi_slopes", _alibi_slopes(self.n_heads, float(attn.get("alibi_bias_max", 8))),
-                                 persistent=False)
-        else:
-            self.alibi_slopes = None
+        self.register_buffer("alibi_slopes", _alibi_slopes(self.n_heads, float(attn.get("alibi_bias_max", 8))),
+                             persistent=False)
 
     def w(self, name):
         key = self._names.get(name)
@@ -123,14 +129,11 @@ class MPTGraph(torch.nn.Module):
     def _linear(self, x, prefix):
         return F.linear(x, self.w(prefix + ".weight"), self.w(prefix + ".bias"))
 
-    def forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *past: torch.Tensor):
         B, S = input_ids.shape
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        key_padding = None if attention_mask is None else attention_mask == 0  # (B, past + S)
         x = F.embedding(input_ids, self.w("transformer.wte.weight"))  # (B, S, d)
-        if not self.alibi and self.w("transformer.wpe.weight") is not None:
-            P = past[0].shape[2]
-            pos = torch.arange(S, device=input_ids.device) + P
-            x = x + F.embedding(pos, self.w("transformer.wpe.weight"))[None]
         presents = []
         for li in range(self.n_layers):
             p = f"transformer.blocks.{li}."
@@ -147,7 +150,7 @@ class MPTGraph(torch.nn.Module):
             k = torch.cat([past[2 * li], k], dim=2)  # (B, Hkv, P + S, D)
             v = torch.cat([past[2 * li + 1], v], dim=2)
             presents += [k, v]
-            a = alibi_attention_onnx(q, k, v, self.alibi_slopes, self.softmax_scale)  # (B, H, S, D)
+            a = alibi_attention_onnx(q, k, v, self.alibi_slopes, self.softmax_scale, key_padding)  # (B, H, S, D)
             a = a.transpose(1, 2).reshape(B, S, H * D)
             x = x + self._linear(a, p + "attn.out_proj")
             h = self._ln(x, p + "norm_2")
@@ -167,25 +170,26 @@ class MPTGraph(torch.nn.Module):
                 for _ in range(2 * self.n_layers)]
 
     def input_names(self):
-        return ["input_ids"] + [f"past_key_values.{i}.{kv}" for i in range(self.n_layers) for kv in ("key", "value")]
+        return ["input_ids", "attention_mask"] + [f"past_key_values.{i}.{kv}" for i in range(self.n_layers)
+                                                  for kv in ("key", "value")]
 
     def output_names(self):
         return ["logits"] + [f"present.{i}.{kv}" for i in range(self.n_layers) for kv in ("key", "value")]
 
 
 class _NoCache(torch.nn.Module):
-    """``input_ids -> logits`` only: the graph for runtimes that do not keep a cache."""
+    """``(input_ids, attention_mask) -> logits`` only: the graph for runtimes that keep no cache."""
 
     def __init__(self, graph: MPTGraph):
         super().__init__()
         self.mpt = graph  # not "graph": that name is GraphModule's own attribute after export
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, attention_mask):
         B = input_ids.shape[0]
         g = self.mpt
         empty = torch.zeros(B, g.n_kv, 0, g.head_dim, dtype=g.w("transformer.wte.weight").dtype,
                             device=input_ids.device)
-        return g(input_ids, *([empty] * (2 * g.n_layers)))[0]
+        return g(input_ids, attention_mask, *([empty] * (2 * g.n_layers)))[0]
 
 
 _ONNX_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -198,7 +202,7 @@ def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype:
 
     ``path``: a ``.onnx`` file, or a directory (then ``<path>/model.onnx``). ``with_kv_cache=True``
     exports the one graph that does prefill (past length 0) and decode (see the module docstring for
-    its inputs and outputs); ``False`` exports ``input_ids -> logits``. Batch and sequence (and past)
+    its inputs and outputs); ``False`` exports ``(input_ids, attention_mask) -> logits``. Batch and sequence (and past)
     axes are dynamic. ``dtype`` ("fp32"/"fp16", default: the model's) sets the weight dtype; scores
     and softmax run in float32 either way. Graphs over 2 GB store weights in ``<name>.onnx.data``.
     """
@@ -232,13 +236,16 @@ def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype:
     if with_kv_cache:
         past_t = tuple(torch.zeros(B, graph.n_kv, P, graph.head_dim, dtype=wdtype, device=device)
                        for _ in range(2 * graph.n_layers))
-        module, args = graph, (ids, *past_t)
-        dynamic_shapes = ({0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in past_t))
+        mask = torch.ones(B, P + S, dtype=torch.int64, device=device)
+        module, args = graph, (ids, mask, *past_t)
+        # The mask's length is past + seq: Dim.AUTO lets torch.export derive that relation.
+        dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}, tuple({0: batch, 2: past} for _ in past_t))
         input_names, output_names = graph.input_names(), graph.output_names()
     else:
-        module, args = _NoCache(graph), (ids,)
-        dynamic_shapes = ({0: batch, 1: seq},)
-        input_names, output_names = ["input_ids"], ["logits"]
+        mask = torch.ones(B, S, dtype=torch.int64, device=device)
+        module, args = _NoCache(graph), (ids, mask)
+        dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
+        input_names, output_names = ["input_ids", "attention_mask"], ["logits"]
 
     nbytes = sum(b.numel() * b.element_size() for b in graph.buffers())
     with warnings.catch_warnings():
@@ -259,6 +266,8 @@ def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype:
         "mpt_kernels.vocab_size": str(graph.cfg["vocab_size"]),
     }
     proto = program.model_proto
+    if with_kv_cache:
+        _rename_dim(proto, "attention_mask", 1, "past + seq")  # Dim.AUTO's generated name, e.g. "s53"
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
     if nbytes > 1_800_000_000:  # protobuf's 2 GB limit
@@ -269,6 +278,18 @@ def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype:
     bar.update(1)
     bar.close()
     return path
+
+
+def _rename_dim(proto, input_name: str, axis: int, new: str) -> None:
+    """Give the symbolic axis ``axis`` of input ``input_name`` the name ``new`` everywhere it appears."""
+    old = next(i for i in proto.graph.input if i.name == input_name).type.tensor_type.shape.dim[axis].dim_param
+    if not old or old == new:
+        return
+    for coll in (proto.graph.input, proto.graph.output, proto.graph.value_info):
+        for vi in coll:
+            for d in vi.type.tensor_type.shape.dim:
+                if d.dim_param == old:
+                    d.dim_param = new
 
 
 class OnnxMPT:
@@ -286,7 +307,7 @@ class OnnxMPT:
         self.kv_heads = int(meta["mpt_kernels.kv_heads"])
         self.head_dim = int(meta["mpt_kernels.head_dim"])
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.past_dtype = {"tensor(float)": "float32", "tensor(float16)": "float16"}[self.session.get_inputs()[1].type]
+        self.past_dtype = {"tensor(float)": "float32", "tensor(float16)": "float16"}[self.session.get_inputs()[2].type]
 
     def empty_past(self, batch):
         import numpy as np
@@ -294,24 +315,31 @@ class OnnxMPT:
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.past_dtype)
                 for _ in range(2 * self.n_layers)]
 
-    def run(self, input_ids, past=None):
+    def run(self, input_ids, past=None, attention_mask=None):
+        """One graph call. ``attention_mask`` (batch, past + seq), default all ones."""
         import numpy as np
 
         input_ids = np.asarray(input_ids, dtype=np.int64)
         past = self.empty_past(input_ids.shape[0]) if past is None else past
-        out = self.session.run(None, dict(zip(self.input_names, [input_ids, *past])))
+        if attention_mask is None:
+            attention_mask = np.ones((input_ids.shape[0], past[0].shape[2] + input_ids.shape[1]), dtype=np.int64)
+        feed = [input_ids, np.asarray(attention_mask, dtype=np.int64), *past]
+        out = self.session.run(None, dict(zip(self.input_names, feed)))
         return out[0], out[1:]
 
-    def greedy(self, input_ids, max_new_tokens: int):
-        """Prefill then ``max_new_tokens`` decode steps; returns prompt + new tokens (batch, S + n)."""
+    def greedy(self, input_ids, max_new_tokens: int, attention_mask=None):
+        """Prefill then ``max_new_tokens`` decode steps; returns prompt + new tokens (batch, S + n).
+        ``attention_mask`` (batch, S) marks left padding of a batch of unequal prompts."""
         import numpy as np
 
         ids = np.asarray(input_ids, dtype=np.int64)
-        logits, past = self.run(ids)
+        mask = np.ones(ids.shape, np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        logits, past = self.run(ids, None, mask)
         out = [ids]
         for step in range(max_new_tokens):
             nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
             out.append(nxt)
             if step + 1 < max_new_tokens:
-                logits, past = self.run(nxt, past)
+                mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
+                logits, past = self.run(nxt, past, mask)
         return np.concatenate(out, axis=1)
