@@ -252,14 +252,19 @@ __device__ __forceinline__ void init_state(float (&m)[2], float (&l)[2], float (
 }
 
 // ------------------------------------------------------------------------------------------------
-// Forward. Grid (ceil(seqlen_q / kBlockM), n_heads, batch); block FwdShape::kThreads; smem Q + 2 x (K, V).
+// Forward. Grid (ceil(seqlen_q / kBlockM), n_heads, batch); block FwdShape::kThreads.
+// Shared memory: two stages of [K tile | V tile] (64 + 64 rows). Q is only read once, into registers,
+// so it borrows stage 1 until the first prefetch into that stage (69.6 KB at d=128: fits the 99 KB
+// per-block limit of sm_86/sm_89 too).
 template <typename T, int kD>
 __global__ void __launch_bounds__(FwdShape<kD>::kThreads) attention_fwd_kernel(const AttentionFwdParams p) {
   constexpr int kBM = FwdShape<kD>::kBlockM, kNT = FwdShape<kD>::kThreads, kP = Pitch<kD>::value;
+  constexpr int kStage = 2 * kBlockN * kP;  // elements per stage
+  static_assert(kBM <= 2 * kBlockN, "Q fits in one stage");
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* q_s = reinterpret_cast<T*>(smem_raw);
-  T* k_s = q_s + kBM * kP;          // [2][kBlockN][kP]
-  T* v_s = k_s + 2 * kBlockN * kP;  // [2][kBlockN][kP]
+  T* k_s = reinterpret_cast<T*>(smem_raw);  // stage st: K at k_s + st * kStage, V at k_s + st * kStage + kBlockN * kP
+  T* v_s = k_s + kBlockN * kP;
+  T* q_s = k_s + kStage;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int m_block = gridDim.x - 1 - blockIdx.x;  // causal: the longest rows start first
@@ -296,6 +301,7 @@ __global__ void __launch_bounds__(FwdShape<kD>::kThreads) attention_fwd_kernel(c
 
   uint32_t qf[kD / 16][4];
   load_a_rows<kD>(qf, q_s, warp * 16, lane);
+  __syncthreads();  // every warp holds its Q fragments before stage 1 (Q's storage) is refilled
   RowRule rr[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) rr[r] = row_rule(m0 + warp * 16 + (lane >> 2) + 8 * r, sb.sq, sb.sk, p.causal, slope);
@@ -306,9 +312,9 @@ __global__ void __launch_bounds__(FwdShape<kD>::kThreads) attention_fwd_kernel(c
   for (int it = 0; it < n_tiles; ++it) {
     if (it + 1 < n_tiles) {  // prefetch the next tile into the other stage while this one computes
       const int n1 = (it + 1) * kBlockN, st = (it + 1) & 1;
-      load_tile_async<kBlockN, kD, kNT>(k_s + st * kBlockN * kP, k_g + n1 * p.k_row_stride, p.k_row_stride, sb.sk - n1,
+      load_tile_async<kBlockN, kD, kNT>(k_s + st * kStage, k_g + n1 * p.k_row_stride, p.k_row_stride, sb.sk - n1,
                                    p.head_dim, k_base, tid);
-      load_tile_async<kBlockN, kD, kNT>(v_s + st * kBlockN * kP, v_g + n1 * p.v_row_stride, p.v_row_stride, sb.sk - n1,
+      load_tile_async<kBlockN, kD, kNT>(v_s + st * kStage, v_g + n1 * p.v_row_stride, p.v_row_stride, sb.sk - n1,
                                    p.head_dim, v_base, tid);
       cp_async_commit();
       cp_async_wait<1>();
@@ -317,7 +323,7 @@ __global__ void __launch_bounds__(FwdShape<kD>::kThreads) attention_fwd_kernel(c
     }
     __syncthreads();
     const int n0 = it * kBlockN, st = it & 1;
-    attend_keys<T, kD, kBlockN / 8>(qf, k_s + st * kBlockN * kP, v_s + st * kBlockN * kP, n0, rr,
+    attend_keys<T, kD, kBlockN / 8>(qf, k_s + st * kStage, v_s + st * kStage, n0, rr,
                                     n0 + kBlockN - 1 > first_row_last_key, scale2, m, l, acc, lane);
     __syncthreads();  // every warp is done with this stage before it is refilled
   }
@@ -600,7 +606,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_convert_kernel(cons
 // dQ += dS K, whose 16-row x 32-column pieces are split over the warps and added to float32 with
 // atomics (several key blocks contribute to the same dQ rows).
 template <typename T, int kD>
-__global__ void __launch_bounds__(BwdShape<kD>::kThreads) attention_bwd_kernel(const AttentionBwdParams p) {
+__global__ void __launch_bounds__(BwdShape<kD>::kThreads)
+    attention_bwd_kernel(const AttentionBwdParams p, int n_q_stages) {
   constexpr int kBM = BwdShape<kD>::kBlockM, kBN = BwdShape<kD>::kBlockN, kNT = BwdShape<kD>::kThreads;
   constexpr int kP = Pitch<kD>::value, kDsP = kBM + 8;
   constexpr int kWM = kBM / 16;                             // dQ: warps along the query rows
@@ -609,9 +616,12 @@ __global__ void __launch_bounds__(BwdShape<kD>::kThreads) attention_bwd_kernel(c
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* k_s = reinterpret_cast<T*>(smem_raw);  // [kBN][kP]
   T* v_s = k_s + kBN * kP;               // [kBN][kP]
-  T* q_s = v_s + kBN * kP;               // [2][kBM][kP]
-  T* do_s = q_s + 2 * kBM * kP;              // [2][kBM][kP]
-  T* ds_s = do_s + 2 * kBM * kP;             // [kBN][kDsP]  dS^T in dtype
+  // Q/dO blocks: 2 stages (prefetch the next block during this one), or 1 on GPUs whose per-block
+  // shared memory cannot hold 2 (sm_86/sm_89 at d=128): then each block is loaded before its use.
+  const bool dbuf = n_q_stages == 2;
+  T* q_s = v_s + kBN * kP;                   // [n_q_stages][kBM][kP]
+  T* do_s = q_s + n_q_stages * kBM * kP;     // [n_q_stages][kBM][kP]
+  T* ds_s = do_s + n_q_stages * kBM * kP;    // [kBN][kDsP]  dS^T in dtype
   float* lse2_s = reinterpret_cast<float*>(ds_s + kBN * kDsP);  // [kBM]
   float* delta_s = lse2_s + kBM;                                     // [kBM]
 
@@ -641,14 +651,14 @@ __global__ void __launch_bounds__(BwdShape<kD>::kThreads) attention_bwd_kernel(c
   cp_async_commit();
 
   auto issue_q_block = [&](int it) {
-    const int h = kvh * group + it / n_m, i0 = (m_begin + it % n_m) * kBM, st = it & 1;
+    const int h = kvh * group + it / n_m, i0 = (m_begin + it % n_m) * kBM, st = dbuf ? (it & 1) : 0;
     const T* q_g = q_base + b * p.q_batch_stride + (sb.q_row0 + i0) * p.q_row_stride + h * p.q_head_stride;
     const T* d_g = do_base + b * p.dout_batch_stride + (sb.q_row0 + i0) * p.dout_row_stride + h * p.dout_head_stride;
     load_tile_async<kBM, kD, kNT>(q_s + st * kBM * kP, q_g, p.q_row_stride, sb.sq - i0, p.head_dim, q_base, tid);
     load_tile_async<kBM, kD, kNT>(do_s + st * kBM * kP, d_g, p.dout_row_stride, sb.sq - i0, p.head_dim, do_base, tid);
     cp_async_commit();
   };
-  if (total > 0) issue_q_block(0);
+  if (total > 0 && dbuf) issue_q_block(0);
 
   float dk[kD / 8][4], dv[kD / 8][4];
 #pragma unroll
@@ -663,8 +673,13 @@ __global__ void __launch_bounds__(BwdShape<kD>::kThreads) attention_bwd_kernel(c
   for (int r = 0; r < 2; ++r) key_row[r] = n0 + warp * 16 + g + 8 * r;
 
   for (int it = 0; it < total; ++it) {
-    const int h = kvh * group + it / n_m, i0 = (m_begin + it % n_m) * kBM, st = it & 1;
-    if (it + 1 < total) {
+    const int h = kvh * group + it / n_m, i0 = (m_begin + it % n_m) * kBM, st = dbuf ? (it & 1) : 0;
+    if (!dbuf) {
+      // Single stage: every warp finished reading it (compute phase of it - 1) before the barrier
+      // after that phase; the dQ phase still running in other warps reads only dS^T and K.
+      issue_q_block(it);
+      cp_async_wait<0>();
+    } else if (it + 1 < total) {
       issue_q_block(it + 1);
       cp_async_wait<1>();
     } else {
@@ -857,16 +872,17 @@ __global__ void __launch_bounds__(BwdShape<kD>::kThreads) attention_bwd_kernel(c
 
 template <int kD>
 constexpr size_t fwd_smem_bytes() {
-  return static_cast<size_t>(FwdShape<kD>::kBlockM + 4 * kBlockN) * Pitch<kD>::value * 2;
+  return static_cast<size_t>(4 * kBlockN) * Pitch<kD>::value * 2;  // Q shares stage 1
 }
 template <int kD>
 constexpr size_t decode_smem_bytes() {
   return static_cast<size_t>(kDecodeRows + 4 * kBlockN) * Pitch<kD>::value * 2;
 }
 template <int kD>
-constexpr size_t bwd_smem_bytes() {
+constexpr size_t bwd_smem_bytes(int n_q_stages) {
   constexpr int kBM = BwdShape<kD>::kBlockM, kBN = BwdShape<kD>::kBlockN;
-  return static_cast<size_t>(2 * kBN + 4 * kBM) * Pitch<kD>::value * 2 + kBN * (kBM + 8) * 2 + 2 * kBM * sizeof(float);
+  return static_cast<size_t>(2 * kBN + 2 * n_q_stages * kBM) * Pitch<kD>::value * 2 + kBN * (kBM + 8) * 2 +
+         2 * kBM * sizeof(float);
 }
 
 inline int padded_head_dim(int head_dim) { return head_dim <= 64 ? 64 : 128; }
@@ -976,10 +992,17 @@ void launch_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
     MPTK_CUDA_CHECK_LAUNCH();
   }
   if (p.seqlen_k > 0) {
+    int device = 0, optin = 0;
+    MPTK_CUDA_CHECK(cudaGetDevice(&device));
+    MPTK_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    const int stages = static_cast<size_t>(optin) >= bwd_smem_bytes<kD>(2) ? 2 : 1;
+    MPTK_CHECK_ARG(static_cast<size_t>(optin) >= bwd_smem_bytes<kD>(1), "q",
+                   "the CUDA backward needs ", bwd_smem_bytes<kD>(1), " bytes of shared memory per block at head_dim ",
+                   p.head_dim, "; this GPU allows ", optin);
     auto kernel = attention_bwd_kernel<T, kD>;
-    set_smem(kernel, bwd_smem_bytes<kD>());
+    set_smem(kernel, bwd_smem_bytes<kD>(stages));
     kernel<<<dim3(ceil_div(p.seqlen_k, BwdShape<kD>::kBlockN), p.n_kv_heads, p.batch), BwdShape<kD>::kThreads,
-             bwd_smem_bytes<kD>(), stream>>>(p);
+             bwd_smem_bytes<kD>(stages), stream>>>(p, stages);
     MPTK_CUDA_CHECK_LAUNCH();
   }
   if (p.seqlen_q > 0) {
