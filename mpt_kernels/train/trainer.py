@@ -1,0 +1,549 @@
+"""The training loop: pretraining and finetuning of MPT models, one process or many.
+
+    from mpt_kernels.train import load_config, Trainer
+    summary = Trainer(load_config("training/configs/tiny.yaml", ["max_steps=50"])).fit()
+
+One optimizer step = ``global_batch_size`` samples = ``accum`` micro-batches of
+``micro_batch_size`` on each of ``world_size`` ranks (accum = global / (micro * world)). Under
+``torchrun`` the model is wrapped in DDP or FSDP2 (``fully_shard`` per block, then the root) and
+checkpoints go through torch.distributed.checkpoint, one shard per rank; with one process they are
+plain ``torch.save`` files. Either way a checkpoint holds everything needed to continue the same
+run exactly: weights, optimizer (Lion's momentum, step counts, stochastic-rounding seed), the
+learning-rate schedule, the data position (samples consumed, from which the streaming dataset
+computes the next sample directly) and every rank's RNG states.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..data import FinetuneDataset, Stream, StreamingTokenDataset, load_tokenizer, make_loader, padded_vocab_size
+from .checkpoint import latest_checkpoint, load_rng, read_trainer_state, save_checkpoint
+from .config import Config, dump_config
+from .metrics import MetricsLog, cpu_has_native_bf16, mfu, peak_flops, plot_loss_curve, read_metrics
+from .schedule import CosineWithWarmup
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        cfg.validate()
+        self.cfg = cfg
+        self._t0 = time.time()  # max_minutes and the reported wall time count the data/model set-up too
+        self._init_distributed()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.run_dir = cfg.run_dir
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        self._barrier()
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.rank == 0)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self._build_data()
+        self._build_model()
+        self._build_optimizer()
+
+    # ------------------------------------------------------------------------------------ setup
+    def _init_distributed(self) -> None:
+        cfg = self.cfg
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device=cuda asked for, but torch sees no CUDA device")
+        if use_cuda:
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        self.distributed = dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        if cfg.precision == "auto":
+            if use_cuda:
+                self.precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+            else:
+                self.precision = "bf16" if cpu_has_native_bf16() else "fp32"
+        else:
+            self.precision = cfg.precision
+        per_step = cfg.micro_batch_size * self.world
+        if cfg.global_batch_size % per_step:
+            raise ValueError(f"global_batch_size ({cfg.global_batch_size}) must be a multiple of micro_batch_size x "
+                             f"world_size ({cfg.micro_batch_size} x {self.world})")
+        self.accum = cfg.global_batch_size // per_step
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def _build_data(self) -> None:
+        cfg, d = self.cfg, self.cfg.data
+        common = dict(seed=cfg.seed, batch_size=cfg.micro_batch_size, rank=self.rank, world_size=self.world)
+        n_eval = cfg.eval.batches * cfg.micro_batch_size * self.world
+        if d.kind == "bundled":
+            from ..data.corpus import build_default_corpus
+
+            cache = Path(d.cache_dir) if d.cache_dir else self.run_dir / "corpus"
+            kwargs = dict(seq_len=d.seq_len, tokenizer=d.tokenizer, vocab_size=d.bpe_vocab_size,
+                          val_fraction=d.val_fraction, max_code_bytes=d.max_code_bytes)
+            if self.rank == 0:  # one rank builds, the others read the finished cache
+                paths = build_default_corpus(cache, show_progress=cfg.progress, **kwargs)
+            self._barrier()
+            if self.rank != 0:
+                paths = build_default_corpus(cache, show_progress=False, **kwargs)
+            self.tokenizer = load_tokenizer(paths["tokenizer"])
+            unknown = set(d.bundled_proportions) - {"code", "text"}
+            if unknown:
+                raise ValueError(f"data.bundled_proportions: unknown sources {sorted(unknown)} (code, text)")
+            train = [Stream(paths[k]["train"], float(p)) for k, p in d.bundled_proportions.items() if p > 0]
+            val = [Stream(paths[k]["val"], float(p)) for k, p in d.bundled_proportions.items() if p > 0]
+        elif d.kind == "shards":
+            train = [Stream(s["path"], s.get("proportion")) if isinstance(s, dict) else Stream(str(s)) for s in d.streams]
+            val = [Stream(s["path"], s.get("proportion")) if isinstance(s, dict) else Stream(str(s)) for s in d.val_streams]
+            tok_path = d.tokenizer or StreamingTokenDataset(train[:1]).sources[0].index.get("tokenizer")
+            if not tok_path:
+                raise ValueError("data.tokenizer is needed (the shards' index does not name their tokenizer)")
+            self.tokenizer = load_tokenizer(tok_path)
+        else:
+            tok_path = d.tokenizer or (cfg.model.init_from and Path(cfg.model.init_from) / "tokenizer.json")
+            if not tok_path:
+                raise ValueError("finetuning needs data.tokenizer (or a tokenizer.json in model.init_from)")
+            self.tokenizer = load_tokenizer(tok_path)
+            ft = dict(max_seq_len=d.seq_len, fmt=d.finetune_format)
+            self.train_set = FinetuneDataset(d.finetune_path, self.tokenizer, shuffle=d.shuffle, **ft, **common)
+            self.val_set = (FinetuneDataset(d.finetune_val_path, self.tokenizer, shuffle=False, num_samples=n_eval,
+                                            **ft, **common) if d.finetune_val_path else None)
+            self.collate = self.train_set.collate
+            return
+        self.train_set = StreamingTokenDataset(train, shuffle=d.shuffle, epoch_size=d.epoch_size,
+                                               sequence_id=d.sequence_id, **common)
+        self.val_set = (StreamingTokenDataset(val, num_samples=n_eval, sequence_id=d.sequence_id, **common)
+                        if val else None)
+        if self.train_set.vocab_size and self.train_set.vocab_size > self.tokenizer.vocab_size:
+            raise ValueError(f"the shards hold ids up to {self.train_set.vocab_size}, more than the tokenizer's "
+                             f"{self.tokenizer.vocab_size}: wrong tokenizer?")
+        from ..data import collate
+
+        self.collate = collate
+
+    def _build_model(self) -> None:
+        from ..model import MPTConfig, MPTForCausalLM
+
+        cfg, m = self.cfg, self.cfg.model
+        overrides = dict(m.overrides)
+        if m.init_from:
+            model = MPTForCausalLM.from_pretrained(m.init_from)
+            if overrides:  # e.g. StoryWriter: longer max_seq_len, alibi_bias_max 16
+                changed = MPTForCausalLM(model.config.replace(**overrides))
+                changed.load_state_dict(model.state_dict())
+                model = changed
+            if self.tokenizer.vocab_size > model.config.vocab_size:
+                raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens, the model {model.config.vocab_size}")
+        else:
+            base = MPTConfig.from_preset(m.preset)
+            vocab = m.vocab_size or padded_vocab_size(self.tokenizer.vocab_size, 128)
+            if vocab < self.tokenizer.vocab_size:
+                raise ValueError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's {self.tokenizer.vocab_size}")
+            overrides.setdefault("vocab_size", vocab)
+            overrides.setdefault("max_seq_len", max(base.max_seq_len, cfg.data.seq_len))
+            model = MPTForCausalLM(MPTConfig.from_preset(m.preset, **overrides))
+        model.to(self.device)
+        self.model_config = model.config
+        self.n_params = model.num_parameters()
+        self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
+        if m.activation_checkpointing:
+            from torch.utils.checkpoint import checkpoint
+
+            for block in model.transformer.blocks:
+                fwd = block.forward
+                block.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(fwd)
+        self.raw_model = model  # the unwrapped module (under FSDP2 it is sharded in place)
+        if self.distributed and cfg.parallel == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.transformer.blocks:
+                fully_shard(block)
+            fully_shard(model)
+            self.model = model
+        elif self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(model, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+        else:
+            self.model = model
+        if m.compile:
+            model.compile()  # in place: state-dict keys stay the same
+
+    def _build_optimizer(self) -> None:
+        o = self.cfg.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if o.name == "lion":
+            from .. import optim as mk_optim
+
+            self.optimizer = mk_optim.Lion(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                                           decoupled_weight_decay=True, max_grad_norm=o.max_grad_norm,
+                                           skip_nonfinite=True, seed=self.cfg.seed)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        self.scheduler = CosineWithWarmup(self.optimizer, base_lr=o.lr, warmup_steps=self.cfg.scheduler.warmup_steps,
+                                          max_steps=self.cfg.max_steps, min_lr_ratio=self.cfg.scheduler.min_lr_ratio)
+
+    # ------------------------------------------------------------------------------------ pieces
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _forward_loss(self, batch: dict) -> torch.Tensor:
+        ids = batch["input_ids"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device, non_blocking=True) if "labels" in batch else ids
+        kw = {}
+        if "sequence_id" in batch:
+            kw["sequence_id"] = batch["sequence_id"].to(self.device, non_blocking=True)
+        with self._autocast():
+            return self.model(ids, labels=labels, **kw).loss
+
+    def _all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            t = t.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= self.world
+        return t
+
+    def _skipped_steps(self) -> int:
+        return int(getattr(self.optimizer, "skipped_steps", 0)) + getattr(self, "_adamw_skipped", 0)
+
+    def train_step(self, data_iter) -> tuple[float, int]:
+        """One optimizer step; returns (mean loss over the global batch, tokens in it)."""
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        tokens = 0
+        for i in range(self.accum):
+            batch = next(data_iter)
+            tokens += batch["input_ids"].numel()
+            last = i == self.accum - 1
+            if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) and not last:
+                ctx = self.model.no_sync()  # gradients are averaged once, at the last micro-batch
+            else:
+                ctx = contextlib.nullcontext()
+                if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+                    self.model.set_requires_gradient_sync(last)
+            with ctx:
+                loss = self._forward_loss(batch) / self.accum
+                loss.backward()
+            total += loss.detach().float()
+        if self.cfg.optim.name == "adamw":
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm or math.inf)
+            if torch.isfinite(norm):
+                self.optimizer.step()
+            else:
+                self._adamw_skipped = getattr(self, "_adamw_skipped", 0) + 1
+        else:
+            self.optimizer.step()  # Lion: clipping and the non-finite check happen inside, fused
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._all_reduce_mean(total)
+        return float(loss.item()), tokens * self.world
+
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        if self.val_set is None:
+            return None
+        self.model.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for batch in make_loader(self.val_set, collate_fn=self.collate):
+            labels = batch["labels"] if "labels" in batch else batch["input_ids"]
+            n = int((labels[:, 1:] != -100).sum())
+            loss = self._forward_loss(batch)
+            sums[0] += loss.double() * n
+            sums[1] += n
+        if self.distributed:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        self.model.train()
+        loss = float(sums[0] / sums[1])
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(sums[1])}
+
+    def _data_iter(self, consumed: int):
+        self.train_set.set_position(consumed)
+        return iter(make_loader(self.train_set, num_workers=self.cfg.data.num_workers,
+                                pin_memory=self.device.type == "cuda", collate_fn=self.collate))
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def save(self, step: int, consumed: int, *, kill_mid_save: bool = False) -> Path:
+        def write(tmp: Path) -> None:
+            if self.distributed:
+                import torch.distributed.checkpoint as dcp
+                from torch.distributed.checkpoint.state_dict import get_state_dict
+
+                msd, osd = get_state_dict(self.model, self.optimizer)
+                dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+            else:
+                torch.save(self.raw_model.state_dict(), tmp / "model.pt")
+                torch.save(self.optimizer.state_dict(), tmp / "optim.pt")
+
+        def crash(_tmp: Path) -> None:  # test hook: die with the files written but not yet renamed
+            _log(f"[train] fault injection: SIGKILL in the middle of saving step {step} (rank {self.rank})")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        state = {"consumed_samples": consumed, "data": self.train_set.state_dict(consumed),
+                 "scheduler": self.scheduler.state_dict(), "skipped_steps": self._skipped_steps(),
+                 "precision": self.precision}
+        return save_checkpoint(self.ckpt_dir, step, rank=self.rank, world_size=self.world, write=write,
+                               trainer_state=state, keep_last=self.cfg.checkpoint.keep_last, barrier=self._barrier,
+                               before_rename=crash if kill_mid_save else None)
+
+    def resume(self) -> tuple[int, int]:
+        """Load the latest checkpoint of this run; returns (step, samples consumed)."""
+        ck = latest_checkpoint(self.ckpt_dir)
+        if ck is None:
+            return 0, 0
+        st = read_trainer_state(ck)
+        if (ck / "dcp").is_dir():
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            msd, osd = get_state_dict(self.model, self.optimizer)
+            sd = {"model": msd, "optim": osd}
+            dcp.load(sd, checkpoint_id=str(ck / "dcp"))
+            set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        elif self.distributed:
+            raise RuntimeError(f"{ck} was written by a single process; resume it with one process")
+        else:
+            self.raw_model.load_state_dict(torch.load(ck / "model.pt", map_location=self.device, weights_only=True))
+            self.optimizer.load_state_dict(torch.load(ck / "optim.pt", map_location=self.device, weights_only=False))
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.train_set.load_state_dict(st["data"])
+        load_rng(ck, self.rank)
+        if self.rank == 0:
+            _log(f"[train] resumed from {ck} (step {st['step']}, {st['consumed_samples']} samples consumed)")
+        return int(st["step"]), int(st["consumed_samples"])
+
+    def _fault_armed(self, step: int) -> bool:
+        """Test hook (config ``fault``): should this rank die at this step?"""
+        f = self.cfg.fault
+        if f.kill_at_step != step or self.rank != f.rank:
+            return False
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+            return False
+        if f.marker:
+            if Path(f.marker).exists():
+                return False
+            Path(f.marker).write_text(f"killed at step {step}{' during the save' if f.during_save else ''}\n")
+        return True
+
+    # ------------------------------------------------------------------------------------ output
+    def save_hf(self) -> Path | None:
+        """The final model in Hugging Face format (plus its tokenizer.json), from rank 0."""
+        out = self.run_dir / "hf"
+        if self.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.rank == 0:
+                from ..model import MPTForCausalLM
+
+                full = MPTForCausalLM(self.model_config)
+                full.load_state_dict(sd)
+                full.save_pretrained(out)
+        elif self.rank == 0:
+            self.raw_model.save_pretrained(out)
+        if self.rank == 0:
+            self.tokenizer.save(out / "tokenizer.json")
+        self._barrier()
+        return out if self.rank == 0 else None
+
+    @torch.no_grad()
+    def sample(self) -> str | None:
+        e = self.cfg.eval
+        if e.sample_tokens <= 0:
+            return None
+        # Under FSDP every rank must run the same forwards (they all-gather weights), so all sample.
+        if self.distributed and self.cfg.parallel != "fsdp" and self.rank != 0:
+            return None
+        ids = self.tokenizer.encode(e.sample_prompt) or [self.tokenizer.eos_id]
+        x = torch.tensor([ids], device=self.device)
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        self.raw_model.eval()
+        with self._autocast():
+            out = self.raw_model.generate(x, max_new_tokens=e.sample_tokens, temperature=e.temperature,
+                                          top_k=e.top_k, eos_token_id=self.tokenizer.eos_id, generator=gen)
+        self.raw_model.train()
+        return self.tokenizer.decode(out[0].tolist())
+
+    # ------------------------------------------------------------------------------------ loop
+    def fit(self) -> dict:
+        cfg = self.cfg
+        t_start = self._t0
+        step, consumed = self.resume() if cfg.checkpoint.autoresume else (0, 0)
+        resumed = step > 0
+        seq_len = cfg.data.seq_len
+        peak, peak_src = peak_flops(self.device, self.precision)
+        if self.rank == 0:
+            _log(f"[train] {self.n_params / 1e6:.2f}M parameters ({cfg.model.preset}), {self.world} process(es) on "
+                 f"{self.device.type}, {self.precision}, global batch {cfg.global_batch_size} x {seq_len} tokens "
+                 f"(micro {cfg.micro_batch_size}, accumulation {self.accum}), {cfg.max_steps} steps; "
+                 f"MFU peak {peak / 1e12:.3g} TFLOP/s per device from {peak_src}")
+            self.metrics.write(kind="start", step=step, resumed=resumed, n_params=self.n_params, world_size=self.world,
+                               device=str(self.device), precision=self.precision, peak_flops=peak, peak_source=peak_src,
+                               flops_per_token=self.flops_per_token, vocab_size=self.model_config.vocab_size)
+        first_eval = None
+        if not resumed and cfg.eval.every >= 0:
+            first_eval = self.evaluate()
+            if first_eval and self.rank == 0:
+                self.metrics.write(kind="eval", step=0, **first_eval)
+                _log(f"[train] held-out before training: loss {first_eval['loss']:.3f}, ppl {first_eval['ppl']:.1f}")
+        data_iter = self._data_iter(consumed)
+        bar = None
+        if self.rank == 0 and cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.max_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr)
+        skipped_before = self._skipped_steps()
+        window_t, window_tokens = time.perf_counter(), 0
+        last_eval = first_eval
+        stopped_early = False
+        while step < cfg.max_steps:
+            lr = self.scheduler.apply(step)
+            loss, tokens = self.train_step(data_iter)
+            step += 1
+            consumed += cfg.global_batch_size
+            window_tokens += tokens
+            skipped = self._skipped_steps()
+            rec = {"kind": "train", "step": step, "loss": loss, "lr": lr, "tokens": consumed * seq_len}
+            if skipped > skipped_before:
+                rec["skipped"] = True
+                if self.rank == 0:
+                    msg = f"[train] step {step}: non-finite gradients, update skipped ({skipped} so far)"
+                    (bar.write(msg, file=sys.stderr) if bar else _log(msg))
+                skipped_before = skipped
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - window_t
+                tps = window_tokens / dt
+                rec.update(tokens_per_s=tps, mfu=mfu(self.flops_per_token, tps, peak, self.world))
+                window_t, window_tokens = time.perf_counter(), 0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", mfu=f"{rec['mfu']:.1%}")
+            if self.rank == 0:
+                self.metrics.write(**rec)
+            if bar is not None:
+                bar.update(1)
+            if cfg.eval.every > 0 and step % cfg.eval.every == 0 and step < cfg.max_steps:
+                last_eval = self.evaluate()
+                if last_eval and self.rank == 0:
+                    self.metrics.write(kind="eval", step=step, **last_eval)
+                    if bar is not None:
+                        bar.write(f"[eval] step {step}: held-out loss {last_eval['loss']:.3f}, ppl {last_eval['ppl']:.1f}",
+                                  file=sys.stderr)
+            saving = bool(cfg.checkpoint.save_every) and step % cfg.checkpoint.save_every == 0 and step < cfg.max_steps
+            fault = self._fault_armed(step)
+            if saving:
+                self.save(step, consumed, kill_mid_save=fault and cfg.fault.during_save)
+            if fault and not cfg.fault.during_save:
+                _log(f"[train] fault injection: SIGKILL after step {step} (rank {self.rank})")
+                os.kill(os.getpid(), signal.SIGKILL)
+            if cfg.max_minutes is not None:
+                over = torch.tensor([float((time.time() - t_start) / 60 > cfg.max_minutes)], device=self.device)
+                if self.distributed:  # every rank must stop at the same step
+                    dist.all_reduce(over, op=dist.ReduceOp.MAX)
+                if over.item() > 0:
+                    stopped_early = True
+                    break
+        if bar is not None:
+            bar.close()
+        final_eval = self.evaluate()
+        if final_eval and self.rank == 0:
+            self.metrics.write(kind="eval", step=step, **final_eval)
+        self.save(step, consumed)
+        hf = self.save_hf() if cfg.checkpoint.save_hf else None
+        text = self.sample()
+        wall = time.time() - t_start
+        summary = {"steps": step, "stopped_early": stopped_early, "wall_s": wall, "final_eval": final_eval,
+                   "first_eval": first_eval, "skipped_steps": self._skipped_steps(), "hf_dir": str(hf) if hf else None,
+                   "sample": text, "run_dir": str(self.run_dir)}
+        if self.rank == 0:
+            train = read_metrics(self.run_dir / "metrics.jsonl", "train")
+            if train:
+                k = max(1, min(10, len(train) // 5))
+                summary["loss_first"] = sum(r["loss"] for r in train[:k]) / k
+                summary["loss_last"] = sum(r["loss"] for r in train[-k:]) / k
+                tps = [r["tokens_per_s"] for r in train if "tokens_per_s" in r]
+                mf = [r["mfu"] for r in train if "mfu" in r]
+                if tps:
+                    summary["tokens_per_s"] = sum(tps) / len(tps)
+                    summary["mfu"] = sum(mf) / len(mf)
+            if cfg.plot and plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png",
+                                            title=f"{cfg.run_name}: {cfg.model.preset}"):
+                summary["plot"] = str(self.run_dir / "loss.png")
+            self.metrics.write(kind="summary", **{k: v for k, v in summary.items() if k != "sample"})
+        return summary
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def print_summary(s: dict) -> None:
+    lines = ["", "=" * 72, f"run: {s['run_dir']}   steps: {s['steps']}   wall time: {s['wall_s']:.0f} s"]
+    if "loss_first" in s:
+        lines.append(f"train loss: {s['loss_first']:.3f} (first steps) -> {s['loss_last']:.3f} (last steps)")
+    if s.get("first_eval") and s.get("final_eval"):
+        a, b = s["first_eval"], s["final_eval"]
+        lines.append(f"held-out loss: {a['loss']:.3f} -> {b['loss']:.3f}   perplexity: {a['ppl']:.1f} -> {b['ppl']:.1f}")
+    elif s.get("final_eval"):
+        lines.append(f"held-out loss: {s['final_eval']['loss']:.3f}   perplexity: {s['final_eval']['ppl']:.1f}")
+    if "tokens_per_s" in s:
+        lines.append(f"throughput: {s['tokens_per_s']:,.0f} tokens/s   MFU: {s['mfu']:.1%}")
+    if s.get("skipped_steps"):
+        lines.append(f"skipped steps (non-finite gradients): {s['skipped_steps']}")
+    if s.get("hf_dir"):
+        lines.append(f"model (Hugging Face format): {s['hf_dir']}")
+    if s.get("plot"):
+        lines.append(f"loss curve: {s['plot']}")
+    if s.get("sample") is not None:
+        lines += ["sample:", "-" * 72, s["sample"], "-" * 72]
+    print("\n".join(lines), flush=True)
+
+
+def main(argv: list[str] | None = None, default_config: str | None = None) -> int:
+    """Command line of training/train.py; ``default_config`` is used when no --config is given."""
+    import argparse
+
+    from .config import load_config
+
+    default_cfg = Path(default_config) if default_config else None
+    ap = argparse.ArgumentParser(prog="train.py", description="Pretrain or finetune an MPT model. With no "
+                                 "arguments: the tiny preset on the bundled corpus (CPU-sized).")
+    ap.add_argument("--config", default=None, help=f"YAML config (default: {default_cfg or 'built-in defaults'})")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. max_steps=100 optim.lr=3e-3")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    a = ap.parse_args(argv)
+    path = a.config or (default_cfg if default_cfg is not None and default_cfg.is_file() else None)
+    cfg = load_config(path, a.overrides)
+    if a.print_config:
+        print(dump_config(cfg))
+        return 0
+    trainer = Trainer(cfg)
+    try:
+        summary = trainer.fit()
+        if trainer.rank == 0:
+            print_summary(summary)
+    finally:
+        trainer.close()
+    return 0

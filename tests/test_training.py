@@ -1,0 +1,296 @@
+"""Trainer: configs and overrides, schedule, MFU, atomic checkpoints, exact resumption after a kill
+(also in the middle of a save), non-finite step skipping, finetuning, and 2-process DDP / FSDP2 on
+the CPU (gloo) including a rank killed under torchrun --max-restarts=1.
+
+Every run uses a "micro" model (the tiny preset shrunk to d_model 64, 2 layers) on a 150 kB slice of
+the bundled corpus with a 512-token BPE, one thread per process: each run takes seconds."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpt_kernels.train import (Config, CosineWithWarmup, gpu_peak_flops, latest_checkpoint, list_checkpoints,
+                               load_config, mfu, read_metrics, save_checkpoint)
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "training" / "train.py"
+CONFIGS = sorted((ROOT / "training" / "configs").glob("*.yaml"))
+
+
+def micro_args(tmp: Path, corpus: Path, **kw) -> list[str]:
+    args = {
+        "run_root": str(tmp / "runs"), "run_name": "micro", "seed": 3, "threads": 1, "progress": False,
+        "plot": False, "max_steps": 20, "global_batch_size": 4, "micro_batch_size": 4, "log_every": 1,
+        "model.preset": "tiny", "model.overrides": "{d_model: 64, n_heads: 2, n_layers: 2}",
+        "data.kind": "bundled", "data.seq_len": 32, "data.bpe_vocab_size": 512, "data.max_code_bytes": 150000,
+        "data.val_fraction": 0.2, "data.cache_dir": str(corpus), "optim.lr": 3e-3, "scheduler.warmup_steps": 3,
+        "checkpoint.save_every": 5, "checkpoint.keep_last": 3, "eval.every": 0, "eval.batches": 2,
+        "eval.sample_tokens": 8,
+    }
+    args.update(kw)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from mpt_kernels.data.corpus import build_default_corpus
+
+    path = tmp_path_factory.mktemp("corpus")
+    build_default_corpus(path, seq_len=32, vocab_size=512, val_fraction=0.2, max_code_bytes=150000, show_progress=False)
+    return path
+
+
+def run_train(args: list[str], *, torchrun: int = 0, extra: list[str] = (), timeout: int = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+               *extra, str(TRAIN), *args]
+    else:
+        cmd = [sys.executable, str(TRAIN), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl", "train")}
+
+
+def final_params(run_dir: Path, step: int) -> dict:
+    ck = run_dir / "checkpoints" / f"step_{step:08d}"
+    if (ck / "model.pt").is_file():
+        return torch.load(ck / "model.pt", weights_only=True)
+    from mpt_kernels.model import MPTForCausalLM
+
+    return MPTForCausalLM.from_pretrained(run_dir / "hf").state_dict()
+
+
+# --------------------------------------------------------------------------------------- config
+
+def test_config_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("max_steps: 7\noptim:\n  lr: 3e-4\n  betas: [0.9, 0.95]\nmodel:\n  overrides: {alibi_bias_max: 16}\n")
+    cfg = load_config(p, ["optim.lr=1e-3", "data.seq_len=64", "model.overrides.max_seq_len=4096", "eval.every=5",
+                          "data.tokenizer=null", "checkpoint.autoresume=true"])
+    assert cfg.max_steps == 7 and cfg.optim.lr == 1e-3 and cfg.optim.betas == [0.9, 0.95]
+    assert cfg.model.overrides == {"alibi_bias_max": 16, "max_seq_len": 4096}
+    assert cfg.data.seq_len == 64 and cfg.data.tokenizer is None and cfg.checkpoint.autoresume is True
+    assert isinstance(load_config(p).optim.lr, float)  # YAML's "3e-4" string is read as a number
+    with pytest.raises(ValueError, match="unknown config key 'optim.lrr'"):
+        load_config(None, ["optim.lrr=1"])
+    with pytest.raises(ValueError, match="expected"):
+        load_config(None, ["max_steps=many"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(None, ["max_steps"])
+    with pytest.raises(ValueError, match="precision"):
+        load_config(None, ["precision=fp8"])
+    with pytest.raises(ValueError, match="section"):
+        load_config(None, ["optim=3"])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_load(path):
+    from mpt_kernels.model import MPTConfig
+
+    cfg = load_config(path)
+    MPTConfig.from_preset(cfg.model.preset, **cfg.model.overrides)  # the model part is valid too
+    assert cfg.global_batch_size % cfg.micro_batch_size == 0
+
+
+def test_required_configs_exist():
+    names = {p.stem for p in CONFIGS}
+    assert {"tiny", "mpt-125m", "mpt-1b", "mpt-7b", "storywriter-finetune", "instruct-finetune"} <= names
+    sw = load_config(ROOT / "training/configs/storywriter-finetune.yaml")
+    assert sw.model.overrides["alibi_bias_max"] == 16 and sw.data.seq_len >= 65536
+
+
+def test_schedule():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    s = CosineWithWarmup(opt, base_lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    lrs = [s.lr_at(i) for i in range(120)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
+    assert lrs[110] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert s.apply(5) == opt.param_groups[0]["lr"] == pytest.approx(0.6)
+
+
+def test_mfu_and_peaks():
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert gpu_peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB", "fp32") == 156e12  # TF32
+    assert gpu_peak_flops("Some Future GPU", "bf16") is None
+    assert mfu(6e9, 1000.0, 12e12, world_size=1) == pytest.approx(0.5)
+    assert mfu(6e9, 1000.0, 12e12, world_size=2) == pytest.approx(0.25)
+
+
+# --------------------------------------------------------------------------------------- checkpoints
+
+def test_checkpoint_atomic_and_pruned(tmp_path):
+    root = tmp_path / "ck"
+
+    def writer(tag):
+        return lambda d: (d / "model.pt").write_text(tag)
+
+    for step in (1, 2, 3):
+        save_checkpoint(root, step, rank=0, world_size=1, write=writer(f"s{step}"), trainer_state={}, keep_last=2)
+    assert [s for s, _ in list_checkpoints(root)] == [2, 3]
+
+    def crashing(d):
+        (d / "model.pt").write_text("half")
+        raise KeyboardInterrupt("killed mid-save")
+
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(root, 4, rank=0, world_size=1, write=crashing, trainer_state={}, keep_last=2)
+    assert latest_checkpoint(root).name == "step_00000003"  # the half-written step 4 is invisible
+    assert (root / ".tmp-step_00000004").exists()
+    assert json.loads((latest_checkpoint(root) / "trainer.json").read_text())["step"] == 3
+    save_checkpoint(root, 5, rank=0, world_size=1, write=writer("s5"), trainer_state={}, keep_last=2)
+    assert not (root / ".tmp-step_00000004").exists()  # leftovers cleaned by the next save
+    assert [s for s, _ in list_checkpoints(root)] == [3, 5]
+    assert (root / "step_00000005" / "model.pt").read_text() == "s5"
+
+
+# --------------------------------------------------------------------------------------- resume
+
+@pytest.mark.slow
+def test_resume_after_kill_is_exact(tmp_path, corpus):
+    """20 steps straight == 10 steps + SIGKILL + 10 resumed; and a kill in the middle of the step-10
+    save falls back to step 5 and still ends identically (losses and final parameters)."""
+    straight = run_train(micro_args(tmp_path, corpus, run_name="straight"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    killed = run_train(micro_args(tmp_path, corpus, run_name="killed", **{"fault.kill_at_step": 10}))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert latest_checkpoint(tmp_path / "runs/killed/checkpoints").name == "step_00000010"
+    again = run_train(micro_args(tmp_path, corpus, run_name="killed", **{"checkpoint.autoresume": True}))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr
+
+    mid = run_train(micro_args(tmp_path, corpus, run_name="midsave",
+                               **{"fault.kill_at_step": 10, "fault.during_save": True}))
+    assert mid.returncode == -signal.SIGKILL, mid.stderr[-3000:]
+    assert latest_checkpoint(tmp_path / "runs/midsave/checkpoints").name == "step_00000005"
+    mid2 = run_train(micro_args(tmp_path, corpus, run_name="midsave", **{"checkpoint.autoresume": True}))
+    assert mid2.returncode == 0, mid2.stderr[-3000:]
+
+    ref = losses(tmp_path / "runs/straight")
+    assert sorted(ref) == list(range(1, 21))
+    assert sum(list(ref.values())[-5:]) < sum(list(ref.values())[:5])  # it learns
+    want = final_params(tmp_path / "runs/straight", 20)
+    for name in ("killed", "midsave"):
+        got = losses(tmp_path / "runs" / name)
+        assert got == ref, name  # bit-identical: same data, same RNG, same arithmetic
+        params = final_params(tmp_path / "runs" / name, 20)
+        for k in want:
+            assert torch.equal(params[k], want[k]), (name, k)
+
+
+# --------------------------------------------------------------------------------------- in-process
+
+def _micro_cfg(tmp_path, corpus, **kw) -> Config:
+    return load_config(None, micro_args(tmp_path, corpus, **{"threads": "null", **kw}))
+
+
+def test_nonfinite_step_is_skipped_and_logged(tmp_path, corpus, monkeypatch):
+    from mpt_kernels.train import Trainer
+
+    cfg = _micro_cfg(tmp_path, corpus, max_steps=4, **{"checkpoint.save_every": 0, "checkpoint.save_hf": False,
+                                                       "eval.sample_tokens": 0, "eval.every": -1})
+    tr = Trainer(cfg)
+    real = tr._forward_loss
+    calls = {"n": 0}
+    snapshot = {}
+
+    def poisoned(batch):
+        calls["n"] += 1
+        loss = real(batch)
+        if calls["n"] == 3:  # third step: NaN gradients everywhere
+            snapshot.update({k: v.detach().clone() for k, v in tr.raw_model.state_dict().items()})
+            return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(tr, "_forward_loss", poisoned)
+    after = {}
+    real_step = tr.train_step
+
+    def step_and_record(it):
+        out = real_step(it)
+        if calls["n"] == 3:
+            after.update({k: v.detach().clone() for k, v in tr.raw_model.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(tr, "train_step", step_and_record)
+    summary = tr.fit()
+    recs = read_metrics(cfg.run_dir / "metrics.jsonl")
+    assert [r.get("skipped", False) for r in recs] == [False, False, True, False]
+    assert summary["skipped_steps"] == 1
+    for k in snapshot:
+        assert torch.equal(snapshot[k], after[k]), k  # the poisoned step changed nothing
+    assert all(torch.isfinite(p).all() for p in tr.raw_model.parameters())
+
+
+def test_finetune_instruct_and_hf_export(tmp_path, corpus):
+    from mpt_kernels.model import MPTForCausalLM
+    from mpt_kernels.train import Trainer
+
+    rows = [{"prompt": f"Spell {w}.", "response": " ".join(w)} for w in ["cat", "dog", "tree", "lamp", "moon", "sun"]]
+    data = tmp_path / "ft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _micro_cfg(tmp_path, corpus, run_name="ft", max_steps=12, **{
+        "data.kind": "finetune", "data.finetune_path": str(data), "data.finetune_val_path": str(data),
+        "data.tokenizer": str(corpus / "tokenizer.json"), "data.seq_len": 192, "data.finetune_format": "chatml",
+        "checkpoint.save_every": 0, "eval.every": -1, "eval.batches": 1, "global_batch_size": 2,
+        "micro_batch_size": 2})
+    summary = Trainer(cfg).fit()
+    assert summary["final_eval"]["loss"] < summary["first_eval"]["loss"]
+    hf = Path(summary["hf_dir"])
+    assert (hf / "config.json").is_file() and (hf / "tokenizer.json").is_file()
+    ours = MPTForCausalLM.from_pretrained(hf)
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.MptForCausalLM.from_pretrained(hf)
+    x = torch.randint(0, 500, (1, 12))
+    torch.testing.assert_close(theirs(x).logits, ours(x).logits, atol=2e-4, rtol=2e-4)
+
+
+# --------------------------------------------------------------------------------------- distributed
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(tmp_path, corpus, parallel):
+    """Same global batch (4) as 2 ranks x 2 as 1 rank x 4: the same samples each step, so the same
+    losses up to float summation order."""
+    common = dict(max_steps=8, global_batch_size=4, **{"checkpoint.save_every": 4, "eval.sample_tokens": 4})
+    one = run_train(micro_args(tmp_path, corpus, run_name="one", micro_batch_size=4, **common))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_train(micro_args(tmp_path, corpus, run_name="two", micro_batch_size=2, parallel=parallel, **common),
+                    torchrun=2)
+    assert two.returncode == 0, two.stderr[-3000:] + two.stdout[-2000:]
+    a, b = losses(tmp_path / "runs/one"), losses(tmp_path / "runs/two")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=2e-5, abs=2e-5), s
+    assert (tmp_path / "runs/two/checkpoints/step_00000008/dcp").is_dir()  # sharded checkpoint
+    pa, pb = final_params(tmp_path / "runs/one", 8), final_params(tmp_path / "runs/two", 8)
+    for k in pa:
+        torch.testing.assert_close(pb[k], pa[k], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_rank_killed_under_torchrun_restarts_and_matches(tmp_path, corpus):
+    common = dict(max_steps=10, global_batch_size=4, micro_batch_size=2, parallel="ddp",
+                  **{"checkpoint.save_every": 3, "eval.sample_tokens": 0})
+    calm = run_train(micro_args(tmp_path, corpus, run_name="calm", **common), torchrun=2)
+    assert calm.returncode == 0, calm.stderr[-3000:]
+    marker = tmp_path / "killed.marker"
+    hit = run_train(micro_args(tmp_path, corpus, run_name="hit", **common, **{
+        "checkpoint.autoresume": True, "fault.kill_at_step": 7, "fault.rank": 1, "fault.marker": str(marker)}),
+        torchrun=2, extra=["--max-restarts=1"])
+    assert hit.returncode == 0, hit.stderr[-4000:]
+    assert marker.is_file() and "resumed from" in hit.stderr
+    a, b = losses(tmp_path / "runs/calm"), losses(tmp_path / "runs/hit")
+    assert b[10] == pytest.approx(a[10], rel=1e-6, abs=1e-6)
+    assert sorted(b) == list(range(1, 11))
