@@ -347,42 +347,45 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------------------------ output
-    def save_hf(self) -> Path | None:
-        """The final model in Hugging Face format (plus its tokenizer.json), from rank 0."""
-        out = self.run_dir / "hf"
-        if self.distributed:
+    def full_model(self):
+        """The whole model on rank 0 (None elsewhere). Under FSDP2 a collective: the shards are
+        gathered into a fresh unsharded copy (generation calls the model outside ``__call__``, where
+        FSDP's all-gather hooks would not run)."""
+        if self.distributed and self.cfg.parallel == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if self.rank == 0:
-                from ..model import MPTForCausalLM
+            from ..model import MPTForCausalLM
 
-                full = MPTForCausalLM(self.model_config)
-                full.load_state_dict(sd)
-                full.save_pretrained(out)
-        elif self.rank == 0:
-            self.raw_model.save_pretrained(out)
+            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.rank != 0:
+                return None
+            full = MPTForCausalLM(self.model_config)
+            full.load_state_dict(sd)
+            return full.to(self.device)
+        return self.raw_model if self.rank == 0 else None
+
+    def save_hf(self, model) -> Path | None:
+        """The final model in Hugging Face format, with its tokenizer.json (rank 0)."""
+        out = self.run_dir / "hf"
         if self.rank == 0:
+            model.save_pretrained(out)
             self.tokenizer.save(out / "tokenizer.json")
-        self._barrier()
         return out if self.rank == 0 else None
 
     @torch.no_grad()
-    def sample(self) -> str | None:
+    def sample(self, model) -> str | None:
         e = self.cfg.eval
-        if e.sample_tokens <= 0:
-            return None
-        # Under FSDP every rank must run the same forwards (they all-gather weights), so all sample.
-        if self.distributed and self.cfg.parallel != "fsdp" and self.rank != 0:
+        if e.sample_tokens <= 0 or model is None:
             return None
         ids = self.tokenizer.encode(e.sample_prompt) or [self.tokenizer.eos_id]
         x = torch.tensor([ids], device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-        self.raw_model.eval()
+        was_training = model.training
+        model.eval()
         with self._autocast():
-            out = self.raw_model.generate(x, max_new_tokens=e.sample_tokens, temperature=e.temperature,
-                                          top_k=e.top_k, eos_token_id=self.tokenizer.eos_id, generator=gen)
-        self.raw_model.train()
+            out = model.generate(x, max_new_tokens=e.sample_tokens, temperature=e.temperature, top_k=e.top_k,
+                                 eos_token_id=self.tokenizer.eos_id, generator=gen)
+        model.train(was_training)
         return self.tokenizer.decode(out[0].tolist())
 
     # ------------------------------------------------------------------------------------ loop
@@ -471,8 +474,10 @@ class Trainer:
         if final_eval and self.rank == 0:
             self.metrics.write(kind="eval", step=step, **final_eval)
         self.save(step, consumed)
-        hf = self.save_hf() if cfg.checkpoint.save_hf else None
-        text = self.sample()
+        full = self.full_model() if (cfg.checkpoint.save_hf or cfg.eval.sample_tokens > 0) else None
+        hf = self.save_hf(full) if cfg.checkpoint.save_hf else None
+        text = self.sample(full)
+        self._barrier()
         wall = time.time() - t_start
         summary = {"steps": step, "stopped_early": stopped_early, "wall_s": wall, "final_eval": final_eval,
                    "first_eval": first_eval, "skipped_steps": self._skipped_steps(), "hf_dir": str(hf) if hf else None,
