@@ -20,12 +20,13 @@ struct RowLayout {
 
 RowLayout row_layout(const TensorView& t, const char* name, bool is_output) {
   MPTK_CHECK_ARG(t.ndim >= 1, name, "must have at least one dimension (the normalised one)");
-  check_last_dim_contiguous(t, name);
   RowLayout L;
   L.hidden = t.shape[t.ndim - 1];
   L.rows = 1;
   for (int d = 0; d + 1 < t.ndim; ++d) L.rows *= t.shape[d];
   L.row_stride = L.hidden;
+  if (L.rows == 0 || L.hidden == 0) return L;  // nothing is addressed: strides are meaningless
+  check_last_dim_contiguous(t, name);
   bool have = false;
   int64_t expect = 0;
   // The leading dimensions must collapse into one row index with a single stride; size-1
@@ -49,6 +50,11 @@ RowLayout row_layout(const TensorView& t, const char* name, bool is_output) {
   return L;
 }
 
+// Contiguity of an empty tensor means nothing (numpy gives empty arrays arbitrary strides).
+void check_dense(const TensorView& t, const char* name) {
+  if (t.numel() > 0) check_contiguous(t, name);
+}
+
 void check_same_shape(const TensorView& a, const char* na, const TensorView& b, const char* nb) {
   bool same = a.ndim == b.ndim;
   for (int d = 0; same && d < a.ndim; ++d) same = a.shape[d] == b.shape[d];
@@ -66,7 +72,7 @@ void check_param(const TensorView& x, const char* nx, const TensorView& p, const
   check_same_device(x, nx, p, np);
   MPTK_CHECK_ARG(p.ndim == 1 && p.shape[0] == hidden, np, "expected shape (", hidden, ",) (the last dim of ", nx,
                  "), got ", p.shape_str());
-  check_contiguous(p, np);
+  check_dense(p, np);
   MPTK_CHECK_ARG(p.dtype == x.dtype || p.dtype == DType::Float32, np, "dtype must be float32 or ", nx, "'s dtype ",
                  dtype_name(x.dtype), ", got ", dtype_name(p.dtype));
 }
@@ -75,7 +81,7 @@ void check_stats(const TensorView& x, const TensorView& s, const char* ns, int64
   check_same_device(x, "x", s, ns);
   MPTK_CHECK_ARG(s.dtype == DType::Float32, ns, "must be float32, got ", dtype_name(s.dtype));
   MPTK_CHECK_ARG(s.numel() == rows, ns, "must have one element per row (", rows, "), got shape ", s.shape_str());
-  check_contiguous(s, ns);
+  check_dense(s, ns);
 }
 
 void check_activation_dtype(const TensorView& x, const char* nx) {
@@ -194,7 +200,7 @@ void layer_norm_bwd(const TensorView& dy, const OptView& dresidual_out, const Te
   p.weight_dtype = weight.dtype;
   check_same_device(h, "h", workspace, "workspace");
   MPTK_CHECK_ARG(workspace.dtype == DType::Float32, "workspace", "must be float32");
-  check_contiguous(workspace, "workspace");
+  check_dense(workspace, "workspace");
   if (p.hidden == 0) return;
   p.num_partials = bwd_num_partials(p.rows, p.hidden, p.dtype, p.weight_dtype, h.device);
   const int64_t need = layer_norm_bwd_workspace_numel(p.num_partials, p.hidden, dbias.has_value());

@@ -1,0 +1,174 @@
+"""LayerNorm: mpt_kernels vs torch.nn.functional.layer_norm (and, on CUDA, a torch.compile'd one).
+
+    python -m benchmarks layernorm --device cpu|cuda [--quick] [--rows N] [--hidden 768,4096]
+
+Rows: MPT-125M (hidden 768), MPT-7B (4096) and a wide case (16384), 16k rows each (2k with
+--quick), float32 and bfloat16, weight in the activation dtype and no bias (MPT's configuration).
+Passes: forward, and forward+backward (gradients of x and weight). GB/s counts the bytes a fused
+kernel must move: forward reads x and writes y (2 tensors); forward+backward adds reading x and dy
+and writing dx (5 tensors in all). "frac copy" divides that by the copy bandwidth measured in the
+same run (harness.copy_bandwidth: read + write of a buffer far larger than the last-level cache).
+"kernel" columns time the same kernels through mpt_kernels._C into preallocated outputs, and "torch
+kernel" times torch's forward kernel the same way (aten::native_layer_norm.out): the op (like
+torch) allocates its outputs on every call, and on a host where each large allocation is a fresh
+mmap, first-touch page faults can cost more than the kernel itself (copy_bandwidth, too, writes
+into a preallocated buffer).
+"""
+from __future__ import annotations
+
+import gc
+
+import torch
+import torch.nn.functional as F
+
+import mpt_kernels as mk
+from mpt_kernels import _ext
+from mpt_kernels._ext import _C
+
+from . import harness
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def add_arguments(parser):
+    parser.add_argument("--rows", type=int, default=None, help="rows per case (default 16384, 2048 with --quick)")
+    parser.add_argument("--hidden", default="768,4096,16384", help="comma-separated hidden sizes")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
+
+
+def _fwd_bwd(fn, x, w, dy):
+    def run():
+        y = fn(x, w)
+        torch.autograd.grad(y, (x, w), dy)
+
+    return run
+
+
+def _preallocated_kernels(x, w, dy):
+    """The forward and forward+backward kernels through _C with every output allocated once."""
+    rows, hidden = x.shape
+    y, dx, dw = torch.empty_like(x), torch.empty_like(x), torch.empty_like(w)
+    mean = torch.empty(rows, device=x.device)
+    rstd = torch.empty(rows, device=x.device)
+    codes = _ext._torch_codes()
+    dev = x.device.index if x.device.type == "cuda" else -1
+    ws = torch.empty(_C.layer_norm_bwd_workspace_numel(rows, hidden, codes[x.dtype], codes[w.dtype], False, dev),
+                     device=x.device)
+    V = _ext.view
+    stream = _ext.current_stream(x)
+
+    def fwd():
+        _C.layer_norm_fwd(V(x), V(w), None, None, V(y), None, V(mean), V(rstd), 1e-5, stream)
+
+    def fwd_bwd():
+        fwd()
+        _C.layer_norm_bwd(V(dy), None, V(x), V(w), V(mean), V(rstd), V(dx), V(dw), None, V(ws), stream)
+
+    return fwd, fwd_bwd
+
+
+def _preallocated_torch_forward(x, w):
+    """torch's own LayerNorm kernel into preallocated outputs (aten::native_layer_norm.out)."""
+    outs = [torch.empty_like(t) for t in torch.ops.aten.native_layer_norm(x, [x.shape[-1]], w, None, 1e-5)]
+
+    def fwd():
+        torch.ops.aten.native_layer_norm.out(x, [x.shape[-1]], w, None, 1e-5, out0=outs[0], out1=outs[1], out2=outs[2])
+
+    return fwd
+
+
+def run(ctx: harness.Context) -> harness.Report:
+    args = ctx.args
+    device = ctx.device
+    rows = (args.rows if args and args.rows else None) or (2048 if ctx.quick else 16384)
+    hiddens = [int(h) for h in (args.hidden if args else "768,4096,16384").split(",")]
+    dtypes = [DTYPES[d] for d in (args.dtypes if args else "float32,bfloat16").split(",")]
+    on_cuda = device == "cuda"
+
+    copy_gbs = harness.copy_bandwidth(device)
+    columns = ["hidden", "dtype", "pass", "rows", "mpt_kernels ms", "torch ms", "vs torch", "GB/s", "frac copy",
+               "kernel ms", "kernel frac copy", "torch kernel ms", "kernel vs torch kernel"]
+    if on_cuda:
+        columns[7:7] = ["torch.compile ms", "vs compile"]
+    report = harness.Report(title=f"LayerNorm ({device})", columns=columns, limits={"copy GB/s": copy_gbs})
+    report.notes.append(
+        "vs torch / vs compile = baseline time / mpt_kernels time (higher is better). GB/s: bytes a fused kernel "
+        "must move (forward: x, y; forward+backward: x, y, x, dy, dx) per second; frac copy: that over the copy "
+        "bandwidth measured in this run.")
+
+    def ours(x, w):
+        return mk.layer_norm(x, w)
+
+    compiled = torch.compile(lambda x, w: F.layer_norm(x, (x.shape[-1],), w, eps=1e-5)) if on_cuda else None
+
+    for hidden in hiddens:
+        for dtype in dtypes:
+            x = torch.randn(rows, hidden, device=device).to(dtype)
+            w = (torch.randn(hidden, device=device) * 0.1 + 1).to(dtype)
+            dy = torch.randn(rows, hidden, device=device).to(dtype)
+            elem = x.element_size()
+            big = x.numel() * elem > (256 << 20) and not on_cuda
+            reps = dict(warmup=1, iters=3) if big or ctx.quick else dict(warmup=2, iters=10)
+
+            def torch_ln(x, w):
+                return F.layer_norm(x, (hidden,), w, eps=1e-5)
+
+            kernel_fwd, kernel_fwd_bwd = _preallocated_kernels(x, w, dy)
+            torch_kernel_fwd = _preallocated_torch_forward(x, w)
+
+            for pass_name in ("forward", "forward+backward"):
+                if pass_name == "forward":
+                    with torch.no_grad():
+                        t_ours = harness.time_fn(lambda: ours(x, w), device, **reps)
+                        t_torch = harness.time_fn(lambda: torch_ln(x, w), device, **reps)
+                        t_comp = harness.time_fn(lambda: compiled(x, w), device, **reps) if on_cuda else None
+                    t_kernel = harness.time_fn(kernel_fwd, device, **reps)
+                    t_torch_kernel = harness.time_fn(torch_kernel_fwd, device, **reps)
+                    nbytes = 2 * x.numel() * elem
+                else:
+                    xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
+                    t_ours = harness.time_fn(_fwd_bwd(ours, xg, wg, dy), device, **reps)
+                    t_torch = harness.time_fn(_fwd_bwd(torch_ln, xg, wg, dy), device, **reps)
+                    t_comp = harness.time_fn(_fwd_bwd(compiled, xg, wg, dy), device, **reps) if on_cuda else None
+                    t_kernel = harness.time_fn(kernel_fwd_bwd, device, **reps)
+                    t_torch_kernel = float("nan")  # aten's backward .out variant is not callable standalone
+                    nbytes = 5 * x.numel() * elem
+                gbs = nbytes / t_ours / 1e9
+                row = {"hidden": hidden, "dtype": str(dtype).replace("torch.", ""), "pass": pass_name, "rows": rows,
+                       "mpt_kernels ms": t_ours * 1e3, "torch ms": t_torch * 1e3, "vs torch": t_torch / t_ours,
+                       "GB/s": gbs, "frac copy": gbs / copy_gbs, "kernel ms": t_kernel * 1e3,
+                       "kernel frac copy": nbytes / t_kernel / 1e9 / copy_gbs,
+                       "torch kernel ms": t_torch_kernel * 1e3, "kernel vs torch kernel": t_torch_kernel / t_kernel}
+                if on_cuda:
+                    row["torch.compile ms"] = t_comp * 1e3
+                    row["vs compile"] = t_comp / t_ours
+                report.add(**row)
+                print(f"  {hidden:>6} {row['dtype']:>8} {pass_name:>16}: {t_ours * 1e3:8.2f} ms  "
+                      f"x{row['vs torch']:.2f} vs torch  {gbs:6.1f} GB/s  ({row['frac copy']:.0%} of copy; "
+                      f"kernel alone {row['kernel frac copy']:.0%})", flush=True)
+            del x, w, dy, kernel_fwd, kernel_fwd_bwd, torch_kernel_fwd
+            gc.collect()
+
+    report.plot = _plot
+    return report
+
+
+def _plot(report: harness.Report, path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    labels = [f"{r['hidden']}\n{r['dtype'][:4]}\n{'fwd' if r['pass'] == 'forward' else 'fwd+bwd'}" for r in report.rows]
+    xs = range(len(labels))
+    axes[0].bar(xs, [r["vs torch"] for r in report.rows], color="tab:blue")
+    axes[0].axhline(1.0, color="k", lw=0.8)
+    axes[0].set_ylabel("speed-up vs torch.nn.functional.layer_norm")
+    axes[1].bar(xs, [r["frac copy"] for r in report.rows], color="tab:green")
+    axes[1].axhline(1.0, color="k", lw=0.8)
+    axes[1].set_ylabel("fraction of measured copy bandwidth")
+    for ax in axes:
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels, fontsize=7)
+    fig.suptitle(report.title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
