@@ -26,14 +26,13 @@ meaningless.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ._source import config_to_dict, default_softmax_scale, kv_heads, open_source
+from ._source import default_softmax_scale, kv_heads, open_source
 
 
 def _alibi_slopes(n_heads: int, alibi_bias_max: float) -> torch.Tensor:
