@@ -327,6 +327,7 @@ __global__ void __launch_bounds__(FwdShape<kD>::kThreads) attention_fwd_kernel(c
                                     n0 + kBlockN - 1 > first_row_last_key, scale2, m, l, acc, lane);
     __syncthreads();  // every warp is done with this stage before it is refilled
   }
+  cp_async_wait<0>();  // nothing may still be landing in shared memory when the CTA exits
 
   T* out_base = static_cast<T*>(p.out);
   const int t = lane & 3;
@@ -845,6 +846,7 @@ __global__ void __launch_bounds__(BwdShape<kD>::kThreads)
     // The next iteration's first __syncthreads orders these dS^T reads before its dS^T writes.
   }
 
+  cp_async_wait<0>();  // a CTA with no query block never waited for its K/V copies: drain before exit
   // dK = scale * sum over the group's heads of dS^T Q; dV = sum of P^T dO. Keys with no visible
   // query (none under bottom-right causal) get zeros.
   T* dk_base = static_cast<T*>(p.dk);
