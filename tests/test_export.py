@@ -467,6 +467,16 @@ def test_onnx_greedy_decode_left_padded_batch(onnx_export):
     np.testing.assert_array_equal(got[1:, 5:], model.generate(ids[1:, 5:], 10, temperature=0).numpy())
 
 
+def test_onnx_weight_dtype_choice():
+    from mpt_kernels.export.onnx import _onnx_weight_dtype
+
+    assert _onnx_weight_dtype(torch.float32, None) == torch.float32
+    assert _onnx_weight_dtype(torch.float16, None) == torch.float16
+    assert _onnx_weight_dtype(torch.bfloat16, None) == torch.float32
+    assert _onnx_weight_dtype(torch.bfloat16, "fp16") == torch.float16
+    assert _onnx_weight_dtype(torch.float32, "fp16") == torch.float16
+
+
 def test_onnx_rejects_bad_arguments(tmp_path):
     from mpt_kernels.export import export_onnx
 
@@ -477,15 +487,18 @@ def test_onnx_rejects_bad_arguments(tmp_path):
 
 
 @pytest.mark.slow
-def test_onnx_no_cache_graph_fp16(tmp_path):
-    """The input_ids -> logits graph, with fp16 weights, through onnxruntime's CPU provider."""
+def test_onnx_no_cache_graph_fp16_external_data(tmp_path):
+    """The (input_ids, attention_mask) -> logits graph, fp16 weights stored as external data (the path
+    a model over 2 GB takes), through onnxruntime's CPU provider."""
     pytest.importorskip("onnxruntime")
     import onnxruntime as ort
     from mpt_kernels.export import export_onnx
 
     model = mpt(d_model=32, n_heads=4, n_layers=1)
-    path = export_onnx(model, tmp_path / "m.onnx", with_kv_cache=False, dtype="fp16")
+    path = export_onnx(model, tmp_path / "m.onnx", with_kv_cache=False, dtype="fp16", external_data=True)
     assert path == tmp_path / "m.onnx"
+    assert (tmp_path / "m.onnx.data").stat().st_size >= 2 * sum(p.numel() for p in model.parameters())
+    assert path.stat().st_size < 100_000  # the graph alone
     assert model.dtype == torch.float32  # the export casts its own copy, never the model
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]

@@ -194,8 +194,16 @@ class _NoCache(torch.nn.Module):
 _ONNX_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
+def _onnx_weight_dtype(model_dtype: torch.dtype, dtype: str | None) -> torch.dtype:
+    """The weight dtype of the exported graph: ``dtype`` when given, else the model's when ONNX
+    runtimes run it (fp32, fp16), else fp32 (bfloat16 MatMul is rare outside of GPUs' providers)."""
+    if dtype is not None:
+        return _ONNX_DTYPES[dtype]
+    return model_dtype if model_dtype in _ONNX_DTYPES.values() else torch.float32
+
+
 def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype: str | None = None,
-                progress: bool = False) -> Path:
+                external_data: bool | None = None, progress: bool = False) -> Path:
     """Export an MPT (our ``MPTForCausalLM``, transformers' ``MptForCausalLM`` or a Hugging Face MPT
     checkpoint directory) to ONNX with torch's dynamo exporter and return the ``.onnx`` path.
 
@@ -203,7 +211,9 @@ def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype:
     exports the one graph that does prefill (past length 0) and decode (see the module docstring for
     its inputs and outputs); ``False`` exports ``(input_ids, attention_mask) -> logits``. Batch and sequence (and past)
     axes are dynamic. ``dtype`` ("fp32"/"fp16", default: the model's) sets the weight dtype; scores
-    and softmax run in float32 either way. Graphs over 2 GB store weights in ``<name>.onnx.data``.
+    and softmax run in float32 either way; a bfloat16 model exports as fp32 unless told otherwise, since
+    ONNX runtimes rarely run bfloat16 MatMul. ``external_data``: store the weights in
+    ``<name>.onnx.data`` beside the graph (default: when they pass ~1.8 GB, protobuf's limit being 2 GB).
     """
     if not isinstance(opset, int) or opset < 18:
         # LayerNormalization needs 17; the dynamo exporter's own translations target 18 and newer.
@@ -219,8 +229,9 @@ def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype:
     path.parent.mkdir(parents=True, exist_ok=True)
 
     graph = MPTGraph(model).eval()
-    if dtype is not None:
-        graph = graph.to(_ONNX_DTYPES[dtype])
+    target = _onnx_weight_dtype(graph.w("transformer.wte.weight").dtype, dtype)
+    if target != graph.w("transformer.wte.weight").dtype:
+        graph = graph.to(target)  # converts the graph module's buffers, never the model's
     wdtype, device = graph.w("transformer.wte.weight").dtype, graph.w("transformer.wte.weight").device
     bar.update(1)
     bar.set_postfix_str("torch.export + ONNX translation")
@@ -269,7 +280,9 @@ def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype:
         _rename_dim(proto, "attention_mask", 1, "past + seq")  # Dim.AUTO's generated name, e.g. "s53"
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
-    if nbytes > 1_800_000_000:  # protobuf's 2 GB limit
+    if external_data is None:
+        external_data = nbytes > 1_800_000_000
+    if external_data:
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data")
     else:
