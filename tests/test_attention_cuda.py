@@ -157,9 +157,10 @@ def seq_bounds(P, b):
     if P["cu_q"] is not None:
         q0, q1 = int(P["cu_q"][b]), int(P["cu_q"][b + 1])
         k0, k1 = int(P["cu_k"][b]), int(P["cu_k"][b + 1])
-        return dict(q_row0=q0, k_row0=k0, ws_row0=q0, sq=min(max(q1 - q0, 0), P["seqlen_q"]),
+        return dict(q_row0=q0, k_row0=k0, ws_row0=q0, k_ws_row0=k0, sq=min(max(q1 - q0, 0), P["seqlen_q"]),
                     sk=min(max(k1 - k0, 0), P["seqlen_k"]))
-    return dict(q_row0=0, k_row0=0, ws_row0=b * P["seqlen_q"], sq=P["seqlen_q"], sk=P["seqlen_k"])
+    return dict(q_row0=0, k_row0=0, ws_row0=b * P["seqlen_q"], k_ws_row0=b * P["seqlen_k"], sq=P["seqlen_q"],
+                sk=P["seqlen_k"])
 
 
 def row_rule(i, sq, sk, causal, slope):
@@ -423,7 +424,18 @@ def emulate_decode(P, kd, n_splits=None):
     P["stats"]["splits"] = n_splits
 
 
-def emulate_bwd(P, kd, n_q_stages=2):
+def bwd_group_splits(P):
+    group = P["H"] // P["Hkv"]
+    if group <= 1:
+        return 1
+    ctas = -(-max(P["seqlen_k"], 0) // 128) * P["Hkv"] * max(P["B"], 1)
+    for d in range(1, group + 1):
+        if group % d == 0 and ctas * d >= 256:
+            return d
+    return group
+
+
+def emulate_bwd(P, kd, n_q_stages=2, group_splits=None):
     """delta kernel + main backward kernel + dq convert, emulated. Returns nothing; writes dq/dk/dv."""
     kbm, kp = bwd_block_m(kd), pitch(kd)
     n_warps = BWD_WARPS
@@ -434,6 +446,11 @@ def emulate_bwd(P, kd, n_q_stages=2):
     assert kdq_cols % 16 == 0
     H, Hkv, hd = P["H"], P["Hkv"], P["head_dim"]
     group = H // Hkv
+    gs = bwd_group_splits(P) if group_splits is None else group_splits
+    heads = group // gs
+    P["stats"]["group_splits"] = gs
+    rows_k = P["B"] * P["seqlen_k"]
+    dk_acc, dv_acc = np.zeros(rows_k * Hkv * hd), np.zeros(rows_k * Hkv * hd)
     varlen = P["cu_q"] is not None
     rows_total = P["B"] * P["seqlen_q"]
     dq_acc = np.zeros(rows_total * H * hd)
@@ -452,7 +469,9 @@ def emulate_bwd(P, kd, n_q_stages=2):
         sb = seq_bounds(P, b)
         sq, sk, causal = sb["sq"], sb["sk"], P["causal"]
         diag_off = sk - sq
-        for kvh in range(Hkv):
+        for gy in range(Hkv * gs):  # blockIdx.y
+            kvh, split = gy // gs, gy % gs
+            h_first = kvh * group + split * heads
             for n_block in range(-(-P["seqlen_k"] // kbn)):
                 n0 = n_block * kbn
                 if n0 >= sk:
@@ -466,13 +485,13 @@ def emulate_bwd(P, kd, n_q_stages=2):
                 m_begin = max(0, n0 - sk + sq) // kbm if causal else 0
                 m_end = (sq + kbm - 1) // kbm
                 n_m = max(0, m_end - m_begin)
-                total = n_m * group
+                total = n_m * heads
                 load_tile(k_s, 0, k.flat, k_off, k.stride[-3], sk - n0, hd, kbn, kd, n_thr)
                 load_tile(v_s, 0, v.flat, v_off, v.stride[-3], sk - n0, hd, kbn, kd, n_thr)
                 dk = np.zeros((n_warps, 32, kd // 8, 4))
                 dv = np.zeros((n_warps, 32, kd // 8, 4))
                 for it in range(total):
-                    h = kvh * group + it // n_m
+                    h = h_first + it // n_m
                     i0 = (m_begin + it % n_m) * kbm
                     stg = (it & 1) if n_q_stages == 2 else 0
                     q_off = q.off + bs(q, b) + (sb["q_row0"] + i0) * q.stride[-3] + h * q.stride[-2]
@@ -580,6 +599,14 @@ def emulate_bwd(P, kd, n_q_stages=2):
                             j = n0 + warp * 16 + (lane >> 2) + 8 * r
                             if j >= sk:
                                 continue
+                            if gs > 1:  # float32 atomics into the dK/dV accumulators
+                                src = ((sb["k_ws_row0"] + j) * Hkv + kvh) * hd
+                                for dt in range(kd // 8):
+                                    d = dt * 8 + 2 * (lane & 3)
+                                    if d < hd:
+                                        dk_acc[src + d:src + d + 2] += dk[warp, lane, dt, 2 * r:2 * r + 2] * P["scale"]
+                                        dv_acc[src + d:src + d + 2] += dv[warp, lane, dt, 2 * r:2 * r + 2]
+                                continue
                             dkb = P["dk"].off + bs(P["dk"], b) + (sb["k_row0"] + j) * P["dk"].stride[-3] + \
                                 kvh * P["dk"].stride[-2]
                             dvb = P["dv"].off + bs(P["dv"], b) + (sb["k_row0"] + j) * P["dv"].stride[-3] + \
@@ -589,6 +616,16 @@ def emulate_bwd(P, kd, n_q_stages=2):
                                 if d < hd:
                                     P["dk"].flat[dkb + d:dkb + d + 2] = rnd(dk[warp, lane, dt, 2 * r:2 * r + 2] * P["scale"])
                                     P["dv"].flat[dvb + d:dvb + d + 2] = rnd(dv[warp, lane, dt, 2 * r:2 * r + 2])
+    if gs > 1:  # dkv convert
+        for b in range(P["B"]):
+            sb = seq_bounds(P, b)
+            for kvh in range(Hkv):
+                for j in range(sb["sk"]):
+                    src = ((sb["k_ws_row0"] + j) * Hkv + kvh) * hd
+                    for name, acc_ in (("dk", dk_acc), ("dv", dv_acc)):
+                        m_ = P[name]
+                        dst = m_.off + bs(m_, b) + (sb["k_row0"] + j) * m_.stride[-3] + kvh * m_.stride[-2]
+                        m_.flat[dst:dst + hd] = rnd(acc_[src:src + hd])
     for b in range(P["B"]):  # dq convert
         sb = seq_bounds(P, b)
         for h in range(H):
@@ -764,8 +801,12 @@ def test_emulated_backward_kernel(case):
     P["dout"] = Mem(dout)
     dq, dk, dv = (_strided(x.shape).fill_(float("nan")) for x in (q, k, v))
     P["dq"], P["dk"], P["dv"] = Mem(dq), Mem(dk), Mem(dv)
-    # 2 stages (A100/H100) for even cases, 1 stage (the sm_86/sm_89 fallback) for odd ones
-    emulate_bwd(P, 64 if D <= 64 else 128, n_q_stages=2 if Sq % 2 == 0 else 1)
+    # 2 stages (A100/H100) for even cases, 1 stage (the sm_86/sm_89 fallback) for odd ones; varlen GQA
+    # forces one CTA per group (direct dK/dV stores), other GQA cases get the split-group path
+    emulate_bwd(P, 64 if D <= 64 else 128, n_q_stages=2 if Sq % 2 == 0 else 1,
+                group_splits=1 if lens is not None else None)
+    if lens is None and H > Hkv:
+        assert P["stats"]["group_splits"] == H // Hkv
     for name, mem, like, ref in (("dq", P["dq"], dq, dq_ref), ("dk", P["dk"], dk, dk_ref), ("dv", P["dv"], dv, dv_ref)):
         assert not torch.isnan(like).any(), f"unwritten {name} element"
         torch.testing.assert_close(like, ref, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
@@ -911,6 +952,15 @@ def test_cuda_decode_row_blocks(Sq, Sk, H, Hkv, dtype):
     # split-K decode with several 16-row blocks per kv head (48, 48, 16 and 64 rows per kv head)
     q, k, v = _cuda_case(2, Sq, Sk, H, Hkv, 128, dtype, strided=False)
     _run_and_check(q, k, v, True, mk.alibi_slopes(H).cuda())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_gqa_backward_direct_path(dtype):
+    # 9 key blocks x 8 kv heads x batch 4 = 288 CTAs >= 256: one CTA per group writes dK, dV directly
+    # (the smaller GQA/MQA cases above take the split-group float32 path)
+    q, k, v = _cuda_case(4, 1100, 1100, 16, 8, 64, dtype, strided=False)
+    _run_and_check(q, k, v, True, mk.alibi_slopes(16).cuda())
 
 
 @pytest.mark.cuda

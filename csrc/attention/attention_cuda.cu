@@ -76,6 +76,7 @@ struct BwdShape {
 struct SeqBounds {
   int64_t q_row0, k_row0;  // row of token 0 (varlen: in the packed tensor; batched: 0)
   int64_t ws_row0;         // row of token 0 in the (batch * seqlen_q)-row float32 workspaces
+  int64_t k_ws_row0;       // row of key 0 in the (batch * seqlen_k)-row float32 workspaces
   int sq, sk;
 };
 
@@ -87,12 +88,14 @@ __device__ __forceinline__ SeqBounds seq_bounds(const AttentionFwdParams& p, int
     s.q_row0 = q0;
     s.k_row0 = k0;
     s.ws_row0 = q0;
+    s.k_ws_row0 = k0;
     s.sq = min(max(q1 - q0, 0), p.seqlen_q);
     s.sk = min(max(k1 - k0, 0), p.seqlen_k);
   } else {
     s.q_row0 = 0;
     s.k_row0 = 0;
     s.ws_row0 = static_cast<int64_t>(b) * p.seqlen_q;
+    s.k_ws_row0 = static_cast<int64_t>(b) * p.seqlen_k;
     s.sq = p.seqlen_q;
     s.sk = p.seqlen_k;
   }
@@ -549,17 +552,26 @@ __global__ void __launch_bounds__(kThreads)
 // Backward.
 // Workspace: dq_accum [batch*seqlen_q rows][n_heads][head_dim] float32 (zeroed by the caller), then
 // delta [rows][n_heads] float32 at a 256-byte aligned offset.
+// With group_splits > 1 (the heads of a GQA/MQA group spread over several CTAs) two more regions
+// follow: dk_accum and dv_accum [batch*seqlen_k rows][n_kv_heads][head_dim] float32.
 struct BwdWorkspace {
   float* dq_acc;
   float* delta;
+  float* dk_acc;
+  float* dv_acc;
 };
 
 __host__ __device__ inline size_t align256(size_t x) { return (x + 255) / 256 * 256; }
 
-__host__ __device__ inline BwdWorkspace bwd_workspace(void* ws, int64_t rows, int n_heads, int head_dim) {
+__host__ __device__ inline BwdWorkspace bwd_workspace(void* ws, const AttentionFwdParams& p) {
   char* c = static_cast<char*>(ws);
-  const size_t dq_bytes = align256(static_cast<size_t>(rows) * n_heads * head_dim * sizeof(float));
-  return {reinterpret_cast<float*>(c), reinterpret_cast<float*>(c + dq_bytes)};
+  const size_t rows_q = static_cast<size_t>(p.batch) * p.seqlen_q, rows_k = static_cast<size_t>(p.batch) * p.seqlen_k;
+  const size_t dq_bytes = align256(rows_q * p.n_heads * p.head_dim * sizeof(float));
+  const size_t delta_bytes = align256(rows_q * p.n_heads * sizeof(float));
+  const size_t dkv_bytes = align256(rows_k * p.n_kv_heads * p.head_dim * sizeof(float));
+  return {reinterpret_cast<float*>(c), reinterpret_cast<float*>(c + dq_bytes),
+          reinterpret_cast<float*>(c + dq_bytes + delta_bytes),
+          reinterpret_cast<float*>(c + dq_bytes + delta_bytes + dkv_bytes)};
 }
 
 constexpr int kRowsPerCta = 32;  // delta / dq-convert kernels: 4 warps x 8 rows
@@ -569,7 +581,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const AttentionBwdParams p) {
   const int h = blockIdx.y, b = blockIdx.z, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const SeqBounds sb = seq_bounds(p, b);
-  const BwdWorkspace ws = bwd_workspace(p.workspace, static_cast<int64_t>(p.batch) * p.seqlen_q, p.n_heads, p.head_dim);
+  const BwdWorkspace ws = bwd_workspace(p.workspace, p);
   for (int rr = warp; rr < kRowsPerCta; rr += 4) {
     const int i = blockIdx.x * kRowsPerCta + rr;
     if (i >= sb.sq) break;
@@ -590,7 +602,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dq_convert_kernel(const AttentionBwdParams p) {
   const int h = blockIdx.y, b = blockIdx.z, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const SeqBounds sb = seq_bounds(p, b);
-  const BwdWorkspace ws = bwd_workspace(p.workspace, static_cast<int64_t>(p.batch) * p.seqlen_q, p.n_heads, p.head_dim);
+  const BwdWorkspace ws = bwd_workspace(p.workspace, p);
   for (int rr = warp; rr < kRowsPerCta; rr += 4) {
     const int i = blockIdx.x * kRowsPerCta + rr;
     if (i >= sb.sq) break;
@@ -601,14 +613,34 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_convert_kernel(cons
   }
 }
 
-// Grid (ceil(seqlen_k / 128), n_kv_heads, batch). Warp w owns keys 16w..16w+15 of the block and works
+// Grid (ceil(seqlen_k / 32), n_kv_heads, batch): dk, dv in dtype from the float32 accumulators the
+// group-split backward adds into (dk already scaled).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) attention_bwd_dkv_convert_kernel(const AttentionBwdParams p) {
+  const int kvh = blockIdx.y, b = blockIdx.z, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const SeqBounds sb = seq_bounds(p, b);
+  const BwdWorkspace ws = bwd_workspace(p.workspace, p);
+  for (int rr = warp; rr < kRowsPerCta; rr += 4) {
+    const int j = blockIdx.x * kRowsPerCta + rr;
+    if (j >= sb.sk) break;
+    const int64_t src = ((sb.k_ws_row0 + j) * p.n_kv_heads + kvh) * p.head_dim;
+    T* dk = static_cast<T*>(p.dk) + b * p.dk_batch_stride + (sb.k_row0 + j) * p.dk_row_stride + kvh * p.dk_head_stride;
+    T* dv = static_cast<T*>(p.dv) + b * p.dv_batch_stride + (sb.k_row0 + j) * p.dv_row_stride + kvh * p.dv_head_stride;
+    for (int d = 2 * lane; d < p.head_dim; d += 64) {
+      *reinterpret_cast<uint32_t*>(dk + d) = pack2<T>(ws.dk_acc[src + d], ws.dk_acc[src + d + 1]);
+      *reinterpret_cast<uint32_t*>(dv + d) = pack2<T>(ws.dv_acc[src + d], ws.dv_acc[src + d + 1]);
+    }
+  }
+}
+
+// Grid (ceil(seqlen_k / 128), n_kv_heads * group_splits, batch). Warp w owns keys 16w..16w+15 of the block and works
 // on the transposed scores S^T = K Q^T, so P^T and dS^T come out of the mma already in the A-operand
 // layout that dV += P^T dO and dK += dS^T Q need. dS^T also goes through shared memory for
 // dQ += dS K, whose 16-row x 32-column pieces are split over the warps and added to float32 with
 // atomics (several key blocks contribute to the same dQ rows).
 template <typename T, int kD>
 __global__ void __launch_bounds__(BwdShape<kD>::kThreads)
-    attention_bwd_kernel(const AttentionBwdParams p, int n_q_stages) {
+    attention_bwd_kernel(const AttentionBwdParams p, int n_q_stages, int group_splits) {
   constexpr int kBM = BwdShape<kD>::kBlockM, kBN = BwdShape<kD>::kBlockN, kNT = BwdShape<kD>::kThreads;
   constexpr int kP = Pitch<kD>::value, kDsP = kBM + 8;
   constexpr int kWM = kBM / 16;                             // dQ: warps along the query rows
@@ -627,12 +659,15 @@ __global__ void __launch_bounds__(BwdShape<kD>::kThreads)
   float* delta_s = lse2_s + kBM;                                     // [kBM]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int n_block = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const int n_block = blockIdx.x, b = blockIdx.z;
+  const int kvh = blockIdx.y / group_splits, split = blockIdx.y % group_splits;
   const SeqBounds sb = seq_bounds(p, b);
   const int n0 = n_block * kBN;
   if (n0 >= sb.sk) return;
   const int group = p.n_heads / p.n_kv_heads;
-  const BwdWorkspace ws = bwd_workspace(p.workspace, static_cast<int64_t>(p.batch) * p.seqlen_q, p.n_heads, p.head_dim);
+  const int heads = group / group_splits;                   // query heads handled by this CTA
+  const int h_first = kvh * group + split * heads;
+  const BwdWorkspace ws = bwd_workspace(p.workspace, p);
 
   const T* q_base = static_cast<const T*>(p.q);
   const T* k_base = static_cast<const T*>(p.k);
@@ -645,14 +680,14 @@ __global__ void __launch_bounds__(BwdShape<kD>::kThreads)
   const int m_begin = p.causal ? max(0, n0 - sb.sk + sb.sq) / kBM : 0;
   const int m_end = (sb.sq + kBM - 1) / kBM;
   const int n_m = max(0, m_end - m_begin);
-  const int total = n_m * group;  // (head in group, query block) flattened so prefetch crosses heads
+  const int total = n_m * heads;  // (head, query block) flattened so the prefetch crosses heads
 
   load_tile_async<kBN, kD, kNT>(k_s, k_g, p.k_row_stride, sb.sk - n0, p.head_dim, k_base, tid);
   load_tile_async<kBN, kD, kNT>(v_s, v_g, p.v_row_stride, sb.sk - n0, p.head_dim, v_base, tid);
   cp_async_commit();
 
   auto issue_q_block = [&](int it) {
-    const int h = kvh * group + it / n_m, i0 = (m_begin + it % n_m) * kBM, st = dbuf ? (it & 1) : 0;
+    const int h = h_first + it / n_m, i0 = (m_begin + it % n_m) * kBM, st = dbuf ? (it & 1) : 0;
     const T* q_g = q_base + b * p.q_batch_stride + (sb.q_row0 + i0) * p.q_row_stride + h * p.q_head_stride;
     const T* d_g = do_base + b * p.dout_batch_stride + (sb.q_row0 + i0) * p.dout_row_stride + h * p.dout_head_stride;
     load_tile_async<kBM, kD, kNT>(q_s + st * kBM * kP, q_g, p.q_row_stride, sb.sq - i0, p.head_dim, q_base, tid);
@@ -674,7 +709,7 @@ __global__ void __launch_bounds__(BwdShape<kD>::kThreads)
   for (int r = 0; r < 2; ++r) key_row[r] = n0 + warp * 16 + g + 8 * r;
 
   for (int it = 0; it < total; ++it) {
-    const int h = kvh * group + it / n_m, i0 = (m_begin + it % n_m) * kBM, st = dbuf ? (it & 1) : 0;
+    const int h = h_first + it / n_m, i0 = (m_begin + it % n_m) * kBM, st = dbuf ? (it & 1) : 0;
     if (!dbuf) {
       // Single stage: every warp finished reading it (compute phase of it - 1) before the barrier
       // after that phase; the dQ phase still running in other warps reads only dS^T and K.
@@ -855,6 +890,21 @@ __global__ void __launch_bounds__(BwdShape<kD>::kThreads)
   for (int r = 0; r < 2; ++r) {
     const int j = key_row[r];
     if (j >= sb.sk) continue;
+    if (group_splits > 1) {  // partial sums over this CTA's heads: add into the float32 accumulators
+      float* dka = ws.dk_acc + ((sb.k_ws_row0 + j) * p.n_kv_heads + kvh) * p.head_dim;
+      float* dva = ws.dv_acc + ((sb.k_ws_row0 + j) * p.n_kv_heads + kvh) * p.head_dim;
+#pragma unroll
+      for (int dt = 0; dt < kD / 8; ++dt) {
+        const int d = dt * 8 + 2 * t;
+        if (d < p.head_dim) {
+          atomicAdd(dka + d, dk[dt][2 * r] * p.softmax_scale);
+          atomicAdd(dka + d + 1, dk[dt][2 * r + 1] * p.softmax_scale);
+          atomicAdd(dva + d, dv[dt][2 * r]);
+          atomicAdd(dva + d + 1, dv[dt][2 * r + 1]);
+        }
+      }
+      continue;
+    }
     T* dkp = dk_base + b * p.dk_batch_stride + (sb.k_row0 + j) * p.dk_row_stride + kvh * p.dk_head_stride;
     T* dvp = dv_base + b * p.dv_batch_stride + (sb.k_row0 + j) * p.dv_row_stride + kvh * p.dv_head_stride;
 #pragma unroll
@@ -921,10 +971,25 @@ inline size_t decode_workspace_bytes(const AttentionFwdParams& p) {
   return static_cast<size_t>(slots) * kDecodeRows * (padded_head_dim(p.head_dim) + 2) * sizeof(float);
 }
 
+// Backward CTAs per (key block, kv head) for a GQA/MQA group: 1 (one CTA loops over all the group's
+// heads and writes dK, dV directly) unless the grid would leave the GPU mostly idle (fewer than ~256
+// CTAs, e.g. MQA at batch 1); then the smallest divisor of the group that reaches 256, with dK, dV
+// summed in float32 workspace. Depends only on the shapes (the size query needs no device).
+inline int bwd_group_splits(const AttentionFwdParams& p) {
+  const int group = p.n_heads / p.n_kv_heads;
+  if (group <= 1) return 1;
+  const int64_t ctas = static_cast<int64_t>(ceil_div(std::max(p.seqlen_k, 0), BwdShape<64>::kBlockN)) *
+                       p.n_kv_heads * std::max(p.batch, 1);
+  for (int d = 1; d <= group; ++d)
+    if (group % d == 0 && ctas * d >= 256) return d;
+  return group;
+}
+
 inline size_t bwd_workspace_bytes(const AttentionBwdParams& p) {
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.seqlen_q;
-  return align256(static_cast<size_t>(rows) * p.n_heads * p.head_dim * sizeof(float)) +
-         static_cast<size_t>(rows) * p.n_heads * sizeof(float);
+  const size_t rows_q = static_cast<size_t>(p.batch) * p.seqlen_q, rows_k = static_cast<size_t>(p.batch) * p.seqlen_k;
+  size_t bytes = align256(rows_q * p.n_heads * p.head_dim * sizeof(float)) + align256(rows_q * p.n_heads * sizeof(float));
+  if (bwd_group_splits(p) > 1) bytes += 2 * align256(rows_k * p.n_kv_heads * p.head_dim * sizeof(float));
+  return bytes;
 }
 
 void check_tensor(const void* ptr, const char* name, std::initializer_list<int64_t> strides) {
@@ -1001,11 +1066,17 @@ void launch_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
     MPTK_CHECK_ARG(static_cast<size_t>(optin) >= bwd_smem_bytes<kD>(1), "q",
                    "the CUDA backward needs ", bwd_smem_bytes<kD>(1), " bytes of shared memory per block at head_dim ",
                    p.head_dim, "; this GPU allows ", optin);
+    const int gsplits = bwd_group_splits(p);
     auto kernel = attention_bwd_kernel<T, kD>;
     set_smem(kernel, bwd_smem_bytes<kD>(stages));
-    kernel<<<dim3(ceil_div(p.seqlen_k, BwdShape<kD>::kBlockN), p.n_kv_heads, p.batch), BwdShape<kD>::kThreads,
-             bwd_smem_bytes<kD>(stages), stream>>>(p, stages);
+    kernel<<<dim3(ceil_div(p.seqlen_k, BwdShape<kD>::kBlockN), p.n_kv_heads * gsplits, p.batch),
+             BwdShape<kD>::kThreads, bwd_smem_bytes<kD>(stages), stream>>>(p, stages, gsplits);
     MPTK_CUDA_CHECK_LAUNCH();
+    if (gsplits > 1) {
+      attention_bwd_dkv_convert_kernel<T>
+          <<<dim3(ceil_div(p.seqlen_k, kRowsPerCta), p.n_kv_heads, p.batch), kThreads, 0, stream>>>(p);
+      MPTK_CUDA_CHECK_LAUNCH();
+    }
   }
   if (p.seqlen_q > 0) {
     attention_bwd_dq_convert_kernel<T><<<row_grid, kThreads, 0, stream>>>(p);
