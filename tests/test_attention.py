@@ -21,6 +21,7 @@ import textwrap
 import pytest
 import torch
 
+from _subproc import NEUTRAL_CWD, subprocess_env
 import mpt_kernels as mk
 from mpt_kernels._ext import _C, view
 from mpt_kernels.ops import reference as R
@@ -430,8 +431,9 @@ def test_long_context_forward_memory_is_linear():
         print(peak - before)
         """
     )
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    env = subprocess_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
+                         cwd=NEUTRAL_CWD)
     assert res.returncode == 0, res.stderr
     extra = int(res.stdout.strip().splitlines()[-1])
     assert extra < 64 * 2 ** 20, f"extra memory {extra / 2**20:.1f} MiB"

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from _subproc import NEUTRAL_CWD, subprocess_env
 from mpt_kernels.data import (FinetuneDataset, SampleOrder, Stream, StreamingTokenDataset, TokenShards, load_tokenizer,
                               make_loader, padded_vocab_size, permute, train_bpe_tokenizer)
 from mpt_kernels.data.convert import convert, iter_documents
@@ -168,7 +169,7 @@ def test_convert_command_line(tmp_path, small_tok):
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "-m", "mpt_kernels.data.convert", *map(str, inputs), "--out",
                         str(tmp_path / "cli"), "--tokenizer", small_tok.path, "--seq-len", "24", "--no-progress"],
-                       capture_output=True, text=True, cwd=root, env=dict(os.environ, PYTHONPATH=str(root)))
+                       capture_output=True, text=True, cwd=NEUTRAL_CWD, env=subprocess_env())
     assert r.returncode == 0, r.stderr
     assert "samples x 24 tokens" in r.stderr
     assert TokenShards(tmp_path / "cli").num_samples > 0

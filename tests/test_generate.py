@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from _subproc import NEUTRAL_CWD, subprocess_env
 from mpt_kernels.generate import TextStreamer
 from mpt_kernels.model import MPTConfig, MPTForCausalLM
 
@@ -37,11 +38,11 @@ def test_cli_streams_greedy_tokens(tmp_path):
     eos = tok.token_to_id("<|endoftext|>")
     if eos in expected:
         expected = expected[:expected.index(eos) + 1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "mpt_kernels.generate", "--model", str(tmp_path), "--prompt", prompt,
                         "--max-new-tokens", "12", "--temperature", "0", "--device", "cpu"],
                        capture_output=True, text=True, env=env, timeout=120,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                       cwd=NEUTRAL_CWD)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(prompt)
     assert r.stdout[len(prompt):].strip() == tok.decode(expected).strip()
@@ -51,8 +52,8 @@ def test_cli_streams_greedy_tokens(tmp_path):
 def test_cli_rejects_missing_tokenizer(tmp_path):
     MPTForCausalLM(MPTConfig(d_model=64, n_heads=4, n_layers=1, vocab_size=20)).save_pretrained(tmp_path)
     r = subprocess.run([sys.executable, "-m", "mpt_kernels.generate", "--model", str(tmp_path), "--prompt", "x"],
-                       capture_output=True, text=True, timeout=120,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                       capture_output=True, text=True, timeout=120, env=subprocess_env(),
+                       cwd=NEUTRAL_CWD)
     assert r.returncode == 2 and "tokenizer.json" in r.stderr
 
 

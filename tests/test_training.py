@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _subproc import NEUTRAL_CWD, subprocess_env
 from mpt_kernels.train import (Config, CosineWithWarmup, gpu_peak_flops, latest_checkpoint, list_checkpoints,
                                load_config, mfu, read_metrics, save_checkpoint)
 
@@ -46,13 +47,13 @@ def corpus(tmp_path_factory):
 
 
 def run_train(args: list[str], *, torchrun: int = 0, extra: list[str] = (), timeout: int = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = subprocess_env(OMP_NUM_THREADS="1")
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
                *extra, str(TRAIN), *args]
     else:
         cmd = [sys.executable, str(TRAIN), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=NEUTRAL_CWD)
 
 
 def why(proc: subprocess.CompletedProcess) -> str:
