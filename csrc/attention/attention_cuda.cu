@@ -1,8 +1,9 @@
 // ALiBi flash attention on CUDA tensor cores (sm_80, sm_90a): forward, split-K decode, backward.
 // FlashAttention-2 structure written from the paper and the PTX ISA; primitives in
 // attention_cuda_mma.cuh. Build/inspect one file:
-//   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -arch=sm_80 -Icsrc -DMPTK_WITH_CUDA -Xptxas -v \
-//        -c csrc/attention/attention_cuda.cu -o /tmp/a80.o          (and -arch=sm_90a)
+//   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode=arch=compute_80,code=sm_80 -Icsrc \
+//        -DMPTK_WITH_CUDA -Xptxas -v -c csrc/attention/attention_cuda.cu -o /tmp/a80.o
+//   (and -gencode=arch=compute_90a,code=sm_90a). CPU emulation of the index math: tests/test_attention_cuda.py.
 // Kernels (each instantiated for {fp16, bf16} x padded head dim {64, 128}):
 //   attention_fwd_kernel     16 query rows per warp (d=64: 4 warps, d=128: 8 warps) x 64-key tiles,
 //                            K/V double-buffered.
@@ -12,9 +13,11 @@
 //                            4 x 16; float32 partials go to the workspace.
 //   attention_decode_combine merges the partials of the chunks into out and lse.
 //   attention_bwd_delta      delta = rowsum(dO * O) (float32, workspace).
-//   attention_bwd_kernel     one CTA (8 warps) per (128-key block, kv head, batch) loops over the group's heads
-//                            and the query blocks: dK, dV in registers, dQ by float32 atomics.
+//   attention_bwd_kernel     one CTA (8 warps) per (128-key block, kv head [x group split], batch)
+//                            loops over (its share of) the group's heads and the query blocks: dK, dV
+//                            in registers, dQ by float32 atomics.
 //   attention_bwd_dq_convert dq = scale * dq_accum in dtype with dq's strides.
+//   attention_bwd_dkv_convert with group splits only: dk, dv from their float32 accumulators.
 // Head dims that are multiples of 8 up to 128 run the 64- or 128-wide instantiation with the extra
 // columns zero-filled in shared memory (zeros change neither QK^T nor the written columns of PV).
 //
@@ -37,7 +40,7 @@
 namespace mptk {
 namespace attn_cuda {
 
-constexpr int kThreads = 128;  // 4 warps, everywhere except the d=128 forward
+constexpr int kThreads = 128;  // 4 warps: decode, combine and the small row kernels
 constexpr int kBlockN = 64;    // keys per tile
 
 // Forward CTA shape: 16 query rows per warp. d=128 uses 8 warps (128 rows): each K/V tile fetched from
@@ -574,7 +577,7 @@ __host__ __device__ inline BwdWorkspace bwd_workspace(void* ws, const AttentionF
           reinterpret_cast<float*>(c + dq_bytes + delta_bytes + dkv_bytes)};
 }
 
-constexpr int kRowsPerCta = 32;  // delta / dq-convert kernels: 4 warps x 8 rows
+constexpr int kRowsPerCta = 32;  // delta / convert kernels: 4 warps x 8 rows
 
 // delta[row, h] = sum_d dO * O. Grid (ceil(seqlen_q / 32), n_heads, batch); one warp per row.
 template <typename T>
@@ -633,8 +636,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkv_convert_kernel(con
   }
 }
 
-// Grid (ceil(seqlen_k / 128), n_kv_heads * group_splits, batch). Warp w owns keys 16w..16w+15 of the block and works
-// on the transposed scores S^T = K Q^T, so P^T and dS^T come out of the mma already in the A-operand
+// Grid (ceil(seqlen_k / 128), n_kv_heads * group_splits, batch). Warp w owns keys 16w..16w+15 of the
+// block and works on the transposed scores S^T = K Q^T, so P^T and dS^T come out of the mma already in the A-operand
 // layout that dV += P^T dO and dK += dS^T Q need. dS^T also goes through shared memory for
 // dQ += dS K, whose 16-row x 32-column pieces are split over the warps and added to float32 with
 // atomics (several key blocks contribute to the same dQ rows).
@@ -842,7 +845,7 @@ __global__ void __launch_bounds__(BwdShape<kD>::kThreads)
     }
     __syncthreads();  // dS^T complete from all warps
 
-    // dQ piece (queries wm*16.., head-dim columns wn*64..) += dS K over the 64 keys.
+    // dQ piece (queries wm*16.., head-dim columns wn*kDqCols..) += dS K over the block's keys.
     // A[m=query][k=key] = dS^T[key][query]: ldmatrix.trans; B[k=key][n=d] = K[key][d]: ldmatrix.trans.
     {
       const int wm = warp % kWM, wn = warp / kWM;
