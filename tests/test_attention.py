@@ -521,3 +521,17 @@ def test_out_and_workspace_checked_by_C():
     with pytest.raises(ValueError, match=r"^workspace\b"):  # the backward always needs one
         _C.attention_bwd(view(q), view(q), view(k), view(v), view(q), view(lse), view(q), view(k), view(v), None,
                          None, None, 4, 4, 0.125, True, None)
+
+
+def test_long_causal_rows_keep_float32_precision():
+    """MPT's key-position bias reaches -slope * (seqlen_k - 1) on the first rows (here -0.5 * 4095);
+    the kernel scores each row relative to its last visible key, so float32 keeps its precision there
+    (an absolute-frame bias would lose ~1e-3 of every score through rounding at that magnitude)."""
+    S = 4096
+    q, k, v = make_qkv(1, S, S, 2, 1, 64, torch.float32)
+    slopes = torch.tensor([0.5, 0.0625])
+    out, lse, _ = fwd_C(q, k, v, slopes, True)
+    ref, ref_lse = reference_fwd(q, k, v, slopes, True)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-6)
+    # The stored lse is the true one (it carries the row constant, ~1e3 here): relative float32 rounding.
+    torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-7, atol=1e-5)

@@ -158,18 +158,23 @@ void load_q_tile(float* dst, const T* base, int64_t row_stride, int nq, int D, i
   for (int i = 0; i < nq; ++i) attn_cpu::load_row(dst + i * Dp, base + i * row_stride, D, Dp);
 }
 
-// Scores of a (nq x kBlockK) tile in base 2: S = (Q K^T) * scale * log2(e) + bias * log2(e), masked
-// (-inf) past each row's last visible key and past the end of the keys. Row maxima into row_max.
+// ALiBi in the row frame. MPT's bias -slope * (sk - 1 - j) equals -slope * (last_i - j) minus the row
+// constant slope * (sk - 1 - last_i), last_i the row's last visible key; softmax ignores row constants,
+// so the kernels score against the row frame, where the bias is exact and small near the keys that
+// carry the probability, and convert lse to MPT's frame (the header's contract) only at the boundary.
+// Without a causal mask last_i = sk - 1 and the two frames coincide.
+inline float lse_row_shift(const AttentionFwdParams& p, int i, int sq, int sk, float slope) {
+  return slope * static_cast<float>(sk - 1 - last_visible_key(p, i, sq, sk));
+}
+
+// Scores of a (nq x kBlockK) tile in base 2: S = (Q K^T) * scale * log2(e) + row-frame bias * log2(e),
+// masked (-inf) past each row's last visible key and past the end of the keys. Row maxima into row_max.
 void finish_scores(const AttentionFwdParams& p, float* S, int nq, int q0, int k0, int sq, int sk, float slope,
                    float* row_max) {
-  alignas(32) float bias2[kBlockK];
-  const float slope2 = slope * kLog2e;
-  // MPT's key-position bias -slope * (sk - 1 - j): one vector per key block, the same for every row.
-  for (int j = 0; j < kBlockK; ++j) bias2[j] = -slope2 * static_cast<float>(sk - 1 - (k0 + j));
-  const float scale2 = p.softmax_scale * kLog2e;
+  const float scale2 = p.softmax_scale * kLog2e, slope2 = slope * kLog2e;
   for (int r = 0; r < nq; ++r) {
-    const int first_hidden = last_visible_key(p, q0 + r, sq, sk) + 1 - k0;
-    row_max[r] = attn_cpu::scale_add_mask_max(S + r * kBlockK, bias2, scale2, kBlockK, first_hidden);
+    const int offset = k0 - last_visible_key(p, q0 + r, sq, sk);
+    row_max[r] = attn_cpu::scale_alibi_mask_max(S + r * kBlockK, scale2, slope2, offset, kBlockK);
   }
 }
 
@@ -240,13 +245,16 @@ void fwd_tile(const AttentionFwdParams& p, const SeqInfo& si, int b, int h, int 
 // Normalises w.o and writes out rows and lse. Rows that saw no key (only possible with an empty key
 // sequence) get zeros and lse = -inf, like a softmax over nothing whose terms are all dropped.
 template <typename T>
-void fwd_store(const AttentionFwdParams& p, const SeqInfo& si, int h, int q0, int nq, const FwdScratch& w) {
+void fwd_store(const AttentionFwdParams& p, const SeqInfo& si, int h, int q0, int nq, float slope,
+               const FwdScratch& w) {
   const int D = p.head_dim, Dp = pad8(D);
   T* out = static_cast<T*>(p.out) + si.o_off + h * p.out_head_stride + q0 * p.out_row_stride;
   for (int r = 0; r < nq; ++r) {
     const float l = w.l[r];
     attn_cpu::store_row(out + r * p.out_row_stride, w.o + r * Dp, D, l > 0.f ? 1.f / l : 0.f);
-    if (p.lse) p.lse[si.lse_off + h * p.lse_head_stride + q0 + r] = l > 0.f ? (w.m[r] + std::log2(l)) * kLn2 : kNegInf;
+    if (p.lse)
+      p.lse[si.lse_off + h * p.lse_head_stride + q0 + r] =
+          l > 0.f ? (w.m[r] + std::log2(l)) * kLn2 - lse_row_shift(p, q0 + r, si.sq, si.sk, slope) : kNegInf;
   }
 }
 
@@ -302,7 +310,7 @@ void fwd_run(const AttentionFwdParams& p) {
       const int nkb = key_blocks_for(p, q0, q0 + nq, si.sq, si.sk);
       if (splits == 1) {
         fwd_tile<T>(p, si, b, h, q0, nq, 0, nkb, w);
-        fwd_store<T>(p, si, h, q0, nq, w);
+        fwd_store<T>(p, si, h, q0, nq, slope_of(p, b, h), w);
       } else {
         const int per = ceil_div(nkb, splits);
         const int kb0 = std::min(nkb, split * per), kb1 = std::min(nkb, kb0 + per);
@@ -352,7 +360,9 @@ void fwd_run(const AttentionFwdParams& p) {
       }
       T* out = static_cast<T*>(p.out) + si.o_off + h * p.out_head_stride + i * p.out_row_stride;
       attn_cpu::store_row(out, acc.data(), p.head_dim, l > 0.f ? 1.f / l : 0.f);
-      if (p.lse) p.lse[si.lse_off + h * p.lse_head_stride + i] = l > 0.f ? (M + std::log2(l)) * kLn2 : kNegInf;
+      if (p.lse)
+        p.lse[si.lse_off + h * p.lse_head_stride + i] =
+            l > 0.f ? (M + std::log2(l)) * kLn2 - lse_row_shift(p, i, si.sq, si.sk, slope_of(p, b, h)) : kNegInf;
     }
   }
 }
@@ -416,7 +426,8 @@ void bwd_load_query_side(const AttentionBwdParams& p, const SeqInfo& si, const f
   for (int r = 0; r < nq; ++r) {
     // A row that saw nothing has lse = -inf; +inf here makes every P of that row exactly 0.
     const float lse = p.lse[si.lse_off + h * p.lse_head_stride + q0 + r];
-    w.lse2[r] = lse == kNegInf ? std::numeric_limits<float>::infinity() : lse * kLog2e;
+    const float shift = lse_row_shift(p, q0 + r, si.sq, si.sk, slope_of(p, b, h));
+    w.lse2[r] = lse == kNegInf ? std::numeric_limits<float>::infinity() : (lse + shift) * kLog2e;
     w.delta[r] = delta_ws[(static_cast<size_t>(b) * p.n_heads + h) * p.seqlen_q + q0 + r];
   }
 }

@@ -126,21 +126,19 @@ inline __m256 exp2_ps(__m256 x) {
 
 inline float exp2_scalar(float x) { return std::exp2(x); }
 
-// x[j] = x[j] * scale + bias[j] for j < first_hidden, -inf from there on; returns max_j x[j].
-// n % 8 == 0. One pass over the scores for scaling, bias, mask and the row max.
-inline float scale_add_mask_max(float* x, const float* bias, float scale, int n, int first_hidden) {
+// One pass over a row of raw scores Q K^T: x[j] = x[j] * scale + slope * (j + offset) where
+// j + offset <= 0 (offset = first key of the tile - the row's last visible key), -inf elsewhere;
+// returns max_j x[j]. The ALiBi term is relative to the row's last visible key, so it is exact and
+// small where the probability mass is. n % 8 == 0.
+inline float scale_alibi_mask_max(float* x, float scale, float slope, int offset, int n) {
 #ifdef MPTK_AVX2
-  const __m256 s = _mm256_set1_ps(scale), ninf = _mm256_set1_ps(kNegInf);
+  const __m256 s = _mm256_set1_ps(scale), sl = _mm256_set1_ps(slope), ninf = _mm256_set1_ps(kNegInf);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i limit = _mm256_set1_epi32(first_hidden);
   __m256 m = ninf;
   for (int j = 0; j < n; j += 8) {
-    __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), s, _mm256_loadu_ps(bias + j));
-    if (j + 8 > first_hidden) {
-      const __m256i idx = _mm256_add_epi32(lane, _mm256_set1_epi32(j));
-      const __m256 hidden = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_add_epi32(idx, _mm256_set1_epi32(1)), limit));
-      v = _mm256_blendv_ps(v, ninf, hidden);
-    }
+    const __m256i rel = _mm256_add_epi32(lane, _mm256_set1_epi32(j + offset));
+    __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), s, _mm256_mul_ps(sl, _mm256_cvtepi32_ps(rel)));
+    if (j + 7 + offset > 0) v = _mm256_blendv_ps(v, ninf, _mm256_castsi256_ps(_mm256_cmpgt_epi32(rel, _mm256_setzero_si256())));
     _mm256_storeu_ps(x + j, v);
     m = _mm256_max_ps(m, v);
   }
@@ -148,7 +146,8 @@ inline float scale_add_mask_max(float* x, const float* bias, float scale, int n,
 #else
   float m = kNegInf;
   for (int j = 0; j < n; ++j) {
-    x[j] = j < first_hidden ? x[j] * scale + bias[j] : kNegInf;
+    const int rel = j + offset;
+    x[j] = rel <= 0 ? x[j] * scale + slope * static_cast<float>(rel) : kNegInf;
     m = std::max(m, x[j]);
   }
   return m;
