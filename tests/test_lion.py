@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -247,6 +248,53 @@ def test_stochastic_rounding_keeps_updates_below_one_ulp():
     # Reproducible: same seed, same bits; another seed, other bits.
     assert torch.equal(p_sr, _constant_descent(True, steps=steps, lr=lr))
     assert not torch.equal(p_sr, _constant_descent(True, steps=steps, lr=lr, seed=8))
+
+
+def _mix32(x):
+    x = x.astype(np.uint32)
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def _rng_bits(seed, step, tensor, stream, elem):
+    """Python twin of lion.h's lion_rng_key / lion_rng_bits (the documented RNG)."""
+    m = lambda v: int(_mix32(np.array([v & 0xFFFFFFFF], dtype=np.uint64))[0])  # noqa: E731
+    k = m(seed ^ 0x9E3779B9)
+    k = m(k ^ (seed >> 32))
+    k = m(k ^ step)
+    k = m(k ^ (step >> 32))
+    k = m(k ^ tensor)
+    k = m(k ^ ((stream * 0x85EBCA6B) & 0xFFFFFFFF))
+    k1 = m(k ^ 0)  # elem_hi = 0 for these sizes
+    k2 = m(k1 ^ 0x27D4EB2F)
+    pair = (elem >> 1).astype(np.uint32)
+    h = _mix32(_mix32(pair ^ np.uint32(k1)) ^ np.uint32(k2))
+    return np.where(elem & 1, h >> np.uint32(16), h & np.uint32(0xFFFF)).astype(np.uint32)
+
+
+def test_stochastic_rounding_bits_follow_the_documented_hash():
+    # 16413 elements: two chunks, the 16-wide and 8-wide vector loops and a scalar tail all used;
+    # the CUDA kernel uses the scalar formula, so this also pins CPU == CUDA for the RNG.
+    n, lr, seed = 16384 + 16 + 8 + 5, 3e-3, 0x1234_5678_9ABC
+    p = torch.nn.Parameter((torch.randn(n) * 0.3).to(torch.bfloat16))
+    q = torch.nn.Parameter(torch.randn(7).to(torch.bfloat16))  # rng index 1, before p's 2
+    r = torch.nn.Parameter(torch.randn(3).to(torch.bfloat16))
+    opt = mk.optim.Lion([r, q, p], lr=lr, seed=seed)
+    g = torch.randn(n).to(torch.bfloat16)
+    p.grad = g
+    p0 = p.detach().float()
+    opt.step()
+    # Step 1, m = 0, no decay: c = (1-b1)*g has g's sign; p_new = p - lr*sign(g) in float32.
+    p_new = p0 - torch.tensor(lr, dtype=torch.float32) * torch.sign(g.float())
+    bits = p_new.view(torch.int32).numpy().astype(np.uint32)
+    rnd = _rng_bits(seed, 1, 2, 0, np.arange(n, dtype=np.uint64))
+    want = ((bits.astype(np.uint64) + rnd) >> np.uint64(16)).astype(np.uint16)
+    got = p.detach().view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(got, want), f"{int((got != want).sum())} of {n} elements differ"
 
 
 def test_stochastic_rounding_of_bf16_state():

@@ -127,8 +127,15 @@ MPTK_HD LionRngKey lion_rng_key(uint64_t seed, uint64_t step, uint32_t tensor, u
   k = lion_mix32(k ^ elem_hi);
   return LionRngKey{k, lion_mix32(k ^ 0x27d4eb2fU)};
 }
-MPTK_HD uint32_t lion_rng_bits(LionRngKey key, uint32_t elem_lo) {
-  return lion_mix32(lion_mix32(elem_lo ^ key.k1) ^ key.k2);
+// One hash serves two neighbouring elements (half the integer work): element i takes the low 16
+// bits (even i) or the high 16 bits (odd i) of the hash of its pair index i >> 1.
+MPTK_HD uint32_t lion_rng_pair(LionRngKey key, uint32_t pair) {
+  return lion_mix32(lion_mix32(pair ^ key.k1) ^ key.k2);
+}
+// 16 random bits for element `elem` (the full index; its upper half is already in the key).
+MPTK_HD uint32_t lion_rng_bits(LionRngKey key, uint64_t elem) {
+  const uint32_t h = lion_rng_pair(key, static_cast<uint32_t>(elem >> 1));
+  return (elem & 1u) ? (h >> 16) : (h & 0xffffU);
 }
 
 MPTK_HD float lion_bits_to_float(uint32_t u) {

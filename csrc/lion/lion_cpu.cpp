@@ -53,25 +53,46 @@ inline __m256i mix8(__m256i x) {
   x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
   return x;
 }
-// lion_rng_bits for the 8 consecutive elements starting at elem_lo.
-inline __m256i rng8(LionRngKey key, uint32_t elem_lo) {
-  __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(elem_lo)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  __m256i x = mix8(_mm256_xor_si256(idx, _mm256_set1_epi32(static_cast<int>(key.k1))));
-  return mix8(_mm256_xor_si256(x, _mm256_set1_epi32(static_cast<int>(key.k2))));
+// lion_rng_bits for the 16 consecutive elements starting at the even index `elem`: 8 pair hashes
+// (one full-width vector of multiplies), widened to two 8-lane vectors of 16-bit values.
+inline void rng16(LionRngKey key, int64_t elem, __m256i out[2]) {
+  const __m256i pair = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint64_t>(elem) >> 1)),
+                                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i x = mix8(_mm256_xor_si256(pair, _mm256_set1_epi32(static_cast<int>(key.k1))));
+  x = mix8(_mm256_xor_si256(x, _mm256_set1_epi32(static_cast<int>(key.k2))));
+  out[0] = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(x));
+  out[1] = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(x, 1));
+}
+inline __m128i mix4(__m128i x) {
+  x = _mm_xor_si128(x, _mm_srli_epi32(x, 16));
+  x = _mm_mullo_epi32(x, _mm_set1_epi32(0x7feb352d));
+  x = _mm_xor_si128(x, _mm_srli_epi32(x, 15));
+  x = _mm_mullo_epi32(x, _mm_set1_epi32(static_cast<int>(0x846ca68bU)));
+  x = _mm_xor_si128(x, _mm_srli_epi32(x, 16));
+  return x;
+}
+// lion_rng_bits for the 8 consecutive elements starting at the even index `elem`: 4 pair hashes,
+// whose 16-bit halves widen in order (low half = even element) to 8 lanes.
+inline __m256i rng8(LionRngKey key, int64_t elem) {
+  const __m128i pair = _mm_add_epi32(_mm_set1_epi32(static_cast<int>(static_cast<uint64_t>(elem) >> 1)),
+                                     _mm_setr_epi32(0, 1, 2, 3));
+  __m128i x = mix4(_mm_xor_si128(pair, _mm_set1_epi32(static_cast<int>(key.k1))));
+  x = mix4(_mm_xor_si128(x, _mm_set1_epi32(static_cast<int>(key.k2))));
+  return _mm256_cvtepu16_epi32(x);
 }
 
-inline void store8v(float* p, __m256 v, bool, LionRngKey, uint32_t) { _mm256_storeu_ps(p, v); }
-// Bit-for-bit the vector form of lion_float_to_bf16_rne / lion_float_to_bf16_sr.
-inline void store8v(bf16_bits* p, __m256 v, bool sr, LionRngKey key, uint32_t elem_lo) {
+inline void store8v(float* p, __m256 v, const __m256i*) { _mm256_storeu_ps(p, v); }
+// Bit-for-bit the vector form of lion_float_to_bf16_rne / lion_float_to_bf16_sr (rnd: 16 random
+// bits per lane, or null for round to nearest even).
+inline void store8v(bf16_bits* p, __m256 v, const __m256i* rnd) {
   const __m256i u = _mm256_castps_si256(v);
   const __m256i exp_mask = _mm256_set1_epi32(0x7f800000);
   const __m256i nonfinite = _mm256_cmpeq_epi32(_mm256_and_si256(u, exp_mask), exp_mask);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   const __m256i rne = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
   __m256i r = rne;
-  if (sr) {
-    __m256i rnd = _mm256_and_si256(rng8(key, elem_lo), _mm256_set1_epi32(0xffff));
-    r = _mm256_blendv_epi8(_mm256_add_epi32(u, rnd), rne, nonfinite);
+  if (rnd != nullptr) {
+    r = _mm256_blendv_epi8(_mm256_add_epi32(u, *rnd), rne, nonfinite);
   }
   const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), is_nan);
@@ -104,24 +125,38 @@ void lion_chunk(const LionTensor& t, const LionHyper& h, int64_t begin, int64_t 
   const __m256 vb2 = _mm256_set1_ps(h.beta2), v1mb2 = _mm256_set1_ps(h.one_minus_beta2);
   const __m256 vneg_lr = _mm256_set1_ps(-h.lr), vneg_decay = _mm256_set1_ps(-h.decay);
   const __m256 vgmul = _mm256_set1_ps(gmul);
-  for (; i + 8 <= end; i += 8) {
-    const __m256 gv = _mm256_mul_ps(load8v(g + i), vgmul);
-    __m256 mv = load8v(m + i);
-    __m256 pv = load8v(p + i);
+  auto body8 = [&](int64_t j, const __m256i* rnd_p, const __m256i* rnd_m) {
+    const __m256 gv = _mm256_mul_ps(load8v(g + j), vgmul);
+    __m256 mv = load8v(m + j);
+    __m256 pv = load8v(p + j);
     const __m256 c = _mm256_fmadd_ps(vb1, mv, _mm256_mul_ps(v1mb1, gv));
     const __m256 s = sign8(c);
     pv = _mm256_add_ps(pv, _mm256_fmadd_ps(vneg_decay, pv, _mm256_mul_ps(vneg_lr, s)));
     mv = _mm256_fmadd_ps(vb2, mv, _mm256_mul_ps(v1mb2, gv));
-    store8v(p + i, pv, sr_p, key_p, static_cast<uint32_t>(i));
-    store8v(m + i, mv, sr_m, key_m, static_cast<uint32_t>(i));
+    store8v(p + j, pv, rnd_p);
+    store8v(m + j, mv, rnd_m);
+  };
+  // 16 elements per iteration so one 8-lane hash serves them (i stays even: chunks start at
+  // multiples of kLionChunk).
+  __m256i rp[2], rm[2];
+  for (; i + 16 <= end; i += 16) {
+    if (sr_p) rng16(key_p, i, rp);
+    if (sr_m) rng16(key_m, i, rm);
+    body8(i, sr_p ? &rp[0] : nullptr, sr_m ? &rm[0] : nullptr);
+    body8(i + 8, sr_p ? &rp[1] : nullptr, sr_m ? &rm[1] : nullptr);
+  }
+  if (i + 8 <= end) {
+    if (sr_p) rp[0] = rng8(key_p, i);
+    if (sr_m) rm[0] = rng8(key_m, i);
+    body8(i, sr_p ? &rp[0] : nullptr, sr_m ? &rm[0] : nullptr);
+    i += 8;
   }
 #endif
   for (; i < end; ++i) {
     float pv = load1(p + i), mv = load1(m + i);
     lion_update(pv, mv, load1(g + i) * gmul, h);
-    const uint32_t lo = static_cast<uint32_t>(i);
-    store1(p + i, pv, sr_p, sr_p ? lion_rng_bits(key_p, lo) : 0u);
-    store1(m + i, mv, sr_m, sr_m ? lion_rng_bits(key_m, lo) : 0u);
+    store1(p + i, pv, sr_p, sr_p ? lion_rng_bits(key_p, static_cast<uint64_t>(i)) : 0u);
+    store1(m + i, mv, sr_m, sr_m ? lion_rng_bits(key_m, static_cast<uint64_t>(i)) : 0u);
   }
 }
 

@@ -28,7 +28,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxHyper = 8;
-constexpr int kMaxTensors = 88;       // sizeof(LionLaunchArgs) <= 4096 (asserted below)
+constexpr int kMaxTensors = 93;       // sizeof(LionLaunchArgs) <= 4096 (asserted below)
 constexpr int kMaxNormTensors = 200;  // sizeof(SumSquaresLaunchArgs) <= 4096
 
 struct LionLaunchArgs {
@@ -72,9 +72,9 @@ __device__ __forceinline__ int find_tensor(const int32_t* chunk_start, int n_ten
 
 __device__ __forceinline__ float ld1(const float* p) { return *p; }
 __device__ __forceinline__ float ld1(const bf16_bits* p) { return lion_bf16_to_float(*p); }
-__device__ __forceinline__ void st1(float* p, float v, bool, LionRngKey, uint32_t) { *p = v; }
-__device__ __forceinline__ void st1(bf16_bits* p, float v, bool sr, LionRngKey key, uint32_t elem_lo) {
-  *p = sr ? lion_float_to_bf16_sr(v, lion_rng_bits(key, elem_lo)) : lion_float_to_bf16_rne(v);
+__device__ __forceinline__ void st1(float* p, float v, bool, LionRngKey, uint64_t) { *p = v; }
+__device__ __forceinline__ void st1(bf16_bits* p, float v, bool sr, LionRngKey key, uint64_t elem) {
+  *p = sr ? lion_float_to_bf16_sr(v, lion_rng_bits(key, elem)) : lion_float_to_bf16_rne(v);
 }
 
 // 8 consecutive elements: two 16-byte loads for float32, one for bfloat16.
@@ -93,18 +93,21 @@ __device__ __forceinline__ void ld8(const bf16_bits* p, float (&x)[8]) {
     x[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
   }
 }
-__device__ __forceinline__ void st8(float* p, const float (&x)[8], bool, LionRngKey, uint32_t) {
+__device__ __forceinline__ void st8(float* p, const float (&x)[8], bool, LionRngKey, uint64_t) {
   reinterpret_cast<float4*>(p)[0] = make_float4(x[0], x[1], x[2], x[3]);
   reinterpret_cast<float4*>(p)[1] = make_float4(x[4], x[5], x[6], x[7]);
 }
-__device__ __forceinline__ void st8(bf16_bits* p, const float (&x)[8], bool sr, LionRngKey key, uint32_t elem_lo) {
+// elem is even (8-element groups from a chunk start), so elements 2k, 2k+1 share pair hash k.
+__device__ __forceinline__ void st8(bf16_bits* p, const float (&x)[8], bool sr, LionRngKey key, uint64_t elem) {
   uint32_t w[4];
+  const uint32_t pair0 = static_cast<uint32_t>(elem >> 1);
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     uint32_t lo, hi;
     if (sr) {
-      lo = lion_float_to_bf16_sr(x[2 * k], lion_rng_bits(key, elem_lo + 2 * k));
-      hi = lion_float_to_bf16_sr(x[2 * k + 1], lion_rng_bits(key, elem_lo + 2 * k + 1));
+      const uint32_t h = lion_rng_pair(key, pair0 + k);
+      lo = lion_float_to_bf16_sr(x[2 * k], h & 0xffffu);
+      hi = lion_float_to_bf16_sr(x[2 * k + 1], h >> 16);
     } else {
       lo = lion_float_to_bf16_rne(x[2 * k]);
       hi = lion_float_to_bf16_rne(x[2 * k + 1]);
@@ -129,7 +132,7 @@ __global__ void __launch_bounds__(kThreads) lion_step_kernel(const __grid_consta
   const bool sr_p = sizeof(P) == 2 && h.stochastic_rounding;
   const bool sr_m = sizeof(M) == 2 && h.stochastic_rounding;
   const uint32_t elem_hi = static_cast<uint32_t>(static_cast<uint64_t>(begin) >> 32);
-  const uint32_t elem_lo0 = static_cast<uint32_t>(begin);
+  const uint64_t elem0 = static_cast<uint64_t>(begin);
   LionRngKey key_p{0u, 0u}, key_m{0u, 0u};
   if (sr_p) key_p = lion_rng_key(a.seed, a.step, a.rng_index[t], 0, elem_hi);
   if (sr_m) key_m = lion_rng_key(a.seed, a.step, a.rng_index[t], 1, elem_hi);
@@ -147,16 +150,16 @@ __global__ void __launch_bounds__(kThreads) lion_step_kernel(const __grid_consta
       ld8(p + i, pv);
 #pragma unroll
       for (int k = 0; k < 8; ++k) lion_update(pv[k], mv[k], gv[k] * gmul, h);
-      st8(p + i, pv, sr_p, key_p, elem_lo0 + i);
-      st8(m + i, mv, sr_m, key_m, elem_lo0 + i);
+      st8(p + i, pv, sr_p, key_p, elem0 + i);
+      st8(m + i, mv, sr_m, key_m, elem0 + i);
     }
     tail_start = n8 << 3;
   }
   for (int i = tail_start + threadIdx.x; i < n; i += kThreads) {
     float pv = ld1(p + i), mv = ld1(m + i);
     lion_update(pv, mv, ld1(g + i) * gmul, h);
-    st1(p + i, pv, sr_p, key_p, elem_lo0 + i);
-    st1(m + i, mv, sr_m, key_m, elem_lo0 + i);
+    st1(p + i, pv, sr_p, key_p, elem0 + i);
+    st1(m + i, mv, sr_m, key_m, elem0 + i);
   }
 }
 
