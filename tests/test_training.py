@@ -302,3 +302,31 @@ def test_rank_killed_under_torchrun_restarts_and_matches(tmp_path, corpus):
     a, b = losses(tmp_path / "runs/calm"), losses(tmp_path / "runs/hit")
     assert b[10] == pytest.approx(a[10], rel=1e-6, abs=1e-6)
     assert sorted(b) == list(range(1, 11))
+
+
+def test_activation_checkpointing_same_losses(tmp_path, corpus):
+    """Recomputing blocks in backward changes nothing numerically (fp32, same kernels)."""
+    from mpt_kernels.train import Trainer
+
+    quiet = {"checkpoint.save_every": 0, "checkpoint.save_hf": False, "eval.sample_tokens": 0, "eval.every": -1}
+    Trainer(_micro_cfg(tmp_path, corpus, run_name="plain", max_steps=4, **quiet)).fit()
+    Trainer(_micro_cfg(tmp_path, corpus, run_name="ckpt", max_steps=4,
+                       **{**quiet, "model.activation_checkpointing": True})).fit()
+    assert losses(tmp_path / "runs/ckpt") == losses(tmp_path / "runs/plain")
+
+
+@pytest.mark.xfail(raises=ValueError, reason="MPTBlock passes the fp32 residual stream and a bf16 branch output to "
+                   "mk.layer_norm(residual=...) under autocast, which rejects mixed dtypes (model bug, reported)")
+def test_bf16_autocast_trains(tmp_path, corpus):
+    """Forced bf16 autocast (emulated and slow on CPUs without native bf16, so only 3 steps)."""
+    from mpt_kernels.train import Trainer
+
+    quiet = {"checkpoint.save_every": 0, "checkpoint.save_hf": False, "eval.sample_tokens": 0, "eval.every": -1}
+    Trainer(_micro_cfg(tmp_path, corpus, run_name="fp32", max_steps=1, **quiet)).fit()
+    bf16 = Trainer(_micro_cfg(tmp_path, corpus, run_name="bf16", max_steps=3, precision="bf16", **quiet))
+    assert bf16.precision == "bf16"
+    s = bf16.fit()
+    got = losses(tmp_path / "runs/bf16")
+    assert len(got) == 3 and all(torch.isfinite(torch.tensor(v)) for v in got.values())
+    assert got[1] == pytest.approx(losses(tmp_path / "runs/fp32")[1], abs=0.05)  # bf16 rounding only
+    assert s["final_eval"]["loss"] < 10

@@ -2,7 +2,8 @@
 download.
 
 * ``code``: the standard library's own sources (``sysconfig.get_paths()["stdlib"]``, ``*.py``; the
-  test suites, site-packages and vendored third-party code left out), about 12 MB on CPython 3.11.
+  test suites, site-packages, vendored third-party code and codec tables left out), about 9 MB on
+  CPython 3.11.
 * ``text``: the language reference shipped for ``help()`` (``pydoc_data/topics.py``), one document
   per topic, about 0.5 MB of English prose with code examples.
 
@@ -24,8 +25,11 @@ from typing import Iterator
 from .convert import Document, convert_documents, is_validation
 from .tokenizer import Tokenizer, load_tokenizer, train_bpe_tokenizer
 
+# Left out: test suites, installed and vendored third-party code, codec tables (encodings/ is a third
+# of the library by size and is mostly "LATIN SMALL LETTER ..." maps) and pydoc_data (the "text"
+# stream; keeping it in "code" too would leak held-out text into training).
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "_vendor",
-              "ensurepip", "lib2to3", "turtledemo"}
+              "ensurepip", "lib2to3", "turtledemo", "encodings", "pydoc_data"}
 
 
 def stdlib_code_documents(max_bytes: int | None = None) -> Iterator[Document]:
@@ -92,7 +96,7 @@ def build_default_corpus(out_dir: str | os.PathLike, *, seq_len: int, tokenizer:
     settings = {"python": sys.version.split()[0], "seq_len": seq_len, "val_fraction": val_fraction,
                 "max_code_bytes": max_code_bytes, "vocab_size": None if tokenizer else vocab_size,
                 "tokenizer": _file_sha(tokenizer.path) if tokenizer is not None and tokenizer.path else None,
-                "layout": 1}
+                "layout": 2}
     manifest_path = out / "corpus.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())

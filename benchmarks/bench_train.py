@@ -1,0 +1,142 @@
+"""One training step (forward + backward + clipped optimizer step) of an MPT model: ours
+(MPTForCausalLM on mk.alibi_attention / mk.layer_norm, fused mk.optim.Lion with fused clipping)
+against the same model built from transformers' MptForCausalLM trained with torch.optim.AdamW
+(clip_grad_norm_ + step), same weights, dtype and batch, timed in the same run.
+
+    python -m benchmarks train --device cpu            # tiny, mpt-125m
+    python -m benchmarks train --device cuda           # + mpt-1b at seq 2048, a 7B-shaped layer at 65,536 tokens
+
+MFU (llm-foundry's formula, MPTForCausalLM.flops_per_token) is against the dense matmul rate of the
+training dtype measured in the same run (CPU: fp32, CUDA: bf16 with fp32 master weights).
+"""
+from __future__ import annotations
+
+import gc
+import math
+
+import torch
+
+from . import harness
+
+# (name, preset, overrides, batch, seq_len, devices, with_baseline)
+CASES = [
+    ("tiny", "tiny", {"vocab_size": 4096}, 8, 128, ("cpu", "cuda"), True),
+    ("mpt-125m", "mpt-125m", {}, 1, 512, ("cpu",), True),
+    ("mpt-125m", "mpt-125m", {}, 8, 2048, ("cuda",), True),
+    ("mpt-1b", "mpt-1b", {}, 8, 2048, ("cuda",), True),
+    # 7B-shaped layer (d_model 4096, 32 heads) at 65,536 tokens: only ours (the baseline materialises
+    # the (heads, 65536, 65536) ALiBi bias and score matrices: hundreds of GB).
+    ("mpt-7b layer @64k", "mpt-7b", {"n_layers": 1, "vocab_size": 512, "max_seq_len": 65536}, 1, 65536, ("cuda",), False),
+]
+QUICK = {"mpt-125m": (1, 256)}
+
+
+def add_arguments(p):
+    p.add_argument("--only", default=None, help="comma-separated case names to run")
+    p.add_argument("--no-baseline", action="store_true", help="skip the transformers + AdamW baseline")
+
+
+def _ours(cfg, device):
+    from mpt_kernels.model import MPTForCausalLM
+
+    torch.manual_seed(0)
+    return MPTForCausalLM(cfg).to(device)
+
+
+def _theirs(cfg, state_dict, device):
+    import transformers
+
+    d = cfg.to_dict()
+    d["attn_config"] = dict(d["attn_config"], attn_impl="torch")
+    hf_cfg = transformers.MptConfig(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
+    model = transformers.MptForCausalLM(hf_cfg).to(device)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    bad = [k for k in missing if not k.endswith("lm_head.weight")]
+    if bad or unexpected:
+        raise RuntimeError(f"weights do not map onto transformers' MPT: missing {bad[:4]}, unexpected {unexpected[:4]}")
+    return model
+
+
+def _step_fn(model, opt, ids, device, bf16, clip):
+    ctx = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if bf16 else None
+
+    def step():
+        if ctx is not None:
+            with ctx():
+                loss = model(ids, labels=ids).loss
+        else:
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        if clip is not None:
+            clip()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def run(ctx: harness.Context) -> harness.Report:
+    import mpt_kernels as mk
+    from mpt_kernels.model import MPTConfig
+
+    dev = ctx.device
+    bf16 = dev == "cuda"
+    dtype_name = "bf16 autocast, fp32 weights" if bf16 else "fp32"
+    peak = harness.matmul_flops(dev, torch.bfloat16 if bf16 else torch.float32) * 1e12
+    only = set(ctx.args.only.split(",")) if ctx.args is not None and ctx.args.only else None
+    report = harness.Report(
+        title=f"Training step, {dev} ({dtype_name}): ours (MPT kernels + fused Lion) vs transformers MptForCausalLM + AdamW",
+        columns=["model", "batch x seq", "params (M)", "ours tok/s", "baseline tok/s", "speedup", "ours MFU",
+                 "baseline MFU", "ours loss", "baseline loss"],
+        limits={"matmul TFLOP/s": peak / 1e12},
+        plot=harness.bar_plot("model", ["ours tok/s", "baseline tok/s"], "tokens/s"),
+    )
+    for name, preset, overrides, batch, seq, devices, with_baseline in CASES:
+        if dev not in devices or (only and name not in only):
+            continue
+        if ctx.quick and name in QUICK:
+            batch, seq = QUICK[name]
+        cfg = MPTConfig.from_preset(preset, **{**overrides, "max_seq_len": max(seq, overrides.get("max_seq_len", 0))})
+        torch.manual_seed(1)
+        ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=dev)
+        tokens = batch * seq
+        iters = 2 if (ctx.quick or seq * batch >= 2048 and dev == "cpu") else 5
+        warmup = 1 if dev == "cpu" else 3
+
+        ours = _ours(cfg, dev)
+        fpt = ours.flops_per_token(seq)
+        n_params = ours.num_parameters()
+        state = {k: v.detach().clone() for k, v in ours.state_dict().items()}
+        opt = mk.optim.Lion(ours.parameters(), lr=1e-4, betas=(0.9, 0.95), max_grad_norm=1.0)
+        step = _step_fn(ours, opt, ids, dev, bf16, None)
+        loss_ours = float(step().detach())  # same starting weights for both: compare the first loss
+        t_ours = harness.time_fn(step, dev, warmup=warmup - 1, iters=iters)
+        del ours, opt, step
+        gc.collect()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+
+        t_base, loss_base = math.nan, math.nan
+        if with_baseline and not (ctx.args is not None and ctx.args.no_baseline):
+            theirs = _theirs(cfg, state, dev)
+            opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95))
+            clip = lambda: torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)  # noqa: E731
+            step = _step_fn(theirs, opt, ids, dev, bf16, clip)
+            loss_base = float(step().detach())
+            t_base = harness.time_fn(step, dev, warmup=warmup - 1, iters=iters)
+            del theirs, opt, step
+            gc.collect()
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+        ours_tps, base_tps = tokens / t_ours, tokens / t_base
+        report.add(**{"model": name, "batch x seq": f"{batch} x {seq}", "params (M)": n_params / 1e6,
+                      "ours tok/s": ours_tps, "baseline tok/s": base_tps, "speedup": ours_tps / base_tps,
+                      "ours MFU": fpt * ours_tps / peak, "baseline MFU": fpt * base_tps / peak,
+                      "ours loss": loss_ours, "baseline loss": loss_base})
+    report.notes.append(
+        "One step = forward + backward + optimizer step (ours: mk.optim.Lion with fused clipping at 1.0; baseline: "
+        "clip_grad_norm_(1.0) + torch.optim.AdamW), median of several steps after a warm-up step. Both models start "
+        "from the same weights; the first-step losses are shown as a sanity check (they agree to float rounding). "
+        "MFU = flops_per_token(seq) x tokens/s / measured matmul rate.")
+    return report
