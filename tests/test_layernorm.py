@@ -84,10 +84,18 @@ def reference(x, w, b, r, eps, dy=None, dsum=None):
     return y64.detach(), h, grads
 
 
+# (bias, residual): every shape runs MPT's plain no-bias norm and the fused residual add with a
+# bias; the two mixed variants run on a few shapes (they share every code path with the others).
+VARIANTS = [(False, False), (True, True)]
+MIXED_VARIANT_SHAPES = [(5, 7), (37, 768), (2, 3, 1023)]
+CASES = [(s, b, r) for s in SHAPES for b, r in VARIANTS] + [
+    (s, b, r) for s in MIXED_VARIANT_SHAPES for b, r in [(True, False), (False, True)]]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
-@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("shape,with_bias,with_residual", CASES,
+                         ids=["x".join(map(str, s)) + ("-bias" if b else "") + ("-residual" if r else "")
+                              for s, b, r in CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_forward_backward(device, dtype, shape, with_bias, with_residual):
     if dtype not in DTYPES[device]:
