@@ -7,9 +7,9 @@ Rows: MPT-125M (hidden 768), MPT-7B (4096) and a wide case (16384), 16k rows eac
 Passes: forward, and forward+backward (gradients of x and weight). GB/s counts the bytes a fused
 kernel must move: forward reads x and writes y (2 tensors); forward+backward adds reading x and dy
 and writing dx (5 tensors in all). "frac copy" divides that by the copy bandwidth measured in the
-same run (harness.copy_bandwidth: read + write of a buffer far larger than the last-level cache).
-"kernel" columns time the same kernels through mpt_kernels._C into preallocated outputs, and "torch
-kernel" times torch's forward kernel the same way (aten::native_layer_norm.out): the op (like
+same run, right before each (hidden, dtype) case (harness.copy_bandwidth: read + write of a buffer
+far larger than the last-level cache).
+"kernel" columns time the same kernels through mpt_kernels._C into preallocated outputs: the op (like
 torch) allocates its outputs on every call, and on a host where each large allocation is a fresh
 mmap, first-touch page faults can cost more than the kernel itself (copy_bandwidth, too, writes
 into a preallocated buffer).
@@ -44,6 +44,17 @@ def _fwd_bwd(fn, x, w, dy):
     return run
 
 
+def _interleaved(fns, device, reps, no_grad):
+    """Best of two medians per function, timed in the order a, b, c, a, b, c: on a shared host the
+    allocator's and the scheduler's state drift, and whoever runs first after a big free pays."""
+    best = {k: float("inf") for k in fns}
+    with torch.set_grad_enabled(not no_grad):
+        for _ in range(2):
+            for k, fn in fns.items():
+                best[k] = min(best[k], harness.time_fn(fn, device, **reps))
+    return best
+
+
 def _preallocated_kernels(x, w, dy):
     """The forward and forward+backward kernels through _C with every output allocated once."""
     rows, hidden = x.shape
@@ -67,16 +78,6 @@ def _preallocated_kernels(x, w, dy):
     return fwd, fwd_bwd
 
 
-def _preallocated_torch_forward(x, w):
-    """torch's own LayerNorm kernel into preallocated outputs (aten::native_layer_norm.out)."""
-    outs = [torch.empty_like(t) for t in torch.ops.aten.native_layer_norm(x, [x.shape[-1]], w, None, 1e-5)]
-
-    def fwd():
-        torch.ops.aten.native_layer_norm.out(x, [x.shape[-1]], w, None, 1e-5, out0=outs[0], out1=outs[1], out2=outs[2])
-
-    return fwd
-
-
 def run(ctx: harness.Context) -> harness.Report:
     args = ctx.args
     device = ctx.device
@@ -85,12 +86,12 @@ def run(ctx: harness.Context) -> harness.Report:
     dtypes = [DTYPES[d] for d in (args.dtypes if args else "float32,bfloat16").split(",")]
     on_cuda = device == "cuda"
 
-    copy_gbs = harness.copy_bandwidth(device)
-    columns = ["hidden", "dtype", "pass", "rows", "mpt_kernels ms", "torch ms", "vs torch", "GB/s", "frac copy",
-               "kernel ms", "kernel frac copy", "torch kernel ms", "kernel vs torch kernel"]
+    copies = []
+    columns = ["hidden", "dtype", "pass", "rows", "mpt_kernels ms", "torch ms", "vs torch", "GB/s", "copy GB/s",
+               "frac copy", "kernel ms", "kernel frac copy"]
     if on_cuda:
         columns[7:7] = ["torch.compile ms", "vs compile"]
-    report = harness.Report(title=f"LayerNorm ({device})", columns=columns, limits={"copy GB/s": copy_gbs})
+    report = harness.Report(title=f"LayerNorm ({device})", columns=columns)
     report.notes.append(
         "vs torch / vs compile = baseline time / mpt_kernels time (higher is better). GB/s: bytes a fused kernel "
         "must move (forward: x, y; forward+backward: x, y, x, dy, dx) per second; frac copy: that over the copy "
@@ -107,6 +108,9 @@ def run(ctx: harness.Context) -> harness.Report:
             w = (torch.randn(hidden, device=device) * 0.1 + 1).to(dtype)
             dy = torch.randn(rows, hidden, device=device).to(dtype)
             elem = x.element_size()
+            # The limit is re-measured beside each case: on a shared host it drifts during the run.
+            copy_gbs = harness.copy_bandwidth(device)
+            copies.append(copy_gbs)
             big = x.numel() * elem > (256 << 20) and not on_cuda
             reps = dict(warmup=1, iters=3) if big or ctx.quick else dict(warmup=2, iters=10)
 
@@ -114,31 +118,27 @@ def run(ctx: harness.Context) -> harness.Report:
                 return F.layer_norm(x, (hidden,), w, eps=1e-5)
 
             kernel_fwd, kernel_fwd_bwd = _preallocated_kernels(x, w, dy)
-            torch_kernel_fwd = _preallocated_torch_forward(x, w)
 
             for pass_name in ("forward", "forward+backward"):
                 if pass_name == "forward":
-                    with torch.no_grad():
-                        t_ours = harness.time_fn(lambda: ours(x, w), device, **reps)
-                        t_torch = harness.time_fn(lambda: torch_ln(x, w), device, **reps)
-                        t_comp = harness.time_fn(lambda: compiled(x, w), device, **reps) if on_cuda else None
-                    t_kernel = harness.time_fn(kernel_fwd, device, **reps)
-                    t_torch_kernel = harness.time_fn(torch_kernel_fwd, device, **reps)
+                    fns = {"ours": lambda: ours(x, w), "torch": lambda: torch_ln(x, w), "kernel": kernel_fwd}
+                    if on_cuda:
+                        fns["compile"] = lambda: compiled(x, w)
                     nbytes = 2 * x.numel() * elem
                 else:
                     xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
-                    t_ours = harness.time_fn(_fwd_bwd(ours, xg, wg, dy), device, **reps)
-                    t_torch = harness.time_fn(_fwd_bwd(torch_ln, xg, wg, dy), device, **reps)
-                    t_comp = harness.time_fn(_fwd_bwd(compiled, xg, wg, dy), device, **reps) if on_cuda else None
-                    t_kernel = harness.time_fn(kernel_fwd_bwd, device, **reps)
-                    t_torch_kernel = float("nan")  # aten's backward .out variant is not callable standalone
+                    fns = {"ours": _fwd_bwd(ours, xg, wg, dy), "torch": _fwd_bwd(torch_ln, xg, wg, dy),
+                           "kernel": kernel_fwd_bwd}
+                    if on_cuda:
+                        fns["compile"] = _fwd_bwd(compiled, xg, wg, dy)
                     nbytes = 5 * x.numel() * elem
+                times = _interleaved(fns, device, reps, no_grad=pass_name == "forward")
+                t_ours, t_torch, t_kernel, t_comp = times["ours"], times["torch"], times["kernel"], times.get("compile")
                 gbs = nbytes / t_ours / 1e9
                 row = {"hidden": hidden, "dtype": str(dtype).replace("torch.", ""), "pass": pass_name, "rows": rows,
                        "mpt_kernels ms": t_ours * 1e3, "torch ms": t_torch * 1e3, "vs torch": t_torch / t_ours,
-                       "GB/s": gbs, "frac copy": gbs / copy_gbs, "kernel ms": t_kernel * 1e3,
-                       "kernel frac copy": nbytes / t_kernel / 1e9 / copy_gbs,
-                       "torch kernel ms": t_torch_kernel * 1e3, "kernel vs torch kernel": t_torch_kernel / t_kernel}
+                       "GB/s": gbs, "copy GB/s": copy_gbs, "frac copy": gbs / copy_gbs, "kernel ms": t_kernel * 1e3,
+                       "kernel frac copy": nbytes / t_kernel / 1e9 / copy_gbs}
                 if on_cuda:
                     row["torch.compile ms"] = t_comp * 1e3
                     row["vs compile"] = t_comp / t_ours
@@ -146,9 +146,10 @@ def run(ctx: harness.Context) -> harness.Report:
                 print(f"  {hidden:>6} {row['dtype']:>8} {pass_name:>16}: {t_ours * 1e3:8.2f} ms  "
                       f"x{row['vs torch']:.2f} vs torch  {gbs:6.1f} GB/s  ({row['frac copy']:.0%} of copy; "
                       f"kernel alone {row['kernel frac copy']:.0%})", flush=True)
-            del x, w, dy, kernel_fwd, kernel_fwd_bwd, torch_kernel_fwd
+            del x, w, dy, kernel_fwd, kernel_fwd_bwd
             gc.collect()
 
+    report.limits = {"copy GB/s min": min(copies, default=float("nan")), "copy GB/s max": max(copies, default=float("nan"))}
     report.plot = _plot
     return report
 
