@@ -169,7 +169,9 @@ class Lion(Optimizer):
         stochastic_rounding: round bfloat16 parameters and bfloat16 state stochastically (default
             True): updates below one bf16 ulp survive on average, so pure-bf16 training works
             without an fp32 master copy. No effect on float32 storage.
-        seed: seed of the stochastic-rounding hash (default: drawn from torch's generator).
+        seed: seed of the stochastic-rounding hash (default 0). The hash also takes the step and the
+            parameter's index, so one seed gives independent roundings across steps and tensors and
+            a run is reproducible bit for bit (CPU and CUDA alike) without touching torch's RNG.
     Per-group keys: lr, betas, weight_decay, decoupled_weight_decay, state_dtype,
     stochastic_rounding, initial_lr, step. ``step(grad_scale=, found_inf=)`` take the tensors torch's
     fused optimizers take, so ``torch.amp.GradScaler`` drives this optimizer without a host sync.
@@ -189,13 +191,13 @@ class Lion(Optimizer):
         skip_nonfinite: bool | None = None,
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = True,
-        seed: int | None = None,
+        seed: int = 0,
     ):
         _check_hyper(lr, betas, weight_decay, state_dtype, "")
         if max_grad_norm is not None and not (float(max_grad_norm) > 0.0 and float(max_grad_norm) < float("inf")):
             raise ValueError(f"max_grad_norm: must be a positive finite number or None, got {max_grad_norm}")
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
+        if not (0 <= int(seed) < 2**64):
+            raise ValueError(f"seed: must be an integer in [0, 2**64), got {seed}")
         defaults = dict(
             lr=lr,
             betas=tuple(betas),

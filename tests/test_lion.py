@@ -598,7 +598,8 @@ def test_bad_arguments_raise_value_error():
     p = torch.nn.Parameter(torch.randn(4))
     for kw, name in ((dict(lr=-1.0), "lr"), (dict(lr=float("nan")), "lr"), (dict(betas=(0.9, 1.5)), "betas"),
                      (dict(weight_decay=-0.1), "weight_decay"), (dict(state_dtype=torch.float16), "state_dtype"),
-                     (dict(max_grad_norm=0.0), "max_grad_norm"), (dict(max_grad_norm=float("inf")), "max_grad_norm")):
+                     (dict(max_grad_norm=0.0), "max_grad_norm"), (dict(max_grad_norm=float("inf")), "max_grad_norm"),
+                     (dict(seed=-1), "seed")):
         with pytest.raises(ValueError, match=name):
             mk.optim.Lion([p], **kw)
 
