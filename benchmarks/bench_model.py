@@ -1,0 +1,263 @@
+"""MPT model end to end: ours (mpt_kernels.model) against transformers' MptForCausalLM, same weights,
+same dtype (bf16), same run.
+
+    python -m benchmarks model --device cpu|cuda [--quick] [--hf-long] [--dtype bfloat16]
+
+Rows:
+- train/fwd: forward and forward+backward tokens/s and peak memory, mpt-125m at seqlen 2048 (batch 1) and
+  the tiny preset at seqlen 16384. Achieved TFLOP/s uses llm-foundry's MFU formula
+  (``flops_per_token``), as a fraction of the bf16 matmul throughput measured in this run.
+- prefill + decode: a 2k and a 16k prompt, then per-token decode latency against the KV cache; the
+  decode fraction is (weights + KV cache bytes read per token) / measured copy bandwidth.
+
+Peak memory: CUDA ``max_memory_allocated`` above the level before the call; CPU the process' peak RSS
+(VmHWM, reset through /proc/self/clear_refs) above the RSS before the call.
+transformers at 16k builds (heads, 16k, 16k) float32 score matrices (~4 GiB each for tiny): it runs
+only with --hf-long (default on CUDA, off on CPU where the shared 24 GiB box cannot hold it).
+"""
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+
+import torch
+
+from . import harness
+
+
+def add_arguments(p):
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--hf-long", action="store_true", default=None, help="also run transformers at 16k")
+    p.add_argument("--no-hf-long", dest="hf_long", action="store_false")
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--decode-tokens", type=int, default=None)
+
+
+# ---- memory ---------------------------------------------------------------------------------------
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakMemory:
+    """Extra peak memory of the block, in bytes (None where it cannot be measured)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.extra = None
+
+    def __enter__(self):
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # resets VmHWM to the current RSS
+                self.base = _rss_kib("VmRSS") * 1024
+            except OSError:
+                self.base = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.extra = torch.cuda.max_memory_allocated() - self.base
+        elif self.base is not None:
+            self.extra = _rss_kib("VmHWM") * 1024 - self.base
+        return False
+
+
+# ---- models ---------------------------------------------------------------------------------------
+def _build(preset, seqlen, device, dtype, **overrides):
+    from transformers import MptConfig as HFConfig
+    from transformers import MptForCausalLM as HFModel
+
+    from mpt_kernels.model import MPTConfig, MPTForCausalLM
+
+    # max_seq_len >= seqlen so transformers' bias table covers the run; ours has no such limit.
+    cfg = MPTConfig.from_preset(preset, max_seq_len=max(seqlen, 2048), **overrides)
+    ours = MPTForCausalLM(cfg).to(device=device, dtype=dtype)
+    hf_cfg = HFConfig(**{k: v for k, v in cfg.to_dict().items() if k in (
+        "d_model", "n_heads", "n_layers", "expansion_ratio", "max_seq_len", "vocab_size", "no_bias",
+        "layer_norm_epsilon")}, attn_config={"attn_impl": "torch"})
+    hf_cfg._attn_implementation = "eager"
+    hf = HFModel(hf_cfg)
+    hf.load_state_dict(ours.state_dict(), strict=False)  # same weights (lm_head is tied to wte)
+    hf = hf.to(device=device, dtype=dtype)
+    return ours, hf
+
+
+def _ours_loss(m, ids):
+    return m(ids, labels=ids).loss
+
+
+def _hf_loss(m, ids):
+    return m(input_ids=ids, labels=ids, use_cache=False).loss
+
+
+def _bench_train(ctx, report, preset, seqlen, ours, hf, run_hf, iters, warmup, peak_flops):
+    ids = torch.randint(0, ours.config.vocab_size, (1, seqlen), device=ctx.device)
+    results = {}
+    for name, model, loss_fn, enabled in (("ours", ours, _ours_loss, True), ("transformers", hf, _hf_loss, run_hf)):
+        if not enabled:
+            continue
+        model.train()
+
+        def fwd():
+            with torch.no_grad():
+                loss_fn(model, ids)
+
+        def fwd_bwd():
+            loss_fn(model, ids).backward()
+            for p in model.parameters():
+                p.grad = None
+
+        for mode, fn in (("forward", fwd), ("fwd+bwd", fwd_bwd)):
+            _progress(f"{preset} S={seqlen} {name} {mode}")
+            for _ in range(warmup):
+                fn()
+            with PeakMemory(ctx.device) as pm:
+                t0 = _now(ctx)
+                fn()
+                t = _now(ctx) - t0
+            if iters > 1:  # the memory-measured call counts as one sample
+                t = statistics.median([t] + [_timed(ctx, fn) for _ in range(iters - 1)])
+            results[(name, mode)] = (seqlen / t, pm.extra)
+    flops_fb = ours.flops_per_token(seqlen)
+    for mode in ("forward", "fwd+bwd"):
+        tps, mem = results[("ours", mode)]
+        base = results.get(("transformers", mode))
+        f = flops_fb / 3 if mode == "forward" else flops_fb
+        report.add(case=f"{preset} S={seqlen}", mode=mode, ours_tok_s=tps,
+                   hf_tok_s=base[0] if base else float("nan"),
+                   speedup=tps / base[0] if base else float("nan"),
+                   ours_peak_MiB=mem / 2**20 if mem is not None else float("nan"),
+                   hf_peak_MiB=base[1] / 2**20 if base and base[1] is not None else float("nan"),
+                   ours_TFLOPs=tps * f / 1e12, frac_of_matmul=tps * f / 1e12 / peak_flops)
+
+
+def _bench_decode(ctx, report, preset, prompt_len, ours, hf, run_hf, n_tokens, bandwidth):
+    from transformers import DynamicCache
+
+    V = ours.config.vocab_size
+    ids = torch.randint(0, V, (1, prompt_len), device=ctx.device)
+    ours.eval()
+    hf.eval()
+    out = {}
+    _progress(f"decode {preset} prompt={prompt_len}")
+    with torch.no_grad():
+        cache = ours.new_cache(1, capacity=prompt_len + n_tokens + 8)
+        with PeakMemory(ctx.device) as pm:
+            t0 = _now(ctx)
+            ours._forward(ids, None, None, None, cache, True, 1)
+            t_prefill = _now(ctx) - t0
+        nxt = torch.randint(0, V, (1, 1), device=ctx.device)
+        ours._forward(nxt, None, None, None, cache, True, 1)  # warm the decode path
+        t0 = _now(ctx)
+        for _ in range(n_tokens):
+            ours._forward(nxt, None, None, None, cache, True, 1)
+        out["ours"] = (t_prefill, (_now(ctx) - t0) / n_tokens, pm.extra)
+        del cache
+        if run_hf:
+            hcache = DynamicCache(config=hf.config)
+            with PeakMemory(ctx.device) as pm:
+                t0 = _now(ctx)
+                hf(input_ids=ids, cache=hcache, use_cache=True, logits_to_keep=1)
+                t_prefill = _now(ctx) - t0
+            hf(input_ids=nxt, cache=hcache, use_cache=True)
+            t0 = _now(ctx)
+            for _ in range(n_tokens):
+                hf(input_ids=nxt, cache=hcache, use_cache=True)
+            out["transformers"] = (t_prefill, (_now(ctx) - t0) / n_tokens, pm.extra)
+            del hcache
+    c = ours.config
+    kv_bytes = 2 * c.n_layers * prompt_len * c.kv_n_heads * c.head_dim * ours.dtype.itemsize
+    w_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    t_ours = out["ours"][1]
+    base = out.get("transformers")
+    report.add(case=f"{preset} prompt={prompt_len}", mode="prefill",
+               ours_tok_s=prompt_len / out["ours"][0], hf_tok_s=prompt_len / base[0] if base else float("nan"),
+               speedup=base[0] / out["ours"][0] if base else float("nan"),
+               ours_peak_MiB=out["ours"][2] / 2**20 if out["ours"][2] is not None else float("nan"),
+               hf_peak_MiB=base[2] / 2**20 if base and base[2] is not None else float("nan"),
+               ours_TFLOPs=prompt_len * ours.flops_per_token(prompt_len) / 3 / out["ours"][0] / 1e12)
+    report.add(case=f"{preset} prompt={prompt_len}", mode="decode", ours_tok_s=1 / t_ours,
+               hf_tok_s=1 / base[1] if base else float("nan"), speedup=base[1] / t_ours if base else float("nan"),
+               ours_ms_per_token=t_ours * 1e3, frac_of_bandwidth=(kv_bytes + w_bytes) / t_ours / 1e9 / bandwidth)
+    return t_ours
+
+
+def _progress(msg):
+    import sys
+    import time
+
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _timed(ctx, fn):
+    t0 = _now(ctx)
+    fn()
+    return _now(ctx) - t0
+
+
+def _now(ctx):
+    import time
+
+    harness.synchronize(ctx.device)
+    return time.perf_counter()
+
+
+def run(ctx: harness.Context) -> harness.Report:
+    a = ctx.args
+    dtype = getattr(torch, a.dtype if a is not None else "bfloat16")
+    hf_long = a.hf_long if a is not None and a.hf_long is not None else ctx.device == "cuda"
+    quick = ctx.quick
+    # CPU: one timed call per case (each is seconds to minutes on the 2-core box; the first-call overhead
+    # is negligible at that scale); CUDA: warm up, then the median of 10.
+    iters = (a.iters if a is not None and a.iters else None) or (1 if ctx.device == "cpu" else 10)
+    warmup = 0 if ctx.device == "cpu" else 2
+    n_decode = (a.decode_tokens if a is not None and a.decode_tokens else None) or (16 if quick else 32)
+    if ctx.device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+
+    peak = harness.matmul_flops(ctx.device, dtype)
+    bw = harness.copy_bandwidth(ctx.device)
+    report = harness.Report(
+        title=f"MPT model, ours vs transformers' MptForCausalLM ({ctx.device}, {a.dtype if a else 'bfloat16'}, batch 1)",
+        columns=["case", "mode", "ours_tok_s", "hf_tok_s", "speedup", "ours_peak_MiB", "hf_peak_MiB", "ours_TFLOPs",
+                 "frac_of_matmul", "ours_ms_per_token", "frac_of_bandwidth"],
+        limits={f"matmul_TFLOPs_{a.dtype if a else 'bf16'}": peak, "copy_GBps": bw},
+    )
+    long_len = 4096 if quick else 16384
+    # --quick: mpt-125m's width and heads with 2 layers and seqlen 512 (a smoke run, labelled as such)
+    train_cases = [("mpt-125m", 512, dict(n_layers=2)) if quick else ("mpt-125m", 2048, {}), ("tiny", long_len, {})]
+    for preset, seqlen, over in train_cases:
+        ours, hf = _build(preset, seqlen, ctx.device, dtype, **over)
+        label = preset + "".join(f" {k}={v}" for k, v in over.items())
+        _bench_train(ctx, report, label, seqlen, ours, hf, hf_long or seqlen <= 4096, iters, warmup, peak)
+        del ours, hf
+        gc.collect()
+
+    ms = {}
+    for prompt_len in (2048, long_len):
+        ours, hf = _build("tiny", prompt_len, ctx.device, dtype)
+        ms[prompt_len] = _bench_decode(ctx, report, "tiny", prompt_len, ours, hf, hf_long or prompt_len <= 4096,
+                                       n_decode, bw)
+        del ours, hf
+        gc.collect()
+    growth = ms[long_len] / ms[2048]
+    report.notes.append(
+        f"Decode latency grows {growth:.2f}x from a 2048- to a {long_len}-token context "
+        f"({long_len / 2048:.0f}x the context): target at most linear.")
+    report.notes.append("speedup = transformers' time / ours. Peak memory: extra bytes over the level before "
+                        "the call (CPU: peak RSS, includes the allocator's slack). HF columns are n/a where "
+                        "transformers was not run (16k on CPU: its dense score matrices do not fit).")
+    report.plot = harness.bar_plot("case", ["ours_tok_s", "hf_tok_s"], "tokens / s", group_key="mode")
+    return report
