@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 import torch
@@ -33,6 +34,61 @@ from torch import nn
 import mpt_kernels as mk
 
 from .config import MPTConfig
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear layers: bf16/fp16 GEMMs run in float32 on CPUs without bf16 dot-product instructions
+# ------------------------------------------------------------------------------------------------
+def _cpu_lacks_bf16_dot() -> bool:
+    """AVX2-only CPUs: torch's bf16 GEMM there runs at ~1/5 of the float32 rate, and the NN layout of
+    Linear's input gradient hits a further ~15x slower path (measured in benchmarks/NOTES.md). Override
+    with MPT_KERNELS_CPU_FP32_GEMM=0/1."""
+    env = os.environ.get("MPT_KERNELS_CPU_FP32_GEMM", "auto")
+    if env in ("0", "1"):
+        return env == "1"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return not any(x in flags for x in ("avx512_bf16", "amx_bf16"))
+
+
+_FP32_GEMM_ON_CPU = _cpu_lacks_bf16_dot()
+
+
+class _Float32GemmLinear(torch.autograd.Function):
+    """y = x @ w.T + b with low-precision inputs/outputs and float32 GEMMs (saves x and w as they are)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        g2 = g.float().reshape(-1, g.shape[-1])  # (N, out)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = (g2 @ w.float()).to(x.dtype).view(x.shape)  # (N, in)
+        if ctx.needs_input_grad[1]:
+            gw = (g2.t() @ x.float().reshape(-1, x.shape[-1])).to(w.dtype)  # (out, in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0).to(w.dtype)
+        return gx, gw, gb
+
+
+def linear(x, weight, bias=None):
+    if _FP32_GEMM_ON_CPU and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        return _Float32GemmLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,13 +213,13 @@ class MPTAttention(nn.Module):
         self.attn_pdrop = float(cfg.attn_config["attn_pdrop"])
         self.use_kernel = cfg.uses_kernel_attention
         bias = not cfg.no_bias
-        self.Wqkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.kv_heads) * self.head_dim, bias=bias)
+        self.Wqkv = Linear(cfg.d_model, (self.n_heads + 2 * self.kv_heads) * self.head_dim, bias=bias)
         # (fan-in init per q/k/v slice, see init_weights)
         self.Wqkv._fused = (cfg.d_model, cfg.d_model + self.kv_heads * self.head_dim)
         if cfg.attn_config["qk_ln"]:
             self.q_ln = LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, bias)
             self.k_ln = LayerNorm(self.kv_heads * self.head_dim, cfg.layer_norm_epsilon, bias)
-        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=bias)
+        self.out_proj = Linear(cfg.d_model, cfg.d_model, bias=bias)
         self.out_proj._is_residual = True
         self._slopes: dict[torch.device, torch.Tensor] = {}  # float32 always, so not a (castable) buffer
 
@@ -229,8 +285,8 @@ class MPTAttention(nn.Module):
 class MPTMLP(nn.Module):
     def __init__(self, cfg: MPTConfig):
         super().__init__()
-        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden_size, bias=not cfg.no_bias)
-        self.down_proj = nn.Linear(cfg.ffn_hidden_size, cfg.d_model, bias=not cfg.no_bias)
+        self.up_proj = Linear(cfg.d_model, cfg.ffn_hidden_size, bias=not cfg.no_bias)
+        self.down_proj = Linear(cfg.ffn_hidden_size, cfg.d_model, bias=not cfg.no_bias)
         self.down_proj._is_residual = True
 
     def forward(self, x):
@@ -287,7 +343,7 @@ class MPTForCausalLM(nn.Module):
         self.config = config
         self.transformer = MPTModel(config)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         ls = config.logit_scale
         self.logit_scale = 1.0 / math.sqrt(config.d_model) if ls == "inv_sqrt_d_model" else ls
         init_weights(self)
@@ -365,7 +421,7 @@ class MPTForCausalLM(nn.Module):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         w = self.transformer.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        logits = F.linear(h, w)  # (B, S, vocab)
+        logits = linear(h, w)  # (B, S, vocab)
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
 
