@@ -414,7 +414,7 @@ def test_long_context_forward_memory_is_linear():
     code = textwrap.dedent(
         """
         import torch, mpt_kernels as mk
-        S, H, D = 16384, 1, 64
+        S, H, D = 16384, 1, 32
         q = torch.randn(1, S, H, D, dtype=torch.bfloat16)
         k, v = torch.randn_like(q), torch.randn_like(q)
         mk.alibi_attention(q[:, :64], k[:, :64], v[:, :64])  # warm up the op machinery

@@ -31,7 +31,7 @@ namespace {
 
 using attn_cpu::kNegInf;
 
-constexpr int kBlockQ = 96;
+constexpr int kBlockQ = 192;
 constexpr int kBlockK = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -188,7 +188,8 @@ struct FwdScratch {
   float* o;   // kBlockQ x Dp
   float* m;   // kBlockQ
   float* l;   // kBlockQ
-  float* bmax;  // kBlockQ: this key block's row maxima
+  float* bmax;   // kBlockQ: this key block's row maxima, then the new running maxima
+  float* alpha;  // kBlockQ: rescale factors of the accumulator rows
   FwdScratch(float* base, int Dp) {
     q = base;
     o = q + kBlockQ * Dp;
@@ -198,11 +199,12 @@ struct FwdScratch {
     m = s + kBlockQ * kBlockK;
     l = m + kBlockQ;
     bmax = l + kBlockQ;
+    alpha = bmax + kBlockQ;
   }
 };
 
 inline size_t fwd_scratch_floats(int Dp) {
-  return 2ull * kBlockQ * Dp + 2ull * kBlockK * Dp + 1ull * kBlockQ * kBlockK + 3 * kBlockQ;
+  return 2ull * kBlockQ * Dp + 2ull * kBlockK * Dp + 1ull * kBlockQ * kBlockK + 4 * kBlockQ;
 }
 
 // Processes query rows [q0, q0+nq) of head h in sequence b against key blocks [kb_begin, kb_end);
@@ -228,12 +230,16 @@ void fwd_tile(const AttentionFwdParams& p, const SeqInfo& si, int b, int h, int 
     load_kv_tile(w.v, false, vbase + k0 * p.v_row_stride, p.v_row_stride, nk, D, Dp);
     attn_cpu::gemm(nq, kBlockK, Dp, w.q, Dp, w.kt, kBlockK, w.s, kBlockK, false);
     finish_scores(p, w.s, nq, q0, k0, si.sq, si.sk, slope, w.bmax);
+    // New running max per row, then every row's rescale factor 2^(m_old - m_new) in one vector pass
+    // (0 on a row's first visible block).
+    for (int r = 0; r < nq; ++r) w.bmax[r] = std::max(w.m[r], w.bmax[r]);
+    attn_cpu::exp2_diff(w.alpha, w.m, w.bmax, nq);
     for (int r = 0; r < nq; ++r) {
       float* s = w.s + r * kBlockK;
-      const float m_new = std::max(w.m[r], w.bmax[r]);
+      const float m_new = w.bmax[r];
       const float rowsum = attn_cpu::exp2_sub_sum(s, kBlockK, m_new);
       if (m_new == kNegInf) continue;  // nothing visible yet in this row: O, l stay 0
-      const float alpha = std::exp2(w.m[r] - m_new);  // 0 on the first visible block
+      const float alpha = w.alpha[r];
       if (alpha != 1.f) attn_cpu::scale_row(w.o + r * Dp, Dp, alpha);
       w.l[r] = w.l[r] * alpha + rowsum;
       w.m[r] = m_new;

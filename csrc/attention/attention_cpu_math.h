@@ -124,7 +124,21 @@ inline __m256 exp2_ps(__m256 x) {
 }
 #endif
 
-inline float exp2_scalar(float x) { return std::exp2(x); }
+// out[j] = 2^(a[j] - b[j]); 0 where the difference is NaN (both -inf: a row with nothing visible yet).
+inline void exp2_diff(float* out, const float* a, const float* b, int n) {
+  int j = 0;
+#ifdef MPTK_AVX2
+  for (; j + 8 <= n; j += 8) {
+    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j));
+    const __m256 e = exp2_ps(d);
+    _mm256_storeu_ps(out + j, _mm256_blendv_ps(e, _mm256_setzero_ps(), _mm256_cmp_ps(d, d, _CMP_UNORD_Q)));
+  }
+#endif
+  for (; j < n; ++j) {
+    const float d = a[j] - b[j];
+    out[j] = d != d ? 0.f : std::exp2(d);
+  }
+}
 
 // One pass over a row of raw scores Q K^T: x[j] = x[j] * scale + slope * (j + offset) where
 // j + offset <= 0 (offset = first key of the tile - the row's last visible key), -inf elsewhere;
