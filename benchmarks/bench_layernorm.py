@@ -158,14 +158,19 @@ def _plot(report: harness.Report, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    labels = [f"{r['hidden']}\n{r['dtype'][:4]}\n{'fwd' if r['pass'] == 'forward' else 'fwd+bwd'}" for r in report.rows]
+    short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+    labels = [f"{r['hidden']}\n{short.get(r['dtype'], r['dtype'])}\n{'fwd' if r['pass'] == 'forward' else 'fwd+bwd'}"
+              for r in report.rows]
     xs = range(len(labels))
     axes[0].bar(xs, [r["vs torch"] for r in report.rows], color="tab:blue")
     axes[0].axhline(1.0, color="k", lw=0.8)
     axes[0].set_ylabel("speed-up vs torch.nn.functional.layer_norm")
-    axes[1].bar(xs, [r["frac copy"] for r in report.rows], color="tab:green")
+    axes[1].bar([i - 0.2 for i in xs], [r["frac copy"] for r in report.rows], 0.4, color="tab:green", label="op")
+    axes[1].bar([i + 0.2 for i in xs], [r["kernel frac copy"] for r in report.rows], 0.4, color="tab:olive",
+                label="kernel, preallocated outputs")
     axes[1].axhline(1.0, color="k", lw=0.8)
     axes[1].set_ylabel("fraction of measured copy bandwidth")
+    axes[1].legend(fontsize=8)
     for ax in axes:
         ax.set_xticks(list(xs))
         ax.set_xticklabels(labels, fontsize=7)
