@@ -71,7 +71,15 @@ class Trainer:
         else:
             self.device = torch.device("cpu")
         if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo")
+            from torch.distributed import PrefixStore
+            from torch.distributed.rendezvous import rendezvous
+
+            # torchrun keeps its key-value store across restarts: without a per-attempt prefix the
+            # restarted ranks can read the dead attempt's addresses and fail to connect (seen with gloo).
+            store, rank, world_size = next(rendezvous("env://"))
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group("nccl" if use_cuda else "gloo", store=PrefixStore(f"mptk/attempt{attempt}", store),
+                                    rank=rank, world_size=world_size)
         self.distributed = dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
