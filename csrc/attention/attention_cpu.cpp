@@ -207,34 +207,47 @@ inline size_t fwd_scratch_floats(int Dp) {
   return 2ull * kBlockQ * Dp + 2ull * kBlockK * Dp + 1ull * kBlockQ * kBlockK + 4 * kBlockQ;
 }
 
-// Processes query rows [q0, q0+nq) of head h in sequence b against key blocks [kb_begin, kb_end);
-// leaves the unnormalised accumulator in w.o and the base-2 running max / sum in w.m, w.l.
+// Query heads per work item: a decode step or a short chunk (seqlen_q x group <= kBlockQ) stacks all
+// query heads of a KV group into one tile, so each K/V tile is converted once for the whole group
+// (GQA/MQA decode would otherwise convert and read it once per query head).
+inline int fwd_heads_per_item(const AttentionFwdParams& p) {
+  const int group = p.n_heads / p.n_kv_heads;
+  return (group > 1 && static_cast<long>(p.seqlen_q) * group <= kBlockQ) ? group : 1;
+}
+
+// Processes query rows [q0, q0+nq) of heads h .. h+heads-1 (one KV group) in sequence b against key
+// blocks [kb_begin, kb_end); tile row g*nq + r is head h+g, row q0+r. Leaves the unnormalised
+// accumulator in w.o and the base-2 running max / sum in w.m, w.l.
 template <typename T>
-void fwd_tile(const AttentionFwdParams& p, const SeqInfo& si, int b, int h, int q0, int nq, int kb_begin,
-              int kb_end, FwdScratch& w) {
+void fwd_tile(const AttentionFwdParams& p, const SeqInfo& si, int b, int h, int heads, int q0, int nq,
+              int kb_begin, int kb_end, FwdScratch& w) {
   const int D = p.head_dim, Dp = pad8(D);
   const int hk = h / (p.n_heads / p.n_kv_heads);
-  const T* q = static_cast<const T*>(p.q) + si.q_off + h * p.q_head_stride + q0 * p.q_row_stride;
+  const int rows = heads * nq;
   const T* kbase = static_cast<const T*>(p.k) + si.k_off + hk * p.k_head_stride;
   const T* vbase = static_cast<const T*>(p.v) + si.v_off + hk * p.v_head_stride;
-  const float slope = slope_of(p, b, h);
 
-  load_q_tile(w.q, q, p.q_row_stride, nq, D, Dp);
-  std::fill(w.o, w.o + static_cast<size_t>(nq) * Dp, 0.f);
-  std::fill(w.m, w.m + nq, kNegInf);
-  std::fill(w.l, w.l + nq, 0.f);
+  for (int g = 0; g < heads; ++g) {
+    const T* q = static_cast<const T*>(p.q) + si.q_off + (h + g) * p.q_head_stride + q0 * p.q_row_stride;
+    load_q_tile(w.q + static_cast<size_t>(g) * nq * Dp, q, p.q_row_stride, nq, D, Dp);
+  }
+  std::fill(w.o, w.o + static_cast<size_t>(rows) * Dp, 0.f);
+  std::fill(w.m, w.m + rows, kNegInf);
+  std::fill(w.l, w.l + rows, 0.f);
 
   for (int kb = kb_begin; kb < kb_end; ++kb) {
     const int k0 = kb * kBlockK, nk = std::min(kBlockK, si.sk - k0);
     load_kv_tile(w.kt, true, kbase + k0 * p.k_row_stride, p.k_row_stride, nk, D, Dp);
     load_kv_tile(w.v, false, vbase + k0 * p.v_row_stride, p.v_row_stride, nk, D, Dp);
-    attn_cpu::gemm(nq, kBlockK, Dp, w.q, Dp, w.kt, kBlockK, w.s, kBlockK, false);
-    finish_scores(p, w.s, nq, q0, k0, si.sq, si.sk, slope, w.bmax);
+    attn_cpu::gemm(rows, kBlockK, Dp, w.q, Dp, w.kt, kBlockK, w.s, kBlockK, false);
+    for (int g = 0; g < heads; ++g)
+      finish_scores(p, w.s + static_cast<size_t>(g) * nq * kBlockK, nq, q0, k0, si.sq, si.sk, slope_of(p, b, h + g),
+                    w.bmax + g * nq);
     // New running max per row, then every row's rescale factor 2^(m_old - m_new) in one vector pass
     // (0 on a row's first visible block).
-    for (int r = 0; r < nq; ++r) w.bmax[r] = std::max(w.m[r], w.bmax[r]);
-    attn_cpu::exp2_diff(w.alpha, w.m, w.bmax, nq);
-    for (int r = 0; r < nq; ++r) {
+    for (int r = 0; r < rows; ++r) w.bmax[r] = std::max(w.m[r], w.bmax[r]);
+    attn_cpu::exp2_diff(w.alpha, w.m, w.bmax, rows);
+    for (int r = 0; r < rows; ++r) {
       float* s = w.s + r * kBlockK;
       const float m_new = w.bmax[r];
       const float rowsum = attn_cpu::exp2_sub_sum(s, kBlockK, m_new);
@@ -244,23 +257,25 @@ void fwd_tile(const AttentionFwdParams& p, const SeqInfo& si, int b, int h, int 
       w.l[r] = w.l[r] * alpha + rowsum;
       w.m[r] = m_new;
     }
-    attn_cpu::gemm(nq, Dp, kBlockK, w.s, kBlockK, w.v, Dp, w.o, Dp, true);
+    attn_cpu::gemm(rows, Dp, kBlockK, w.s, kBlockK, w.v, Dp, w.o, Dp, true);
   }
 }
 
 // Normalises w.o and writes out rows and lse. Rows that saw no key (only possible with an empty key
 // sequence) get zeros and lse = -inf, like a softmax over nothing whose terms are all dropped.
+// Tile rows row0 .. row0+nq-1 hold head h, rows q0 .. q0+nq-1.
 template <typename T>
-void fwd_store(const AttentionFwdParams& p, const SeqInfo& si, int h, int q0, int nq, float slope,
+void fwd_store(const AttentionFwdParams& p, const SeqInfo& si, int h, int q0, int nq, int row0, float slope,
                const FwdScratch& w) {
   const int D = p.head_dim, Dp = pad8(D);
   T* out = static_cast<T*>(p.out) + si.o_off + h * p.out_head_stride + q0 * p.out_row_stride;
   for (int r = 0; r < nq; ++r) {
-    const float l = w.l[r];
-    attn_cpu::store_row(out + r * p.out_row_stride, w.o + r * Dp, D, l > 0.f ? 1.f / l : 0.f);
+    const float l = w.l[row0 + r];
+    attn_cpu::store_row(out + r * p.out_row_stride, w.o + static_cast<size_t>(row0 + r) * Dp, D,
+                        l > 0.f ? 1.f / l : 0.f);
     if (p.lse)
       p.lse[si.lse_off + h * p.lse_head_stride + q0 + r] =
-          l > 0.f ? (w.m[r] + std::log2(l)) * kLn2 - lse_row_shift(p, q0 + r, si.sq, si.sk, slope) : kNegInf;
+          l > 0.f ? (w.m[row0 + r] + std::log2(l)) * kLn2 - lse_row_shift(p, q0 + r, si.sq, si.sk, slope) : kNegInf;
   }
 }
 
@@ -269,7 +284,7 @@ void fwd_store(const AttentionFwdParams& p, const SeqInfo& si, int h, int q0, in
 int fwd_num_splits(const AttentionFwdParams& p) {
   if (p.seqlen_q > kBlockQ || p.batch <= 0 || p.n_heads <= 0) return 1;
   const int threads = omp_get_max_threads();
-  const long items = static_cast<long>(p.batch) * p.n_heads;  // one query block per (b, h)
+  const long items = static_cast<long>(p.batch) * (p.n_heads / fwd_heads_per_item(p));  // one query block each
   const int nkb = ceil_div(std::max(p.seqlen_k, 0), kBlockK);
   if (threads < 2 || items >= threads || nkb < 4) return 1;
   // Enough splits to give every thread about two pieces, each of at least two key blocks.
@@ -293,7 +308,9 @@ void fwd_run(const AttentionFwdParams& p) {
   const int nthreads = omp_get_max_threads();
   std::vector<float> scratch(fwd_scratch_floats(Dp) * nthreads);
   const int nqb = ceil_div(std::max(p.seqlen_q, 0), kBlockQ);
-  const long items = static_cast<long>(p.batch) * p.n_heads * nqb * splits;
+  const int hpi = fwd_heads_per_item(p);  // query heads per item (1, or a whole KV group)
+  const int head_items = p.n_heads / hpi;
+  const long items = static_cast<long>(p.batch) * head_items * nqb * splits;
 
   // Item order: query block descending (causal blocks near the bottom cost the most) so dynamic
   // scheduling hands out the long items first.
@@ -305,8 +322,8 @@ void fwd_run(const AttentionFwdParams& p) {
       long rest = it;
       const int split = static_cast<int>(rest % splits);
       rest /= splits;
-      const int h = static_cast<int>(rest % p.n_heads);
-      rest /= p.n_heads;
+      const int h = static_cast<int>(rest % head_items) * hpi;
+      rest /= head_items;
       const int b = static_cast<int>(rest % p.batch);
       const int qb = nqb - 1 - static_cast<int>(rest / p.batch);
       const SeqInfo si = seq_info(p, b);
@@ -315,19 +332,22 @@ void fwd_run(const AttentionFwdParams& p) {
       const int nq = std::min(kBlockQ, si.sq - q0);
       const int nkb = key_blocks_for(p, q0, q0 + nq, si.sq, si.sk);
       if (splits == 1) {
-        fwd_tile<T>(p, si, b, h, q0, nq, 0, nkb, w);
-        fwd_store<T>(p, si, h, q0, nq, slope_of(p, b, h), w);
+        fwd_tile<T>(p, si, b, h, hpi, q0, nq, 0, nkb, w);
+        for (int g = 0; g < hpi; ++g) fwd_store<T>(p, si, h + g, q0, nq, g * nq, slope_of(p, b, h + g), w);
       } else {
         const int per = ceil_div(nkb, splits);
         const int kb0 = std::min(nkb, split * per), kb1 = std::min(nkb, kb0 + per);
-        fwd_tile<T>(p, si, b, h, q0, nq, kb0, kb1, w);
-        float* part = static_cast<float*>(p.workspace) +
-                      ((static_cast<size_t>(split) * p.batch + b) * p.n_heads + h) * p.seqlen_q * split_row_floats(p);
-        for (int r = 0; r < nq; ++r) {
-          float* dst = part + (q0 + r) * split_row_floats(p);
-          std::copy(w.o + r * Dp, w.o + r * Dp + p.head_dim, dst);
-          dst[p.head_dim] = w.m[r];
-          dst[p.head_dim + 1] = w.l[r];
+        fwd_tile<T>(p, si, b, h, hpi, q0, nq, kb0, kb1, w);
+        for (int g = 0; g < hpi; ++g) {
+          float* part = static_cast<float*>(p.workspace) + ((static_cast<size_t>(split) * p.batch + b) * p.n_heads + h + g) *
+                                                               p.seqlen_q * split_row_floats(p);
+          for (int r = 0; r < nq; ++r) {
+            const int row = g * nq + r;
+            float* dst = part + (q0 + r) * split_row_floats(p);
+            std::copy(w.o + static_cast<size_t>(row) * Dp, w.o + static_cast<size_t>(row) * Dp + p.head_dim, dst);
+            dst[p.head_dim] = w.m[row];
+            dst[p.head_dim + 1] = w.l[row];
+          }
         }
       }
     }
