@@ -23,6 +23,8 @@ import statistics
 
 import torch
 
+from mpt_kernels.model import modeling
+
 from . import harness
 
 
@@ -82,7 +84,7 @@ def _build(preset, seqlen, device, dtype, **overrides):
     from mpt_kernels.model import MPTConfig, MPTForCausalLM
 
     # max_seq_len >= seqlen so transformers' bias table covers the run; ours has no such limit.
-    cfg = MPTConfig.from_preset(preset, max_seq_len=max(seqlen, 2048), **overrides)
+    cfg = MPTConfig.from_preset(preset, max_seq_len=max(seqlen + 128, 2048), **overrides)  # + decode steps
     ours = MPTForCausalLM(cfg).to(device=device, dtype=dtype)
     hf_cfg = HFConfig(**{k: v for k, v in cfg.to_dict().items() if k in (
         "d_model", "n_heads", "n_layers", "expansion_ratio", "max_seq_len", "vocab_size", "no_bias",
@@ -92,6 +94,18 @@ def _build(preset, seqlen, device, dtype, **overrides):
     hf.load_state_dict(ours.state_dict(), strict=False)  # same weights (lm_head is tied to wte)
     hf = hf.to(device=device, dtype=dtype)
     return ours, hf
+
+
+def _patch_linears(model, on: bool):
+    """Give (or take back from) a transformers model's nn.Linear layers our CPU float32-GEMM linear."""
+    import types
+
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            if on:
+                mod.forward = types.MethodType(lambda self, x: modeling.linear(x, self.weight, self.bias), mod)
+            elif "forward" in mod.__dict__:
+                del mod.forward
 
 
 def _ours_loss(m, ids):
@@ -105,10 +119,15 @@ def _hf_loss(m, ids):
 def _bench_train(ctx, report, preset, seqlen, ours, hf, run_hf, iters, warmup, peak_flops):
     ids = torch.randint(0, ours.config.vocab_size, (1, seqlen), device=ctx.device)
     results = {}
-    for name, model, loss_fn, enabled in (("ours", ours, _ours_loss, True), ("transformers", hf, _hf_loss, run_hf)):
+    variants = [("ours", ours, _ours_loss, True), ("transformers", hf, _hf_loss, run_hf)]
+    if ctx.device == "cpu" and modeling._FP32_GEMM_ON_CPU and ours.dtype != torch.float32:
+        # transformers with our float32-GEMM Linear: isolates what the attention/LayerNorm kernels give
+        variants.append(("transformers+f32gemm", hf, _hf_loss, run_hf))
+    for name, model, loss_fn, enabled in variants:
         if not enabled:
             continue
         model.train()
+        _patch_linears(model, name == "transformers+f32gemm")
 
         def fwd():
             with torch.no_grad():
@@ -130,16 +149,21 @@ def _bench_train(ctx, report, preset, seqlen, ours, hf, run_hf, iters, warmup, p
             if iters > 1:  # the memory-measured call counts as one sample
                 t = statistics.median([t] + [_timed(ctx, fn) for _ in range(iters - 1)])
             results[(name, mode)] = (seqlen / t, pm.extra)
+            _progress(f"  -> {seqlen / t:.1f} tok/s, peak +{(pm.extra or 0) / 2**20:.0f} MiB")
+    _patch_linears(hf, False)
     flops_fb = ours.flops_per_token(seqlen)
     for mode in ("forward", "fwd+bwd"):
         tps, mem = results[("ours", mode)]
         base = results.get(("transformers", mode))
+        same = results.get(("transformers+f32gemm", mode))
         f = flops_fb / 3 if mode == "forward" else flops_fb
         report.add(case=f"{preset} S={seqlen}", mode=mode, ours_tok_s=tps,
                    hf_tok_s=base[0] if base else float("nan"),
                    speedup=tps / base[0] if base else float("nan"),
                    ours_peak_MiB=mem / 2**20 if mem is not None else float("nan"),
                    hf_peak_MiB=base[1] / 2**20 if base and base[1] is not None else float("nan"),
+                   hf_f32gemm_tok_s=same[0] if same else float("nan"),
+                   speedup_same_gemm=tps / same[0] if same else float("nan"),
                    ours_TFLOPs=tps * f / 1e12, frac_of_matmul=tps * f / 1e12 / peak_flops)
 
 
@@ -164,6 +188,7 @@ def _bench_decode(ctx, report, preset, prompt_len, ours, hf, run_hf, n_tokens, b
         for _ in range(n_tokens):
             ours._forward(nxt, None, None, None, cache, True, 1)
         out["ours"] = (t_prefill, (_now(ctx) - t0) / n_tokens, pm.extra)
+        _progress(f"  -> prefill {t_prefill:.2f} s, decode {out['ours'][1] * 1e3:.1f} ms/token")
         del cache
         if run_hf:
             hcache = DynamicCache(config=hf.config)
@@ -231,11 +256,12 @@ def run(ctx: harness.Context) -> harness.Report:
     bw = harness.copy_bandwidth(ctx.device)
     report = harness.Report(
         title=f"MPT model, ours vs transformers' MptForCausalLM ({ctx.device}, {a.dtype if a else 'bfloat16'}, batch 1)",
-        columns=["case", "mode", "ours_tok_s", "hf_tok_s", "speedup", "ours_peak_MiB", "hf_peak_MiB", "ours_TFLOPs",
+        columns=["case", "mode", "ours_tok_s", "hf_tok_s", "speedup", "hf_f32gemm_tok_s", "speedup_same_gemm",
+                 "ours_peak_MiB", "hf_peak_MiB", "ours_TFLOPs",
                  "frac_of_matmul", "ours_ms_per_token", "frac_of_bandwidth"],
         limits={f"matmul_TFLOPs_{a.dtype if a else 'bf16'}": peak, "copy_GBps": bw},
     )
-    long_len = 4096 if quick else 16384
+    long_len = 2048 if quick else 16384
     # --quick: mpt-125m's width and heads with 2 layers and seqlen 512 (a smoke run, labelled as such)
     train_cases = [("mpt-125m", 512, dict(n_layers=2)) if quick else ("mpt-125m", 2048, {}), ("tiny", long_len, {})]
     for preset, seqlen, over in train_cases:
@@ -246,16 +272,22 @@ def run(ctx: harness.Context) -> harness.Report:
         gc.collect()
 
     ms = {}
-    for prompt_len in (2048, long_len):
+    short_len = 512 if quick else 2048
+    for prompt_len in (short_len, long_len * 2 if quick else long_len):
         ours, hf = _build("tiny", prompt_len, ctx.device, dtype)
         ms[prompt_len] = _bench_decode(ctx, report, "tiny", prompt_len, ours, hf, hf_long or prompt_len <= 4096,
                                        n_decode, bw)
         del ours, hf
         gc.collect()
-    growth = ms[long_len] / ms[2048]
+    (s0, t0_), (s1, t1_) = sorted(ms.items())
     report.notes.append(
-        f"Decode latency grows {growth:.2f}x from a 2048- to a {long_len}-token context "
-        f"({long_len / 2048:.0f}x the context): target at most linear.")
+        f"Decode latency grows {t1_ / t0_:.2f}x from a {s0}- to a {s1}-token context "
+        f"({s1 / s0:.0f}x the context): target at most linear.")
+    if ctx.device == "cpu" and modeling._FP32_GEMM_ON_CPU:
+        report.notes.append("This CPU has no bf16 dot-product instructions: our Linear layers run float32 GEMMs "
+                            "on bf16 tensors (torch's bf16 GEMM is several times slower here). hf_f32gemm = "
+                            "transformers with the same Linear, so speedup_same_gemm is what the attention and "
+                            "LayerNorm kernels give on their own.")
     report.notes.append("speedup = transformers' time / ours. Peak memory: extra bytes over the level before "
                         "the call (CPU: peak RSS, includes the allocator's slack). HF columns are n/a where "
                         "transformers was not run (16k on CPU: its dense score matrices do not fit).")
