@@ -14,7 +14,6 @@ import textwrap
 
 import numpy as np
 
-PKG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mpt_kernels")
 
 
 def to_bf16_bits(a):
@@ -104,7 +103,12 @@ def test_numpy_layernorm_in_process():
     run_numpy_layernorm_checks(_C, _ext)
 
 
-def test_numpy_layernorm_without_torch():
+def test_numpy_layernorm_without_torch(tmp_path):
+    # The package directory this test run imports (the checkout for an in-place build, site-packages
+    # for an installed one), never the unbuilt source tree; the child runs from a neutral cwd.
+    import mpt_kernels
+
+    PKG_DIR = os.path.dirname(os.path.abspath(mpt_kernels.__file__))
     script = textwrap.dedent(f"""
         import importlib, sys, types
         sys.modules["torch"] = None  # any `import torch` now raises ImportError
@@ -119,6 +123,7 @@ def test_numpy_layernorm_without_torch():
         print("numpy-only LayerNorm OK")
     """)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "numpy-only LayerNorm OK" in out.stdout
