@@ -502,3 +502,15 @@ def test_float32_gemm_linear_for_low_precision_on_cpu(monkeypatch):
     m16.load_state_dict(m.state_dict())
     m16 = m16.to(torch.bfloat16)
     torch.testing.assert_close(m16(ids, labels=ids).loss.float(), ref, atol=0.05, rtol=0)
+
+
+def test_bf16_autocast_forward_backward():
+    """Under CPU bf16 autocast the branch outputs are bf16 while the residual stream stays float32."""
+    m = perturb_norms(MPTForCausalLM(small()))
+    ids = torch.randint(0, 101, (2, 16))
+    ref = m(ids, labels=ids).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m(ids, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    torch.testing.assert_close(loss.float(), ref, atol=0.05, rtol=0)  # bf16 rounding of the branch outputs

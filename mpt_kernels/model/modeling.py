@@ -199,6 +199,10 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x, residual=None):
+        if residual is not None and x.dtype != residual.dtype:
+            # autocast: the branch output is low precision, the residual stream float32; keep the stream
+            # in float32 as torch's promotion of ``residual + x`` would.
+            x = x.to(residual.dtype)
         return mk.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
 
 
