@@ -12,6 +12,18 @@ from . import nn, optim
 
 __version__ = build_info()["version"]
 
+# Heavier subpackages load on first use (mk.model.apply_to_hf, mk.export.export_onnx, ...), so a
+# plain `import mpt_kernels` stays light.
+_LAZY_SUBPACKAGES = ("model", "export", "data", "train")
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'mpt_kernels' has no attribute {name!r}")
+
 __all__ = [
     "alibi_attention",
     "alibi_slopes",
@@ -20,4 +32,5 @@ __all__ = [
     "optim",
     "build_info",
     "cuda_available",
+    *_LAZY_SUBPACKAGES,
 ]

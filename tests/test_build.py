@@ -14,3 +14,12 @@ def test_build_info_fields():
 
 def test_cuda_available_is_bool():
     assert isinstance(mk.cuda_available(), bool)
+
+
+def test_subpackages_load_lazily():
+    assert callable(mk.model.apply_to_hf)
+    assert callable(mk.export.export_fastertransformer)
+    import pytest
+
+    with pytest.raises(AttributeError):
+        mk.no_such_thing
