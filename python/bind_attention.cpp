@@ -287,31 +287,29 @@ void attention_bwd(const TensorView& dout, const TensorView& q, const TensorView
   alibi_attention_bwd_cpu(p);
 }
 
+// The forward and backward workspace queries take the same inputs and differ only in the params
+// type and the size function.
+template <typename Params, size_t (*SizeFn)(const Params&, bool)>
+void def_workspace_size(py::module_& m, const char* name, const char* doc) {
+  m.def(
+      name,
+      [](const TensorView& q, const TensorView& k, const TensorView& v, const OptView& slopes, const OptView& cu_q,
+         const OptView& cu_k, int64_t max_sq, int64_t max_sk, double softmax_scale, bool causal) {
+        Params p;
+        fill_inputs(p, q, k, v, slopes, cu_q, cu_k, max_sq, max_sk, softmax_scale, causal);
+        return SizeFn(p, q.is_cuda());
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("alibi_slopes"), py::arg("cu_seqlens_q"),
+      py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("softmax_scale"),
+      py::arg("causal"), doc);
+}
+
 void register_attention(py::module_& m) {
-  m.def(
-      "attention_fwd_workspace_size",
-      [](const TensorView& q, const TensorView& k, const TensorView& v, const OptView& slopes, const OptView& cu_q,
-         const OptView& cu_k, int64_t max_sq, int64_t max_sk, double softmax_scale, bool causal) {
-        AttentionFwdParams p;
-        fill_inputs(p, q, k, v, slopes, cu_q, cu_k, max_sq, max_sk, softmax_scale, causal);
-        return fwd_workspace_size(p, q.is_cuda());
-      },
-      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("alibi_slopes"), py::arg("cu_seqlens_q"),
-      py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("softmax_scale"),
-      py::arg("causal"),
+  def_workspace_size<AttentionFwdParams, fwd_workspace_size>(
+      m, "attention_fwd_workspace_size",
       "Bytes of zero-filled workspace alibi_attention_fwd needs for these arguments (0: none).");
-  m.def(
-      "attention_bwd_workspace_size",
-      [](const TensorView& q, const TensorView& k, const TensorView& v, const OptView& slopes, const OptView& cu_q,
-         const OptView& cu_k, int64_t max_sq, int64_t max_sk, double softmax_scale, bool causal) {
-        AttentionBwdParams p;
-        fill_inputs(p, q, k, v, slopes, cu_q, cu_k, max_sq, max_sk, softmax_scale, causal);
-        return bwd_workspace_size(p, q.is_cuda());
-      },
-      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("alibi_slopes"), py::arg("cu_seqlens_q"),
-      py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("softmax_scale"),
-      py::arg("causal"),
-      "Bytes of zero-filled workspace alibi_attention_bwd needs for these arguments.");
+  def_workspace_size<AttentionBwdParams, bwd_workspace_size>(
+      m, "attention_bwd_workspace_size", "Bytes of zero-filled workspace alibi_attention_bwd needs for these arguments.");
   m.def("attention_fwd", &attention_fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
         py::arg("alibi_slopes"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),
         py::arg("max_seqlen_k"), py::arg("softmax_scale"), py::arg("causal"), py::arg("workspace"),
