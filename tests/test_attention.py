@@ -393,6 +393,82 @@ def test_torch_compile_fullgraph_traces_forward_and_backward():
         assert torch.equal(a, b)
 
 
+def _varlen_caller(q, k, v, cu_q, cu_k, max_q, max_k):
+    return mk.alibi_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
+
+
+# Three packed batches with different token counts and different max_seqlen_q / max_seqlen_k.
+VARLEN_SHAPE_CHANGES = [([3, 5], [4, 9]), ([4, 7, 2], [6, 7, 2]), ([2, 11, 3, 1], [2, 12, 5, 1])]
+
+
+def test_torch_compile_dynamic_varlen_does_not_recompile_for_new_max_seqlen():
+    """fullgraph=True, dynamic=True: max_seqlen_q/k stay SymInts through the wrapper, the custom op,
+    its fake kernel and the saved backward context, so a second and third max_seqlen reuse the
+    first graph (error_on_recompile turns any guard on their values into a failure)."""
+    torch._dynamo.reset()
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # reset() keeps the counters
+    compiled = torch.compile(_varlen_caller, fullgraph=True, dynamic=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for lens_q, lens_k in VARLEN_SHAPE_CHANGES:
+            q, k, v, cu_q, cu_k = _varlen_batch(lens_q, lens_k, 4, 2, 40, torch.float32)
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+            out = compiled(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k))
+            gc = torch.autograd.grad(out.square().sum(), (q, k, v))
+            ref = _varlen_caller(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k))
+            ge = torch.autograd.grad(ref.square().sum(), (q, k, v))
+            assert torch.equal(out, ref)
+            for a, b in zip(gc, ge):
+                assert torch.equal(a, b)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 1
+    torch._dynamo.reset()
+
+
+def test_torch_export_non_strict_keeps_lengths_symbolic():
+    """torch.export(strict=False) runs the wrapper with real SymInts, where int(max_seqlen) would pin
+    the value (a constraint violation for a Dim.DYNAMIC input). The exported program must then run a
+    batch with other lengths and match eager; likewise a dynamic seqlen in the batched layout."""
+    from torch.export import Dim
+
+    class Varlen(torch.nn.Module):
+        def forward(self, q, k, v, cu_q, cu_k, max_q, max_k):
+            return _varlen_caller(q, k, v, cu_q, cu_k, max_q, max_k)
+
+    (lq0, lk0), (lq1, lk1) = VARLEN_SHAPE_CHANGES[0], VARLEN_SHAPE_CHANGES[2]
+    q, k, v, cu_q, cu_k = _varlen_batch(lq0, lk0, 4, 2, 40, torch.float32)
+    tq, tk = Dim("total_q"), Dim("total_k")
+    ep = torch.export.export(Varlen(), (q, k, v, cu_q, cu_k, max(lq0), max(lk0)), strict=False,
+                             dynamic_shapes=({0: tq}, {0: tk}, {0: tk}, {0: Dim("cu_q")}, {0: Dim("cu_k")},
+                                             Dim.DYNAMIC, Dim.DYNAMIC))
+    q, k, v, cu_q, cu_k = _varlen_batch(lq1, lk1, 4, 2, 40, torch.float32)
+    got = ep.module()(q, k, v, cu_q, cu_k, max(lq1), max(lk1))
+    assert torch.equal(got, _varlen_caller(q, k, v, cu_q, cu_k, max(lq1), max(lk1)))
+
+    class Batched(torch.nn.Module):
+        def forward(self, q, k, v):
+            return mk.alibi_attention(q, k, v)
+
+    s = Dim("seqlen")
+    ep = torch.export.export(Batched(), make_qkv(2, 7, 7, 4, 2, 40, torch.float32), strict=False,
+                             dynamic_shapes=({1: s}, {1: s}, {1: s}))
+    q, k, v = make_qkv(2, 19, 19, 4, 2, 40, torch.float32)
+    assert torch.equal(ep.module()(q, k, v), mk.alibi_attention(q, k, v))
+
+
+def test_max_seqlen_argument_types():
+    lens = [3, 6]
+    q, k, v, cu_q, cu_k = _varlen_batch(lens, lens, 2, 2, 40, torch.float32)
+    ref = _varlen_caller(q, k, v, cu_q, cu_k, 6, 6)
+    import numpy as np
+    for m in (torch.tensor(6), torch.tensor([6], dtype=torch.int32), np.int64(6)):
+        assert torch.equal(_varlen_caller(q, k, v, cu_q, cu_k, m, m), ref)
+    # int(6.9) would have truncated silently; a non-integer length is an error naming the argument.
+    for bad in (6.0, torch.tensor(6.0), torch.tensor([6, 6]), True):
+        with pytest.raises(ValueError, match=r"^max_seqlen_q\b"):
+            _varlen_caller(q, k, v, cu_q, cu_k, bad, 6)
+    with pytest.raises(ValueError, match=r"^max_seqlen_k\b"):
+        _varlen_caller(q, k, v, cu_q, cu_k, 6, "6")
+
+
 def test_opcheck_custom_ops():
     q, k, v = make_qkv(1, 9, 12, 4, 2, 64, torch.float32)
     slopes = mk.alibi_slopes(4)

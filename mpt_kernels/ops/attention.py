@@ -14,10 +14,26 @@ with the head dims the CUDA build supports (``_C.attention_cuda_supports_head_di
 Layers: ``mpt_kernels::alibi_attention_fwd`` / ``_bwd`` are torch.library custom ops with fake
 (meta) implementations and autograd, so ``torch.compile(fullgraph=True)`` traces them; the forward
 saves only out and the float32 logsumexp for the backward.
+
+Symbolic shapes. ``max_seqlen_q`` / ``max_seqlen_k`` (varlen) and ``seqlen_q`` / ``seqlen_k`` (batched)
+reach the custom op as they come, never through ``int()``: under tracing that runs this Python with
+symbolic ints (``torch.export(strict=False)``, ``make_fx(tracing_mode="symbolic")``), ``int(s)`` of a
+SymInt installs a guard that pins it to the traced value. (Dynamo itself treats ``int()`` of a SymInt
+as a no-op, so ``torch.compile(dynamic=True)`` never recompiled for a new max_seqlen; the export path
+did specialise.) A max_seqlen given as a one-element tensor is read with ``.item()``: a host sync in
+eager mode on CUDA, an unbacked SymInt under tracing. When max_seqlen_* are not given they are read
+from cu_seqlens the same way. That read cannot be avoided on the host: the launch grid and the
+workspace size depend on the value, and the only sync-free bound (the total token count) would
+size both by batch x total instead of batch x max. Pass them when the caller knows them.
+
+Device cu_seqlens are still validated against max_seqlen_* with one small copy to the host per call
+(skipped while a CUDA graph is captured); without it, offsets beyond max_seqlen would be clamped by
+the kernel into a silently wrong answer.
 """
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -56,6 +72,31 @@ def _check_device_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         raise ValueError(f"max_seqlen_k: is {max_seqlen_k} but a sequence has {int(lk.max())} keys")
     if causal and lq.numel() == lk.numel() and (lq > lk).any():
         raise ValueError("cu_seqlens_q: a sequence has seqlen_q > seqlen_k, not allowed with causal=True")
+
+
+def _length_arg(x, name):
+    """An int-like max_seqlen for the custom op, passed through unchanged when symbolic (see the module
+    docstring) and rejected with a ValueError when it is not an integer (int(7.9) would truncate)."""
+    # Plain and symbolic ints go through untouched (Dynamo presents a SymInt as an int here, and
+    # operator.index() on it would install the guard this function exists to avoid).
+    if isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool):
+        return x
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1 or x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise ValueError(f"{name}: expected an int or a one-element integer tensor, got a {x.dtype} tensor "
+                             f"of shape {tuple(x.shape)}")
+        return x.item()
+    if isinstance(x, bool):
+        raise ValueError(f"{name}: expected an int, got bool")
+    try:  # numpy integers and other __index__ types
+        return operator.index(x)
+    except TypeError:
+        raise ValueError(f"{name}: expected an int, got {type(x).__name__}") from None
+
+
+def _max_length(cu_seqlens: torch.Tensor):
+    # .item(), not int(): under tracing it becomes an unbacked SymInt instead of a guard on the value.
+    return torch.diff(cu_seqlens).max().item() if cu_seqlens.numel() > 1 else 0
 
 
 def _lse_shape(q: torch.Tensor, varlen: bool):
@@ -172,6 +213,7 @@ def alibi_attention(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=No
         Zeros give plain (unbiased) attention.
     cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) offsets for packed sequences; max_seqlen_q/k are
         then read from them when not given (a host sync on CUDA; pass them under torch.compile).
+    max_seqlen_q, max_seqlen_k: int, SymInt or one-element integer tensor; kept symbolic when traced.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -204,12 +246,13 @@ def alibi_attention(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=No
                 raise ValueError(f"{name}: expected a 1-D int32 tensor")
             if c.dtype != torch.int32:
                 raise ValueError(f"{name}: must have dtype int32, got {c.dtype}")
-        if max_seqlen_q is None:
-            max_seqlen_q = int(torch.diff(cu_seqlens_q).max()) if cu_seqlens_q.numel() > 1 else 0
-        if max_seqlen_k is None:
-            max_seqlen_k = int(torch.diff(cu_seqlens_k).max()) if cu_seqlens_k.numel() > 1 else 0
+        max_seqlen_q = _max_length(cu_seqlens_q) if max_seqlen_q is None else _length_arg(max_seqlen_q, "max_seqlen_q")
+        max_seqlen_k = _max_length(cu_seqlens_k) if max_seqlen_k is None else _length_arg(max_seqlen_k, "max_seqlen_k")
     else:  # max_seqlen_* only mean something for varlen; the batched shapes decide here
         max_seqlen_q, max_seqlen_k = q.shape[1], (k.shape[1] if k.dim() == 4 else 0)
-    out, _ = alibi_attention_fwd(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                                 int(max_seqlen_k), float(softmax_scale), bool(causal))
+    # A SymFloat scale (from a symbolic head_dim) stays symbolic for the same reason as the lengths.
+    if not isinstance(softmax_scale, torch.SymFloat):
+        softmax_scale = float(softmax_scale)
+    out, _ = alibi_attention_fwd(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                 softmax_scale, bool(causal))
     return out
