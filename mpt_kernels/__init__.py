@@ -5,7 +5,7 @@
     y = mk.layer_norm(x, weight)                      # low-precision LayerNorm, float32 statistics
     opt = mk.optim.Lion(model.parameters(), lr=1e-4)  # fused multi-tensor Lion
 """
-from ._ext import build_info, cuda_available
+from ._ext import build_info, cuda_available, empty_host_cache, host_cache_info, set_host_cache_limit
 from .ops.attention import alibi_attention, alibi_slopes
 from .ops.layernorm import layer_norm
 from . import nn, optim
@@ -32,5 +32,8 @@ __all__ = [
     "optim",
     "build_info",
     "cuda_available",
+    "host_cache_info",
+    "empty_host_cache",
+    "set_host_cache_limit",
     *_LAZY_SUBPACKAGES,
 ]

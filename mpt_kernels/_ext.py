@@ -93,3 +93,72 @@ def cuda_available() -> bool:
 def build_info() -> dict:
     """Version, compiler and flags, CPU features used, CUDA architectures compiled in, ops."""
     return dict(_C.build_info())
+
+
+# ---- host caching pool ------------------------------------------------------------------------------
+# Large CPU outputs of our ops come from a pool of 2 MiB-aligned, huge-page-advised blocks that are
+# reused across calls (csrc/common/host_pool.h says why: a fresh 128 MiB glibc allocation is a fresh
+# mmap whose page faults cost more than the kernel). Small ones stay with torch's allocator, which
+# serves them from malloc's heap without faults.
+_POOL_MIN_BYTES = 1 << 20
+_pool_enabled = None
+
+
+def _configure_pool() -> bool:
+    import os
+
+    global _pool_enabled
+    mb = os.environ.get("MPT_KERNELS_HOST_CACHE_MB")
+    if mb is None:
+        try:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            ram = 16 << 30
+        limit = min(2 << 30, ram // 8)
+    else:
+        try:
+            limit = int(float(mb) * (1 << 20))
+        except ValueError:
+            raise ValueError(f"MPT_KERNELS_HOST_CACHE_MB: expected a number of MiB, got {mb!r}") from None
+    _C.host_pool_set_limit(max(limit, 0))
+    _pool_enabled = limit > 0
+    return _pool_enabled
+
+
+def empty(shape, dtype, device):
+    """An uninitialised tensor like ``torch.empty``; on the CPU, large ones come from the host pool.
+    ``MPT_KERNELS_HOST_CACHE_MB=0`` turns the pool off (every tensor from torch.empty)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cpu" and (_pool_enabled if _pool_enabled is not None else _configure_pool()):
+        shape = tuple(int(s) for s in shape)
+        numel = 1
+        for s in shape:
+            numel *= s
+        code = _torch_codes().get(dtype)
+        if code is not None and numel * dtype.itemsize >= _POOL_MIN_BYTES:
+            return torch.from_dlpack(_C.host_empty(shape, code))
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def host_cache_info() -> dict:
+    """The host pool's counters: bytes in use and cached, the cache limit, hits and misses, and how
+    many mappings got the huge-page advice."""
+    if _pool_enabled is None:
+        _configure_pool()
+    return dict(_C.host_pool_stats())
+
+
+def empty_host_cache() -> None:
+    """Unmap every cached host block (blocks held by live tensors are kept)."""
+    _C.host_pool_empty()
+
+
+def set_host_cache_limit(nbytes: int) -> None:
+    """Keep at most ``nbytes`` of freed host blocks for reuse (0 disables the pool for new tensors)."""
+    global _pool_enabled
+    if nbytes < 0:
+        raise ValueError(f"nbytes: must be >= 0, got {nbytes}")
+    _C.host_pool_set_limit(int(nbytes))
+    _pool_enabled = nbytes > 0

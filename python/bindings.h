@@ -56,6 +56,9 @@ struct BindingRegistrar {
 };
 #define MPTK_REGISTER_BINDINGS(name, fn) static ::mptk::BindingRegistrar mptk_registrar_##name(#name, fn)
 
+// The host caching pool's bindings (bind_memory.cpp); called by module.cpp, not an op.
+void bind_memory(pybind11::module_& m);
+
 // ---- argument checks shared by all ops (each names the argument) ----
 inline void check_dtype(const TensorView& t, const char* name, std::initializer_list<DType> allowed) {
   for (DType d : allowed)

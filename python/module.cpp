@@ -85,5 +85,6 @@ PYBIND11_MODULE(_C, m) {
 #endif
   });
   py::register_exception<mptk::ValueError>(m, "KernelValueError", PyExc_ValueError);
+  mptk::bind_memory(m);  // not an op: the host caching pool (bind_memory.cpp)
   for (auto& kv : mptk::binding_registry()) kv.second(m);
 }

@@ -13,6 +13,8 @@ Tolerances (|actual - expected| <= rtol * |expected| + atol_frac * max|expected|
                (cancellation on small elements), dweight/dbias sum up to 64 rows in float32.
 A wrong index, a missed row or column, or a wrong formula errs by O(1) and fails all of these.
 """
+import os
+
 import pytest
 import torch
 
@@ -352,3 +354,22 @@ def test_cuda_matches_cpu_and_uses_current_stream():
 
 def test_module_ops_registered():
     assert "layernorm" in mk.build_info()["ops"]
+
+
+def test_streaming_store_path_cpu():
+    """Large outputs go out with streaming stores (layernorm_cpu.cpp), which no small test reaches at
+    the default threshold (half the last-level cache). The CPU correctness tests are run again in a
+    child process with the threshold at 0 bytes, so every aligned output takes that path (and the
+    misaligned-row test exercises the fallback)."""
+    import subprocess
+    import sys
+
+    from _subproc import NEUTRAL_CWD, subprocess_env
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.join(here, "test_layernorm.py"),
+           "-k", "cpu and (forward_backward or float32_weight or strided or saved_statistics)"]
+    env = subprocess_env(MPT_KERNELS_STREAM_MIN_BYTES="0")
+    r = subprocess.run(cmd, cwd=NEUTRAL_CWD, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout

@@ -5,8 +5,12 @@
 // rows reduced in a fixed order (see layernorm.h).
 #include <omp.h>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu_math.h"
@@ -29,11 +33,50 @@ namespace {
 // costs more than the work (and far more on an oversubscribed machine).
 constexpr int64_t kParallelMinElems = 1 << 15;
 
+#ifdef MPTK_AVX2
+template <bool kStream, typename T>
+inline void store_out(T* p, __m256 v) {
+  if constexpr (kStream) {
+    store8_stream(p, v);
+  } else {
+    store8(p, v);
+  }
+}
+#endif
+
+// Outputs larger than this go out with streaming stores (common/cpu_math.h: store8_stream): they
+// cannot stay cached for the next op anyway, and skipping the read-for-ownership saves a third of
+// the forward's memory traffic. Half the last-level cache, which all cores share;
+// MPT_KERNELS_STREAM_MIN_BYTES overrides it (read once per process).
+int64_t streaming_store_min_bytes() {
+  static const int64_t v = [] {
+    if (const char* env = std::getenv("MPT_KERNELS_STREAM_MIN_BYTES")) return static_cast<int64_t>(std::atoll(env));
+    long llc = 0;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return static_cast<int64_t>(llc > 0 ? llc / 2 : (16 << 20));
+  }();
+  return v;
+}
+
+// Streaming stores need every 8-element group of every row aligned to 8 elements.
+template <typename T>
+bool rows_stream_aligned(const void* base, int64_t row_stride) {
+  constexpr uintptr_t a = 8 * sizeof(T);
+  return reinterpret_cast<uintptr_t>(base) % a == 0 && (row_stride * static_cast<int64_t>(sizeof(T))) % a == 0;
+}
+
 // Forward of one row. `hout` receives x + res rounded to T when res is set; the statistics are
 // taken over that rounded sum, as the reference does (what is normalised is what is returned).
-template <typename T, typename WT>
-void layer_norm_fwd_row(const T* x, const T* res, T* hout, const WT* w, const WT* b, T* y, int64_t H,
-                        float eps, float* mean_out, float* rstd_out) {
+// The row is converted to float32 once, into `scratch` (unused when T is float: the row is read
+// in place): the two statistics passes and the output pass then read floats from L1/L2, so a
+// 16-bit row costs one conversion per element instead of three. w and b are float32 here.
+template <typename T, bool kStream>
+void layer_norm_fwd_row(const T* x, const T* res, T* hout, const float* w, const float* b, T* y, int64_t H,
+                        float eps, float* scratch, float* mean_out, float* rstd_out) {
+  constexpr bool kFloat = std::is_same_v<T, float>;
+  float* hf = kFloat ? nullptr : scratch;  // the row as float32, for 16-bit T
   float sum = 0.f;
   int64_t i = 0;
 #ifdef MPTK_AVX2
@@ -41,26 +84,45 @@ void layer_norm_fwd_row(const T* x, const T* res, T* hout, const WT* w, const WT
   if (res) {
     for (; i + 8 <= H; i += 8) {
       store8(hout + i, _mm256_add_ps(load8(x + i), load8(res + i)));
-      a0 = _mm256_add_ps(a0, load8(hout + i));
+      __m256 v = load8(hout + i);  // the rounded sum
+      if constexpr (!kFloat) _mm256_storeu_ps(hf + i, v);
+      a0 = _mm256_add_ps(a0, v);
     }
   } else {
     for (; i + 16 <= H; i += 16) {
-      a0 = _mm256_add_ps(a0, load8(x + i));
-      a1 = _mm256_add_ps(a1, load8(x + i + 8));
+      __m256 v0 = load8(x + i), v1 = load8(x + i + 8);
+      if constexpr (!kFloat) {
+        _mm256_storeu_ps(hf + i, v0);
+        _mm256_storeu_ps(hf + i + 8, v1);
+      }
+      a0 = _mm256_add_ps(a0, v0);
+      a1 = _mm256_add_ps(a1, v1);
     }
-    for (; i + 8 <= H; i += 8) a0 = _mm256_add_ps(a0, load8(x + i));
+    for (; i + 8 <= H; i += 8) {
+      __m256 v = load8(x + i);
+      if constexpr (!kFloat) _mm256_storeu_ps(hf + i, v);
+      a0 = _mm256_add_ps(a0, v);
+    }
   }
   sum = hsum8(_mm256_add_ps(a0, a1));
 #endif
   for (; i < H; ++i) {
+    float v;
     if (res) {
       hout[i] = from_float<T>(to_float(x[i]) + to_float(res[i]));
-      sum += to_float(hout[i]);
+      v = to_float(hout[i]);
     } else {
-      sum += to_float(x[i]);
+      v = to_float(x[i]);
     }
+    if constexpr (!kFloat) hf[i] = v;
+    sum += v;
   }
-  const T* h = res ? hout : x;
+  const float* h;
+  if constexpr (kFloat) {
+    h = res ? hout : x;
+  } else {
+    h = hf;
+  }
   const float mean = sum / static_cast<float>(H);
 
   // Second pass over the cached row: squared deviations from the mean (no cancellation, unlike
@@ -72,18 +134,18 @@ void layer_norm_fwd_row(const T* x, const T* res, T* hout, const WT* w, const WT
   a0 = _mm256_setzero_ps();
   a1 = _mm256_setzero_ps();
   for (; i + 16 <= H; i += 16) {
-    __m256 d0 = _mm256_sub_ps(load8(h + i), vmean), d1 = _mm256_sub_ps(load8(h + i + 8), vmean);
+    __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(h + i), vmean), d1 = _mm256_sub_ps(_mm256_loadu_ps(h + i + 8), vmean);
     a0 = _mm256_fmadd_ps(d0, d0, a0);
     a1 = _mm256_fmadd_ps(d1, d1, a1);
   }
   for (; i + 8 <= H; i += 8) {
-    __m256 d0 = _mm256_sub_ps(load8(h + i), vmean);
+    __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(h + i), vmean);
     a0 = _mm256_fmadd_ps(d0, d0, a0);
   }
   sq = hsum8(_mm256_add_ps(a0, a1));
 #endif
   for (; i < H; ++i) {
-    float d = to_float(h[i]) - mean;
+    float d = h[i] - mean;
     sq += d * d;
   }
   const float rstd = 1.f / std::sqrt(sq / static_cast<float>(H) + eps);
@@ -95,19 +157,32 @@ void layer_norm_fwd_row(const T* x, const T* res, T* hout, const WT* w, const WT
   const __m256 vrstd = _mm256_set1_ps(rstd);
   if (b) {
     for (; i + 8 <= H; i += 8) {
-      __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(load8(h + i), vmean), vrstd);
-      store8(y + i, _mm256_fmadd_ps(xhat, load8(w + i), load8(b + i)));
+      __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(h + i), vmean), vrstd);
+      store_out<kStream>(y + i, _mm256_fmadd_ps(xhat, _mm256_loadu_ps(w + i), _mm256_loadu_ps(b + i)));
     }
   } else {
     for (; i + 8 <= H; i += 8) {
-      __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(load8(h + i), vmean), vrstd);
-      store8(y + i, _mm256_mul_ps(xhat, load8(w + i)));
+      __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(h + i), vmean), vrstd);
+      store_out<kStream>(y + i, _mm256_mul_ps(xhat, _mm256_loadu_ps(w + i)));
     }
   }
 #endif
   for (; i < H; ++i) {
-    float xhat = (to_float(h[i]) - mean) * rstd;
-    y[i] = from_float<T>(std::fma(xhat, to_float(w[i]), b ? to_float(b[i]) : 0.f));
+    float xhat = (h[i] - mean) * rstd;
+    y[i] = from_float<T>(std::fma(xhat, w[i], b ? b[i] : 0.f));
+  }
+}
+
+// The weight (or bias) as float32: the array itself when WT is float, else converted into `buf`.
+template <typename WT>
+const float* as_float(const WT* v, int64_t n, std::vector<float>& buf) {
+  if (v == nullptr) return nullptr;
+  if constexpr (std::is_same_v<WT, float>) {
+    return v;
+  } else {
+    buf.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) buf[i] = to_float(v[i]);
+    return buf.data();
   }
 }
 
@@ -117,22 +192,44 @@ void layer_norm_fwd_impl(const LayerNormFwdParams& p) {
   const T* res = static_cast<const T*>(p.residual);
   T* hout = static_cast<T*>(p.residual_out);
   T* y = static_cast<T*>(p.y);
-  const WT* w = static_cast<const WT*>(p.weight);
-  const WT* b = static_cast<const WT*>(p.bias);
-#pragma omp parallel for schedule(static) if (p.rows * p.hidden >= kParallelMinElems)
-  for (int64_t r = 0; r < p.rows; ++r) {
-    layer_norm_fwd_row<T, WT>(x + r * p.x_row_stride, res ? res + r * p.residual_row_stride : nullptr,
-                              hout ? hout + r * p.residual_out_row_stride : nullptr, w, b, y + r * p.y_row_stride,
-                              p.hidden, p.eps, p.mean ? p.mean + r : nullptr, p.rstd ? p.rstd + r : nullptr);
+  std::vector<float> wbuf, bbuf;
+  const float* w = as_float(static_cast<const WT*>(p.weight), p.hidden, wbuf);
+  const float* b = as_float(static_cast<const WT*>(p.bias), p.hidden, bbuf);
+  auto run = [&](auto stream) {
+    constexpr bool kStream = decltype(stream)::value;
+#pragma omp parallel if (p.rows * p.hidden >= kParallelMinElems)
+    {
+      std::vector<float> scratch(std::is_same_v<T, float> ? 0 : static_cast<size_t>(p.hidden));
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < p.rows; ++r) {
+        layer_norm_fwd_row<T, kStream>(
+            x + r * p.x_row_stride, res ? res + r * p.residual_row_stride : nullptr,
+            hout ? hout + r * p.residual_out_row_stride : nullptr, w, b, y + r * p.y_row_stride, p.hidden, p.eps,
+            scratch.data(), p.mean ? p.mean + r : nullptr, p.rstd ? p.rstd + r : nullptr);
+      }
+#ifdef MPTK_AVX2
+      // Streaming stores are weakly ordered: each thread fences its own before the team joins.
+      if constexpr (kStream) _mm_sfence();
+#endif
+    }
+  };
+#ifdef MPTK_AVX2
+  if (p.rows * p.hidden * static_cast<int64_t>(sizeof(T)) >= streaming_store_min_bytes() &&
+      rows_stream_aligned<T>(y, p.y_row_stride)) {
+    run(std::true_type{});
+    return;
   }
+#endif
+  run(std::false_type{});
 }
 
 // Backward of every row of group g (rows g, g + P, ...), accumulating dy * xhat and dy into the
 // group's own float32 partial rows, which stay in this core's cache across the group's rows.
-template <typename T, typename WT>
-void layer_norm_bwd_group(const LayerNormBwdParams& p, int64_t g) {
+// The first pass keeps xhat and g = dy * w of the row in float32 scratch (2 * hidden floats), so
+// the second pass reads them back from cache instead of converting h, dy and w again.
+template <typename T>
+void layer_norm_bwd_group(const LayerNormBwdParams& p, const float* w, int64_t g, float* xh, float* gw) {
   const int64_t H = p.hidden, P = p.num_partials;
-  const WT* w = static_cast<const WT*>(p.weight);
   float* dwp = p.workspace + g * H;
   float* dbp = p.dbias ? p.workspace + (P + g) * H : nullptr;
   std::fill(dwp, dwp + H, 0.f);
@@ -152,7 +249,9 @@ void layer_norm_bwd_group(const LayerNormBwdParams& p, int64_t g) {
     for (; i + 8 <= H; i += 8) {
       __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(load8(h + i), vmean), vrstd);
       __m256 vdy = load8(dy + i);
-      __m256 gg = _mm256_mul_ps(vdy, load8(w + i));
+      __m256 gg = _mm256_mul_ps(vdy, _mm256_loadu_ps(w + i));
+      _mm256_storeu_ps(xh + i, xhat);
+      _mm256_storeu_ps(gw + i, gg);
       a1 = _mm256_add_ps(a1, gg);
       a2 = _mm256_fmadd_ps(gg, xhat, a2);
       _mm256_storeu_ps(dwp + i, _mm256_fmadd_ps(vdy, xhat, _mm256_loadu_ps(dwp + i)));
@@ -162,7 +261,9 @@ void layer_norm_bwd_group(const LayerNormBwdParams& p, int64_t g) {
     s2 = hsum8(a2);
 #endif
     for (; i < H; ++i) {
-      float xhat = (to_float(h[i]) - mean) * rstd, vdy = to_float(dy[i]), gg = vdy * to_float(w[i]);
+      float xhat = (to_float(h[i]) - mean) * rstd, vdy = to_float(dy[i]), gg = vdy * w[i];
+      xh[i] = xhat;
+      gw[i] = gg;
       s1 += gg;
       s2 += gg * xhat;
       dwp[i] += vdy * xhat;
@@ -174,16 +275,14 @@ void layer_norm_bwd_group(const LayerNormBwdParams& p, int64_t g) {
 #ifdef MPTK_AVX2
     const __m256 vc1 = _mm256_set1_ps(c1), vc2 = _mm256_set1_ps(c2);
     for (; i + 8 <= H; i += 8) {
-      __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(load8(h + i), vmean), vrstd);
-      __m256 gg = _mm256_mul_ps(load8(dy + i), load8(w + i));
-      __m256 d = _mm256_mul_ps(vrstd, _mm256_sub_ps(_mm256_sub_ps(gg, vc1), _mm256_mul_ps(xhat, vc2)));
+      __m256 d = _mm256_mul_ps(vrstd, _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(gw + i), vc1),
+                                                    _mm256_mul_ps(_mm256_loadu_ps(xh + i), vc2)));
       if (dres) d = _mm256_add_ps(d, load8(dres + i));
       store8(dh + i, d);
     }
 #endif
     for (; i < H; ++i) {
-      float xhat = (to_float(h[i]) - mean) * rstd, gg = to_float(dy[i]) * to_float(w[i]);
-      float d = rstd * (gg - c1 - xhat * c2);
+      float d = rstd * (gw[i] - c1 - xh[i] * c2);
       if (dres) d += to_float(dres[i]);
       dh[i] = from_float<T>(d);
     }
@@ -210,8 +309,15 @@ void reduce_partials(const float* partials, int64_t P, int64_t H, WT* dst) {
 
 template <typename T, typename WT>
 void layer_norm_bwd_impl(const LayerNormBwdParams& p) {
-#pragma omp parallel for schedule(static) if (p.rows * p.hidden >= kParallelMinElems)
-  for (int64_t g = 0; g < p.num_partials; ++g) layer_norm_bwd_group<T, WT>(p, g);
+  std::vector<float> wbuf;
+  const float* w = as_float(static_cast<const WT*>(p.weight), p.hidden, wbuf);
+#pragma omp parallel if (p.rows * p.hidden >= kParallelMinElems)
+  {
+    std::vector<float> scratch(2 * static_cast<size_t>(p.hidden));
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < p.num_partials; ++g)
+      layer_norm_bwd_group<T>(p, w, g, scratch.data(), scratch.data() + p.hidden);
+  }
   reduce_partials<WT>(p.workspace, p.num_partials, p.hidden, static_cast<WT*>(p.dweight));
   if (p.dbias)
     reduce_partials<WT>(p.workspace + p.num_partials * p.hidden, p.num_partials, p.hidden,
