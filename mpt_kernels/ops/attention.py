@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 
 from .._ext import _C, current_stream, view
+from .._ext import empty as _empty
 from . import reference as _reference
 from .reference import alibi_slopes  # noqa: F401  (public: mk.alibi_slopes)
 
@@ -131,8 +132,8 @@ def alibi_attention_fwd(
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.full(_lse_shape(q, True), float("-inf"), dtype=torch.float32, device=q.device)
     else:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty(_lse_shape(q, False), dtype=torch.float32, device=q.device)
+        out = _empty(q.shape, q.dtype, q.device)  # large CPU outputs come from the host pool
+        lse = _empty(_lse_shape(q, False), torch.float32, q.device)
     _C.attention_fwd(args[0], args[1], args[2], view(out, "out"), view(lse, "lse"), *args[3:],
                      _opt_view(ws, "workspace"), current_stream(q))
     return out, lse
@@ -168,10 +169,13 @@ def alibi_attention_bwd(
             _opt_view(cu_seqlens_q, "cu_seqlens_q"), _opt_view(cu_seqlens_k, "cu_seqlens_k"),
             max_seqlen_q, max_seqlen_k, softmax_scale, causal)
     ws = _workspace(_C.attention_bwd_workspace_size(*args), q.device)
-    alloc = torch.zeros if varlen else torch.empty  # varlen rows outside every sequence get 0
-    dq = alloc(q.shape, dtype=q.dtype, device=q.device)
-    dk = alloc(k.shape, dtype=k.dtype, device=k.device)
-    dv = alloc(v.shape, dtype=v.dtype, device=v.device)
+    # varlen rows outside every sequence get 0; large CPU outputs come from the host pool
+    def alloc(shape, dtype, device):
+        return torch.zeros(shape, dtype=dtype, device=device) if varlen else _empty(shape, dtype, device)
+
+    dq = alloc(q.shape, q.dtype, q.device)
+    dk = alloc(k.shape, k.dtype, k.device)
+    dv = alloc(v.shape, v.dtype, v.device)
     _C.attention_bwd(view(dout, "dout"), args[0], args[1], args[2], view(out, "out"), view(lse, "lse"),
                      view(dq, "dq"), view(dk, "dk"), view(dv, "dv"), *args[3:], _opt_view(ws, "workspace"),
                      current_stream(q))
