@@ -352,6 +352,59 @@ def test_cuda_matches_cpu_and_uses_current_stream():
     assert (y.cpu().float() - y_cpu.float()).abs().max().item() <= 2 * 2.0 ** -7 * y_cpu.float().abs().max().item()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_non_finite_values_propagate(device, dtype, with_bias):
+    """NaN and inf in x, weight or bias, and outputs that overflow the dtype, give the reference's
+    NaN/inf pattern, and every finite output stays right. The CPU bfloat16 path rounds rows with
+    finite statistics and weights without its NaN test (layernorm_cpu.cpp): this pins down when it
+    may and may not. (Rows whose float32 statistics themselves overflow are left out: there a
+    float32-statistics norm and the float64 reference legitimately differ.)"""
+    H = 100  # 16-element blocks plus an 8-element and a scalar tail
+    top = torch.finfo(dtype).max
+
+    def check(x, w, b):
+        y = mk.layer_norm(x, w, b).cpu().double()
+        e, _, _ = reference(x, w, b, None, 1e-5)
+        # Rounded to the dtype, away from the overflow threshold (where float32 arithmetic and the
+        # float64 reference may round to different sides): overflow must give inf.
+        clear = ~((e.abs() > 0.99 * top) & (e.abs() < 1.01 * top))
+        e_t = e.to(dtype).double()
+        assert torch.equal(y.isnan(), e_t.isnan()), "NaN pattern"
+        assert torch.equal(y.isinf()[clear], e_t.isinf()[clear]), "inf pattern"
+        assert torch.equal(y[y.isinf() & clear].sign(), e_t[y.isinf() & clear].sign()), "sign of inf"
+        fin = e_t.isfinite() & clear
+        assert_close(y[fin], e[fin], RTOL[dtype], OUT_ATOL_FRAC, "finite outputs")
+
+    x, w, b, _ = make_inputs((6, H), dtype, device, with_bias, False)
+    x[1, 3] = float("nan")
+    x[2, 50] = float("inf")
+    x[3, 0], x[3, 99] = float("inf"), float("-inf")
+    x[4, 17] = float("-inf")
+    check(x, w, b)
+
+    x, w, b, _ = make_inputs((6, H), dtype, device, with_bias, False)
+    w[7] = float("nan")
+    w[20] = float("inf")
+    w[90] = top  # finite, but |xhat| * top overflows for |xhat| > 1
+    w[98] = -top
+    if with_bias:
+        b[33] = float("-inf")
+        b[40] = float("nan")
+    check(x, w, b)
+
+    if dtype != torch.float32:
+        # float32 weight/bias NaNs whose payload fills the mantissa: rounding them to 16 bits like a
+        # number would carry into the sign (0x7fffffff + 0x8000 -> -0.0). They must stay NaN.
+        x, w, b, _ = make_inputs((5, H), dtype, device, with_bias, False, weight_dtype=torch.float32)
+        w.view(torch.int32)[5] = 0x7FFFFFFF
+        w.view(torch.int32)[60] = -1  # 0xffffffff
+        if with_bias:
+            b.view(torch.int32)[61] = 0x7FFFFFFF
+        check(x, w, b)
+
+
 def test_module_ops_registered():
     assert "layernorm" in mk.build_info()["ops"]
 

@@ -121,6 +121,20 @@ inline __m128i pack8(bf16*, __m256 v) {
 }
 inline __m128i pack8(fp16*, __m256 v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT); }
 
+// 16 floats (lo = elements 0-7, hi = 8-15) rounded to 16 bfloat16, for callers that know no element
+// is NaN: round to nearest even on the integer bits, without pack8's NaN test and blend. Exact for
+// every non-NaN input (finite values that round past the largest bfloat16 become inf, as they must;
+// inf stays inf); a NaN input could come out as inf or -0, hence the precondition.
+inline __m256i pack16_bf16_no_nan(__m256 lo, __m256 hi) {
+  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
+  __m256i a = _mm256_castps_si256(lo), b = _mm256_castps_si256(hi);
+  a = _mm256_add_epi32(a, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(a, 16), one)));
+  b = _mm256_add_epi32(b, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(b, 16), one)));
+  // packus works within 128-bit lanes: [a0-3 b0-3 | a4-7 b4-7]; the qword permute restores the order.
+  __m256i packed = _mm256_packus_epi32(_mm256_srli_epi32(a, 16), _mm256_srli_epi32(b, 16));
+  return _mm256_permute4x64_epi64(packed, 0xD8);
+}
+
 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 template <typename T>
 inline void store8(T* p, __m256 v) {

@@ -60,10 +60,11 @@ int64_t streaming_store_min_bytes() {
   return v;
 }
 
-// Streaming stores need every 8-element group of every row aligned to 8 elements.
+// Streaming stores need every row start aligned to 32 bytes (the bfloat16 path stores 16 elements,
+// 32 bytes, at a time; the others 8 elements).
 template <typename T>
 bool rows_stream_aligned(const void* base, int64_t row_stride) {
-  constexpr uintptr_t a = 8 * sizeof(T);
+  constexpr uintptr_t a = 32;
   return reinterpret_cast<uintptr_t>(base) % a == 0 && (row_stride * static_cast<int64_t>(sizeof(T))) % a == 0;
 }
 
@@ -73,8 +74,8 @@ bool rows_stream_aligned(const void* base, int64_t row_stride) {
 // in place): the two statistics passes and the output pass then read floats from L1/L2, so a
 // 16-bit row costs one conversion per element instead of three. w and b are float32 here.
 template <typename T, bool kStream>
-void layer_norm_fwd_row(const T* x, const T* res, T* hout, const float* w, const float* b, T* y, int64_t H,
-                        float eps, float* scratch, float* mean_out, float* rstd_out) {
+void layer_norm_fwd_row(const T* x, const T* res, T* hout, const float* w, const float* b, bool wb_finite, T* y,
+                        int64_t H, float eps, float* scratch, float* mean_out, float* rstd_out) {
   constexpr bool kFloat = std::is_same_v<T, float>;
   float* hf = kFloat ? nullptr : scratch;  // the row as float32, for 16-bit T
   float sum = 0.f;
@@ -89,6 +90,23 @@ void layer_norm_fwd_row(const T* x, const T* res, T* hout, const float* w, const
       a0 = _mm256_add_ps(a0, v);
     }
   } else {
+    // Four independent sums: one accumulator chain would wait on the add latency every 8 elements.
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (; i + 32 <= H; i += 32) {
+      __m256 v0 = load8(x + i), v1 = load8(x + i + 8), v2 = load8(x + i + 16), v3 = load8(x + i + 24);
+      if constexpr (!kFloat) {
+        _mm256_storeu_ps(hf + i, v0);
+        _mm256_storeu_ps(hf + i + 8, v1);
+        _mm256_storeu_ps(hf + i + 16, v2);
+        _mm256_storeu_ps(hf + i + 24, v3);
+      }
+      a0 = _mm256_add_ps(a0, v0);
+      a1 = _mm256_add_ps(a1, v1);
+      a2 = _mm256_add_ps(a2, v2);
+      a3 = _mm256_add_ps(a3, v3);
+    }
+    a0 = _mm256_add_ps(a0, a2);
+    a1 = _mm256_add_ps(a1, a3);
     for (; i + 16 <= H; i += 16) {
       __m256 v0 = load8(x + i), v1 = load8(x + i + 8);
       if constexpr (!kFloat) {
@@ -133,6 +151,20 @@ void layer_norm_fwd_row(const T* x, const T* res, T* hout, const float* w, const
   const __m256 vmean = _mm256_set1_ps(mean);
   a0 = _mm256_setzero_ps();
   a1 = _mm256_setzero_ps();
+  {
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (; i + 32 <= H; i += 32) {
+      __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(h + i), vmean), d1 = _mm256_sub_ps(_mm256_loadu_ps(h + i + 8), vmean);
+      __m256 d2 = _mm256_sub_ps(_mm256_loadu_ps(h + i + 16), vmean);
+      __m256 d3 = _mm256_sub_ps(_mm256_loadu_ps(h + i + 24), vmean);
+      a0 = _mm256_fmadd_ps(d0, d0, a0);
+      a1 = _mm256_fmadd_ps(d1, d1, a1);
+      a2 = _mm256_fmadd_ps(d2, d2, a2);
+      a3 = _mm256_fmadd_ps(d3, d3, a3);
+    }
+    a0 = _mm256_add_ps(a0, a2);
+    a1 = _mm256_add_ps(a1, a3);
+  }
   for (; i + 16 <= H; i += 16) {
     __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(h + i), vmean), d1 = _mm256_sub_ps(_mm256_loadu_ps(h + i + 8), vmean);
     a0 = _mm256_fmadd_ps(d0, d0, a0);
@@ -155,6 +187,30 @@ void layer_norm_fwd_row(const T* x, const T* res, T* hout, const float* w, const
   i = 0;
 #ifdef MPTK_AVX2
   const __m256 vrstd = _mm256_set1_ps(rstd);
+  if constexpr (std::is_same_v<T, bf16>) {
+    // A finite sum and sum of squares mean every h, the mean and rstd are finite, so every xhat is;
+    // with finite w and b no output can be NaN and the rounding can skip pack8's NaN handling.
+    if (wb_finite && std::isfinite(sum) && std::isfinite(sq) && std::isfinite(rstd)) {
+      for (; i + 16 <= H; i += 16) {
+        __m256 x0 = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(h + i), vmean), vrstd);
+        __m256 x1 = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(h + i + 8), vmean), vrstd);
+        __m256 y0, y1;  // the same operations as the generic loop below
+        if (b) {
+          y0 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w + i), _mm256_loadu_ps(b + i));
+          y1 = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(b + i + 8));
+        } else {
+          y0 = _mm256_mul_ps(x0, _mm256_loadu_ps(w + i));
+          y1 = _mm256_mul_ps(x1, _mm256_loadu_ps(w + i + 8));
+        }
+        __m256i packed = pack16_bf16_no_nan(y0, y1);
+        if constexpr (kStream) {
+          _mm256_stream_si256(reinterpret_cast<__m256i*>(y + i), packed);
+        } else {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), packed);
+        }
+      }
+    }
+  }
   if (b) {
     for (; i + 8 <= H; i += 8) {
       __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(h + i), vmean), vrstd);
@@ -195,6 +251,8 @@ void layer_norm_fwd_impl(const LayerNormFwdParams& p) {
   std::vector<float> wbuf, bbuf;
   const float* w = as_float(static_cast<const WT*>(p.weight), p.hidden, wbuf);
   const float* b = as_float(static_cast<const WT*>(p.bias), p.hidden, bbuf);
+  bool wb_finite = true;  // lets the bfloat16 rows with finite statistics skip the NaN-safe rounding
+  for (int64_t c = 0; c < p.hidden; ++c) wb_finite &= std::isfinite(w[c]) && (!b || std::isfinite(b[c]));
   auto run = [&](auto stream) {
     constexpr bool kStream = decltype(stream)::value;
 #pragma omp parallel if (p.rows * p.hidden >= kParallelMinElems)
@@ -204,7 +262,7 @@ void layer_norm_fwd_impl(const LayerNormFwdParams& p) {
       for (int64_t r = 0; r < p.rows; ++r) {
         layer_norm_fwd_row<T, kStream>(
             x + r * p.x_row_stride, res ? res + r * p.residual_row_stride : nullptr,
-            hout ? hout + r * p.residual_out_row_stride : nullptr, w, b, y + r * p.y_row_stride, p.hidden, p.eps,
+            hout ? hout + r * p.residual_out_row_stride : nullptr, w, b, wb_finite, y + r * p.y_row_stride, p.hidden, p.eps,
             scratch.data(), p.mean ? p.mean + r : nullptr, p.rstd ? p.rstd + r : nullptr);
       }
 #ifdef MPTK_AVX2
