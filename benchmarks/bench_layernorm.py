@@ -9,10 +9,13 @@ kernel must move: forward reads x and writes y (2 tensors); forward+backward add
 and writing dx (5 tensors in all). "frac copy" divides that by the copy bandwidth measured in the
 same run, right before each (hidden, dtype) case (harness.copy_bandwidth: read + write of a buffer
 far larger than the last-level cache).
-"kernel" columns time the same kernels through mpt_kernels._C into preallocated outputs: the op (like
-torch) allocates its outputs on every call, and on a host where each large allocation is a fresh
-mmap, first-touch page faults can cost more than the kernel itself (copy_bandwidth, too, writes
-into a preallocated buffer).
+"kernel" columns time the same kernels through mpt_kernels._C into preallocated outputs. The op (like
+torch) allocates its outputs on every call; on the CPU its large outputs come from the host caching
+pool (mpt_kernels._ext.empty, csrc/common/host_pool.h), so after the first call they reuse mapped,
+faulted-in memory, where torch's fresh allocations are new mmaps whose first-touch page faults can
+cost more than the kernel itself on this kind of host (copy_bandwidth writes into a preallocated
+buffer). The op-level ratio against torch therefore includes that allocation difference; the kernel
+columns do not.
 """
 from __future__ import annotations
 
