@@ -162,3 +162,34 @@ def set_host_cache_limit(nbytes: int) -> None:
         raise ValueError(f"nbytes: must be >= 0, got {nbytes}")
     _C.host_pool_set_limit(int(nbytes))
     _pool_enabled = nbytes > 0
+
+
+# ---- eager fast path ----------------------------------------------------------------------------------
+def direct_call_ok(*tensors) -> bool:
+    """True when an op may run its kernel directly instead of through its ``torch.library`` custom op.
+
+    The custom op's dispatch (autograd, fake kernels, tracing) costs tens of microseconds per call,
+    which is most of a decode step's LayerNorm or a short attention call. It is only skipped where it
+    has nothing to do: plain eager tensors, no gradient to record, and nothing that intercepts or
+    records ops (torch.compile, torch.export / make_fx / torch.jit tracing, dispatch or torch-function modes
+    -- a ``with torch.device(...)`` block counts --, functorch transforms, forward-mode AD)."""
+    import torch
+
+    if torch.compiler.is_compiling():  # first: Dynamo folds it to True and traces nothing below
+        return False
+    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None):
+        return False
+    from torch.autograd import forward_ad
+
+    if forward_ad._current_level >= 0:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            return False
+        if grad and t.requires_grad:
+            return False
+    return True

@@ -631,3 +631,24 @@ def test_grouped_decode_matches_reference_and_per_head_runs(case, dtype):
         o1, l1, _ = fwd_C(q[:, :, h:h + 1], k[:, :, h // g:h // g + 1], v[:, :, h // g:h // g + 1],
                           slopes[:, h:h + 1].contiguous(), True)
         torch.testing.assert_close(out[:, :, h:h + 1], o1, rtol=0, atol=0 if dtype == torch.float32 else 1e-2)
+
+
+def test_inference_calls_skip_the_custom_op_and_match_it(monkeypatch):
+    """Without a gradient to record (and nothing tracing), ``alibi_attention`` runs the kernel directly,
+    not through ``mpt_kernels::alibi_attention_fwd``: same output bit for bit (a decode step here, where
+    the op's dispatch costs about as much as the kernel). With a gradient, the op runs."""
+    from mpt_kernels.ops import attention as att_op
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 1, 4, 32, dtype=torch.bfloat16)
+    k, v = torch.randn(2, 77, 2, 32, dtype=torch.bfloat16), torch.randn(2, 77, 2, 32, dtype=torch.bfloat16)
+    slopes = mk.alibi_slopes(4)
+    ref, _ = att_op.alibi_attention_fwd(q, k, v, slopes, None, None, 1, 77, 32 ** -0.5, True)
+    calls = []
+    real = att_op.alibi_attention_fwd
+    monkeypatch.setattr(att_op, "alibi_attention_fwd", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        out = mk.alibi_attention(q, k, v)
+    assert calls == [] and torch.equal(out, ref)
+    mk.alibi_attention(q.requires_grad_(), k, v)
+    assert calls == [1]

@@ -426,3 +426,27 @@ def test_streaming_store_path_cpu():
     r = subprocess.run(cmd, cwd=NEUTRAL_CWD, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout and " failed" not in r.stdout
+
+
+def test_inference_calls_skip_the_custom_op_and_match_it(monkeypatch):
+    """Without a gradient to record (and nothing tracing), ``layer_norm`` runs the kernel directly, not
+    through ``mpt_kernels::layer_norm_fwd`` (whose dispatch costs more than a decode-sized kernel); the
+    results are the op's bit for bit. With a gradient, or under a torch-function mode, the op runs."""
+    torch.manual_seed(0)
+    x, r = torch.randn(2, 3, 64, dtype=torch.bfloat16), torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    w, b = torch.randn(64, dtype=torch.bfloat16), torch.randn(64, dtype=torch.bfloat16)
+    y_op, h_op, _, _ = ln_op.layer_norm_fwd(x, w, b, r, 1e-5)
+    calls = []
+    real = ln_op.layer_norm_fwd
+    monkeypatch.setattr(ln_op, "layer_norm_fwd", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        y, h = mk.layer_norm(x, w, b, 1e-5, residual=r)
+    assert calls == [] and torch.equal(y, y_op) and torch.equal(h, h_op)
+    y = mk.layer_norm(x, w, b, 1e-5)  # grad mode on, nothing requires grad: still direct
+    assert calls == [] and torch.equal(y, ln_op.layer_norm_fwd(x, w, b, None, 1e-5)[0])
+    calls.clear()
+    mk.layer_norm(x.requires_grad_(), w, b)  # a gradient to record: through the op (autograd)
+    assert calls == [1]
+    with torch.no_grad(), torch.device("cpu"):  # a torch-function mode: through the op
+        mk.layer_norm(x, w, b)
+    assert calls == [1, 1]

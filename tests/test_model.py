@@ -326,6 +326,22 @@ def test_decode_matches_full_forward_past_max_seq_len(attn_impl):
     torch.testing.assert_close(torch.stack(step[:-1], 1), full[:, 4:-1], atol=ATOL, rtol=0)
 
 
+def test_bf16_batch1_decode_matches_full_forward():
+    """The batch-1 decode step of a bf16 model (one-row Linear layers, kernels called without the custom
+    ops' dispatch) gives the logits of a full forward over the same tokens, to bf16 accuracy."""
+    torch.manual_seed(0)
+    m = perturb_norms(MPTForCausalLM(small())).to(torch.bfloat16).eval()
+    out = m.generate(torch.randint(0, 101, (1, 7)), 12, temperature=0)
+    with torch.no_grad():
+        full = m(out).logits.float()
+        cache = m.new_cache(1)
+        step = [m(out[:, :7], past_key_values=cache, use_cache=True).logits[:, -1]]
+        for t in range(7, out.shape[1] - 1):
+            step.append(m(out[:, t:t + 1], past_key_values=cache).logits[:, -1])
+    torch.testing.assert_close(torch.stack(step, 1).float(), full[:, 6:-1], atol=0.05, rtol=0)
+    assert (full[:, 6:-1].argmax(-1) == out[:, 7:]).float().mean() >= 0.9  # greedy: argmax, bar near-ties
+
+
 def test_kv_cache_is_preallocated_and_grows_in_chunks():
     m = MPTForCausalLM(small()).eval()
     cache = m.new_cache(1)
@@ -494,6 +510,14 @@ def test_float32_gemm_linear_for_low_precision_on_cpu(monkeypatch):
             assert got.dtype == dt
             scale = ref.abs().max().item()
             torch.testing.assert_close(got.double(), ref, atol=scale * 2**-8, rtol=0)
+        # one row without gradients (a batch-1 decode step): torch's own low-precision matrix-vector
+        # product, float32 accumulation, same bound
+        with torch.no_grad():
+            for x1 in (x[:1, :1], x[1, 5]):
+                y1 = modeling.linear(x1, w, b)
+                ref = torch.nn.functional.linear(x1.double(), w.double(), b.double())
+                assert y1.dtype == dt and y1.shape == ref.shape
+                torch.testing.assert_close(y1.double(), ref, atol=ref.abs().max().item() * 2**-8, rtol=0)
     # a whole bf16 model on this path matches the float32 model to bf16 accuracy
     m = perturb_norms(MPTForCausalLM(small()))
     ids = torch.randint(0, 101, (2, 16))

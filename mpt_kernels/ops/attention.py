@@ -38,7 +38,7 @@ from typing import Optional
 
 import torch
 
-from .._ext import _C, current_stream, view
+from .._ext import _C, current_stream, direct_call_ok, view
 from .._ext import empty as _empty
 from . import reference as _reference
 from .reference import alibi_slopes  # noqa: F401  (public: mk.alibi_slopes)
@@ -120,6 +120,14 @@ def alibi_attention_fwd(
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out like q, float32 lse: (batch, n_heads, seqlen_q) or varlen (n_heads, total_q))."""
+    return _attention_fwd_impl(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               softmax_scale, causal)
+
+
+def _attention_fwd_impl(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                        softmax_scale, causal):
+    """The forward's body: the custom op runs it, and ``alibi_attention`` calls it directly where the
+    op's dispatch has nothing to do (``_ext.direct_call_ok``)."""
     varlen = cu_seqlens_q is not None
     if varlen and cu_seqlens_k is not None:
         _check_device_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
@@ -257,6 +265,7 @@ def alibi_attention(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=No
     # A SymFloat scale (from a symbolic head_dim) stays symbolic for the same reason as the lengths.
     if not isinstance(softmax_scale, torch.SymFloat):
         softmax_scale = float(softmax_scale)
-    out, _ = alibi_attention_fwd(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                 softmax_scale, bool(causal))
+    fwd = _attention_fwd_impl if direct_call_ok(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k) else alibi_attention_fwd
+    out, _ = fwd(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                 bool(causal))
     return out
