@@ -6,6 +6,8 @@ and CUDA launches take the caller's current stream as an integer.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 try:
@@ -50,13 +52,16 @@ def _torch_codes():
 
 def view(t, name: str = "tensor"):
     """Describe a torch tensor for ``_C``. Raises ValueError naming ``name`` for unsupported dtypes."""
-    code = _torch_codes().get(t.dtype)
+    code = (_TORCH_CODES or _torch_codes()).get(t.dtype)
     if code is None:
         raise ValueError(f"{name}: unsupported dtype {t.dtype}")
-    device = t.device.index if t.device.type == "cuda" else -1
-    if t.device.type not in ("cpu", "cuda"):
+    if t.is_cpu:
+        device = -1
+    elif t.is_cuda:
+        device = t.get_device()
+    else:
         raise ValueError(f"{name}: unsupported device {t.device} (expected cpu or cuda)")
-    return (t.data_ptr(), code, tuple(t.shape), tuple(t.stride()), device)
+    return (t.data_ptr(), code, tuple(t.shape), t.stride(), device)
 
 
 def optional_view(t, name: str = "tensor"):
@@ -130,15 +135,12 @@ def empty(shape, dtype, device):
     ``MPT_KERNELS_HOST_CACHE_MB=0`` turns the pool off (every tensor from torch.empty)."""
     import torch
 
-    device = torch.device(device)
-    if device.type == "cpu" and (_pool_enabled if _pool_enabled is not None else _configure_pool()):
-        shape = tuple(int(s) for s in shape)
-        numel = 1
-        for s in shape:
-            numel *= s
-        code = _torch_codes().get(dtype)
-        if code is not None and numel * dtype.itemsize >= _POOL_MIN_BYTES:
-            return torch.from_dlpack(_C.host_empty(shape, code))
+    if math.prod(shape) * dtype.itemsize >= _POOL_MIN_BYTES:  # small ones: straight to torch.empty
+        dev = device if type(device) is torch.device else torch.device(device)
+        if dev.type == "cpu" and (_pool_enabled if _pool_enabled is not None else _configure_pool()):
+            code = _torch_codes().get(dtype)
+            if code is not None:
+                return torch.from_dlpack(_C.host_empty(tuple(int(s) for s in shape), code))
     return torch.empty(shape, dtype=dtype, device=device)
 
 

@@ -652,3 +652,31 @@ def test_inference_calls_skip_the_custom_op_and_match_it(monkeypatch):
     assert calls == [] and torch.equal(out, ref)
     mk.alibi_attention(q.requires_grad_(), k, v)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,sq,sk,h,hkv,d,causal", [
+    (1, 1, 1, 4, 4, 64, True), (2, 1, 300, 8, 2, 64, True), (1, 1, 4096, 4, 4, 64, True),  # decode, GQA
+    (2, 37, 130, 6, 3, 32, True), (1, 70, 70, 4, 1, 128, False), (3, 5, 9, 2, 2, 40, False)])
+def test_direct_call_equals_the_op(dtype, b, sq, sk, h, hkv, d, causal):
+    """The no-gradient direct call (no logsumexp) gives the op's output bit for bit: decode, GQA/MQA,
+    causal or not, q/k/v as strided views of one fused projection; varlen too."""
+    from mpt_kernels.ops import attention as att_op
+
+    torch.manual_seed(2)
+    qkv = torch.randn(b, max(sq, sk), (h + 2 * hkv) * d, dtype=dtype)
+    q = qkv[:, :sq, : h * d].unflatten(-1, (h, d))
+    k = qkv[:, :sk, h * d:(h + hkv) * d].unflatten(-1, (hkv, d))
+    v = qkv[:, :sk, (h + hkv) * d:].unflatten(-1, (hkv, d))
+    slopes = mk.alibi_slopes(h)
+    ref, _ = att_op.alibi_attention_fwd(q, k, v, slopes, None, None, sq, sk, d ** -0.5, causal)
+    with torch.no_grad():
+        assert torch.equal(mk.alibi_attention(q, k, v, causal=causal, alibi_slopes=slopes), ref)
+    if sq == sk:  # varlen: the batch packed into one (total, heads, d) run
+        cu = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32)
+        qf, kf, vf = (t.reshape(b * sq, t.shape[2], d) for t in (q, k, v))
+        ref, _ = att_op.alibi_attention_fwd(qf, kf, vf, slopes, cu, cu, sq, sq, d ** -0.5, causal)
+        with torch.no_grad():
+            got = mk.alibi_attention(qf, kf, vf, causal=causal, alibi_slopes=slopes, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                     max_seqlen_q=sq, max_seqlen_k=sq)
+        assert torch.equal(got, ref)

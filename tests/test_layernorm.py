@@ -450,3 +450,25 @@ def test_inference_calls_skip_the_custom_op_and_match_it(monkeypatch):
     with torch.no_grad(), torch.device("cpu"):  # a torch-function mode: through the op
         mk.layer_norm(x, w, b)
     assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES["cpu"])
+def test_direct_call_equals_the_op(dtype, shape):
+    """The no-gradient direct call (no mean/rstd, N-d views) gives the op's outputs bit for bit, for
+    every shape of the accuracy tests, contiguous and strided (rows of a wider buffer), with and
+    without bias and residual; outputs are NaN-poisoned (fixture), so an unwritten element shows."""
+    torch.manual_seed(1)
+    hidden = shape[-1]
+    wide = torch.randn(*shape[:-1], hidden + 3, dtype=dtype)
+    for x in (torch.randn(shape, dtype=dtype), wide[..., :hidden]):
+        r = torch.randn(shape, dtype=dtype)
+        w, b = torch.randn(hidden, dtype=dtype), torch.randn(hidden, dtype=dtype)
+        for bias, res in ((None, None), (b, None), (b, r), (None, r)):
+            y_op, h_op, _, _ = ln_op.layer_norm_fwd(x, w, bias, res, 1e-5)
+            with torch.no_grad():
+                got = mk.layer_norm(x, w, bias, 1e-5, residual=res)
+            y, h = got if res is not None else (got, None)
+            assert torch.equal(y, y_op)
+            if res is not None:
+                assert torch.equal(h, h_op)

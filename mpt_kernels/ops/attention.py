@@ -147,6 +147,22 @@ def _attention_fwd_impl(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_s
     return out, lse
 
 
+def _attention_direct(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                      causal):
+    """``alibi_attention``'s direct (no-gradient) call: the output only (no logsumexp: nothing will read
+    it). Varlen goes through the op's body unchanged (its outputs are zero-filled)."""
+    if cu_seqlens_q is not None:
+        return _attention_fwd_impl(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                   softmax_scale, causal)[0]
+    args = (view(q, "q"), view(k, "k"), view(v, "v"), _opt_view(alibi_slopes, "alibi_slopes"), None, None,
+            max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+    ws = _workspace(_C.attention_fwd_workspace_size(*args), q.device)
+    out = _empty(q.shape, q.dtype, q.device)
+    _C.attention_fwd(args[0], args[1], args[2], view(out, "out"), None, *args[3:], _opt_view(ws, "workspace"),
+                     current_stream(q))
+    return out
+
+
 @alibi_attention_fwd.register_fake
 def _(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
     varlen = cu_seqlens_q is not None
@@ -265,7 +281,9 @@ def alibi_attention(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=No
     # A SymFloat scale (from a symbolic head_dim) stays symbolic for the same reason as the lengths.
     if not isinstance(softmax_scale, torch.SymFloat):
         softmax_scale = float(softmax_scale)
-    fwd = _attention_fwd_impl if direct_call_ok(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k) else alibi_attention_fwd
-    out, _ = fwd(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                 bool(causal))
+    if direct_call_ok(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k):  # inference: skip the op's dispatch
+        return _attention_direct(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                 softmax_scale, bool(causal))
+    out, _ = alibi_attention_fwd(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                 softmax_scale, bool(causal))
     return out

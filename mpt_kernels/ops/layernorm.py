@@ -80,6 +80,30 @@ def _layer_norm_fwd_impl(x, weight, bias, residual, eps):
     return y, h, mean, rstd
 
 
+def _layer_norm_direct(x, weight, bias, residual, eps):
+    """``layer_norm``'s direct (no-gradient) call: returns (y, h or None). No mean/rstd (nothing will
+    read them) and, for contiguous inputs, no reshaped views: a decode step's LayerNorm is a few
+    microseconds of kernel, so every tensor op around it counts."""
+    if not x.is_contiguous() or (residual is not None and not residual.is_contiguous()):
+        y, h, _, _ = _layer_norm_fwd_impl(x, weight, bias, residual, eps)
+        return y, (h if residual is not None else None)
+    y = _alloc(x.shape, x.dtype, x.device)
+    h = _alloc(x.shape, x.dtype, x.device) if residual is not None else None
+    _C.layer_norm_fwd(
+        _ext.view(x, "x"),
+        _ext.view(weight, "weight"),
+        _ext.optional_view(bias, "bias"),
+        _ext.optional_view(residual, "residual"),
+        _ext.view(y, "y"),
+        _ext.optional_view(h, "residual_out"),
+        None,
+        None,
+        eps,
+        _ext.current_stream(x),
+    )
+    return y, h
+
+
 @layer_norm_fwd.register_fake
 def _layer_norm_fwd_fake(x, weight, bias, residual, eps):
     y = x.new_empty(x.shape)
@@ -209,7 +233,7 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = Non
         if hidden > 1 and residual.stride(-1) != 1:
             raise ValueError(f"residual: last dimension must be contiguous (stride 1), got stride {residual.stride(-1)}")
     if _ext.direct_call_ok(x, weight, bias, residual):  # inference: skip the custom op's dispatch
-        y, h, _, _ = _layer_norm_fwd_impl(x, weight, bias, residual, float(eps))
+        y, h = _layer_norm_direct(x, weight, bias, residual, float(eps))
     else:
         y, h, _, _ = layer_norm_fwd(x, weight, bias, residual, float(eps))
     return (y, h) if residual is not None else y
