@@ -34,6 +34,7 @@ def add_arguments(p):
     p.add_argument("--no-hf-long", dest="hf_long", action="store_false")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--decode-tokens", type=int, default=None)
+    p.add_argument("--parts", default="train,decode", help="comma-separated: train (fwd, fwd+bwd), decode")
 
 
 # ---- memory ---------------------------------------------------------------------------------------
@@ -314,6 +315,11 @@ def run(ctx: harness.Context) -> harness.Report:
     long_len = 2048 if quick else 16384
     # --quick: mpt-125m's width and heads with 2 layers and seqlen 512 (a smoke run, labelled as such)
     train_cases = [("mpt-125m", 512, dict(n_layers=2)) if quick else ("mpt-125m", 2048, {}), ("tiny", long_len, {})]
+    parts = set((a.parts if a is not None and getattr(a, "parts", None) else "train,decode").split(","))
+    if not parts <= {"train", "decode"}:
+        raise SystemExit(f"--parts: expected train and/or decode, got {sorted(parts)}")
+    if "train" not in parts:
+        train_cases = []
     for preset, seqlen, over in train_cases:
         ours, hf = _build(preset, seqlen, ctx.device, dtype, **over)
         label = preset + "".join(f" {k}={v}" for k, v in over.items())
@@ -323,16 +329,17 @@ def run(ctx: harness.Context) -> harness.Report:
 
     ms = {}
     short_len = 512 if quick else 2048
-    for prompt_len in (short_len, long_len * 2 if quick else long_len):
+    for prompt_len in (short_len, long_len * 2 if quick else long_len) if "decode" in parts else ():
         ours, hf = _build("tiny", prompt_len, ctx.device, dtype)
         ms[prompt_len] = _bench_decode(ctx, report, "tiny", prompt_len, ours, hf, hf_long or prompt_len <= 4096,
                                        n_decode, bw)
         del ours, hf
         gc.collect()
-    (s0, t0_), (s1, t1_) = sorted(ms.items())
-    report.notes.append(
-        f"Decode latency grows {t1_ / t0_:.2f}x from a {s0}- to a {s1}-token context "
-        f"({s1 / s0:.0f}x the context): target at most linear.")
+    if ms:
+        (s0, t0_), (s1, t1_) = sorted(ms.items())
+        report.notes.append(
+            f"Decode latency grows {t1_ / t0_:.2f}x from a {s0}- to a {s1}-token context "
+            f"({s1 / s0:.0f}x the context): target at most linear.")
     if ctx.device == "cpu" and modeling._FP32_GEMM_ON_CPU:
         report.notes.append("This CPU has no bf16 dot-product instructions: our Linear layers run float32 GEMMs "
                             "on bf16 tensors (torch's bf16 GEMM is several times slower here). hf_f32gemm = "
