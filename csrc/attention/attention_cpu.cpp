@@ -215,6 +215,111 @@ inline int fwd_heads_per_item(const AttentionFwdParams& p) {
   return (group > 1 && static_cast<long>(p.seqlen_q) * group <= kBlockQ) ? group : 1;
 }
 
+#ifdef MPTK_AVX2
+// ---------------------------------------------------------------- few-row tiles (decode)
+//
+// A decode step has one query row per head (or one per head of a GQA group): there the tile path's
+// K transpose and V conversion into scratch cost more than the two 1-row GEMMs, and the kernel ran at
+// a fifth of the machine's read bandwidth. With at most kDirectRows query rows per head, S = Q K^T and
+// O += P V read K and V straight from their storage instead, converting 8 elements in registers on the
+// way. O += P V keeps the tile GEMM's order (per element, keys in sequence), so it rounds the same;
+// S sums each dot product in 8 lanes and then across them, which rounds differently from the tile path.
+constexpr int kDirectRows = 4;
+
+template <typename T>
+inline void prefetch_rows(const T* base, int64_t row_stride, int n, int D) {
+  const int64_t bytes = static_cast<int64_t>(D) * sizeof(T);
+  for (int j = 0; j < n; ++j) {
+    const char* row = reinterpret_cast<const char*>(base + j * row_stride);
+    for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
+  }
+}
+
+inline float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+// S[r * kBlockK + j + t] = q_r . k_{j+t} over the first D8 dims (t < KJ), R query rows of stride Dp.
+// KJ keys at a time: R * KJ independent FMA chains instead of one per key.
+template <typename T, int R, int KJ>
+inline void qk_direct_keys(float* S, const float* q, int Dp, const T* k, int64_t ks, int j, int D8) {
+  __m256 acc[R][KJ];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int t = 0; t < KJ; ++t) acc[r][t] = _mm256_setzero_ps();
+  for (int d = 0; d < D8; d += 8) {
+    __m256 kv[KJ];
+#pragma GCC unroll 4
+    for (int t = 0; t < KJ; ++t) kv[t] = load8(k + (j + t) * ks + d);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 qv = _mm256_loadu_ps(q + r * Dp + d);
+#pragma GCC unroll 4
+      for (int t = 0; t < KJ; ++t) acc[r][t] = _mm256_fmadd_ps(qv, kv[t], acc[r][t]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int t = 0; t < KJ; ++t) S[r * kBlockK + j + t] = hsum8(acc[r][t]);
+}
+
+template <typename T, int R>
+void qk_direct(float* S, const float* q, int Dp, const T* k, int64_t ks, int nk, int D) {
+  const int D8 = D & ~7;
+  constexpr int KJ = R <= 2 ? 4 : 2;
+  int j = 0;
+  for (; j + KJ <= nk; j += KJ) qk_direct_keys<T, R, KJ>(S, q, Dp, k, ks, j, D8);
+  for (; j < nk; ++j) qk_direct_keys<T, R, 1>(S, q, Dp, k, ks, j, D8);
+  for (int r = 0; r < R; ++r) {
+    float* s = S + r * kBlockK;
+    if (D8 < D)
+      for (int jj = 0; jj < nk; ++jj)
+        for (int d = D8; d < D; ++d) s[jj] += q[r * Dp + d] * to_float(k[jj * ks + d]);
+    std::fill(s + nk, s + kBlockK, 0.f);  // past the last key: masked by finish_scores
+  }
+}
+
+// o[0 .. 8*NC) += sum_j P[j] * v_j[0 .. 8*NC), the accumulator in registers across the key loop.
+template <typename T, int NC>
+inline void pv_direct_chunk(float* o, const float* P, const T* v, int64_t vs, int nk) {
+  __m256 acc[NC];
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) acc[c] = _mm256_loadu_ps(o + 8 * c);
+  for (int j = 0; j < nk; ++j) {
+    const __m256 pj = _mm256_set1_ps(P[j]);
+    const T* vj = v + j * vs;
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) acc[c] = _mm256_fmadd_ps(pj, load8(vj + 8 * c), acc[c]);
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) _mm256_storeu_ps(o + 8 * c, acc[c]);
+}
+
+// O[r] += P[r] V over nk keys for `rows` rows (row r of O at r * Dp, of P at r * kBlockK).
+template <typename T>
+void pv_direct(float* O, const float* P, int rows, int Dp, const T* v, int64_t vs, int nk, int D) {
+  const int D8 = D & ~7;
+  for (int r = 0; r < rows; ++r) {
+    float* o = O + static_cast<size_t>(r) * Dp;
+    const float* p = P + r * kBlockK;
+    int d = 0;
+    for (; d + 64 <= D8; d += 64) pv_direct_chunk<T, 8>(o + d, p, v + d, vs, nk);
+    for (; d + 32 <= D8; d += 32) pv_direct_chunk<T, 4>(o + d, p, v + d, vs, nk);
+    for (; d < D8; d += 8) pv_direct_chunk<T, 1>(o + d, p, v + d, vs, nk);
+    for (; d < D; ++d) {
+      float a = o[d];
+      for (int j = 0; j < nk; ++j) a += p[j] * to_float(v[j * vs + d]);
+      o[d] = a;
+    }
+  }
+}
+#endif
+
 // Processes query rows [q0, q0+nq) of heads h .. h+heads-1 (one KV group) in sequence b against key
 // blocks [kb_begin, kb_end); tile row g*nq + r is head h+g, row q0+r. Leaves the unnormalised
 // accumulator in w.o and the base-2 running max / sum in w.m, w.l.
@@ -235,11 +340,39 @@ void fwd_tile(const AttentionFwdParams& p, const SeqInfo& si, int b, int h, int 
   std::fill(w.m, w.m + rows, kNegInf);
   std::fill(w.l, w.l + rows, 0.f);
 
+#ifdef MPTK_AVX2
+  // Decode and short chunks: K and V read in place, no tiles. Chosen by the query rows per head, not
+  // by the tile's rows, so a head's arithmetic is the same whether or not its GQA group shares the tile.
+  const bool direct = nq <= kDirectRows;
+#else
+  const bool direct = false;
+#endif
   for (int kb = kb_begin; kb < kb_end; ++kb) {
     const int k0 = kb * kBlockK, nk = std::min(kBlockK, si.sk - k0);
-    load_kv_tile(w.kt, true, kbase + k0 * p.k_row_stride, p.k_row_stride, nk, D, Dp);
-    load_kv_tile(w.v, false, vbase + k0 * p.v_row_stride, p.v_row_stride, nk, D, Dp);
-    attn_cpu::gemm(rows, kBlockK, Dp, w.q, Dp, w.kt, kBlockK, w.s, kBlockK, false);
+    if (direct) {
+#ifdef MPTK_AVX2
+      const T* kp = kbase + k0 * p.k_row_stride;
+      if (kb + 1 < kb_end) {  // the next block's K and V rows: in flight while this block computes
+        const int nk1 = std::min(kBlockK, si.sk - k0 - kBlockK);
+        prefetch_rows(kp + kBlockK * p.k_row_stride, p.k_row_stride, nk1, D);
+        prefetch_rows(vbase + (k0 + kBlockK) * p.v_row_stride, p.v_row_stride, nk1, D);
+      }
+      for (int r0 = 0; r0 < rows; r0 += kDirectRows) {  // the rows' dot products are independent
+        float* S = w.s + r0 * kBlockK;
+        const float* q = w.q + static_cast<size_t>(r0) * Dp;
+        switch (std::min(kDirectRows, rows - r0)) {
+          case 1: qk_direct<T, 1>(S, q, Dp, kp, p.k_row_stride, nk, D); break;
+          case 2: qk_direct<T, 2>(S, q, Dp, kp, p.k_row_stride, nk, D); break;
+          case 3: qk_direct<T, 3>(S, q, Dp, kp, p.k_row_stride, nk, D); break;
+          default: qk_direct<T, 4>(S, q, Dp, kp, p.k_row_stride, nk, D); break;
+        }
+      }
+#endif
+    } else {
+      load_kv_tile(w.kt, true, kbase + k0 * p.k_row_stride, p.k_row_stride, nk, D, Dp);
+      load_kv_tile(w.v, false, vbase + k0 * p.v_row_stride, p.v_row_stride, nk, D, Dp);
+      attn_cpu::gemm(rows, kBlockK, Dp, w.q, Dp, w.kt, kBlockK, w.s, kBlockK, false);
+    }
     for (int g = 0; g < heads; ++g)
       finish_scores(p, w.s + static_cast<size_t>(g) * nq * kBlockK, nq, q0, k0, si.sq, si.sk, slope_of(p, b, h + g),
                     w.bmax + g * nq);
@@ -257,6 +390,12 @@ void fwd_tile(const AttentionFwdParams& p, const SeqInfo& si, int b, int h, int 
       w.l[r] = w.l[r] * alpha + rowsum;
       w.m[r] = m_new;
     }
+#ifdef MPTK_AVX2
+    if (direct) {
+      pv_direct<T>(w.o, w.s, rows, Dp, vbase + k0 * p.v_row_stride, p.v_row_stride, nk, D);
+      continue;
+    }
+#endif
     attn_cpu::gemm(rows, Dp, kBlockK, w.s, kBlockK, w.v, Dp, w.o, Dp, true);
   }
 }
