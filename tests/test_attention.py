@@ -613,6 +613,23 @@ def test_long_causal_rows_keep_float32_precision():
     torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-7, atol=1e-5)
 
 
+def _fwd_against_reference(q, k, v, slopes, causal, dtype):
+    """The CPU kernel's output, checked against the float64 reference (output and lse)."""
+    out, lse, _ = fwd_C(q, k, v, slopes, causal)
+    ref, ref_lse = reference_fwd(q, k, v, slopes, causal)
+    assert_within(out, ref, lowp_baseline(q, k, v, slopes, causal), dtype, "out")
+    torch.testing.assert_close(lse, ref_lse.float(), rtol=1e-5, atol=1e-5)
+    return out
+
+
+def _one_head_alone(q, k, v, slopes, h, causal):
+    """Head h run by itself in MHA layout (its own KV head, no grouping)."""
+    g = q.shape[2] // k.shape[2]
+    o1, _, _ = fwd_C(q[:, :, h:h + 1], k[:, :, h // g:h // g + 1], v[:, :, h // g:h // g + 1],
+                     slopes[:, h:h + 1].contiguous(), causal)
+    return o1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", [(2, 1, 1025, 8, 2, 64), (1, 3, 500, 12, 1, 80), (1, 1, 4099, 4, 1, 64),
                                   (1, 9, 9, 12, 1, 40)], ids=lambda c: "B{}_Sq{}_Sk{}_H{}_{}_D{}".format(*c))
@@ -622,14 +639,9 @@ def test_grouped_decode_matches_reference_and_per_head_runs(case, dtype):
     B, Sq, Sk, H, Hkv, D = case
     q, k, v = make_qkv(B, Sq, Sk, H, Hkv, D, dtype)
     slopes = make_slopes("random", B, H)
-    out, lse, _ = fwd_C(q, k, v, slopes, True)
-    ref, ref_lse = reference_fwd(q, k, v, slopes, True)
-    assert_within(out, ref, lowp_baseline(q, k, v, slopes, True), dtype, "out")
-    torch.testing.assert_close(lse, ref_lse.float(), rtol=1e-5, atol=1e-5)
-    g = H // Hkv
+    out = _fwd_against_reference(q, k, v, slopes, True, dtype)
     for h in (0, H - 1):  # one head alone: MHA layout, no grouping
-        o1, l1, _ = fwd_C(q[:, :, h:h + 1], k[:, :, h // g:h // g + 1], v[:, :, h // g:h // g + 1],
-                          slopes[:, h:h + 1].contiguous(), True)
+        o1 = _one_head_alone(q, k, v, slopes, h, True)
         torch.testing.assert_close(out[:, :, h:h + 1], o1, rtol=0, atol=0 if dtype == torch.float32 else 1e-2)
 
 
@@ -696,13 +708,8 @@ def test_few_query_rows_read_kv_in_place(case, dtype):
     for causal in (True, False):
         q, k, v = make_qkv(B, Sq, Sk, H, Hkv, D, dtype)
         slopes = make_slopes("random", B, H)
-        out, lse, _ = fwd_C(q, k, v, slopes, causal)
-        ref, ref_lse = reference_fwd(q, k, v, slopes, causal)
-        assert_within(out, ref, lowp_baseline(q, k, v, slopes, causal), dtype, "out")
-        torch.testing.assert_close(lse, ref_lse.float(), rtol=1e-5, atol=1e-5)
-        g = H // Hkv
+        out = _fwd_against_reference(q, k, v, slopes, causal, dtype)
         h = H - 1
-        o1, _, _ = fwd_C(q[:, :, h:h + 1], k[:, :, h // g:h // g + 1], v[:, :, h // g:h // g + 1],
-                         slopes[:, h:h + 1].contiguous(), causal)
+        o1 = _one_head_alone(q, k, v, slopes, h, causal)
         # (not bit for bit: a head alone may be split across threads where the full run is not)
         torch.testing.assert_close(out[:, :, h:h + 1], o1, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-2)
