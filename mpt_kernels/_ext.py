@@ -138,7 +138,7 @@ def empty(shape, dtype, device):
     if math.prod(shape) * dtype.itemsize >= _POOL_MIN_BYTES:  # small ones: straight to torch.empty
         dev = device if type(device) is torch.device else torch.device(device)
         if dev.type == "cpu" and (_pool_enabled if _pool_enabled is not None else _configure_pool()):
-            code = _torch_codes().get(dtype)
+            code = (_TORCH_CODES or _torch_codes()).get(dtype)
             if code is not None:
                 return torch.from_dlpack(_C.host_empty(tuple(int(s) for s in shape), code))
     return torch.empty(shape, dtype=dtype, device=device)

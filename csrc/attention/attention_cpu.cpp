@@ -235,13 +235,6 @@ inline void prefetch_rows(const T* base, int64_t row_stride, int n, int D) {
   }
 }
 
-inline float hsum8(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
-
 // S[r * kBlockK + j + t] = q_r . k_{j+t} over the first D8 dims (t < KJ), R query rows of stride Dp.
 // KJ keys at a time: R * KJ independent FMA chains instead of one per key.
 template <typename T, int R, int KJ>

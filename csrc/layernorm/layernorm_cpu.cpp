@@ -252,7 +252,8 @@ void layer_norm_fwd_impl(const LayerNormFwdParams& p) {
   const float* w = as_float(static_cast<const WT*>(p.weight), p.hidden, wbuf);
   const float* b = as_float(static_cast<const WT*>(p.bias), p.hidden, bbuf);
   bool wb_finite = true;  // lets the bfloat16 rows with finite statistics skip the NaN-safe rounding
-  for (int64_t c = 0; c < p.hidden; ++c) wb_finite &= std::isfinite(w[c]) && (!b || std::isfinite(b[c]));
+  if constexpr (std::is_same_v<T, bf16>)  // the only type that reads it
+    for (int64_t c = 0; c < p.hidden; ++c) wb_finite &= std::isfinite(w[c]) && (!b || std::isfinite(b[c]));
   auto run = [&](auto stream) {
     constexpr bool kStream = decltype(stream)::value;
 #pragma omp parallel if (p.rows * p.hidden >= kParallelMinElems)

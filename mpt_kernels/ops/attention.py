@@ -125,9 +125,10 @@ def alibi_attention_fwd(
 
 
 def _attention_fwd_impl(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                        softmax_scale, causal):
+                        softmax_scale, causal, with_lse=True):
     """The forward's body: the custom op runs it, and ``alibi_attention`` calls it directly where the
-    op's dispatch has nothing to do (``_ext.direct_call_ok``)."""
+    op's dispatch has nothing to do (``_ext.direct_call_ok``). ``with_lse=False`` (the direct call, not
+    varlen) skips the logsumexp output: lse is returned as None."""
     varlen = cu_seqlens_q is not None
     if varlen and cu_seqlens_k is not None:
         _check_device_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
@@ -141,26 +142,10 @@ def _attention_fwd_impl(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_s
         lse = torch.full(_lse_shape(q, True), float("-inf"), dtype=torch.float32, device=q.device)
     else:
         out = _empty(q.shape, q.dtype, q.device)  # large CPU outputs come from the host pool
-        lse = _empty(_lse_shape(q, False), torch.float32, q.device)
-    _C.attention_fwd(args[0], args[1], args[2], view(out, "out"), view(lse, "lse"), *args[3:],
+        lse = _empty(_lse_shape(q, False), torch.float32, q.device) if with_lse else None
+    _C.attention_fwd(args[0], args[1], args[2], view(out, "out"), _opt_view(lse, "lse"), *args[3:],
                      _opt_view(ws, "workspace"), current_stream(q))
     return out, lse
-
-
-def _attention_direct(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                      causal):
-    """``alibi_attention``'s direct (no-gradient) call: the output only (no logsumexp: nothing will read
-    it). Varlen goes through the op's body unchanged (its outputs are zero-filled)."""
-    if cu_seqlens_q is not None:
-        return _attention_fwd_impl(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                   softmax_scale, causal)[0]
-    args = (view(q, "q"), view(k, "k"), view(v, "v"), _opt_view(alibi_slopes, "alibi_slopes"), None, None,
-            max_seqlen_q, max_seqlen_k, softmax_scale, causal)
-    ws = _workspace(_C.attention_fwd_workspace_size(*args), q.device)
-    out = _empty(q.shape, q.dtype, q.device)
-    _C.attention_fwd(args[0], args[1], args[2], view(out, "out"), None, *args[3:], _opt_view(ws, "workspace"),
-                     current_stream(q))
-    return out
 
 
 @alibi_attention_fwd.register_fake
@@ -282,8 +267,9 @@ def alibi_attention(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=No
     if not isinstance(softmax_scale, torch.SymFloat):
         softmax_scale = float(softmax_scale)
     if direct_call_ok(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k):  # inference: skip the op's dispatch
-        return _attention_direct(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                 softmax_scale, bool(causal))
+        # Only the output: no logsumexp (nothing will read it), except varlen, whose outputs are pre-filled.
+        return _attention_fwd_impl(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                   softmax_scale, bool(causal), with_lse=cu_seqlens_q is not None)[0]
     out, _ = alibi_attention_fwd(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  softmax_scale, bool(causal))
     return out
