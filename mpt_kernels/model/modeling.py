@@ -402,7 +402,13 @@ class MPTForCausalLM(nn.Module):
             raise ValueError(f"input_ids: expected an integer dtype, got {input_ids.dtype}")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids: empty sequence")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if torch.compiler.is_compiling():
+            # Reading the range back is a data-dependent branch (a graph break); compiled graphs skip it
+            # (an out-of-range id then fails inside the embedding: an IndexError on the CPU, a device
+            # assert on CUDA).
+            return
+        lo, hi = torch.aminmax(input_ids)  # one device sync for both (a CUDA input's only one per call)
+        lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"input_ids: ids must be in [0, {self.config.vocab_size}), got range [{lo}, {hi}]")
 
