@@ -496,6 +496,13 @@ def test_float32_gemm_linear_for_low_precision_on_cpu(monkeypatch):
     from mpt_kernels.model import modeling
 
     monkeypatch.setattr(modeling, "_FP32_GEMM_ON_CPU", True)
+    pooled = []
+
+    def poisoned_empty(shape, dtype, device):  # the pooled float32 copies/products: NaN until written
+        pooled.append(tuple(shape))
+        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(mk._ext, "empty", poisoned_empty)
     for dt in (torch.bfloat16, torch.float16):
         x = torch.randn(3, 37, 48, dtype=dt, requires_grad=True)
         w = torch.randn(29, 48, dtype=dt, requires_grad=True)
@@ -510,14 +517,32 @@ def test_float32_gemm_linear_for_low_precision_on_cpu(monkeypatch):
             assert got.dtype == dt
             scale = ref.abs().max().item()
             torch.testing.assert_close(got.double(), ref, atol=scale * 2**-8, rtol=0)
-        # one row without gradients (a batch-1 decode step): torch's own low-precision matrix-vector
-        # product, float32 accumulation, same bound
+        assert len(pooled) >= 8  # eager: copies and products came from the (poisoned) pool
+        # up to _DIRECT_ROWS rows without gradients (decode steps): torch's own low-precision product,
+        # float32 accumulation, same bound; 9 rows and more take the float32 GEMM again
         with torch.no_grad():
-            for x1 in (x[:1, :1], x[1, 5]):
+            for x1 in (x[:1, :1], x[1, 5], x[0, :8], x[2, 3:12], x[:, ::7].transpose(0, 1)):
                 y1 = modeling.linear(x1, w, b)
                 ref = torch.nn.functional.linear(x1.double(), w.double(), b.double())
                 assert y1.dtype == dt and y1.shape == ref.shape
                 torch.testing.assert_close(y1.double(), ref, atol=ref.abs().max().item() * 2**-8, rtol=0)
+    # CPU autocast: float32 weights, float32 input; the output has autocast's dtype, the GEMM runs in
+    # float32 on the bf16-rounded input (autocast's input cast) and the float32 weight
+    x = torch.randn(2, 19, 48, requires_grad=True)
+    w = torch.randn(29, 48, requires_grad=True)
+    g = torch.randn(2, 19, 29)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = modeling.linear(x, w)
+    assert y.dtype == torch.bfloat16
+    gx, gw = torch.autograd.grad(y, (x, w), g.bfloat16())
+    assert gx.dtype == torch.float32 and gw.dtype == torch.float32
+    xr = x.detach().bfloat16().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    y64 = torch.nn.functional.linear(xr, w64)
+    rx, rw = torch.autograd.grad(y64, (xr, w64), g.bfloat16().double())
+    torch.testing.assert_close(y.double(), y64, atol=y64.abs().max().item() * 2**-8, rtol=0)
+    torch.testing.assert_close(gw.double(), rw, atol=rw.abs().max().item() * 2**-8, rtol=0)
+    torch.testing.assert_close(gx.double(), rx, atol=rx.abs().max().item() * 2**-8, rtol=0)  # bf16 gx, cast up
     # a whole bf16 model on this path matches the float32 model to bf16 accuracy
     m = perturb_norms(MPTForCausalLM(small()))
     ids = torch.randint(0, 101, (2, 16))
