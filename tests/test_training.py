@@ -135,6 +135,23 @@ def test_mfu_and_peaks():
     assert mfu(6e9, 1000.0, 12e12, world_size=2) == pytest.approx(0.25)
 
 
+def test_cpu_peak_is_measured_in_the_gemm_dtype(monkeypatch):
+    """bf16 training on a CPU without bf16 dot products runs float32 GEMMs, so its MFU peak is float32's."""
+    from mpt_kernels.model import modeling
+    from mpt_kernels.train import metrics
+
+    seen = []
+    monkeypatch.setattr(metrics, "measure_cpu_peak_flops", lambda dt, seconds=0.5: seen.append((dt, seconds)) or 1e11)
+    monkeypatch.setattr(modeling, "_FP32_GEMM_ON_CPU", True)
+    cpu = torch.device("cpu")
+    peak, source = metrics.peak_flops(cpu, "bf16", seconds=0.25)
+    assert peak == 1e11 and "fp32 matmul (bf16" in source
+    monkeypatch.setattr(modeling, "_FP32_GEMM_ON_CPU", False)
+    assert "bf16 matmul (bf16" in metrics.peak_flops(cpu, "bf16")[1]
+    metrics.peak_flops(cpu, "fp32")
+    assert seen == [(torch.float32, 0.25), (torch.bfloat16, 0.5), (torch.float32, 0.5)]
+
+
 # --------------------------------------------------------------------------------------- checkpoints
 
 def test_checkpoint_atomic_and_pruned(tmp_path):

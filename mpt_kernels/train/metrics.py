@@ -4,7 +4,8 @@ MFU follows llm-foundry: achieved model FLOP/s over the hardware's peak, where t
 per token are ``3 * (2 * n_params + 4 * n_layers * d_model * seq_len)`` (forward and backward,
 attention included, activation recomputation not counted: ``MPTForCausalLM.flops_per_token``).
 The GPU peak comes from a table of dense tensor-core rates (no sparsity); the CPU has no datasheet
-number we could trust, so its peak is a matmul of the training dtype measured at start-up.
+number we could trust, so its peak is a matmul in the dtype its GEMMs run in, measured at start-up
+(and again at each evaluation by the trainer, which keeps the best)
 """
 from __future__ import annotations
 
@@ -76,8 +77,9 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
-    """(peak FLOP/s, where the number came from) for one device of this run."""
+def peak_flops(device: torch.device, precision: str, seconds: float = 0.5) -> tuple[float, str]:
+    """(peak FLOP/s, where the number came from) for one device of this run; ``seconds``: how long a
+    CPU measurement runs."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = gpu_peak_flops(name, precision)
@@ -95,8 +97,21 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
             a @ a
         torch.cuda.synchronize(device)
         return 2 * n ** 3 * 10 / (time.perf_counter() - t0), f"{name} measured matmul ({precision})"
-    dt = torch.bfloat16 if precision == "bf16" else torch.float32
-    return measure_cpu_peak_flops(dt), f"CPU measured matmul ({precision}, {torch.get_num_threads()} threads)"
+    dt = cpu_gemm_dtype(precision)
+    return measure_cpu_peak_flops(dt, seconds=seconds), f"CPU measured {_DT_NAME[dt]} matmul ({precision}, {torch.get_num_threads()} threads)"
+
+
+_DT_NAME = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def cpu_gemm_dtype(precision: str) -> torch.dtype:
+    """The dtype the model's CPU GEMMs run in: bf16 training on a CPU without bf16 dot products runs
+    its Linear layers as float32 GEMMs (``mpt_kernels.model.modeling``), so its peak is float32's."""
+    if precision != "bf16":
+        return torch.float32
+    from mpt_kernels.model import modeling
+
+    return torch.float32 if modeling._FP32_GEMM_ON_CPU else torch.bfloat16
 
 
 def mfu(flops_per_token: float, tokens_per_second: float, peak: float, world_size: int = 1) -> float:

@@ -456,6 +456,10 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             if cfg.eval.every > 0 and step % cfg.eval.every == 0 and step < cfg.max_steps:
+                if self.device.type == "cpu":
+                    # The CPU peak is the best matmul rate measured so far: a start-up measurement
+                    # taken while the machine was busy would otherwise leave MFU above 100% later.
+                    peak = max(peak, peak_flops(self.device, self.precision, seconds=0.25)[0])
                 last_eval = self.evaluate()
                 if last_eval and self.rank == 0:
                     self.metrics.write(kind="eval", step=step, **last_eval)
