@@ -233,10 +233,20 @@ class Lion(Optimizer):
 
     @property
     def skipped_steps(self) -> int:
-        """Steps skipped because the gradients were not finite (reading it synchronises CUDA)."""
+        """Steps skipped because the gradients were not finite, those of a loaded state dict included
+        (reading it synchronises CUDA)."""
+        base = self.__dict__.get("_skipped_base", 0)
         if not self._skip_counters:
-            return 0
-        return max(int(c.item()) for c in self._skip_counters.values())
+            return base
+        return base + max(int(c.item()) for c in self._skip_counters.values())
+
+    def state_dict(self) -> dict:
+        """torch's optimizer state dict; the skipped-step count rides in the first parameter group
+        (``"skipped_steps"``), where torch.distributed.checkpoint keeps group entries as they are."""
+        sd = super().state_dict()
+        if sd["param_groups"]:
+            sd["param_groups"][0]["skipped_steps"] = self.skipped_steps
+        return sd
 
     def _counter(self, device):
         c = self._skip_counters.get(device)
@@ -254,6 +264,11 @@ class Lion(Optimizer):
                 if st is not None and "exp_avg" in st:
                     saved[idx] = st["exp_avg"]
         super().load_state_dict(state_dict)
+        skipped = 0
+        for group in self.param_groups:  # torch copied the saved group entries into the live groups
+            skipped = max(skipped, int(group.pop("skipped_steps", 0)))
+        self._skipped_base = skipped
+        self._skip_counters = {}
         id_map = {}
         for g_saved, group in zip(state_dict["param_groups"], self.param_groups):
             id_map.update(zip(g_saved["params"], group["params"]))

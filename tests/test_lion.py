@@ -414,6 +414,15 @@ def test_nonfinite_gradient_skips_the_step(bad, how):
     opt.step()  # training goes on
     assert opt.skipped_steps == 1
     assert all(not torch.equal(p.detach(), s) for p, s in zip(params, snap_p))
+    # the count survives a state-dict round trip (and keeps counting after it); live groups stay clean
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["skipped_steps"] == 1 and "skipped_steps" not in opt.param_groups[0]
+    opt2 = mk.optim.Lion(params, lr=1e-2, weight_decay=0.1, **kw)
+    opt2.load_state_dict(sd)
+    assert opt2.skipped_steps == 1 and "skipped_steps" not in opt2.param_groups[0]
+    params[0].grad[0] = bad
+    opt2.step()
+    assert opt2.skipped_steps == 2 and opt2.state_dict()["param_groups"][0]["skipped_steps"] == 2
 
 
 def test_grad_scale_and_found_inf_arguments():

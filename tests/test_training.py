@@ -258,6 +258,27 @@ def test_nonfinite_step_is_skipped_and_logged(tmp_path, corpus, monkeypatch):
     assert all(torch.isfinite(p).all() for p in tr.raw_model.parameters())
 
 
+@pytest.mark.parametrize("optim", ["lion", "adamw"])
+def test_skipped_step_count_survives_resume(tmp_path, corpus, monkeypatch, optim):
+    from mpt_kernels.train import Trainer
+
+    kw = {"optim.name": optim, "checkpoint.save_every": 3, "checkpoint.autoresume": True,
+          "checkpoint.save_hf": False, "eval.sample_tokens": 0, "eval.every": -1}
+    tr = Trainer(_micro_cfg(tmp_path, corpus, max_steps=3, **kw))
+    real = tr._forward_loss
+    calls = {"n": 0}
+
+    def poisoned(batch):
+        calls["n"] += 1
+        return real(batch) * (float("nan") if calls["n"] == 2 else 1.0)
+
+    monkeypatch.setattr(tr, "_forward_loss", poisoned)
+    assert tr.fit()["skipped_steps"] == 1
+    tr2 = Trainer(_micro_cfg(tmp_path, corpus, max_steps=5, **kw))
+    summary = tr2.fit()  # resumes at step 3, two clean steps
+    assert tr2.resume()[0] == 5 and summary["skipped_steps"] == 1
+
+
 def test_finetune_instruct_and_hf_export(tmp_path, corpus):
     from mpt_kernels.model import MPTForCausalLM
     from mpt_kernels.train import Trainer

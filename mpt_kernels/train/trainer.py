@@ -235,6 +235,8 @@ class Trainer:
         return t
 
     def _skipped_steps(self) -> int:
+        # _adamw_skipped: the steps the optimizer itself does not count (AdamW's; after a resume also
+        # a count restored from the trainer state that the optimizer's state dict did not carry)
         return int(getattr(self.optimizer, "skipped_steps", 0)) + getattr(self, "_adamw_skipped", 0)
 
     def train_step(self, data_iter) -> tuple[float, int]:
@@ -335,6 +337,9 @@ class Trainer:
             self.raw_model.load_state_dict(torch.load(ck / "model.pt", map_location=self.device, weights_only=True))
             self.optimizer.load_state_dict(torch.load(ck / "optim.pt", map_location=self.device, weights_only=False))
         self.scheduler.load_state_dict(st["scheduler"])
+        # Skipped-step count: Lion restores its own from its state dict; whatever the optimizer does not
+        # keep (AdamW's, or a Lion state saved before it kept the count) continues from the trainer state.
+        self._adamw_skipped = max(0, int(st.get("skipped_steps", 0)) - int(getattr(self.optimizer, "skipped_steps", 0)))
         self.train_set.load_state_dict(st["data"])
         load_rng(ck, self.rank)
         if self.rank == 0:
