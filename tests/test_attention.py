@@ -375,6 +375,28 @@ def test_varlen_gradients_through_public_api():
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
 
 
+def test_kernel_operand_layout_rules():
+    """What the op hands the kernels: head_dim-contiguous tensors pass as they are on the CPU; for the
+    CUDA kernels also a 16-byte aligned start and strides that are multiples of 8 elements, else a
+    differentiable copy (checked here on CPU tensors with the CUDA rule switched on)."""
+    from mpt_kernels.ops.attention import _kernel_operand
+
+    qkv = torch.randn(2, 9, 3, 4, 64, dtype=torch.bfloat16)
+    q = qkv[:, :, 1]  # a fused-projection view: strides (1728, 192, 64, 1), offset 256
+    assert _kernel_operand(q, True) is q and _kernel_operand(q, False) is q
+    buf = torch.randn(2, 9, 4, 72, dtype=torch.bfloat16, requires_grad=True)
+    odd = buf[..., 1:65]  # offset 1 element, row stride 288 (fine), start misaligned
+    assert _kernel_operand(odd, False) is odd
+    c = _kernel_operand(odd, True)
+    assert c is not odd and c.is_contiguous() and torch.equal(c, odd)
+    c.float().sum().backward()
+    assert torch.equal(buf.grad[..., 1:65], torch.ones_like(odd)) and buf.grad[..., :1].abs().sum() == 0
+    wide = torch.randn(2, 9, 4, 68, dtype=torch.bfloat16)[..., :64]  # aligned start, head stride 68
+    assert _kernel_operand(wide, False) is wide and _kernel_operand(wide, True).stride() == (2304, 256, 64, 1)
+    t = torch.randn(2, 9, 64, 4, dtype=torch.bfloat16).transpose(-1, -2)  # head_dim not contiguous
+    assert _kernel_operand(t, False).stride(-1) == 1
+
+
 def test_torch_compile_fullgraph_traces_forward_and_backward():
     q, k, v = make_qkv(2, 33, 40, 4, 2, 64, torch.float32)
     q, k, v = (t.requires_grad_() for t in (q, k, v))

@@ -1015,10 +1015,24 @@ def test_cuda_rejects_bad_input():
     q256 = torch.randn(1, 8, 2, 256, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="head_dim"):
         mk.alibi_attention(q256, q256, q256)
-    # the kernels copy 16-byte chunks: a view starting one element into its storage is refused by name
-    buf = torch.randn(1, 8, 4, 72, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="q"):
-        mk.alibi_attention(buf[..., 1:65], q, q)
+    # the kernels copy 16-byte chunks: a view starting one element into its storage is copied by the
+    # op (same result as a contiguous copy, gradients too) and refused by name at the _C level
+    buf = torch.randn(1, 8, 4, 72, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    qv = buf[..., 1:65]
+    out = mk.alibi_attention(qv, q, q)
+    torch.testing.assert_close(out, mk.alibi_attention(qv.detach().contiguous(), q, q), rtol=0, atol=0)
+    out.float().sum().backward()
+    assert buf.grad[..., 1:65].abs().sum() > 0 and buf.grad[..., :1].abs().sum() == 0
+    from mpt_kernels._ext import _C, view
+
+    out_c = torch.empty_like(q)
+    lse_c = torch.empty(1, 4, 8, device="cuda", dtype=torch.float32)
+    args = (view(qv.detach(), "q"), view(q, "k"), view(q, "v"), None, None, None, 8, 8, 0.125, True)
+    with pytest.raises(ValueError, match="q"):  # from the size query or the launch, whichever checks first
+        nbytes = _C.attention_fwd_workspace_size(*args)
+        ws = torch.zeros(max(nbytes, 1), dtype=torch.uint8, device="cuda")
+        _C.attention_fwd(*args[:3], view(out_c), view(lse_c), *args[3:], view(ws),
+                         torch.cuda.current_stream().cuda_stream)
     with pytest.raises(ValueError):
         mk.alibi_attention(q.float(), q.float(), q.float())  # float32 has no CUDA kernel
 

@@ -48,6 +48,18 @@ def _opt_view(t, name):
     return None if t is None else view(t, name)
 
 
+def _kernel_operand(t: torch.Tensor, cuda_layout: bool) -> torch.Tensor:
+    """``t`` as the kernels take it: the head_dim axis contiguous and, for the CUDA kernels (16-bit
+    dtypes, 16-byte loads), a start 16-byte aligned and every other stride a multiple of 8 elements.
+    Anything else is copied into a fresh tensor (differentiably): a transposed head_dim, a view at an
+    odd offset into a larger buffer. Views of a fused QKV projection with head_dim % 8 == 0 pass as
+    they are."""
+    if t.stride(-1) == 1 and not (cuda_layout and (t.storage_offset() % 8 != 0
+                                                   or any(st % 8 != 0 for st in t.stride()[:-1]))):
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
 def _workspace(nbytes: int, device) -> Optional[torch.Tensor]:
     # The kernels' scratch (split-K partials, backward row statistics): zero-filled, as the launchers
     # expect, and owned by torch's allocator so no allocation happens inside a kernel.
@@ -172,8 +184,7 @@ def alibi_attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv); dk and dv are summed over the query heads of each KV group."""
     varlen = cu_seqlens_q is not None
-    if dout.stride(-1) != 1:  # autograd may hand over expanded (stride 0) gradients
-        dout = dout.contiguous()
+    dout = _kernel_operand(dout, dout.device.type == "cuda")  # autograd may hand over expanded (stride 0) gradients
     args = (view(q, "q"), view(k, "k"), view(v, "v"), _opt_view(alibi_slopes, "alibi_slopes"),
             _opt_view(cu_seqlens_q, "cu_seqlens_q"), _opt_view(cu_seqlens_k, "cu_seqlens_k"),
             max_seqlen_q, max_seqlen_k, softmax_scale, causal)
@@ -251,8 +262,8 @@ def alibi_attention(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=No
                     ("cu_seqlens_k", cu_seqlens_k)):
         if isinstance(t, torch.Tensor) and t.device != q.device:
             raise ValueError(f"{name}: is on {t.device} but q is on {q.device}; all tensors must be on the same device")
-    # The kernels need only the last axis contiguous; anything else (rare: a transposed head_dim) is copied.
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    # Only the last axis must be contiguous (CUDA: plus 16-byte alignment); anything else is copied.
+    q, k, v = (_kernel_operand(t, q.device.type == "cuda") for t in (q, k, v))
     if varlen:
         for name, c in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
             if not isinstance(c, torch.Tensor) or c.dim() != 1:
