@@ -8,9 +8,12 @@
 //   decode    When there are fewer work items than threads (seqlen_q = 1 against a long cache), the
 //             key range is split: each split writes its partial (m, l, O) to the workspace and a
 //             second loop combines them (split-K, as flash-decoding does on a GPU).
-//   backward  (FA2) delta = rowsum(dO * O); P recomputed from the saved lse; then two passes that need
-//             no atomics: (batch, kv head, key block) items own dK and dV rows and sum over every
-//             query head of their group; (batch, head, query block) items own dQ rows.
+//   backward  (FA2) delta = rowsum(dO * O); P recomputed from the saved lse. No atomics: when there
+//             are at least as many (batch, kv head) items as threads, one item walks its key blocks
+//             once and keeps the group's dQ in a per-thread float32 buffer (like the CUDA kernel's
+//             float32 dQ accumulator, without the atomics); otherwise two passes: (batch, kv head,
+//             key block) items own dK and dV rows, (batch, head, query block) items own dQ rows and
+//             recompute P and dS. Both schedules give bitwise the same gradients.
 //
 // Tiles are converted to float32 once per tile into per-thread scratch so the inner loops are plain
 // float32 FMAs (attention_cpu_math.h: gemm). Head dims are padded to a multiple of 8 with zeros.
@@ -20,6 +23,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "attention/attention.h"
@@ -596,6 +601,71 @@ inline void transpose_tile(float* dst, const float* src, int rows) {
     for (int r = 0; r < rows; ++r) dst[j * kBlockQ + r] = src[r * kBlockK + j];
 }
 
+// dK and dV of key block kb of KV head hk in sequence b: sums over the group's query heads and every
+// query block that sees the block. With dq_acc (float32, group x si.sq rows of Dp, zero-initialised)
+// the same P and dS also give dQ += dS K for each visited query block, so the single-pass schedule
+// needs no second pass; without it, pass 2 recomputes P and dS per query block.
+template <typename T>
+void bwd_key_block(const AttentionBwdParams& p, const SeqInfo& si, const float* delta_ws, int b, int hk, int kb,
+                   BwdScratch& w, float* dq_acc) {
+  const int D = p.head_dim, Dp = pad8(D);
+  const int group = p.n_heads / p.n_kv_heads;
+  const int k0 = kb * kBlockK;
+  if (k0 >= si.sk) return;
+  const int nk = std::min(kBlockK, si.sk - k0);
+  const T* kbase = static_cast<const T*>(p.k) + si.k_off + hk * p.k_head_stride + k0 * p.k_row_stride;
+  const T* vbase = static_cast<const T*>(p.v) + si.v_off + hk * p.v_head_stride + k0 * p.v_row_stride;
+  load_kv_tile(w.kt, true, kbase, p.k_row_stride, nk, D, Dp);
+  load_kv_tile(w.vt, true, vbase, p.v_row_stride, nk, D, Dp);
+  if (dq_acc != nullptr) load_kv_tile(w.k, false, kbase, p.k_row_stride, nk, D, Dp);
+  float* dk = w.acc0;
+  float* dv = w.acc1;
+  std::fill(dk, dk + static_cast<size_t>(kBlockK) * Dp, 0.f);
+  std::fill(dv, dv + static_cast<size_t>(kBlockK) * Dp, 0.f);
+  // First query row that sees key k0: i + sk - sq >= k0.
+  const int i_first = p.causal ? std::max(0, k0 - (si.sk - si.sq)) : 0;
+  for (int h = hk * group; h < (hk + 1) * group; ++h) {
+    const float slope = slope_of(p, b, h);
+    for (int q0 = (i_first / kBlockQ) * kBlockQ; q0 < si.sq; q0 += kBlockQ) {
+      const int nq = std::min(kBlockQ, si.sq - q0);
+      bwd_load_query_side<T>(p, si, delta_ws, b, h, q0, nq, w);
+      bwd_probs_and_dscores(p, w, nq, q0, k0, si.sq, si.sk, slope, Dp);
+      transpose_tile(w.pt, w.p, nq);
+      attn_cpu::gemm(nk, Dp, nq, w.pt, kBlockQ, w.dout, Dp, dv, Dp, true);  // dV += P^T dO
+      transpose_tile(w.pt, w.ds, nq);
+      attn_cpu::gemm(nk, Dp, nq, w.pt, kBlockQ, w.q, Dp, dk, Dp, true);  // dK += dS^T Q
+      if (dq_acc != nullptr) {  // dQ += dS K, the same product pass 2 forms (same order over key blocks)
+        float* dq = dq_acc + (static_cast<size_t>(h - hk * group) * si.sq + q0) * Dp;
+        attn_cpu::gemm(nq, Dp, kBlockK, w.ds, kBlockK, w.k, Dp, dq, Dp, true);
+      }
+    }
+  }
+  const int64_t dk_off = p.is_varlen() ? si.k_row0 * p.dk_row_stride : b * p.dk_batch_stride;
+  const int64_t dv_off = p.is_varlen() ? si.k_row0 * p.dv_row_stride : b * p.dv_batch_stride;
+  T* dkp = static_cast<T*>(p.dk) + dk_off + hk * p.dk_head_stride + k0 * p.dk_row_stride;
+  T* dvp = static_cast<T*>(p.dv) + dv_off + hk * p.dv_head_stride + k0 * p.dv_row_stride;
+  for (int j = 0; j < nk; ++j) {
+    attn_cpu::store_row(dkp + j * p.dk_row_stride, dk + j * Dp, D, p.softmax_scale);
+    attn_cpu::store_row(dvp + j * p.dv_row_stride, dv + j * Dp, D, 1.f);
+  }
+}
+
+// Backward schedule. Single pass: one item per (batch, KV head) walks every key block once and keeps
+// the group's dQ in a per-thread float32 buffer, so P and dS are formed once (5 tile products per
+// block pair instead of the two-pass schedule's 7). It needs items for every thread and a dQ buffer of
+// group x seqlen_q x head_dim floats per thread, so long MQA/GQA groups, batch-1 single-head shapes
+// and other low-parallelism cases keep the two passes over (batch, KV head, key block) and
+// (batch, head, query block). Both give bitwise the same dQ, dK, dV (same products, same order).
+// MPT_KERNELS_ATTN_BWD=single|two forces one (tests); anything else picks.
+inline bool bwd_single_pass(const AttentionBwdParams& p, int nthreads) {
+  const char* env = std::getenv("MPT_KERNELS_ATTN_BWD");
+  const size_t dq_floats = static_cast<size_t>(p.n_heads / p.n_kv_heads) * std::max(p.seqlen_q, 0) * pad8(p.head_dim);
+  if (env != nullptr && std::strcmp(env, "single") == 0) return true;
+  if (env != nullptr && std::strcmp(env, "two") == 0) return false;
+  const long items = static_cast<long>(p.batch) * p.n_kv_heads;
+  return items >= static_cast<long>(nthreads) * (p.is_varlen() ? 4 : 1) && dq_floats <= (size_t{16} << 20);
+}
+
 template <typename T>
 void bwd_run(const AttentionBwdParams& p) {
   const int D = p.head_dim, Dp = pad8(D);
@@ -625,6 +695,34 @@ void bwd_run(const AttentionBwdParams& p) {
     }
   }
 
+  if (bwd_single_pass(p, nthreads)) {
+    // Item (b, kv head): every key block in order, dQ of the group's heads accumulated in float32.
+    const long items = static_cast<long>(p.batch) * p.n_kv_heads;
+#pragma omp parallel num_threads(nthreads)
+    {
+      BwdScratch w(scratch.data() + BwdScratch::floats(Dp) * omp_get_thread_num(), Dp);
+      std::vector<float> dq_acc;
+#pragma omp for schedule(dynamic, 1)
+      for (long it = 0; it < items; ++it) {
+        const int hk = static_cast<int>(it % p.n_kv_heads);
+        const int b = static_cast<int>(it / p.n_kv_heads);
+        const SeqInfo si = seq_info(p, b);
+        if (si.sq <= 0) continue;
+        dq_acc.assign(static_cast<size_t>(group) * si.sq * Dp, 0.f);
+        for (int kb = 0; kb < ceil_div(std::max(si.sk, 0), kBlockK); ++kb)
+          bwd_key_block<T>(p, si, delta_ws, b, hk, kb, w, dq_acc.data());
+        const int64_t dq_off = p.is_varlen() ? si.q_row0 * p.dq_row_stride : b * p.dq_batch_stride;
+        for (int g = 0; g < group; ++g) {
+          T* dqp = static_cast<T*>(p.dq) + dq_off + (hk * group + g) * p.dq_head_stride;
+          const float* src = dq_acc.data() + static_cast<size_t>(g) * si.sq * Dp;
+          for (int r = 0; r < si.sq; ++r)
+            attn_cpu::store_row(dqp + r * p.dq_row_stride, src + static_cast<size_t>(r) * Dp, D, p.softmax_scale);
+        }
+      }
+    }
+    return;
+  }
+
   // Pass 1: dK, dV. Item (b, kv head, key block) sums over the group's query heads and every query
   // block that sees this key block, so each dK/dV row has one owner.
   const long kv_items = static_cast<long>(p.batch) * p.n_kv_heads * nkb;
@@ -638,40 +736,7 @@ void bwd_run(const AttentionBwdParams& p) {
       const int kb = static_cast<int>(it / (static_cast<long>(p.batch) * p.n_kv_heads));
       const int hk = static_cast<int>(it % p.n_kv_heads);
       const int b = static_cast<int>((it / p.n_kv_heads) % p.batch);
-      const SeqInfo si = seq_info(p, b);
-      const int k0 = kb * kBlockK;
-      if (k0 >= si.sk) continue;
-      const int nk = std::min(kBlockK, si.sk - k0);
-      const T* kbase = static_cast<const T*>(p.k) + si.k_off + hk * p.k_head_stride + k0 * p.k_row_stride;
-      const T* vbase = static_cast<const T*>(p.v) + si.v_off + hk * p.v_head_stride + k0 * p.v_row_stride;
-      load_kv_tile(w.kt, true, kbase, p.k_row_stride, nk, D, Dp);
-      load_kv_tile(w.vt, true, vbase, p.v_row_stride, nk, D, Dp);
-      float* dk = w.acc0;
-      float* dv = w.acc1;
-      std::fill(dk, dk + static_cast<size_t>(kBlockK) * Dp, 0.f);
-      std::fill(dv, dv + static_cast<size_t>(kBlockK) * Dp, 0.f);
-      // First query row that sees key k0: i + sk - sq >= k0.
-      const int i_first = p.causal ? std::max(0, k0 - (si.sk - si.sq)) : 0;
-      for (int h = hk * group; h < (hk + 1) * group; ++h) {
-        const float slope = slope_of(p, b, h);
-        for (int q0 = (i_first / kBlockQ) * kBlockQ; q0 < si.sq; q0 += kBlockQ) {
-          const int nq = std::min(kBlockQ, si.sq - q0);
-          bwd_load_query_side<T>(p, si, delta_ws, b, h, q0, nq, w);
-          bwd_probs_and_dscores(p, w, nq, q0, k0, si.sq, si.sk, slope, Dp);
-          transpose_tile(w.pt, w.p, nq);
-          attn_cpu::gemm(nk, Dp, nq, w.pt, kBlockQ, w.dout, Dp, dv, Dp, true);  // dV += P^T dO
-          transpose_tile(w.pt, w.ds, nq);
-          attn_cpu::gemm(nk, Dp, nq, w.pt, kBlockQ, w.q, Dp, dk, Dp, true);  // dK += dS^T Q
-        }
-      }
-      const int64_t dk_off = p.is_varlen() ? si.k_row0 * p.dk_row_stride : b * p.dk_batch_stride;
-      const int64_t dv_off = p.is_varlen() ? si.k_row0 * p.dv_row_stride : b * p.dv_batch_stride;
-      T* dkp = static_cast<T*>(p.dk) + dk_off + hk * p.dk_head_stride + k0 * p.dk_row_stride;
-      T* dvp = static_cast<T*>(p.dv) + dv_off + hk * p.dv_head_stride + k0 * p.dv_row_stride;
-      for (int j = 0; j < nk; ++j) {
-        attn_cpu::store_row(dkp + j * p.dk_row_stride, dk + j * Dp, D, p.softmax_scale);
-        attn_cpu::store_row(dvp + j * p.dv_row_stride, dv + j * Dp, D, 1.f);
-      }
+      bwd_key_block<T>(p, seq_info(p, b), delta_ws, b, hk, kb, w, nullptr);
     }
   }
 
