@@ -31,11 +31,12 @@ CASES = [
     ("tiny @512", "tiny", {"vocab_size": 4096}, 2, 512, ("cpu",), True),
     ("mpt-125m", "mpt-125m", {}, 1, 256, ("cpu",), True),
     ("mpt-125m @2048", "mpt-125m", {}, 1, 2048, ("cpu",), True),
-    ("mpt-125m", "mpt-125m", {}, 8, 2048, ("cuda",), True),
-    ("mpt-1b", "mpt-1b", {}, 8, 2048, ("cuda",), True),
     # 7B-shaped layer (d_model 4096, 32 heads) at 65,536 tokens: only ours (the baseline materialises
-    # the (heads, 65536, 65536) ALiBi bias and score matrices: hundreds of GB).
+    # the (heads, 65536, 65536) ALiBi bias and score matrices: hundreds of GB). Before the big models,
+    # so a GPU session short of time still gets it.
     ("mpt-7b layer @64k", "mpt-7b", {"n_layers": 1, "vocab_size": 512, "max_seq_len": 65536}, 1, 65536, ("cuda",), False),
+    ("mpt-1b", "mpt-1b", {}, 8, 2048, ("cuda",), True),
+    ("mpt-125m", "mpt-125m", {}, 8, 2048, ("cuda",), True),
 ]
 QUICK = {"mpt-125m": (1, 128), "mpt-125m @2048": (1, 512)}
 
@@ -49,7 +50,8 @@ def _ours(cfg, device):
     from mpt_kernels.model import MPTForCausalLM
 
     torch.manual_seed(0)
-    return MPTForCausalLM(cfg).to(device)
+    with torch.device(device):  # initialised where it runs (a 1.3B model's CPU init takes many seconds)
+        return MPTForCausalLM(cfg)
 
 
 def _theirs(cfg, state_dict, device):
@@ -58,7 +60,8 @@ def _theirs(cfg, state_dict, device):
     d = cfg.to_dict()
     d["attn_config"] = dict(d["attn_config"], attn_impl="torch")
     hf_cfg = transformers.MptConfig(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
-    model = transformers.MptForCausalLM(hf_cfg).to(device)
+    with torch.device(device):
+        model = transformers.MptForCausalLM(hf_cfg)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     bad = [k for k in missing if not k.endswith("lm_head.weight")]
     if bad or unexpected:
@@ -106,47 +109,15 @@ def run(ctx: harness.Context) -> harness.Report:
         limits={"matmul TFLOP/s": peak / 1e12},
         plot=harness.bar_plot("model", ["ours tok/s", "baseline tok/s"], "tokens/s"),
     )
-    for name, preset, overrides, batch, seq, devices, with_baseline in CASES:
+    for case in CASES:
+        name, devices = case[0], case[5]
         if dev not in devices or (only and name not in only):
             continue
-        if ctx.quick and name in QUICK:
-            batch, seq = QUICK[name]
-        cfg = MPTConfig.from_preset(preset, **{**overrides, "max_seq_len": max(seq, overrides.get("max_seq_len", 0))})
-        torch.manual_seed(1)
-        ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=dev)
-        tokens = batch * seq
-        iters = 2 if ctx.quick else (3 if dev == "cpu" else 10)
-
-        ours = _ours(cfg, dev)
-        fpt = ours.flops_per_token(seq)
-        n_params = ours.num_parameters()
-        opt = mk.optim.Lion(ours.parameters(), lr=1e-4, betas=(0.9, 0.95), max_grad_norm=1.0)
-        steps = {"ours": _step_fn(ours, opt, ids, dev, bf16, None)}
-        if with_baseline and not (ctx.args is not None and ctx.args.no_baseline):
-            theirs = _theirs(cfg, ours.state_dict(), dev)
-            opt_b = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95))
-            clip = lambda: torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)  # noqa: E731
-            steps["baseline"] = _step_fn(theirs, opt_b, ids, dev, bf16, clip)
-        # First step of each from the same weights: the losses must agree (sanity), and it warms up.
-        t_first = time.perf_counter()
-        first = {k: float(f().detach()) for k, f in steps.items()}
-        if dev == "cpu" and not ctx.quick:  # short steps: more of them (about 20 s of timed steps in all)
-            iters = max(iters, min(12, int(20.0 / max(time.perf_counter() - t_first, 1e-3))))
-        # Interleaved, best of several: on a shared machine the load changes from second to second;
-        # alternating the two and keeping each one's fastest step compares them under the same luck.
-        best = {k: math.inf for k in steps}
-        for _ in range(iters):
-            for k, f in steps.items():
-                best[k] = min(best[k], harness.time_fn(f, dev, warmup=0, iters=1))
-        ours_tps = tokens / best["ours"]
-        base_tps = tokens / best["baseline"] if "baseline" in best else math.nan
-        report.add(**{"model": name, "batch x seq": f"{batch} x {seq}", "params (M)": n_params / 1e6,
-                      "ours tok/s": ours_tps, "baseline tok/s": base_tps, "speedup": ours_tps / base_tps,
-                      "ours MFU": fpt * ours_tps / peak, "baseline MFU": fpt * base_tps / peak,
-                      "ours loss": first["ours"], "baseline loss": first.get("baseline", math.nan)})
-        del steps, ours, opt
-        if "baseline" in first:
-            del theirs, opt_b
+        try:
+            _run_case(ctx, report, case, dev, bf16, peak)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory: report it, go on with the next case
+            report.notes.append(f"{name}: failed with {type(exc).__name__}: {str(exc)[:300]}")
+            print(f"[train] {name} failed: {type(exc).__name__}: {exc}", flush=True)
         gc.collect()
         if dev == "cuda":
             torch.cuda.empty_cache()
@@ -162,3 +133,65 @@ def run(ctx: harness.Context) -> harness.Report:
             "ratio there is set by attention, LayerNorm, the loss and the optimizer (fused Lion vs AdamW); at MPT's "
             "pretraining length (2048) the baseline's dense (heads, S, S) attention dominates its step.")
     return report
+
+
+def _run_case(ctx, report, case, dev, bf16, peak):
+    """One row. A baseline that fails (out of memory, say) leaves ours measured and its columns n/a."""
+    import mpt_kernels as mk
+    from mpt_kernels.model import MPTConfig
+
+    name, preset, overrides, batch, seq, devices, with_baseline = case
+    if ctx.quick and name in QUICK:
+        batch, seq = QUICK[name]
+    cfg = MPTConfig.from_preset(preset, **{**overrides, "max_seq_len": max(seq, overrides.get("max_seq_len", 0))})
+    torch.manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=dev)
+    tokens = batch * seq
+    iters = 2 if ctx.quick else (3 if dev == "cpu" else 10)
+
+    ours = _ours(cfg, dev)
+    fpt = ours.flops_per_token(seq)
+    n_params = ours.num_parameters()
+    opt = mk.optim.Lion(ours.parameters(), lr=1e-4, betas=(0.9, 0.95), max_grad_norm=1.0)
+    steps = {"ours": _step_fn(ours, opt, ids, dev, bf16, None)}
+    if with_baseline and not (ctx.args is not None and ctx.args.no_baseline):
+        try:
+            theirs = _theirs(cfg, ours.state_dict(), dev)
+            opt_b = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95))
+            clip = lambda: torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)  # noqa: E731
+            steps["baseline"] = _step_fn(theirs, opt_b, ids, dev, bf16, clip)
+        except Exception as exc:  # noqa: BLE001
+            _drop_baseline(report, name, exc, dev)
+    # First step of each from the same weights: the losses must agree (sanity), and it warms up.
+    t_first = time.perf_counter()
+    first = {}
+    for k in list(steps):
+        try:
+            first[k] = float(steps[k]().detach())
+        except Exception as exc:  # noqa: BLE001
+            if k == "ours":
+                raise
+            del steps[k]
+            _drop_baseline(report, name, exc, dev)
+    if dev == "cpu" and not ctx.quick:  # short steps: more of them (about 20 s of timed steps in all)
+        iters = max(iters, min(12, int(20.0 / max(time.perf_counter() - t_first, 1e-3))))
+    # Interleaved, best of several: on a shared machine the load changes from second to second;
+    # alternating the two and keeping each one's fastest step compares them under the same luck.
+    best = {k: math.inf for k in steps}
+    for _ in range(iters):
+        for k, f in steps.items():
+            best[k] = min(best[k], harness.time_fn(f, dev, warmup=0, iters=1))
+    ours_tps = tokens / best["ours"]
+    base_tps = tokens / best["baseline"] if "baseline" in best else math.nan
+    report.add(**{"model": name, "batch x seq": f"{batch} x {seq}", "params (M)": n_params / 1e6,
+                  "ours tok/s": ours_tps, "baseline tok/s": base_tps, "speedup": ours_tps / base_tps,
+                  "ours MFU": fpt * ours_tps / peak, "baseline MFU": fpt * base_tps / peak,
+                  "ours loss": first["ours"], "baseline loss": first.get("baseline", math.nan)})
+
+
+def _drop_baseline(report, name, exc, dev):
+    report.notes.append(f"{name}: baseline not measured ({type(exc).__name__}: {str(exc)[:200]})")
+    print(f"[train] {name}: baseline dropped: {type(exc).__name__}: {exc}", flush=True)
+    gc.collect()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
