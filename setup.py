@@ -34,6 +34,23 @@ def _find_nvcc():
     return None
 
 
+def _drop_stale_cache(build_dir: Path) -> None:
+    """pip builds in a throw-away environment: a second `pip install .` of the same checkout finds a
+    CMakeCache.txt naming the ninja/cmake of an environment that no longer exists, and CMake fails
+    before configuring. Start that build directory's configuration afresh (objects are rebuilt)."""
+    cache = build_dir / "CMakeCache.txt"
+    if not cache.exists():
+        return
+    keys = ("CMAKE_MAKE_PROGRAM", "CMAKE_COMMAND", "CMAKE_CXX_COMPILER", "CMAKE_CUDA_COMPILER")
+    for line in cache.read_text(errors="replace").splitlines():
+        name, _, value = line.partition("=")
+        if name.split(":")[0] in keys and value.startswith("/") and not Path(value).exists():
+            print(f"[mpt_kernels] {cache} names {value}, which is gone: configuring afresh", flush=True)
+            cache.unlink()
+            shutil.rmtree(build_dir / "CMakeFiles", ignore_errors=True)
+            return
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         import pybind11
@@ -70,6 +87,7 @@ class CMakeBuild(build_ext):
         if shutil.which("ninja"):
             args += ["-G", "Ninja"]
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        _drop_stale_cache(build_dir)
         print(f"[mpt_kernels] cmake configure in {build_dir} (cuda={with_cuda})", flush=True)
         subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
         subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)

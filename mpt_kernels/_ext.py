@@ -10,13 +10,51 @@ import math
 
 import numpy as np
 
+
+
+def _installed_core():
+    """The compiled core of an installed copy of this same package, for a source checkout imported
+    without a build of its own: `python -m mpt_kernels.generate` run from the repository root after
+    `pip install .` puts the checkout first on sys.path. Used only when that copy's Python bridge
+    (this file) is byte-identical to ours, i.e. it was installed from these sources; None otherwise."""
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "_ext.py"), "rb") as f:
+        ours = f.read()
+    for entry in sys.path:
+        d = os.path.join(os.path.abspath(entry or os.curdir), __package__)
+        if not os.path.isdir(d) or os.path.realpath(d) == os.path.realpath(here):
+            continue
+        try:
+            with open(os.path.join(d, "_ext.py"), "rb") as f:
+                if f.read() != ours:
+                    continue
+        except OSError:
+            continue
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            path = os.path.join(d, "_C" + suffix)
+            if os.path.isfile(path):
+                spec = importlib.util.spec_from_file_location(f"{__package__}._C", path)
+                mod = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(mod)
+                sys.modules[f"{__package__}._C"] = mod
+                return mod
+    return None
+
+
 try:
     from . import _C  # noqa: F401
-except ImportError as exc:  # pragma: no cover - only hit on a broken install
-    raise ImportError(
-        "mpt_kernels._C is missing or failed to load: build the package with `pip install .` "
-        f"(or `python setup.py build_ext --inplace` in a checkout). Original error: {exc}"
-    ) from exc
+except ImportError as exc:
+    _C = _installed_core()
+    if _C is None:
+        raise ImportError(
+            "mpt_kernels._C is missing or failed to load: build the package with `pip install .` "
+            f"(or `python setup.py build_ext --inplace` in a checkout). Original error: {exc}"
+        ) from exc
 
 # Mirrors csrc/common/tensor.h: DType. Never renumber.
 FLOAT32, FLOAT16, BFLOAT16, FLOAT64, INT32, INT64, UINT8 = range(7)

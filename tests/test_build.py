@@ -23,3 +23,31 @@ def test_subpackages_load_lazily():
 
     with pytest.raises(AttributeError):
         mk.no_such_thing
+
+
+def test_unbuilt_checkout_uses_the_installed_core(tmp_path):
+    """`python -m mpt_kernels.generate` from a repository root after `pip install .`: the checkout
+    (no _C of its own) comes first on sys.path. It borrows the installed copy's compiled core when
+    that copy's bridge (_ext.py) is byte-identical, and refuses with the build hint otherwise."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pkg = Path(mk.__file__).parent
+    site, src = tmp_path / "site", tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(pkg, site / "mpt_kernels", ignore=ignore)
+    shutil.copytree(pkg, src / "mpt_kernels", ignore=shutil.ignore_patterns("__pycache__", "_C.*"))
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import torch, mpt_kernels as mk; "
+            "y = mk.layer_norm(torch.randn(3, 8), torch.ones(8)); "
+            "print(mk.__file__, mk._ext._C.__file__, float(y.pow(2).mean()))")
+    run = lambda: subprocess.run([sys.executable, "-c", code, str(src), str(site)], capture_output=True,  # noqa: E731
+                                 text=True, timeout=120, cwd=tmp_path)
+    r = run()
+    assert r.returncode == 0, r.stderr[-2000:]
+    mod_file, core_file, ms = r.stdout.split()
+    assert mod_file.startswith(str(src)) and core_file.startswith(str(site)) and abs(float(ms) - 1) < 1e-3
+    (src / "mpt_kernels" / "_ext.py").write_text((src / "mpt_kernels" / "_ext.py").read_text() + "\n# edited\n")
+    r = run()
+    assert r.returncode != 0 and "build the package" in r.stderr
