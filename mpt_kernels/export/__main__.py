@@ -92,8 +92,10 @@ def main(argv=None) -> int:
         if args.verify:
             _verify_ft(args.model, out)
     else:
-        from .onnx import export_onnx
+        from .onnx import _require, export_onnx
 
+        if args.verify and not args.no_kv_cache:
+            _require("onnx", "onnxscript", "onnxruntime")  # before the export, not after it
         out = export_onnx(args.model, args.out, opset=args.opset, with_kv_cache=not args.no_kv_cache,
                           dtype=args.dtype, progress=True)
         print(f"wrote {out}")

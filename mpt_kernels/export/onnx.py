@@ -202,6 +202,17 @@ def _onnx_weight_dtype(model_dtype: torch.dtype, dtype: str | None) -> torch.dty
     return model_dtype if model_dtype in _ONNX_DTYPES.values() else torch.float32
 
 
+def _require(*modules: str) -> None:
+    """Fail early and say what to install (torch's dynamo exporter needs onnx and onnxscript; running
+    the graph needs onnxruntime): all in the package's ``export`` extra."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"ONNX export/run needs {', '.join(missing)}: pip install 'mpt_kernels[export]' "
+                          f"(or pip install {' '.join(missing)})")
+
+
 def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype: str | None = None,
                 external_data: bool | None = None, progress: bool = False) -> Path:
     """Export an MPT (our ``MPTForCausalLM``, transformers' ``MptForCausalLM`` or a Hugging Face MPT
@@ -220,6 +231,7 @@ def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype:
         raise ValueError(f"opset: expected an int >= 18, got {opset!r}")
     if dtype is not None and dtype not in _ONNX_DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(_ONNX_DTYPES)} or None, got {dtype!r}")
+    _require("onnx", "onnxscript")
     from tqdm.auto import tqdm
 
     bar = tqdm(total=3, desc="ONNX export", unit="stage", disable=not progress)
@@ -309,6 +321,7 @@ class OnnxMPT:
     greedy generation. Used by the tests and the CLI's --verify; a template for serving code."""
 
     def __init__(self, path, providers=("CPUExecutionProvider",)):
+        _require("onnxruntime")
         import onnxruntime as ort
 
         self.session = ort.InferenceSession(str(path), providers=list(providers))
