@@ -451,8 +451,7 @@ class MPTForCausalLM(nn.Module):
             # (an out-of-range id then fails inside the embedding: an IndexError on the CPU, a device
             # assert on CUDA).
             return
-        lo, hi = torch.aminmax(input_ids)  # one device sync for both (a CUDA input's only one per call)
-        lo, hi = int(lo), int(hi)
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one read-back for both (one CUDA sync)
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"input_ids: ids must be in [0, {self.config.vocab_size}), got range [{lo}, {hi}]")
 
