@@ -5,6 +5,7 @@ Build switches (environment variables):
   MPT_KERNELS_CUDA_ARCHS  "80;90a" (default)       CUDA architectures compiled in
   MPT_KERNELS_NATIVE      1 (default) | 0          tune the CPU kernels for this host (-march=native)
   MPT_KERNELS_DEBUG       0 (default) | 1          -O0 -g build
+  MPT_KERNELS_PTXAS_VERBOSE 0 (default) | 1        print ptxas' register/spill/shared-memory report
   MAX_JOBS                parallel compile jobs (default: CPU count)
 """
 import os
@@ -81,6 +82,7 @@ class CMakeBuild(build_ext):
             f"-DMPT_KERNELS_CUDA_ARCHS={os.environ.get('MPT_KERNELS_CUDA_ARCHS', '80;90a')}",
             f"-DMPT_KERNELS_NATIVE={'OFF' if os.environ.get('MPT_KERNELS_NATIVE', '1') == '0' else 'ON'}",
             f"-DMPT_KERNELS_VERSION={self.distribution.get_version()}",
+            f"-DMPT_KERNELS_PTXAS_VERBOSE={'ON' if os.environ.get('MPT_KERNELS_PTXAS_VERBOSE', '0') == '1' else 'OFF'}",
         ]
         if with_cuda:
             args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
