@@ -707,8 +707,8 @@ void bwd_run(const AttentionBwdParams& p) {
         const int hk = static_cast<int>(it % p.n_kv_heads);
         const int b = static_cast<int>(it / p.n_kv_heads);
         const SeqInfo si = seq_info(p, b);
-        if (si.sq <= 0) continue;
-        dq_acc.assign(static_cast<size_t>(group) * si.sq * Dp, 0.f);
+        // No early exit for a sequence without queries: its keys still get dK = dV = 0 written.
+        dq_acc.assign(static_cast<size_t>(group) * std::max(si.sq, 0) * Dp, 0.f);
         for (int kb = 0; kb < ceil_div(std::max(si.sk, 0), kBlockK); ++kb)
           bwd_key_block<T>(p, si, delta_ws, b, hk, kb, w, dq_acc.data());
         const int64_t dq_off = p.is_varlen() ? si.q_row0 * p.dq_row_stride : b * p.dq_batch_stride;
