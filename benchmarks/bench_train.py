@@ -89,9 +89,6 @@ def _step_fn(model, opt, ids, device, bf16, clip):
 
 
 def run(ctx: harness.Context) -> harness.Report:
-    import mpt_kernels as mk
-    from mpt_kernels.model import MPTConfig
-
     dev = ctx.device
     bf16 = dev == "cuda"
     dtype_name = "bf16 autocast, fp32 weights" if bf16 else "fp32"

@@ -11,7 +11,6 @@ import math
 import numpy as np
 
 
-
 def _installed_core():
     """The compiled core of an installed copy of this same package, for a source checkout imported
     without a build of its own: `python -m mpt_kernels.generate` run from the repository root after

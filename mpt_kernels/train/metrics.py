@@ -5,7 +5,7 @@ per token are ``3 * (2 * n_params + 4 * n_layers * d_model * seq_len)`` (forward
 attention included, activation recomputation not counted: ``MPTForCausalLM.flops_per_token``).
 The GPU peak comes from a table of dense tensor-core rates (no sparsity); the CPU has no datasheet
 number we could trust, so its peak is a matmul in the dtype its GEMMs run in, measured at start-up
-(and again at each evaluation by the trainer, which keeps the best)
+(and again at each evaluation by the trainer, which keeps the best).
 """
 from __future__ import annotations
 
@@ -98,10 +98,8 @@ def peak_flops(device: torch.device, precision: str, seconds: float = 0.5) -> tu
         torch.cuda.synchronize(device)
         return 2 * n ** 3 * 10 / (time.perf_counter() - t0), f"{name} measured matmul ({precision})"
     dt = cpu_gemm_dtype(precision)
-    return measure_cpu_peak_flops(dt, seconds=seconds), f"CPU measured {_DT_NAME[dt]} matmul ({precision}, {torch.get_num_threads()} threads)"
-
-
-_DT_NAME = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+    name = "bf16" if dt == torch.bfloat16 else "fp32"
+    return measure_cpu_peak_flops(dt, seconds=seconds), f"CPU measured {name} matmul ({precision}, {torch.get_num_threads()} threads)"
 
 
 def cpu_gemm_dtype(precision: str) -> torch.dtype:
