@@ -39,6 +39,9 @@ def add_arguments(p):
     p.add_argument("--seqlens", type=str, default=None, help="comma-separated, overrides the default list")
     p.add_argument("--head-dims", type=str, default="64,128")
     p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--flex-seqlens", type=str, default="all",
+                   help="CUDA: seqlens at which FlexAttention runs ('all', 'none' or a comma list); each "
+                        "seqlen compiles it anew (tens of seconds), so a short GPU session names one or two")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: time by the process's CPU seconds (all threads), which a shared machine's "
                         "time-slicing does not inflate; CPU device only")
@@ -144,14 +147,14 @@ def _flash_attn_fn(slopes):
     return lambda q, k, v: flash_attn_func(q, k, v, causal=True, alibi_slopes=slopes)
 
 
-def build_methods(device, slopes, S, dtype):
+def build_methods(device, slopes, S, dtype, flex=True):
     """name -> (layout, fn(q, k, v) -> out, extra_bytes_held). layout 'bshd' or 'bhsd'."""
     m = {"ours": ("bshd", lambda q, k, v: mk.alibi_attention(q, k, v, causal=True, alibi_slopes=slopes), 0)}
     bias = _dense_alibi_causal_bias(slopes, S, dtype, device)
     m["sdpa_bias"] = ("bhsd", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
                       bias.numel() * bias.element_size())
     m["sdpa_causal"] = ("bhsd", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), 0)
-    if device == "cuda":
+    if device == "cuda" and flex:
         try:
             m["flex"] = ("bhsd", _flex_fn(slopes, S), 0)
         except Exception as exc:  # noqa: BLE001 - report and go on without this baseline
@@ -248,7 +251,7 @@ def run(ctx: harness.Context) -> harness.Report:
             q = torch.randn(B, S, H, D, device=device, dtype=dtype)
             k, v = torch.randn_like(q), torch.randn_like(q)
             dout = torch.randn_like(q)
-            methods = build_methods(device, slopes, S, dtype)
+            methods = build_methods(device, slopes, S, dtype, flex=a.flex_seqlens == "all" or str(S) in a.flex_seqlens.split(","))
             for name, (layout, fn, held) in methods.items():
                 qq, kk, vv, gg = (t.transpose(1, 2) if layout == "bhsd" else t for t in (q, k, v, dout))
                 with torch.no_grad():
