@@ -258,6 +258,29 @@ def test_nonfinite_step_is_skipped_and_logged(tmp_path, corpus, monkeypatch):
     assert all(torch.isfinite(p).all() for p in tr.raw_model.parameters())
 
 
+def test_cpu_mfu_never_reads_above_100_percent_after_a_busy_startup(tmp_path, corpus, monkeypatch):
+    """The start-up matmul can run on a busy machine and measure a peak far below what the cores do;
+    the trainer re-measures at the first log step (and whenever MFU would read above 100%), before
+    any evaluation, so no logged MFU exceeds 1."""
+    from mpt_kernels.train import Trainer, trainer as trainer_mod
+
+    real = trainer_mod.peak_flops
+    calls = []
+
+    def peak(device, precision, seconds=0.5):
+        calls.append(seconds)
+        flops, src = real(device, precision, seconds=0.05)
+        return (flops / 1000 if len(calls) == 1 else flops), src  # the first one "ran under load"
+
+    monkeypatch.setattr(trainer_mod, "peak_flops", peak)
+    cfg = _micro_cfg(tmp_path, corpus, max_steps=4, **{"checkpoint.save_every": 0, "checkpoint.save_hf": False,
+                                                       "eval.sample_tokens": 0, "eval.every": 0, "log_every": 2})
+    Trainer(cfg).fit()
+    recs = [r for r in read_metrics(tmp_path / "runs" / "micro" / "metrics.jsonl", "train") if "mfu" in r]
+    assert [r["step"] for r in recs] == [2, 4] and len(calls) >= 2
+    assert all(0 < r["mfu"] <= 1 for r in recs), [r["mfu"] for r in recs]
+
+
 @pytest.mark.parametrize("optim", ["lion", "adamw"])
 def test_skipped_step_count_survives_resume(tmp_path, corpus, monkeypatch, optim):
     from mpt_kernels.train import Trainer
