@@ -242,6 +242,24 @@ def test_empty_key_sequence_gives_zeros():
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
 
 
+@pytest.mark.parametrize("shape,causal", [((1, 3, 0, 2, 2), False), ((2, 0, 5, 4, 1), False), ((0, 4, 4, 2, 2), True)],
+                         ids=["no-keys", "no-queries-mqa", "batch-0"])
+def test_empty_shapes_forward_and_backward(shape, causal):
+    """No keys: zero output and dq; no queries: zero dk, dv (the backward once refused these with an
+    internal error: no forward lse exists when there are no queries). Outputs poisoned at _C level."""
+    B, Sq, Sk, H, Hkv = shape
+    q, k, v = make_qkv(B, Sq, Sk, H, Hkv, 64, torch.float32)
+    slopes = mk.alibi_slopes(H)
+    out, lse, _ = fwd_C(q, k, v, slopes, causal)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    dq, dk, dv = bwd_C(torch.randn_like(out), q, k, v, out, lse, slopes, causal)
+    for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
+        assert (g == 0).all(), name
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    mk.alibi_attention(qg, kg, vg, causal=causal).sum().backward()
+    assert all(t.grad is not None and t.grad.shape == t.shape and (t.grad == 0).all() for t in (qg, kg, vg))
+
+
 def test_matches_hugging_face_mpt_attention():
     """Hugging Face's MptAttention adds build_mpt_alibi_tensor's bias to the scores (plus its causal
     mask); the kernel computes the same bias from the slopes. Tiny config, float32."""
@@ -635,6 +653,34 @@ def test_bad_cu_seqlens():
         mk.alibi_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=3, max_seqlen_k=6)
     with pytest.raises(ValueError, match=r"^cu_seqlens_q\b"):  # causal with seqlen_q > seqlen_k in a sequence
         mk.alibi_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=torch.tensor([0, 2, 10], dtype=torch.int32))
+
+
+CU_BAD = [  # (cu_q, cu_k, max_q, max_k, causal, argument named)
+    ([0, 4, 6], [0, 6, 4], 6, 6, True, "cu_seqlens_k"),       # decreasing
+    ([-1, 4, 10], [0, 4, 10], 6, 6, False, "cu_seqlens_q"),    # negative start
+    ([0, 4, 11], [0, 4, 10], 7, 6, False, "cu_seqlens_q"),     # past the end of q
+    ([0, 4, 10], [2, 6, 12], 6, 6, False, "cu_seqlens_k"),     # past the end of k
+    ([0, 4, 10], [0, 4, 10], 5, 6, False, "max_seqlen_q"),
+    ([0, 4, 10], [0, 2, 10], 6, 8, True, "cu_seqlens_q"),      # causal, seqlen_q > seqlen_k
+]
+
+
+@pytest.mark.parametrize("cu_q,cu_k,max_q,max_k,causal,arg", CU_BAD, ids=[c[-1] + str(i) for i, c in enumerate(CU_BAD)])
+def test_device_cu_seqlens_checks_match_the_core(cu_q, cu_k, max_q, max_k, causal, arg):
+    """Device cu_seqlens are checked in Python (one copy to the host) since the core cannot read
+    them: the same bad offsets must fail there as in the core's host check, naming the same
+    argument (out-of-range offsets on a GPU would read and write out of bounds)."""
+    from mpt_kernels.ops.attention import _check_cu_seqlens_values
+
+    q, k, v, _, _ = _varlen_batch([4, 6], [4, 6], 4, 4, 64, torch.float32)
+    cq, ck = torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)
+    with pytest.raises(ValueError, match=rf"^{arg}\b"):
+        mk.alibi_attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=max_q, max_seqlen_k=max_k,
+                           causal=causal)
+    with pytest.raises(ValueError, match=rf"^{arg}\b"):
+        _check_cu_seqlens_values(cq, ck, max_q, max_k, causal, q.shape[0], k.shape[0])
+    _check_cu_seqlens_values(torch.tensor([2, 4, 10], dtype=torch.int32), torch.tensor([0, 4, 10], dtype=torch.int32),
+                             6, 6, True, q.shape[0], k.shape[0])  # a start past 0 is allowed
 
 
 def test_tensors_on_different_devices_rejected_by_C():

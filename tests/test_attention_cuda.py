@@ -157,8 +157,8 @@ def seq_bounds(P, b):
     if P["cu_q"] is not None:
         q0, q1 = int(P["cu_q"][b]), int(P["cu_q"][b + 1])
         k0, k1 = int(P["cu_k"][b]), int(P["cu_k"][b + 1])
-        return dict(q_row0=q0, k_row0=k0, ws_row0=q0, k_ws_row0=k0, sq=min(max(q1 - q0, 0), P["seqlen_q"]),
-                    sk=min(max(k1 - k0, 0), P["seqlen_k"]))
+        return dict(q_row0=q0, k_row0=k0, ws_row0=b * P["seqlen_q"], k_ws_row0=b * P["seqlen_k"],
+                    sq=min(max(q1 - q0, 0), P["seqlen_q"]), sk=min(max(k1 - k0, 0), P["seqlen_k"]))
     return dict(q_row0=0, k_row0=0, ws_row0=b * P["seqlen_q"], k_ws_row0=b * P["seqlen_k"], sq=P["seqlen_q"],
                 sk=P["seqlen_k"])
 
@@ -426,7 +426,7 @@ def emulate_decode(P, kd, n_splits=None):
 
 def bwd_group_splits(P):
     group = P["H"] // P["Hkv"]
-    if group <= 1:
+    if group <= 1 or P["seqlen_q"] <= 0:
         return 1
     ctas = -(-max(P["seqlen_k"], 0) // 128) * P["Hkv"] * max(P["B"], 1)
     for d in range(1, group + 1):
@@ -642,14 +642,16 @@ def _strided(shape, pad_heads=1, pad_dim=8):
     return buf[..., :h, :d]
 
 
-def _setup(B, Sq, Sk, H, Hkv, D, causal, varlen_lens=None, slopes_kind="mpt"):
+def _setup(B, Sq, Sk, H, Hkv, D, causal, varlen_lens=None, slopes_kind="mpt", lead=(0, 0)):
+    """lead: (q rows, k rows) before the first sequence in the packed varlen tensors (cu_seqlens
+    starting past 0)."""
     if varlen_lens is not None:
         lq, lk = zip(*varlen_lens)
-        q = _strided((sum(lq), H, D))
-        k = _strided((sum(lk), Hkv, D))
-        v = _strided((sum(lk), Hkv, D))
-        cu_q = np.concatenate([[0], np.cumsum(lq)]).astype(np.int32)
-        cu_k = np.concatenate([[0], np.cumsum(lk)]).astype(np.int32)
+        q = _strided((lead[0] + sum(lq), H, D))
+        k = _strided((lead[1] + sum(lk), Hkv, D))
+        v = _strided((lead[1] + sum(lk), Hkv, D))
+        cu_q = (lead[0] + np.concatenate([[0], np.cumsum(lq)])).astype(np.int32)
+        cu_k = (lead[1] + np.concatenate([[0], np.cumsum(lk)])).astype(np.int32)
         B, Sq, Sk = len(lq), max(lq), max(lk)
         lse_bstride, lse_hstride = 0, q.shape[0]  # header: varlen lse is (n_heads, total)
     else:
@@ -810,6 +812,40 @@ def test_emulated_backward_kernel(case):
     for name, mem, like, ref in (("dq", P["dq"], dq, dq_ref), ("dk", P["dk"], dk, dk_ref), ("dv", P["dv"], dv, dv_ref)):
         assert not torch.isnan(like).any(), f"unwritten {name} element"
         torch.testing.assert_close(like, ref, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
+
+
+def test_emulated_backward_varlen_offsets_and_split_group():
+    """Varlen whose cu_seqlens start past row 0 (and MQA at a small grid, so the float32 dK/dV
+    workspace path runs): the workspaces have batch * max_seqlen rows, so a sequence's workspace rows
+    must not follow its packed offset (they did, and ran past the workspace's end: numpy raises on
+    such an index). Rows before the first sequence stay untouched."""
+    lens, lead, H, Hkv, D = [(5, 9), (0, 7), (12, 12)], (3, 2), 4, 1, 64
+    P, (q, k, v, out, slopes) = _setup(0, 0, 0, H, Hkv, D, True, lens, "mpt", lead=lead)
+    cu_q, cu_k = P["cu_q"], P["cu_k"]
+    dout = _strided(q.shape)
+    P["lse"] = np.full(H * q.shape[0], np.nan)
+    dq_ref, dk_ref, dv_ref = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for b in range(len(lens)):
+        qs, qe, ks, ke = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
+        sub = [x[None, s:e].detach().clone().requires_grad_() for x, s, e in ((q, qs, qe), (k, ks, ke), (v, ks, ke))]
+        o, lse = reference.attention_reference(*sub, causal=True, alibi_slopes=slopes, compute_dtype=torch.float64,
+                                               return_lse=True)
+        out[qs:qe] = o[0].detach()
+        if qe > qs:
+            dq_ref[qs:qe], dk_ref[ks:ke], dv_ref[ks:ke] = (g[0] for g in torch.autograd.grad(o, sub, dout[None, qs:qe]))
+        lse64 = _lse64(q[qs:qe], k[ks:ke], slopes, True, np.array([0, qe - qs]), np.array([0, ke - ks]))
+        P["lse"].reshape(H, -1)[:, qs:qe] = lse64.reshape(H, qe - qs)
+    P["out"], P["dout"] = Mem(out), Mem(dout)
+    dq, dk, dv = (_strided(x.shape).fill_(float("nan")) for x in (q, k, v))
+    P["dq"], P["dk"], P["dv"] = Mem(dq), Mem(dk), Mem(dv)
+    emulate_bwd(P, 64)
+    assert P["stats"]["group_splits"] == H // Hkv  # the workspace path
+    for name, got, ref, n in (("dq", dq, dq_ref, lead[0]), ("dk", dk, dk_ref, lead[1]), ("dv", dv, dv_ref, lead[1])):
+        assert torch.isnan(got[:n]).all(), f"{name}: rows before the first sequence were written"
+        torch.testing.assert_close(got[n:], ref[n:], rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
+    # No queries at all (max_seqlen_q 0): one CTA per group, which writes the zero dK, dV itself
+    # (the split path would add into a workspace that is empty then).
+    assert bwd_group_splits(dict(P, seqlen_q=0)) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -1001,6 +1037,62 @@ def test_cuda_varlen_equals_padded(causal, H, Hkv, D, dtype):
         torch.testing.assert_close(dq[qa:qb], g1[0][0], rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(dk[ka:kb], g1[1][0], rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(dv[ka:kb], g1[2][0], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_empty_shapes_match_cpu(dtype):
+    """Zero-size tensors have a null data pointer on CUDA; the kernels must treat them like the CPU
+    does (no keys: zero output, zero dq; no queries: zero dk, dv) instead of refusing them."""
+    for (B, Sq, Sk, H, Hkv), causal in [((1, 3, 0, 2, 2), False), ((2, 0, 5, 4, 1), False), ((0, 4, 4, 2, 2), True)]:
+        q = torch.randn(B, Sq, H, 64, dtype=dtype, device="cuda", requires_grad=True)
+        k = torch.randn(B, Sk, Hkv, 64, dtype=dtype, device="cuda", requires_grad=True)
+        v = torch.randn(B, Sk, Hkv, 64, dtype=dtype, device="cuda", requires_grad=True)
+        out = mk.alibi_attention(q, k, v, causal=causal)
+        assert out.shape == q.shape and (out == 0).all()
+        out.float().sum().backward()
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            assert t.grad is not None and t.grad.shape == t.shape and (t.grad == 0).all(), name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_varlen_offset_start_and_no_queries_mqa(dtype):
+    """Two cases the review found writing past the backward workspace: packed offsets that start
+    past row 0 (the workspace rows followed the offsets), and MQA with no queries at all (the
+    split-group path added into an empty workspace)."""
+    H, Hkv, D = 8, 1, 64
+    slopes = mk.alibi_slopes(H).cuda()
+    lens, lead = [(5, 9), (12, 12)], 3
+    q = torch.randn(lead + 17, H, D, dtype=dtype, device="cuda", requires_grad=True)
+    k = torch.randn(lead + 21, Hkv, D, dtype=dtype, device="cuda", requires_grad=True)
+    v = torch.randn(lead + 21, Hkv, D, dtype=dtype, device="cuda", requires_grad=True)
+    cu_q = torch.tensor([lead, lead + 5, lead + 17], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([lead, lead + 9, lead + 21], dtype=torch.int32, device="cuda")
+    out = mk.alibi_attention(q, k, v, causal=True, alibi_slopes=slopes, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                             max_seqlen_q=12, max_seqlen_k=12)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    torch.cuda.synchronize()
+    for bi in range(len(lens)):
+        qa, qb, ka, kb = int(cu_q[bi]), int(cu_q[bi + 1]), int(cu_k[bi]), int(cu_k[bi + 1])
+        sub = [x[None, a:b].detach().double().requires_grad_() for x, a, b in ((q, qa, qb), (k, ka, kb), (v, ka, kb))]
+        o = reference.attention_reference(*sub, causal=True, alibi_slopes=slopes.double(), compute_dtype=torch.float64)
+        g = torch.autograd.grad(o, sub, dout[None, qa:qb].double())
+        torch.testing.assert_close(out[qa:qb].double(), o[0], rtol=2e-2, atol=2e-2)
+        for got, ref, a, b in ((grads[0], g[0], qa, qb), (grads[1], g[1], ka, kb), (grads[2], g[2], ka, kb)):
+            torch.testing.assert_close(got[a:b].double(), ref[0], rtol=5e-2, atol=5e-2)
+    # no queries at all: max_seqlen_q 0, every sequence has keys
+    q0 = torch.randn(4, H, D, dtype=dtype, device="cuda", requires_grad=True)
+    zeros = torch.zeros(2, dtype=torch.int32, device="cuda")
+    cu_k0 = torch.tensor([0, 100], dtype=torch.int32, device="cuda")
+    k0 = torch.randn(100, Hkv, D, dtype=dtype, device="cuda", requires_grad=True)
+    v0 = torch.randn(100, Hkv, D, dtype=dtype, device="cuda", requires_grad=True)
+    out0 = mk.alibi_attention(q0, k0, v0, causal=False, cu_seqlens_q=zeros, cu_seqlens_k=cu_k0,
+                              max_seqlen_q=0, max_seqlen_k=100)
+    out0.float().sum().backward()
+    torch.cuda.synchronize()
+    assert (k0.grad == 0).all() and (v0.grad == 0).all()
 
 
 @pytest.mark.cuda

@@ -66,15 +66,28 @@ def _workspace(nbytes: int, device) -> Optional[torch.Tensor]:
     return torch.zeros(nbytes, dtype=torch.uint8, device=device) if nbytes > 0 else None
 
 
-def _check_device_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
+def _check_device_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, rows_q, rows_k):
     """The compiled core checks host cu_seqlens itself; device ones are checked here (one small copy
-    to the host), except while a CUDA graph is being captured, where a sync is not allowed."""
+    to the host), except while a CUDA graph is being captured, where a sync is not allowed (offsets
+    outside q's or k's rows then read and write out of bounds: capture only checked offsets)."""
     if cu_seqlens_q.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return
     if cu_seqlens_q.dtype != torch.int32 or cu_seqlens_k.dtype != torch.int32:
         return  # the binding names the argument
-    lq = torch.diff(cu_seqlens_q.cpu())
-    lk = torch.diff(cu_seqlens_k.cpu())
+    if cu_seqlens_q.dim() != 1 or cu_seqlens_k.dim() != 1 or cu_seqlens_q.numel() == 0 or cu_seqlens_k.numel() == 0:
+        return  # the binding names the problem
+    _check_cu_seqlens_values(cu_seqlens_q.cpu(), cu_seqlens_k.cpu(), max_seqlen_q, max_seqlen_k, causal, rows_q, rows_k)
+
+
+def _check_cu_seqlens_values(cq, ck, max_seqlen_q, max_seqlen_k, causal, rows_q, rows_k):
+    """The offsets' values (host copies): the checks the compiled core makes on host cu_seqlens."""
+    for name, cu, rows, what in (("cu_seqlens_q", cq, rows_q, "q"), ("cu_seqlens_k", ck, rows_k, "k")):
+        if int(cu[0]) < 0:
+            raise ValueError(f"{name}: must start at a non-negative offset, got {int(cu[0])}")
+        if int(cu.max()) > rows:
+            raise ValueError(f"{name}: last offset {int(cu.max())} exceeds {what}'s {rows} rows")
+    lq = torch.diff(cq)
+    lk = torch.diff(ck)
     if (lq < 0).any():
         raise ValueError("cu_seqlens_q: must be non-decreasing")
     if (lk < 0).any():
@@ -143,7 +156,7 @@ def _attention_fwd_impl(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_s
     varlen) skips the logsumexp output: lse is returned as None."""
     varlen = cu_seqlens_q is not None
     if varlen and cu_seqlens_k is not None:
-        _check_device_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
+        _check_device_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, q.shape[0], k.shape[0])
     args = (view(q, "q"), view(k, "k"), view(v, "v"), _opt_view(alibi_slopes, "alibi_slopes"),
             _opt_view(cu_seqlens_q, "cu_seqlens_q"), _opt_view(cu_seqlens_k, "cu_seqlens_k"),
             max_seqlen_q, max_seqlen_k, softmax_scale, causal)
