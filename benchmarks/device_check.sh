@@ -74,7 +74,11 @@ rc=$?
 grep -E "ptxas info|spill|bytes stack" "$WORK/build.txt" > "$WORK/ptxas.txt" || true
 echo "build rc=$rc in $(( $(date +%s) - t0 ))s; spills: $(grep -c -E '[1-9][0-9]* bytes spill' "$WORK/ptxas.txt")"
 if [ $rc -ne 0 ]; then tail -50 "$WORK/build.txt"; pack; exit 1; fi
-$PY -c "import mpt_kernels as mk; print(mk.build_info()); print('cuda_available', mk.cuda_available())"
+# A CUDA build that cannot reach the GPU (driver older than the toolkit, say) would skip every CUDA
+# test and still look green: stop here instead.
+if ! $PY -c "import sys, torch, mpt_kernels as mk; print(mk.build_info()); ok = mk.cuda_available() and torch.cuda.is_available(); print('cuda_available', mk.cuda_available(), 'torch', torch.cuda.is_available()); sys.exit(0 if ok else 2)"; then
+  echo "FATAL: the CUDA build or torch sees no GPU; the CUDA tests would all skip"; pack; exit 1
+fi
 pack
 
 # Fast CUDA tests: the per-path smoke tests come first in each file, so a broken kernel is named

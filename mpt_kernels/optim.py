@@ -171,7 +171,9 @@ class Lion(Optimizer):
             without an fp32 master copy. No effect on float32 storage.
         seed: seed of the stochastic-rounding hash (default 0). The hash also takes the step and the
             parameter's index, so one seed gives independent roundings across steps and tensors and
-            a run is reproducible bit for bit (CPU and CUDA alike) without touching torch's RNG.
+            a run is reproducible bit for bit on one device type without touching torch's RNG (CPU
+            and CUDA agree bit for bit too, except that with clipping or a grad scale the norm is
+            summed in a different order on each).
     Per-group keys: lr, betas, weight_decay, decoupled_weight_decay, state_dtype,
     stochastic_rounding, initial_lr, step. ``step(grad_scale=, found_inf=)`` take the tensors torch's
     fused optimizers take, so ``torch.amp.GradScaler`` drives this optimizer without a host sync.
@@ -294,6 +296,10 @@ class Lion(Optimizer):
         hyper = []
         norm_plan = _NormPlan() if (self.max_grad_norm is not None or self.skip_nonfinite) else None
         devices = []
+        # Every tensor whose raw pointer goes to the core stays referenced until the launches are
+        # queued: a contiguous copy of a gradient would otherwise be freed (and its memory handed to
+        # the next allocation) before the kernel reads it.
+        keep = []
         rng_index = 0
         for gi, group in enumerate(self.param_groups):
             group["step"] += 1
@@ -329,6 +335,7 @@ class Lion(Optimizer):
                 if not m_local.is_contiguous():
                     m = state["exp_avg"] = m.contiguous()
                     m_local = _local(m)
+                keep += (p_local, g_local, m_local)
                 key = (p_local.device, p_local.dtype, g_local.dtype, m_local.dtype)
                 b = buckets.get(key)
                 if b is None:

@@ -10,7 +10,10 @@
 // elements; chunk k of the flattened list (tensor 0's chunks, then tensor 1's, ...) is found from a
 // prefix sum of chunk counts by binary search. CUDA runs one block per chunk, the CPU one OpenMP
 // iteration per chunk. The sum-of-squares kernels write one float partial per chunk, in that order,
-// so the reduction order is fixed (deterministic) and the same on both sides.
+// so the reduction order is fixed (deterministic) on each side. It is not the same on both: inside a
+// chunk the CPU sums in AVX lanes and CUDA in per-thread strides, and the partials are summed
+// sequentially (CPU) or as a tree (CUDA), so with clipping or a grad scale the multiplier, and then
+// the update, can differ in the last bits between CPU and CUDA.
 //
 // bfloat16 storage is handled as raw uint16 bits on both sides with the same integer rounding code,
 // so CPU and CUDA produce identical bits. Stochastic rounding adds 16 random bits below the bf16

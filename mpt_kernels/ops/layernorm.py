@@ -136,13 +136,16 @@ def layer_norm_bwd(
     codes = _ext._torch_codes()
     numel = _C.layer_norm_bwd_workspace_numel(rows, hidden, codes[h.dtype], codes[weight.dtype], has_bias, device)
     workspace = _alloc((numel,), torch.float32, h.device)
+    # Named, so a reshape that has to copy (a non-contiguous mean from a direct caller) stays alive
+    # through the call: the core gets raw pointers only.
+    mean1, rstd1 = mean.reshape(-1), rstd.reshape(-1)
     _C.layer_norm_bwd(
         _ext.view(dy2, "dy"),
         _ext.optional_view(dr2, "dresidual_out"),
         _ext.view(h2, "h"),
         _ext.view(weight, "weight"),
-        _ext.view(mean.reshape(-1), "mean"),
-        _ext.view(rstd.reshape(-1), "rstd"),
+        _ext.view(mean1, "mean"),
+        _ext.view(rstd1, "rstd"),
         _ext.view(dh.view(-1, hidden), "dh"),
         _ext.view(dweight, "dweight"),
         _ext.view(dbias, "dbias") if has_bias else None,
