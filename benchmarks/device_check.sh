@@ -9,9 +9,10 @@
 # 10 minutes. So the script works against a deadline (DEADLINE_S seconds from its start, default
 # 480, leaving room for a second, targeted run), in order of what a first run must return: the
 # build and its ptxas report, the fast CUDA tests, the training benchmark (the acceptance rows:
-# the 65,536-token 7B layer, mpt-1b MFU), attention, Lion, LayerNorm, the 65k-token test, the model
-# benchmark. Each stage gets at most its own cap and what is left before the deadline; a stage with
-# under 20 s left is skipped and named in the log.
+# the 65,536-token 7B layer, mpt-1b MFU), compute-sanitizer's memcheck over the small CUDA tests,
+# attention, Lion, LayerNorm, the 65k-token test, the model benchmark. Each stage gets at most its
+# own cap and what is left before the deadline; a stage with under 20 s left is skipped and named in
+# the log.
 # Under the device tool ($OUT set), at most 8 files come back from $OUT: after every stage the script
 # refreshes three there (device_check.log, summary.md with every benchmark table so far, and
 # device_check.tar.gz with all results), so a run cut short still returns what it had.
@@ -101,6 +102,15 @@ bench() {  # bench NAME CAP [ARGS...]
   stage "benchmark $name" "$cap" $PY -m benchmarks "$name" --device cuda --out "$WORK" "$@"
 }
 bench train 200
+# compute-sanitizer memcheck over the small CUDA tests (one cudaMalloc per tensor, so an access past a
+# tensor's end is caught rather than landing in a neighbour inside torch's cached block).
+if [ -z "${SKIP_TESTS:-}" ] && command -v compute-sanitizer > /dev/null; then
+  stage "memcheck (small CUDA tests)" 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+    --error-exitcode 3 --print-limit 20 --log-file "$WORK/memcheck.txt" \
+    $PY -m pytest -q -p no:cacheprovider -m "cuda and not slow" -x --timeout=140 \
+    -k "smoke or empty or offset or bad_input or rejects or step_matches or row_blocks" tests
+  grep -E "ERROR SUMMARY|Invalid|out of bounds" "$WORK/memcheck.txt" 2>/dev/null | head -20
+fi
 # FlexAttention compiles anew per seqlen: at one seqlen only, to keep the run short.
 bench attention 120 --flex-seqlens 8192
 bench lion 60
