@@ -52,6 +52,22 @@ def _drop_stale_cache(build_dir: Path) -> None:
             return
 
 
+def _tool(name: str, bin_dir_attr: str):
+    """The executable of the pip package ``name`` (cmake, ninja) when it is installed in this Python,
+    else the one on PATH. A build run as `venv/bin/python setup.py ...` without activating the venv
+    would otherwise pick up an older system CMake (CMakeLists.txt needs >= 3.26)."""
+    try:
+        import importlib
+
+        bin_dir = getattr(importlib.import_module(name), bin_dir_attr, None)
+        exe = Path(bin_dir) / name if bin_dir else None
+        if exe is not None and exe.is_file():
+            return str(exe)
+    except Exception:  # noqa: BLE001 - a broken or partial package: fall back to PATH
+        pass
+    return shutil.which(name)
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         import pybind11
@@ -86,13 +102,15 @@ class CMakeBuild(build_ext):
         ]
         if with_cuda:
             args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
-        if shutil.which("ninja"):
-            args += ["-G", "Ninja"]
+        cmake = _tool("cmake", "CMAKE_BIN_DIR") or "cmake"
+        ninja = _tool("ninja", "BIN_DIR")
+        if ninja:
+            args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         _drop_stale_cache(build_dir)
         print(f"[mpt_kernels] cmake configure in {build_dir} (cuda={with_cuda})", flush=True)
-        subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
-        subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)
+        subprocess.run([cmake, str(ROOT), *args], cwd=build_dir, check=True)
+        subprocess.run([cmake, "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)
 
 
 setup(ext_modules=[CMakeExtension("mpt_kernels._C")], cmdclass={"build_ext": CMakeBuild})

@@ -94,7 +94,7 @@ with torch.no_grad(), b.PeakMemory("cpu") as pm:
         model._forward(ids, None, None, None, cache, True, 1)
     else:
         from transformers import DynamicCache
-        model(input_ids=ids, cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, **{b._hf_cache_kw(model): DynamicCache(config=model.config)}, use_cache=True, logits_to_keep=1)
 print(json.dumps({"extra": pm.extra}))
 """
 
@@ -137,6 +137,15 @@ def _build(preset, seqlen, device, dtype, **overrides):
     hf.load_state_dict(ours.state_dict(), strict=False)  # same weights (lm_head is tied to wte)
     hf = hf.to(device=device, dtype=dtype)
     return ours, hf
+
+
+def _hf_cache_kw(model) -> str:
+    """The name transformers' forward takes the KV cache under: ``cache`` in newer releases,
+    ``past_key_values`` before the rename (e.g. 5.17, which would swallow ``cache=`` into **kwargs
+    and decode against an empty cache)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _patch_linears(model, on: bool):
@@ -239,14 +248,15 @@ def _bench_decode(ctx, report, preset, prompt_len, ours, hf, run_hf, n_tokens, b
         del cache
         if run_hf:
             hcache = DynamicCache(config=hf.config)
+            ckw = _hf_cache_kw(hf)
             with PeakMemory(ctx.device) as pm:
                 t0 = _now(ctx)
-                hf(input_ids=ids, cache=hcache, use_cache=True, logits_to_keep=1)
+                hf(input_ids=ids, **{ckw: hcache}, use_cache=True, logits_to_keep=1)
                 t_prefill = _now(ctx) - t0
-            hf(input_ids=nxt, cache=hcache, use_cache=True)
+            hf(input_ids=nxt, **{ckw: hcache}, use_cache=True)
             t0 = _now(ctx)
             for _ in range(n_tokens):
-                hf(input_ids=nxt, cache=hcache, use_cache=True)
+                hf(input_ids=nxt, **{ckw: hcache}, use_cache=True)
             t_decode = (_now(ctx) - t0) / n_tokens
             extra = pm.extra
             if ctx.device == "cpu":

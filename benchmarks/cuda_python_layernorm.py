@@ -135,7 +135,8 @@ def main(argv=None):
         return 0
     try:
         drv = CudaPythonDriver()
-    except ImportError:
+    except Exception as exc:  # noqa: BLE001 - not installed, or an API this code does not know
+        print(f"cuda-python driver unavailable ({type(exc).__name__}: {exc}); using ctypes")
         drv = CtypesDriver()
     print(f"driver API via {drv.name}; torch imported: {sys.modules.get('torch') is not None}")
 

@@ -36,6 +36,8 @@ pack() {  # copy what exists so far to $OUT (no-op without the device tool)
   tar -czf "$DEST/device_check.tar.gz" -C "$WORK" . 2>/dev/null
   return 0
 }
+trap 'pack' EXIT
+trap 'echo "device_check: terminated after $(elapsed)s"; pack; exit 143' TERM INT
 elapsed() { echo $(( $(date +%s) - T_START )); }
 # budget CAP: prints min(CAP, seconds left before the deadline - 5); returns 1 (stage skipped) under 20 s
 budget() {

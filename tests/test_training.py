@@ -26,6 +26,7 @@ CONFIGS = sorted((ROOT / "training" / "configs").glob("*.yaml"))
 def micro_args(tmp: Path, corpus: Path, **kw) -> list[str]:
     args = {
         "run_root": str(tmp / "runs"), "run_name": "micro", "seed": 3, "threads": 1, "progress": False,
+        "device": "cpu",  # the gloo tests compare CPU runs; on a GPU machine "auto" would pick cuda
         "plot": False, "max_steps": 20, "global_batch_size": 4, "micro_batch_size": 4, "log_every": 1,
         "model.preset": "tiny", "model.overrides": "{d_model: 64, n_heads: 2, n_layers: 2}",
         "data.kind": "bundled", "data.seq_len": 32, "data.bpe_vocab_size": 512, "data.max_code_bytes": 150000,

@@ -25,6 +25,8 @@ def _layer_norm_forward(self, x):
 
 
 def _attention_forward(self, hidden_states, position_bias=None, cache=None, attention_mask=None, **kwargs):
+    if cache is None:  # transformers before the rename (e.g. 5.17) passes the layer cache as past_key_values
+        cache = kwargs.pop("past_key_values", None)
     B, S, _ = hidden_states.shape
     H, D = self.n_heads, self.head_dim
     qkv = self.Wqkv(hidden_states)  # (B, S, 3 * H * D)
