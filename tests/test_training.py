@@ -282,6 +282,31 @@ def test_cpu_mfu_never_reads_above_100_percent_after_a_busy_startup(tmp_path, co
     assert all(0 < r["mfu"] <= 1 for r in recs), [r["mfu"] for r in recs]
 
 
+def test_evaluation_and_checkpoints_stay_out_of_throughput(tmp_path, corpus, monkeypatch):
+    """tokens/s (and MFU) measure training steps: the time of an evaluation or a checkpoint save taken
+    between two log steps is not charged to the next window (it was: the window after each
+    evaluation showed about half the throughput in the main job)."""
+    import time as time_mod
+
+    from mpt_kernels.train import Trainer
+
+    cfg = _micro_cfg(tmp_path, corpus, max_steps=6, **{"checkpoint.save_every": 0, "checkpoint.save_hf": False,
+                                                       "eval.sample_tokens": 0, "eval.every": 2, "log_every": 2})
+    tr = Trainer(cfg)
+    real = tr.evaluate
+
+    def slow_eval():
+        time_mod.sleep(1.5)  # far longer than two micro steps
+        return real()
+
+    monkeypatch.setattr(tr, "evaluate", slow_eval)
+    tr.fit()
+    recs = {r["step"]: r for r in read_metrics(tmp_path / "runs" / "micro" / "metrics.jsonl", "train") if "tokens_per_s" in r}
+    tokens = 2 * cfg.global_batch_size * cfg.data.seq_len  # per window of two steps
+    for st in (4, 6):  # windows that follow an evaluation
+        assert tokens / recs[st]["tokens_per_s"] < 1.0, (st, recs[st]["tokens_per_s"])
+
+
 @pytest.mark.parametrize("optim", ["lion", "adamw"])
 def test_skipped_step_count_survives_resume(tmp_path, corpus, monkeypatch, optim):
     from mpt_kernels.train import Trainer

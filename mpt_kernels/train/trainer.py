@@ -468,6 +468,7 @@ class Trainer:
                 self.metrics.write(**rec)
             if bar is not None:
                 bar.update(1)
+            t_aside = time.perf_counter()  # evaluation and checkpointing stay out of tokens/s and MFU
             if cfg.eval.every > 0 and step % cfg.eval.every == 0 and step < cfg.max_steps:
                 if self.device.type == "cpu":
                     # The CPU peak is the best matmul rate measured so far: a start-up measurement
@@ -483,6 +484,7 @@ class Trainer:
             fault = self._fault_armed(step)
             if saving:
                 self.save(step, consumed, kill_mid_save=fault and cfg.fault.during_save)
+            window_t += time.perf_counter() - t_aside
             if fault and not cfg.fault.during_save:
                 _log(f"[train] fault injection: SIGKILL after step {step} (rank {self.rank})")
                 os.kill(os.getpid(), signal.SIGKILL)
