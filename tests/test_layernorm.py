@@ -344,9 +344,16 @@ def test_bad_inputs_at_the_c_boundary():
 def test_cuda_matches_cpu_and_uses_current_stream():
     x, w, b, r = make_inputs((33, 4096), torch.bfloat16, "cpu", True, True)
     y_cpu, h_cpu = mk.layer_norm(x, w, b, residual=r)
+    xg, wg, bg, rg = x.cuda(), w.cuda(), b.cuda(), r.cuda()
+    xs = torch.full_like(xg, float("nan"))
+    torch.cuda.synchronize()
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
-        y, h = mk.layer_norm(x.cuda(), w.cuda(), b.cuda(), residual=r.cuda())
+        # The input is written on s after a ~50M-cycle wait: a kernel launched on another stream
+        # (the legacy default one, say) would read the NaNs still there.
+        torch.cuda._sleep(50_000_000)
+        xs.copy_(xg)
+        y, h = mk.layer_norm(xs, wg, bg, residual=rg)
     s.synchronize()
     assert torch.equal(h.cpu(), h_cpu)
     assert (y.cpu().float() - y_cpu.float()).abs().max().item() <= 2 * 2.0 ** -7 * y_cpu.float().abs().max().item()
