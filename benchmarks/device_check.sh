@@ -9,7 +9,8 @@
 # 10 minutes. So the script works against a deadline (DEADLINE_S seconds from its start, default
 # 480, leaving room for a second, targeted run), in order of what a first run must return: the
 # build and its ptxas report, the fast CUDA tests, the training benchmark (the acceptance rows:
-# the 65,536-token 7B layer, mpt-1b MFU), compute-sanitizer's memcheck over the small CUDA tests,
+# the 65,536-token 7B layer, mpt-1b MFU), compute-sanitizer's memcheck over the small CUDA tests and
+# racecheck over the attention smoke tests,
 # attention, Lion, LayerNorm, the 65k-token test, the model benchmark. Each stage gets at most its
 # own cap and what is left before the deadline; a stage with under 20 s left is skipped and named in
 # the log.
@@ -112,6 +113,12 @@ if [ -z "${SKIP_TESTS:-}" ] && command -v compute-sanitizer > /dev/null; then
     $PY -m pytest -q -p no:cacheprovider -m "cuda and not slow" -x --timeout=140 \
     -k "smoke or empty or offset or bad_input or rejects or step_matches or row_blocks" tests
   grep -E "ERROR SUMMARY|Invalid|out of bounds" "$WORK/memcheck.txt" 2>/dev/null | head -20
+  # Shared-memory races (cp.async stages, the Q tile borrowing a K/V stage, dS^T reuse): the CPU
+  # emulation loads tiles synchronously and cannot see them. One dtype of the per-path smoke tests.
+  stage "racecheck (smoke tests, bf16)" 100 compute-sanitizer --tool racecheck \
+    --error-exitcode 3 --print-limit 20 --log-file "$WORK/racecheck.txt" \
+    $PY -m pytest -q -p no:cacheprovider -m cuda -x --timeout=90 -k "smoke and bfloat16" tests/test_attention_cuda.py
+  grep -E "ERROR SUMMARY|hazard|Race" "$WORK/racecheck.txt" 2>/dev/null | head -20
 fi
 # FlexAttention compiles anew per seqlen: at one seqlen only, to keep the run short.
 bench attention 120 --flex-seqlens 8192
