@@ -565,6 +565,26 @@ def test_bf16_autocast_forward_backward():
     torch.testing.assert_close(loss.float(), ref, atol=0.05, rtol=0)  # bf16 rounding of the branch outputs
 
 
+def test_cache_and_generate_under_autocast():
+    """float32 weights under bf16 autocast make bf16 keys: the cache new_cache() makes there holds
+    bf16 (it held float32, and the attention refused the mix: bf16 training died in its end-of-run
+    sample). A cache made outside the region and used inside it is named in a clear error."""
+    m = MPTForCausalLM(small()).eval()
+    ids = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        full = m(ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(ids[:, :5], use_cache=True)
+            assert out.past_key_values.dtype == torch.bfloat16
+            step = m(ids[:, 5:], past_key_values=out.past_key_values, use_cache=True)
+            gen = m.generate(ids, max_new_tokens=4, top_k=1)
+        torch.testing.assert_close(step.logits.float(), full[:, 5:].float(), atol=0.1, rtol=0)
+        assert gen.shape == (2, 13) and torch.equal(gen[:, :9], ids)
+        cache = m.new_cache(2, capacity=16)
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="^past_key_values: .*autocast"):
+            m(ids, past_key_values=cache, use_cache=True)
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_torch_compile_fullgraph_training_step(autocast):
     """The whole model (embedding, blocks with the custom attention/LayerNorm ops, loss) traces as one

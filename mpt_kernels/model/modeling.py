@@ -214,6 +214,10 @@ class KVCache:
         end = self.length + k_new.shape[1]
         if end > self.capacity:
             raise RuntimeError("KVCache.update: call reserve() first")  # the model always does
+        if k_new.dtype != self.dtype:
+            raise ValueError(f"past_key_values: the cache holds {self.dtype} but this forward makes {k_new.dtype} "
+                             "keys (an autocast region?): make the cache with model.new_cache() in the same "
+                             "autocast region as the forward")
         self.k[layer][:, self.length:end].copy_(k_new)
         self.v[layer][:, self.length:end].copy_(v_new)
         return self.k[layer][:, :end], self.v[layer][:, :end]
@@ -421,8 +425,14 @@ class MPTForCausalLM(nn.Module):
         return 3.0 * (2.0 * self.num_parameters() + 4.0 * c.n_layers * c.d_model * seq_len)
 
     def new_cache(self, batch_size: int, capacity: int = 0) -> KVCache:
+        """A KV cache in the dtype the attention's keys have here: the weights' dtype, or autocast's
+        when an autocast region for this device is active and the weights are float32 (bf16 training
+        samples inside its autocast region)."""
         c = self.config
-        return KVCache(c.n_layers, batch_size, c.kv_n_heads, c.head_dim, dtype=self.dtype, device=self.device,
+        dtype, dev = self.dtype, self.device.type
+        if dtype == torch.float32 and dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+            dtype = torch.get_autocast_dtype(dev)
+        return KVCache(c.n_layers, batch_size, c.kv_n_heads, c.head_dim, dtype=dtype, device=self.device,
                        capacity=capacity)
 
     # ---- forward ------------------------------------------------------------------------------------
