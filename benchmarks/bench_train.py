@@ -124,8 +124,10 @@ def run(ctx: harness.Context) -> harness.Report:
             torch.cuda.empty_cache()
     report.notes.append(
         "One step = forward + backward + optimizer step (ours: mk.optim.Lion with fused clipping at 1.0; baseline: "
-        "clip_grad_norm_(1.0) + torch.optim.AdamW); after a first step each, ours and the baseline alternate and "
-        "each keeps its fastest step (robust to a shared machine's changing load). Both models start "
+        "clip_grad_norm_(1.0) + torch.optim.AdamW); after a first step each, each keeps its fastest step ("
+        + ("CPU: the two alternate, robust to a shared machine's changing load" if dev == "cpu" else
+           "CUDA: ours is timed first, then the baseline is built and timed, so it cannot crowd ours out of memory")
+        + "). Both models start "
         "from the same weights; the first-step losses are shown as a sanity check (they agree to float rounding). "
         "MFU = flops_per_token(seq) x tokens/s / measured matmul rate"
         + ("; MFU (datasheet) divides by the card's dense bf16 datasheet rate instead, as llm-foundry does (the "
@@ -157,33 +159,52 @@ def _run_case(ctx, report, case, dev, bf16, peak, sheet=None):
     n_params = ours.num_parameters()
     opt = mk.optim.Lion(ours.parameters(), lr=1e-4, betas=(0.9, 0.95), max_grad_norm=1.0)
     steps = {"ours": _step_fn(ours, opt, ids, dev, bf16, None)}
-    if with_baseline and not (ctx.args is not None and ctx.args.no_baseline):
-        try:
-            theirs = _theirs(cfg, ours.state_dict(), dev)
+    best = {"ours": math.inf}
+    want_baseline = with_baseline and not (ctx.args is not None and ctx.args.no_baseline)
+    # The baseline starts from ours' initial weights (kept on the host: the GPU may need the room).
+    init = {k: v.detach().to("cpu", copy=True) for k, v in ours.state_dict().items()} if want_baseline else None
+    # First step of each from the same weights: the losses must agree (sanity), and it warms up.
+    t_first = time.perf_counter()
+    first = {"ours": float(steps["ours"]().detach())}
+    t_first = time.perf_counter() - t_first
+    # CUDA: ours is timed before the baseline exists (a dedicated GPU needs no interleaving, and the
+    # baseline can fill the card: transformers' eager attention keeps (B, H, S, S) scores, ~100 GiB
+    # at mpt-1b 8 x 2048). CPU: the two alternate (below), so a shared machine's load hits both alike.
+    sequential = dev == "cuda"
+    if sequential:
+        for _ in range(iters):
+            best["ours"] = min(best["ours"], harness.time_fn(steps["ours"], dev, warmup=0, iters=1))
+    if want_baseline:
+        try:  # a baseline that fails (out of memory, say) anywhere leaves ours measured, its columns n/a
+            theirs = _theirs(cfg, init, dev)
+            del init
             opt_b = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95))
             clip = lambda: torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)  # noqa: E731
             steps["baseline"] = _step_fn(theirs, opt_b, ids, dev, bf16, clip)
+            t0 = time.perf_counter()
+            first["baseline"] = float(steps["baseline"]().detach())
+            t_first += time.perf_counter() - t0
+            best["baseline"] = math.inf
+            if sequential:
+                for _ in range(iters):
+                    best["baseline"] = min(best["baseline"], harness.time_fn(steps["baseline"], dev, warmup=0, iters=1))
         except Exception as exc:  # noqa: BLE001
+            steps.pop("baseline", None), best.pop("baseline", None), first.pop("baseline", None)
             _drop_baseline(report, name, exc, dev)
-    # First step of each from the same weights: the losses must agree (sanity), and it warms up.
-    t_first = time.perf_counter()
-    first = {}
-    for k in list(steps):
-        try:
-            first[k] = float(steps[k]().detach())
-        except Exception as exc:  # noqa: BLE001
-            if k == "ours":
-                raise
-            del steps[k]
-            _drop_baseline(report, name, exc, dev)
-    if dev == "cpu" and not ctx.quick:  # short steps: more of them (about 20 s of timed steps in all)
-        iters = max(iters, min(12, int(20.0 / max(time.perf_counter() - t_first, 1e-3))))
-    # Interleaved, best of several: on a shared machine the load changes from second to second;
-    # alternating the two and keeping each one's fastest step compares them under the same luck.
-    best = {k: math.inf for k in steps}
-    for _ in range(iters):
-        for k, f in steps.items():
-            best[k] = min(best[k], harness.time_fn(f, dev, warmup=0, iters=1))
+    if not sequential:
+        if not ctx.quick:  # short steps: more of them (about 20 s of timed steps in all)
+            iters = max(iters, min(12, int(20.0 / max(t_first, 1e-3))))
+        # Interleaved, best of several: on a shared machine the load changes from second to second;
+        # alternating the two and keeping each one's fastest step compares them under the same luck.
+        for _ in range(iters):
+            for k in list(steps):
+                try:
+                    best[k] = min(best[k], harness.time_fn(steps[k], dev, warmup=0, iters=1))
+                except Exception as exc:  # noqa: BLE001
+                    if k == "ours":
+                        raise
+                    steps.pop(k), best.pop(k), first.pop(k, None)
+                    _drop_baseline(report, name, exc, dev)
     ours_tps = tokens / best["ours"]
     base_tps = tokens / best["baseline"] if "baseline" in best else math.nan
     report.add(**{"model": name, "batch x seq": f"{batch} x {seq}", "params (M)": n_params / 1e6,

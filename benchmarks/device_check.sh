@@ -24,6 +24,8 @@ mkdir -p "$WORK"
 DEST=${OUT:-}
 LOG="$WORK/device_check.log"
 export PYTHONUNBUFFERED=1
+# Less fragmentation when a baseline fills most of the card (transformers' eager attention at mpt-1b).
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 PY=${PYTHON:-python3}
 DEADLINE_S=${DEADLINE_S:-480}
 T_START=$(date +%s)

@@ -151,6 +151,10 @@ class Report:
 
     def add(self, **row) -> None:
         self.rows.append(row)
+        # One line per row as it is measured: a run killed before emit() (a GPU session's deadline)
+        # still leaves its rows in the log.
+        print("[row] " + json.dumps({k: (v if not isinstance(v, float) or v == v else None) for k, v in row.items()},
+                                    default=str), flush=True)
 
     def markdown(self) -> str:
         def fmt(v):

@@ -402,6 +402,17 @@ def test_activation_checkpointing_same_losses(tmp_path, corpus):
     assert losses(tmp_path / "runs/ckpt") == losses(tmp_path / "runs/plain")
 
 
+def test_fp32_on_cuda_is_refused_up_front(tmp_path, corpus, monkeypatch):
+    """The CUDA attention kernels take bf16/fp16: fp32 training on CUDA is refused when the trainer is
+    made, not at the first attention call. (A GPU is faked: nothing reaches CUDA before the check.)"""
+    from mpt_kernels.train import Trainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda *a: None)
+    with pytest.raises(ValueError, match="^precision: fp32 training on CUDA"):
+        Trainer(_micro_cfg(tmp_path, corpus, device="cuda", precision="fp32"))
+
+
 def test_bf16_autocast_trains(tmp_path, corpus):
     """Forced bf16 autocast (emulated and slow on CPUs without native bf16, so only 3 steps)."""
     from mpt_kernels.train import Trainer

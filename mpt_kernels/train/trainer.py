@@ -90,6 +90,10 @@ class Trainer:
                 self.precision = "bf16" if cpu_has_native_bf16() else "fp32"
         else:
             self.precision = cfg.precision
+        if use_cuda and self.precision == "fp32":
+            # Caught here rather than at the first attention call, minutes later.
+            raise ValueError("precision: fp32 training on CUDA is not supported: the CUDA attention kernels take "
+                             "bfloat16/float16 (sm_80+ GPUs); use precision=bf16 (autocast, float32 master weights)")
         per_step = cfg.micro_batch_size * self.world
         if cfg.global_batch_size % per_step:
             raise ValueError(f"global_batch_size ({cfg.global_batch_size}) must be a multiple of micro_batch_size x "
