@@ -402,6 +402,24 @@ def test_activation_checkpointing_same_losses(tmp_path, corpus):
     assert losses(tmp_path / "runs/ckpt") == losses(tmp_path / "runs/plain")
 
 
+def test_init_from_with_overrides_keeps_the_weights(tmp_path, corpus):
+    """init_from + overrides (StoryWriter's alibi_bias_max 16, a longer max_seq_len) starts from the
+    saved weights exactly; the changed model is built on the meta device (no second random init)."""
+    from mpt_kernels.model import MPTForCausalLM
+    from mpt_kernels.train import Trainer
+
+    quiet = {"checkpoint.save_every": 0, "eval.sample_tokens": 0, "eval.every": -1}
+    s = Trainer(_micro_cfg(tmp_path, corpus, run_name="base", max_steps=1, **quiet)).fit()
+    saved = MPTForCausalLM.from_pretrained(s["hf_dir"]).state_dict()
+    tr = Trainer(_micro_cfg(tmp_path, corpus, run_name="ft", max_steps=1, **quiet, **{
+        "model.init_from": s["hf_dir"], "model.overrides": "{alibi_bias_max: 16, max_seq_len: 96}"}))
+    assert tr.model_config.attn_config["alibi_bias_max"] == 16 and tr.model_config.max_seq_len == 96
+    got = tr.raw_model.state_dict()
+    assert got.keys() == saved.keys()
+    for k in saved:
+        assert got[k].device.type == "cpu" and torch.equal(got[k], saved[k]), k
+
+
 def test_fp32_on_cuda_is_refused_up_front(tmp_path, corpus, monkeypatch):
     """The CUDA attention kernels take bf16/fp16: fp32 training on CUDA is refused when the trainer is
     made, not at the first attention call. (A GPU is faked: nothing reaches CUDA before the check.)"""

@@ -160,10 +160,11 @@ class Trainer:
         cfg, m = self.cfg, self.cfg.model
         overrides = dict(m.overrides)
         if m.init_from:
-            model = MPTForCausalLM.from_pretrained(m.init_from)
+            model = MPTForCausalLM.from_pretrained(m.init_from, device=self.device)
             if overrides:  # e.g. StoryWriter: longer max_seq_len, alibi_bias_max 16
-                changed = MPTForCausalLM(model.config.replace(**overrides))
-                changed.load_state_dict(model.state_dict())
+                with torch.device("meta"):  # no second random initialisation: the weights are replaced
+                    changed = MPTForCausalLM(model.config.replace(**overrides))
+                changed.load_state_dict(model.state_dict(), assign=True)
                 model = changed
             if self.tokenizer.vocab_size > model.config.vocab_size:
                 raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens, the model {model.config.vocab_size}")
@@ -174,7 +175,8 @@ class Trainer:
                 raise ValueError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's {self.tokenizer.vocab_size}")
             overrides.setdefault("vocab_size", vocab)
             overrides.setdefault("max_seq_len", max(base.max_seq_len, cfg.data.seq_len))
-            model = MPTForCausalLM(MPTConfig.from_preset(m.preset, **overrides))
+            with torch.device(self.device):  # initialised where it trains (a 7B CPU init takes minutes)
+                model = MPTForCausalLM(MPTConfig.from_preset(m.preset, **overrides))
         model.to(self.device)
         self.model_config = model.config
         self.n_params = model.num_parameters()
