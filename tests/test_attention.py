@@ -683,6 +683,25 @@ def test_device_cu_seqlens_checks_match_the_core(cu_q, cu_k, max_q, max_k, causa
                              6, 6, True, q.shape[0], k.shape[0])  # a start past 0 is allowed
 
 
+def test_device_cu_seqlens_checked_once_per_tensor(monkeypatch):
+    """The device offsets' read-back (a GPU sync) happens once for the tensors a model passes to
+    every layer, and again for a new tensor, an in-place change or other arguments."""
+    from mpt_kernels.ops import attention as A
+
+    calls = []
+    monkeypatch.setattr(A, "_check_cu_seqlens_values", lambda *a: calls.append(a))
+    A._CHECKED_CU.clear()
+    cq, ck = torch.tensor([0, 4, 10], dtype=torch.int32), torch.tensor([0, 4, 10], dtype=torch.int32)
+    for _ in range(5):  # five layers
+        A._check_cu_seqlens_once(cq, ck, 6, 6, True, 10, 10)
+    assert len(calls) == 1
+    A._check_cu_seqlens_once(cq, ck, 7, 6, True, 10, 10)  # other arguments
+    cq[2] = 9  # changed in place
+    A._check_cu_seqlens_once(cq, ck, 7, 6, True, 10, 10)
+    A._check_cu_seqlens_once(cq.clone(), ck, 7, 6, True, 10, 10)  # a new tensor
+    assert len(calls) == 4
+
+
 def test_tensors_on_different_devices_rejected_by_C():
     """A CUDA-vs-CPU mix is rejected before any memory is touched (the view's device field is
     checked first), so this runs without a GPU."""
