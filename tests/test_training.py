@@ -418,6 +418,10 @@ def test_init_from_with_overrides_keeps_the_weights(tmp_path, corpus):
     assert got.keys() == saved.keys()
     for k in saved:
         assert got[k].device.type == "cpu" and torch.equal(got[k], saved[k]), k
+    assert all(p.requires_grad for p in tr.raw_model.parameters())
+    tr.fit()  # and it trains: every weight moves
+    after = tr.raw_model.state_dict()
+    assert all(not torch.equal(after[k], saved[k]) for k in saved)
 
 
 def test_fp32_on_cuda_is_refused_up_front(tmp_path, corpus, monkeypatch):
