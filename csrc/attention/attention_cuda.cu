@@ -85,22 +85,20 @@ struct SeqBounds {
 
 __device__ __forceinline__ SeqBounds seq_bounds(const AttentionFwdParams& p, int b) {
   SeqBounds s;
+  // The workspaces have batch * max_seqlen rows: sequence b owns rows b * max_seqlen onwards, batched
+  // or varlen (packed offsets may start past 0 or leave gaps, and would index past the workspace's end).
+  s.ws_row0 = static_cast<int64_t>(b) * p.seqlen_q;
+  s.k_ws_row0 = static_cast<int64_t>(b) * p.seqlen_k;
   if (p.cu_seqlens_q != nullptr) {
     const int q0 = p.cu_seqlens_q[b], q1 = p.cu_seqlens_q[b + 1];
     const int k0 = p.cu_seqlens_k[b], k1 = p.cu_seqlens_k[b + 1];
     s.q_row0 = q0;
     s.k_row0 = k0;
-    // The workspaces have batch * max_seqlen rows: sequence b owns rows b * max_seqlen onwards (the
-    // packed offsets may start past 0 or leave gaps, and would index past the workspace's end).
-    s.ws_row0 = static_cast<int64_t>(b) * p.seqlen_q;
-    s.k_ws_row0 = static_cast<int64_t>(b) * p.seqlen_k;
     s.sq = min(max(q1 - q0, 0), p.seqlen_q);
     s.sk = min(max(k1 - k0, 0), p.seqlen_k);
   } else {
     s.q_row0 = 0;
     s.k_row0 = 0;
-    s.ws_row0 = static_cast<int64_t>(b) * p.seqlen_q;
-    s.k_ws_row0 = static_cast<int64_t>(b) * p.seqlen_k;
     s.sq = p.seqlen_q;
     s.sk = p.seqlen_k;
   }
