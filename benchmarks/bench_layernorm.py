@@ -16,6 +16,13 @@ faulted-in memory, where torch's fresh allocations are new mmaps whose first-tou
 cost more than the kernel itself on this kind of host (copy_bandwidth writes into a preallocated
 buffer). The op-level ratio against torch therefore includes that allocation difference; the kernel
 columns do not.
+
+Autocast block (notes, not rows): the LayerNorm of an autocast model's block, a bf16 branch added to
+the float32 residual stream, output bf16, forward+backward (dy bf16 and the stream's float32
+gradient in, bf16 dx and float32 dresidual out). The mixed kernel moves 28 bytes per element
+(reads 2+4, writes 4+2 forward; reads 2+4+4, writes 4+2 backward); the path it replaced (cast the
+branch to float32, float32 LayerNorm, cast its output to bf16, and the reverse casts in the
+backward) moves 56. Both are timed, with torch eager's float32 equivalent.
 """
 from __future__ import annotations
 
@@ -152,9 +159,48 @@ def run(ctx: harness.Context) -> harness.Report:
             del x, w, dy, kernel_fwd, kernel_fwd_bwd
             gc.collect()
 
+    for hidden in ((2048, 4096) if on_cuda else (2048,)):
+        _autocast_block(report, device, rows, hidden, ctx.quick)
+
     report.limits = {"copy GB/s min": min(copies, default=float("nan")), "copy GB/s max": max(copies, default=float("nan"))}
     report.plot = _plot
     return report
+
+
+def _autocast_block(report, device, rows, hidden, quick):
+    """An autocast block's LayerNorm: the mixed kernel against the float32 path it replaced."""
+    torch.manual_seed(0)
+    x = torch.randn(rows, hidden, device=device).bfloat16().requires_grad_()
+    r = torch.randn(rows, hidden, device=device).requires_grad_()
+    w = (torch.randn(hidden, device=device) * 0.1 + 1).requires_grad_()
+    dy = torch.randn(rows, hidden, device=device).bfloat16()
+    dsum = torch.randn(rows, hidden, device=device)
+
+    def mixed():
+        y, h = mk.layer_norm(x, w, residual=r)
+        torch.autograd.grad((y, h), (x, r, w), (dy, dsum))
+
+    def float32_path():  # what the model did before the mixed kernel
+        y, h = mk.layer_norm(x.float(), w, residual=r)
+        torch.autograd.grad((y.bfloat16(), h), (x, r, w), (dy, dsum))
+
+    def torch_eager():
+        h = r + x
+        y = F.layer_norm(h, (hidden,), w, eps=1e-5).bfloat16()
+        torch.autograd.grad((y, h), (x, r, w), (dy, dsum))
+
+    copy_gbs = harness.copy_bandwidth(device)
+    reps = dict(warmup=1, iters=3) if quick or device == "cpu" else dict(warmup=2, iters=10)
+    t = _interleaved({"mixed": mixed, "float32 path": float32_path, "torch": torch_eager}, device, reps, False)
+    gbs = 28 * x.numel() / t["mixed"] / 1e9
+    line = (f"Autocast block LayerNorm, {rows} x {hidden} (bf16 branch + float32 stream -> bf16, fwd+bwd): mixed kernel "
+            f"{t['mixed'] * 1e3:.2f} ms ({gbs:.0f} GB/s of 28 B/element, {gbs / copy_gbs:.0%} of the {copy_gbs:.0f} GB/s "
+            f"copy), float32 path it replaced {t['float32 path'] * 1e3:.2f} ms ({t['float32 path'] / t['mixed']:.2f}x), "
+            f"torch eager float32 {t['torch'] * 1e3:.2f} ms ({t['torch'] / t['mixed']:.2f}x).")
+    report.notes.append(line)
+    print("  " + line, flush=True)
+    del x, r, w, dy, dsum
+    gc.collect()
 
 
 def _plot(report: harness.Report, path) -> None:

@@ -145,6 +145,148 @@ def test_float32_weight_with_low_precision_input(device, dtype, shape):
     assert_close(leaves[2].grad, db_ref, RTOL[torch.float32], GRAD_ATOL_FRAC, "dbias")
 
 
+# Mixed precision, an autocast model's layout: float32 residual stream and weights, 16-bit branch
+# (x) and output. "residual": 16-bit x into a float32 stream; "residual-f32-x": a float32 x (the
+# branch kept in float32) with out_dtype; "no-residual": a float32 x (the first block's input)
+# with out_dtype.
+MIXED_MODES = ["residual", "residual-f32-x", "no-residual"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MIXED_MODES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=str)
+def test_mixed_precision(device, low, shape, mode):
+    """Against the float64 reference, and (CPU) bit for bit the float32 op on the same values with
+    its output rounded: same arithmetic, only the loads and stores differ. Outputs poisoned."""
+    eps, hidden = 1e-5, shape[-1]
+    with_bias = hidden % 2 == 1  # odd rows with a bias, even ones without: both paths on all sizes
+    x32 = torch.randn(shape) * 2.5 + 0.75
+    x = (x32.to(low) if mode == "residual" else x32).to(device)
+    r = torch.randn(shape).to(device) if mode != "no-residual" else None
+    w = (torch.randn(hidden) * 0.5 + 1.0).to(device)
+    b = torch.randn(hidden).to(device) if with_bias else None
+    out_dtype = None if mode == "residual" else low  # a 16-bit x gives its own dtype by default
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, w, b, r)]
+    out = mk.layer_norm(*leaves[:3], eps=eps, residual=leaves[3], out_dtype=out_dtype)
+    y, h = out if r is not None else (out, None)
+    assert y.dtype == low and y.shape == x.shape
+    dy = torch.randn(shape).to(low).to(device)
+    dsum = torch.randn(shape).to(device) if r is not None else None
+    y_ref, h_ref, (dx_ref, dw_ref, db_ref) = reference(x.float(), w, b, r, eps, dy.float(), dsum)
+    assert_close(y, y_ref, RTOL[low], OUT_ATOL_FRAC, "y")
+    if r is not None:
+        assert h.dtype == torch.float32 and torch.equal(h.cpu(), h_ref.cpu()), "h = x + residual in float32"
+        torch.autograd.backward([y, h], [dy, dsum])
+    else:
+        y.backward(dy)
+    assert leaves[0].grad.dtype == x.dtype
+    assert_close(leaves[0].grad, dx_ref, RTOL[x.dtype], GRAD_ATOL_FRAC, "dx")
+    assert_close(leaves[1].grad, dw_ref, RTOL[torch.float32], GRAD_ATOL_FRAC, "dweight")
+    if with_bias:
+        assert_close(leaves[2].grad, db_ref, RTOL[torch.float32], GRAD_ATOL_FRAC, "dbias")
+    if r is not None:
+        assert leaves[3].grad.dtype == torch.float32
+        assert_close(leaves[3].grad, dx_ref, RTOL[torch.float32], GRAD_ATOL_FRAC, "dresidual")
+    if device != "cpu":  # CUDA: the mixed kernels group a row's elements differently (other sums order)
+        return
+    f32 = [t.float().clone().requires_grad_() if t is not None else None for t in (x, w, b, r)]
+    out32 = mk.layer_norm(*f32[:3], eps=eps, residual=f32[3])
+    y32, h32 = out32 if r is not None else (out32, None)
+    assert torch.equal(y, y32.to(low)), "y must be the float32 op's y rounded"
+    if r is not None:
+        assert torch.equal(h, h32)
+        torch.autograd.backward([y32, h32], [dy.float(), dsum])
+        assert torch.equal(leaves[3].grad, f32[3].grad)
+    else:
+        y32.backward(dy.float())
+    assert torch.equal(leaves[0].grad, f32[0].grad.to(x.dtype)), "dx must be the float32 dx rounded"
+    assert torch.equal(leaves[1].grad, f32[1].grad)
+    if with_bias:
+        assert torch.equal(leaves[2].grad, f32[2].grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_precision_unused_sum_output(device):
+    """The final norm's residual sum is not used: its gradient arrives as None (not materialised as
+    zeros); x and residual still get the LayerNorm's gradient."""
+    x = torch.randn(6, 256).bfloat16().to(device).requires_grad_()
+    r = torch.randn(6, 256, device=device, requires_grad=True)
+    w = torch.randn(256, device=device, requires_grad=True)
+    y, _ = mk.layer_norm(x, w, residual=r)
+    dy = torch.randn(6, 256).bfloat16().to(device)
+    y.backward(dy)
+    _, _, (dx_ref, dw_ref, _) = reference(x.detach().float(), w.detach(), None, r.detach(), 1e-5, dy.float())
+    assert_close(r.grad, dx_ref, RTOL[torch.float32], GRAD_ATOL_FRAC, "dresidual")
+    assert_close(x.grad, dx_ref, RTOL[torch.bfloat16], GRAD_ATOL_FRAC, "dx")
+    assert_close(w.grad, dw_ref, RTOL[torch.float32], GRAD_ATOL_FRAC, "dweight")
+
+
+def test_mixed_precision_bad_inputs():
+    """Every dtype combination outside the mixed modes is refused, naming the argument."""
+    x, r = torch.randn(4, 32), torch.randn(4, 32)
+    w, xb = torch.randn(32), torch.randn(4, 32).bfloat16()
+    cases = [
+        ("residual", lambda: mk.layer_norm(x, w, residual=r.bfloat16())),  # 16-bit stream, float32 x
+        ("residual", lambda: mk.layer_norm(xb, w, residual=r.half())),
+        ("out_dtype", lambda: mk.layer_norm(xb, w, out_dtype=torch.float32)),  # 16-bit h
+        ("out_dtype", lambda: mk.layer_norm(x, w, out_dtype=torch.float64)),
+        ("out_dtype", lambda: mk.layer_norm(xb, w, residual=r, out_dtype=torch.float16)),  # not x's dtype
+        ("weight", lambda: mk.layer_norm(xb, w.bfloat16(), residual=r)),
+        ("weight", lambda: mk.layer_norm(x, w.half(), out_dtype=torch.float16)),
+        ("bias", lambda: mk.layer_norm(x, w, w.bfloat16(), out_dtype=torch.bfloat16)),
+    ]
+    for name, fn in cases:
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            fn()
+    # The core checks the same on its own. (Views carry raw pointers: every tensor a call may write
+    # is kept alive by a name here.)
+    V = _ext.view
+    y, yb, mean, rstd = torch.empty(4, 32), torch.empty(4, 32).bfloat16(), torch.empty(4), torch.empty(4)
+    h_out, dx, dw = torch.empty(4, 32), torch.empty(4, 32).bfloat16(), torch.empty(32)
+
+    def fwd(**kw):
+        args = dict(x=V(xb), weight=V(w), bias=None, residual=V(r), y=V(yb), residual_out=V(h_out),
+                    mean=V(mean), rstd=V(rstd), eps=1e-5)
+        args.update(kw)
+        _C.layer_norm_fwd(**args)
+
+    fwd()  # the valid mixed call
+    core_cases = [
+        ("residual_out", dict(residual_out=V(torch.empty(4, 32).bfloat16()))),
+        ("residual", dict(residual=V(r.half()))),
+        ("y", dict(y=V(y))),  # float32 y from a bfloat16 x into a float32 stream
+        ("x", dict(x=V(xb.half()), y=V(yb))),
+        ("weight", dict(weight=V(w.bfloat16()))),
+        ("x", dict(residual=None, residual_out=None, y=V(yb.half()))),  # 16-bit x, other 16-bit y, no residual
+    ]
+    for name, kw in core_cases:
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            fwd(**kw)
+    codes = _ext._torch_codes()
+    n = _C.layer_norm_bwd_workspace_numel(4, 32, codes[torch.float32], codes[torch.float32], False, -1,
+                                          codes[torch.bfloat16])
+    ws = torch.empty(n)
+
+    def bwd(**kw):
+        args = dict(dy=V(yb), dresidual_out=None, h=V(x), weight=V(w), mean=V(mean), rstd=V(rstd), dh=V(y),
+                    dweight=V(dw), dbias=None, workspace=V(ws), dx=V(dx))
+        args.update(kw)
+        _C.layer_norm_bwd(**args)
+
+    mean.zero_(), rstd.fill_(1.0)
+    bwd()
+    bwd_cases = [
+        ("dx", dict(dx=V(torch.empty(4, 32).half()))),
+        ("dx", dict(dy=V(y), dx=V(torch.empty(4, 32)))),  # uniform float32: no dx
+        ("dy", dict(h=V(xb), dh=V(yb), dy=V(torch.empty(4, 32).half()), dx=None)),
+        ("weight", dict(weight=V(w.bfloat16()))),
+    ]
+    for name, kw in bwd_cases:
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            bwd(**kw)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_strided_and_misaligned_rows(device, dtype):
@@ -323,7 +465,7 @@ def test_bad_inputs_at_the_c_boundary():
     cases = [
         ("weight", dict(weight=on_gpu(w))),
         ("y", dict(y=on_gpu(y))),
-        ("y", dict(y=V(torch.empty(4, 32, dtype=torch.bfloat16)))),
+        ("y", dict(y=V(torch.empty(4, 32, dtype=torch.float64)))),
         ("y", dict(y=V(torch.empty(4, 31)))),
         ("y", dict(y=(y.data_ptr(), 0, (4, 32), (0, 1), -1))),  # overlapping output rows
         ("x", dict(x=V(torch.randn(2, 5, 32)[:, :2]), y=V(torch.empty(2, 2, 32)))),  # no single row stride

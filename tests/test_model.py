@@ -565,6 +565,41 @@ def test_bf16_autocast_forward_backward():
     torch.testing.assert_close(loss.float(), ref, atol=0.05, rtol=0)  # bf16 rounding of the branch outputs
 
 
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias_and_qk_ln"])
+def test_autocast_mixed_layer_norm_equals_float32_layer_norm(monkeypatch, with_bias):
+    """Under autocast the LayerNorms read the bf16 branch and the float32 stream and write bf16 (no
+    float32 copy of the branch, no bf16 copy of the output). It must change nothing: loss, logits and
+    every gradient equal, bit for bit, the model whose LayerNorms ran in float32 with autocast's
+    casts around them, and the LayerNorm outputs are bf16 there."""
+    from mpt_kernels.model import modeling
+
+    cfg = small(qk_ln=with_bias)
+    cfg.no_bias = not with_bias
+    m = perturb_norms(MPTForCausalLM(cfg))
+    ids = torch.randint(0, 101, (2, 16))
+    seen = []
+    handles = [mod.register_forward_hook(lambda mod, inp, out: seen.append(out[0].dtype if isinstance(out, tuple)
+                                                                            else out.dtype))
+               for mod in m.modules() if isinstance(mod, modeling.LayerNorm)]
+
+    def run():
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(ids, labels=ids)
+        out.loss.backward()
+        return out.loss.detach(), out.logits.detach(), [p.grad.clone() for p in m.parameters()]
+
+    loss, logits, grads = run()
+    assert len(seen) == len(handles) and all(dt == torch.bfloat16 for dt in seen)
+    for h in handles:
+        h.remove()
+    monkeypatch.setattr(modeling, "_MIXED_LAYER_NORM", False)
+    loss_ref, logits_ref, grads_ref = run()
+    assert torch.equal(loss, loss_ref) and torch.equal(logits, logits_ref)
+    for (name, _), g, r in zip(m.named_parameters(), grads, grads_ref):
+        assert torch.equal(g, r), name
+
+
 def test_cache_and_generate_under_autocast():
     """float32 weights under bf16 autocast make bf16 keys: the cache new_cache() makes there holds
     bf16 (it held float32, and the attention refused the mix: bf16 training died in its end-of-run

@@ -7,6 +7,15 @@
 // Activations (x, residual, y, residual_out, dy, dresidual_out, h, dh) share one dtype `dtype`;
 // weight, bias, dweight and dbias share `weight_dtype`, which is `dtype` or float32.
 //
+// Mixed precision (an autocast model: float32 residual stream and weights, 16-bit branches): the
+// forward may take a float32 residual (residual_dtype, also residual_out's) with x float32 or
+// 16-bit, and write y in a 16-bit y_dtype; without a residual, x float32 and y 16-bit. Weights are
+// float32 then. The backward's mirror: h, dresidual_out and dh float32, dy 16-bit (dy_dtype), and
+// optionally dx, dh rounded to dy_dtype (the gradient of a 16-bit x, written in the same pass
+// instead of a separate cast). In every mode the arithmetic is the same float32 arithmetic; only
+// the loads and stores differ, so the mixed forward's y is bit for bit the float32 forward's y
+// rounded to y_dtype, and dx is the float32 dh rounded.
+//
 // Forward, per row (all arithmetic in float32):
 //   h     = x                       or  round_to_dtype(x + residual)  (stored to residual_out)
 //   mean  = sum(h) / hidden;  rstd = 1 / sqrt(sum((h - mean)^2) / hidden + eps)   (two passes)
@@ -49,8 +58,10 @@ struct LayerNormFwdParams {
   int64_t rows = 0;
   int64_t hidden = 0;
   float eps = 1e-5f;
-  DType dtype = DType::BFloat16;
-  DType weight_dtype = DType::BFloat16;
+  DType dtype = DType::BFloat16;           // x
+  DType weight_dtype = DType::BFloat16;    // weight, bias
+  DType residual_dtype = DType::BFloat16;  // residual, residual_out: dtype, or float32 (mixed)
+  DType y_dtype = DType::BFloat16;         // y: dtype, or 16-bit with a float32 h (mixed)
 };
 
 struct LayerNormBwdParams {
@@ -65,6 +76,8 @@ struct LayerNormBwdParams {
   const float* rstd = nullptr;
   void* dh = nullptr;  // gradient of x (and of residual when fused)
   int64_t dh_row_stride = 0;
+  void* dx = nullptr;  // optional, mixed only: dh rounded to dy_dtype (the gradient of a 16-bit x)
+  int64_t dx_row_stride = 0;
   void* dweight = nullptr;  // (hidden,) weight_dtype
   void* dbias = nullptr;    // optional (hidden,) weight_dtype
   // float32 scratch of layer_norm_bwd_workspace_numel() elements: dweight partials
@@ -73,9 +86,23 @@ struct LayerNormBwdParams {
   int64_t num_partials = 0;
   int64_t rows = 0;
   int64_t hidden = 0;
-  DType dtype = DType::BFloat16;
+  DType dtype = DType::BFloat16;  // h, dresidual_out, dh
   DType weight_dtype = DType::BFloat16;
+  DType dy_dtype = DType::BFloat16;  // dy (and dx): dtype, or 16-bit with a float32 h (mixed)
 };
+
+// The dtype combinations the kernels take (the bindings check them; the kernels check again).
+inline bool layer_norm_fwd_dtypes_ok(DType x, DType residual, bool has_residual, DType y, DType weight) {
+  const bool low = y == DType::BFloat16 || y == DType::Float16;
+  if (x == y && (!has_residual || residual == x)) return weight == x || weight == DType::Float32;
+  // mixed: float32 h (the residual stream, or x itself), 16-bit y, float32 weights
+  const bool h_f32 = has_residual ? residual == DType::Float32 : x == DType::Float32;
+  return low && h_f32 && (x == DType::Float32 || x == y) && weight == DType::Float32;
+}
+inline bool layer_norm_bwd_dtypes_ok(DType h, DType dy, DType weight) {
+  if (h == dy) return weight == h || weight == DType::Float32;
+  return h == DType::Float32 && (dy == DType::BFloat16 || dy == DType::Float16) && weight == DType::Float32;
+}
 
 inline int64_t layer_norm_bwd_workspace_numel(int64_t num_partials, int64_t hidden, bool has_bias) {
   return num_partials * hidden * (has_bias ? 2 : 1);
@@ -90,7 +117,7 @@ void layer_norm_bwd_cpu(const LayerNormBwdParams& p);
 // CUDA kernels: dtype float32, bfloat16 or float16. Asynchronous on `stream`; the current device
 // must be the tensors' device (the bindings set it).
 void layer_norm_fwd_cuda(const LayerNormFwdParams& p, cudaStream_t stream);
-int64_t layer_norm_bwd_num_partials_cuda(int64_t rows, int64_t hidden, DType dtype, DType weight_dtype);
+int64_t layer_norm_bwd_num_partials_cuda(int64_t rows, int64_t hidden, DType dtype, DType weight_dtype, DType dy_dtype);
 void layer_norm_bwd_cuda(const LayerNormBwdParams& p, cudaStream_t stream);
 #endif
 

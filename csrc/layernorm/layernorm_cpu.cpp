@@ -68,16 +68,18 @@ bool rows_stream_aligned(const void* base, int64_t row_stride) {
   return reinterpret_cast<uintptr_t>(base) % a == 0 && (row_stride * static_cast<int64_t>(sizeof(T))) % a == 0;
 }
 
-// Forward of one row. `hout` receives x + res rounded to T when res is set; the statistics are
+// Forward of one row. `hout` receives x + res rounded to TH when res is set; the statistics are
 // taken over that rounded sum, as the reference does (what is normalised is what is returned).
-// The row is converted to float32 once, into `scratch` (unused when T is float: the row is read
-// in place): the two statistics passes and the output pass then read floats from L1/L2, so a
-// 16-bit row costs one conversion per element instead of three. w and b are float32 here.
-template <typename T, bool kStream>
-void layer_norm_fwd_row(const T* x, const T* res, T* hout, const float* w, const float* b, bool wb_finite, T* y,
+// Without res, h is x itself (TX == TH: the dispatcher guarantees it). The row is converted to
+// float32 once, into `scratch` (unused when TH is float: the row is read in place): the two
+// statistics passes and the output pass then read floats from L1/L2, so a 16-bit row costs one
+// conversion per element instead of three. w and b are float32 here. TX, TH, TY: the types of x,
+// of h (residual, hout) and of y; all equal, or TH float with 16-bit TY (mixed, layernorm.h).
+template <typename TX, typename TH, typename TY, bool kStream>
+void layer_norm_fwd_row(const TX* x, const TH* res, TH* hout, const float* w, const float* b, bool wb_finite, TY* y,
                         int64_t H, float eps, float* scratch, float* mean_out, float* rstd_out) {
-  constexpr bool kFloat = std::is_same_v<T, float>;
-  float* hf = kFloat ? nullptr : scratch;  // the row as float32, for 16-bit T
+  constexpr bool kFloat = std::is_same_v<TH, float>;
+  float* hf = kFloat ? nullptr : scratch;  // the row as float32, for 16-bit TH
   float sum = 0.f;
   int64_t i = 0;
 #ifdef MPTK_AVX2
@@ -127,7 +129,7 @@ void layer_norm_fwd_row(const T* x, const T* res, T* hout, const float* w, const
   for (; i < H; ++i) {
     float v;
     if (res) {
-      hout[i] = from_float<T>(to_float(x[i]) + to_float(res[i]));
+      hout[i] = from_float<TH>(to_float(x[i]) + to_float(res[i]));
       v = to_float(hout[i]);
     } else {
       v = to_float(x[i]);
@@ -137,7 +139,7 @@ void layer_norm_fwd_row(const T* x, const T* res, T* hout, const float* w, const
   }
   const float* h;
   if constexpr (kFloat) {
-    h = res ? hout : x;
+    h = res ? hout : reinterpret_cast<const float*>(x);  // no res: TX == TH == float
   } else {
     h = hf;
   }
@@ -187,7 +189,7 @@ void layer_norm_fwd_row(const T* x, const T* res, T* hout, const float* w, const
   i = 0;
 #ifdef MPTK_AVX2
   const __m256 vrstd = _mm256_set1_ps(rstd);
-  if constexpr (std::is_same_v<T, bf16>) {
+  if constexpr (std::is_same_v<TY, bf16>) {
     // A finite sum and sum of squares mean every h, the mean and rstd are finite, so every xhat is;
     // with finite w and b no output can be NaN and the rounding can skip pack8's NaN handling.
     if (wb_finite && std::isfinite(sum) && std::isfinite(sq) && std::isfinite(rstd)) {
@@ -225,7 +227,7 @@ void layer_norm_fwd_row(const T* x, const T* res, T* hout, const float* w, const
 #endif
   for (; i < H; ++i) {
     float xhat = (h[i] - mean) * rstd;
-    y[i] = from_float<T>(std::fma(xhat, w[i], b ? b[i] : 0.f));
+    y[i] = from_float<TY>(std::fma(xhat, w[i], b ? b[i] : 0.f));
   }
 }
 
@@ -242,26 +244,26 @@ const float* as_float(const WT* v, int64_t n, std::vector<float>& buf) {
   }
 }
 
-template <typename T, typename WT>
+template <typename TX, typename TH, typename TY, typename WT>
 void layer_norm_fwd_impl(const LayerNormFwdParams& p) {
-  const T* x = static_cast<const T*>(p.x);
-  const T* res = static_cast<const T*>(p.residual);
-  T* hout = static_cast<T*>(p.residual_out);
-  T* y = static_cast<T*>(p.y);
+  const TX* x = static_cast<const TX*>(p.x);
+  const TH* res = static_cast<const TH*>(p.residual);
+  TH* hout = static_cast<TH*>(p.residual_out);
+  TY* y = static_cast<TY*>(p.y);
   std::vector<float> wbuf, bbuf;
   const float* w = as_float(static_cast<const WT*>(p.weight), p.hidden, wbuf);
   const float* b = as_float(static_cast<const WT*>(p.bias), p.hidden, bbuf);
   bool wb_finite = true;  // lets the bfloat16 rows with finite statistics skip the NaN-safe rounding
-  if constexpr (std::is_same_v<T, bf16>)  // the only type that reads it
+  if constexpr (std::is_same_v<TY, bf16>)  // the only type that reads it
     for (int64_t c = 0; c < p.hidden; ++c) wb_finite &= std::isfinite(w[c]) && (!b || std::isfinite(b[c]));
   auto run = [&](auto stream) {
     constexpr bool kStream = decltype(stream)::value;
 #pragma omp parallel if (p.rows * p.hidden >= kParallelMinElems)
     {
-      std::vector<float> scratch(std::is_same_v<T, float> ? 0 : static_cast<size_t>(p.hidden));
+      std::vector<float> scratch(std::is_same_v<TH, float> ? 0 : static_cast<size_t>(p.hidden));
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < p.rows; ++r) {
-        layer_norm_fwd_row<T, kStream>(
+        layer_norm_fwd_row<TX, TH, TY, kStream>(
             x + r * p.x_row_stride, res ? res + r * p.residual_row_stride : nullptr,
             hout ? hout + r * p.residual_out_row_stride : nullptr, w, b, wb_finite, y + r * p.y_row_stride, p.hidden, p.eps,
             scratch.data(), p.mean ? p.mean + r : nullptr, p.rstd ? p.rstd + r : nullptr);
@@ -273,8 +275,8 @@ void layer_norm_fwd_impl(const LayerNormFwdParams& p) {
     }
   };
 #ifdef MPTK_AVX2
-  if (p.rows * p.hidden * static_cast<int64_t>(sizeof(T)) >= streaming_store_min_bytes() &&
-      rows_stream_aligned<T>(y, p.y_row_stride)) {
+  if (p.rows * p.hidden * static_cast<int64_t>(sizeof(TY)) >= streaming_store_min_bytes() &&
+      rows_stream_aligned<TY>(y, p.y_row_stride)) {
     run(std::true_type{});
     return;
   }
@@ -286,7 +288,8 @@ void layer_norm_fwd_impl(const LayerNormFwdParams& p) {
 // group's own float32 partial rows, which stay in this core's cache across the group's rows.
 // The first pass keeps xhat and g = dy * w of the row in float32 scratch (2 * hidden floats), so
 // the second pass reads them back from cache instead of converting h, dy and w again.
-template <typename T>
+// TH: h, dresidual_out, dh; TY: dy and dx (equal, or TH float with 16-bit TY: layernorm.h).
+template <typename TH, typename TY>
 void layer_norm_bwd_group(const LayerNormBwdParams& p, const float* w, int64_t g, float* xh, float* gw) {
   const int64_t H = p.hidden, P = p.num_partials;
   float* dwp = p.workspace + g * H;
@@ -294,10 +297,11 @@ void layer_norm_bwd_group(const LayerNormBwdParams& p, const float* w, int64_t g
   std::fill(dwp, dwp + H, 0.f);
   if (dbp) std::fill(dbp, dbp + H, 0.f);
   for (int64_t r = g; r < p.rows; r += P) {
-    const T* h = static_cast<const T*>(p.h) + r * p.h_row_stride;
-    const T* dy = static_cast<const T*>(p.dy) + r * p.dy_row_stride;
-    const T* dres = p.dresidual_out ? static_cast<const T*>(p.dresidual_out) + r * p.dresidual_out_row_stride : nullptr;
-    T* dh = static_cast<T*>(p.dh) + r * p.dh_row_stride;
+    const TH* h = static_cast<const TH*>(p.h) + r * p.h_row_stride;
+    const TY* dy = static_cast<const TY*>(p.dy) + r * p.dy_row_stride;
+    const TH* dres = p.dresidual_out ? static_cast<const TH*>(p.dresidual_out) + r * p.dresidual_out_row_stride : nullptr;
+    TH* dh = static_cast<TH*>(p.dh) + r * p.dh_row_stride;
+    TY* dx = p.dx ? static_cast<TY*>(p.dx) + r * p.dx_row_stride : nullptr;
     const float mean = p.mean[r], rstd = p.rstd[r];
 
     float s1 = 0.f, s2 = 0.f;  // sum(g), sum(g * xhat) with g = dy * w
@@ -338,12 +342,14 @@ void layer_norm_bwd_group(const LayerNormBwdParams& p, const float* w, int64_t g
                                                     _mm256_mul_ps(_mm256_loadu_ps(xh + i), vc2)));
       if (dres) d = _mm256_add_ps(d, load8(dres + i));
       store8(dh + i, d);
+      if (dx) store8(dx + i, d);
     }
 #endif
     for (; i < H; ++i) {
       float d = rstd * (gw[i] - c1 - xh[i] * c2);
       if (dres) d += to_float(dres[i]);
-      dh[i] = from_float<T>(d);
+      dh[i] = from_float<TH>(d);
+      if (dx) dx[i] = from_float<TY>(d);
     }
   }
 }
@@ -366,7 +372,7 @@ void reduce_partials(const float* partials, int64_t P, int64_t H, WT* dst) {
   }
 }
 
-template <typename T, typename WT>
+template <typename TH, typename TY, typename WT>
 void layer_norm_bwd_impl(const LayerNormBwdParams& p) {
   std::vector<float> wbuf;
   const float* w = as_float(static_cast<const WT*>(p.weight), p.hidden, wbuf);
@@ -375,7 +381,7 @@ void layer_norm_bwd_impl(const LayerNormBwdParams& p) {
     std::vector<float> scratch(2 * static_cast<size_t>(p.hidden));
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < p.num_partials; ++g)
-      layer_norm_bwd_group<T>(p, w, g, scratch.data(), scratch.data() + p.hidden);
+      layer_norm_bwd_group<TH, TY>(p, w, g, scratch.data(), scratch.data() + p.hidden);
   }
   reduce_partials<WT>(p.workspace, p.num_partials, p.hidden, static_cast<WT*>(p.dweight));
   if (p.dbias)
@@ -383,7 +389,7 @@ void layer_norm_bwd_impl(const LayerNormBwdParams& p) {
                         static_cast<WT*>(p.dbias));
 }
 
-// Calls f.template operator()<T, WT>() for the supported (activation, weight) dtype pairs.
+// Calls f(T{}, WT{}) for the supported (activation, weight) dtype pairs.
 template <typename F>
 void dispatch_dtypes(DType dtype, DType weight_dtype, F&& f) {
   if (dtype == DType::Float32 && weight_dtype == DType::Float32) return f(float{}, float{});
@@ -394,14 +400,37 @@ void dispatch_dtypes(DType dtype, DType weight_dtype, F&& f) {
   MPTK_CHECK(false, "layer_norm: unsupported dtype pair (", dtype_name(dtype), ", ", dtype_name(weight_dtype), ")");
 }
 
+// The mixed combinations (float32 h and weights, 16-bit y / dy): calls f(TY{}).
+template <typename F>
+void dispatch_low(DType t, F&& f) {
+  if (t == DType::BFloat16) return f(bf16{});
+  if (t == DType::Float16) return f(fp16{});
+  MPTK_CHECK(false, "layer_norm: unsupported mixed output dtype ", dtype_name(t));
+}
+
 }  // namespace
 
 void layer_norm_fwd_cpu(const LayerNormFwdParams& p) {
   MPTK_CHECK(p.hidden > 0 || p.rows == 0, "layer_norm_fwd_cpu: hidden must be positive");
   MPTK_CHECK(!p.residual == !p.residual_out, "layer_norm_fwd_cpu: residual and residual_out go together");
-  dispatch_dtypes(p.dtype, p.weight_dtype, [&](auto t, auto wt) {
-    layer_norm_fwd_impl<decltype(t), decltype(wt)>(p);
-  });
+  MPTK_CHECK(layer_norm_fwd_dtypes_ok(p.dtype, p.residual_dtype, p.residual != nullptr, p.y_dtype, p.weight_dtype),
+             "layer_norm_fwd_cpu: unsupported dtypes (x ", dtype_name(p.dtype), ", residual ",
+             dtype_name(p.residual_dtype), ", y ", dtype_name(p.y_dtype), ", weight ", dtype_name(p.weight_dtype), ")");
+  const bool uniform = p.y_dtype == p.dtype && (!p.residual || p.residual_dtype == p.dtype);
+  if (uniform) {
+    dispatch_dtypes(p.dtype, p.weight_dtype, [&](auto t, auto wt) {
+      using T = decltype(t);
+      layer_norm_fwd_impl<T, T, T, decltype(wt)>(p);
+    });
+  } else {
+    dispatch_low(p.y_dtype, [&](auto ty) {
+      using TY = decltype(ty);
+      if (p.dtype == DType::Float32)
+        layer_norm_fwd_impl<float, float, TY, float>(p);
+      else
+        layer_norm_fwd_impl<TY, float, TY, float>(p);
+    });
+  }
 }
 
 int64_t layer_norm_bwd_num_partials_cpu(int64_t rows, int64_t /*hidden*/) {
@@ -415,9 +444,18 @@ int64_t layer_norm_bwd_num_partials_cpu(int64_t rows, int64_t /*hidden*/) {
 void layer_norm_bwd_cpu(const LayerNormBwdParams& p) {
   MPTK_CHECK(p.num_partials == layer_norm_bwd_num_partials_cpu(p.rows, p.hidden),
              "layer_norm_bwd_cpu: num_partials does not match layer_norm_bwd_num_partials_cpu");
-  dispatch_dtypes(p.dtype, p.weight_dtype, [&](auto t, auto wt) {
-    layer_norm_bwd_impl<decltype(t), decltype(wt)>(p);
-  });
+  MPTK_CHECK(layer_norm_bwd_dtypes_ok(p.dtype, p.dy_dtype, p.weight_dtype),
+             "layer_norm_bwd_cpu: unsupported dtypes (h ", dtype_name(p.dtype), ", dy ", dtype_name(p.dy_dtype),
+             ", weight ", dtype_name(p.weight_dtype), ")");
+  MPTK_CHECK(!p.dx || p.dy_dtype != p.dtype, "layer_norm_bwd_cpu: dx is for the mixed mode only");
+  if (p.dy_dtype == p.dtype) {
+    dispatch_dtypes(p.dtype, p.weight_dtype, [&](auto t, auto wt) {
+      using T = decltype(t);
+      layer_norm_bwd_impl<T, T, decltype(wt)>(p);
+    });
+  } else {
+    dispatch_low(p.dy_dtype, [&](auto ty) { layer_norm_bwd_impl<float, decltype(ty), float>(p); });
+  }
 }
 
 }  // namespace mptk

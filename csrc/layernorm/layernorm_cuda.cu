@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/cuda_check.h"
 #include "common/error.h"
@@ -31,15 +32,14 @@ namespace mptk {
 namespace {
 
 constexpr int kMaxThreads = 512;  // per block; with __launch_bounds__ this caps registers at 128
-constexpr int kFwdMaxVecs = 8;    // 16-byte packs of the row a forward thread keeps in registers
 // Backward: float32 accumulators of dweight and dbias for each owned column stay in registers
 // across rows: 32 columns per thread (2 x 32 registers) covers rows of up to 512 x 32 = 16384
 // elements. Fewer where ptxas would otherwise spill under the 128-register cap: 24 when a 16-bit
-// row meets float32 weights (twice the weight registers), 8 for the scalar fallback (its
-// unrolled per-element address arithmetic).
-template <typename T, typename WT, int VEC>
+// row meets float32 weights or a float32 h (mixed: twice the registers per loaded pack), 8 for the
+// scalar fallback (its unrolled per-element address arithmetic).
+template <typename TH, typename TY, typename WT, int VEC>
 constexpr int bwd_max_vecs() {
-  return VEC == 1 ? 8 : (sizeof(WT) > sizeof(T) ? 24 / VEC : 32 / VEC);
+  return VEC == 1 ? 8 : (sizeof(WT) > sizeof(TY) || sizeof(TH) > sizeof(TY) ? 24 / VEC : 32 / VEC);
 }
 constexpr int kWarpRowsPerBlock = 4;
 
@@ -51,6 +51,16 @@ template <typename T> __device__ __forceinline__ T from_f(float v);
 template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+
+// v as To: a no-op for To == From (the uniform modes keep their instructions), else via float32.
+template <typename To, typename From>
+__device__ __forceinline__ To cvt(From v) {
+  if constexpr (std::is_same_v<To, From>) {
+    return v;
+  } else {
+    return from_f<To>(to_f(v));
+  }
+}
 
 // N elements moved as one (or, for 32-byte float packs of a 16-bit row, two) 16-byte accesses.
 template <typename T, int N>
@@ -97,7 +107,9 @@ __device__ __forceinline__ float2 group_sum2(float a, float b, int tpr, float2* 
   return make_float2(warp_sum(t.x), warp_sum(t.y));
 }
 
-template <typename T, typename WT, int VEC, int MAX_VECS>
+// TX, TH, TY: x, h (residual and residual_out), y. All equal, or TH float with a 16-bit TY and TX
+// float or TY (mixed, layernorm.h). Without a residual h is x itself (TX == TH).
+template <typename TX, typename TH, typename TY, typename WT, int VEC, int MAX_VECS>
 __global__ void __launch_bounds__(kMaxThreads) layer_norm_fwd_kernel(LayerNormFwdParams p, int tpr) {
   __shared__ float red[32];
   const int lane = threadIdx.x % tpr, group = threadIdx.x / tpr, groups = blockDim.x / tpr;
@@ -108,24 +120,27 @@ __global__ void __launch_bounds__(kMaxThreads) layer_norm_fwd_kernel(LayerNormFw
   const WT* b = static_cast<const WT*>(p.bias);
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * groups + group; row < p.rows;
        row += static_cast<int64_t>(gridDim.x) * groups) {
-    const T* x = static_cast<const T*>(p.x) + row * p.x_row_stride;
-    const T* res = p.residual ? static_cast<const T*>(p.residual) + row * p.residual_row_stride : nullptr;
-    T* hout = p.residual_out ? static_cast<T*>(p.residual_out) + row * p.residual_out_row_stride : nullptr;
-    T* y = static_cast<T*>(p.y) + row * p.y_row_stride;
+    const TX* x = static_cast<const TX*>(p.x) + row * p.x_row_stride;
+    const TH* res = p.residual ? static_cast<const TH*>(p.residual) + row * p.residual_row_stride : nullptr;
+    TH* hout = p.residual_out ? static_cast<TH*>(p.residual_out) + row * p.residual_out_row_stride : nullptr;
+    TY* y = static_cast<TY*>(p.y) + row * p.y_row_stride;
     float mean, rstd;
     if (cached) {
-      Pack<T, VEC> v[MAX_VECS];
+      Pack<TH, VEC> v[MAX_VECS];
       float sum = 0.f;
 #pragma unroll
       for (int k = 0; k < MAX_VECS; ++k) {
         const int64_t j = lane + static_cast<int64_t>(k) * tpr;
         if (j < nvec) {
-          v[k] = load_pack<T, VEC>(x, j);
+          const Pack<TX, VEC> xv = load_pack<TX, VEC>(x, j);
           if (res) {
-            Pack<T, VEC> r = load_pack<T, VEC>(res, j);
+            Pack<TH, VEC> r = load_pack<TH, VEC>(res, j);
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) v[k].v[e] = from_f<T>(to_f(v[k].v[e]) + to_f(r.v[e]));
-            store_pack<T, VEC>(hout, j, v[k]);
+            for (int e = 0; e < VEC; ++e) v[k].v[e] = from_f<TH>(to_f(xv.v[e]) + to_f(r.v[e]));
+            store_pack<TH, VEC>(hout, j, v[k]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) v[k].v[e] = cvt<TH>(xv.v[e]);  // TX == TH here
           }
 #pragma unroll
           for (int e = 0; e < VEC; ++e) sum += to_f(v[k].v[e]);
@@ -150,34 +165,37 @@ __global__ void __launch_bounds__(kMaxThreads) layer_norm_fwd_kernel(LayerNormFw
         if (j < nvec) {
           Pack<WT, VEC> wv = load_pack<WT, VEC>(w, j), bv;
           if (b) bv = load_pack<WT, VEC>(b, j);
-          Pack<T, VEC> out;
+          Pack<TY, VEC> out;
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
             const float xhat = (to_f(v[k].v[e]) - mean) * rstd;
-            out.v[e] = from_f<T>(fmaf(xhat, to_f(wv.v[e]), b ? to_f(bv.v[e]) : 0.f));
+            out.v[e] = from_f<TY>(fmaf(xhat, to_f(wv.v[e]), b ? to_f(bv.v[e]) : 0.f));
           }
-          store_pack<T, VEC>(y, j, out);
+          store_pack<TY, VEC>(y, j, out);
         }
       }
     } else {
       // Row too wide for registers: three passes, the later two re-reading it from L2.
       float sum = 0.f;
       for (int64_t j = lane; j < nvec; j += tpr) {
-        Pack<T, VEC> v = load_pack<T, VEC>(x, j);
+        const Pack<TX, VEC> xv = load_pack<TX, VEC>(x, j);
         if (res) {
-          Pack<T, VEC> r = load_pack<T, VEC>(res, j);
+          Pack<TH, VEC> r = load_pack<TH, VEC>(res, j), v;
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) v.v[e] = from_f<T>(to_f(v.v[e]) + to_f(r.v[e]));
-          store_pack<T, VEC>(hout, j, v);  // read back below by this same thread
+          for (int e = 0; e < VEC; ++e) v.v[e] = from_f<TH>(to_f(xv.v[e]) + to_f(r.v[e]));
+          store_pack<TH, VEC>(hout, j, v);  // read back below by this same thread
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) sum += to_f(v.v[e]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) sum += to_f(xv.v[e]);
         }
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) sum += to_f(v.v[e]);
       }
-      const T* h = res ? hout : x;
+      const TH* h = res ? hout : reinterpret_cast<const TH*>(x);  // no residual: TX == TH
       mean = group_sum(sum, tpr, red) * inv_h;
       float sq = 0.f;
       for (int64_t j = lane; j < nvec; j += tpr) {
-        Pack<T, VEC> v = load_pack<T, VEC>(h, j);
+        Pack<TH, VEC> v = load_pack<TH, VEC>(h, j);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           const float d = to_f(v.v[e]) - mean;
@@ -186,15 +204,16 @@ __global__ void __launch_bounds__(kMaxThreads) layer_norm_fwd_kernel(LayerNormFw
       }
       rstd = 1.f / sqrtf(group_sum(sq, tpr, red) * inv_h + p.eps);
       for (int64_t j = lane; j < nvec; j += tpr) {
-        Pack<T, VEC> v = load_pack<T, VEC>(h, j), out;
+        Pack<TH, VEC> v = load_pack<TH, VEC>(h, j);
+        Pack<TY, VEC> out;
         Pack<WT, VEC> wv = load_pack<WT, VEC>(w, j), bv;
         if (b) bv = load_pack<WT, VEC>(b, j);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           const float xhat = (to_f(v.v[e]) - mean) * rstd;
-          out.v[e] = from_f<T>(fmaf(xhat, to_f(wv.v[e]), b ? to_f(bv.v[e]) : 0.f));
+          out.v[e] = from_f<TY>(fmaf(xhat, to_f(wv.v[e]), b ? to_f(bv.v[e]) : 0.f));
         }
-        store_pack<T, VEC>(y, j, out);
+        store_pack<TY, VEC>(y, j, out);
       }
     }
     if (lane == 0) {
@@ -204,8 +223,10 @@ __global__ void __launch_bounds__(kMaxThreads) layer_norm_fwd_kernel(LayerNormFw
   }
 }
 
-template <typename T, typename WT, int VEC, int MAX_VECS>
-__global__ void __launch_bounds__(kMaxThreads) layer_norm_bwd_kernel(LayerNormBwdParams p, int tpr) {
+// TH: h, dresidual_out, dh; TY: dy and the optional dx (TY == TH, or TH float and TY 16-bit).
+template <typename TH, typename TY, typename WT, int VEC, int MAX_VECS>
+__global__ void __launch_bounds__(kMaxThreads, 1) layer_norm_bwd_kernel(LayerNormBwdParams p, int tpr) {
+  constexpr bool kMixed = !std::is_same_v<TH, TY>;  // only then may dx be set
   __shared__ float2 red[32];
   const int lane = threadIdx.x % tpr, group = threadIdx.x / tpr, groups = blockDim.x / tpr;
   const int64_t H = p.hidden, nvec = H / VEC, P = p.num_partials;
@@ -224,15 +245,16 @@ __global__ void __launch_bounds__(kMaxThreads) layer_norm_bwd_kernel(LayerNormBw
 #pragma unroll
       for (int e = 0; e < VEC; ++e) dw[k][e] = db[k][e] = 0.f;
     for (int64_t row = g; row < p.rows; row += P) {
-      const T* h = static_cast<const T*>(p.h) + row * p.h_row_stride;
-      const T* dy = static_cast<const T*>(p.dy) + row * p.dy_row_stride;
+      const TH* h = static_cast<const TH*>(p.h) + row * p.h_row_stride;
+      const TY* dy = static_cast<const TY*>(p.dy) + row * p.dy_row_stride;
       const float mean = p.mean[row], rstd = p.rstd[row];
       float s1 = 0.f, s2 = 0.f;
 #pragma unroll
       for (int k = 0; k < MAX_VECS; ++k) {
         const int64_t j = lane + static_cast<int64_t>(k) * tpr;
         if (j < nvec) {
-          const Pack<T, VEC> hv = load_pack<T, VEC>(h, j), dyv = load_pack<T, VEC>(dy, j);
+          const Pack<TH, VEC> hv = load_pack<TH, VEC>(h, j);
+          const Pack<TY, VEC> dyv = load_pack<TY, VEC>(dy, j);
           const Pack<WT, VEC> wv = load_pack<WT, VEC>(w, j);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
@@ -246,27 +268,32 @@ __global__ void __launch_bounds__(kMaxThreads) layer_norm_bwd_kernel(LayerNormBw
       }
       const float2 s = group_sum2(s1, s2, tpr, red);
       const float c1 = s.x * inv_h, c2 = s.y * inv_h;
-      const T* dres =
-          p.dresidual_out ? static_cast<const T*>(p.dresidual_out) + row * p.dresidual_out_row_stride : nullptr;
-      T* dh = static_cast<T*>(p.dh) + row * p.dh_row_stride;
+      const TH* dres =
+          p.dresidual_out ? static_cast<const TH*>(p.dresidual_out) + row * p.dresidual_out_row_stride : nullptr;
+      TH* dh = static_cast<TH*>(p.dh) + row * p.dh_row_stride;
+      TY* dx = p.dx ? static_cast<TY*>(p.dx) + row * p.dx_row_stride : nullptr;
       // Second pass re-reads h and dy (just loaded by this thread: L1/L2 hits, no DRAM traffic);
       // the registers go to the accumulators instead, which must live across rows.
 #pragma unroll
       for (int k = 0; k < MAX_VECS; ++k) {
         const int64_t j = lane + static_cast<int64_t>(k) * tpr;
         if (j < nvec) {
-          const Pack<T, VEC> hv = load_pack<T, VEC>(h, j), dyv = load_pack<T, VEC>(dy, j);
+          const Pack<TH, VEC> hv = load_pack<TH, VEC>(h, j);
+          const Pack<TY, VEC> dyv = load_pack<TY, VEC>(dy, j);
           const Pack<WT, VEC> wv = load_pack<WT, VEC>(w, j);
-          Pack<T, VEC> rv, out;
-          if (dres) rv = load_pack<T, VEC>(dres, j);
+          Pack<TH, VEC> rv, out;
+          Pack<TY, VEC> xo;
+          if (dres) rv = load_pack<TH, VEC>(dres, j);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
             const float xhat = (to_f(hv.v[e]) - mean) * rstd, gg = __fmul_rn(to_f(dyv.v[e]), to_f(wv.v[e]));
             float d = rstd * (gg - c1 - xhat * c2);
             if (dres) d += to_f(rv.v[e]);
-            out.v[e] = from_f<T>(d);
+            out.v[e] = from_f<TH>(d);
+            if constexpr (kMixed) xo.v[e] = from_f<TY>(d);
           }
-          store_pack<T, VEC>(dh, j, out);
+          store_pack<TH, VEC>(dh, j, out);
+          if (kMixed && dx) store_pack<TY, VEC>(dx, j, xo);
         }
       }
     }
@@ -293,12 +320,13 @@ __global__ void __launch_bounds__(kMaxThreads) layer_norm_bwd_kernel(LayerNormBw
       }
     }
     for (int64_t row = g; row < p.rows; row += P) {
-      const T* h = static_cast<const T*>(p.h) + row * p.h_row_stride;
-      const T* dy = static_cast<const T*>(p.dy) + row * p.dy_row_stride;
+      const TH* h = static_cast<const TH*>(p.h) + row * p.h_row_stride;
+      const TY* dy = static_cast<const TY*>(p.dy) + row * p.dy_row_stride;
       const float mean = p.mean[row], rstd = p.rstd[row];
       float s1 = 0.f, s2 = 0.f;
       for (int64_t j = lane; j < nvec; j += tpr) {
-        const Pack<T, VEC> hv = load_pack<T, VEC>(h, j), dyv = load_pack<T, VEC>(dy, j);
+        const Pack<TH, VEC> hv = load_pack<TH, VEC>(h, j);
+        const Pack<TY, VEC> dyv = load_pack<TY, VEC>(dy, j);
         const Pack<WT, VEC> wv = load_pack<WT, VEC>(w, j);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
@@ -311,22 +339,27 @@ __global__ void __launch_bounds__(kMaxThreads) layer_norm_bwd_kernel(LayerNormBw
       }
       const float2 s = group_sum2(s1, s2, tpr, red);
       const float c1 = s.x * inv_h, c2 = s.y * inv_h;
-      const T* dres =
-          p.dresidual_out ? static_cast<const T*>(p.dresidual_out) + row * p.dresidual_out_row_stride : nullptr;
-      T* dh = static_cast<T*>(p.dh) + row * p.dh_row_stride;
+      const TH* dres =
+          p.dresidual_out ? static_cast<const TH*>(p.dresidual_out) + row * p.dresidual_out_row_stride : nullptr;
+      TH* dh = static_cast<TH*>(p.dh) + row * p.dh_row_stride;
+      TY* dx = p.dx ? static_cast<TY*>(p.dx) + row * p.dx_row_stride : nullptr;
       for (int64_t j = lane; j < nvec; j += tpr) {
-        const Pack<T, VEC> hv = load_pack<T, VEC>(h, j), dyv = load_pack<T, VEC>(dy, j);
+        const Pack<TH, VEC> hv = load_pack<TH, VEC>(h, j);
+        const Pack<TY, VEC> dyv = load_pack<TY, VEC>(dy, j);
         const Pack<WT, VEC> wv = load_pack<WT, VEC>(w, j);
-        Pack<T, VEC> rv, out;
-        if (dres) rv = load_pack<T, VEC>(dres, j);
+        Pack<TH, VEC> rv, out;
+        Pack<TY, VEC> xo;
+        if (dres) rv = load_pack<TH, VEC>(dres, j);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           const float xhat = (to_f(hv.v[e]) - mean) * rstd, gg = __fmul_rn(to_f(dyv.v[e]), to_f(wv.v[e]));
           float d = rstd * (gg - c1 - xhat * c2);
           if (dres) d += to_f(rv.v[e]);
-          out.v[e] = from_f<T>(d);
+          out.v[e] = from_f<TH>(d);
+          if constexpr (kMixed) xo.v[e] = from_f<TY>(d);
         }
-        store_pack<T, VEC>(dh, j, out);
+        store_pack<TH, VEC>(dh, j, out);
+        if (kMixed && dx) store_pack<TY, VEC>(dx, j, xo);
       }
     }
   }
@@ -379,65 +412,78 @@ int current_sm_count() {
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-template <typename T>
+// Elements per 16-byte pack of the narrowest of the types (a float32 pack of a mixed row is two).
+template <typename... Ts>
 constexpr int vec_of() {
-  return static_cast<int>(16 / sizeof(T));
+  return static_cast<int>(16 / std::min({sizeof(Ts)...}));
 }
 
-// The forward kernel used for T/WT: 16-byte packs when everything allows it, else scalars.
-template <typename T, typename WT>
+// Forward: the packs of its row a thread keeps in registers, 32 registers' worth of h (8 for the
+// scalar fallback).
+template <typename TH, int VEC>
+constexpr int fwd_max_vecs() {
+  return VEC == 1 ? 8 : static_cast<int>(128 / (VEC * sizeof(TH)));
+}
+
+// The forward kernel used for these types: 16-byte packs when everything allows it, else scalars.
+template <typename TX, typename TH, typename TY, typename WT>
 void launch_fwd(const LayerNormFwdParams& p, cudaStream_t stream) {
-  constexpr int V = vec_of<T>();
+  constexpr int V = vec_of<TX, TH, TY>();
+  constexpr int MV = fwd_max_vecs<TH, V>();
   const bool vec_ok = p.hidden % V == 0 && aligned16(p.x) && aligned16(p.y) && aligned16(p.weight) &&
                       (!p.bias || aligned16(p.bias)) && (!p.residual || aligned16(p.residual)) &&
                       (!p.residual_out || aligned16(p.residual_out)) && p.x_row_stride % V == 0 &&
                       p.y_row_stride % V == 0 && p.residual_row_stride % V == 0 && p.residual_out_row_stride % V == 0;
   const int64_t nvec = vec_ok ? p.hidden / V : p.hidden;
-  const RowGroupConfig cfg = row_group_config(nvec, kFwdMaxVecs);
+  const RowGroupConfig cfg = row_group_config(nvec, vec_ok ? MV : fwd_max_vecs<TH, 1>());
   const int64_t blocks = std::min<int64_t>((p.rows + cfg.groups - 1) / cfg.groups, int64_t{1} << 20);
   if (vec_ok)
-    layer_norm_fwd_kernel<T, WT, V, kFwdMaxVecs><<<static_cast<unsigned>(blocks), cfg.threads(), 0, stream>>>(p, cfg.tpr);
+    layer_norm_fwd_kernel<TX, TH, TY, WT, V, MV><<<static_cast<unsigned>(blocks), cfg.threads(), 0, stream>>>(p, cfg.tpr);
   else
-    layer_norm_fwd_kernel<T, WT, 1, kFwdMaxVecs><<<static_cast<unsigned>(blocks), cfg.threads(), 0, stream>>>(p, cfg.tpr);
+    layer_norm_fwd_kernel<TX, TH, TY, WT, 1, fwd_max_vecs<TH, 1>()>
+        <<<static_cast<unsigned>(blocks), cfg.threads(), 0, stream>>>(p, cfg.tpr);
   MPTK_CUDA_CHECK_LAUNCH();
 }
 
 // Grid of the backward: enough resident blocks to fill the device once, no more (each block
 // costs a partial row), and never more groups than rows.
-template <typename T, typename WT>
+template <typename TH, typename TY, typename WT>
 void bwd_grid(int64_t rows, int64_t hidden, RowGroupConfig* cfg_out, int64_t* blocks_out) {
-  constexpr int V = vec_of<T>();
+  constexpr int V = vec_of<TH, TY>();
   const bool vec_shape = hidden % V == 0;
-  const RowGroupConfig cfg = vec_shape ? row_group_config(hidden / V, bwd_max_vecs<T, WT, V>())
-                                        : row_group_config(hidden, bwd_max_vecs<T, WT, 1>());
+  const RowGroupConfig cfg = vec_shape ? row_group_config(hidden / V, bwd_max_vecs<TH, TY, WT, V>())
+                                        : row_group_config(hidden, bwd_max_vecs<TH, TY, WT, 1>());
   int per_sm = 0;
   if (vec_shape)
     MPTK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &per_sm, layer_norm_bwd_kernel<T, WT, V, bwd_max_vecs<T, WT, V>()>, cfg.threads(), 0));
+        &per_sm, layer_norm_bwd_kernel<TH, TY, WT, V, bwd_max_vecs<TH, TY, WT, V>()>, cfg.threads(), 0));
   else
     MPTK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &per_sm, layer_norm_bwd_kernel<T, WT, 1, bwd_max_vecs<T, WT, 1>()>, cfg.threads(), 0));
+        &per_sm, layer_norm_bwd_kernel<TH, TY, WT, 1, bwd_max_vecs<TH, TY, WT, 1>()>, cfg.threads(), 0));
   const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * current_sm_count();
   *cfg_out = cfg;
   *blocks_out = std::min<int64_t>((rows + cfg.groups - 1) / cfg.groups, resident);
 }
 
-template <typename T, typename WT>
+template <typename TH, typename TY, typename WT>
 void launch_bwd(const LayerNormBwdParams& p, cudaStream_t stream) {
-  constexpr int V = vec_of<T>();
+  constexpr int V = vec_of<TH, TY>();
   if (p.rows > 0) {
     RowGroupConfig cfg;
     int64_t blocks = 0;
-    bwd_grid<T, WT>(p.rows, p.hidden, &cfg, &blocks);
+    bwd_grid<TH, TY, WT>(p.rows, p.hidden, &cfg, &blocks);
     MPTK_CHECK(blocks * cfg.groups == p.num_partials, "layer_norm_bwd_cuda: num_partials mismatch");
     const bool vec_ok = p.hidden % V == 0 && aligned16(p.h) && aligned16(p.dy) && aligned16(p.dh) &&
                         aligned16(p.weight) && (!p.dresidual_out || aligned16(p.dresidual_out)) &&
-                        aligned16(p.workspace) && p.h_row_stride % V == 0 && p.dy_row_stride % V == 0 &&
-                        p.dh_row_stride % V == 0 && p.dresidual_out_row_stride % V == 0;
+                        (!p.dx || aligned16(p.dx)) && aligned16(p.workspace) && p.h_row_stride % V == 0 &&
+                        p.dy_row_stride % V == 0 && p.dh_row_stride % V == 0 &&
+                        p.dresidual_out_row_stride % V == 0 && p.dx_row_stride % V == 0;
     if (vec_ok)
-      layer_norm_bwd_kernel<T, WT, V, bwd_max_vecs<T, WT, V>()><<<static_cast<unsigned>(blocks), cfg.threads(), 0, stream>>>(p, cfg.tpr);
+      layer_norm_bwd_kernel<TH, TY, WT, V, bwd_max_vecs<TH, TY, WT, V>()>
+          <<<static_cast<unsigned>(blocks), cfg.threads(), 0, stream>>>(p, cfg.tpr);
     else
-      layer_norm_bwd_kernel<T, WT, 1, bwd_max_vecs<T, WT, 1>()><<<static_cast<unsigned>(blocks), cfg.threads(), 0, stream>>>(p, cfg.tpr);
+      layer_norm_bwd_kernel<TH, TY, WT, 1, bwd_max_vecs<TH, TY, WT, 1>()>
+          <<<static_cast<unsigned>(blocks), cfg.threads(), 0, stream>>>(p, cfg.tpr);
     MPTK_CUDA_CHECK_LAUNCH();
   }
   const dim3 grid(static_cast<unsigned>((p.hidden + 31) / 32), p.dbias ? 2 : 1);
@@ -446,6 +492,7 @@ void launch_bwd(const LayerNormBwdParams& p, cudaStream_t stream) {
   MPTK_CUDA_CHECK_LAUNCH();
 }
 
+// Calls f(T{}, WT{}) for the uniform (activation, weight) dtype pairs.
 template <typename F>
 void dispatch_dtypes(DType dtype, DType weight_dtype, F&& f) {
   if (dtype == DType::Float32 && weight_dtype == DType::Float32) return f(float{}, float{});
@@ -456,22 +503,59 @@ void dispatch_dtypes(DType dtype, DType weight_dtype, F&& f) {
   MPTK_CHECK(false, "layer_norm: unsupported dtype pair (", dtype_name(dtype), ", ", dtype_name(weight_dtype), ")");
 }
 
+// The mixed combinations (float32 h and weights, 16-bit y / dy): calls f(TY{}).
+template <typename F>
+void dispatch_low(DType t, F&& f) {
+  if (t == DType::BFloat16) return f(__nv_bfloat16{});
+  if (t == DType::Float16) return f(__half{});
+  MPTK_CHECK(false, "layer_norm: unsupported mixed output dtype ", dtype_name(t));
+}
+
+// Calls f(TH{}, TY{}, WT{}) for the backward's (h, dy, weight) dtypes.
+template <typename F>
+void dispatch_bwd(DType dtype, DType dy_dtype, DType weight_dtype, F&& f) {
+  MPTK_CHECK(layer_norm_bwd_dtypes_ok(dtype, dy_dtype, weight_dtype), "layer_norm_bwd_cuda: unsupported dtypes (h ",
+             dtype_name(dtype), ", dy ", dtype_name(dy_dtype), ", weight ", dtype_name(weight_dtype), ")");
+  if (dy_dtype == dtype)
+    dispatch_dtypes(dtype, weight_dtype, [&](auto t, auto wt) { f(t, t, wt); });
+  else
+    dispatch_low(dy_dtype, [&](auto ty) { f(float{}, ty, float{}); });
+}
+
 }  // namespace
 
 void layer_norm_fwd_cuda(const LayerNormFwdParams& p, cudaStream_t stream) {
   MPTK_CHECK(!p.residual == !p.residual_out, "layer_norm_fwd_cuda: residual and residual_out go together");
+  MPTK_CHECK(layer_norm_fwd_dtypes_ok(p.dtype, p.residual_dtype, p.residual != nullptr, p.y_dtype, p.weight_dtype),
+             "layer_norm_fwd_cuda: unsupported dtypes (x ", dtype_name(p.dtype), ", residual ",
+             dtype_name(p.residual_dtype), ", y ", dtype_name(p.y_dtype), ", weight ", dtype_name(p.weight_dtype), ")");
   if (p.rows == 0) return;
   MPTK_CHECK(p.hidden > 0, "layer_norm_fwd_cuda: hidden must be positive");
-  dispatch_dtypes(p.dtype, p.weight_dtype, [&](auto t, auto wt) { launch_fwd<decltype(t), decltype(wt)>(p, stream); });
+  const bool uniform = p.y_dtype == p.dtype && (!p.residual || p.residual_dtype == p.dtype);
+  if (uniform) {
+    dispatch_dtypes(p.dtype, p.weight_dtype, [&](auto t, auto wt) {
+      using T = decltype(t);
+      launch_fwd<T, T, T, decltype(wt)>(p, stream);
+    });
+  } else {
+    dispatch_low(p.y_dtype, [&](auto ty) {
+      using TY = decltype(ty);
+      if (p.dtype == DType::Float32)
+        launch_fwd<float, float, TY, float>(p, stream);
+      else
+        launch_fwd<TY, float, TY, float>(p, stream);
+    });
+  }
 }
 
-int64_t layer_norm_bwd_num_partials_cuda(int64_t rows, int64_t hidden, DType dtype, DType weight_dtype) {
+int64_t layer_norm_bwd_num_partials_cuda(int64_t rows, int64_t hidden, DType dtype, DType weight_dtype,
+                                         DType dy_dtype) {
   if (rows <= 0 || hidden <= 0) return 0;
   int64_t n = 0;
-  dispatch_dtypes(dtype, weight_dtype, [&](auto t, auto wt) {
+  dispatch_bwd(dtype, dy_dtype, weight_dtype, [&](auto th, auto ty, auto wt) {
     RowGroupConfig cfg;
     int64_t blocks = 0;
-    bwd_grid<decltype(t), decltype(wt)>(rows, hidden, &cfg, &blocks);
+    bwd_grid<decltype(th), decltype(ty), decltype(wt)>(rows, hidden, &cfg, &blocks);
     n = blocks * cfg.groups;
   });
   return n;
@@ -479,7 +563,10 @@ int64_t layer_norm_bwd_num_partials_cuda(int64_t rows, int64_t hidden, DType dty
 
 void layer_norm_bwd_cuda(const LayerNormBwdParams& p, cudaStream_t stream) {
   if (p.hidden == 0) return;
-  dispatch_dtypes(p.dtype, p.weight_dtype, [&](auto t, auto wt) { launch_bwd<decltype(t), decltype(wt)>(p, stream); });
+  MPTK_CHECK(!p.dx || p.dy_dtype != p.dtype, "layer_norm_bwd_cuda: dx is for the mixed mode only");
+  dispatch_bwd(p.dtype, p.dy_dtype, p.weight_dtype, [&](auto th, auto ty, auto wt) {
+    launch_bwd<decltype(th), decltype(ty), decltype(wt)>(p, stream);
+  });
 }
 
 }  // namespace mptk

@@ -56,6 +56,9 @@ def _cpu_lacks_bf16_dot() -> bool:
 
 _FP32_GEMM_ON_CPU = _cpu_lacks_bf16_dot()
 _DIRECT_ROWS = 8  # no-grad calls with at most this many rows skip the float32 copies
+# Under autocast, LayerNorm reads the 16-bit branch and the float32 stream and writes its output in
+# autocast's dtype directly (tests switch it off to compare with the float32 LayerNorm it replaces).
+_MIXED_LAYER_NORM = True
 
 
 def _pooled(shape, dtype, like: torch.Tensor, pool: bool) -> torch.Tensor:
@@ -253,11 +256,21 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x, residual=None):
-        if residual is not None and x.dtype != residual.dtype:
-            # autocast: the branch output is low precision, the residual stream float32; keep the stream
-            # in float32 as torch's promotion of ``residual + x`` would.
+        stream = x if residual is None else residual
+        out_dtype = None
+        if (_MIXED_LAYER_NORM and stream.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and stream.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(stream.device.type)):
+            # autocast: float32 residual stream and weights, 16-bit branches. The kernel adds the branch
+            # to the stream in float32 and writes the output in autocast's dtype, the dtype the next
+            # Linear would cast it to: no float32 copy of the branch, no 16-bit copy of the output.
+            dt = torch.get_autocast_dtype(stream.device.type)
+            if dt in (torch.bfloat16, torch.float16) and x.dtype in (torch.float32, dt):
+                out_dtype = dt
+        if residual is not None and x.dtype != residual.dtype and out_dtype is None:
+            # the branch in another dtype than the stream, outside the case above: keep the stream's
+            # dtype, as torch's promotion of ``residual + x`` would.
             x = x.to(residual.dtype)
-        return mk.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
+        return mk.layer_norm(x, self.weight, self.bias, self.eps, residual=residual, out_dtype=out_dtype)
 
 
 class MPTAttention(nn.Module):

@@ -1,8 +1,16 @@
 """Low-precision LayerNorm (MPT's LPLayerNorm) as torch ops over the compiled kernels.
 
-``layer_norm(x, weight, bias=None, eps=1e-5, residual=None)`` normalises over the last dim of ``x``
-in x's dtype (float32, bfloat16; float16 too) with float32 statistics. With ``residual`` it returns
-``(layer_norm(x + residual), x + residual)`` from one pass over memory, the sum rounded to x's dtype.
+``layer_norm(x, weight, bias=None, eps=1e-5, residual=None, out_dtype=None)`` normalises over the
+last dim of ``x`` in x's dtype (float32, bfloat16; float16 too) with float32 statistics. With
+``residual`` it returns ``(layer_norm(x + residual), x + residual)`` from one pass over memory, the sum
+rounded to x's dtype.
+
+Mixed precision (an autocast model: float32 weights and residual stream, bfloat16/float16 branches):
+``residual`` may be float32 with a 16-bit ``x`` (the sum is then float32), and ``out_dtype`` may ask
+for a 16-bit output of a float32 normalised input. The kernels read and write those dtypes directly,
+so no float32 copy of the branch and no 16-bit copy of the output is made: the result is bit for bit
+the float32 computation with its output rounded to ``out_dtype``, and the gradient of a 16-bit x is
+the float32 gradient rounded, written in the backward's own pass.
 
 Two ``torch.library.custom_op``s carry the work, ``mpt_kernels::layer_norm_fwd`` and
 ``mpt_kernels::layer_norm_bwd``, each with a fake (meta) implementation, and the forward has a
@@ -24,6 +32,7 @@ from .. import _ext
 from .._ext import _C
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_LOW = (torch.bfloat16, torch.float16)
 
 
 def _alloc(shape, dtype, device) -> Tensor:
@@ -44,22 +53,23 @@ def _rows(t: Tensor) -> Tensor:
 
 @torch.library.custom_op("mpt_kernels::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], eps: float
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], eps: float,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (y, h, mean, rstd): h = x + residual (empty when residual is None), mean and rstd
-    float32 with x.shape[:-1]."""
-    return _layer_norm_fwd_impl(x, weight, bias, residual, eps)
+    """Returns (y, h, mean, rstd): y in out_dtype (None: x's dtype), h = x + residual in residual's
+    dtype (empty when residual is None), mean and rstd float32 with x.shape[:-1]."""
+    return _layer_norm_fwd_impl(x, weight, bias, residual, eps, out_dtype)
 
 
-def _layer_norm_fwd_impl(x, weight, bias, residual, eps):
+def _layer_norm_fwd_impl(x, weight, bias, residual, eps, out_dtype=None):
     """The forward's body: the custom op runs it, and ``layer_norm`` calls it directly where the op's
     dispatch has nothing to do (``_ext.direct_call_ok``)."""
     x2 = _rows(x)
-    y = _alloc(x.shape, x.dtype, x.device)
+    y = _alloc(x.shape, out_dtype or x.dtype, x.device)
     mean = _alloc(x.shape[:-1], torch.float32, x.device)
     rstd = _alloc(x.shape[:-1], torch.float32, x.device)
     if residual is not None:
-        h = _alloc(x.shape, x.dtype, x.device)
+        h = _alloc(x.shape, residual.dtype, x.device)
         r2 = _rows(residual)
         h2 = h.view(-1, x.shape[-1])
     else:
@@ -80,15 +90,15 @@ def _layer_norm_fwd_impl(x, weight, bias, residual, eps):
     return y, h, mean, rstd
 
 
-def _layer_norm_direct(x, weight, bias, residual, eps):
+def _layer_norm_direct(x, weight, bias, residual, eps, out_dtype=None):
     """``layer_norm``'s direct (no-gradient) call: returns (y, h or None). No mean/rstd (nothing will
     read them) and, for contiguous inputs, no reshaped views: a decode step's LayerNorm is a few
     microseconds of kernel, so every tensor op around it counts."""
     if not x.is_contiguous() or (residual is not None and not residual.is_contiguous()):
-        y, h, _, _ = _layer_norm_fwd_impl(x, weight, bias, residual, eps)
+        y, h, _, _ = _layer_norm_fwd_impl(x, weight, bias, residual, eps, out_dtype)
         return y, (h if residual is not None else None)
-    y = _alloc(x.shape, x.dtype, x.device)
-    h = _alloc(x.shape, x.dtype, x.device) if residual is not None else None
+    y = _alloc(x.shape, out_dtype or x.dtype, x.device)
+    h = _alloc(x.shape, residual.dtype, x.device) if residual is not None else None
     _C.layer_norm_fwd(
         _ext.view(x, "x"),
         _ext.view(weight, "weight"),
@@ -105,9 +115,9 @@ def _layer_norm_direct(x, weight, bias, residual, eps):
 
 
 @layer_norm_fwd.register_fake
-def _layer_norm_fwd_fake(x, weight, bias, residual, eps):
-    y = x.new_empty(x.shape)
-    h = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
+def _layer_norm_fwd_fake(x, weight, bias, residual, eps, out_dtype=None):
+    y = x.new_empty(x.shape, dtype=out_dtype or x.dtype)
+    h = residual.new_empty(x.shape) if residual is not None else x.new_empty(0)
     mean = x.new_empty(x.shape[:-1], dtype=torch.float32)
     rstd = x.new_empty(x.shape[:-1], dtype=torch.float32)
     return y, h, mean, rstd
@@ -122,9 +132,12 @@ def layer_norm_bwd(
     mean: Tensor,
     rstd: Tensor,
     has_bias: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dh, dweight, dbias): dh is the gradient of x (and of residual when fused); dbias is
-    empty when has_bias is False. h is the forward's normalised input (x, or x + residual)."""
+    want_dx: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dh, dweight, dbias, dx): dh is the gradient of x (and of residual when fused); dbias is
+    empty when has_bias is False. h is the forward's normalised input (x, or x + residual). Mixed
+    precision (float32 h, bfloat16/float16 dy): with want_dx, dx is dh rounded to dy's dtype (the
+    gradient of a 16-bit x), else empty."""
     hidden = h.shape[-1]
     h2, dy2 = _rows(h), _rows(dy)
     dr2 = _rows(dresidual_out) if dresidual_out is not None else None
@@ -132,9 +145,12 @@ def layer_norm_bwd(
     dh = _alloc(h.shape, h.dtype, h.device)
     dweight = _alloc(weight.shape, weight.dtype, weight.device)
     dbias = _alloc(weight.shape, weight.dtype, weight.device) if has_bias else weight.new_empty(0)
+    want_dx = want_dx and dy.dtype != h.dtype
+    dx = _alloc(h.shape, dy.dtype, h.device) if want_dx else h.new_empty(0)
     device = h.device.index if h.device.type == "cuda" else -1
     codes = _ext._torch_codes()
-    numel = _C.layer_norm_bwd_workspace_numel(rows, hidden, codes[h.dtype], codes[weight.dtype], has_bias, device)
+    numel = _C.layer_norm_bwd_workspace_numel(rows, hidden, codes[h.dtype], codes[weight.dtype], has_bias, device,
+                                              codes[dy.dtype])
     workspace = _alloc((numel,), torch.float32, h.device)
     # Named, so a reshape that has to copy (a non-contiguous mean from a direct caller) stays alive
     # through the call: the core gets raw pointers only.
@@ -151,32 +167,42 @@ def layer_norm_bwd(
         _ext.view(dbias, "dbias") if has_bias else None,
         _ext.view(workspace, "workspace"),
         _ext.current_stream(h),
+        _ext.view(dx.view(-1, hidden), "dx") if want_dx else None,
     )
-    return dh, dweight, dbias
+    return dh, dweight, dbias, dx
 
 
 @layer_norm_bwd.register_fake
-def _layer_norm_bwd_fake(dy, dresidual_out, h, weight, mean, rstd, has_bias):
+def _layer_norm_bwd_fake(dy, dresidual_out, h, weight, mean, rstd, has_bias, want_dx=False):
     dbias = weight.new_empty(weight.shape) if has_bias else weight.new_empty(0)
-    return h.new_empty(h.shape), weight.new_empty(weight.shape), dbias
+    dx = dy.new_empty(h.shape) if want_dx and dy.dtype != h.dtype else h.new_empty(0)
+    return h.new_empty(h.shape), weight.new_empty(weight.shape), dbias, dx
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, eps = inputs
+    x, weight, bias, residual, eps, out_dtype = inputs
     y, h, mean, rstd = output
     ctx.has_bias = bias is not None
     ctx.has_residual = residual is not None
+    ctx.y_dtype = y.dtype
+    # A 16-bit x added to a float32 residual: its gradient is dh rounded, written by the backward.
+    ctx.split_dx = residual is not None and x.dtype != residual.dtype
+    # An output nobody differentiates (the final norm's residual sum) arrives as None, not as a
+    # tensor of zeros that would be written and then read back.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
 
 
 def _backward(ctx, dy, dh_out, dmean, drstd):
     h, weight, mean, rstd = ctx.saved_tensors
     if dy is None:
-        dy = torch.zeros_like(h)
+        dy = torch.zeros(h.shape, dtype=ctx.y_dtype, device=h.device)
     dres = dh_out if ctx.has_residual else None
-    dh, dweight, dbias = layer_norm_bwd(dy, dres, h, weight, mean, rstd, ctx.has_bias)
-    # The same gradient reaches x and residual: h = x + residual, rounding passes it through.
-    return dh, dweight, (dbias if ctx.has_bias else None), (dh if ctx.has_residual else None), None
+    dh, dweight, dbias, dx = layer_norm_bwd(dy, dres, h, weight, mean, rstd, ctx.has_bias, ctx.split_dx)
+    # The same gradient reaches x and residual: h = x + residual, rounding passes it through (a
+    # 16-bit x gets it rounded to its dtype).
+    return ((dx if ctx.split_dx else dh), dweight, (dbias if ctx.has_bias else None),
+            (dh if ctx.has_residual else None), None, None)
 
 
 layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -196,13 +222,19 @@ def _check_param(t, name: str, x: Tensor, hidden: int) -> None:
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None, eps: float = 1e-5,
-               residual: Optional[Tensor] = None):
+               residual: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None):
     """LayerNorm over the last dim of ``x`` with float32 statistics, output in x's dtype.
 
     ``weight`` and ``bias`` are (hidden,) in x's dtype or float32 (``weight=None``: no scale).
     With ``residual`` (same shape and dtype as x): returns ``(layer_norm(x + residual), x + residual)``,
     and gradients reach x and residual through both outputs. Raises ValueError naming the bad
     argument (dtype, shape, device, non-contiguous last dim).
+
+    Mixed precision (an autocast model's float32 residual stream and weights): ``residual`` may be
+    float32 with a bfloat16/float16 x (the sum is float32, the output in x's dtype), and
+    ``out_dtype`` (bfloat16/float16) may be asked of a float32 normalised input (x, or x + residual);
+    weight and bias must be float32 then. Bit for bit the float32 computation with its output
+    rounded to ``out_dtype``.
     """
     if not isinstance(x, Tensor):
         raise ValueError(f"x: expected a Tensor, got {type(x).__name__}")
@@ -218,7 +250,8 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = Non
     if hidden == 0 and math.prod(x.shape[:-1]) > 0:
         raise ValueError(f"x: the last (normalised) dimension must be non-empty, got shape {tuple(x.shape)}")
     if weight is None:
-        weight = torch.ones(hidden, dtype=x.dtype, device=x.device)
+        mixed_hint = (isinstance(residual, Tensor) and residual.dtype != x.dtype) or out_dtype not in (None, x.dtype)
+        weight = torch.ones(hidden, dtype=torch.float32 if mixed_hint else x.dtype, device=x.device)
     _check_param(weight, "weight", x, hidden)
     if bias is not None:
         _check_param(bias, "bias", x, hidden)
@@ -231,12 +264,29 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = Non
             raise ValueError(f"residual: is on {residual.device} but x is on {x.device}")
         if residual.shape != x.shape:
             raise ValueError(f"residual: shape {tuple(residual.shape)} does not match x shape {tuple(x.shape)}")
-        if residual.dtype != x.dtype:
-            raise ValueError(f"residual: dtype {residual.dtype} does not match x dtype {x.dtype}")
+        if residual.dtype != x.dtype and not (residual.dtype == torch.float32 and x.dtype in _LOW):
+            raise ValueError(f"residual: dtype {residual.dtype} does not match x dtype {x.dtype} (the one mixed "
+                             "pair is a float32 residual with a bfloat16/float16 x)")
         if hidden > 1 and residual.stride(-1) != 1:
             raise ValueError(f"residual: last dimension must be contiguous (stride 1), got stride {residual.stride(-1)}")
+    h_dtype = residual.dtype if residual is not None else x.dtype
+    if out_dtype == x.dtype:
+        out_dtype = None
+    if out_dtype is not None:
+        if out_dtype not in _LOW or h_dtype != torch.float32:
+            raise ValueError(f"out_dtype: {out_dtype} with x {x.dtype}"
+                             + (f" and residual {residual.dtype}" if residual is not None else "")
+                             + ": a different output dtype is bfloat16/float16 from a float32 x + residual (or x)")
+        if x.dtype != torch.float32 and out_dtype != x.dtype:
+            raise ValueError(f"out_dtype: {out_dtype} differs from x's {x.dtype}: a 16-bit x gives its own dtype")
+    mixed = h_dtype != x.dtype or out_dtype is not None
+    if mixed:
+        for t, name in ((weight, "weight"), (bias, "bias")):
+            if t is not None and t.dtype != torch.float32:
+                raise ValueError(f"{name}: must be float32 in mixed precision (float32 residual or out_dtype), "
+                                 f"got {t.dtype}")
     if _ext.direct_call_ok(x, weight, bias, residual):  # inference: skip the custom op's dispatch
-        y, h = _layer_norm_direct(x, weight, bias, residual, float(eps))
+        y, h = _layer_norm_direct(x, weight, bias, residual, float(eps), out_dtype)
     else:
-        y, h, _, _ = layer_norm_fwd(x, weight, bias, residual, float(eps))
+        y, h, _, _ = layer_norm_fwd(x, weight, bias, residual, float(eps), out_dtype)
     return (y, h) if residual is not None else y
