@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mpt_kernels as mk
 from mpt_kernels.model import KVCache, MPTConfig, MPTForCausalLM, apply_to_hf
@@ -645,6 +646,54 @@ def test_torch_compile_fullgraph_training_step(autocast):
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
     torch._dynamo.reset()
+
+
+def test_pooled_cpu_training_ops_match_torch(monkeypatch):
+    """CPU float32 training runs the Linear GEMMs, the embedding's weight gradient and the loss with
+    their large buffers in the host pool (no per-step page faults). Same values and gradients as
+    F.linear / F.embedding / F.cross_entropy, on NaN-poisoned pool memory, with ignored rows, an
+    all-ignored batch (nan loss, zero gradient, as torch) and repeated ids."""
+    from mpt_kernels import _ext
+    from mpt_kernels.model import modeling
+
+    real_empty = _ext.empty
+    monkeypatch.setattr(_ext, "empty", lambda shape, dtype, device: real_empty(shape, dtype, device).fill_(float("nan")))
+    torch.manual_seed(3)
+    # cross-entropy, big enough for the pool, a third of the rows ignored
+    logits = (torch.randn(300, 5000) * 3).requires_grad_()
+    targets = torch.randint(0, 5000, (300,))
+    targets[::3] = -100
+    for tg in (targets, torch.full((300,), -100)):
+        ref = logits.detach().clone().requires_grad_()
+        loss_ref = F.cross_entropy(ref, tg, ignore_index=-100)
+        loss_ref.backward()
+        logits.grad = None
+        loss = modeling.cross_entropy(logits, tg)
+        assert loss.grad_fn is not None and "Pooled" in type(loss.grad_fn).__name__
+        loss.backward()
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0, equal_nan=True)
+        torch.testing.assert_close(logits.grad, ref.grad, rtol=1e-5, atol=1e-9)
+    # embedding weight gradient with repeated ids
+    w = torch.randn(3000, 256, requires_grad=True)
+    ids = torch.randint(0, 40, (4, 300))  # many repeats
+    g = torch.randn(4, 300, 256)
+    w_ref = w.detach().clone().requires_grad_()
+    F.embedding(ids, w_ref).backward(g)
+    out = modeling.embedding(ids, w)
+    torch.testing.assert_close(out, F.embedding(ids, w_ref))
+    out.backward(g)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-6)
+    # Linear: output and both gradients
+    x = torch.randn(3, 700, 512, requires_grad=True)
+    lw = torch.randn(1024, 512, requires_grad=True)
+    x_ref, lw_ref = x.detach().clone().requires_grad_(), lw.detach().clone().requires_grad_()
+    y, y_ref = modeling.linear(x, lw), F.linear(x_ref, lw_ref)
+    torch.testing.assert_close(y, y_ref)
+    gy = torch.randn_like(y)
+    y.backward(gy), y_ref.backward(gy)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(lw.grad, lw_ref.grad)
+    assert _ext.host_cache_info()["hits"] + _ext.host_cache_info()["misses"] > 0
 
 
 def test_out_of_range_ids_raise():

@@ -119,7 +119,15 @@ class _Float32GemmLinear(torch.autograd.Function):
 
 
 def linear(x, weight, bias=None):
-    if not (_FP32_GEMM_ON_CPU and x.device.type == "cpu"):
+    if x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    if (x.dtype == torch.float32 and weight.dtype == torch.float32 and torch.is_grad_enabled()
+            and (x.requires_grad or weight.requires_grad) and not torch.is_autocast_enabled("cpu")):
+        # float32 training on the CPU: the same GEMMs as F.linear, with the output and both gradients
+        # in the host pool. torch's fresh multi-MiB tensors pay their page faults on every step (the
+        # weight gradients alone are the model's size: ~120k faults, ~0.3 s of an mpt-125m step here).
+        return _Float32GemmLinear.apply(x, weight, bias)
+    if not _FP32_GEMM_ON_CPU:
         return F.linear(x, weight, bias)
     if torch.is_autocast_enabled("cpu") and x.is_floating_point():
         # CPU autocast would run a bf16 GEMM here (the slow path this function avoids): make the input
@@ -137,6 +145,74 @@ def linear(x, weight, bias=None):
         # 16384x4096 at 8 rows 53 vs 78 ms; from ~12 rows on the float32 GEMM wins.
         return F.linear(x, weight, bias)
     return _Float32GemmLinear.apply(x, weight, bias)
+
+
+class _PooledEmbeddingGrad(torch.autograd.Function):
+    """``F.embedding(ids, weight)`` whose weight gradient (vocab x d: the size of the LM head) is
+    built in host-pool memory: torch's dense embedding backward allocates a fresh zeroed tensor, and
+    its page faults cost more than the scatter-add (~38k faults per step at mpt-125m here)."""
+
+    @staticmethod
+    def forward(ctx, ids, weight):
+        ctx.save_for_backward(ids)
+        ctx.weight_shape = weight.shape
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, g):
+        (ids,) = ctx.saved_tensors
+        pool = mk._ext.direct_call_ok(g)
+        gw = _pooled(ctx.weight_shape, g.dtype, g, pool).zero_()
+        gw.index_add_(0, ids.reshape(-1), g.reshape(-1, g.shape[-1]))
+        return None, gw
+
+
+def embedding(ids, weight):
+    if (ids.device.type == "cpu" and torch.is_grad_enabled() and weight.requires_grad
+            and not torch.compiler.is_compiling()):
+        return _PooledEmbeddingGrad.apply(ids, weight)
+    return F.embedding(ids, weight)
+
+
+class _PooledCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of float32 logits (N, V) against targets (N,), ``ignore_index`` rows left
+    out, with its (N, V) buffers in host-pool memory: F.cross_entropy's log-softmax output and its
+    two backward buffers are fresh tensors the size of the logits, page-faulted on every step (~38k
+    faults at mpt-125m x 256 tokens here). Same math: loss = logsumexp(row) - row[target], the
+    gradient softmax(row) - onehot(target), times 1 / (number of counted rows)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index):
+        pool = mk._ext.direct_call_ok(logits)
+        valid = targets != ignore_index
+        safe = torch.where(valid, targets, 0)
+        m = logits.amax(dim=1, keepdim=True)
+        e = _pooled(logits.shape, torch.float32, logits, pool)
+        torch.sub(logits, m, out=e)
+        e.exp_()  # exp(row - max): kept for the backward (F.cross_entropy keeps its log-softmax)
+        s = e.sum(dim=1, keepdim=True)
+        lse = (m + s.log()).squeeze(1)
+        picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
+        n_valid = valid.sum()
+        loss = torch.where(valid, lse - picked, 0.0).sum() / n_valid  # 0/0 = nan, as F.cross_entropy
+        ctx.save_for_backward(e, s, safe, valid, n_valid)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        e, s, safe, valid, n_valid = ctx.saved_tensors
+        scale = torch.where(valid, g / n_valid, 0.0).unsqueeze(1)  # ignored rows get no gradient
+        grad = _pooled(e.shape, e.dtype, e, mk._ext.direct_call_ok(g, e))
+        torch.mul(e, scale / s, out=grad)  # softmax * scale
+        grad.scatter_add_(1, safe.unsqueeze(1), -scale)  # - onehot(target) * scale
+        return grad, None, None
+
+
+def cross_entropy(logits, targets, ignore_index=-100):
+    if (logits.device.type == "cpu" and logits.dtype == torch.float32 and torch.is_grad_enabled()
+            and logits.requires_grad and not torch.compiler.is_compiling()):
+        return _PooledCrossEntropy.apply(logits, targets, ignore_index)
+    return F.cross_entropy(logits, targets, ignore_index=ignore_index)
 
 
 class Linear(nn.Linear):
@@ -488,7 +564,7 @@ class MPTForCausalLM(nn.Module):
         if cache is not None:
             cache.reserve(cache.length + S)
 
-        x = self.transformer.wte(input_ids)  # (B, S, d)
+        x = embedding(input_ids, self.transformer.wte.weight)  # (B, S, d)
         f = self.config.embedding_fraction
         if f != 1:  # scale the embedding gradient only (MPT's trick for stabler training)
             x = x * f + x.detach() * (1 - f)
@@ -517,7 +593,7 @@ class MPTForCausalLM(nn.Module):
             # without the slice's backward (a zero-filled copy of the whole logits tensor: 412 MB at
             # mpt-125m x 2048 tokens in float32).
             targets = F.pad(labels[:, 1:].long(), (0, 1), value=-100)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            loss = cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return MPTOutput(logits=logits, loss=loss, past_key_values=cache)
 
     def _plan(self, B, S, attention_mask, sequence_id, cache, device) -> _AttnPlan:
