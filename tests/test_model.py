@@ -488,6 +488,28 @@ def test_apply_to_hf_logits_and_generate(tmp_path):
     gen_after = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert torch.equal(gen_after, gen_before)
     assert torch.equal(gen_after, ours.generate(ids, 10, temperature=0, attention_mask=mask))
+    # The mask is read back once per forward (every layer gets the same tensor), not once per layer;
+    # a different padding in the next call is read anew.
+    from mpt_kernels.model import hf_patch
+
+    reads = []
+    real = hf_patch._compute_mask_rows
+    monkeypatch_rows = lambda m, sk: reads.append(sk) or real(m, sk)  # noqa: E731
+    hf_patch._compute_mask_rows = monkeypatch_rows
+    try:
+        with torch.no_grad():
+            again = hf(ids, attention_mask=mask).logits
+            mask2 = torch.ones_like(ids)
+            mask2[0, :3] = 0
+            other = hf(ids, attention_mask=mask2).logits
+    finally:
+        hf_patch._compute_mask_rows = real
+    assert len(reads) == 2, reads  # two forwards of a 2-layer model
+    assert torch.equal(again, after)
+    apply_ref = to_hf(ours, tmp_path / "ref")
+    with torch.no_grad():
+        other_ref = apply_ref(ids, attention_mask=mask2).logits
+    torch.testing.assert_close(other[mask2.bool()], other_ref[mask2.bool()], atol=ATOL, rtol=0)
 
 
 def test_float32_gemm_linear_for_low_precision_on_cpu(monkeypatch):

@@ -14,6 +14,7 @@ Padding comes in as transformers' 4-D boolean mask; its last query row tells whi
 from __future__ import annotations
 
 import types
+import weakref
 
 import torch
 
@@ -22,6 +23,36 @@ import mpt_kernels as mk
 
 def _layer_norm_forward(self, x):
     return mk.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+_LAST_MASK: dict = {}  # the last attention mask read back, with its version and rows
+
+
+def _compute_mask_rows(attention_mask, Sk):
+    valid = ~attention_mask[:, 0, -1, :].to(torch.bool)  # (B, Sk): keys the last query may see
+    pos = torch.arange(Sk, device=valid.device)
+    starts = torch.where(valid, pos, Sk).amin(1)
+    counts = valid.sum(1)
+    vals = torch.cat([valid.all().view(1).long(), starts.long(), counts.long()]).tolist()  # one read-back
+    B = valid.shape[0]
+    return None if vals[0] else (vals[1:1 + B], vals[1 + B:])
+
+
+def _mask_rows(attention_mask, Sk):
+    """None when every key is real, else the (start, count) of each row's real keys. transformers
+    hands every layer of a forward the same mask tensor: it is read back to the host once for all of
+    them (one GPU sync per forward, not one or two per layer); a new or modified mask is read anew."""
+    try:
+        version = attention_mask._version
+    except RuntimeError:  # inference-mode tensors keep no version counter: no reuse
+        return _compute_mask_rows(attention_mask, Sk)
+    last = _LAST_MASK.get("last")
+    if last is not None and last[0]() is attention_mask and last[1] == version and last[2] == Sk:
+        return last[3]
+    rows = _compute_mask_rows(attention_mask, Sk)
+    if not torch.compiler.is_compiling():
+        _LAST_MASK["last"] = (weakref.ref(attention_mask), version, Sk, rows)
+    return rows
 
 
 def _attention_forward(self, hidden_states, position_bias=None, cache=None, attention_mask=None, **kwargs):
@@ -47,18 +78,12 @@ def _attention_forward(self, hidden_states, position_bias=None, cache=None, atte
         slopes = self._mk_slopes[q.device] = mk.alibi_slopes(H, 8.0).to(q.device)  # transformers fixes 8
     kw = dict(causal=True, softmax_scale=self.softmax_scale, alibi_slopes=slopes)
 
-    valid = None
-    if attention_mask is not None:
-        valid = ~attention_mask[:, 0, -1, :].to(torch.bool)  # (B, Sk): keys the last query may see
-        if bool(valid.all()):
-            valid = None
-    if valid is None:
+    rows = _mask_rows(attention_mask, Sk) if attention_mask is not None else None
+    if rows is None:
         out = mk.alibi_attention(q, k, v, **kw)  # (B, S, H, D)
     else:
         out = q.new_zeros(B, S, H, D)
-        pos = torch.arange(Sk, device=valid.device)
-        starts = torch.where(valid, pos, Sk).amin(1).tolist()
-        counts = valid.sum(1).tolist()
+        starts, counts = rows
         for b, (start, count) in enumerate(zip(starts, counts)):
             if start + count != Sk:
                 raise ValueError("apply_to_hf: only left padding is supported by the patched attention")
