@@ -11,7 +11,7 @@
 # build and its ptxas report, the fast CUDA tests, the training benchmark (the acceptance rows:
 # the 65,536-token 7B layer, mpt-1b MFU), compute-sanitizer's memcheck over the small CUDA tests and
 # racecheck over the attention smoke tests,
-# attention, Lion, LayerNorm, the 65k-token test, the model benchmark. Each stage gets at most its
+# attention, Lion, LayerNorm, the loss, the 65k-token test, the model benchmark. Each stage gets at most its
 # own cap and what is left before the deadline; a stage with under 20 s left is skipped and named in
 # the log.
 # Under the device tool ($OUT set), at most 8 files come back from $OUT: after every stage the script
@@ -103,7 +103,7 @@ fi
 bench() {  # bench NAME CAP [ARGS...]
   local name=$1 cap=$2
   shift 2
-  case " ${ONLY:-layernorm attention lion model train} " in *" $name "*) ;; *) return 0 ;; esac
+  case " ${ONLY:-layernorm attention lion loss model train} " in *" $name "*) ;; *) return 0 ;; esac
   stage "benchmark $name" "$cap" $PY -m benchmarks "$name" --device cuda --out "$WORK" "$@"
 }
 bench train 200
@@ -113,7 +113,7 @@ if [ -z "${SKIP_TESTS:-}" ] && command -v compute-sanitizer > /dev/null; then
   stage "memcheck (small CUDA tests)" 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
     --error-exitcode 3 --print-limit 20 --log-file "$WORK/memcheck.txt" \
     $PY -m pytest -q -p no:cacheprovider -m "cuda and not slow" -x --timeout=140 \
-    -k "smoke or empty or offset or bad_input or rejects or step_matches or row_blocks" tests
+    -k "smoke or empty or offset or bad_input or rejects or step_matches or row_blocks or 6x4097 or 3x50432" tests
   grep -E "ERROR SUMMARY|Invalid|out of bounds" "$WORK/memcheck.txt" 2>/dev/null | head -20
   # Shared-memory races (cp.async stages, the Q tile borrowing a K/V stage, dS^T reuse): the CPU
   # emulation loads tiles synchronously and cannot see them. One dtype of the per-path smoke tests.
@@ -126,6 +126,7 @@ fi
 bench attention 120 --flex-seqlens 8192
 bench lion 60
 bench layernorm 60
+bench loss 40
 if [ -z "${SKIP_TESTS:-}" ]; then
   stage "CUDA test 65k tokens (slow)" 120 bash -c "$(declare -f run_tests); PY=$PY WORK=$WORK run_tests 'cuda and slow' cuda_tests_slow.txt"
 fi

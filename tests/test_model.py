@@ -671,30 +671,15 @@ def test_torch_compile_fullgraph_training_step(autocast):
 
 
 def test_pooled_cpu_training_ops_match_torch(monkeypatch):
-    """CPU float32 training runs the Linear GEMMs, the embedding's weight gradient and the loss with
-    their large buffers in the host pool (no per-step page faults). Same values and gradients as
-    F.linear / F.embedding / F.cross_entropy, on NaN-poisoned pool memory, with ignored rows, an
-    all-ignored batch (nan loss, zero gradient, as torch) and repeated ids."""
+    """CPU float32 training runs the Linear GEMMs and the embedding's weight gradient with their
+    large buffers in the host pool (no per-step page faults). Same values and gradients as F.linear /
+    F.embedding, on NaN-poisoned pool memory, with repeated ids. (The loss: tests/test_loss.py.)"""
     from mpt_kernels import _ext
     from mpt_kernels.model import modeling
 
     real_empty = _ext.empty
     monkeypatch.setattr(_ext, "empty", lambda shape, dtype, device: real_empty(shape, dtype, device).fill_(float("nan")))
     torch.manual_seed(3)
-    # cross-entropy, big enough for the pool, a third of the rows ignored
-    logits = (torch.randn(300, 5000) * 3).requires_grad_()
-    targets = torch.randint(0, 5000, (300,))
-    targets[::3] = -100
-    for tg in (targets, torch.full((300,), -100)):
-        ref = logits.detach().clone().requires_grad_()
-        loss_ref = F.cross_entropy(ref, tg, ignore_index=-100)
-        loss_ref.backward()
-        logits.grad = None
-        loss = modeling.cross_entropy(logits, tg)
-        assert loss.grad_fn is not None and "Pooled" in type(loss.grad_fn).__name__
-        loss.backward()
-        torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0, equal_nan=True)
-        torch.testing.assert_close(logits.grad, ref.grad, rtol=1e-5, atol=1e-9)
     # embedding weight gradient with repeated ids
     w = torch.randn(3000, 256, requires_grad=True)
     ids = torch.randint(0, 40, (4, 300))  # many repeats

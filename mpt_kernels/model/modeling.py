@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mpt_kernels as mk
+from mpt_kernels.ops.loss import cross_entropy as _cross_entropy
 
 from .config import MPTConfig
 
@@ -172,47 +173,6 @@ def embedding(ids, weight):
             and not torch.compiler.is_compiling()):
         return _PooledEmbeddingGrad.apply(ids, weight)
     return F.embedding(ids, weight)
-
-
-class _PooledCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of float32 logits (N, V) against targets (N,), ``ignore_index`` rows left
-    out, with its (N, V) buffers in host-pool memory: F.cross_entropy's log-softmax output and its
-    two backward buffers are fresh tensors the size of the logits, page-faulted on every step (~38k
-    faults at mpt-125m x 256 tokens here). Same math: loss = logsumexp(row) - row[target], the
-    gradient softmax(row) - onehot(target), times 1 / (number of counted rows)."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, ignore_index):
-        pool = mk._ext.direct_call_ok(logits)
-        valid = targets != ignore_index
-        safe = torch.where(valid, targets, 0)
-        m = logits.amax(dim=1, keepdim=True)
-        e = _pooled(logits.shape, torch.float32, logits, pool)
-        torch.sub(logits, m, out=e)
-        e.exp_()  # exp(row - max): kept for the backward (F.cross_entropy keeps its log-softmax)
-        s = e.sum(dim=1, keepdim=True)
-        lse = (m + s.log()).squeeze(1)
-        picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
-        n_valid = valid.sum()
-        loss = torch.where(valid, lse - picked, 0.0).sum() / n_valid  # 0/0 = nan, as F.cross_entropy
-        ctx.save_for_backward(e, s, safe, valid, n_valid)
-        return loss
-
-    @staticmethod
-    def backward(ctx, g):
-        e, s, safe, valid, n_valid = ctx.saved_tensors
-        scale = torch.where(valid, g / n_valid, 0.0).unsqueeze(1)  # ignored rows get no gradient
-        grad = _pooled(e.shape, e.dtype, e, mk._ext.direct_call_ok(g, e))
-        torch.mul(e, scale / s, out=grad)  # softmax * scale
-        grad.scatter_add_(1, safe.unsqueeze(1), -scale)  # - onehot(target) * scale
-        return grad, None, None
-
-
-def cross_entropy(logits, targets, ignore_index=-100):
-    if (logits.device.type == "cpu" and logits.dtype == torch.float32 and torch.is_grad_enabled()
-            and logits.requires_grad and not torch.compiler.is_compiling()):
-        return _PooledCrossEntropy.apply(logits, targets, ignore_index)
-    return F.cross_entropy(logits, targets, ignore_index=ignore_index)
 
 
 class Linear(nn.Linear):
@@ -534,11 +494,11 @@ class MPTForCausalLM(nn.Module):
         within their own id; labels (B, S): next-token targets, shifted inside, -100 ignored;
         past_key_values: a KVCache to read and extend (``use_cache=True`` makes one when None);
         logits_to_keep: compute logits only for the last N positions (0: all)."""
-        self._check_ids(input_ids)
+        self._check_ids(input_ids, labels)
         return self._forward(input_ids, attention_mask, sequence_id, labels, past_key_values, use_cache,
                              logits_to_keep)
 
-    def _check_ids(self, input_ids):
+    def _check_ids(self, input_ids, labels=None):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids: expected an integer tensor of shape (batch, seqlen)")
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -550,9 +510,19 @@ class MPTForCausalLM(nn.Module):
             # (an out-of-range id then fails inside the embedding: an IndexError on the CPU, a device
             # assert on CUDA).
             return
-        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one read-back for both (one CUDA sync)
+        ranges = [r.long() for r in torch.aminmax(input_ids)]
+        if (isinstance(labels, torch.Tensor) and labels.shape == input_ids.shape and labels.shape[1] > 1
+                and not labels.dtype.is_floating_point and labels.device == input_ids.device):
+            # The labels' range too (the ignored -100s mapped into range), in the same read-back: the
+            # fused loss gives a NaN for an out-of-range target on CUDA rather than syncing to check.
+            counted = labels[:, 1:].long()  # the targets the loss reads (the first label is never one)
+            ranges += list(torch.aminmax(torch.where(counted == -100, 0, counted)))
+        got = torch.stack(ranges).tolist()  # one read-back for all (one CUDA sync)
+        lo, hi = got[0], got[1]
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"input_ids: ids must be in [0, {self.config.vocab_size}), got range [{lo}, {hi}]")
+        if len(got) > 2 and (got[2] < 0 or got[3] >= self.config.vocab_size):
+            raise ValueError(f"labels: must be in [0, {self.config.vocab_size}) or -100, got range [{got[2]}, {got[3]}]")
 
     def _forward(self, input_ids, attention_mask, sequence_id, labels, cache, use_cache, logits_to_keep):
         B, S = input_ids.shape
@@ -593,7 +563,9 @@ class MPTForCausalLM(nn.Module):
             # without the slice's backward (a zero-filled copy of the whole logits tensor: 412 MB at
             # mpt-125m x 2048 tokens in float32).
             targets = F.pad(labels[:, 1:].long(), (0, 1), value=-100)
-            loss = cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            # Fused kernel: reads the logits in their dtype (no float32 copy, log-softmax or gradient
+            # buffers the size of the logits), float32 arithmetic (mpt_kernels/ops/loss.py).
+            loss = _cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         return MPTOutput(logits=logits, loss=loss, past_key_values=cache)
 
     def _plan(self, B, S, attention_mask, sequence_id, cache, device) -> _AttnPlan:

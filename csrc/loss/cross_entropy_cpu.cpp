@@ -1,0 +1,172 @@
+// CPU cross-entropy: OpenMP over rows, AVX2 over the vocab axis (bf16/fp16 converted at load and
+// store, csrc/common/cpu_math.h; exp2 from attention_cpu_math.h). The twin of cross_entropy_cuda.cu:
+// one row is one unit of work, float32 arithmetic in the base-2 domain (x * log2(e)), the same
+// outputs (cross_entropy.h). The row (a few hundred KB at most) stays in L2 between its passes.
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "attention/attention_cpu_math.h"
+#include "common/cpu_math.h"
+#include "common/error.h"
+#include "loss/cross_entropy.h"
+
+namespace mptk {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int64_t kParallelMinElems = 1 << 15;
+
+template <typename T>
+float row_max(const T* x, int64_t V) {
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t v = 0;
+  bool nan = false;
+#ifdef MPTK_AVX2
+  // max_ps drops a NaN (it returns its second operand when either is NaN): NaNs are tracked apart.
+  __m256 a0 = _mm256_set1_ps(m), a1 = a0, a2 = a0, a3 = a0, un = _mm256_setzero_ps();
+  for (; v + 32 <= V; v += 32) {
+    const __m256 x0 = load8(x + v), x1 = load8(x + v + 8), x2 = load8(x + v + 16), x3 = load8(x + v + 24);
+    a0 = _mm256_max_ps(a0, x0);
+    a1 = _mm256_max_ps(a1, x1);
+    a2 = _mm256_max_ps(a2, x2);
+    a3 = _mm256_max_ps(a3, x3);
+    un = _mm256_or_ps(un, _mm256_or_ps(_mm256_cmp_ps(x0, x1, _CMP_UNORD_Q), _mm256_cmp_ps(x2, x3, _CMP_UNORD_Q)));
+  }
+  for (; v + 8 <= V; v += 8) {
+    const __m256 x0 = load8(x + v);
+    a0 = _mm256_max_ps(a0, x0);
+    un = _mm256_or_ps(un, _mm256_cmp_ps(x0, x0, _CMP_UNORD_Q));
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, _mm256_max_ps(_mm256_max_ps(a0, a1), _mm256_max_ps(a2, a3)));
+  for (float e : t) m = std::max(m, e);
+  nan = _mm256_movemask_ps(un) != 0;
+#endif
+  for (; v < V; ++v) {
+    const float e = to_float(x[v]);
+    nan |= e != e;
+    m = std::max(m, e);
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
+}
+
+// sum_v 2^(x_v * log2e - m2)
+template <typename T>
+float row_sum_exp2(const T* x, int64_t V, float m2) {
+  float s = 0.f;
+  int64_t v = 0;
+#ifdef MPTK_AVX2
+  const __m256 l2e = _mm256_set1_ps(kLog2e), nm = _mm256_set1_ps(-m2);
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+  for (; v + 16 <= V; v += 16) {
+    a0 = _mm256_add_ps(a0, attn_cpu::exp2_ps(_mm256_fmadd_ps(load8(x + v), l2e, nm)));
+    a1 = _mm256_add_ps(a1, attn_cpu::exp2_ps(_mm256_fmadd_ps(load8(x + v + 8), l2e, nm)));
+  }
+  for (; v + 8 <= V; v += 8) a0 = _mm256_add_ps(a0, attn_cpu::exp2_ps(_mm256_fmadd_ps(load8(x + v), l2e, nm)));
+  s = hsum8(_mm256_add_ps(a0, a1));
+#endif
+  for (; v < V; ++v) s += std::exp2(std::fma(to_float(x[v]), kLog2e, -m2));
+  return s;
+}
+
+template <typename T>
+int64_t fwd_impl(const CrossEntropyFwdParams& p) {
+  const T* base = static_cast<const T*>(p.logits);
+  const int64_t V = p.vocab;
+  int64_t bad = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad) if (p.rows * V >= kParallelMinElems)
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const int64_t t = p.targets[r];
+    if (t == p.ignore_index) {
+      p.loss[r] = 0.f;
+      p.lse[r] = 0.f;
+      continue;
+    }
+    const T* x = base + r * p.row_stride;
+    // Max first (a pass over a row that then sits in L2), then the sum of exponentials shifted by
+    // it: no overflow, and the largest term is exactly 1.
+    const float m = row_max(x, V);
+    float lse;
+    if (std::isinf(m)) {  // every logit -inf: lse -inf (loss NaN, as torch); a +inf logit: NaN, as torch
+      lse = m < 0 ? m : std::numeric_limits<float>::quiet_NaN();
+    } else {
+      const float m2 = m * kLog2e;
+      lse = (m2 + std::log2(row_sum_exp2(x, V, m2))) * kLn2;
+    }
+    p.lse[r] = lse;
+    if (t < 0 || t >= V) {
+      p.loss[r] = std::numeric_limits<float>::quiet_NaN();
+      ++bad;
+    } else {
+      p.loss[r] = lse - to_float(x[t]);
+    }
+  }
+  return bad;
+}
+
+template <typename T>
+void bwd_impl(const CrossEntropyBwdParams& p) {
+  const int64_t V = p.vocab;
+#pragma omp parallel for schedule(static) if (p.rows * V >= kParallelMinElems)
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const int64_t t = p.targets[r];
+    T* d = static_cast<T*>(p.dlogits) + r * p.dlogits_row_stride;
+    if (t == p.ignore_index) {
+      const T zero = from_float<T>(0.f);
+      for (int64_t v = 0; v < V; ++v) d[v] = zero;
+      continue;
+    }
+    const T* x = static_cast<const T*>(p.logits) + r * p.row_stride;
+    const float g = p.drow[r];
+    if (t < 0 || t >= V) {
+      const T nan = from_float<T>(std::numeric_limits<float>::quiet_NaN());
+      for (int64_t v = 0; v < V; ++v) d[v] = nan;
+      continue;
+    }
+    const float lse2 = p.lse[r] * kLog2e;
+    if (lse2 != lse2) {  // a NaN logit: the whole row is NaN (exp2_ps would clamp NaN to 2^127)
+      const T nan = from_float<T>(std::numeric_limits<float>::quiet_NaN());
+      for (int64_t v = 0; v < V; ++v) d[v] = nan;
+      continue;
+    }
+    int64_t v = 0;
+#ifdef MPTK_AVX2
+    const __m256 l2e = _mm256_set1_ps(kLog2e), nl = _mm256_set1_ps(-lse2), vg = _mm256_set1_ps(g);
+    for (; v + 8 <= V; v += 8)
+      store8(d + v, _mm256_mul_ps(attn_cpu::exp2_ps(_mm256_fmadd_ps(load8(x + v), l2e, nl)), vg));
+#endif
+    for (; v < V; ++v) d[v] = from_float<T>(std::exp2(std::fma(to_float(x[v]), kLog2e, -lse2)) * g);
+    // The target's element: softmax - 1, from the float32 probability (not from the stored one).
+    d[t] = from_float<T>((std::exp2(std::fma(to_float(x[t]), kLog2e, -lse2)) - 1.f) * g);
+  }
+}
+
+template <typename F>
+auto dispatch(DType dtype, F&& f) {
+  if (dtype == DType::Float32) return f(float{});
+  if (dtype == DType::BFloat16) return f(bf16{});
+  if (dtype == DType::Float16) return f(fp16{});
+  MPTK_CHECK(false, "cross_entropy: unsupported dtype ", dtype_name(dtype));
+  return f(float{});
+}
+
+}  // namespace
+
+int64_t cross_entropy_fwd_cpu(const CrossEntropyFwdParams& p) {
+  MPTK_CHECK(p.vocab > 0 || p.rows == 0, "cross_entropy_fwd_cpu: vocab must be positive");
+  return dispatch(p.dtype, [&](auto t) { return fwd_impl<decltype(t)>(p); });
+}
+
+void cross_entropy_bwd_cpu(const CrossEntropyBwdParams& p) {
+  MPTK_CHECK(p.vocab > 0 || p.rows == 0, "cross_entropy_bwd_cpu: vocab must be positive");
+  dispatch(p.dtype, [&](auto t) {
+    bwd_impl<decltype(t)>(p);
+    return 0;
+  });
+}
+
+}  // namespace mptk
