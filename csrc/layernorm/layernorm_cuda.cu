@@ -25,6 +25,7 @@
 #include <type_traits>
 
 #include "common/cuda_check.h"
+#include "common/cuda_convert.cuh"
 #include "common/error.h"
 #include "layernorm/layernorm.h"
 
@@ -43,14 +44,6 @@ constexpr int bwd_max_vecs() {
 }
 constexpr int kWarpRowsPerBlock = 4;
 
-template <typename T> __device__ __forceinline__ float to_f(T v);
-template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 
 // v as To: a no-op for To == From (the uniform modes keep their instructions), else via float32.
 template <typename To, typename From>
