@@ -108,7 +108,7 @@ inline void gemm(int M, int N, int K, const float* A, int64_t lda, const float* 
 // x <= -127 (including -inf) gives exactly 0 because the biased exponent becomes 0; NaN stays NaN.
 inline __m256 exp2_ps(__m256 x) {
   x = _mm256_max_ps(_mm256_set1_ps(-127.f), x);  // operand order keeps NaN in x
-  x = _mm256_min_ps(x, _mm256_set1_ps(127.f));
+  x = _mm256_min_ps(_mm256_set1_ps(127.f), x);  // here too: min_ps returns its second operand for a NaN
   __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 f = _mm256_sub_ps(x, n);
   __m256 p = _mm256_set1_ps(1.525273380405984e-05f);
