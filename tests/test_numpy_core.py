@@ -1,5 +1,6 @@
-"""The compiled core needs no torch: drive the CPU LayerNorm forward and backward from numpy arrays
-alone through mpt_kernels._C and mpt_kernels._ext.numpy_view, against a float64 numpy reference.
+"""The compiled core needs no torch: drive the CPU LayerNorm forward and backward (and the fused
+cross-entropy) from numpy arrays alone through mpt_kernels._C and mpt_kernels._ext.numpy_view,
+against a float64 numpy reference.
 
 The same checks run twice: in this process, and in a subprocess where importing torch fails and
 the package's __init__ (which imports the torch ops) is bypassed, so only _C and _ext load.
@@ -96,11 +97,51 @@ def run_numpy_layernorm_checks(_C, _ext):
             check_close(dec(db), dyd.sum(0), rtol, 1e-4, f"{dtype} {rows}x{hidden}: dbias")
 
 
+def run_numpy_cross_entropy_checks(_C, _ext):
+    """The fused cross-entropy core from numpy: float32 and bfloat16 logits, an ignored row, a vocab
+    with no 16-byte packs; per-row loss and logsumexp, then the gradient, against float64."""
+    rng = np.random.default_rng(7)
+    for dtype in ("float32", "bfloat16"):
+        for rows, vocab in [(0, 10), (4, 7), (9, 1000), (3, 4097)]:
+            x = (rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
+            if dtype == "bfloat16":
+                xs = to_bf16_bits(x)
+                xd = from_bf16_bits(xs).astype(np.float64)
+                lv = _ext.numpy_view(xs, "logits", _ext.BFLOAT16)
+            else:
+                xs, xd = x, x.astype(np.float64)
+                lv = _ext.numpy_view(xs, "logits")
+            t = rng.integers(0, vocab, rows).astype(np.int64)
+            if rows > 1:
+                t[1] = -100
+            loss, lse = np.full(rows, np.nan, np.float32), np.full(rows, np.nan, np.float32)
+            _C.cross_entropy_fwd(lv, _ext.numpy_view(t, "targets"), _ext.numpy_view(loss, "loss"),
+                                 _ext.numpy_view(lse, "lse"), -100, 0)
+            m = xd.max(1, keepdims=True) if rows else np.zeros((0, 1))
+            lse_exp = (m + np.log(np.exp(xd - m).sum(1, keepdims=True)))[:, 0]
+            valid = t != -100
+            loss_exp = np.where(valid, lse_exp - xd[np.arange(rows), np.where(valid, t, 0)], 0.0)
+            check_close(loss, loss_exp, 1e-5, 1e-6, f"{dtype} {rows}x{vocab}: loss")
+            check_close(lse[valid], lse_exp[valid], 1e-5, 0, f"{dtype} {rows}x{vocab}: lse")
+            drow = np.full(rows, 0.25, np.float32)
+            d = np.full((rows, vocab), np.nan, np.float32) if dtype == "float32" else np.full((rows, vocab), 0x7FC0, np.uint16)
+            dv = _ext.numpy_view(d, "dlogits", None if dtype == "float32" else _ext.BFLOAT16)
+            _C.cross_entropy_bwd(lv, _ext.numpy_view(t, "targets"), _ext.numpy_view(lse, "lse"),
+                                 _ext.numpy_view(drow, "drow"), dv, -100, 0)
+            p = np.exp(xd - lse_exp[:, None]) if rows else np.zeros((0, vocab))
+            p[np.arange(rows), np.where(valid, t, 0)] -= valid
+            g_exp = np.where(valid[:, None], p * 0.25, 0.0)
+            got = d.astype(np.float64) if dtype == "float32" else from_bf16_bits(d).astype(np.float64)
+            rtol = 1e-5 if dtype == "float32" else 2.0 ** -8
+            check_close(got, g_exp, rtol, 1e-5, f"{dtype} {rows}x{vocab}: dlogits")
+
+
 def test_numpy_layernorm_in_process():
     from mpt_kernels import _ext
     from mpt_kernels._ext import _C
 
     run_numpy_layernorm_checks(_C, _ext)
+    run_numpy_cross_entropy_checks(_C, _ext)
 
 
 def test_numpy_layernorm_without_torch(tmp_path):
@@ -117,8 +158,9 @@ def test_numpy_layernorm_without_torch(tmp_path):
         sys.modules["mpt_kernels"] = pkg
         _ext = importlib.import_module("mpt_kernels._ext")
         sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-        from test_numpy_core import run_numpy_layernorm_checks
+        from test_numpy_core import run_numpy_cross_entropy_checks, run_numpy_layernorm_checks
         run_numpy_layernorm_checks(_ext._C, _ext)
+        run_numpy_cross_entropy_checks(_ext._C, _ext)
         assert sys.modules["torch"] is None
         print("numpy-only LayerNorm OK")
     """)
