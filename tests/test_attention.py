@@ -844,3 +844,32 @@ def test_few_query_rows_read_kv_in_place(case, dtype):
         o1 = _one_head_alone(q, k, v, slopes, h, causal)
         # (not bit for bit: a head alone may be split across threads where the full run is not)
         torch.testing.assert_close(out[:, :, h:h + 1], o1, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("shape", [(1, 64, 64, 4, 32), (2, 3, 300, 4, 64), (2, 1, 8192, 4, 64)],
+                         ids=["tiles", "few_rows", "split_k_decode"])
+def test_nan_inputs_propagate_to_exactly_the_rows_they_reach(device, shape):
+    """A NaN in a query row makes that (row, head) NaN, output and lse, and nothing else; a NaN key
+    makes NaN exactly the rows that see it (causal: its position and later). Before, the row max
+    dropped the NaN and a NaN query row came out finite, as if fully masked."""
+    B, Sq, Sk, H, D = shape
+    torch.manual_seed(0)
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = (torch.randn(B, s, H, D).to(dt).to(device) for s in (Sq, Sk, Sk))
+    q[B - 1, Sq - 1, 1, 3] = float("nan")
+    slopes = mk.alibi_slopes(H).to(device)
+    out, lse = alibi_attention_fwd(q, k, v, slopes, None, None, Sq, Sk, D ** -0.5, True)
+    nan_rows = torch.isnan(out).any(-1)  # (B, Sq, H)
+    expect = torch.zeros_like(nan_rows)
+    expect[B - 1, Sq - 1, 1] = True
+    assert torch.equal(nan_rows, expect)
+    assert torch.equal(torch.isnan(lse).cpu(), expect.permute(0, 2, 1).cpu())
+    q = q.nan_to_num()
+    j = Sk - Sq // 2 - 1  # a key the last Sq // 2 + 1 query rows see (bottom-right aligned causal rows)
+    k[0, j, 2, 0] = float("nan")
+    out = mk.alibi_attention(q, k, v, alibi_slopes=slopes)
+    rows = torch.arange(Sq, device=device) + (Sk - Sq) >= j  # query i sees keys <= i + Sk - Sq
+    expect = torch.zeros(B, Sq, H, dtype=torch.bool, device=device)
+    expect[0, :, 2] = rows
+    assert torch.equal(torch.isnan(out).any(-1), expect)

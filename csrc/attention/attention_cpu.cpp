@@ -376,7 +376,7 @@ void fwd_tile(const AttentionFwdParams& p, const SeqInfo& si, int b, int h, int 
                     w.bmax + g * nq);
     // New running max per row, then every row's rescale factor 2^(m_old - m_new) in one vector pass
     // (0 on a row's first visible block).
-    for (int r = 0; r < rows; ++r) w.bmax[r] = std::max(w.m[r], w.bmax[r]);
+    for (int r = 0; r < rows; ++r) w.bmax[r] = attn_cpu::nan_max(w.m[r], w.bmax[r]);
     attn_cpu::exp2_diff(w.alpha, w.m, w.bmax, rows);
     for (int r = 0; r < rows; ++r) {
       float* s = w.s + r * kBlockK;
@@ -409,10 +409,10 @@ void fwd_store(const AttentionFwdParams& p, const SeqInfo& si, int h, int q0, in
   for (int r = 0; r < nq; ++r) {
     const float l = w.l[row0 + r];
     attn_cpu::store_row(out + r * p.out_row_stride, w.o + static_cast<size_t>(row0 + r) * Dp, D,
-                        l > 0.f ? 1.f / l : 0.f);
+                        l != 0.f ? 1.f / l : 0.f);
     if (p.lse)
       p.lse[si.lse_off + h * p.lse_head_stride + q0 + r] =
-          l > 0.f ? (w.m[row0 + r] + std::log2(l)) * kLn2 - lse_row_shift(p, q0 + r, si.sq, si.sk, slope) : kNegInf;
+          l != 0.f ? (w.m[row0 + r] + std::log2(l)) * kLn2 - lse_row_shift(p, q0 + r, si.sq, si.sk, slope) : kNegInf;
   }
 }
 
@@ -509,7 +509,7 @@ void fwd_run(const AttentionFwdParams& p) {
                (((static_cast<size_t>(s) * p.batch + b) * p.n_heads + h) * p.seqlen_q + i) * rowf;
       };
       float M = kNegInf;
-      for (int s = 0; s < splits; ++s) M = std::max(M, part(s)[p.head_dim]);
+      for (int s = 0; s < splits; ++s) M = attn_cpu::nan_max(M, part(s)[p.head_dim]);
       std::fill(acc.begin(), acc.end(), 0.f);
       float l = 0.f;
       if (M != kNegInf) {
@@ -522,10 +522,10 @@ void fwd_run(const AttentionFwdParams& p) {
         }
       }
       T* out = static_cast<T*>(p.out) + si.o_off + h * p.out_head_stride + i * p.out_row_stride;
-      attn_cpu::store_row(out, acc.data(), p.head_dim, l > 0.f ? 1.f / l : 0.f);
+      attn_cpu::store_row(out, acc.data(), p.head_dim, l != 0.f ? 1.f / l : 0.f);
       if (p.lse)
         p.lse[si.lse_off + h * p.lse_head_stride + i] =
-            l > 0.f ? (M + std::log2(l)) * kLn2 - lse_row_shift(p, i, si.sq, si.sk, slope_of(p, b, h)) : kNegInf;
+            l != 0.f ? (M + std::log2(l)) * kLn2 - lse_row_shift(p, i, si.sq, si.sk, slope_of(p, b, h)) : kNegInf;
     }
   }
 }

@@ -144,29 +144,37 @@ inline void exp2_diff(float* out, const float* a, const float* b, int n) {
 // j + offset <= 0 (offset = first key of the tile - the row's last visible key), -inf elsewhere;
 // returns max_j x[j]. The ALiBi term is relative to the row's last visible key, so it is exact and
 // small where the probability mass is. n % 8 == 0.
+// A visible NaN score (a NaN in q or k) makes the maximum NaN, so the row's output and lse come out
+// NaN (the max instructions alone would drop it and the row would look fully masked: zeros).
 inline float scale_alibi_mask_max(float* x, float scale, float slope, int offset, int n) {
 #ifdef MPTK_AVX2
   const __m256 s = _mm256_set1_ps(scale), sl = _mm256_set1_ps(slope), ninf = _mm256_set1_ps(kNegInf);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  __m256 m = ninf;
+  __m256 m = ninf, un = _mm256_setzero_ps();
   for (int j = 0; j < n; j += 8) {
     const __m256i rel = _mm256_add_epi32(lane, _mm256_set1_epi32(j + offset));
     __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), s, _mm256_mul_ps(sl, _mm256_cvtepi32_ps(rel)));
     if (j + 7 + offset > 0) v = _mm256_blendv_ps(v, ninf, _mm256_castsi256_ps(_mm256_cmpgt_epi32(rel, _mm256_setzero_si256())));
     _mm256_storeu_ps(x + j, v);
     m = _mm256_max_ps(m, v);
+    un = _mm256_or_ps(un, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   }
-  return hmax8(m);
+  return _mm256_movemask_ps(un) ? std::numeric_limits<float>::quiet_NaN() : hmax8(m);
 #else
   float m = kNegInf;
+  bool nan = false;
   for (int j = 0; j < n; ++j) {
     const int rel = j + offset;
     x[j] = rel <= 0 ? x[j] * scale + slope * static_cast<float>(rel) : kNegInf;
+    nan |= x[j] != x[j];
     m = std::max(m, x[j]);
   }
-  return m;
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 #endif
 }
+
+// max(a, b) that keeps a NaN from either side (std::max keeps its first argument when b is NaN).
+inline float nan_max(float a, float b) { return (a != a || b != b) ? std::numeric_limits<float>::quiet_NaN() : std::max(a, b); }
 
 inline float row_max(const float* x, int n) {
 #ifdef MPTK_AVX2
