@@ -172,8 +172,9 @@ def row_rule(i, sq, sk, causal, slope):
 
 
 def row_lse(m2, l, slope, ref, sk):
+    # as the kernel: -inf for an empty row (l == 0), NaN stays NaN
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(l > 0, (m2 + np.log2(np.where(l > 0, l, 1.0))) * LN2 + slope * (ref - (sk - 1)), -np.inf)
+        return np.where(l == 0, -np.inf, (m2 + np.log2(np.where(l == 0, 1.0, l))) * LN2 + slope * (ref - (sk - 1)))
 
 
 def load_a_rows(smem, base_row, row0, kd):

@@ -122,9 +122,11 @@ __device__ __forceinline__ RowRule row_rule(int i, int sq, int sk, bool causal, 
   return r;
 }
 
-// Natural-log lse of a row from its log2-domain running max and sum, bias constant restored.
+// Natural-log lse of a row from its log2-domain running max and sum, bias constant restored. A row
+// with nothing visible (l == 0) gives -inf; a NaN sum (a NaN score: fmaxf drops NaN from the max,
+// exp2f keeps it in the sum) stays NaN, so the backward's P is NaN there too, not 0.
 __device__ __forceinline__ float row_lse(float m2, float l, float slope, int ref, int sk) {
-  if (!(l > 0.f)) return -INFINITY;
+  if (l == 0.f) return -INFINITY;
   return (m2 + __log2f(l)) * kLn2 + slope * static_cast<float>(ref - (sk - 1));
 }
 
