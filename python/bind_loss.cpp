@@ -31,26 +31,43 @@ void check_rows_vector(const TensorView& t, const char* name, DType dtype, int64
   }
 }
 
-int64_t cross_entropy_fwd(const TensorView& logits, const TensorView& targets, const TensorView& loss,
-                          const TensorView& lse, int64_t ignore_index, uint64_t stream) {
-  const int64_t stride = check_logits_like(logits, "logits");
-  const int64_t rows = logits.shape[0], vocab = logits.shape[1];
-  MPTK_CHECK_ARG(vocab > 0 || rows == 0, "logits", "the vocab (last) dimension must be non-empty, got shape ",
+// The logits and targets both ops take: checked, and their fields copied into either params struct.
+struct LogitsRows {
+  int64_t stride = 0, rows = 0, vocab = 0;
+};
+
+LogitsRows check_logits_and_targets(const TensorView& logits, const TensorView& targets) {
+  LogitsRows L;
+  L.stride = check_logits_like(logits, "logits");
+  L.rows = logits.shape[0];
+  L.vocab = logits.shape[1];
+  MPTK_CHECK_ARG(L.vocab > 0 || L.rows == 0, "logits", "the vocab (last) dimension must be non-empty, got shape ",
                  logits.shape_str());
-  check_rows_vector(targets, "targets", DType::Int64, rows, logits);
-  check_rows_vector(loss, "loss", DType::Float32, rows, logits);
-  check_rows_vector(lse, "lse", DType::Float32, rows, logits);
-  if (rows == 0) return 0;
-  CrossEntropyFwdParams p;
+  check_rows_vector(targets, "targets", DType::Int64, L.rows, logits);
+  return L;
+}
+
+template <typename P>
+void fill_common(P& p, const TensorView& logits, const TensorView& targets, const LogitsRows& L, int64_t ignore_index) {
   p.logits = logits.data;
-  p.row_stride = stride;
+  p.row_stride = L.stride;
   p.targets = static_cast<const int64_t*>(targets.data);
-  p.loss = static_cast<float*>(loss.data);
-  p.lse = static_cast<float*>(lse.data);
-  p.rows = rows;
-  p.vocab = vocab;
+  p.rows = L.rows;
+  p.vocab = L.vocab;
   p.ignore_index = ignore_index;
   p.dtype = logits.dtype;
+}
+
+int64_t cross_entropy_fwd(const TensorView& logits, const TensorView& targets, const TensorView& loss,
+                          const TensorView& lse, int64_t ignore_index, uint64_t stream) {
+  const LogitsRows L = check_logits_and_targets(logits, targets);
+  check_rows_vector(loss, "loss", DType::Float32, L.rows, logits);
+  check_rows_vector(lse, "lse", DType::Float32, L.rows, logits);
+  if (L.rows == 0) return 0;
+  CrossEntropyFwdParams p;
+  fill_common(p, logits, targets, L, ignore_index);
+  p.loss = static_cast<float*>(loss.data);
+  p.lse = static_cast<float*>(lse.data);
   if (logits.is_cuda()) {
 #ifdef MPTK_WITH_CUDA
     CudaDeviceGuard guard(logits.device);
@@ -66,38 +83,29 @@ int64_t cross_entropy_fwd(const TensorView& logits, const TensorView& targets, c
     py::gil_scoped_release release;
     bad = cross_entropy_fwd_cpu(p);
   }
-  MPTK_CHECK_ARG(bad == 0, "targets", bad, " of them outside [0, ", vocab, ") and not ignore_index (", ignore_index,
-                 ")");
+  MPTK_CHECK_ARG(bad == 0, "targets", bad, " of them outside [0, ", L.vocab, ") and not ignore_index (",
+                 ignore_index, ")");
   return 0;
 }
 
 void cross_entropy_bwd(const TensorView& logits, const TensorView& targets, const TensorView& lse,
                        const TensorView& drow, const TensorView& dlogits, int64_t ignore_index, uint64_t stream) {
-  const int64_t stride = check_logits_like(logits, "logits");
-  const int64_t rows = logits.shape[0], vocab = logits.shape[1];
-  MPTK_CHECK_ARG(vocab > 0 || rows == 0, "logits", "the vocab (last) dimension must be non-empty");
-  check_rows_vector(targets, "targets", DType::Int64, rows, logits);
-  check_rows_vector(lse, "lse", DType::Float32, rows, logits);
-  check_rows_vector(drow, "drow", DType::Float32, rows, logits);
+  const LogitsRows L = check_logits_and_targets(logits, targets);
+  check_rows_vector(lse, "lse", DType::Float32, L.rows, logits);
+  check_rows_vector(drow, "drow", DType::Float32, L.rows, logits);
   check_same_device(logits, "logits", dlogits, "dlogits");
   MPTK_CHECK_ARG(dlogits.dtype == logits.dtype, "dlogits", "dtype ", dtype_name(dlogits.dtype),
                  " does not match logits dtype ", dtype_name(logits.dtype));
-  MPTK_CHECK_ARG(dlogits.ndim == 2 && dlogits.shape[0] == rows && dlogits.shape[1] == vocab, "dlogits", "shape ",
+  MPTK_CHECK_ARG(dlogits.ndim == 2 && dlogits.shape[0] == L.rows && dlogits.shape[1] == L.vocab, "dlogits", "shape ",
                  dlogits.shape_str(), " does not match logits shape ", logits.shape_str());
   const int64_t dstride = check_logits_like(dlogits, "dlogits");
-  if (rows == 0) return;
+  if (L.rows == 0) return;
   CrossEntropyBwdParams p;
-  p.logits = logits.data;
-  p.row_stride = stride;
-  p.targets = static_cast<const int64_t*>(targets.data);
+  fill_common(p, logits, targets, L, ignore_index);
   p.lse = static_cast<const float*>(lse.data);
   p.drow = static_cast<const float*>(drow.data);
   p.dlogits = dlogits.data;
   p.dlogits_row_stride = dstride;
-  p.rows = rows;
-  p.vocab = vocab;
-  p.ignore_index = ignore_index;
-  p.dtype = logits.dtype;
   if (logits.is_cuda()) {
 #ifdef MPTK_WITH_CUDA
     CudaDeviceGuard guard(logits.device);

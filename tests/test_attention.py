@@ -702,6 +702,35 @@ def test_device_cu_seqlens_checked_once_per_tensor(monkeypatch):
     assert len(calls) == 4
 
 
+def test_last_result_memo_rules():
+    """_ext.LastResult (the device read-backs above, and apply_to_hf's mask): reused only for the same
+    tensor objects, unmodified, with equal arguments; a failing compute is not remembered; tensors
+    made under inference_mode (no version counter) are computed every time instead of raising."""
+    from mpt_kernels._ext import LastResult
+
+    memo, calls = LastResult(), []
+
+    def compute(t):
+        calls.append(1)
+        if t[0] < 0:
+            raise ValueError("bad")
+        return int(t.sum())
+
+    t = torch.tensor([1, 2, 3])
+    assert [memo((t,), "a", lambda: compute(t)) for _ in range(3)] == [6, 6, 6] and len(calls) == 1
+    memo((t,), "b", lambda: compute(t))  # other arguments
+    t[0] = 4  # changed in place
+    assert memo((t,), "b", lambda: compute(t)) == 9 and len(calls) == 3
+    bad = torch.tensor([-1])
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            memo((bad,), "b", lambda: compute(bad))
+    assert len(calls) == 5
+    with torch.inference_mode():
+        ti = torch.tensor([1, 1])
+    assert [memo((ti,), "b", lambda: compute(ti)) for _ in range(2)] == [2, 2] and len(calls) == 7
+
+
 def test_tensors_on_different_devices_rejected_by_C():
     """A CUDA-vs-CPU mix is rejected before any memory is touched (the view's device field is
     checked first), so this runs without a GPU."""

@@ -104,8 +104,7 @@ def test_extreme_logits(device):
     check(logits[:2], targets[:2])
     logits[2] = float("-inf")
     logits[3, 9] = float("nan")
-    leaf = logits.clone().requires_grad_()
-    out, _ = loss_op.cross_entropy_fwd(leaf.detach(), targets, -100)
+    out, _ = loss_op.cross_entropy_fwd(logits, targets, -100)
     assert torch.isnan(out[2:]).all() and torch.isfinite(out[:2]).all()
 
 
@@ -114,8 +113,6 @@ def test_model_loss_equals_torch_cross_entropy(device):
     """The model's loss (the fused kernel on its logits) equals F.cross_entropy on the same logits."""
     from mpt_kernels.model import MPTConfig, MPTForCausalLM
 
-    if device == "cuda":
-        pytest.importorskip("torch").cuda.init()
     cfg = MPTConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=301, max_seq_len=32)
     torch.manual_seed(2)
     m = MPTForCausalLM(cfg).to(device)

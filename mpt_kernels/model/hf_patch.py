@@ -14,7 +14,6 @@ Padding comes in as transformers' 4-D boolean mask; its last query row tells whi
 from __future__ import annotations
 
 import types
-import weakref
 
 import torch
 
@@ -25,7 +24,7 @@ def _layer_norm_forward(self, x):
     return mk.layer_norm(x, self.weight, self.bias, self.eps)
 
 
-_LAST_MASK: dict = {}  # the last attention mask read back, with its version and rows
+_LAST_MASK = mk._ext.LastResult()  # the last attention mask read back, and its rows
 
 
 def _compute_mask_rows(attention_mask, Sk):
@@ -42,17 +41,7 @@ def _mask_rows(attention_mask, Sk):
     """None when every key is real, else the (start, count) of each row's real keys. transformers
     hands every layer of a forward the same mask tensor: it is read back to the host once for all of
     them (one GPU sync per forward, not one or two per layer); a new or modified mask is read anew."""
-    try:
-        version = attention_mask._version
-    except RuntimeError:  # inference-mode tensors keep no version counter: no reuse
-        return _compute_mask_rows(attention_mask, Sk)
-    last = _LAST_MASK.get("last")
-    if last is not None and last[0]() is attention_mask and last[1] == version and last[2] == Sk:
-        return last[3]
-    rows = _compute_mask_rows(attention_mask, Sk)
-    if not torch.compiler.is_compiling():
-        _LAST_MASK["last"] = (weakref.ref(attention_mask), version, Sk, rows)
-    return rows
+    return _LAST_MASK((attention_mask,), Sk, lambda: _compute_mask_rows(attention_mask, Sk))
 
 
 def _attention_forward(self, hidden_states, position_bias=None, cache=None, attention_mask=None, **kwargs):

@@ -34,12 +34,11 @@ from __future__ import annotations
 
 import math
 import operator
-import weakref
 from typing import Optional
 
 import torch
 
-from .._ext import _C, current_stream, direct_call_ok, view
+from .._ext import LastResult, _C, current_stream, direct_call_ok, view
 from .._ext import empty as _empty
 from . import reference as _reference
 from .reference import alibi_slopes  # noqa: F401  (public: mk.alibi_slopes)
@@ -82,18 +81,14 @@ def _check_device_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
 
 def _check_cu_seqlens_once(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, rows_q, rows_k):
     """A model passes the same offsets to every layer (and again in an activation-checkpoint
-    recompute): read them back and check them once. Skipped only for the same tensor objects,
-    unmodified (version), with the same arguments; held by weak reference, so a new tensor that
-    reuses a freed one's memory is checked anew."""
-    last = _CHECKED_CU.get("last")
-    args = (cu_seqlens_q._version, cu_seqlens_k._version, max_seqlen_q, max_seqlen_k, causal, rows_q, rows_k)
-    if last is not None and last[0]() is cu_seqlens_q and last[1]() is cu_seqlens_k and last[2] == args:
-        return
-    _check_cu_seqlens_values(cu_seqlens_q.cpu(), cu_seqlens_k.cpu(), max_seqlen_q, max_seqlen_k, causal, rows_q, rows_k)
-    _CHECKED_CU["last"] = (weakref.ref(cu_seqlens_q), weakref.ref(cu_seqlens_k), args)
+    recompute): read them back and check them once (``_ext.LastResult``: the same tensor objects,
+    unmodified, with the same arguments)."""
+    _CHECKED_CU((cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k, causal, rows_q, rows_k),
+                lambda: _check_cu_seqlens_values(cu_seqlens_q.cpu(), cu_seqlens_k.cpu(), max_seqlen_q, max_seqlen_k,
+                                                 causal, rows_q, rows_k))
 
 
-_CHECKED_CU: dict = {}  # the last device cu_seqlens pair that passed _check_device_cu_seqlens
+_CHECKED_CU = LastResult()  # the last device cu_seqlens pair that passed _check_device_cu_seqlens
 
 
 def _check_cu_seqlens_values(cq, ck, max_seqlen_q, max_seqlen_k, causal, rows_q, rows_k):

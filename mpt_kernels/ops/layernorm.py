@@ -277,7 +277,7 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = Non
             raise ValueError(f"out_dtype: {out_dtype} with x {x.dtype}"
                              + (f" and residual {residual.dtype}" if residual is not None else "")
                              + ": a different output dtype is bfloat16/float16 from a float32 x + residual (or x)")
-        if x.dtype != torch.float32 and out_dtype != x.dtype:
+        if x.dtype != torch.float32:  # (out_dtype == x.dtype was folded to None above)
             raise ValueError(f"out_dtype: {out_dtype} differs from x's {x.dtype}: a 16-bit x gives its own dtype")
     mixed = h_dtype != x.dtype or out_dtype is not None
     if mixed:
