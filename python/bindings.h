@@ -13,6 +13,9 @@
 #include "common/tensor.h"
 #ifdef MPTK_WITH_CUDA
 #include "common/cuda_check.h"
+#if defined(__linux__)
+#include <dlfcn.h>
+#endif
 #endif
 
 namespace pybind11 {
@@ -92,7 +95,37 @@ inline void check_alignment(const TensorView& t, const char* name, size_t bytes)
 }
 
 #ifdef MPTK_WITH_CUDA
-// Makes `device` current for the duration of a launch and restores the caller's device after.
+// Whether `device`'s primary context exists (true when that cannot be told). Since CUDA 12,
+// cudaSetDevice creates the primary context at once: restoring a thread's default device 0 after a
+// launch on device 1 from a thread that never used device 0 would put a context (hundreds of MB) on
+// GPU 0, in every process of a multi-GPU job that calls an op from such a thread. PyTorch's device
+// guards make the same check. The driver library is already loaded by the runtime (RTLD_NOLOAD:
+// never loaded here); its two functions are looked up once.
+inline bool cuda_primary_context_active(int device) {
+#if defined(__linux__)
+  using DeviceGetFn = int (*)(int*, int);                    // cuDeviceGet(CUdevice*, int ordinal)
+  using CtxStateFn = int (*)(int, unsigned int*, int*);      // cuDevicePrimaryCtxGetState(CUdevice, flags*, active*)
+  static const std::pair<DeviceGetFn, CtxStateFn> fns = [] {
+    void* lib = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD);
+    if (lib == nullptr) return std::pair<DeviceGetFn, CtxStateFn>(nullptr, nullptr);
+    return std::pair<DeviceGetFn, CtxStateFn>(reinterpret_cast<DeviceGetFn>(dlsym(lib, "cuDeviceGet")),
+                                              reinterpret_cast<CtxStateFn>(dlsym(lib, "cuDevicePrimaryCtxGetState")));
+  }();
+  int dev = 0, active = 1;
+  unsigned int flags = 0;
+  if (fns.first == nullptr || fns.second == nullptr || fns.first(&dev, device) != 0 ||
+      fns.second(dev, &flags, &active) != 0)
+    return true;  // cannot tell: restore, as before
+  return active != 0;
+#else
+  (void)device;
+  return true;
+#endif
+}
+
+// Makes `device` current for the duration of a launch and restores the caller's device after, unless
+// the caller's device has no context yet (a fresh thread's default 0): then, as with PyTorch's guards,
+// the launch's device stays current rather than creating a context on a GPU the thread never used.
 struct CudaDeviceGuard {
   int prev = -1;
   explicit CudaDeviceGuard(int device) {
@@ -101,7 +134,7 @@ struct CudaDeviceGuard {
   }
   ~CudaDeviceGuard() {
     int cur = -1;
-    if (cudaGetDevice(&cur) == cudaSuccess && cur != prev) cudaSetDevice(prev);
+    if (cudaGetDevice(&cur) == cudaSuccess && cur != prev && cuda_primary_context_active(prev)) cudaSetDevice(prev);
   }
 };
 inline cudaStream_t as_stream(uint64_t s) { return reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(s)); }

@@ -51,3 +51,45 @@ def test_unbuilt_checkout_uses_the_installed_core(tmp_path):
     (src / "mpt_kernels" / "_ext.py").write_text((src / "mpt_kernels" / "_ext.py").read_text() + "\n# edited\n")
     r = run()
     assert r.returncode != 0 and "build the package" in r.stderr
+
+
+def test_ops_on_a_second_gpu_leave_gpu0_without_a_context():
+    """Every op run on cuda:1, in the main thread and then (a Lion step, which allocates nothing
+    first, so only our own device guard switches devices) in a fresh thread whose default device is
+    0: nothing may create a context on GPU 0. Restoring a fresh thread's device 0 after a launch would
+    (since CUDA 12, cudaSetDevice creates the context): hundreds of MB on GPU 0 from every process of
+    a multi-GPU job. Needs 2 GPUs; runs in a fresh process."""
+    import subprocess
+    import sys
+
+    import pytest
+    import torch
+
+    if not (mk.cuda_available() and torch.cuda.is_available() and torch.cuda.device_count() >= 2):
+        pytest.skip("needs a CUDA build and 2 GPUs")
+    from _subproc import NEUTRAL_CWD, subprocess_env
+
+    code = """
+import threading, torch, mpt_kernels as mk
+dev = torch.device("cuda:1")
+q, k, v = (torch.randn(1, 40, 2, 64, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+o = mk.alibi_attention(q, k, v, causal=True)
+o.float().sum().backward()
+x = torch.randn(5, 64, device=dev, requires_grad=True)
+mk.layer_norm(x, torch.ones(64, device=dev)).sum().backward()
+loss = mk.ops.loss.cross_entropy(torch.randn(4, 33, device=dev), torch.randint(0, 33, (4,), device=dev))
+p = torch.nn.Parameter(torch.randn(64, device=dev))
+p.grad = torch.randn(64, device=dev)
+opt = mk.optim.Lion([p], lr=1e-3)
+opt.step()
+before = p.detach().clone()
+t = threading.Thread(target=opt.step)
+t.start(); t.join()
+torch.cuda.synchronize(dev)
+ok = bool(torch.isfinite(loss)) and bool(torch.isfinite(o).all()) and not torch.equal(before, p.detach())
+print(ok, torch._C._cuda_hasPrimaryContext(0), torch._C._cuda_hasPrimaryContext(1))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=NEUTRAL_CWD, env=subprocess_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["True", "False", "True"], r.stdout
