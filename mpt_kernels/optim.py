@@ -151,7 +151,8 @@ class Lion(Optimizer):
     r"""Lion (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms"), fused.
 
     Per element, in float32:  c = b1*m + (1-b1)*g;  p = p*(1-decay) - lr*sign(c);
-    m = b2*m + (1-b2)*g  with sign(0) = 0.
+    m = b2*m + (1-b2)*g  with sign(0) = 0 and sign(NaN) = NaN (torch.sign gives 0 there, which
+    would freeze the element silently): a non-finite step that is not skipped shows in the parameters.
 
     Args:
         params: parameters or parameter groups (float32 or bfloat16, contiguous; CPU or CUDA;
@@ -161,7 +162,8 @@ class Lion(Optimizer):
             initial_lr, initial_lr being the group's lr when the optimizer was built, so the decay
             follows the LR schedule but not the LR's magnitude. False: decay = lr * weight_decay.
         max_grad_norm: clip by the global L2 norm of all gradients (torch.nn.utils.clip_grad_norm_
-            semantics), applied inside the step as a multiplier; gradients are not rewritten.
+            semantics, a NaN norm included: every gradient NaN), applied inside the step as a
+            multiplier; gradients are not rewritten.
         skip_nonfinite: skip the step (parameters and state untouched) when the global gradient
             norm is inf/NaN, counting it in ``skipped_steps``. Default: on when max_grad_norm is set
             (the norm is computed anyway); set True to pay for the norm without clipping.

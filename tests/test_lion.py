@@ -169,7 +169,7 @@ def test_sign_zero_leaves_param_unchanged_without_decay():
 
 
 def test_nan_gradient_propagates_without_skip():
-    # torch.sign(NaN) = NaN: with skipping off the NaN reaches the parameter, as in plain torch.
+    # sign(NaN) = NaN (torch.sign gives 0): with skipping off the NaN reaches the parameter.
     p = torch.nn.Parameter(torch.randn(20))
     opt = mk.optim.Lion([p], lr=0.1)
     g = torch.randn(20)
@@ -391,6 +391,39 @@ def test_clip_grad_norm_edge_cases():
     assert mk.optim.clip_grad_norm_([q], 0.1, norm_type=float("inf")).item() == pytest.approx(
         torch.nn.utils.clip_grad_norm_([r], 0.1, norm_type=float("inf")).item())
 
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_norm_without_skipping_follows_clip_grad_norm(bad):
+    """skip_nonfinite=False with clipping: exactly clip_grad_norm_ then an unclipped step. torch's
+    coefficient clamp(max_norm / (norm + eps), max=1) is NaN for a NaN norm (every gradient NaN) and
+    0 for an inf norm (inf * 0 = NaN where the inf was, 0 elsewhere)."""
+    g = torch.randn(4097, dtype=torch.float64)
+    g[1234] = bad
+    # mk.optim.clip_grad_norm_ leaves the gradients exactly as torch's does (NaN where torch has NaN).
+    a, b = torch.nn.Parameter(torch.randn(4097)), torch.nn.Parameter(torch.randn(4097))
+    a.grad, b.grad = g.float(), g.float()
+    na, nb = mk.optim.clip_grad_norm_([a], 1.0), torch.nn.utils.clip_grad_norm_([b], 1.0)
+    assert torch.equal(na.isnan(), nb.isnan()) and (na.isnan() or na.item() == nb.item())
+    assert torch.equal(a.grad.isnan(), b.grad.isnan())
+    assert torch.equal(a.grad.nan_to_num(), b.grad.nan_to_num())
+    # The fused step: the float64 reference fed torch-clipped gradients (NaN sign stays NaN).
+    p0, m0 = torch.randn(4097), torch.randn(4097)
+    p = torch.nn.Parameter(p0.clone())
+    opt = mk.optim.Lion([p], lr=0.1, weight_decay=0.1, max_grad_norm=1.0, skip_nonfinite=False)
+    opt.state[p]["exp_avg"] = m0.clone()
+    p.grad = g.float()
+    opt.step()
+    assert opt.skipped_steps == 0
+    ref = torch.nn.Parameter(p0.double())
+    ref.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_([ref], 1.0)
+    m_ref = m0.double()
+    lion_step_reference(ref.data, ref.grad, m_ref, lr=0.1, beta1=0.9, beta2=0.99, decay=0.1)  # decoupled: wd * lr / initial_lr
+    want_nan = ref.detach().isnan()
+    assert want_nan.sum() == (4097 if bad != bad else 1)
+    assert torch.equal(p.detach().isnan(), want_nan) and torch.equal(opt.state[p]["exp_avg"].isnan(), m_ref.isnan())
+    torch.testing.assert_close(p.detach()[~want_nan].double(), ref.detach()[~want_nan], rtol=0, atol=1e-6)
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("how", ["max_grad_norm", "skip_nonfinite"])

@@ -4,7 +4,9 @@
 //
 // Update, per element, in float32 (g already multiplied by *grad_multiplier when given):
 //   c = beta1*m + (1-beta1)*g;   p = p*(1-decay) - lr*sign(c);   m = beta2*m + (1-beta2)*g
-// sign(0) = 0 and sign(NaN) = NaN, like torch.sign. The whole step is a no-op when *skip != 0.
+// sign(0) = 0 and sign(NaN) = NaN (torch.sign gives 0 for NaN, which would silently freeze the element
+// while its momentum holds the NaN; here a non-finite step that is not skipped shows in the parameter).
+// The whole step is a no-op when *skip != 0.
 //
 // Work decomposition (identical on CPU and CUDA): every tensor is cut into chunks of kLionChunk
 // elements; chunk k of the flattened list (tensor 0's chunks, then tensor 1's, ...) is found from a
@@ -174,7 +176,7 @@ MPTK_HD uint16_t lion_float_to_bf16_sr(float f, uint32_t rnd) {
   return static_cast<uint16_t>((u + (rnd & 0xffffU)) >> 16);
 }
 
-// sign(c) with sign(+-0) = +-0 and sign(NaN) = NaN, as torch.sign.
+// sign(c) with sign(+-0) = +-0 and sign(NaN) = NaN (unlike torch.sign's 0; see the top of this file).
 MPTK_HD float lion_sign(float c) { return c > 0.f ? 1.f : (c < 0.f ? -1.f : c); }
 
 // The update of one element, in this exact operation order on CPU (scalar and AVX2) and CUDA so
@@ -200,7 +202,9 @@ MPTK_HD void lion_finalize_math(double sumsq, const LionFinalizeParams& fp) {
   }
   if (fp.n_partials > 0 && fp.max_norm > 0.f) {
     const float coef = fp.max_norm / (norm + 1e-6f);
-    mult *= coef < 1.f ? coef : 1.f;
+    // torch's clamp(coef, max=1) keeps a NaN: a NaN norm makes every gradient NaN, as
+    // clip_grad_norm_ leaves them (skip_nonfinite, the default with clipping, skips that step instead).
+    mult *= (coef < 1.f || coef != coef) ? coef : 1.f;
   }
   bool skip = fp.found_inf != nullptr && *fp.found_inf != 0.f;
 #if defined(__CUDA_ARCH__)

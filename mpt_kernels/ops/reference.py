@@ -101,7 +101,8 @@ def layer_norm_reference(x, weight, bias=None, eps: float = 1e-5, residual=None,
 @torch.no_grad()
 def lion_step_reference(param, grad, exp_avg, *, lr, beta1, beta2, decay):
     """One Lion step in place (any dtype; tests run it in float64):
-    c = b1*m + (1-b1)*g;  p = p*(1-decay) - lr*sign(c);  m = b2*m + (1-b2)*g."""
+    c = b1*m + (1-b1)*g;  p = p*(1-decay) - lr*sign(c);  m = b2*m + (1-b2)*g, with sign(NaN) = NaN
+    (torch.sign gives 0 there)."""
     c = exp_avg * beta1 + grad * (1 - beta1)
-    param.mul_(1 - decay).add_(torch.sign(c), alpha=-lr)
+    param.mul_(1 - decay).add_(torch.where(torch.isnan(c), c, torch.sign(c)), alpha=-lr)
     exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
