@@ -13,8 +13,10 @@
 // float32 then. The backward's mirror: h, dresidual_out and dh float32, dy 16-bit (dy_dtype), and
 // optionally dx, dh rounded to dy_dtype (the gradient of a 16-bit x, written in the same pass
 // instead of a separate cast). In every mode the arithmetic is the same float32 arithmetic; only
-// the loads and stores differ, so the mixed forward's y is bit for bit the float32 forward's y
-// rounded to y_dtype, and dx is the float32 dh rounded.
+// the loads and stores differ. On the CPU (same loop structure) the mixed forward's y is bit for bit
+// the float32 forward's y rounded to y_dtype, and dx the float32 dh rounded; the CUDA mixed kernels
+// group a row's elements into threads differently (8-element packs), so their float32 sums, and so
+// the last bits, may differ from the CUDA float32 kernels'.
 //
 // Forward, per row (all arithmetic in float32):
 //   h     = x                       or  round_to_dtype(x + residual)  (stored to residual_out)

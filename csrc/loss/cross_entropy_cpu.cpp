@@ -128,7 +128,7 @@ void bwd_impl(const CrossEntropyBwdParams& p) {
       continue;
     }
     const float lse2 = p.lse[r] * kLog2e;
-    if (lse2 != lse2) {  // a NaN logit: the whole row is NaN (exp2_ps would clamp NaN to 2^127)
+    if (lse2 != lse2) {  // a NaN logit: the whole row is NaN (filled here rather than through exp2_ps's NaN)
       const T nan = from_float<T>(std::numeric_limits<float>::quiet_NaN());
       for (int64_t v = 0; v < V; ++v) d[v] = nan;
       continue;

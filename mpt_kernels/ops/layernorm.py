@@ -8,9 +8,10 @@ rounded to x's dtype.
 Mixed precision (an autocast model: float32 weights and residual stream, bfloat16/float16 branches):
 ``residual`` may be float32 with a 16-bit ``x`` (the sum is then float32), and ``out_dtype`` may ask
 for a 16-bit output of a float32 normalised input. The kernels read and write those dtypes directly,
-so no float32 copy of the branch and no 16-bit copy of the output is made: the result is bit for bit
-the float32 computation with its output rounded to ``out_dtype``, and the gradient of a 16-bit x is
-the float32 gradient rounded, written in the backward's own pass.
+so no float32 copy of the branch and no 16-bit copy of the output is made: the result is the float32
+computation with its output rounded to ``out_dtype`` (bit for bit on the CPU; on CUDA the row sums may
+run in another order, so last bits may differ), and the gradient of a 16-bit x is the float32
+gradient rounded, written in the backward's own pass.
 
 Two ``torch.library.custom_op``s carry the work, ``mpt_kernels::layer_norm_fwd`` and
 ``mpt_kernels::layer_norm_bwd``, each with a fake (meta) implementation, and the forward has a
@@ -233,8 +234,8 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = Non
     Mixed precision (an autocast model's float32 residual stream and weights): ``residual`` may be
     float32 with a bfloat16/float16 x (the sum is float32, the output in x's dtype), and
     ``out_dtype`` (bfloat16/float16) may be asked of a float32 normalised input (x, or x + residual);
-    weight and bias must be float32 then. Bit for bit the float32 computation with its output
-    rounded to ``out_dtype``.
+    weight and bias must be float32 then. The float32 computation with its output rounded to
+    ``out_dtype`` (bit for bit on the CPU; on CUDA the row sums' order may differ in the last bits).
     """
     if not isinstance(x, Tensor):
         raise ValueError(f"x: expected a Tensor, got {type(x).__name__}")
