@@ -451,3 +451,109 @@ def test_bf16_autocast_trains(tmp_path, corpus):
     assert len(got) == 3 and all(torch.isfinite(torch.tensor(v)) for v in got.values())
     assert got[1] == pytest.approx(losses(tmp_path / "runs/fp32")[1], abs=0.05)  # bf16 rounding only
     assert s["final_eval"]["loss"] < 10
+
+
+# --------------------------------------------------------------------------------------- reruns, finetuning
+
+def test_rerun_without_autoresume_starts_clean(tmp_path, corpus):
+    """The same command run again without autoresume is a new run: the earlier run's checkpoints (with
+    higher steps, which keep_last would keep over the new ones and autoresume would continue) and its
+    metrics (which would mix into the new summary) are removed, and a later autoresume continues the
+    new run."""
+    from mpt_kernels.train import Trainer
+
+    quiet = {"eval.sample_tokens": 0, "eval.every": -1, "checkpoint.save_hf": False, "checkpoint.keep_last": 2,
+             "checkpoint.save_every": 2}
+    Trainer(_micro_cfg(tmp_path, corpus, run_name="same", max_steps=6, **quiet)).fit()
+    run = tmp_path / "runs" / "same"
+    first = losses(run)
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [4, 6]
+    s = Trainer(_micro_cfg(tmp_path, corpus, run_name="same", max_steps=3, seed=4, **quiet)).fit()
+    assert [st for st, _ in list_checkpoints(run / "checkpoints")] == [2, 3]
+    second = losses(run)
+    assert sorted(second) == [1, 2, 3] and second[1] != first[1]
+    kinds = [json.loads(line)["kind"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert kinds.count("start") == 1 and kinds.count("summary") == 1
+    assert s["loss_first"] == pytest.approx(second[1]) and s["loss_last"] == pytest.approx(second[3])
+    tr = Trainer(_micro_cfg(tmp_path, corpus, run_name="same", max_steps=4, seed=4,
+                            **{**quiet, "checkpoint.autoresume": True}))
+    assert tr.resume()[0] == 3
+
+
+def _finetune_rows(tmp_path):
+    words = ["cat", "dog", "tree", "lamp", "moon", "sun", "river", "mountain", "a", "keyboard"]
+    rows = [{"prompt": f"Spell {w} {i}.", "response": " ".join(w) * (1 + i % 3)} for i, w in enumerate(words)]
+    data = tmp_path / "ft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+def test_finetune_loss_does_not_depend_on_the_micro_batch_split(tmp_path, corpus):
+    """Responses differ in length: the step's loss is the mean over the global batch's target tokens,
+    the same with one micro-batch of 4 as with 4 accumulated micro-batches of 1 (a mean of the
+    micro-batches' means would weight a short response's tokens more)."""
+    from mpt_kernels.train import Trainer
+
+    data = _finetune_rows(tmp_path)
+    common = {"data.kind": "finetune", "data.finetune_path": str(data), "data.tokenizer": str(corpus / "tokenizer.json"),
+              "data.seq_len": 256, "checkpoint.save_every": 0, "checkpoint.save_hf": False, "eval.sample_tokens": 0,
+              "eval.every": -1, "global_batch_size": 4}
+    Trainer(_micro_cfg(tmp_path, corpus, run_name="one", max_steps=2, **common, micro_batch_size=4)).fit()
+    Trainer(_micro_cfg(tmp_path, corpus, run_name="four", max_steps=2, **common, micro_batch_size=1)).fit()
+    a, b = losses(tmp_path / "runs/one"), losses(tmp_path / "runs/four")
+    assert a[1] == pytest.approx(b[1], rel=1e-5) and a[2] == pytest.approx(b[2], rel=1e-4)
+
+
+def test_chatml_markers_grow_a_vocabulary_without_spare_rows(tmp_path, corpus):
+    """A model whose vocabulary is exactly its tokenizer's (512, a multiple of 128) finetuned with
+    ChatML, which adds two marker tokens: the embedding grows to the next multiple of 128, old rows
+    unchanged, new rows at the mean embedding; the saved model has the new size, its EOS in
+    config.json and a generation_config.json, and loads back."""
+    from mpt_kernels.model import MPTForCausalLM
+    from mpt_kernels.train import Trainer
+
+    quiet = {"checkpoint.save_every": 0, "eval.sample_tokens": 0, "eval.every": -1}
+    s = Trainer(_micro_cfg(tmp_path, corpus, run_name="base", max_steps=1, **quiet)).fit()
+    base = MPTForCausalLM.from_pretrained(s["hf_dir"])
+    assert base.config.vocab_size == 512
+    cfg_json = json.loads((Path(s["hf_dir"]) / "config.json").read_text())
+    gen_json = json.loads((Path(s["hf_dir"]) / "generation_config.json").read_text())
+    assert cfg_json["eos_token_id"] == gen_json["eos_token_id"] == gen_json["pad_token_id"]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {w}."},
+                                                     {"role": "assistant", "content": w}]}) + "\n"
+                            for w in ["cat", "dog", "tree", "sun"]))
+    tr = Trainer(_micro_cfg(tmp_path, corpus, run_name="chat", max_steps=2, **quiet, **{
+        "model.init_from": s["hf_dir"], "data.kind": "finetune", "data.finetune_path": str(data),
+        "data.finetune_format": "chatml", "data.seq_len": 64, "global_batch_size": 2, "micro_batch_size": 2}))
+    assert tr.tokenizer.vocab_size == 514 and tr.model_config.vocab_size == 640
+    w, w0 = tr.raw_model.transformer.wte.weight.detach(), base.transformer.wte.weight.detach()
+    assert torch.equal(w[:512], w0) and torch.allclose(w[512:], w0.mean(0).expand(128, -1))
+    out = tr.fit()
+    again = MPTForCausalLM.from_pretrained(out["hf_dir"])
+    assert again.config.vocab_size == 640 and again.transformer.wte.weight.shape == (640, 64)
+
+
+def test_shards_seq_len_must_match_data_seq_len(tmp_path, corpus):
+    from mpt_kernels.data.corpus import build_default_corpus
+    from mpt_kernels.train import Trainer
+
+    paths = build_default_corpus(corpus, seq_len=32, vocab_size=512, val_fraction=0.2, max_code_bytes=150000,
+                                 show_progress=False)
+    with pytest.raises(ValueError, match=r"data.seq_len=64, but the shards of data.streams hold 32-token samples"):
+        Trainer(_micro_cfg(tmp_path, corpus, **{"data.kind": "shards", "data.seq_len": 64,
+                                                 "data.streams": f"[{paths['code']['train']}]",
+                                                 "data.tokenizer": str(corpus / "tokenizer.json")}))
+
+
+def test_config_int_from_float_and_bad_values():
+    assert load_config(None, ["max_steps=1e3"]).max_steps == 1000
+    with pytest.raises(ValueError, match="expected"):
+        load_config(None, ["max_steps=1.5"])
+    with pytest.raises(ValueError, match="log_every must be >= 1"):
+        load_config(None, ["log_every=0"])
+    with pytest.raises(ValueError, match="data.seq_len must be >= 2"):
+        load_config(None, ["data.seq_len=-1"])
+    r = subprocess.run([sys.executable, str(TRAIN), "log_every=0"], capture_output=True, text=True,
+                       env=subprocess_env(), cwd=NEUTRAL_CWD, timeout=120)
+    assert r.returncode == 2 and "error: config: log_every must be >= 1" in r.stderr and "Traceback" not in r.stderr

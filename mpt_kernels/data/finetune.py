@@ -14,7 +14,8 @@ Formats:
       {response}<|endoftext|>
 
 * ``chatml`` (MPT-7B-Chat): ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per turn; the special
-  tokens are added to the tokenizer when it lacks them (they fit in the padded vocabulary).
+  tokens are added to the tokenizer when it lacks them (usually into the padded vocabulary's spare
+  rows; when it has none, the trainer grows the model's vocabulary to the next multiple of 128).
 
 Each piece is tokenized separately and labelled ``-100`` unless it is a response (assistant turn),
 so the loss never teaches the model to write prompts. Examples longer than ``max_seq_len`` are cut

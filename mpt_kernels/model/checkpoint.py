@@ -95,16 +95,49 @@ def _parse_size(size) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def save_pretrained(model, path, max_shard_size="5GB") -> None:
+def transformers_ignores(config: MPTConfig) -> list[str]:
+    """The settings of ``config`` that transformers' MptForCausalLM loads without error but does not
+    apply (so its outputs differ from ours): hard-coded ALiBi bias max 8, no q/k LayerNorm, no logit
+    scale, no biases (their weights are dropped as unexpected keys)."""
+    a = config.attn_config
+    out = []
+    if float(a.get("alibi_bias_max", 8)) != 8:
+        out.append(f"alibi_bias_max={a['alibi_bias_max']} (transformers always uses 8)")
+    if a.get("qk_ln"):
+        out.append("qk_ln=True (transformers has no q/k LayerNorm)")
+    if config.logit_scale is not None:
+        out.append(f"logit_scale={config.logit_scale} (transformers does not scale the logits)")
+    if not config.no_bias:
+        out.append("no_bias=False (transformers drops the bias weights)")
+    return out
+
+
+def save_pretrained(model, path, max_shard_size="5GB", *, eos_token_id=None, bos_token_id=None) -> None:
+    import warnings
+
     from safetensors.torch import save_file
 
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
+    ignored = transformers_ignores(model.config)
+    if ignored:
+        warnings.warn(f"{path}: transformers' MptForCausalLM loads this checkpoint but ignores {'; '.join(ignored)}, "
+                      "so its outputs differ from this model's; load it with mpt_kernels' "
+                      "MPTForCausalLM.from_pretrained", stacklevel=3)
     cfg_dict = model.config.to_dict()
     cfg_dict["torch_dtype"] = str(model.dtype).replace("torch.", "")
+    ids = {k: int(v) for k, v in (("eos_token_id", eos_token_id), ("bos_token_id", bos_token_id)) if v is not None}
+    cfg_dict.update(ids)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg_dict, f, indent=2, sort_keys=True)
         f.write("\n")
+    gen_cfg = os.path.join(path, "generation_config.json")
+    if ids:  # what transformers' generate() reads: stop at the EOS
+        with open(gen_cfg, "w") as f:
+            json.dump({**ids, **({"pad_token_id": ids["eos_token_id"]} if "eos_token_id" in ids else {})}, f, indent=2)
+            f.write("\n")
+    elif os.path.exists(gen_cfg):
+        os.remove(gen_cfg)  # a stale one from an earlier save into this directory
 
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     limit = _parse_size(max_shard_size)

@@ -633,10 +633,42 @@ class MPTForCausalLM(nn.Module):
 
         return load_pretrained(cls, path, dtype=dtype, device=device, attn_impl=attn_impl, strict=strict)
 
-    def save_pretrained(self, path, max_shard_size: int | str = "5GB") -> None:
+    def save_pretrained(self, path, max_shard_size: int | str = "5GB", *, eos_token_id: int | None = None,
+                        bos_token_id: int | None = None) -> None:
+        """config.json + safetensors, loadable by ``from_pretrained`` and transformers. Token ids given here
+        go into config.json and a generation_config.json (transformers' ``generate`` stops at the EOS)."""
         from .checkpoint import save_pretrained
 
-        save_pretrained(self, path, max_shard_size=max_shard_size)
+        save_pretrained(self, path, max_shard_size=max_shard_size, eos_token_id=eos_token_id,
+                        bos_token_id=bos_token_id)
+
+    @torch.no_grad()
+    def resize_token_embeddings(self, vocab_size: int) -> None:
+        """Grow (or shrink) the vocabulary to ``vocab_size`` rows, in place: the embedding and, when not
+        tied, the LM head. New rows start at the mean of the existing rows (so the new tokens' logits
+        start at the average logit, not at random); ``config.vocab_size`` follows."""
+        vocab_size = int(vocab_size)
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size: must be >= 1, got {vocab_size}")
+        old = self.config.vocab_size
+        if vocab_size == old:
+            return
+
+        def resized(w: torch.Tensor) -> nn.Parameter:
+            new = torch.empty(vocab_size, w.shape[1], dtype=w.dtype, device=w.device)
+            keep = min(old, vocab_size)
+            new[:keep] = w[:keep]
+            if vocab_size > old:
+                new[old:] = w.float().mean(0).to(w.dtype)
+            return nn.Parameter(new, requires_grad=w.requires_grad)
+
+        wte = self.transformer.wte
+        wte.weight = resized(wte.weight)
+        wte.num_embeddings = vocab_size
+        if not self.config.tie_word_embeddings:
+            self.lm_head.weight = resized(self.lm_head.weight)
+            self.lm_head.out_features = vocab_size
+        self.config = self.config.replace(vocab_size=vocab_size)
 
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | list[int] | None = None, attention_mask=None,

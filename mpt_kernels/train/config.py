@@ -156,6 +156,13 @@ class Config:
             raise ValueError(f"optim.betas must have two values, got {self.optim.betas}")
         if self.checkpoint.keep_last < 1:
             raise ValueError("checkpoint.keep_last must be >= 1")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if self.data.seq_len < 2:
+            raise ValueError(f"data.seq_len must be >= 2 (a sample predicts its tokens after the first), got "
+                             f"{self.data.seq_len}")
+        if self.eval.batches < 1:
+            raise ValueError(f"eval.batches must be >= 1, got {self.eval.batches}")
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -171,7 +178,7 @@ def _type_ok(value: Any, tp: Any) -> bool:
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return (isinstance(value, int) and not isinstance(value, bool)) or _int_like(value)
     if origin is not None:
         tp = origin
     return isinstance(value, tp)
@@ -181,7 +188,14 @@ def _coerce(value: Any, tp: Any) -> Any:
     if tp is float or (typing.get_origin(tp) in (typing.Union, types.UnionType) and float in typing.get_args(tp)):
         if isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+    elif _int_like(value) and (tp is int or (typing.get_origin(tp) in (typing.Union, types.UnionType)
+                                            and int in typing.get_args(tp))):
+        return int(value)  # max_steps=1e3 (YAML reads a float)
     return value
+
+
+def _int_like(value: Any) -> bool:
+    return isinstance(value, float) and value.is_integer() and abs(value) < 2**63
 
 
 def _apply(obj: Any, data: dict, where: str) -> None:

@@ -147,6 +147,11 @@ class Trainer:
                                                sequence_id=d.sequence_id, **common)
         self.val_set = (StreamingTokenDataset(val, num_samples=n_eval, sequence_id=d.sequence_id, **common)
                         if val else None)
+        for name, ds in (("data.streams", self.train_set), ("data.val_streams", self.val_set)):
+            if ds is not None and ds.seq_len != d.seq_len:
+                # samples are read whole: the step's token count, MFU and max_seq_len all follow data.seq_len
+                raise ValueError(f"data.seq_len={d.seq_len}, but the shards of {name} hold {ds.seq_len}-token samples: "
+                                 f"set data.seq_len={ds.seq_len}, or convert the data with --seq-len {d.seq_len}")
         if self.train_set.vocab_size and self.train_set.vocab_size > self.tokenizer.vocab_size:
             raise ValueError(f"the shards hold ids up to {self.train_set.vocab_size}, more than the tokenizer's "
                              f"{self.tokenizer.vocab_size}: wrong tokenizer?")
@@ -167,7 +172,13 @@ class Trainer:
                 changed.load_state_dict(model.state_dict(), assign=True)
                 model = changed
             if self.tokenizer.vocab_size > model.config.vocab_size:
-                raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens, the model {model.config.vocab_size}")
+                # e.g. ChatML's two markers added to a tokenizer whose model has no spare padded rows
+                new_vocab = padded_vocab_size(self.tokenizer.vocab_size, 128)
+                if self.rank == 0:
+                    _log(f"[train] the tokenizer has {self.tokenizer.vocab_size} tokens, the model "
+                         f"{model.config.vocab_size} rows: vocabulary grown to {new_vocab} (a multiple of 128); "
+                         "the new rows start at the mean embedding")
+                model.resize_token_embeddings(new_vocab)
         else:
             base = MPTConfig.from_preset(m.preset)
             vocab = m.vocab_size or padded_vocab_size(self.tokenizer.vocab_size, 128)
@@ -246,12 +257,28 @@ class Trainer:
         return int(getattr(self.optimizer, "skipped_steps", 0)) + getattr(self, "_adamw_skipped", 0)
 
     def train_step(self, data_iter) -> tuple[float, int]:
-        """One optimizer step; returns (mean loss over the global batch, tokens in it)."""
+        """One optimizer step; returns (mean loss over the global batch, tokens in it).
+
+        The loss (and so the gradient) is the mean over every target token of the global batch. In
+        pretraining every micro-batch holds the same number of targets, so that is the mean of the
+        micro-batches' means. Finetuning batches do not (responses differ in length, prompts are
+        masked): each micro-batch's mean is weighted by its share of the global batch's targets
+        (counted across ranks), so the step does not depend on micro_batch_size, accumulation or the
+        number of ranks."""
         self.model.train()
+        batches = [next(data_iter) for _ in range(self.accum)]
+        weights = None
+        if self.cfg.data.kind == "finetune":
+            counts = [int((b.get("labels", b["input_ids"])[:, 1:] != -100).sum()) for b in batches]
+            n = torch.tensor([float(sum(counts))], dtype=torch.float64, device=self.device)
+            if self.distributed:
+                dist.all_reduce(n, op=dist.ReduceOp.SUM)
+            n_global = max(float(n.item()), 1.0)
+            # DDP and FSDP average the ranks' gradients: the world factor turns that into the sum / n_global
+            weights = [c * self.world / n_global for c in counts]
         total = torch.zeros((), device=self.device)
         tokens = 0
-        for i in range(self.accum):
-            batch = next(data_iter)
+        for i, batch in enumerate(batches):
             tokens += batch["input_ids"].numel()
             last = i == self.accum - 1
             if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) and not last:
@@ -261,7 +288,13 @@ class Trainer:
                 if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
                     self.model.set_requires_gradient_sync(last)
             with ctx:
-                loss = self._forward_loss(batch) / self.accum
+                loss = self._forward_loss(batch)
+                if weights is None:
+                    loss = loss / self.accum
+                elif counts[i] == 0:  # no targets here (loss NaN): a zero-weight backward keeps DDP in step
+                    loss = loss.nan_to_num(0.0) * 0.0
+                else:
+                    loss = loss * weights[i]
                 loss.backward()
             total += loss.detach().float()
         if self.cfg.optim.name == "adamw":
@@ -352,6 +385,30 @@ class Trainer:
             _log(f"[train] resumed from {ck} (step {st['step']}, {st['consumed_samples']} samples consumed)")
         return int(st["step"]), int(st["consumed_samples"])
 
+    def _start_over(self) -> None:
+        """A run that does not resume starts clean, even in a directory that holds an earlier run of the
+        same name: the earlier run's checkpoints would otherwise outnumber and outlast the new run's
+        (keep_last keeps the highest steps, and a later autoresume would continue the earlier run), and
+        its metrics would mix into the new run's summary and loss curve."""
+        if self.rank == 0:
+            import shutil
+
+            from .checkpoint import list_checkpoints
+
+            old = list_checkpoints(self.ckpt_dir) if self.ckpt_dir.is_dir() else []
+            metrics = self.run_dir / "metrics.jsonl"
+            if old or metrics.exists():
+                what = f"checkpoints up to step {old[-1][0]}" if old else "metrics"
+                _log(f"[train] {self.run_dir} holds an earlier run ({what}): starting a new run in its place (its "
+                     "checkpoints, metrics and loss curve are removed; checkpoint.autoresume=true continues a run)")
+                for _, path in old:
+                    shutil.rmtree(path)
+                for stale in self.ckpt_dir.glob(".tmp-*") if self.ckpt_dir.is_dir() else []:
+                    shutil.rmtree(stale, ignore_errors=True)
+                metrics.unlink(missing_ok=True)
+                (self.run_dir / "loss.png").unlink(missing_ok=True)
+        self._barrier()
+
     def _fault_armed(self, step: int) -> bool:
         """Test hook (config ``fault``): should this rank die at this step?"""
         f = self.cfg.fault
@@ -387,7 +444,8 @@ class Trainer:
         """The final model in Hugging Face format, with its tokenizer.json (rank 0)."""
         out = self.run_dir / "hf"
         if self.rank == 0:
-            model.save_pretrained(out)
+            eos = self.tokenizer.eos_id
+            model.save_pretrained(out, eos_token_id=eos, bos_token_id=eos)  # NeoX/GPT style: one <|endoftext|>
             self.tokenizer.save(out / "tokenizer.json")
         return out if self.rank == 0 else None
 
@@ -413,11 +471,14 @@ class Trainer:
         t_start = self._t0
         step, consumed = self.resume() if cfg.checkpoint.autoresume else (0, 0)
         resumed = step > 0
+        if not resumed:
+            self._start_over()
         seq_len = cfg.data.seq_len
         peak, peak_src = peak_flops(self.device, self.precision)
         if self.rank == 0:
             _log(f"[train] {self.n_params / 1e6:.2f}M parameters ({cfg.model.preset}), {self.world} process(es) on "
-                 f"{self.device.type}, {self.precision}, global batch {cfg.global_batch_size} x {seq_len} tokens "
+                 f"{self.device.type}, {self.precision}, global batch {cfg.global_batch_size} x "
+                 f"{'up to ' if cfg.data.kind == 'finetune' else ''}{seq_len} tokens "
                  f"(micro {cfg.micro_batch_size}, accumulation {self.accum}), {cfg.max_steps} steps; "
                  f"MFU peak {peak / 1e12:.3g} TFLOP/s per device from {peak_src}")
             self.metrics.write(kind="start", step=step, resumed=resumed, n_params=self.n_params, world_size=self.world,
@@ -500,6 +561,10 @@ class Trainer:
                     dist.all_reduce(over, op=dist.ReduceOp.MAX)
                 if over.item() > 0:
                     stopped_early = True
+                    if self.rank == 0:
+                        msg = (f"[train] stopped after step {step} of {cfg.max_steps}: max_minutes={cfg.max_minutes} "
+                               f"reached (learning rate {lr:.2e}, not yet at the end of its schedule)")
+                        (bar.write(msg, file=sys.stderr) if bar else _log(msg))
                     break
         if bar is not None:
             bar.close()
@@ -512,7 +577,11 @@ class Trainer:
         text = self.sample(full)
         self._barrier()
         wall = time.time() - t_start
-        summary = {"steps": step, "stopped_early": stopped_early, "wall_s": wall, "final_eval": final_eval,
+        if first_eval is None and self.rank == 0:  # resumed: the step-0 evaluation is in the metrics
+            ev = read_metrics(self.run_dir / "metrics.jsonl", "eval")
+            if ev and ev[0].get("step") == 0:
+                first_eval = {k: ev[0][k] for k in ("loss", "ppl", "tokens") if k in ev[0]}
+        summary = {"steps": step, "max_steps": cfg.max_steps, "stopped_early": stopped_early, "wall_s": wall, "final_eval": final_eval,
                    "first_eval": first_eval, "skipped_steps": self._skipped_steps(), "hf_dir": str(hf) if hf else None,
                    "sample": text, "run_dir": str(self.run_dir)}
         if self.rank == 0:
@@ -527,7 +596,8 @@ class Trainer:
                     summary["tokens_per_s"] = sum(tps) / len(tps)
                     summary["mfu"] = sum(mf) / len(mf)
             if cfg.plot and plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png",
-                                            title=f"{cfg.run_name}: {cfg.model.preset}"):
+                                            title=(cfg.run_name if cfg.run_name == cfg.model.preset
+                                                   else f"{cfg.run_name} ({cfg.model.preset})")):
                 summary["plot"] = str(self.run_dir / "loss.png")
             self.metrics.write(kind="summary", **{k: v for k, v in summary.items() if k != "sample"})
         return summary
@@ -539,6 +609,8 @@ class Trainer:
 
 def print_summary(s: dict) -> None:
     lines = ["", "=" * 72, f"run: {s['run_dir']}   steps: {s['steps']}   wall time: {s['wall_s']:.0f} s"]
+    if s.get("stopped_early"):
+        lines.append(f"stopped early by max_minutes after {s['steps']} of {s.get('max_steps', '?')} steps")
     if "loss_first" in s:
         lines.append(f"train loss: {s['loss_first']:.3f} (first steps) -> {s['loss_last']:.3f} (last steps)")
     if s.get("first_eval") and s.get("final_eval"):
@@ -573,7 +645,10 @@ def main(argv: list[str] | None = None, default_config: str | None = None) -> in
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     a = ap.parse_args(argv)
     path = a.config or (default_cfg if default_cfg is not None and default_cfg.is_file() else None)
-    cfg = load_config(path, a.overrides)
+    try:
+        cfg = load_config(path, a.overrides)
+    except (ValueError, OSError) as exc:  # a bad key, value or file: argparse's style, no traceback
+        ap.error(f"config: {exc}")
     if a.print_config:
         print(dump_config(cfg))
         return 0
