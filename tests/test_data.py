@@ -117,7 +117,7 @@ def test_convert_packs_documents_exactly(tmp_path, small_tok):
     assert idx["num_samples"] == n and idx["dropped_tail_tokens"] == len(stream) - n * seq_len
     assert idx["dtype"] == "uint16" and idx["eos_id"] == 0
     assert [s["num_samples"] for s in idx["shards"]] == [5] * (n // 5) + ([n % 5] if n % 5 else [])
-    shards = TokenShards(tmp_path / "out")
+    shards = TokenShards(tmp_path / "out" / "train")
     shards.verify()
     got = np.stack([shards[i] for i in range(len(shards))]).astype(np.int64)
     np.testing.assert_array_equal(got.reshape(-1), stream[: n * seq_len])
@@ -128,15 +128,15 @@ def test_convert_packs_documents_exactly(tmp_path, small_tok):
 
 def test_convert_checksum_detects_corruption(tmp_path, small_tok):
     convert(_write_inputs(tmp_path), tmp_path / "out", tokenizer=small_tok, seq_len=16, show_progress=False)
-    shard = tmp_path / "out" / "shard_00000.bin"
+    shard = tmp_path / "out" / "train" / "shard_00000.bin"
     raw = bytearray(shard.read_bytes())
     raw[3] ^= 0x40
     shard.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="checksum"):
-        TokenShards(tmp_path / "out").verify()
+        TokenShards(tmp_path / "out" / "train").verify()
     shard.write_bytes(bytes(raw[:-2]))  # truncated: caught without hashing
     with pytest.raises(ValueError, match="wrong size"):
-        TokenShards(tmp_path / "out")
+        TokenShards(tmp_path / "out" / "train")
 
 
 def test_convert_val_split_and_trained_tokenizer(tmp_path):
@@ -172,7 +172,8 @@ def test_convert_command_line(tmp_path, small_tok):
                        capture_output=True, text=True, cwd=NEUTRAL_CWD, env=subprocess_env())
     assert r.returncode == 0, r.stderr
     assert "samples x 24 tokens" in r.stderr
-    assert TokenShards(tmp_path / "cli").num_samples > 0
+    assert TokenShards(tmp_path / "cli" / "train").num_samples > 0
+    assert f"-> {tmp_path / 'cli' / 'train'}" in r.stderr
 
 
 # ------------------------------------------------------------------------------------- order
@@ -234,7 +235,7 @@ def two_streams(tmp_path_factory, small_tok):
     a = convert(inputs[:2], root / "a", tokenizer=small_tok, seq_len=8, samples_per_shard=16, show_progress=False)
     b = convert(inputs[2:], root / "b", tokenizer=small_tok, seq_len=8, samples_per_shard=16, show_progress=False)
     assert a["train"]["num_samples"] > 20 and b["train"]["num_samples"] > 20
-    return [Stream(str(root / "a"), 0.6), Stream(str(root / "b"), 0.4)]
+    return [Stream(str(root / "a" / "train"), 0.6), Stream(str(root / "b" / "train"), 0.4)]
 
 
 def _samples(ds, count):
@@ -305,7 +306,7 @@ def test_finite_dataset_and_epochs(two_streams):
 def test_sequence_id(tmp_path, small_tok):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["ab", "cde fgh", "ij"] * 20))
     convert([tmp_path / "d.jsonl"], tmp_path / "o", tokenizer=small_tok, seq_len=12, show_progress=False)
-    ds = StreamingTokenDataset(str(tmp_path / "o"), shuffle=False, sequence_id=True)
+    ds = StreamingTokenDataset(str(tmp_path / "o" / "train"), shuffle=False, sequence_id=True)
     x = next(iter(ds))
     ids, seq = x["input_ids"].tolist(), x["sequence_id"].tolist()
     doc = 0
@@ -320,7 +321,7 @@ def test_dataset_errors(tmp_path, two_streams, small_tok):
         StreamingTokenDataset(str(tmp_path))
     convert([_write_inputs(tmp_path)[1]], tmp_path / "long", tokenizer=small_tok, seq_len=16, show_progress=False)
     with pytest.raises(ValueError, match="seq_len"):
-        StreamingTokenDataset(two_streams + [Stream(str(tmp_path / "long"), 0.1)])
+        StreamingTokenDataset(two_streams + [Stream(str(tmp_path / "long" / "train"), 0.1)])
 
 
 # ------------------------------------------------------------------------------------- finetune
@@ -397,3 +398,216 @@ def test_bundled_corpus(tmp_path):
     again = build_default_corpus(tmp_path / "c", seq_len=64, vocab_size=512, max_code_bytes=300_000,
                                  val_fraction=0.1, show_progress=False)
     assert again == paths and time.perf_counter() - t0 < 1.0  # cached, not rebuilt
+
+
+# ------------------------------------------------------------------------------------- converter: walkthrough fixes
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "mpt_kernels.data.convert", *map(str, args), "--no-progress"],
+                          capture_output=True, text=True, cwd=NEUTRAL_CWD, env=subprocess_env())
+
+
+def test_index_tokenizer_path_works_from_any_directory(tmp_path, small_tok, monkeypatch):
+    import shutil
+
+
+    (tmp_path / "tok").mkdir()
+    shutil.copy(small_tok.path, tmp_path / "tok" / "tokenizer.json")
+    inputs = _write_inputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    # The user's repro: --tokenizer relative to the converter's cwd, training from elsewhere.
+    idx = convert(inputs, "out", tokenizer="tok/tokenizer.json", seq_len=16, show_progress=False, log=lambda m: None)
+    want = str((tmp_path / "tok" / "tokenizer.json").resolve())
+    assert idx["train"]["tokenizer"] == want
+    assert json.loads((tmp_path / "out" / "train" / "index.json").read_text())["tokenizer"] == want
+    bpe = convert(inputs, "bpe", vocab_size=300, seq_len=16, show_progress=False, log=lambda m: None)
+    assert bpe["train"]["tokenizer"] == str((tmp_path / "bpe" / "tokenizer.json").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    shards = TokenShards(tmp_path / "out" / "train")
+    assert shards.resolve_tokenizer() == want
+    assert load_tokenizer(shards.resolve_tokenizer()).vocab_size == small_tok.vocab_size
+
+    # Old indexes stored the path as given: relative to the index's folder first, then the cwd.
+    index_file = tmp_path / "out" / "train" / "index.json"
+    index = json.loads(index_file.read_text())
+    del index["tokenizer_relative"]
+
+    def old(tok):
+        index_file.write_text(json.dumps(dict(index, tokenizer=tok)))
+        return TokenShards(index_file.parent).resolve_tokenizer()
+
+    assert old("../../tok/tokenizer.json") == want  # relative to the index's folder
+    monkeypatch.chdir(tmp_path)
+    assert old("tok/tokenizer.json") == want  # relative to the cwd (the converter's, here)
+    assert old("tok") == str((tmp_path / "tok").resolve())  # a folder holding tokenizer.json, as load_tokenizer takes
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(FileNotFoundError, match=r"index\.json.*data\.tokenizer="):
+        old("tok/tokenizer.json")
+    index_file.write_text(json.dumps({k: v for k, v in index.items() if k != "tokenizer"}))
+    assert TokenShards(index_file.parent).resolve_tokenizer() is None
+
+    # Data moved together with its trained tokenizer: the index's relative path still finds it.
+    shutil.move(str(tmp_path / "bpe"), str(tmp_path / "moved"))
+    moved = TokenShards(tmp_path / "moved" / "train")
+    assert moved.resolve_tokenizer() == str((tmp_path / "moved" / "tokenizer.json").resolve())
+
+
+def test_convert_refuses_empty_train_and_no_documents(tmp_path, small_tok):
+    from mpt_kernels.data.convert import ConvertError
+
+    logs = []
+    (tmp_path / "blob.bin").write_bytes(b"\x00\xff\xfe" * 30)
+    with pytest.raises(ConvertError, match=r"no documents.*blob\.bin.*not UTF-8"):
+        convert([tmp_path / "blob.bin"], tmp_path / "o1", tokenizer=small_tok, seq_len=8, show_progress=False,
+                log=logs.append)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "data.bin").write_bytes(b"\x00")
+    (tmp_path / "src" / "image.py").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    with pytest.raises(ConvertError, match=r"no documents.*src': no non-empty UTF-8 file ending in .*; .*image\.py': skipped"):
+        convert([tmp_path / "src"], tmp_path / "o1", vocab_size=300, seq_len=8, show_progress=False,
+                log=logs.append)  # the BPE pass finds nothing either
+    assert not (tmp_path / "o1" / "train" / "index.json").exists()
+    r = _cli(tmp_path / "blob.bin", "--out", tmp_path / "o2", "--tokenizer", small_tok.path, "--seq-len", "8")
+    assert r.returncode != 0 and "no documents" in r.stderr and "blob.bin" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+    inputs = _write_inputs(tmp_path)
+    with pytest.raises(ConvertError, match=r"train split has no complete sample.*--seq-len 100000"):
+        convert(inputs, tmp_path / "o3", tokenizer=small_tok, seq_len=100_000, show_progress=False, log=logs.append)
+    assert not (tmp_path / "o3" / "train" / "index.json").exists()  # no "complete" empty dataset left behind
+
+    # A binary file among the inputs is reported, not silently dropped.
+    (tmp_path / "code" / "garbage.py").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    logs.clear()
+    convert(inputs, tmp_path / "o4", tokenizer=small_tok, seq_len=16, show_progress=False, log=logs.append)
+    assert any("skipped 1 file" in m and "garbage.py (not UTF-8 text)" in m for m in logs), logs
+
+
+def test_convert_warns_on_empty_val_and_dataset_names_empty_stream(tmp_path, small_tok):
+    inputs = _write_inputs(tmp_path)
+    logs = []
+    # Enough text for a few 256-token training samples; the 2 held-out documents make 239 tokens.
+    idx = convert(inputs, tmp_path / "out", tokenizer=small_tok, seq_len=256, val_fraction=0.05,
+                  show_progress=False, log=logs.append)
+    assert idx["train"]["num_samples"] > 0 and idx["val"]["num_samples"] == 0
+    warning = [m for m in logs if "val split is EMPTY" in m]
+    assert warning and "--val-fraction" in warning[0] and "--seq-len" in warning[0], logs
+    val = str(tmp_path / "out" / "val")
+    with pytest.raises(ValueError, match=r"stream\(s\) '" + val.replace("\\", "\\\\") + "' hold no samples"):
+        StreamingTokenDataset([str(tmp_path / "out" / "train"), val])
+
+
+def test_convert_layout_and_reconversion_removes_stale_outputs(tmp_path, small_tok):
+    inputs = _write_inputs(tmp_path)
+    out = tmp_path / "out"
+    # An earlier conversion in the old split-less layout, a val split, and the user's own files.
+    convert(inputs, tmp_path / "old", tokenizer=small_tok, seq_len=8, samples_per_shard=2, show_progress=False,
+            log=lambda m: None)
+    out.mkdir()
+    for f in (tmp_path / "old" / "train").iterdir():  # older versions wrote <out>/index.json + shards
+        os.replace(f, out / f.name)
+    (out / "val").mkdir()
+    (out / "val" / "index.json").write_text(json.dumps({"format": "mpt_kernels.tokens", "shards": []}))
+    (out / "val" / "shard_00000.bin").write_bytes(b"\0" * 8)
+    (out / "notes.md").write_text("mine")
+    (out / "shard_plan.txt").write_text("mine too")
+    (out / "train").mkdir()
+    (out / "train" / "README").write_text("keep")
+    stale_top = sorted(p.name for p in out.glob("shard_*.bin"))
+    assert len(stale_top) > 3 and (out / "index.json").is_file()
+
+    logs = []
+    idx = convert(inputs[:1], out, tokenizer=small_tok, seq_len=8, samples_per_shard=2, show_progress=False,
+                  log=logs.append)
+    assert any("removed" in m and "earlier conversion" in m for m in logs), logs
+    assert not (out / "index.json").exists() and not list(out.glob("shard_*.bin"))
+    assert not (out / "val").exists()  # no val asked for: the stale one goes
+    assert (out / "notes.md").is_file() and (out / "shard_plan.txt").is_file() and (out / "train" / "README").is_file()
+    files = sorted(p.name for p in (out / "train").glob("shard_*.bin"))
+    assert files == [s["file"] for s in idx["train"]["shards"]]
+    assert TokenShards(out / "train").num_samples == idx["train"]["num_samples"]
+    with pytest.raises(FileNotFoundError, match="subfolder.*train"):
+        TokenShards(out)  # the old layout's path: the error points at the split folder
+
+    # With a val split: <out>/train and <out>/val, and reconverting without one removes the val.
+    idx = convert(inputs, out, tokenizer=small_tok, seq_len=8, val_fraction=0.3, show_progress=False,
+                  log=lambda m: None)
+    assert set(idx) == {"train", "val"} and TokenShards(out / "val").num_samples == idx["val"]["num_samples"]
+    convert(inputs, out, tokenizer=small_tok, seq_len=8, show_progress=False, log=lambda m: None)
+    assert not (out / "val").exists()
+
+
+def test_trained_bpe_sees_no_validation_document(tmp_path):
+    from mpt_kernels.data.convert import is_validation
+
+    inputs = _write_inputs(tmp_path)
+    convert(inputs, tmp_path / "out", vocab_size=400, seq_len=16, val_fraction=0.3, show_progress=False,
+            log=lambda m: None)
+    got = load_tokenizer(tmp_path / "out" / "tokenizer.json").backend.get_vocab()
+    docs = list(iter_documents(inputs))
+    assert any(is_validation(d, 0.3) for d in docs)
+    train_only = train_bpe_tokenizer([d.text for d in docs if not is_validation(d, 0.3)], 400)
+    everything = train_bpe_tokenizer([d.text for d in docs], 400)
+    assert got == train_only.backend.get_vocab()
+    assert got != everything.backend.get_vocab()  # the check can tell the two apart
+
+
+def test_jsonl_split_does_not_depend_on_line_numbers(tmp_path):
+    from mpt_kernels.data.convert import is_validation
+
+    recs = [{"text": f"record {i}: " + PROSE[: 10 + i], "id": f"r{i}"} for i in range(60)]
+
+    def val_texts(records, **kw):
+        p = tmp_path / "d.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return {d.text for d in iter_documents([p], **kw) if is_validation(d, 0.3)}
+
+    before = val_texts(recs)
+    assert 5 < len(before) < 40
+    inserted = [{"text": "a new first record", "id": "new"}] + recs
+    assert val_texts(inserted) - {"a new first record"} == before
+    assert val_texts(list(reversed(recs))) == before
+    # Keyed by an id field when asked: editing a record's text keeps it in its split.
+    by_id = val_texts(recs, id_field="id")
+    edited = [dict(r, text=r["text"] + " (edited)") for r in recs]
+    assert {t.removesuffix(" (edited)") for t in val_texts(edited, id_field="id")} == by_id
+    with pytest.raises(ValueError, match="'uid' field"):
+        val_texts(recs, id_field="uid")
+
+
+def test_missing_input_message_and_progress_reaches_total(tmp_path, small_tok, monkeypatch):
+    r = _cli(tmp_path / "missing.jsonl", "--out", tmp_path / "o", "--tokenizer", small_tok.path)
+    assert r.returncode != 0 and "missing.jsonl' does not exist" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        convert([tmp_path / "missing.jsonl"], tmp_path / "o", tokenizer=small_tok, seq_len=8, show_progress=False)
+
+    import tqdm.auto
+
+    bars = []
+
+    class FakeBar:
+        def __init__(self, total, **kw):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", FakeBar)
+    inputs = _write_inputs(tmp_path)  # non-ASCII prose: characters < bytes
+    with open(tmp_path / "docs.jsonl", "a") as fh:
+        fh.write("\n" + json.dumps({"text": ""}) + "\n" + json.dumps({"text": "Grüße, last"}) + "\n")
+    convert(inputs, tmp_path / "out", tokenizer=small_tok, seq_len=16, log=lambda m: None)
+    assert bars[0].total == sum(f.stat().st_size for f in [inputs[0], inputs[1]] + list(inputs[2].glob("*.py")))
+    assert bars[0].n == bars[0].total
+    # Bytes are counted per document as they are tokenized, not topped up at the end.
+    seen = []
+    from mpt_kernels.data.convert import convert_documents
+
+    convert_documents(iter_documents(inputs), small_tok, {"train": tmp_path / "cd"}, seq_len=16, progress=seen.append)
+    assert sum(seen) == bars[0].total

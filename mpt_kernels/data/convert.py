@@ -5,29 +5,48 @@
 
 Inputs: ``.txt`` files (each file is one document), ``.jsonl`` files (one document per line, taken
 from ``--text-field``), and folders (every file under them whose extension is in ``--extensions``,
-each one document, in sorted path order so the output is reproducible). Without ``--tokenizer`` a
-byte-level BPE is trained on the inputs first and saved as ``<out>/tokenizer.json``.
+each one document, in sorted path order so the output is reproducible). Files that are not UTF-8
+text (binaries) or cannot be read are skipped and listed. Without ``--tokenizer`` a byte-level BPE
+is trained on the training documents (the held-out ones left out) and saved as
+``<out>/tokenizer.json``.
 
 Documents are joined end to end with the end-of-text token after each one, and the token stream is
 cut into samples of exactly ``--seq-len`` tokens (the tail shorter than one sample is dropped and
 counted in the index). That is llm-foundry's "concat tokens" layout: no padding, every token trains.
 
-Output folder layout (one per split)::
+Output layout (the training configs' ``data.streams`` name ``<out>/train``, ``data.val_streams``
+``<out>/val``)::
 
-    <out>/index.json              format, seq_len, dtype, counts, tokenizer, one entry per shard
-    <out>/shard_00000.bin         raw little-endian uint16 (vocab <= 65536) or uint32, shape (n, seq_len)
+    <out>/train/index.json        format, seq_len, dtype, counts, tokenizer, one entry per shard
+    <out>/train/shard_00000.bin   raw little-endian uint16 (vocab <= 65536) or uint32, shape (n, seq_len)
+    <out>/val/...                 the same, only with --val-fraction
+    <out>/tokenizer.json          the trained BPE, only without --tokenizer
 
 ``index.json`` is written last and atomically, so a folder with an index is complete; each shard's
-sha256 is in the index and :meth:`TokenShards.verify` checks them. With ``--val-fraction`` the
-documents are split by a stable hash of (input name, document position) into ``<out>/train`` and
-``<out>/val``.
+sha256 is in the index and :meth:`TokenShards.verify` checks them. The index records the tokenizer
+as an absolute path (``tokenizer``) and relative to its own folder (``tokenizer_relative``, used when
+the data moved together with its tokenizer). Converting again into the same ``--out`` first removes
+what an earlier conversion wrote there: ``index.json`` and ``shard_*.bin`` at the top level (older
+versions wrote a split-less conversion there) and in ``train/`` and ``val/``; nothing else is touched.
+
+With ``--val-fraction`` each document goes to ``val`` when a stable hash of its key falls below the
+fraction. The key of a file is its path below its input, the folder's own name included
+(``src/pkg/mod.py``), or its file name (``notes.txt``), so moving the data keeps the split; the key of a ``.jsonl`` record is its text (or its
+``--id-field`` value when that is given), so inserting, removing or reordering records moves no
+other record between the splits, and duplicated records land in the same split.
+
+The converter exits non-zero when there is no document or the train split holds no complete
+sample, and warns when the validation split is empty (raise ``--val-fraction`` or lower
+``--seq-len``).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
+import re
 import sys
 import zlib
 from dataclasses import dataclass, field
@@ -41,6 +60,11 @@ from .tokenizer import Tokenizer, load_tokenizer, train_bpe_tokenizer
 INDEX_FORMAT = "mpt_kernels.tokens"
 INDEX_VERSION = 1
 DEFAULT_CODE_EXTENSIONS = (".py", ".c", ".h", ".cc", ".cpp", ".cu", ".js", ".ts", ".java", ".go", ".rs", ".md", ".rst", ".txt")
+SPLITS = ("train", "val")
+
+
+class ConvertError(ValueError):
+    """The inputs cannot make a usable dataset (no documents, no training sample)."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -48,37 +72,74 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 # ----------------------------------------------------------------------------------------- inputs
 
 @dataclass
 class Document:
     text: str
-    key: str      # stable identity used for the train/validation split (name, not absolute path)
+    key: str      # stable identity used for the train/validation split (see is_validation)
+    nbytes: int | None = None  # input bytes this document accounts for (progress); None: its UTF-8 size
 
 
-def _read_text_file(path: Path) -> str | None:
+@dataclass
+class InputReport:
+    """What :func:`iter_documents` made of each input: documents per input and skipped files."""
+
+    documents: dict[str, int] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (file, why)
+
+
+def _read_text_file(path: Path) -> tuple[str | None, int, str]:
+    """(text, bytes read, why it was skipped); text is None for binary or unreadable files, which
+    are skipped (a code folder often holds a few), not fatal."""
     try:
-        return path.read_text(encoding="utf-8")
-    except (UnicodeDecodeError, OSError):
-        return None  # binary or undecodable files in a code folder are skipped, not fatal
+        raw = path.read_bytes()
+    except OSError as exc:
+        return None, 0, f"unreadable: {exc.strerror or exc}"
+    try:
+        return raw.decode("utf-8"), len(raw), ""
+    except UnicodeDecodeError:
+        return None, len(raw), "not UTF-8 text"
 
 
-def iter_documents(inputs: Sequence[str | os.PathLike], *, text_field: str = "text",
-                   extensions: Sequence[str] = DEFAULT_CODE_EXTENSIONS) -> Iterator[Document]:
-    """Documents from ``.txt`` / ``.jsonl`` files and folders, in a reproducible order."""
-    exts = {e if e.startswith(".") else "." + e for e in extensions}
+def _exts(extensions: Sequence[str]) -> set[str]:
+    return {e if e.startswith(".") else "." + e for e in extensions}
+
+
+def iter_documents(inputs: Sequence[str | os.PathLike], *, text_field: str = "text", id_field: str | None = None,
+                   extensions: Sequence[str] = DEFAULT_CODE_EXTENSIONS,
+                   report: InputReport | None = None) -> Iterator[Document]:
+    """Documents from ``.txt`` / ``.jsonl`` files and folders, in a reproducible order. ``report``,
+    when given, is filled with the number of documents of each input and the files skipped."""
+    exts = _exts(extensions)
+    report = report if report is not None else InputReport()
     for inp in inputs:
         p = Path(inp)
+        count = 0
+        report.documents[str(inp)] = 0
         if p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in exts)
             for f in files:
-                text = _read_text_file(f)
-                if text:
-                    yield Document(text, f"{p.name}/{f.relative_to(p).as_posix()}")
-        elif p.suffix == ".jsonl":
-            with open(p, encoding="utf-8") as fh:
-                for n, line in enumerate(fh):
-                    line = line.strip()
+                text, nbytes, why = _read_text_file(f)
+                if text is None:
+                    report.skipped.append((str(f), why))
+                elif text:
+                    count += 1
+                    report.documents[str(inp)] = count
+                    yield Document(text, f"{p.name}/{f.relative_to(p).as_posix()}", nbytes)
+        elif p.suffix == ".jsonl" and p.is_file():
+            pending = 0  # bytes of blank lines and empty records, counted with the next document
+            with open(p, "rb") as fh:  # bytes, so progress counts exactly what the file holds
+                for n, raw in enumerate(fh):
+                    pending += len(raw)
+                    try:
+                        line = raw.decode("utf-8-sig" if n == 0 else "utf-8").strip()
+                    except UnicodeDecodeError:
+                        raise ValueError(f"{p}:{n + 1}: not UTF-8 text") from None
                     if not line:
                         continue
                     try:
@@ -87,18 +148,33 @@ def iter_documents(inputs: Sequence[str | os.PathLike], *, text_field: str = "te
                         raise ValueError(f"{p}:{n + 1}: not valid JSON ({exc})") from None
                     if not isinstance(rec, dict) or text_field not in rec:
                         raise ValueError(f"{p}:{n + 1}: record has no {text_field!r} field (set --text-field)")
+                    if id_field is not None and id_field not in rec:
+                        raise ValueError(f"{p}:{n + 1}: record has no {id_field!r} field (--id-field)")
                     if rec[text_field]:
-                        yield Document(str(rec[text_field]), f"{p.name}:{n}")
+                        text = str(rec[text_field])
+                        # Not the line number: inserting a record must not move the others between splits.
+                        key = (f"id:{rec[id_field]}" if id_field is not None
+                               else "text:" + hashlib.sha256(text.encode("utf-8")).hexdigest())
+                        count += 1
+                        report.documents[str(inp)] = count
+                        yield Document(text, key, pending)
+                        pending = 0
         elif p.is_file():
-            text = _read_text_file(p)
-            if text:
-                yield Document(text, p.name)
+            text, nbytes, why = _read_text_file(p)
+            if text is None:
+                report.skipped.append((str(p), why))
+            elif not text:
+                report.skipped.append((str(p), "empty"))
+            else:
+                report.documents[str(inp)] = 1
+                yield Document(text, p.name, nbytes)
         else:
-            raise FileNotFoundError(f"convert: input {str(inp)!r} does not exist")
+            raise FileNotFoundError(f"input {str(inp)!r} does not exist")
 
 
 def _input_bytes(inputs: Sequence[str | os.PathLike], extensions: Sequence[str]) -> int:
-    exts = {e if e.startswith(".") else "." + e for e in extensions}
+    """Bytes :func:`iter_documents` reads: the progress bar's total."""
+    exts = _exts(extensions)
     total = 0
     for inp in inputs:
         p = Path(inp)
@@ -111,7 +187,8 @@ def _input_bytes(inputs: Sequence[str | os.PathLike], extensions: Sequence[str])
 
 def is_validation(doc: Document, val_fraction: float) -> bool:
     """Stable split: the same document lands in the same split on every machine and every run.
-    The key names the document relative to its input, so moving the data keeps the split."""
+    The key is a file's name relative to its input (moving the data keeps the split) or a .jsonl
+    record's text or id (its position in the file does not matter)."""
     if val_fraction <= 0:
         return False
     return (zlib.crc32(doc.key.encode()) % 1_000_000) < val_fraction * 1_000_000
@@ -119,10 +196,38 @@ def is_validation(doc: Document, val_fraction: float) -> bool:
 
 # ----------------------------------------------------------------------------------------- writer
 
+_SHARD_FILE = re.compile(r"shard_\d{5,}\.bin(\.tmp)?")
+
+
+def _is_our_index(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("format") == INDEX_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def remove_shard_outputs(folder: str | os.PathLike, *, any_index: bool = False) -> list[Path]:
+    """Delete what a :class:`ShardWriter` writes in ``folder`` and nothing else: ``shard_NNNNN.bin``,
+    ``index.json`` (only one of this format unless ``any_index``) and their temporaries."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for f in sorted(folder.iterdir()):
+        if not f.is_file():
+            continue
+        if (_SHARD_FILE.fullmatch(f.name) or f.name == "index.json.tmp"
+                or (f.name == "index.json" and (any_index or _is_our_index(f)))):
+            f.unlink()
+            removed.append(f)
+    return removed
+
+
 @dataclass
 class ShardWriter:
     """Packs a token stream into fixed-length samples and shards. ``add(ids)`` appends one document
-    (its end-of-text token included by the caller); ``close()`` writes ``index.json``."""
+    (its end-of-text token included by the caller); ``close()`` writes ``index.json``. Opening one
+    removes an earlier index and shards in the folder, so no stale shard outlives a rewrite."""
 
     out_dir: Path
     seq_len: int
@@ -137,9 +242,8 @@ class ShardWriter:
             raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
         self.out_dir = Path(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        old_index = self.out_dir / "index.json"
-        if old_index.exists():
-            old_index.unlink()  # the folder is incomplete until the new index is written
+        # The index goes first: the folder is incomplete until the new one is written.
+        remove_shard_outputs(self.out_dir, any_index=True)
         self._pending: list[np.ndarray] = []  # token chunks not yet cut into samples
         self._pending_len = 0
         self._samples: list[np.ndarray] = []  # complete samples of the open shard
@@ -202,16 +306,31 @@ class ShardWriter:
 
 # ----------------------------------------------------------------------------------------- convert
 
+def _tokenizer_meta(tokenizer: Tokenizer, split_dir: Path) -> dict:
+    """Where the index finds its tokenizer: absolute (works from any cwd) and relative to the split
+    folder (works after moving the data together with the tokenizer, e.g. a trained <out>/tokenizer.json)."""
+    if not tokenizer.path:
+        return {"tokenizer": None}
+    tok = Path(tokenizer.path).resolve()
+    meta = {"tokenizer": str(tok)}
+    try:
+        meta["tokenizer_relative"] = Path(os.path.relpath(tok, split_dir.resolve())).as_posix()
+    except ValueError:  # another drive (Windows): no relative path
+        pass
+    return meta
+
+
 def convert_documents(docs: Iterable[Document], tokenizer: Tokenizer, out_dirs: dict[str, Path], *,
                       seq_len: int, samples_per_shard: int = 4096, val_fraction: float = 0.0,
                       batch_docs: int = 256, progress: Callable[[int], None] | None = None,
                       meta: dict | None = None) -> dict[str, dict]:
     """Tokenize ``docs`` into the split folders of ``out_dirs`` ({"train": dir} or {"train", "val"}).
-    Returns each split's index. ``progress(n_chars)`` is called after each batch."""
+    Returns each split's index. ``progress(n_bytes)`` is called after each batch with the input
+    bytes it covered (``Document.nbytes``, else the text's UTF-8 size)."""
     dtype = token_dtype(tokenizer.vocab_size)
-    meta = {"eos_id": tokenizer.eos_id, "vocab_size": tokenizer.vocab_size,
-            "tokenizer": tokenizer.path, **(meta or {})}
-    writers = {split: ShardWriter(Path(d), seq_len, dtype, samples_per_shard, meta=dict(meta, split=split))
+    meta = {"eos_id": tokenizer.eos_id, "vocab_size": tokenizer.vocab_size, **(meta or {})}
+    writers = {split: ShardWriter(Path(d), seq_len, dtype, samples_per_shard,
+                                  meta=dict(meta, **_tokenizer_meta(tokenizer, Path(d)), split=split))
                for split, d in out_dirs.items()}
     if val_fraction > 0 and "val" not in writers:
         raise ValueError("val_fraction > 0 needs a 'val' output folder")
@@ -225,7 +344,7 @@ def convert_documents(docs: Iterable[Document], tokenizer: Tokenizer, out_dirs: 
             doc_ids.append(tokenizer.eos_id)
             writers[split].add(doc_ids)
         if progress is not None:
-            progress(sum(len(d.text) for d in batch))
+            progress(sum(d.nbytes if d.nbytes is not None else len(d.text.encode("utf-8")) for d in batch))
         batch.clear()
 
     for doc in docs:
@@ -237,23 +356,92 @@ def convert_documents(docs: Iterable[Document], tokenizer: Tokenizer, out_dirs: 
     return {split: w.close() for split, w in writers.items()}
 
 
+def _remove_outputs(out: Path, keep: Sequence[str] = ()) -> list[Path]:
+    """Remove an earlier conversion's outputs in ``out``: the old split-less layout at the top level
+    and the split folders (emptied folders are removed unless named in ``keep``)."""
+    removed = remove_shard_outputs(out)
+    for split in SPLITS:
+        d = out / split
+        removed += remove_shard_outputs(d)
+        if split not in keep and d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+    return removed
+
+
+def _list(items: Sequence[str], limit: int = 10, sep: str = ", ") -> str:
+    shown = sep.join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _no_documents_error(report: InputReport, exts: set[str], text_field: str) -> ConvertError:
+    why = []
+    for inp, n in report.documents.items():
+        if n:
+            continue
+        p = Path(inp)
+        if p.is_dir():
+            why.append(f"folder {inp!r}: no non-empty UTF-8 file ending in {', '.join(sorted(exts))} (--extensions)")
+        elif p.suffix == ".jsonl":
+            why.append(f"{inp!r}: no record with a non-empty {text_field!r} field")
+    why += [f"{f!r}: skipped ({reason})" for f, reason in report.skipped]
+    return ConvertError("no documents in the inputs, nothing to convert" + (": " + _list(why, sep="; ") if why else ""))
+
+
 def convert(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, tokenizer: Tokenizer | str | None = None,
             vocab_size: int = 8192, seq_len: int = 2048, samples_per_shard: int = 4096, val_fraction: float = 0.0,
-            text_field: str = "text", extensions: Sequence[str] = DEFAULT_CODE_EXTENSIONS,
-            show_progress: bool = True) -> dict[str, dict]:
-    """Library form of the command line; returns {"train": index} (and "val" with val_fraction)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+            text_field: str = "text", id_field: str | None = None,
+            extensions: Sequence[str] = DEFAULT_CODE_EXTENSIONS, show_progress: bool = True,
+            log: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """Library form of the command line: writes ``<out>/train`` (and ``<out>/val`` with
+    ``val_fraction``) and returns {"train": index} (and "val"). ``log`` receives the notes and
+    warnings (skipped files, an empty validation split; default: stderr). Raises
+    ``FileNotFoundError`` for a missing input and :class:`ConvertError` when there is no document or
+    no training sample (then no split index is left behind)."""
+    log = log or _stderr
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not inputs:
+        raise ConvertError("no inputs given")
+    missing = [str(i) for i in inputs if not Path(i).exists()]
+    if missing:
+        raise FileNotFoundError(f"input {missing[0]!r} does not exist" if len(missing) == 1
+                                else f"inputs {_list([repr(m) for m in missing])} do not exist")
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dirs = {split: out / split for split in (SPLITS if val_fraction > 0 else ("train",))}
+    stale = _remove_outputs(out, keep=tuple(dirs))
+    if stale:
+        log(f"convert: removed {len(stale)} file(s) of an earlier conversion in {str(out)!r}")
+    exts = _exts(extensions)
+    doc_args = dict(text_field=text_field, id_field=id_field, extensions=extensions)
+
     if tokenizer is None:
-        texts = (d.text for d in iter_documents(inputs, text_field=text_field, extensions=extensions))
-        tokenizer = train_bpe_tokenizer(texts, vocab_size, save_path=out / "tokenizer.json", show_progress=show_progress)
-    if val_fraction > 0:
-        dirs = {"train": out / "train", "val": out / "val"}
-    else:
-        dirs = {"train": out}
-    docs = iter_documents(inputs, text_field=text_field, extensions=extensions)
+        # Trained on the training documents only, so the held-out perplexity is honest.
+        seen = InputReport()
+        n_docs, n_train = 0, 0
+
+        def train_texts():
+            nonlocal n_docs, n_train
+            for d in iter_documents(inputs, report=seen, **doc_args):
+                n_docs += 1
+                if not is_validation(d, val_fraction):
+                    n_train += 1
+                    yield d.text
+
+        texts = train_texts()
+        first = next(texts, None)
+        if first is None:
+            if n_docs == 0:
+                raise _no_documents_error(seen, exts, text_field)
+            raise ConvertError(f"all {n_docs} document(s) fell into the val split, none is left to train the "
+                               f"tokenizer and the model on: lower --val-fraction ({val_fraction}) or add data")
+        tokenizer = train_bpe_tokenizer(itertools.chain([first], texts), vocab_size, show_progress=show_progress)
+        tokenizer.save(out / "tokenizer.json")
+
+    report = InputReport()
+    docs = iter_documents(inputs, report=report, **doc_args)
     bar = None
     if show_progress:
         from tqdm.auto import tqdm
@@ -261,38 +449,74 @@ def convert(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, 
         bar = tqdm(total=_input_bytes(inputs, extensions), unit="B", unit_scale=True, desc="tokenizing",
                    dynamic_ncols=True)
     try:
-        # Progress counts characters, the total counts bytes: close enough for ASCII-heavy text.
-        return convert_documents(docs, tokenizer, dirs, seq_len=seq_len, samples_per_shard=samples_per_shard,
-                                 val_fraction=val_fraction, progress=bar.update if bar is not None else None,
-                                 meta={"inputs": [str(i) for i in inputs]})
+        idx = convert_documents(docs, tokenizer, dirs, seq_len=seq_len, samples_per_shard=samples_per_shard,
+                                val_fraction=val_fraction, progress=bar.update if bar is not None else None,
+                                meta={"inputs": [str(i) for i in inputs]})
+        if bar is not None and bar.n < bar.total:
+            bar.update(bar.total - bar.n)  # skipped files and blank lines: every input byte has been read
     finally:
         if bar is not None:
             bar.close()
+
+    n_docs = sum(i["num_documents"] for i in idx.values())
+    if n_docs == 0:
+        _remove_outputs(out)
+        raise _no_documents_error(report, exts, text_field)
+    if report.skipped:
+        log(f"convert: skipped {len(report.skipped)} file(s): "
+            + _list([f"{f} ({why})" for f, why in report.skipped]))
+    for inp, n in report.documents.items():
+        if n == 0:
+            log(f"convert: warning: input {inp!r} gave no documents")
+    train = idx["train"]
+    if train["num_samples"] == 0:
+        _remove_outputs(out)
+        held = (f", or lower --val-fraction ({val_fraction}: {idx['val']['num_documents']} document(s) held out)"
+                if "val" in idx else "")
+        raise ConvertError(f"the train split has no complete sample: its {train['num_documents']} document(s) "
+                           f"make {train['dropped_tail_tokens']} tokens, fewer than --seq-len {seq_len}; lower "
+                           f"--seq-len or add data{held}")
+    if "val" in idx and idx["val"]["num_samples"] == 0:
+        v = idx["val"]
+        log(f"convert: warning: the val split is EMPTY ({v['num_documents']} document(s), {v['dropped_tail_tokens']} "
+            f"tokens, fewer than --seq-len {seq_len}): {str(dirs['val'])!r} has an index with 0 samples and cannot "
+            f"serve as a validation stream; raise --val-fraction ({val_fraction}) or lower --seq-len")
+    return idx
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mpt_kernels.data.convert", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", help=".txt / .jsonl files and folders of code or text")
-    ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer.json (e.g. GPT-NeoX-20B's); default: train a BPE")
+    ap.add_argument("--out", required=True,
+                    help="output folder: the splits go to <out>/train (and <out>/val with --val-fraction)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="tokenizer.json (e.g. GPT-NeoX-20B's); default: train a BPE, saved as <out>/tokenizer.json")
     ap.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the trained BPE (no --tokenizer)")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--samples-per-shard", type=int, default=4096)
     ap.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of documents as <out>/val")
     ap.add_argument("--text-field", default="text", help="field of .jsonl records holding the text")
+    ap.add_argument("--id-field", default=None,
+                    help="field of .jsonl records that identifies them for the train/val split (default: the text)")
     ap.add_argument("--extensions", default=",".join(DEFAULT_CODE_EXTENSIONS),
                     help="comma-separated file extensions read from folders")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     if not 0.0 <= a.val_fraction < 1.0:
         ap.error("--val-fraction must be in [0, 1)")
-    idx = convert(a.inputs, a.out, tokenizer=a.tokenizer, vocab_size=a.vocab_size, seq_len=a.seq_len,
-                  samples_per_shard=a.samples_per_shard, val_fraction=a.val_fraction, text_field=a.text_field,
-                  extensions=[e.strip() for e in a.extensions.split(",") if e.strip()], show_progress=not a.no_progress)
+    try:
+        idx = convert(a.inputs, a.out, tokenizer=a.tokenizer, vocab_size=a.vocab_size, seq_len=a.seq_len,
+                      samples_per_shard=a.samples_per_shard, val_fraction=a.val_fraction, text_field=a.text_field,
+                      id_field=a.id_field, extensions=[e.strip() for e in a.extensions.split(",") if e.strip()],
+                      show_progress=not a.no_progress)
+    except (ValueError, OSError) as exc:  # missing inputs, bad records, nothing to train on: no traceback
+        print(f"convert: error: {exc}", file=sys.stderr)
+        return 1
     for split, index in idx.items():
         print(f"{split}: {index['num_samples']} samples x {index['seq_len']} tokens in {len(index['shards'])} shard(s), "
-              f"{index['num_documents']} documents, {index['dropped_tail_tokens']} tail tokens dropped", file=sys.stderr)
+              f"{index['num_documents']} documents, {index['dropped_tail_tokens']} tail tokens dropped "
+              f"-> {Path(a.out) / split}", file=sys.stderr)
     return 0
 
 

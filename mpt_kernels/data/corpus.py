@@ -119,7 +119,7 @@ def build_default_corpus(out_dir: str | os.PathLike, *, seq_len: int, tokenizer:
         if show_progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(desc=f"tokenizing {name}", unit="char", unit_scale=True, dynamic_ncols=True)
+            bar = tqdm(desc=f"tokenizing {name}", unit="B", unit_scale=True, dynamic_ncols=True)
         try:
             indexes[name] = convert_documents(
                 docs, tokenizer, {"train": out / name / "train", "val": out / name / "val"}, seq_len=seq_len,

@@ -98,7 +98,12 @@ class TokenShards:
         self.path = Path(path)
         index_path = self.path / "index.json"
         if not index_path.is_file():
-            raise FileNotFoundError(f"TokenShards: no index.json in {str(path)!r} (convert the data first)")
+            hint = "convert the data first"
+            splits = [d for d in ("train", "val") if (self.path / d / "index.json").is_file()]
+            if splits:  # a converter --out folder: the data is in its split subfolders
+                hint = "the converter writes each split to a subfolder: use " + " or ".join(
+                    repr(str(self.path / d)) for d in splits)
+            raise FileNotFoundError(f"TokenShards: no index.json in {str(path)!r} ({hint})")
         self.index = json.loads(index_path.read_text())
         if self.index.get("format") != INDEX_FORMAT:
             raise ValueError(f"TokenShards: {index_path} is not a {INDEX_FORMAT} index")
@@ -118,6 +123,31 @@ class TokenShards:
 
     def __len__(self) -> int:
         return self.num_samples
+
+    def resolve_tokenizer(self) -> str | None:
+        """The tokenizer this index names, as a path that exists, or None when it names none.
+
+        The converter records an absolute path (and ``tokenizer_relative``, the same file relative
+        to this folder, for data moved together with its tokenizer). A relative ``tokenizer`` (older
+        indexes stored it as given on the converter's command line) is tried against this folder
+        first, then the current directory. Raises ``FileNotFoundError`` naming this index.json when
+        no candidate exists."""
+        raw = self.index.get("tokenizer")
+        if not raw:
+            return None
+        p = Path(raw).expanduser()
+        candidates = [p] if p.is_absolute() else [self.path / p, p]
+        rel = self.index.get("tokenizer_relative")
+        if rel:
+            candidates.append(self.path / rel)
+        for c in candidates:
+            if c.is_file() or (c.is_dir() and (c / "tokenizer.json").is_file()):
+                return str(c.resolve())
+        tried = ", ".join(repr(str(c)) for c in dict.fromkeys(candidates))
+        raise FileNotFoundError(
+            f"the tokenizer named by {str(self.path / 'index.json')!r} ({raw!r}) does not exist (looked for {tried}; "
+            "a relative path there is resolved against that index's folder, then the current directory). Name the "
+            "tokenizer explicitly with the trainer's data.tokenizer=/path/to/tokenizer.json override")
 
     def verify(self) -> None:
         """Hash every shard against the index (reads all the data)."""
@@ -312,6 +342,11 @@ class StreamingTokenDataset(_OrderedDataset):
             streams = [streams]
         self.streams = [s if isinstance(s, Stream) else Stream(str(s)) for s in streams]
         self.sources = [TokenShards(s.path) for s in self.streams]
+        empty = [s.path for s, src in zip(self.streams, self.sources) if len(src) == 0]
+        if empty:
+            raise ValueError(f"StreamingTokenDataset: stream(s) {', '.join(map(repr, empty))} hold no samples "
+                             "(index.json lists 0: the converted text was shorter than one sample of seq_len "
+                             "tokens); reconvert with a smaller --seq-len or more data, or leave the stream out")
         seq = {src.seq_len for src in self.sources}
         if len(seq) != 1:
             raise ValueError(f"StreamingTokenDataset: all streams must share one seq_len, got {sorted(seq)}")

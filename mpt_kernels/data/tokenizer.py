@@ -77,14 +77,15 @@ class Tokenizer:
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         self._tok.save(str(tmp))
         os.replace(tmp, path)  # atomic: a reader never sees half a tokenizer.json
-        self.path = str(path)
+        self.path = str(path.resolve())  # absolute: indexes and manifests that record it work from any cwd
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, path={self.path!r})"
 
 
 def load_tokenizer(path: str | os.PathLike, eos_token: str = EOS_TOKEN) -> Tokenizer:
-    """Load a ``tokenizer.json`` (a file, or a folder holding one) from local disk."""
+    """Load a ``tokenizer.json`` (a file, or a folder holding one) from local disk. The returned
+    tokenizer's ``path`` is absolute, so whatever records it (a shard index) works from any cwd."""
     from tokenizers import Tokenizer as _HFTokenizer
 
     p = Path(path)
@@ -92,7 +93,7 @@ def load_tokenizer(path: str | os.PathLike, eos_token: str = EOS_TOKEN) -> Token
         p = p / "tokenizer.json"
     if not p.is_file():
         raise FileNotFoundError(f"load_tokenizer: no tokenizer.json at {str(path)!r}")
-    return Tokenizer(_HFTokenizer.from_file(str(p)), eos_token=eos_token, path=str(p))
+    return Tokenizer(_HFTokenizer.from_file(str(p)), eos_token=eos_token, path=str(p.resolve()))
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,
