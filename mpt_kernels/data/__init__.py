@@ -2,7 +2,7 @@
 
     from mpt_kernels.data import load_tokenizer, StreamingTokenDataset, Stream
     tok = load_tokenizer("gpt-neox-20b/tokenizer.json")
-    ds = StreamingTokenDataset([Stream("data/code", 0.7), Stream("data/text", 0.3)], seed=17, batch_size=8)
+    ds = StreamingTokenDataset([Stream("data/code/train", 0.7), Stream("data/text/train", 0.3)], seed=17, batch_size=8)
 
 ``python -m mpt_kernels.data.convert --help`` turns .txt / .jsonl / code folders into shards.
 """

@@ -128,7 +128,7 @@ class Trainer:
         elif d.kind == "shards":
             train = [Stream(s["path"], s.get("proportion")) if isinstance(s, dict) else Stream(str(s)) for s in d.streams]
             val = [Stream(s["path"], s.get("proportion")) if isinstance(s, dict) else Stream(str(s)) for s in d.val_streams]
-            tok_path = d.tokenizer or StreamingTokenDataset(train[:1]).sources[0].index.get("tokenizer")
+            tok_path = d.tokenizer or StreamingTokenDataset(train[:1]).sources[0].resolve_tokenizer()
             if not tok_path:
                 raise ValueError("data.tokenizer is needed (the shards' index does not name their tokenizer)")
             self.tokenizer = load_tokenizer(tok_path)
