@@ -157,10 +157,13 @@ class Lion(Optimizer):
     Args:
         params: parameters or parameter groups (float32 or bfloat16, contiguous; CPU or CUDA;
             DTensor parameters are stepped through their local shards).
-        lr, betas, weight_decay: as in the paper.
+        lr, betas: as in the paper.
+        weight_decay: see decoupled_weight_decay: with the default (True) it is the per-step decay
+            itself at the initial lr (MPT's configs: 0 to 1e-5), not the paper's lr * weight_decay.
         decoupled_weight_decay: True (llm-foundry's DecoupledLionW): decay = weight_decay * lr /
             initial_lr, initial_lr being the group's lr when the optimizer was built, so the decay
-            follows the LR schedule but not the LR's magnitude. False: decay = lr * weight_decay.
+            follows the LR schedule but not the LR's magnitude. False (the paper, lion-pytorch):
+            decay = lr * weight_decay.
         max_grad_norm: clip by the global L2 norm of all gradients (torch.nn.utils.clip_grad_norm_
             semantics, a NaN norm included: every gradient NaN), applied inside the step as a
             multiplier; gradients are not rewritten.

@@ -902,3 +902,17 @@ def test_nan_inputs_propagate_to_exactly_the_rows_they_reach(device, shape):
     expect = torch.zeros(B, Sq, H, dtype=torch.bool, device=device)
     expect[0, :, 2] = rows
     assert torch.equal(torch.isnan(out).any(-1), expect)
+
+
+def test_slopes_requiring_grad_and_non_bool_causal_are_refused():
+    """The kernels compute no gradient for the ALiBi slopes: slopes that require one would silently
+    stay untrained, so they are refused (fine under no_grad, or detached)."""
+    q = torch.randn(1, 8, 2, 16)
+    s = torch.ones(2, requires_grad=True)
+    with pytest.raises(ValueError, match="alibi_slopes: requires_grad"):
+        mk.alibi_attention(q, q, q, alibi_slopes=s)
+    with torch.no_grad():
+        a = mk.alibi_attention(q, q, q, alibi_slopes=s)
+    torch.testing.assert_close(a, mk.alibi_attention(q, q, q, alibi_slopes=s.detach()), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="causal: expected True or False"):
+        mk.alibi_attention(q, q, q, causal="no")

@@ -10,6 +10,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -708,3 +709,77 @@ def test_out_of_range_ids_raise():
     for bad in (torch.tensor([[1, 101]]), torch.tensor([[-1, 3]])):
         with pytest.raises(ValueError, match="ids must be in"):
             m(bad)
+
+
+def test_apply_to_hf_right_padding_and_non_mpt(tmp_path):
+    """Right padding (no cache): the real tokens' logits are transformers' own; a mask with a hole in
+    the middle, or a model that is not transformers' MPT, is a ValueError."""
+    ours = MPTForCausalLM(small()).eval()
+    hf = to_hf(ours, tmp_path)
+    ids = torch.randint(1, 101, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[2, 1:] = 0
+    with torch.no_grad():
+        before = hf(ids, attention_mask=mask).logits
+        apply_to_hf(hf)
+        after = hf(ids, attention_mask=mask).logits
+    torch.testing.assert_close(after[mask.bool()], before[mask.bool()], atol=ATOL, rtol=0)
+    hole = torch.ones_like(ids)
+    hole[0, 4:6] = 0
+    with pytest.raises(ValueError, match="one block"), torch.no_grad():
+        hf(ids, attention_mask=hole)
+    with pytest.raises(ValueError, match="expected a transformers MPT model"):
+        apply_to_hf(torch.nn.Linear(2, 2))
+
+
+def test_from_pretrained_strict_false_initialises_missing_weights_and_takes_dtype_names(tmp_path):
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+
+    m = MPTForCausalLM(small())
+    m.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    del sd["transformer.blocks.1.ffn.up_proj.weight"], sd["transformer.blocks.0.norm_1.weight"]
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing"):
+        MPTForCausalLM.from_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = MPTForCausalLM.from_pretrained(tmp_path, strict=False, dtype="bfloat16")
+    assert any("initialised anew" in str(x.message) for x in w)
+    assert all(not p.is_meta and p.dtype == torch.bfloat16 for p in got.parameters())
+    assert torch.equal(got.transformer.blocks[0].norm_1.weight, torch.ones_like(got.transformer.blocks[0].norm_1.weight))
+    up = got.transformer.blocks[1].ffn.up_proj.weight.float()
+    assert up.std() > 0 and not torch.equal(up, m.transformer.blocks[1].ffn.up_proj.weight)
+    assert torch.equal(got.transformer.blocks[1].ffn.down_proj.weight, m.transformer.blocks[1].ffn.down_proj.weight.bfloat16())
+    assert torch.isfinite(got(torch.randint(0, 100, (1, 6))).logits).all()
+    with pytest.raises(ValueError, match="unknown dtype"):
+        MPTForCausalLM.from_pretrained(tmp_path, strict=False, dtype="bfloat17")
+
+
+def test_config_refuses_what_it_would_silently_ignore():
+    with pytest.raises(ValueError, match="ffn_act_fn"):
+        MPTConfig(extra={"ffn_config": {"ffn_type": "mptmlp", "ffn_act_fn": {"name": "silu"}}}).validate()
+    MPTConfig(extra={"ffn_config": {"ffn_type": "mptmlp", "ffn_act_fn": {"name": "gelu", "approximate": "none"}}}).validate()
+    with pytest.raises(ValueError, match="must be positive"):
+        MPTConfig(n_heads=0).validate()
+
+
+def test_generate_argument_checks_and_top_p_zero_is_greedy():
+    from mpt_kernels.model.generation import sample_next
+
+    logits = torch.randn(4, 50)
+    assert torch.equal(sample_next(logits, temperature=1.0, top_p=0.0), logits.argmax(-1))
+    m = MPTForCausalLM(small()).eval()
+    x = torch.randint(0, 100, (2, 5))
+    assert m.generate(x, 3, top_p=0.0).shape == (2, 8)
+    assert torch.equal(m.generate(x, 3, temperature=0, eos_token_id=np.int64(7)),
+                       m.generate(x, 3, temperature=0, eos_token_id=torch.tensor(7)))
+    for kw, name in ((dict(temperature=float("nan")), "temperature"), (dict(top_p=1.5), "top_p"),
+                     (dict(top_k=-1), "top_k"), (dict(max_new_tokens=2.5), "max_new_tokens")):
+        with pytest.raises(ValueError, match=name):
+            m.generate(x, **{"max_new_tokens": 2, **kw})
+    with pytest.raises(ValueError, match="input_ids"):
+        m.generate(torch.zeros(0, 3, dtype=torch.long), 2)

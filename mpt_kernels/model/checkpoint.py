@@ -78,9 +78,34 @@ def load_pretrained(cls, path, dtype=None, device=None, attn_impl="flash", stric
         want = model.state_dict()[k].shape
         if sd[k].shape != want:
             raise ValueError(f"{path}: {k} has shape {tuple(sd[k].shape)}, the config implies {tuple(want)}")
+    if isinstance(dtype, str):  # "bfloat16", "torch.bfloat16", as config.json's torch_dtype
+        name = dtype.removeprefix("torch.")
+        if not isinstance(getattr(torch, name, None), torch.dtype):
+            raise ValueError(f"dtype: unknown dtype {dtype!r}")
+        dtype = getattr(torch, name)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=strict, assign=True)
+    if missing:  # strict=False: what the checkpoint lacks is initialised as a new model's would be
+        import warnings
+
+        from .modeling import init_weights
+
+        warnings.warn(f"{path}: {len(missing)} weights not in the checkpoint were initialised anew: {missing[:8]}"
+                      f"{'...' if len(missing) > 8 else ''}", stacklevel=3)
+        owners = {model.get_submodule(name.rpartition(".")[0]) for name in missing}
+        loaded = {}
+        for mod in owners:
+            loaded[mod] = {k: p for k, p in mod.named_parameters(recurse=False) if not p.is_meta}
+            like = next(iter(loaded[mod].values()), None)
+            mod.to_empty(device="cpu", recurse=False)
+            if dtype is not None or like is not None:
+                mod.to(dtype or like.dtype)
+        with torch.no_grad():
+            init_weights(model, modules=owners)
+        for mod, params in loaded.items():  # a module's loaded weights stay as loaded
+            for k, p in params.items():
+                setattr(mod, k, p)
     model.to(device=device or "cpu")
     return model
 

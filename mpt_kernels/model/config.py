@@ -125,6 +125,8 @@ class MPTConfig:
                                                    "rope_hf_config", "sliding_window_size", "fused_qkv"}
         if unknown:
             raise ValueError(f"attn_config: unknown keys {sorted(unknown)}")
+        if self.n_heads < 1 or self.d_model < 1:
+            raise ValueError(f"d_model ({self.d_model}) and n_heads ({self.n_heads}) must be positive")
         if self.d_model % self.n_heads != 0:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.n_layers < 1 or self.vocab_size < 1:
@@ -164,6 +166,10 @@ class MPTConfig:
         ffn = self.extra.get("ffn_config") or {}
         if ffn.get("ffn_type", "mptmlp") != "mptmlp":
             raise ValueError(f"ffn_config.ffn_type: only 'mptmlp' (GELU MLP) is supported, got {ffn['ffn_type']!r}")
+        act = ffn.get("ffn_act_fn")
+        if act and not (isinstance(act, dict) and act.get("name") == "gelu"
+                        and act.get("approximate", "none") == "none" and set(act) <= {"name", "approximate"}):
+            raise ValueError(f"ffn_config.ffn_act_fn: only exact GELU ({{'name': 'gelu'}}, MPT's) is supported, got {act!r}")
         if ffn.get("ffn_hidden_size") not in (None, self.ffn_hidden_size):
             raise ValueError("ffn_config.ffn_hidden_size different from expansion_ratio * d_model is not supported")
         if self.extra.get("fc_type", "torch") not in ("torch", None):

@@ -23,6 +23,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the tokens ranked above it already cover top_p (the top one always stays)
         drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop[:, 0] = False  # top_p = 0 (or below the top probability) keeps the top token: greedy-like
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
@@ -36,14 +37,36 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
     row has produced an EOS). Rows that finished early are filled with ``pad_token_id`` (default: the
     first EOS id), as transformers does. ``streamer`` follows transformers' protocol: ``put(ids)`` with
     the prompt, then with each new (B,) token tensor, and ``end()``."""
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
+    import math
+    import numbers
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: must be an integer >= 0, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)
+    if temperature is not None and not (isinstance(temperature, numbers.Real) and not math.isnan(temperature)):
+        raise ValueError(f"temperature: must be a number (<= 0: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
+        raise ValueError(f"top_k: must be None or an integer >= 0 (0: off), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, numbers.Real) and 0.0 <= top_p <= 1.0):
+        raise ValueError(f"top_p: must be None or a number in [0, 1], got {top_p!r}")
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids = torch.as_tensor(input_ids)
+    if input_ids.dtype not in (torch.int32, torch.int64) or input_ids.dim() not in (1, 2) or input_ids.numel() == 0:
+        raise ValueError(f"input_ids: expected a non-empty (batch, length) or (length,) integer tensor, got "
+                         f"{tuple(input_ids.shape)} {input_ids.dtype}")
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     model._check_ids(input_ids)
     input_ids = input_ids.to(model.device)
     B, L = input_ids.shape
-    eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    if eos_token_id is None:
+        eos = []
+    elif isinstance(eos_token_id, torch.Tensor):
+        eos = [int(e) for e in eos_token_id.reshape(-1).tolist()]
+    elif isinstance(eos_token_id, numbers.Integral):  # int, numpy integers
+        eos = [int(eos_token_id)]
+    else:
+        eos = [int(e) for e in eos_token_id]
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
     eos_t = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)

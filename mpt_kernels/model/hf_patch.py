@@ -32,6 +32,9 @@ def _compute_mask_rows(attention_mask, Sk):
     pos = torch.arange(Sk, device=valid.device)
     starts = torch.where(valid, pos, Sk).amin(1)
     counts = valid.sum(1)
+    # a row whose real keys are not one block (a hole) gets count -1: refused below
+    ends = torch.where(valid, pos, -1).amax(1)
+    counts = torch.where((counts == 0) | (ends - starts + 1 == counts), counts, -1)
     vals = torch.cat([valid.all().view(1).long(), starts.long(), counts.long()]).tolist()  # one read-back
     B = valid.shape[0]
     return None if vals[0] else (vals[1:1 + B], vals[1 + B:])
@@ -74,11 +77,18 @@ def _attention_forward(self, hidden_states, position_bias=None, cache=None, atte
         out = q.new_zeros(B, S, H, D)
         starts, counts = rows
         for b, (start, count) in enumerate(zip(starts, counts)):
-            if start + count != Sk:
-                raise ValueError("apply_to_hf: only left padding is supported by the patched attention")
-            q_start = max(0, start - (Sk - S))  # queries at pad positions see no key: left as zeros
-            out[b:b + 1, q_start:] = mk.alibi_attention(q[b:b + 1, q_start:], k[b:b + 1, start:],
-                                                         v[b:b + 1, start:], **kw)
+            if count == 0:
+                continue  # no real token in the row: all outputs left as zeros
+            if count > 0 and start + count == Sk:  # left padding (or none in this row)
+                q_start = max(0, start - (Sk - S))  # queries at pad positions see no key: left as zeros
+                out[b:b + 1, q_start:] = mk.alibi_attention(q[b:b + 1, q_start:], k[b:b + 1, start:],
+                                                             v[b:b + 1, start:], **kw)
+            elif count > 0 and start == 0 and S == Sk:  # right padding, no cached past: the real tokens are a prefix
+                out[b:b + 1, :count] = mk.alibi_attention(q[b:b + 1, :count], k[b:b + 1, :count],
+                                                           v[b:b + 1, :count], **kw)  # pad queries: zeros
+            else:
+                raise ValueError("apply_to_hf: the attention mask must hold each row's real tokens in one block, "
+                                 "padded on the left (or on the right without a KV cache)")
     attn_output = self.out_proj(out.reshape(B, S, H * D))
     return attn_output, None
 
@@ -89,6 +99,9 @@ def apply_to_hf(model, attention: bool = True, layer_norm: bool = True):
     with attn_pdrop > 0 in training mode raises."""
     from transformers.models.mpt import modeling_mpt
 
+    if not isinstance(getattr(model, "config", None), modeling_mpt.MptConfig):
+        raise ValueError(f"apply_to_hf: expected a transformers MPT model (MptForCausalLM, MptModel), got "
+                         f"{type(model).__name__}")
     if attention and float(model.config.attn_config.attn_pdrop or 0) > 0:
         raise ValueError("apply_to_hf: attn_pdrop > 0 is not supported by the flash kernel")
     n = 0

@@ -701,11 +701,11 @@ def _row_starts(mask: torch.Tensor, right_padding_ok: bool) -> list[int]:
 # llm-foundry's parameter initialisation
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def init_weights(model: MPTForCausalLM) -> None:
+def init_weights(model: MPTForCausalLM, modules=None) -> None:
     """As llm-foundry's ``generic_param_init_fn_``: Linear and Embedding weights drawn by ``init_config``
     (default kaiming-normal, fan-in, relu gain); fused Wqkv initialised per q/k/v slice; the residual
     output projections (attn.out_proj, ffn.down_proj) divided by sqrt(2 * n_layers); biases zero;
-    LayerNorm weight one."""
+    LayerNorm weight one. ``modules``: only these submodules (default: all)."""
     cfg = model.config
     ic = cfg.init_config
     div = ic["init_div_is_residual"]
@@ -729,7 +729,7 @@ def init_weights(model: MPTForCausalLM) -> None:
         elif name == "small_init_":
             nn.init.normal_(w, 0.0, math.sqrt(2 / (5 * cfg.d_model)))
 
-    for module in model.modules():
+    for module in (model.modules() if modules is None else modules):
         if isinstance(module, nn.Linear):
             fused = getattr(module, "_fused", None)
             if fused:

@@ -282,6 +282,12 @@ def alibi_attention(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=No
         alibi_slopes = _reference.alibi_slopes(n_heads, alibi_bias_max, device=q.device)
     elif not isinstance(alibi_slopes, torch.Tensor):
         raise ValueError(f"alibi_slopes: expected a float32 tensor, got {type(alibi_slopes).__name__}")
+    elif alibi_slopes.requires_grad and torch.is_grad_enabled():
+        # a silently missing gradient would leave "learnable" slopes untrained
+        raise ValueError("alibi_slopes: requires_grad is set, but the kernels compute no gradient for the slopes "
+                         "(MPT's are fixed); pass alibi_slopes.detach()")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal: expected True or False, got {causal!r}")
     # Checked here as well as in _C: a mix with a meta tensor would otherwise dispatch to the fake kernel.
     for name, t in (("k", k), ("v", v), ("alibi_slopes", alibi_slopes), ("cu_seqlens_q", cu_seqlens_q),
                     ("cu_seqlens_k", cu_seqlens_k)):
