@@ -12,7 +12,8 @@ class LPLayerNorm(torch.nn.LayerNorm):
     """Drop-in for MPT's low-precision LayerNorm (``norm_type="low_precision_layernorm"``).
 
     Same parameters and names as ``torch.nn.LayerNorm`` (``weight``, optional ``bias``), so MPT and
-    torch checkpoints load unchanged. Normalises in the input's dtype with float32 statistics.
+    torch checkpoints load unchanged -- but ``bias`` defaults to False, as in MPT (``no_bias=True``):
+    pass ``bias=True`` for a ``torch.nn.LayerNorm`` state dict, which has one. Normalises in the input's dtype with float32 statistics.
     Like MPT's LPLayerNorm, under autocast the input, residual and parameters are cast to the
     autocast dtype first. ``forward(x, residual=r)`` returns ``(norm(x + r), x + r)`` from one pass.
     """

@@ -783,3 +783,12 @@ def test_generate_argument_checks_and_top_p_zero_is_greedy():
             m.generate(x, **{"max_new_tokens": 2, **kw})
     with pytest.raises(ValueError, match="input_ids"):
         m.generate(torch.zeros(0, 3, dtype=torch.long), 2)
+
+
+def test_reorder_of_an_empty_cache():
+    m = MPTForCausalLM(small())
+    cache = m.new_cache(3)
+    cache.reorder(torch.tensor([0, 2]))
+    assert cache.batch_size == 2
+    out = m(torch.randint(0, 100, (2, 4)), past_key_values=cache, use_cache=True)
+    assert out.past_key_values.length == 4

@@ -268,7 +268,8 @@ class KVCache:
         """Keep only ``rows`` (beam search / dropping finished rows)."""
         for buf in (self.k, self.v):
             for i in range(self.n_layers):
-                buf[i] = buf[i].index_select(0, rows)
+                if buf[i] is not None:  # nothing allocated yet: an empty cache
+                    buf[i] = buf[i].index_select(0, rows)
         idx = rows.tolist()
         if self.row_starts is not None:
             self.row_starts = [self.row_starts[j] for j in idx]
