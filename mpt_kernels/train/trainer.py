@@ -142,6 +142,11 @@ class Trainer:
             self.val_set = (FinetuneDataset(d.finetune_val_path, self.tokenizer, shuffle=False, num_samples=n_eval,
                                             **ft, **common) if d.finetune_val_path else None)
             self.collate = self.train_set.collate
+            if self.rank == 0:
+                for name, ds in (("data.finetune_path", self.train_set), ("data.finetune_val_path", self.val_set)):
+                    if ds is not None and ds.dropped:
+                        _log(f"[train] {name}: {ds.dropped} example(s) dropped: no response token within "
+                             f"data.seq_len={d.seq_len} tokens")
             return
         self.train_set = StreamingTokenDataset(train, shuffle=d.shuffle, epoch_size=d.epoch_size,
                                                sequence_id=d.sequence_id, **common)
