@@ -4,7 +4,9 @@
     python -m mpt_kernels.generate --model DIR --prompt "..." --temperature 0      # greedy
 
 DIR holds config.json, the weights (model.safetensors, shards or pytorch_model.bin) and tokenizer.json
-(read with the ``tokenizers`` library). No network access.
+(read with the ``tokenizers`` library). No network access. Errors a user can fix (a missing or
+unreadable DIR, a --device this machine cannot run, a tokenizer that does not fit the model) print
+``python -m mpt_kernels.generate: error: ...`` and exit with status 2.
 """
 from __future__ import annotations
 
@@ -46,6 +48,33 @@ class TextStreamer:
         self.out.flush()
 
 
+def _check_device(parser: argparse.ArgumentParser, name: str | None) -> torch.device:
+    """--device as a torch.device, or an argparse error saying why it cannot run here and what to use.
+    None: cuda when torch and mpt_kernels can both use a device, else cpu."""
+    import mpt_kernels as mk
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() and mk.cuda_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        parser.error(f"--device: {exc}")
+    if device.type == "cuda":
+        if torch.version.cuda is None:
+            parser.error(f"--device {name}: this torch ({torch.__version__}) is built without CUDA; "
+                         "use --device cpu, or install a CUDA build of torch")
+        if not torch.cuda.is_available():
+            parser.error(f"--device {name}: torch sees no CUDA device; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        if not mk.cuda_available():
+            parser.error(f"--device {name}: mpt_kernels was built without CUDA kernels; use --device cpu, or "
+                         "rebuild it with MPT_KERNELS_CUDA=1 (see the README's build options)")
+    elif device.type != "cpu":
+        parser.error(f"--device: expected cpu or cuda[:N], got {name!r}")
+    return device
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mpt_kernels.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,26 +85,46 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when usable, else cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--attn-impl", default="flash", choices=["flash", "torch"])
     p.add_argument("--no-eos", action="store_true", help="keep going past the end-of-text token")
     args = p.parse_args(argv)
+    if args.max_new_tokens < 0:
+        p.error(f"--max-new-tokens: expected >= 0, got {args.max_new_tokens}")
 
     from tokenizers import Tokenizer
 
     from mpt_kernels.model import MPTForCausalLM
 
+    if not os.path.isdir(args.model):
+        p.error(f"--model: {args.model} {'is not a directory' if os.path.exists(args.model) else 'does not exist'} "
+                "(expected a local MPT checkpoint directory: config.json, weights and tokenizer.json)")
     tok_path = os.path.join(args.model, "tokenizer.json")
     if not os.path.exists(tok_path):
         p.error(f"--model: {tok_path} not found")
-    tokenizer = Tokenizer.from_file(tok_path)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
-    model = MPTForCausalLM.from_pretrained(args.model, dtype=dtype, device=args.device, attn_impl=args.attn_impl)
+    device = _check_device(p, args.device)
+    try:
+        tokenizer = Tokenizer.from_file(tok_path)
+    except Exception as exc:  # tokenizers raises a bare Exception for a file it cannot parse
+        p.error(f"--model: cannot read {tok_path}: {exc}")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        model = MPTForCausalLM.from_pretrained(args.model, dtype=dtype, device=device, attn_impl=args.attn_impl)
+    except (FileNotFoundError, ValueError) as exc:  # no config/weights, an option we refuse, a mismatch
+        p.error(f"--model: cannot load {args.model}: {exc}")
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
         p.error("--prompt: encodes to no tokens")
+    vocab = model.config.vocab_size
+    if max(ids) >= vocab:
+        p.error(f"--model: {tok_path} gives token id {max(ids)} for this prompt, but the model's vocabulary has "
+                f"{vocab} entries (vocab_size in config.json): the tokenizer does not belong to this checkpoint; "
+                "put the tokenizer the model was trained with in its directory")
+    if tokenizer.get_vocab_size() > vocab:
+        print(f"warning: {tok_path} has {tokenizer.get_vocab_size()} tokens, more than the model's vocab_size "
+              f"{vocab}: is it the tokenizer the model was trained with?", file=sys.stderr)
     eos = None
     if not args.no_eos:
         for name in ("<|endoftext|>", "</s>", "<eos>"):
@@ -83,13 +132,17 @@ def main(argv=None) -> int:
                 eos = tokenizer.token_to_id(name)
                 break
     torch.manual_seed(args.seed)
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
     streamer = TextStreamer(tokenizer)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     t0 = time.perf_counter()
-    model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, eos_token_id=eos, streamer=streamer, generator=gen)
+    try:
+        model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, eos_token_id=eos, streamer=streamer, generator=gen)
+    except ValueError as exc:  # generate's argument checks (temperature, top_k, top_p, ...)
+        sys.stdout.write("\n")
+        p.error(str(exc))
     dt = time.perf_counter() - t0
     print(f"[{streamer.n_tokens} tokens in {dt:.2f} s, {streamer.n_tokens / max(dt, 1e-9):.1f} tokens/s]",
           file=sys.stderr)

@@ -507,3 +507,142 @@ def test_onnx_no_cache_graph_fp16_external_data(tmp_path):
     assert logits.dtype == np.float16
     # fp16 weights and activations (scores/softmax in fp32) vs the fp32 model, logits ~5: a few 1e-3.
     torch.testing.assert_close(torch.from_numpy(logits).float(), logits_of(model, ids), rtol=0, atol=3e-2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Existing outputs, paths and command-line errors (from a user walkthrough)
+
+
+def test_ft_overwrite_replaces_the_earlier_export(tmp_path):
+    untied = mpt(tie_word_embeddings=False)
+    export_fastertransformer(untied, tmp_path)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_fastertransformer(mpt(), tmp_path)
+    (tmp_path / "1-gpu" / "notes.txt").write_text("the user's own file")
+    tied = mpt()
+    out = export_fastertransformer(tied, tmp_path, overwrite=True)
+    # The untied export's model.lm_head.weight.bin must not survive: read back, it would untie the head.
+    assert set(os.listdir(out)) == expected_ft_files(2, 1) | {"notes.txt"}
+    cfg, _ = read_fastertransformer(out)
+    assert cfg["tie_word_embeddings"] is True
+    ids = torch.randint(0, VOCAB, (1, 7))
+    torch.testing.assert_close(logits_of(load_fastertransformer(out), ids), logits_of(tied, ids), rtol=0, atol=1e-5)
+
+
+def test_onnx_refuses_an_existing_output_before_exporting(tmp_path):
+    from mpt_kernels.export import export_onnx
+
+    (tmp_path / "model.onnx").write_bytes(b"earlier export")
+    with pytest.raises(FileExistsError, match="model.onnx exists.*overwrite=True"):
+        export_onnx(mpt(), tmp_path)
+    (tmp_path / "model.onnx").unlink()
+    (tmp_path / "m.onnx.data").write_bytes(b"earlier weights")
+    with pytest.raises(FileExistsError, match="m.onnx.data exists"):
+        export_onnx(mpt(), tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx.data").read_bytes() == b"earlier weights"
+    (tmp_path / "d.onnx").mkdir()
+    with pytest.raises(IsADirectoryError, match="d.onnx is a directory"):
+        export_onnx(mpt(), tmp_path / "d.onnx", overwrite=True)
+
+
+def test_onnx_overwrite_replaces_graph_and_stale_external_data(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import onnxruntime as ort
+    from mpt_kernels.export import export_onnx
+
+    (tmp_path / "model.onnx").write_bytes(b"earlier export")
+    (tmp_path / "model.onnx.data").write_bytes(b"earlier weights")
+    model = mpt(d_model=32, n_heads=4, n_layers=1)
+    path = export_onnx(model, tmp_path, with_kv_cache=False, overwrite=True)
+    assert path == tmp_path / "model.onnx"
+    assert not (tmp_path / "model.onnx.data").exists()  # weights are inside this graph: no stale file beside it
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, VOCAB, (1, 5))
+    logits = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": np.ones((1, 5), np.int64)})[0]
+    torch.testing.assert_close(torch.from_numpy(logits), logits_of(model, ids), rtol=0, atol=1e-4)
+
+
+def test_onnx_runner_accepts_the_export_directory(onnx_export, tmp_path):
+    from mpt_kernels.export.onnx import OnnxMPT
+
+    model, path = onnx_export
+    ids = np.array([[3, 1, 4, 1, 5]])
+    by_dir = OnnxMPT(path.parent)  # what export_onnx(model, "onnx/") and the CLI's --out were given
+    assert by_dir.path == path
+    np.testing.assert_array_equal(by_dir.run(ids)[0], OnnxMPT(path).run(ids)[0])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        OnnxMPT(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="holds no .onnx file"):
+        OnnxMPT(tmp_path)
+    (tmp_path / "a.onnx").write_bytes(b"not a graph")
+    with pytest.raises(ValueError, match="a.onnx is not a valid ONNX model"):
+        OnnxMPT(tmp_path)  # the directory's only .onnx file
+    (tmp_path / "b.onnx").write_bytes(b"not a graph either")
+    with pytest.raises(FileNotFoundError, match="several .onnx files"):
+        OnnxMPT(tmp_path)
+
+
+def _cli_error(capsys, argv):
+    """Run the export CLI expecting an argparse-style error: exit status 2, one clean message."""
+    from mpt_kernels.export.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_cli_user_errors_are_clean_messages(tmp_path, capsys):
+    err = _cli_error(capsys, ["fastertransformer", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "ft")])
+    assert "fastertransformer: error: --model:" in err and "nope does not exist" in err
+    err = _cli_error(capsys, ["onnx", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert "onnx: error: --model:" in err and "does not exist" in err
+    assert not (tmp_path / "ft").exists() and not (tmp_path / "o").exists()  # a failed export creates nothing
+
+    with pytest.warns(UserWarning, match="qk_ln"):  # save_pretrained: transformers would ignore qk_ln
+        mpt(qk_ln=True).save_pretrained(tmp_path / "qkln")
+    err = _cli_error(capsys, ["fastertransformer", "--model", str(tmp_path / "qkln"), "--out", str(tmp_path / "ft")])
+    assert "qk_ln" in err and "--force" in err and "force=True" not in err
+
+    from safetensors.torch import load_file, save_file
+
+    mpt().save_pretrained(tmp_path / "broken")
+    sd = load_file(tmp_path / "broken" / "model.safetensors")
+    del sd["transformer.blocks.1.ffn.down_proj.weight"]
+    save_file(sd, tmp_path / "broken" / "model.safetensors", metadata={"format": "pt"})
+    for fmt in ("fastertransformer", "onnx"):
+        err = _cli_error(capsys, [fmt, "--model", str(tmp_path / "broken"), "--out", str(tmp_path / "ft")])
+        assert "error: --model: the weights lack transformer.blocks.1.ffn.down_proj.weight" in err
+    (tmp_path / "bad_json").mkdir()
+    (tmp_path / "bad_json" / "config.json").write_text("{n_layers: 2")
+    err = _cli_error(capsys, ["onnx", "--model", str(tmp_path / "bad_json"), "--out", str(tmp_path / "ft")])
+    assert "error: --model:" in err and "config.json is not valid JSON" in err
+    assert not (tmp_path / "ft").exists()  # refused before writing anything
+
+    mpt().save_pretrained(tmp_path / "ckpt")
+    err = _cli_error(capsys, ["fastertransformer", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ft"),
+                              "--tp", "3"])
+    assert "error: --tp: n_heads=4 is not divisible by tensor_parallel=3" in err
+
+    (tmp_path / "ft" / "1-gpu").mkdir(parents=True)
+    (tmp_path / "ft" / "1-gpu" / "config.ini").write_text("[gpt]\n")
+    err = _cli_error(capsys, ["fastertransformer", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ft")])
+    assert "error: --out:" in err and "pass --overwrite" in err
+
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "model.onnx").write_bytes(b"earlier export")
+    err = _cli_error(capsys, ["onnx", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o")])
+    assert "error: --out:" in err and "model.onnx exists" in err and "pass --overwrite" in err
+
+
+def test_cli_fastertransformer_overwrite_flag(tmp_path, capsys):
+    from mpt_kernels.export.__main__ import main
+
+    mpt().save_pretrained(tmp_path / "ckpt")
+    argv = ["fastertransformer", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ft")]
+    assert main(argv) == 0
+    _cli_error(capsys, argv)
+    assert main(argv + ["--overwrite"]) == 0

@@ -78,3 +78,47 @@ def test_text_streamer_prints_incrementally(tmp_path):
     s.end()
     assert "".join(out.chunks).strip() == "dog ran on"
     assert len([c for c in out.chunks if c]) >= 3  # one write per token, not one at the end
+
+
+def _cli_error(capsys, argv):
+    """The CLI in-process, expecting an argparse-style error: exit status 2 and a message, no traceback."""
+    from mpt_kernels.generate import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "python -m mpt_kernels.generate: error:" in err and "Traceback" not in err
+    return err
+
+
+def test_cli_missing_model_directory_is_a_clean_error(tmp_path, capsys):
+    err = _cli_error(capsys, ["--model", str(tmp_path / "nope"), "--prompt", "the cat"])
+    assert "--model:" in err and "nope does not exist" in err
+
+
+def test_cli_unloadable_checkpoint_is_a_clean_error(tmp_path, capsys):
+    make_model_dir(tmp_path)
+    os.remove(tmp_path / "config.json")
+    err = _cli_error(capsys, ["--model", str(tmp_path), "--prompt", "the cat", "--device", "cpu"])
+    assert "--model: cannot load" in err and "config.json" in err
+
+
+def test_cli_cuda_device_without_cuda_is_a_clean_error(tmp_path, capsys):
+    import mpt_kernels as mk
+
+    if torch.cuda.is_available() and mk.cuda_available():
+        pytest.skip("this machine can run --device cuda")
+    make_model_dir(tmp_path)
+    err = _cli_error(capsys, ["--model", str(tmp_path), "--prompt", "the cat", "--device", "cuda"])
+    assert "--device cuda" in err and "use --device cpu" in err
+    err = _cli_error(capsys, ["--model", str(tmp_path), "--prompt", "the cat", "--device", "tpu"])
+    assert "--device" in err
+
+
+def test_cli_tokenizer_vocab_mismatch_is_a_clean_error(tmp_path, capsys):
+    _, tok = make_model_dir(tmp_path)
+    # A checkpoint whose vocabulary is smaller than the tokenizer's: "it was" encodes to ids 12 and 13.
+    MPTForCausalLM(MPTConfig(d_model=64, n_heads=4, n_layers=1, vocab_size=8)).save_pretrained(tmp_path)
+    err = _cli_error(capsys, ["--model", str(tmp_path), "--prompt", "it was", "--device", "cpu"])
+    assert "token id 13" in err and "vocab_size" in err and "tokenizer" in err

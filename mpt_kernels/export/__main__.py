@@ -3,6 +3,10 @@
     python -m mpt_kernels.export fastertransformer --model DIR --out DIR [--tp N] [--dtype fp16] [--force]
     python -m mpt_kernels.export onnx --model DIR --out DIR [--opset 18] [--dtype fp16] [--no-kv-cache]
 
+Both refuse to replace an earlier export in --out unless given --overwrite. Errors a user can fix (a
+missing checkpoint, an existing output, an option the format cannot hold) print ``prog: error: ...``
+and exit with status 2.
+
 Both read the checkpoint's config.json and weights directly (no model is built for the
 FasterTransformer export; weights are read one tensor at a time). ``--verify`` reads the export back
 and compares logits on random tokens against the checkpoint.
@@ -65,6 +69,27 @@ def _verify_onnx(model_dir, path):
     return diff
 
 
+# The library names its Python arguments in messages; the command line names its flags.
+_FLAG_OF_ARGUMENT = {"model_or_dir": "--model", "out_dir": "--out", "path": "--out", "tensor_parallel": "--tp",
+                     "dtype": "--dtype", "opset": "--opset"}
+# What a user can fix (a missing or wrong checkpoint, an existing output, an option the format cannot
+# hold, a missing optional package): reported as argparse errors. Anything else keeps its traceback.
+_USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError, KeyError,
+                ImportError)
+
+
+def _cli_message(exc: BaseException) -> str:
+    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    msg = msg.replace("overwrite=True, --overwrite on the command line,", "--overwrite")
+    msg = msg.replace("force=True (--force)", "--force")
+    name, sep, rest = msg.partition(": ")
+    if sep and name in _FLAG_OF_ARGUMENT:
+        msg = f"{_FLAG_OF_ARGUMENT[name]}: {rest}"
+    if isinstance(exc, KeyError):
+        msg = f"--model: {msg}"
+    return msg
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mpt_kernels.export", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="format", required=True)
@@ -72,34 +97,41 @@ def main(argv=None) -> int:
     ft.add_argument("--tp", type=int, default=1, help="tensor-parallel size (GPUs FasterTransformer will use)")
     ft.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="weight_data_type of the files")
     ft.add_argument("--force", action="store_true", help="export even with options FasterTransformer ignores")
-    ft.add_argument("--overwrite", action="store_true", help="replace an existing <out>/<tp>-gpu/")
+    ft.add_argument("--overwrite", action="store_true",
+                    help="replace an existing non-empty <out>/<tp>-gpu/ (default: refuse)")
     on = sub.add_parser("onnx", help="ONNX graph with a KV cache (<out>/model.onnx)")
     on.add_argument("--opset", type=int, default=18)
     on.add_argument("--dtype", choices=["fp32", "fp16"], default=None, help="weight dtype (default: the checkpoint's)")
     on.add_argument("--no-kv-cache", action="store_true", help="export input_ids -> logits only")
+    on.add_argument("--overwrite", action="store_true",
+                    help="replace an existing <out>/model.onnx (and model.onnx.data) (default: refuse)")
     for p in (ft, on):
         p.add_argument("--model", required=True, help="Hugging Face MPT checkpoint directory (config.json + weights)")
-        p.add_argument("--out", required=True, help="output directory")
+        p.add_argument("--out", required=True, help="output directory (or, for onnx, a .onnx file name)")
         p.add_argument("--verify", action="store_true", help="read the export back and compare logits")
     args = ap.parse_args(argv)
+    parser = ft if args.format == "fastertransformer" else on
 
-    if args.format == "fastertransformer":
-        from .fastertransformer import export_fastertransformer
+    try:
+        if args.format == "fastertransformer":
+            from .fastertransformer import export_fastertransformer
 
-        out = export_fastertransformer(args.model, args.out, tensor_parallel=args.tp, dtype=args.dtype,
-                                       force=args.force, overwrite=args.overwrite, progress=True)
-        print(f"wrote {out}")
-        if args.verify:
+            out = export_fastertransformer(args.model, args.out, tensor_parallel=args.tp, dtype=args.dtype,
+                                           force=args.force, overwrite=args.overwrite, progress=True)
+        else:
+            from .onnx import _require, export_onnx
+
+            if args.verify and not args.no_kv_cache:
+                _require("onnx", "onnxscript", "onnxruntime")  # before the export, not after it
+            out = export_onnx(args.model, args.out, opset=args.opset, with_kv_cache=not args.no_kv_cache,
+                              dtype=args.dtype, progress=True, overwrite=args.overwrite)
+    except _USER_ERRORS as exc:
+        parser.error(_cli_message(exc))  # exits with status 2
+    print(f"wrote {out}")
+    if args.verify:
+        if args.format == "fastertransformer":
             _verify_ft(args.model, out)
-    else:
-        from .onnx import _require, export_onnx
-
-        if args.verify and not args.no_kv_cache:
-            _require("onnx", "onnxscript", "onnxruntime")  # before the export, not after it
-        out = export_onnx(args.model, args.out, opset=args.opset, with_kv_cache=not args.no_kv_cache,
-                          dtype=args.dtype, progress=True)
-        print(f"wrote {out}")
-        if args.verify and not args.no_kv_cache:
+        elif not args.no_kv_cache:
             _verify_onnx(args.model, out)
     return 0
 

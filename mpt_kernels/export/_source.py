@@ -126,10 +126,19 @@ def open_source(model_or_dir) -> tuple[dict, WeightSource]:
     using MPT's parameter names), a Hugging Face checkpoint directory, or a (config, state dict) pair."""
     if isinstance(model_or_dir, (str, os.PathLike)):
         path = Path(model_or_dir)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"model_or_dir: {path} {'is not a directory' if path.exists() else 'does not exist'} (expected a "
+                "Hugging Face MPT checkpoint directory: config.json + model.safetensors or pytorch_model*.bin)"
+            )
         cfg_file = path / "config.json"
         if not cfg_file.exists():
             raise FileNotFoundError(f"model_or_dir: {path} has no config.json (expected a Hugging Face MPT checkpoint)")
-        cfg = config_to_dict(json.loads(cfg_file.read_text()))
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"model_or_dir: {cfg_file} is not valid JSON ({exc})") from exc
+        cfg = config_to_dict(raw)
         return cfg, _dir_weights(path)
     if isinstance(model_or_dir, tuple) and len(model_or_dir) == 2 and isinstance(model_or_dir[1], dict):
         cfg, state = model_or_dir  # (config, state dict), e.g. read_fastertransformer's result
@@ -140,3 +149,20 @@ def open_source(model_or_dir) -> tuple[dict, WeightSource]:
     raise TypeError(
         f"model_or_dir: expected an MPT model (with .config) or a checkpoint directory, got {type(model_or_dir).__name__}"
     )
+
+
+def check_required_weights(cfg: dict, src: WeightSource) -> None:
+    """Raise ``ValueError`` listing the weights every MPT has (embedding, LayerNorm gains, attention and
+    FFN matrices of each layer) that ``src`` lacks, before an export writes anything."""
+    names = ["transformer.wte.weight", "transformer.norm_f.weight"]
+    for i in range(int(cfg["n_layers"])):
+        p = f"transformer.blocks.{i}."
+        names += [p + n for n in ("norm_1.weight", "norm_2.weight", "attn.Wqkv.weight", "attn.out_proj.weight",
+                                  "ffn.up_proj.weight", "ffn.down_proj.weight")]
+    if not cfg.get("tie_word_embeddings", True):
+        names.append("lm_head.weight")
+    missing = [n for n in names if n not in src]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(f"model_or_dir: the weights lack {', '.join(missing[:5])}{more} "
+                         f"(config: n_layers={cfg['n_layers']}); is it an MPT checkpoint matching its config.json?")

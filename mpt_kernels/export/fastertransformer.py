@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._source import config_to_dict, default_softmax_scale, kv_heads, open_source
+from ._source import check_required_weights, config_to_dict, default_softmax_scale, kv_heads, open_source
 
 _NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
@@ -106,10 +106,13 @@ def export_fastertransformer(model_or_dir, out_dir, tensor_parallel: int = 1, dt
     cannot compute (clip_qkv, qk_ln, grouped-query attention, a non-default ALiBi maximum or softmax
     scale, logit_scale) raise ``ValueError`` unless ``force=True``, which warns and exports what
     FasterTransformer can run (grouped-query k/v heads are repeated, which is exact). ``start_id`` and
-    ``end_id`` default to the config's bos/eos token ids (0 when it has none).
+    ``end_id`` default to the config's bos/eos token ids (0 when it has none). A non-empty
+    ``<out_dir>/<tensor_parallel>-gpu/`` raises ``FileExistsError`` unless ``overwrite=True``, which first
+    removes the files an export writes there (``config.ini``, ``model.*.bin``) and nothing else.
     """
     np_dtype = _check_dtype(dtype)
     cfg, src = open_source(model_or_dir)
+    check_required_weights(cfg, src)
     d, n_heads, n_layers = int(cfg["d_model"]), int(cfg["n_heads"]), int(cfg["n_layers"])
     if d % n_heads:
         raise ValueError(f"model_or_dir: d_model={d} is not divisible by n_heads={n_heads}")
@@ -125,8 +128,15 @@ def export_fastertransformer(model_or_dir, out_dir, tensor_parallel: int = 1, dt
         warnings.warn(msg, stacklevel=2)
 
     save_dir = Path(out_dir) / f"{tp}-gpu"
-    if save_dir.exists() and any(save_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"out_dir: {save_dir} exists and is not empty (pass overwrite=True)")
+    if save_dir.exists() and any(save_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"out_dir: {save_dir} exists and is not empty (pass overwrite=True, --overwrite "
+                                  "on the command line, to replace it)")
+        # Remove the files an earlier export wrote, nothing else: a stale model.lm_head.weight.bin
+        # would make a tied model read back as untied.
+        for f in [save_dir / "config.ini", *save_dir.glob("model.*.bin")]:
+            if f.is_file():
+                f.unlink()
     save_dir.mkdir(parents=True, exist_ok=True)
 
     attn = cfg["attn_config"]

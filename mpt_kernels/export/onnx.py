@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ._source import default_softmax_scale, kv_heads, open_source
+from ._source import check_required_weights, default_softmax_scale, kv_heads, open_source
 
 
 def _alibi_slopes(n_heads: int, alibi_bias_max: float) -> torch.Tensor:
@@ -84,6 +84,7 @@ class MPTGraph(torch.nn.Module):
     def __init__(self, model_or_dir):
         super().__init__()
         cfg, src = open_source(model_or_dir)
+        check_required_weights(cfg, src)
         self.cfg = cfg
         attn = cfg["attn_config"]
         self.d_model, self.n_heads, self.n_layers = int(cfg["d_model"]), int(cfg["n_heads"]), int(cfg["n_layers"])
@@ -213,8 +214,39 @@ def _require(*modules: str) -> None:
                           f"(or pip install {' '.join(missing)})")
 
 
+def _onnx_target(path) -> Path:
+    """Where ``export_onnx`` writes: ``path`` itself when it names a ``.onnx`` file, else
+    ``<path>/model.onnx``."""
+    path = Path(path)
+    return path if path.suffix == ".onnx" else path / "model.onnx"
+
+
+def find_onnx_model(path) -> Path:
+    """The ``.onnx`` file to load for ``path``: the file itself, or in a directory the file
+    ``export_onnx`` writes there (``model.onnx``), else its only ``.onnx`` file. Raises
+    ``FileNotFoundError`` naming what was looked for."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"path: {path} does not exist (expected an .onnx file or the directory "
+                                f"export_onnx wrote into)")
+    if path.is_dir():
+        if (path / "model.onnx").is_file():
+            return path / "model.onnx"
+        found = sorted(p for p in path.glob("*.onnx") if p.is_file())
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise FileNotFoundError(f"path: {path} holds no model.onnx and several .onnx files "
+                                    f"({', '.join(p.name for p in found)}); pass one of them")
+        raise FileNotFoundError(f"path: {path} holds no .onnx file (export_onnx(model, {str(path)!r}) "
+                                f"writes {path / 'model.onnx'})")
+    raise FileNotFoundError(f"path: {path} is neither a file nor a directory")
+
+
 def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype: str | None = None,
-                external_data: bool | None = None, progress: bool = False) -> Path:
+                external_data: bool | None = None, progress: bool = False, overwrite: bool = False) -> Path:
     """Export an MPT (our ``MPTForCausalLM``, transformers' ``MptForCausalLM`` or a Hugging Face MPT
     checkpoint directory) to ONNX with torch's dynamo exporter and return the ``.onnx`` path.
 
@@ -225,22 +257,28 @@ def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype:
     and softmax run in float32 either way; a bfloat16 model exports as fp32 unless told otherwise, since
     ONNX runtimes rarely run bfloat16 MatMul. ``external_data``: store the weights in
     ``<name>.onnx.data`` beside the graph (default: when they pass ~1.8 GB, protobuf's limit being 2 GB).
+    An existing ``.onnx`` file (or its ``.onnx.data``) at the target raises ``FileExistsError`` before
+    anything is exported, unless ``overwrite=True``, which replaces both (as the FasterTransformer export).
     """
     if not isinstance(opset, int) or opset < 18:
         # LayerNormalization needs 17; the dynamo exporter's own translations target 18 and newer.
         raise ValueError(f"opset: expected an int >= 18, got {opset!r}")
     if dtype is not None and dtype not in _ONNX_DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(_ONNX_DTYPES)} or None, got {dtype!r}")
+    path = _onnx_target(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"path: {path} is a directory, not an .onnx file")
+    data = path.with_name(path.name + ".data")
+    existing = [p for p in (path, data) if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"path: {existing[0]} exists (pass overwrite=True, --overwrite on the command line, "
+                              "to replace it)")
     _require("onnx", "onnxscript")
     from tqdm.auto import tqdm
 
     bar = tqdm(total=3, desc="ONNX export", unit="stage", disable=not progress)
-    path = Path(path)
-    if path.suffix != ".onnx":
-        path = path / "model.onnx"
+    graph = MPTGraph(model).eval()  # before creating any directory: a wrong model_or_dir leaves nothing behind
     path.parent.mkdir(parents=True, exist_ok=True)
-
-    graph = MPTGraph(model).eval()
     target = _onnx_weight_dtype(graph.w("transformer.wte.weight").dtype, dtype)
     if target != graph.w("transformer.wte.weight").dtype:
         graph = graph.to(target)  # converts the graph module's buffers, never the model's
@@ -294,6 +332,8 @@ def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype:
         proto.metadata_props.add(key=k, value=v)
     if external_data is None:
         external_data = nbytes > 1_800_000_000
+    for p in existing:
+        p.unlink()  # overwrite=True: a stale .onnx.data must not outlive the graph it belonged to
     if external_data:
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data")
@@ -321,10 +361,18 @@ class OnnxMPT:
     greedy generation. Used by the tests and the CLI's --verify; a template for serving code."""
 
     def __init__(self, path, providers=("CPUExecutionProvider",)):
+        """``path``: the ``.onnx`` file, or the directory ``export_onnx`` wrote it into."""
         _require("onnxruntime")
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(str(path), providers=list(providers))
+        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph, InvalidProtobuf
+
+        path = find_onnx_model(path)
+        try:
+            self.session = ort.InferenceSession(str(path), providers=list(providers))
+        except (InvalidProtobuf, InvalidGraph) as exc:
+            raise ValueError(f"path: {path} is not a valid ONNX model ({exc})") from exc
+        self.path = path
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get("mpt_kernels.interface") != "kv_cache":
             raise ValueError(f"path: {path} is not an mpt_kernels KV-cache graph (metadata {meta})")
