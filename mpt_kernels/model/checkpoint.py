@@ -59,6 +59,8 @@ def load_pretrained(cls, path, dtype=None, device=None, attn_impl="flash", stric
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"from_pretrained: {path!r} is not a local directory (no network access is attempted)")
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} asked for, but torch sees no CUDA device (a CPU-only torch build, or no GPU)")
     config = MPTConfig.load(path)
     if attn_impl is not None:
         config = config.replace(attn_impl=attn_impl)
