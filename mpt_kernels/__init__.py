@@ -6,7 +6,7 @@
     opt = mk.optim.Lion(model.parameters(), lr=1e-4)  # fused multi-tensor Lion
 """
 from ._ext import build_info, cuda_available, empty_host_cache, host_cache_info, set_host_cache_limit
-from .ops.attention import alibi_attention, alibi_slopes
+from .ops.attention import alibi_attention, alibi_attention_qkvpacked, alibi_slopes
 from .ops.layernorm import layer_norm
 from . import nn, optim
 
@@ -26,6 +26,7 @@ def __getattr__(name):
 
 __all__ = [
     "alibi_attention",
+    "alibi_attention_qkvpacked",
     "alibi_slopes",
     "layer_norm",
     "nn",

@@ -916,3 +916,87 @@ def test_slopes_requiring_grad_and_non_bool_causal_are_refused():
     torch.testing.assert_close(a, mk.alibi_attention(q, q, q, alibi_slopes=s.detach()), rtol=0, atol=0)
     with pytest.raises(ValueError, match="causal: expected True or False"):
         mk.alibi_attention(q, q, q, causal="no")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("varlen", [False, True], ids=["batched", "varlen"])
+def test_qkvpacked_equals_attention_on_the_slices(device, heads, varlen):
+    """alibi_attention_qkvpacked on a fused projection: output and gradient bit for bit those of
+    alibi_attention on the q, k, v slices (same kernel calls; the gradient is written into one
+    buffer instead of concatenated), poisoned output memory, NaN-free; compile traces it."""
+    H, Hkv = heads
+    D = 64
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    shape = (67, (H + 2 * Hkv) * D) if varlen else (2, 45, (H + 2 * Hkv) * D)
+    cu = torch.tensor([0, 30, 31, 67], dtype=torch.int32, device=device) if varlen else None
+    qkv = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+    g = torch.randn(shape[:-1] + (H, D), dtype=dtype, device=device)
+    out = mk.alibi_attention_qkvpacked(qkv, H, Hkv, cu_seqlens=cu)
+    out.backward(g)
+    ref_in = qkv.detach().clone().requires_grad_()
+    q, k, v = ref_in.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    kw = {} if cu is None else dict(cu_seqlens_q=cu, cu_seqlens_k=cu)
+    ref = mk.alibi_attention(q.unflatten(-1, (H, D)), k.unflatten(-1, (Hkv, D)), v.unflatten(-1, (Hkv, D)), **kw)
+    ref.backward(g)
+    assert torch.equal(out, ref) and torch.equal(qkv.grad, ref_in.grad)
+    assert torch.isfinite(qkv.grad).all() and qkv.grad.abs().sum() > 0
+    # the backward op alone into poisoned memory: every element written
+    from mpt_kernels.ops.attention import alibi_attention_qkvpacked_bwd, alibi_attention_qkvpacked_fwd
+
+    slopes = mk.alibi_slopes(H).to(device)
+    o, lse = alibi_attention_qkvpacked_fwd(qkv.detach(), H, Hkv, slopes, cu, 37 if varlen else 45, D ** -0.5, True)
+    from mpt_kernels.ops import attention as A
+
+    real_buffer = A._grad_buffer
+    A._grad_buffer = lambda shape, like, vl: real_buffer(shape, like, vl).fill_(float("nan"))
+    try:
+        dqkv = alibi_attention_qkvpacked_bwd(g, qkv.detach(), o, lse, H, Hkv, slopes, cu, 37 if varlen else 45,
+                                             D ** -0.5, True)
+    finally:
+        A._grad_buffer = real_buffer
+    assert torch.equal(dqkv, qkv.grad)
+    with pytest.raises(ValueError, match="qkv: expected"):
+        mk.alibi_attention_qkvpacked(qkv[..., :-1], H, Hkv, cu_seqlens=cu)
+
+
+def test_qkvpacked_compiles_fullgraph_with_backward():
+    H, Hkv, D = 4, 2, 32
+    x = torch.randn(2, 20, (H + 2 * Hkv) * D, requires_grad=True)
+    f = torch.compile(lambda t: mk.alibi_attention_qkvpacked(t, H, Hkv).float().square().sum(), fullgraph=True,
+                      backend="aot_eager")
+    f(x).backward()
+    y = x.detach().clone().requires_grad_()
+    mk.alibi_attention_qkvpacked(y, H, Hkv).float().square().sum().backward()
+    torch.testing.assert_close(x.grad, y.grad, rtol=0, atol=0)
+
+
+def test_model_training_uses_the_packed_backward(monkeypatch):
+    """A training forward of the model goes through the packed op (no concatenation in backward),
+    with the same loss and gradients, bit for bit, as the per-slice path (dense and varlen, GQA)."""
+    from mpt_kernels.model import MPTConfig, MPTForCausalLM, modeling
+    from mpt_kernels.ops import attention as A
+
+    cfg = MPTConfig(d_model=96, n_heads=6, n_layers=2, vocab_size=101, max_seq_len=48,
+                    attn_config=dict(attn_impl="flash", kv_n_heads=2, attn_type="grouped_query_attention"))
+    torch.manual_seed(0)
+    m = MPTForCausalLM(cfg)
+    ids = torch.randint(0, 101, (2, 19))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    calls = []
+    real = A.alibi_attention_qkvpacked_bwd
+    monkeypatch.setattr(A, "alibi_attention_qkvpacked_bwd", lambda *a: calls.append(1) or real(*a))
+    got = {}
+    for packed in (True, False):
+        monkeypatch.setattr(modeling, "_PACKED_QKV", packed)
+        for name, mm in (("dense", None), ("varlen", mask)):
+            m.zero_grad()
+            loss = m(ids, labels=ids, attention_mask=mm).loss
+            loss.backward()
+            got[packed, name] = (loss.detach(), [p.grad.clone() for p in m.parameters()])
+    assert len(calls) == 2 * cfg.n_layers  # two packed backwards (dense, varlen) per layer
+    for name in ("dense", "varlen"):
+        (la, ga), (lb, gb) = got[True, name], got[False, name]
+        assert torch.equal(la, lb) and all(torch.equal(a, b) for a, b in zip(ga, gb))

@@ -60,6 +60,9 @@ _DIRECT_ROWS = 8  # no-grad calls with at most this many rows skip the float32 c
 # Under autocast, LayerNorm reads the 16-bit branch and the float32 stream and writes its output in
 # autocast's dtype directly (tests switch it off to compare with the float32 LayerNorm it replaces).
 _MIXED_LAYER_NORM = True
+# Training forwards hand the fused Wqkv output to mk.alibi_attention_qkvpacked, whose backward writes
+# dq, dk, dv into one gradient buffer (no concatenation; see ops/attention.py). False: per-slice calls.
+_PACKED_QKV = True
 
 
 def _pooled(shape, dtype, like: torch.Tensor, pool: bool) -> torch.Tensor:
@@ -343,6 +346,11 @@ class MPTAttention(nn.Module):
         qkv = self.Wqkv(x)  # (B, S, (H + 2*Hkv) * D)
         if self.clip_qkv is not None:
             qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+        if (_PACKED_QKV and self.use_kernel and cache is None and not hasattr(self, "q_ln")
+                and plan.kind in ("dense", "varlen")
+                and torch.is_grad_enabled() and qkv.requires_grad):
+            # training: the kernel's backward writes dq, dk, dv into one buffer shaped like qkv (no concat)
+            return self.out_proj(self._attend_packed(qkv, plan).reshape(B, S, H * D))
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
         if hasattr(self, "q_ln"):
             q, k = self.q_ln(q), self.k_ln(k)
@@ -356,6 +364,20 @@ class MPTAttention(nn.Module):
                 k, v = k_all, v_all
         y = self._attend(q, k, v, plan)  # (B, S, H, D)
         return self.out_proj(y.reshape(B, S, H * D))
+
+    def _attend_packed(self, qkv, plan: _AttnPlan) -> torch.Tensor:
+        B, S, _ = qkv.shape
+        kw = dict(causal=True, softmax_scale=self.softmax_scale, alibi_slopes=self.slopes(qkv.device))
+        if plan.kind == "dense":
+            return mk.alibi_attention_qkvpacked(qkv, self.n_heads, self.kv_heads, **kw)  # (B, S, H, D)
+        flat = qkv.reshape(B * S, qkv.shape[-1])
+        if plan.index is not None:  # drop pad tokens: (T, (H + 2 Hkv) D), one gather for q, k and v
+            flat = flat[plan.index]
+        out = mk.alibi_attention_qkvpacked(flat, self.n_heads, self.kv_heads, cu_seqlens=plan.cu_seqlens,
+                                           max_seqlen=plan.max_seqlen, **kw)  # (T, H, D)
+        if plan.index is not None:
+            out = out.new_zeros(B * S, self.n_heads, self.head_dim).index_copy(0, plan.index, out)
+        return out.view(B, S, self.n_heads, self.head_dim)
 
     def _attend(self, q, k, v, plan: _AttnPlan) -> torch.Tensor:
         if plan.kind == "dense":
