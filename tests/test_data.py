@@ -509,7 +509,8 @@ def test_convert_layout_and_reconversion_removes_stale_outputs(tmp_path, small_t
     for f in (tmp_path / "old" / "train").iterdir():  # older versions wrote <out>/index.json + shards
         os.replace(f, out / f.name)
     (out / "val").mkdir()
-    (out / "val" / "index.json").write_text(json.dumps({"format": "mpt_kernels.tokens", "shards": []}))
+    (out / "val" / "index.json").write_text(json.dumps({"format": "mpt_kernels.tokens",
+                                                       "shards": [{"file": "shard_00000.bin"}]}))
     (out / "val" / "shard_00000.bin").write_bytes(b"\0" * 8)
     (out / "notes.md").write_text("mine")
     (out / "shard_plan.txt").write_text("mine too")
@@ -537,6 +538,27 @@ def test_convert_layout_and_reconversion_removes_stale_outputs(tmp_path, small_t
     assert set(idx) == {"train", "val"} and TokenShards(out / "val").num_samples == idx["val"]["num_samples"]
     convert(inputs, out, tokenizer=small_tok, seq_len=8, show_progress=False, log=lambda m: None)
     assert not (out / "val").exists()
+
+
+def test_reconversion_never_deletes_files_it_did_not_write(tmp_path, small_tok):
+    """Only shards listed by an index of the converter's own format go: look-alike shard files
+    without such an index stay, and a foreign index.json in a split folder stops the conversion."""
+    inputs = _write_inputs(tmp_path)
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    (out / "shard_00000.bin").write_bytes(b"mine")
+    (out / "train" / "shard_00007.bin").write_bytes(b"mine too")
+    idx = convert(inputs[:1], out, tokenizer=small_tok, seq_len=8, samples_per_shard=2, show_progress=False,
+                  log=lambda m: None)
+    assert (out / "shard_00000.bin").read_bytes() == b"mine"
+    if "shard_00007.bin" not in [s["file"] for s in idx["train"]["shards"]]:
+        assert (out / "train" / "shard_00007.bin").read_bytes() == b"mine too"
+    other = tmp_path / "other"
+    (other / "train").mkdir(parents=True)
+    (other / "train" / "index.json").write_text(json.dumps({"format": "someone-else"}))
+    with pytest.raises(ValueError, match="did not write"):
+        convert(inputs[:1], other, tokenizer=small_tok, seq_len=8, show_progress=False, log=lambda m: None)
+    assert json.loads((other / "train" / "index.json").read_text()) == {"format": "someone-else"}
 
 
 def test_trained_bpe_sees_no_validation_document(tmp_path):
@@ -611,3 +633,18 @@ def test_missing_input_message_and_progress_reaches_total(tmp_path, small_tok, m
 
     convert_documents(iter_documents(inputs), small_tok, {"train": tmp_path / "cd"}, seq_len=16, progress=seen.append)
     assert sum(seen) == bars[0].total
+
+
+def test_a_copied_dataset_reads_its_own_tokenizer(tmp_path):
+    """Copy a converted folder (with the BPE the converter trained) elsewhere: the copy's index names
+    the copy's tokenizer first (relative path), not the original's absolute one, which may since have
+    been retrained by a reconversion."""
+    import shutil
+
+    inputs = _write_inputs(tmp_path)
+    a, b = tmp_path / "a", tmp_path / "b"
+    convert(inputs, a, vocab_size=400, seq_len=16, show_progress=False, log=lambda m: None)
+    shutil.copytree(a, b)
+    assert TokenShards(b / "train").resolve_tokenizer() == str((b / "tokenizer.json").resolve())
+    (b / "tokenizer.json").unlink()  # moved without its tokenizer: the recorded absolute path still serves
+    assert TokenShards(b / "train").resolve_tokenizer() == str((a / "tokenizer.json").resolve())

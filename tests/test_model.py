@@ -792,3 +792,20 @@ def test_reorder_of_an_empty_cache():
     assert cache.batch_size == 2
     out = m(torch.randint(0, 100, (2, 4)), past_key_values=cache, use_cache=True)
     assert out.past_key_values.length == 4
+
+
+def test_from_pretrained_strict_false_keeps_the_checkpoint_dtype(tmp_path):
+    """An untied bf16 checkpoint without its lm_head: the new head is bf16 like the rest."""
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+
+    m = MPTForCausalLM(dataclasses.replace(small(), tie_word_embeddings=False)).to(torch.bfloat16)
+    m.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    del sd["lm_head.weight"]
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = MPTForCausalLM.from_pretrained(tmp_path, strict=False)
+    assert {p.dtype for p in got.parameters()} == {torch.bfloat16}

@@ -206,20 +206,27 @@ def _is_our_index(path: Path) -> bool:
         return False
 
 
-def remove_shard_outputs(folder: str | os.PathLike, *, any_index: bool = False) -> list[Path]:
-    """Delete what a :class:`ShardWriter` writes in ``folder`` and nothing else: ``shard_NNNNN.bin``,
-    ``index.json`` (only one of this format unless ``any_index``) and their temporaries."""
+def remove_shard_outputs(folder: str | os.PathLike) -> list[Path]:
+    """Delete an earlier :class:`ShardWriter`'s output in ``folder`` and nothing else: its
+    ``index.json`` (only one of this converter's format) and the shards that index lists (names of
+    the ``shard_NNNNN.bin`` form only), with their temporaries. A folder without such an index is
+    left alone: files that merely look like shards are not ours to delete."""
     folder = Path(folder)
     removed: list[Path] = []
-    if not folder.is_dir():
+    idx = folder / "index.json"
+    if not idx.is_file() or not _is_our_index(idx):
         return removed
-    for f in sorted(folder.iterdir()):
-        if not f.is_file():
-            continue
-        if (_SHARD_FILE.fullmatch(f.name) or f.name == "index.json.tmp"
-                or (f.name == "index.json" and (any_index or _is_our_index(f)))):
-            f.unlink()
-            removed.append(f)
+    try:
+        listed = [str(s["file"]) for s in json.loads(idx.read_text()).get("shards", [])]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        listed = []
+    idx.unlink()  # first: the folder reads as incomplete from here on
+    removed.append(idx)
+    for name in [n for n in listed if _SHARD_FILE.fullmatch(n)] + ["index.json"]:
+        for f in (folder / name, folder / (name + ".tmp")):
+            if f.is_file():
+                f.unlink()
+                removed.append(f)
     return removed
 
 
@@ -242,8 +249,12 @@ class ShardWriter:
             raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
         self.out_dir = Path(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        # The index goes first: the folder is incomplete until the new one is written.
-        remove_shard_outputs(self.out_dir, any_index=True)
+        idx = self.out_dir / "index.json"
+        if idx.exists() and not _is_our_index(idx):
+            raise ConvertError(f"{idx}: an index.json this converter did not write is in the way; choose another "
+                             "output folder")
+        # The old index goes first: the folder is incomplete until the new one is written.
+        remove_shard_outputs(self.out_dir)
         self._pending: list[np.ndarray] = []  # token chunks not yet cut into samples
         self._pending_len = 0
         self._samples: list[np.ndarray] = []  # complete samples of the open shard

@@ -138,8 +138,8 @@ class TokenShards:
         p = Path(raw).expanduser()
         candidates = [p] if p.is_absolute() else [self.path / p, p]
         rel = self.index.get("tokenizer_relative")
-        if rel:
-            candidates.append(self.path / rel)
+        if rel:  # first: a copy of the data with its tokenizer beside it must not read the original's
+            candidates.insert(0, self.path / rel)
         for c in candidates:
             if c.is_file() or (c.is_dir() and (c / "tokenizer.json").is_file()):
                 return str(c.resolve())

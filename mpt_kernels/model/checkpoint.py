@@ -96,13 +96,16 @@ def load_pretrained(cls, path, dtype=None, device=None, attn_impl="flash", stric
         warnings.warn(f"{path}: {len(missing)} weights not in the checkpoint were initialised anew: {missing[:8]}"
                       f"{'...' if len(missing) > 8 else ''}", stacklevel=3)
         owners = {model.get_submodule(name.rpartition(".")[0]) for name in missing}
+        # the checkpoint's dtype (its floating weights'), unless dtype= asks for another
+        stored = next((v.dtype for v in sd.values() if v.is_floating_point()), None)
         loaded = {}
         for mod in owners:
             loaded[mod] = {k: p for k, p in mod.named_parameters(recurse=False) if not p.is_meta}
             like = next(iter(loaded[mod].values()), None)
             mod.to_empty(device="cpu", recurse=False)
-            if dtype is not None or like is not None:
-                mod.to(dtype or like.dtype)
+            target = dtype or (like.dtype if like is not None else stored)
+            if target is not None:
+                mod.to(target)
         with torch.no_grad():
             init_weights(model, modules=owners)
         for mod, params in loaded.items():  # a module's loaded weights stay as loaded
@@ -159,12 +162,10 @@ def save_pretrained(model, path, max_shard_size="5GB", *, eos_token_id=None, bos
         json.dump(cfg_dict, f, indent=2, sort_keys=True)
         f.write("\n")
     gen_cfg = os.path.join(path, "generation_config.json")
-    if ids:  # what transformers' generate() reads: stop at the EOS
+    if ids:  # what transformers' generate() reads: stop at the EOS (an existing one is left alone otherwise)
         with open(gen_cfg, "w") as f:
             json.dump({**ids, **({"pad_token_id": ids["eos_token_id"]} if "eos_token_id" in ids else {})}, f, indent=2)
             f.write("\n")
-    elif os.path.exists(gen_cfg):
-        os.remove(gen_cfg)  # a stale one from an earlier save into this directory
 
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     limit = _parse_size(max_shard_size)

@@ -271,9 +271,9 @@ class Trainer:
         (counted across ranks), so the step does not depend on micro_batch_size, accumulation or the
         number of ranks."""
         self.model.train()
-        batches = [next(data_iter) for _ in range(self.accum)]
         weights = None
-        if self.cfg.data.kind == "finetune":
+        if self.cfg.data.kind == "finetune":  # the weights need every micro-batch's target count first
+            batches = [next(data_iter) for _ in range(self.accum)]
             counts = [int((b.get("labels", b["input_ids"])[:, 1:] != -100).sum()) for b in batches]
             n = torch.tensor([float(sum(counts))], dtype=torch.float64, device=self.device)
             if self.distributed:
@@ -281,6 +281,8 @@ class Trainer:
             n_global = max(float(n.item()), 1.0)
             # DDP and FSDP average the ranks' gradients: the world factor turns that into the sum / n_global
             weights = [c * self.world / n_global for c in counts]
+        else:  # fetched as they are used, so loading keeps overlapping the previous micro-batch's compute
+            batches = (next(data_iter) for _ in range(self.accum))
         total = torch.zeros((), device=self.device)
         tokens = 0
         for i, batch in enumerate(batches):
