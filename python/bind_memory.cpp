@@ -77,8 +77,10 @@ py::object host_empty(const std::vector<int64_t>& shape, int dtype_code) {
                  "unsupported dtype code ", dtype_code);
   auto dtype = static_cast<mptk::DType>(dtype_code);
   size_t numel = 1;
+  const size_t limit = (size_t{1} << 62) / mptk::dtype_size(dtype);  // far above any host's memory
   for (int64_t s : shape) {
     MPTK_CHECK_ARG(s >= 0, "shape", "negative size ", s);
+    MPTK_CHECK_ARG(s == 0 || numel <= limit / static_cast<size_t>(s), "shape", "too many elements");
     numel *= static_cast<size_t>(s);
   }
   size_t nbytes = numel * mptk::dtype_size(dtype);

@@ -35,10 +35,21 @@ struct type_caster<mptk::TensorView> {
     auto strides = t[3].cast<std::vector<int64_t>>();
     if (shape.size() != strides.size() || shape.size() > static_cast<size_t>(mptk::kMaxDims)) return false;
     v.ndim = static_cast<int>(shape.size());
+    bool empty = false;
+    uint64_t numel = 1;
     for (int i = 0; i < v.ndim; ++i) {
+      // a negative size is no tensor at all (the framework-free path passes shapes as given)
+      if (shape[i] < 0) throw mptk::ValueError("tensor: negative size in shape");
+      if (shape[i] > 0 && numel > (uint64_t{1} << 62) / static_cast<uint64_t>(shape[i]))
+        throw mptk::ValueError("tensor: too many elements (the shape's product overflows)");
+      numel *= static_cast<uint64_t>(shape[i] > 0 ? shape[i] : 1);
       v.shape[i] = shape[i];
       v.stride[i] = strides[i];
+      empty |= shape[i] == 0;
     }
+    // Every kernel dereferences a non-empty tensor's data: a null pointer there is refused here, once
+    // for all ops (empty tensors may be null: CUDA allocates nothing for them).
+    if (v.data == nullptr && !empty) throw mptk::ValueError("tensor: null data pointer for a non-empty tensor");
     v.device = t[4].cast<int>();
     value = v;
     return true;

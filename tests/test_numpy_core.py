@@ -169,3 +169,34 @@ def test_numpy_layernorm_without_torch(tmp_path):
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "numpy-only LayerNorm OK" in out.stdout
+
+
+def test_bad_pointers_and_shapes_raise_instead_of_crashing():
+    """The framework-free path takes raw (pointer, dtype, shape, strides, device) tuples: a null pointer
+    for a non-empty tensor, a negative size or a shape whose product overflows is a ValueError for
+    every op, never a dereference (these used to segfault or abort with a double free)."""
+    import numpy as np
+    import pytest
+
+    from mpt_kernels import _ext
+    from mpt_kernels._ext import _C
+
+    x, y, w = (np.ones(s, np.float32) for s in ((4, 8), (4, 8), (8,)))
+
+    def ln(xv, yv):
+        _C.layer_norm_fwd(xv, _ext.numpy_view(w), None, None, yv, None, None, None, 1e-5, 0)
+
+    null = (0,) + tuple(_ext.numpy_view(x))[1:]
+    with pytest.raises(ValueError, match="null data pointer"):
+        ln(null, _ext.numpy_view(y))
+    with pytest.raises(ValueError, match="null data pointer"):
+        _C.sum_squares([null], _ext.numpy_view(np.zeros(4096, np.float32)), 0)
+    v = list(_ext.numpy_view(x))
+    with pytest.raises(ValueError, match="negative size"):
+        ln(tuple(v[:2] + [(-4, 8)] + v[3:]), _ext.numpy_view(y))
+    with pytest.raises(ValueError, match="too many elements"):
+        ln(tuple(v[:2] + [(2**32, 2**31 + 1, 8)] + [(8 * (2**31 + 1), 8, 1)] + v[4:]), _ext.numpy_view(y))
+    with pytest.raises(ValueError, match="too many elements"):
+        _C.host_empty([2**62 + 1, 4], 0)
+    empty = np.ones((0, 8), np.float32)
+    ln((0,) + tuple(_ext.numpy_view(empty))[1:], (0,) + tuple(_ext.numpy_view(empty))[1:])  # empty: null is fine
