@@ -190,7 +190,8 @@ class Report:
             "rows": self.rows,
             "notes": self.notes,
         }
-        stem.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str))
+        # strict JSON: a value not measured (NaN: a skipped baseline) is null, inf is a string
+        stem.with_suffix(".json").write_text(json.dumps(_strict_json(payload), indent=2, default=str, allow_nan=False))
         md = self.markdown()
         stem.with_suffix(".md").write_text(md + "\n")
         print(md, flush=True)
@@ -230,3 +231,13 @@ def bar_plot(x_key: str, y_keys: list[str], ylabel: str, group_key: str | None =
         plt.close(fig)
 
     return draw
+
+
+def _strict_json(x):
+    if isinstance(x, float):
+        return None if x != x else (str(x) if x in (float("inf"), float("-inf")) else x)
+    if isinstance(x, dict):
+        return {k: _strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict_json(v) for v in x]
+    return x
