@@ -6,9 +6,13 @@ same dtype (bf16), same run.
 Rows:
 - train/fwd: forward and forward+backward tokens/s and peak memory, mpt-125m at seqlen 2048 (batch 1) and
   the tiny preset at seqlen 16384. Achieved TFLOP/s uses llm-foundry's MFU formula
-  (``flops_per_token``), as a fraction of the bf16 matmul throughput measured in this run.
+  (``flops_per_token``), as a fraction of the bf16 matmul throughput measured in this run. That
+  formula counts full S x S attention, twice what a causal kernel computes: at long seqlens (tiny at
+  16384) the fraction can read above 1.
 - prefill + decode: a 2k and a 16k prompt, then per-token decode latency against the KV cache; the
-  decode fraction is (weights + KV cache bytes read per token) / measured copy bandwidth.
+  prefill TFLOP/s counts what it executes (dense layers per token, causal attention, the LM head for
+  the last token only); the decode fraction is (weights + KV cache bytes read per token) / measured
+  copy bandwidth.
 
 Peak memory: CUDA ``max_memory_allocated`` above the level before the call; CPU the process' peak RSS
 (VmHWM, reset through /proc/self/clear_refs) above the RSS before the call.
@@ -273,7 +277,7 @@ def _bench_decode(ctx, report, preset, prompt_len, ours, hf, run_hf, n_tokens, b
                speedup=base[0] / out["ours"][0] if base else float("nan"),
                ours_peak_MiB=out["ours"][2] / 2**20 if out["ours"][2] is not None else float("nan"),
                hf_peak_MiB=base[2] / 2**20 if base and base[2] is not None else float("nan"),
-               ours_TFLOPs=prompt_len * ours.flops_per_token(prompt_len) / 3 / out["ours"][0] / 1e12)
+               ours_TFLOPs=_prefill_flops(ours.config, ours.num_parameters(), prompt_len) / out["ours"][0] / 1e12)
     report.add(case=f"{preset} prompt={prompt_len}", mode="decode", ours_tok_s=1 / t_ours,
                hf_tok_s=1 / base[1] if base else float("nan"), speedup=base[1] / t_ours if base else float("nan"),
                ours_ms_per_token=t_ours * 1e3, frac_of_bandwidth=(kv_bytes + w_bytes) / t_ours / 1e9 / bandwidth)
@@ -362,3 +366,13 @@ def run(ctx: harness.Context) -> harness.Report:
                         "transformers was not run (16k on CPU: its dense score matrices do not fit).")
     report.plot = harness.bar_plot("case", ["ours_tok_s", "hf_tok_s"], "tokens / s", group_key="mode")
     return report
+
+
+def _prefill_flops(c, n_params: int, S: int) -> float:
+    """FLOPs a prefill executes: the dense layers for every token, causal attention (on average S / 2
+    keys per query: 4 * d_model * S / 2 per token and layer), and the LM head for the last token only
+    (the prefill keeps one position's logits). llm-foundry's training formula would count the head
+    for every token and full S x S attention, which overstates a prefill (>100% of the matmul roof)."""
+    head = c.vocab_size * c.d_model
+    dense = n_params - head * (1 if c.tie_word_embeddings else 2)  # neither the lookup nor the head per token
+    return S * (2.0 * dense + 2.0 * c.n_layers * c.d_model * S) + 2.0 * head
