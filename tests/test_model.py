@@ -809,3 +809,13 @@ def test_from_pretrained_strict_false_keeps_the_checkpoint_dtype(tmp_path):
         warnings.simplefilter("ignore")
         got = MPTForCausalLM.from_pretrained(tmp_path, strict=False)
     assert {p.dtype for p in got.parameters()} == {torch.bfloat16}
+
+
+def test_save_pretrained_warns_when_transformers_would_ignore_settings(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # MPT's own settings: no warning
+        MPTForCausalLM(small()).save_pretrained(tmp_path / "plain")
+    with pytest.warns(UserWarning, match=r"ignores alibi_bias_max=16 .*; qk_ln=True"):
+        MPTForCausalLM(small(alibi_bias_max=16, qk_ln=True)).save_pretrained(tmp_path / "odd")

@@ -408,10 +408,8 @@ class Trainer:
                 what = f"checkpoints up to step {old[-1][0]}" if old else "metrics"
                 _log(f"[train] {self.run_dir} holds an earlier run ({what}): starting a new run in its place (its "
                      "checkpoints, metrics and loss curve are removed; checkpoint.autoresume=true continues a run)")
-                for _, path in old:
+                for _, path in old:  # (leftover .tmp-* saves: the next save_checkpoint removes them)
                     shutil.rmtree(path)
-                for stale in self.ckpt_dir.glob(".tmp-*") if self.ckpt_dir.is_dir() else []:
-                    shutil.rmtree(stale, ignore_errors=True)
                 metrics.unlink(missing_ok=True)
                 (self.run_dir / "loss.png").unlink(missing_ok=True)
         self._barrier()
