@@ -672,9 +672,9 @@ def test_torch_compile_fullgraph_training_step(autocast):
 
 
 def test_pooled_cpu_training_ops_match_torch(monkeypatch):
-    """CPU float32 training runs the Linear GEMMs and the embedding's weight gradient with their
-    large buffers in the host pool (no per-step page faults). Same values and gradients as F.linear /
-    F.embedding, on NaN-poisoned pool memory, with repeated ids. (The loss: tests/test_loss.py.)"""
+    """CPU float32 training runs the Linear GEMMs, the GELU and the embedding's weight gradient with
+    their large buffers in the host pool (no per-step page faults). Same values and gradients as
+    F.linear / F.gelu / F.embedding, on NaN-poisoned pool memory, with repeated ids. (The loss: tests/test_loss.py.)"""
     from mpt_kernels import _ext
     from mpt_kernels.model import modeling
 
@@ -701,6 +701,18 @@ def test_pooled_cpu_training_ops_match_torch(monkeypatch):
     y.backward(gy), y_ref.backward(gy)
     torch.testing.assert_close(x.grad, x_ref.grad)
     torch.testing.assert_close(lw.grad, lw_ref.grad)
+    # GELU (the FFN's hidden activation): output and input gradient bit for bit torch's, with and
+    # without autograd, float32 and bfloat16 (CPU autocast's dtype)
+    for dt in (torch.float32, torch.bfloat16):
+        h = torch.randn(5, 300, 1024, dtype=dt, requires_grad=True)
+        h_ref = h.detach().clone().requires_grad_()
+        y, y_ref = modeling.gelu(h), F.gelu(h_ref)
+        assert torch.equal(y, y_ref) and y.requires_grad
+        gy = torch.randn_like(y)
+        y.backward(gy), y_ref.backward(gy)
+        assert torch.equal(h.grad, h_ref.grad)
+        with torch.no_grad():
+            assert torch.equal(modeling.gelu(h), y_ref)
     assert _ext.host_cache_info()["hits"] + _ext.host_cache_info()["misses"] > 0
 
 
