@@ -648,3 +648,200 @@ def test_a_copied_dataset_reads_its_own_tokenizer(tmp_path):
     assert TokenShards(b / "train").resolve_tokenizer() == str((b / "tokenizer.json").resolve())
     (b / "tokenizer.json").unlink()  # moved without its tokenizer: the recorded absolute path still serves
     assert TokenShards(b / "train").resolve_tokenizer() == str((a / "tokenizer.json").resolve())
+
+
+# ------------------------------------------------------------------------------------- converter: transactional reconversion
+
+def _random_docs(rng, n: int) -> list[str]:
+    """Varied documents of random words (lengths from a few tokens to a few hundred)."""
+    words = ["alpha", "beta", "value", "line", "café", "Köln", "def", "return", "x", "y", "= 1", "{", "}", "東京", "fox"]
+    return [" ".join(rng.choice(words, size=int(rng.integers(3, 120)))) + "\n" for _ in range(n)]
+
+
+def _write_jsonl(path: Path, texts: list[str], bad_line_after: int | None = None) -> Path:
+    with open(path, "w", encoding="utf-8") as fh:
+        for i, t in enumerate(texts):
+            if i == bad_line_after:
+                fh.write('{"text": "truncated record\n')  # malformed: the conversion fails here, part-way
+            fh.write(json.dumps({"text": t}) + "\n")
+    return path
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every file's bytes and every folder under root."""
+    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None) for p in root.rglob("*")}
+
+
+def _staging_folders(out: Path) -> list[Path]:
+    return sorted(out.glob(".tmp-convert-*"))
+
+
+def _count_flushes(monkeypatch, fail_after: int | None = None, exc: BaseException | None = None) -> list[int]:
+    """Count the shards ShardWriter writes; with ``fail_after``, raise ``exc`` instead of the next one."""
+    from mpt_kernels.data.convert import ShardWriter
+
+    written = [0]
+    flush = ShardWriter._flush_shard
+
+    def counting(self):
+        if self._samples:
+            if fail_after is not None and written[0] >= fail_after:
+                raise exc
+            written[0] += 1
+        flush(self)
+
+    monkeypatch.setattr(ShardWriter, "_flush_shard", counting)
+    return written
+
+
+def test_failed_reconversion_leaves_the_earlier_dataset_intact(tmp_path, small_tok, monkeypatch):
+    rng = np.random.default_rng(1234)
+    out = tmp_path / "out"
+    first = _write_jsonl(tmp_path / "first.jsonl", _random_docs(rng, 120))
+    idx = convert([first, *_write_inputs(tmp_path)], out, tokenizer=small_tok, seq_len=16, samples_per_shard=8,
+                  val_fraction=0.2, show_progress=False, log=lambda m: None)
+    assert len(idx["train"]["shards"]) > 3 and idx["val"]["num_samples"] > 0
+    before = _snapshot(out)
+    ref = _samples(StreamingTokenDataset(str(out / "train"), shuffle=False), 10)
+
+    # 1. A malformed record after several hundred good ones: shards of the new dataset are already
+    #    written (in the staging folder) when the error comes.
+    written = _count_flushes(monkeypatch)
+    bad = _write_jsonl(tmp_path / "bad.jsonl", _random_docs(rng, 700), bad_line_after=600)
+    with pytest.raises(ValueError, match=r"bad\.jsonl:601: not valid JSON"):
+        convert([bad], out, tokenizer=small_tok, seq_len=16, samples_per_shard=4, show_progress=False,
+                log=lambda m: None)
+    assert written[0] > 5  # the failure came part-way, not before anything was written
+    assert _snapshot(out) == before and not _staging_folders(out)
+
+    # 2. Interrupted (Ctrl-C) part-way, with a BPE being trained: the earlier tokenizer.json stays too.
+    monkeypatch.undo()
+    bpe_out = tmp_path / "bpe"
+    convert([first], bpe_out, vocab_size=300, seq_len=16, samples_per_shard=8, show_progress=False, log=lambda m: None)
+    bpe_before = _snapshot(bpe_out)
+    _count_flushes(monkeypatch, fail_after=3, exc=KeyboardInterrupt())
+    second = _write_jsonl(tmp_path / "second.jsonl", _random_docs(rng, 300))
+    with pytest.raises(KeyboardInterrupt):
+        convert([second], bpe_out, vocab_size=350, seq_len=8, samples_per_shard=2, val_fraction=0.1,
+                show_progress=False, log=lambda m: None)
+    assert _snapshot(bpe_out) == bpe_before and not _staging_folders(bpe_out)
+    monkeypatch.undo()
+
+    # 3. No training sample: refused, the earlier dataset kept (it used to be removed first).
+    with pytest.raises(ValueError, match="no complete sample"):
+        convert([second], out, tokenizer=small_tok, seq_len=100_000, show_progress=False, log=lambda m: None)
+    assert _snapshot(out) == before and not _staging_folders(out)
+
+    # The command line reports the error as before, and leaves the data alone too.
+    r = _cli(bad, "--out", out, "--tokenizer", small_tok.path, "--seq-len", "16", "--samples-per-shard", "4")
+    assert r.returncode == 1 and "bad.jsonl:601: not valid JSON" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert _snapshot(out) == before and not _staging_folders(out)
+
+    # Still a working dataset, read exactly as before.
+    TokenShards(out / "train").verify()
+    TokenShards(out / "val").verify()
+    assert torch.equal(_samples(StreamingTokenDataset(str(out / "train"), shuffle=False), 10), ref)
+    assert TokenShards(bpe_out / "train").resolve_tokenizer() == str((bpe_out / "tokenizer.json").resolve())
+
+    # A failed first conversion into a new folder leaves no folder behind.
+    with pytest.raises(ValueError, match="not valid JSON"):
+        convert([bad], tmp_path / "fresh", tokenizer=small_tok, seq_len=16, samples_per_shard=4,
+                show_progress=False, log=lambda m: None)
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_successful_reconversion_replaces_the_dataset_and_keeps_other_files(tmp_path, small_tok, monkeypatch):
+    rng = np.random.default_rng(98765)
+    out = tmp_path / "out"
+    big = _write_jsonl(tmp_path / "big.jsonl", _random_docs(rng, 200))
+    old = convert([big], out, vocab_size=400, seq_len=16, samples_per_shard=4, val_fraction=0.2,
+                  show_progress=False, log=lambda m: None)
+    old_tok = (out / "tokenizer.json").read_bytes()
+    (out / "train" / "notes.txt").write_text("my notes")
+    (out / "train" / "shard_99999.bin").write_bytes(b"looks like a shard, but no index lists it")
+    (out / "README.md").write_text("mine")
+
+    small = _write_jsonl(tmp_path / "small.jsonl", _random_docs(rng, 30))
+    logs = []
+    new = convert([small], out, vocab_size=300, seq_len=16, samples_per_shard=4, val_fraction=0.2,
+                  show_progress=False, log=logs.append)
+    assert any("removed" in m and "earlier conversion" in m for m in logs), logs
+    for split in ("train", "val"):
+        assert len(new[split]["shards"]) < len(old[split]["shards"])
+        on_disk = sorted(p.name for p in (out / split).glob("shard_0*.bin"))
+        assert on_disk == [s["file"] for s in new[split]["shards"]]  # the stale extra shards are gone
+        assert json.loads((out / split / "index.json").read_text()) == new[split]
+        shards = TokenShards(out / split)
+        shards.verify()
+        assert shards.num_samples == new[split]["num_samples"]
+        # The tokenizer recorded for the final location, not the staging folder it was written in.
+        assert new[split]["tokenizer"] == str((out / "tokenizer.json").resolve())
+        assert new[split]["tokenizer_relative"] == "../tokenizer.json"
+        assert shards.resolve_tokenizer() == str((out / "tokenizer.json").resolve())
+    assert (out / "train" / "notes.txt").read_text() == "my notes" and (out / "README.md").read_text() == "mine"
+    assert (out / "train" / "shard_99999.bin").is_file()
+    assert not _staging_folders(out) and not list(out.rglob("*.tmp"))
+    # The new BPE replaced the old one, and it is the one the shards were made with.
+    assert (out / "tokenizer.json").read_bytes() != old_tok
+    tok = load_tokenizer(TokenShards(out / "train").resolve_tokenizer())
+    assert tok.vocab_size == new["train"]["vocab_size"]
+    text = json.loads(small.read_text().splitlines()[0])["text"]
+    ids = tok.encode(text) + [tok.eos_id]
+    first = np.fromfile(out / "train" / "shard_00000.bin", dtype=np.uint16).reshape(-1, 16)
+    got = _samples(StreamingTokenDataset(str(out / "train"), shuffle=False), len(first))
+    assert np.array_equal(got.numpy(), first.astype(np.int64))
+    stream = np.concatenate([np.fromfile(out / s, dtype=np.uint16) for split in ("train", "val")
+                             for s in (f"{split}/{x['file']}" for x in new[split]["shards"])])
+    assert any(np.array_equal(stream[i:i + 8], ids[:8]) for i in range(0, len(stream) - 8))
+
+    # Moving the whole folder keeps the tokenizer found (relative path first).
+    import shutil
+
+    shutil.move(str(out), str(tmp_path / "moved"))
+    assert TokenShards(tmp_path / "moved" / "val").resolve_tokenizer() == str((tmp_path / "moved" / "tokenizer.json").resolve())
+
+
+def test_leftover_staging_of_a_killed_conversion_is_removed(tmp_path, small_tok):
+    from mpt_kernels.data.convert import _Staging
+
+    rng = np.random.default_rng(555)
+    out = tmp_path / "out"
+    data = _write_jsonl(tmp_path / "d.jsonl", _random_docs(rng, 300))
+    convert([data], out, tokenizer=small_tok, seq_len=16, samples_per_shard=8, show_progress=False, log=lambda m: None)
+    before = _snapshot(out)
+    # A conversion killed outright (SIGKILL: no cleanup runs) after writing a few shards.
+    script = f"""
+import os, signal
+from mpt_kernels.data import convert as c
+n = [0]
+flush = c.ShardWriter._flush_shard
+def killing(self):
+    flush(self)
+    n[0] += 1
+    if n[0] == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+c.ShardWriter._flush_shard = killing
+c.convert([{str(data)!r}], {str(out)!r}, tokenizer={small_tok.path!r}, seq_len=8, samples_per_shard=2,
+          show_progress=False)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=NEUTRAL_CWD,
+                       env=subprocess_env())
+    assert r.returncode != 0, r.stderr
+    (left,) = _staging_folders(out)
+    assert len(list((left / "train").glob("shard_*.bin"))) == 3
+    assert {k: v for k, v in _snapshot(out).items() if not k.startswith(".tmp-convert-")} == before
+    TokenShards(out / "train").verify()  # the leftover is no part of the dataset
+
+    # One a running conversion holds is left alone; the killed one's goes with the next conversion.
+    live = _Staging(out)
+    try:
+        logs = []
+        idx = convert([data], out, tokenizer=small_tok, seq_len=8, samples_per_shard=16, show_progress=False,
+                      log=logs.append)
+        assert not left.exists() and _staging_folders(out) == [live.path]
+        assert any("interrupted conversion" in m and left.name in m for m in logs), logs
+        assert any("left" in m and live.path.name in m for m in logs), logs
+        assert TokenShards(out / "train").num_samples == idx["train"]["num_samples"]
+    finally:
+        live.remove()
+    assert not _staging_folders(out)

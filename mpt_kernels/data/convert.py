@@ -25,9 +25,19 @@ Output layout (the training configs' ``data.streams`` name ``<out>/train``, ``da
 ``index.json`` is written last and atomically, so a folder with an index is complete; each shard's
 sha256 is in the index and :meth:`TokenShards.verify` checks them. The index records the tokenizer
 as an absolute path (``tokenizer``) and relative to its own folder (``tokenizer_relative``, used when
-the data moved together with its tokenizer). Converting again into the same ``--out`` first removes
-what an earlier conversion wrote there: ``index.json`` and ``shard_*.bin`` at the top level (older
-versions wrote a split-less conversion there) and in ``train/`` and ``val/``; nothing else is touched.
+the data moved together with its tokenizer).
+
+Converting again into the same ``--out`` replaces what an earlier conversion wrote there, and only
+once the new conversion is complete: it is written into a staging folder ``<out>/.tmp-convert-*``
+(so for a while the disk holds both), then the earlier ``index.json`` and the shards it lists are
+removed at the top level (older versions wrote a split-less conversion there) and in ``train/`` and
+``val/``, and the new shards, tokenizer and indexes are renamed into place, the indexes last.
+Nothing else is touched: files of other names stay, and a split folder holding an ``index.json`` of
+another format stops the conversion before anything is written. When the conversion fails (a
+malformed record, a tokenizer error, no training sample, Ctrl-C, a full disk) the staging folder is
+removed and the earlier dataset is left exactly as it was; the error is reported as usual. The
+staging folder of a conversion that was killed outright is removed by the next conversion into
+the same ``--out`` (a running conversion holds a lock on it) and is never read as data.
 
 With ``--val-fraction`` each document goes to ``val`` when a stable hash of its key falls below the
 fraction. The key of a file is its path below its input, the folder's own name included
@@ -47,7 +57,11 @@ import itertools
 import json
 import os
 import re
+import shutil
+import socket
 import sys
+import tempfile
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +70,11 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .tokenizer import Tokenizer, load_tokenizer, train_bpe_tokenizer
+
+try:  # POSIX: a conversion holds a lock on its staging folder's marker while it runs
+    import fcntl
+except ImportError:  # Windows: leftover staging folders are left alone (and ignored)
+    fcntl = None
 
 INDEX_FORMAT = "mpt_kernels.tokens"
 INDEX_VERSION = 1
@@ -206,6 +225,11 @@ def _is_our_index(path: Path) -> bool:
         return False
 
 
+def _foreign_index_error(idx: Path) -> ConvertError:
+    return ConvertError(f"{idx}: an index.json this converter did not write is in the way; choose another "
+                        "output folder")
+
+
 def remove_shard_outputs(folder: str | os.PathLike) -> list[Path]:
     """Delete an earlier :class:`ShardWriter`'s output in ``folder`` and nothing else: its
     ``index.json`` (only one of this converter's format) and the shards that index lists (names of
@@ -251,8 +275,7 @@ class ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         idx = self.out_dir / "index.json"
         if idx.exists() and not _is_our_index(idx):
-            raise ConvertError(f"{idx}: an index.json this converter did not write is in the way; choose another "
-                             "output folder")
+            raise _foreign_index_error(idx)
         # The old index goes first: the folder is incomplete until the new one is written.
         remove_shard_outputs(self.out_dir)
         self._pending: list[np.ndarray] = []  # token chunks not yet cut into samples
@@ -334,14 +357,17 @@ def _tokenizer_meta(tokenizer: Tokenizer, split_dir: Path) -> dict:
 def convert_documents(docs: Iterable[Document], tokenizer: Tokenizer, out_dirs: dict[str, Path], *,
                       seq_len: int, samples_per_shard: int = 4096, val_fraction: float = 0.0,
                       batch_docs: int = 256, progress: Callable[[int], None] | None = None,
-                      meta: dict | None = None) -> dict[str, dict]:
+                      meta: dict | None = None, final_dirs: dict[str, Path] | None = None) -> dict[str, dict]:
     """Tokenize ``docs`` into the split folders of ``out_dirs`` ({"train": dir} or {"train", "val"}).
     Returns each split's index. ``progress(n_bytes)`` is called after each batch with the input
-    bytes it covered (``Document.nbytes``, else the text's UTF-8 size)."""
+    bytes it covered (``Document.nbytes``, else the text's UTF-8 size). ``final_dirs``, when
+    ``out_dirs`` is a staging area, names the folders the splits will be moved to: the index's
+    relative tokenizer path is computed from there."""
     dtype = token_dtype(tokenizer.vocab_size)
     meta = {"eos_id": tokenizer.eos_id, "vocab_size": tokenizer.vocab_size, **(meta or {})}
+    index_dirs = final_dirs or out_dirs
     writers = {split: ShardWriter(Path(d), seq_len, dtype, samples_per_shard,
-                                  meta=dict(meta, **_tokenizer_meta(tokenizer, Path(d)), split=split))
+                                  meta=dict(meta, **_tokenizer_meta(tokenizer, Path(index_dirs[split])), split=split))
                for split, d in out_dirs.items()}
     if val_fraction > 0 and "val" not in writers:
         raise ValueError("val_fraction > 0 needs a 'val' output folder")
@@ -379,6 +405,91 @@ def _remove_outputs(out: Path, keep: Sequence[str] = ()) -> list[Path]:
     return removed
 
 
+# Reconversion is transactional: the new dataset is written into a staging folder inside <out> (same
+# file system, so moving it into place is a rename) and replaces the earlier one only once complete.
+_STAGING_PREFIX = ".tmp-convert-"
+_STAGING_MARKER = "convert-in-progress.json"
+
+
+def _check_out_dirs(dirs: dict[str, Path]) -> None:
+    """Refuse, before anything is written or removed, split folders the result cannot be moved into."""
+    for d in dirs.values():
+        if d.exists() and not d.is_dir():
+            raise ConvertError(f"{d}: not a folder, but the {d.name} split goes there; choose another output folder")
+        idx = d / "index.json"
+        if idx.exists() and not _is_our_index(idx):
+            raise _foreign_index_error(idx)
+
+
+class _Staging:
+    """``<out>/.tmp-convert-XXXX``: where a conversion writes until it has succeeded. Its marker file
+    is locked while the conversion runs, so a later one tells a live staging folder from the leftover
+    of a killed run (:func:`_remove_leftover_staging`)."""
+
+    def __init__(self, out: Path):
+        self.path = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=out))
+        try:
+            self._marker = open(self.path / _STAGING_MARKER, "w")
+            if fcntl is not None:
+                fcntl.flock(self._marker, fcntl.LOCK_EX)  # released by the OS when the process dies, even killed
+            self._marker.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+            self._marker.flush()
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
+
+    def remove(self) -> None:
+        self._marker.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _staging_in_use(d: Path) -> bool:
+    """Whether a running conversion holds ``d``. True when that cannot be told (no marker, no flock)."""
+    if fcntl is None:
+        return True
+    try:
+        with open(d / _STAGING_MARKER, "rb") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            return False  # the lock goes with the file's closing
+    except OSError:  # no marker: killed between creating the folder and its marker, or not ours
+        return True
+
+
+def _remove_leftover_staging(out: Path, log: Callable[[str], None]) -> None:
+    """Remove the staging folders of conversions into ``out`` that were killed (their marker is not
+    locked any more); any other is left alone, and is no part of the dataset either way."""
+    for d in sorted(out.glob(_STAGING_PREFIX + "*")):
+        if not d.is_dir() or d.is_symlink():
+            continue
+        if _staging_in_use(d):
+            log(f"convert: note: left {str(d)!r} alone: another conversion may be writing there (delete it if "
+                "none is running)")
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        log(f"convert: removed {str(d)!r}, left by an interrupted conversion")
+
+
+def _commit(staging: Path, out: Path, dirs: dict[str, Path], idx: dict[str, dict], tokenizer_trained: bool) -> list[Path]:
+    """Replace the earlier conversion in ``out`` by the complete one in ``staging``: the old indexes
+    go first, then its shards, then the new tokenizer and shards are renamed into place and the new
+    indexes last, so a split folder with an index is complete at every moment. Returns what was removed."""
+    _check_out_dirs(dirs)
+    removed = _remove_outputs(out, keep=tuple(dirs))
+    if tokenizer_trained:
+        os.replace(staging / "tokenizer.json", out / "tokenizer.json")
+    for split, final in dirs.items():
+        final.mkdir(exist_ok=True)
+        for s in idx[split]["shards"]:
+            os.replace(staging / split / s["file"], final / s["file"])
+    for split, final in dirs.items():
+        os.replace(staging / split / "index.json", final / "index.json")
+    return removed
+
+
 def _list(items: Sequence[str], limit: int = 10, sep: str = ", ") -> str:
     shown = sep.join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
@@ -407,7 +518,9 @@ def convert(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, 
     ``val_fraction``) and returns {"train": index} (and "val"). ``log`` receives the notes and
     warnings (skipped files, an empty validation split; default: stderr). Raises
     ``FileNotFoundError`` for a missing input and :class:`ConvertError` when there is no document or
-    no training sample (then no split index is left behind)."""
+    no training sample. The result is written aside and moved into ``out_dir`` only once complete: on
+    any error (KeyboardInterrupt included) an earlier conversion there is left as it was and no new
+    index is left behind."""
     log = log or _stderr
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -420,11 +533,48 @@ def convert(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, 
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     dirs = {split: out / split for split in (SPLITS if val_fraction > 0 else ("train",))}
-    stale = _remove_outputs(out, keep=tuple(dirs))
+    _check_out_dirs(dirs)  # before anything is written: a foreign index.json stops the conversion
+    _remove_leftover_staging(out, log)
+    # Written aside and moved into place only when complete: a failure (bad record, interrupt, full
+    # disk) leaves an earlier dataset in <out> as it was.
+    staging = _Staging(out)
+    try:
+        idx = _convert_staged(inputs, out, dirs, staging.path, tokenizer=tokenizer, vocab_size=vocab_size,
+                              seq_len=seq_len, samples_per_shard=samples_per_shard, val_fraction=val_fraction,
+                              text_field=text_field, id_field=id_field, extensions=extensions,
+                              show_progress=show_progress, log=log)
+    except BaseException:
+        staging.remove()
+        if created:
+            try:
+                out.rmdir()  # made by this call and still empty
+            except OSError:
+                pass
+        raise
+    try:
+        stale = _commit(staging.path, out, dirs, idx, tokenizer_trained=tokenizer is None)
+    finally:
+        staging.remove()
     if stale:
         log(f"convert: removed {len(stale)} file(s) of an earlier conversion in {str(out)!r}")
+    if "val" in idx and idx["val"]["num_samples"] == 0:
+        v = idx["val"]
+        log(f"convert: warning: the val split is EMPTY ({v['num_documents']} document(s), {v['dropped_tail_tokens']} "
+            f"tokens, fewer than --seq-len {seq_len}): {str(dirs['val'])!r} has an index with 0 samples and cannot "
+            f"serve as a validation stream; raise --val-fraction ({val_fraction}) or lower --seq-len")
+    return idx
+
+
+def _convert_staged(inputs: Sequence[str | os.PathLike], out: Path, dirs: dict[str, Path], staging: Path, *,
+                    tokenizer: Tokenizer | None, vocab_size: int, seq_len: int, samples_per_shard: int,
+                    val_fraction: float, text_field: str, id_field: str | None, extensions: Sequence[str],
+                    show_progress: bool, log: Callable[[str], None]) -> dict[str, dict]:
+    """:func:`convert`'s work, written into ``staging`` (``<staging>/train``, ``<staging>/val``,
+    ``<staging>/tokenizer.json``) with indexes that name the tokenizer as it will be found once the
+    splits are moved to ``dirs`` and a trained tokenizer to ``<out>/tokenizer.json``."""
     exts = _exts(extensions)
     doc_args = dict(text_field=text_field, id_field=id_field, extensions=extensions)
 
@@ -449,7 +599,8 @@ def convert(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, 
             raise ConvertError(f"all {n_docs} document(s) fell into the val split, none is left to train the "
                                f"tokenizer and the model on: lower --val-fraction ({val_fraction}) or add data")
         tokenizer = train_bpe_tokenizer(itertools.chain([first], texts), vocab_size, show_progress=show_progress)
-        tokenizer.save(out / "tokenizer.json")
+        tokenizer.save(staging / "tokenizer.json")
+        tokenizer.path = str(out.resolve() / "tokenizer.json")  # where the indexes will find it once in place
 
     report = InputReport()
     docs = iter_documents(inputs, report=report, **doc_args)
@@ -460,9 +611,10 @@ def convert(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, 
         bar = tqdm(total=_input_bytes(inputs, extensions), unit="B", unit_scale=True, desc="tokenizing",
                    dynamic_ncols=True)
     try:
-        idx = convert_documents(docs, tokenizer, dirs, seq_len=seq_len, samples_per_shard=samples_per_shard,
-                                val_fraction=val_fraction, progress=bar.update if bar is not None else None,
-                                meta={"inputs": [str(i) for i in inputs]})
+        idx = convert_documents(docs, tokenizer, {split: staging / split for split in dirs}, seq_len=seq_len,
+                                samples_per_shard=samples_per_shard, val_fraction=val_fraction,
+                                progress=bar.update if bar is not None else None,
+                                meta={"inputs": [str(i) for i in inputs]}, final_dirs=dirs)
         if bar is not None and bar.n < bar.total:
             bar.update(bar.total - bar.n)  # skipped files and blank lines: every input byte has been read
     finally:
@@ -471,7 +623,6 @@ def convert(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, 
 
     n_docs = sum(i["num_documents"] for i in idx.values())
     if n_docs == 0:
-        _remove_outputs(out)
         raise _no_documents_error(report, exts, text_field)
     if report.skipped:
         log(f"convert: skipped {len(report.skipped)} file(s): "
@@ -481,17 +632,11 @@ def convert(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, 
             log(f"convert: warning: input {inp!r} gave no documents")
     train = idx["train"]
     if train["num_samples"] == 0:
-        _remove_outputs(out)
         held = (f", or lower --val-fraction ({val_fraction}: {idx['val']['num_documents']} document(s) held out)"
                 if "val" in idx else "")
         raise ConvertError(f"the train split has no complete sample: its {train['num_documents']} document(s) "
                            f"make {train['dropped_tail_tokens']} tokens, fewer than --seq-len {seq_len}; lower "
                            f"--seq-len or add data{held}")
-    if "val" in idx and idx["val"]["num_samples"] == 0:
-        v = idx["val"]
-        log(f"convert: warning: the val split is EMPTY ({v['num_documents']} document(s), {v['dropped_tail_tokens']} "
-            f"tokens, fewer than --seq-len {seq_len}): {str(dirs['val'])!r} has an index with 0 samples and cannot "
-            f"serve as a validation stream; raise --val-fraction ({val_fraction}) or lower --seq-len")
     return idx
 
 
