@@ -236,6 +236,31 @@ class LastResult:
         return result
 
 
+# ---- forward-mode AD -------------------------------------------------------------------------------
+def refuse_forward_ad(op: str, *tensors) -> None:
+    """Raise NotImplementedError when forward-mode AD would run through ``op``'s kernels: its custom ops
+    have no JVP, and torch then drops the tangent without a word (a directional derivative of zero).
+    Covers ``torch.autograd.forward_ad`` dual tensors among ``tensors`` and any ``torch.func`` jvp
+    transform in progress (``jvp``, ``jacfwd``, ``hessian``). Reverse mode (``backward``,
+    ``torch.autograd.grad``) is what the ops support."""
+    import torch
+
+    if torch.compiler.is_compiling():
+        return
+    from torch.autograd import forward_ad
+
+    dual = False
+    if forward_ad._current_level >= 0:
+        dual = any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    if not dual and torch._C._are_functorch_transforms_active():
+        jvp = torch._C._functorch.TransformType.Jvp
+        dual = any(i.key() == jvp for i in torch._C._functorch.get_interpreter_stack())
+    if dual:
+        raise NotImplementedError(
+            f"{op}: forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) is not supported: the "
+            "kernels define no JVP (torch would silently return a zero tangent); use reverse mode (backward)")
+
+
 # ---- eager fast path ----------------------------------------------------------------------------------
 def direct_call_ok(*tensors) -> bool:
     """True when an op may run its kernel directly instead of through its ``torch.library`` custom op.

@@ -831,3 +831,35 @@ def test_save_pretrained_warns_when_transformers_would_ignore_settings(tmp_path)
         MPTForCausalLM(small()).save_pretrained(tmp_path / "plain")
     with pytest.warns(UserWarning, match=r"ignores alibi_bias_max=16 .*; qk_ln=True"):
         MPTForCausalLM(small(alibi_bias_max=16, qk_ln=True)).save_pretrained(tmp_path / "odd")
+
+
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():
+    """The custom ops define no JVP, and torch then returns a zero tangent without a word: every public
+    op (and so the model) raises NotImplementedError under torch.func.jvp and forward_ad dual tensors
+    instead. Plain calls inside a dual level, and vmap, still work."""
+    import torch.autograd.forward_ad as fwAD
+
+    from mpt_kernels.ops.loss import cross_entropy
+
+    torch.manual_seed(5)
+    x, w, targets = torch.randn(3, 8, 64), torch.randn(64), torch.randint(0, 64, (24,))
+    ops = {
+        "layer_norm": lambda t: mk.layer_norm(t, w),
+        "alibi_attention": lambda t: mk.alibi_attention(*(t.view(3, 8, 2, 32),) * 3),
+        "alibi_attention_qkvpacked": lambda t: mk.alibi_attention_qkvpacked(t[..., :48], 1, 1),
+        "cross_entropy": lambda t: cross_entropy(t.reshape(-1, 64), targets),
+    }
+    for name, f in ops.items():
+        with pytest.raises(NotImplementedError, match=f"{name}: forward-mode AD"):
+            torch.func.jvp(f, (x,), (torch.randn_like(x),))
+        with fwAD.dual_level():
+            with pytest.raises(NotImplementedError, match=f"{name}: forward-mode AD"):
+                f(fwAD.make_dual(x.clone(), torch.randn_like(x)))
+            torch.testing.assert_close(f(x), f(x.clone()))  # no tangent: runs
+    torch.testing.assert_close(torch.func.vmap(ops["layer_norm"])(x[None].repeat(2, 1, 1, 1))[1], ops["layer_norm"](x))
+    m = MPTForCausalLM(small()).eval()
+    ids = torch.randint(0, 100, (2, 5))
+    emb = m.transformer.wte.weight.detach()
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda e: torch.func.functional_call(m, {"transformer.wte.weight": e}, (ids,)).logits,
+                       (emb,), (torch.randn_like(emb),))

@@ -38,7 +38,7 @@ from typing import Optional
 
 import torch
 
-from .._ext import LastResult, _C, current_stream, direct_call_ok, view
+from .._ext import LastResult, _C, current_stream, direct_call_ok, refuse_forward_ad, view
 from .._ext import empty as _empty
 from . import reference as _reference
 from .reference import alibi_slopes  # noqa: F401  (public: mk.alibi_slopes)
@@ -278,6 +278,7 @@ def alibi_attention(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=No
             raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() == 0:
             raise ValueError(f"{name}: expected 3 (varlen) or 4 dimensions, got a scalar")
+    refuse_forward_ad("alibi_attention", q, k, v)
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     if varlen and (cu_seqlens_q is None or cu_seqlens_k is None):
         raise ValueError(f"{'cu_seqlens_k' if cu_seqlens_k is None else 'cu_seqlens_q'}: cu_seqlens_q and "
@@ -416,6 +417,7 @@ def alibi_attention_qkvpacked(qkv, n_heads: int, kv_heads: Optional[int] = None,
     qkv, written by the kernel directly (no concatenation of dq, dk, dv)."""
     if not isinstance(qkv, torch.Tensor):
         raise ValueError(f"qkv: expected a torch.Tensor, got {type(qkv).__name__}")
+    refuse_forward_ad("alibi_attention_qkvpacked", qkv)
     kv_heads = n_heads if kv_heads is None else kv_heads
     if n_heads < 1 or kv_heads < 1 or n_heads % kv_heads:
         raise ValueError(f"n_heads ({n_heads}) and kv_heads ({kv_heads}) must be positive, kv_heads dividing n_heads")

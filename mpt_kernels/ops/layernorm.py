@@ -245,6 +245,7 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = Non
         raise ValueError("x: must have at least one dimension (the normalised one)")
     if x.device.type not in ("cpu", "cuda"):
         raise ValueError(f"x: unsupported device {x.device} (expected cpu or cuda)")
+    _ext.refuse_forward_ad("layer_norm", x, weight, bias, residual)
     hidden = x.shape[-1]
     if hidden > 1 and x.stride(-1) != 1:
         raise ValueError(f"x: last dimension must be contiguous (stride 1), got stride {x.stride(-1)}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _ext
 from .._ext import _C, current_stream, empty, view
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -100,6 +101,7 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> 
         raise ValueError(f"targets: expected an integer dtype, got {targets.dtype}")
     if targets.device != logits.device:
         raise ValueError(f"targets: is on {targets.device} but logits are on {logits.device}")
+    _ext.refuse_forward_ad("cross_entropy", logits)
     if logits.shape[1] == 0 and logits.shape[0] > 0:
         raise ValueError("logits: the vocab (last) dimension must be non-empty")
     if logits.shape[1] > 1 and logits.stride(1) != 1:
