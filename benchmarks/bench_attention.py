@@ -111,6 +111,10 @@ def peak_extra_bytes(fn, device: str) -> float:
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - base)
     _release_free_heap()
+    # Our ops take CPU outputs from the host pool, which keeps freed blocks mapped: a block reused from
+    # the timed calls before would not show in RSS, and "extra minus output" read negative. Unmapped
+    # first, the output is counted like any other allocation.
+    mk.empty_host_cache()
     before = _proc_status("VmRSS:")
     if before is None or not _reset_peak_rss():
         return float("nan")
