@@ -197,13 +197,13 @@ class _PooledGelu(torch.autograd.Function):
 
 def gelu(x):
     """``F.gelu(x)`` (exact); on the CPU in eager mode with its buffers from the host pool."""
-    if x.device.type != "cpu" or not x.is_contiguous() or torch.compiler.is_compiling():
+    # Plain eager tensors only (direct_call_ok of the detached input: no compile, tracing, modes,
+    # functorch transform or forward-mode AD, all of which F.gelu handles and this path would not).
+    if x.device.type != "cpu" or not x.is_contiguous() or not mk._ext.direct_call_ok(x.detach()):
         return F.gelu(x)
     if torch.is_grad_enabled() and x.requires_grad:
         return _PooledGelu.apply(x)
-    if mk._ext.direct_call_ok(x):
-        return torch.ops.aten.gelu.out(x, out=_pooled(x.shape, x.dtype, x, True))
-    return F.gelu(x)
+    return torch.ops.aten.gelu.out(x, out=_pooled(x.shape, x.dtype, x, True))
 
 
 class Linear(nn.Linear):
