@@ -918,6 +918,19 @@ def test_slopes_requiring_grad_and_non_bool_causal_are_refused():
         mk.alibi_attention(q, q, q, causal="no")
 
 
+def _assert_same_packed_grad(got, want, H, Hkv, device):
+    """Bit for bit, except the dk, dv slices on CUDA when the kernel sums a KV group's heads in float32
+    atomics from more than 2 CTAs (attention_cuda.cu: bwd_group_splits, MQA here): their order is
+    unspecified, so a sum may differ in its last float32 bit and round to the neighbouring bf16 value
+    (at most one bf16 ulp, 2^-7 relative). Two terms (GQA 4:2) add in either order to the same bits."""
+    if device == "cpu" or H // Hkv <= 2:
+        assert torch.equal(got, want)
+        return
+    D = got.shape[-1] // (H + 2 * Hkv)
+    assert torch.equal(got[..., :H * D], want[..., :H * D])  # dq: one key block, one atomic per element
+    torch.testing.assert_close(got[..., H * D:], want[..., H * D:], rtol=2 ** -7, atol=1e-6)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("varlen", [False, True], ids=["batched", "varlen"])
@@ -940,7 +953,8 @@ def test_qkvpacked_equals_attention_on_the_slices(device, heads, varlen):
     kw = {} if cu is None else dict(cu_seqlens_q=cu, cu_seqlens_k=cu)
     ref = mk.alibi_attention(q.unflatten(-1, (H, D)), k.unflatten(-1, (Hkv, D)), v.unflatten(-1, (Hkv, D)), **kw)
     ref.backward(g)
-    assert torch.equal(out, ref) and torch.equal(qkv.grad, ref_in.grad)
+    assert torch.equal(out, ref)
+    _assert_same_packed_grad(qkv.grad, ref_in.grad, H, Hkv, device)
     assert torch.isfinite(qkv.grad).all() and qkv.grad.abs().sum() > 0
     # the backward op alone into poisoned memory: every element written
     from mpt_kernels.ops.attention import alibi_attention_qkvpacked_bwd, alibi_attention_qkvpacked_fwd
@@ -956,7 +970,7 @@ def test_qkvpacked_equals_attention_on_the_slices(device, heads, varlen):
                                              D ** -0.5, True)
     finally:
         A._grad_buffer = real_buffer
-    assert torch.equal(dqkv, qkv.grad)
+    _assert_same_packed_grad(dqkv, qkv.grad, H, Hkv, device)
     with pytest.raises(ValueError, match="qkv: expected"):
         mk.alibi_attention_qkvpacked(qkv[..., :-1], H, Hkv, cu_seqlens=cu)
 

@@ -1140,7 +1140,8 @@ void alibi_attention_fwd_cuda(const AttentionFwdParams& p, cudaStream_t stream) 
 }
 
 size_t alibi_attention_bwd_workspace_size_cuda(const AttentionBwdParams& p) {
-  if (p.batch <= 0 || p.n_heads <= 0 || p.seqlen_q <= 0 || p.head_dim <= 0) return 0;
+  // n_kv_heads <= 0: bwd_group_splits divides by it (the launcher refuses such params by name).
+  if (p.batch <= 0 || p.n_heads <= 0 || p.n_kv_heads <= 0 || p.seqlen_q <= 0 || p.head_dim <= 0) return 0;
   return attn_cuda::bwd_workspace_bytes(p);
 }
 
