@@ -713,6 +713,12 @@ def test_pooled_cpu_training_ops_match_torch(monkeypatch):
         assert torch.equal(h.grad, h_ref.grad)
         with torch.no_grad():
             assert torch.equal(modeling.gelu(h), y_ref)
+    # a backward with create_graph=True stays differentiable (torch's op, not the pooled out= one)
+    h = torch.randn(3, 1024, requires_grad=True)
+    h_ref = h.detach().clone().requires_grad_()
+    (g1,), (g1_ref,) = (torch.autograd.grad(f(t).sum(), t, create_graph=True)
+                        for f, t in ((modeling.gelu, h), (F.gelu, h_ref)))
+    assert torch.equal(torch.autograd.grad(g1.sum(), h)[0], torch.autograd.grad(g1_ref.sum(), h_ref)[0])
     assert _ext.host_cache_info()["hits"] + _ext.host_cache_info()["misses"] > 0
 
 

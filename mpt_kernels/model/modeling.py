@@ -184,15 +184,17 @@ class _PooledGelu(torch.autograd.Function):
     page faults on every call (the GELU's were most of a tiny 8 x 128 CPU step's ~3,800 faults)."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x):  # gelu() has checked x is a plain eager CPU tensor
         ctx.save_for_backward(x)
-        return torch.ops.aten.gelu.out(x, out=_pooled(x.shape, x.dtype, x, mk._ext.direct_call_ok(x)))
+        return torch.ops.aten.gelu.out(x, out=_pooled(x.shape, x.dtype, x, True))
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        gx = _pooled(x.shape, x.dtype, x, mk._ext.direct_call_ok(g, x))
-        return torch.ops.aten.gelu_backward.grad_input(g, x, grad_input=gx)
+        if torch.is_grad_enabled() or not mk._ext.direct_call_ok(g, x):
+            # create_graph=True (an out= op records no gradient), or tracing/modes: torch's own op
+            return torch.ops.aten.gelu_backward(g, x)
+        return torch.ops.aten.gelu_backward.grad_input(g, x, grad_input=_pooled(x.shape, x.dtype, x, True))
 
 
 def gelu(x):
