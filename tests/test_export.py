@@ -322,6 +322,35 @@ def test_ft_from_checkpoint_dir_matches_model(tmp_path):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
 
 
+@pytest.mark.filterwarnings("ignore:FasterTransformer cannot run this MPT exactly")
+def test_ft_from_separate_qkv_checkpoint_dir_and_foundry_options(tmp_path):
+    """A checkpoint with llm-foundry's fused_qkv=False layout (attn.Wq / Wk / Wv) exports the same
+    bytes as the fused one; a config that switches on an option no exporter computes (qk_gn) raises
+    before anything is written."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model = mpt(attn_type="grouped_query_attention", kv_n_heads=2)
+    model.save_pretrained(tmp_path / "ckpt")
+    sd = load_file(tmp_path / "ckpt" / "model.safetensors")
+    for name in [k for k in sd if ".Wqkv." in k]:
+        for part, t in zip(("Wq", "Wk", "Wv"), sd.pop(name).split([32, 16, 16], dim=0)):
+            sd[name.replace("Wqkv", part)] = t.clone()
+    save_file(sd, tmp_path / "ckpt" / "model.safetensors", metadata={"format": "pt"})
+    a = export_fastertransformer(model, tmp_path / "a", tensor_parallel=2, force=True)
+    b = export_fastertransformer(tmp_path / "ckpt", tmp_path / "b", tensor_parallel=2, force=True)
+    for f in sorted(os.listdir(a)):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    cfg_file = tmp_path / "ckpt" / "config.json"
+    d = json.loads(cfg_file.read_text())
+    d["attn_config"]["qk_gn"] = True
+    cfg_file.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="qk_gn"):
+        export_fastertransformer(tmp_path / "ckpt", tmp_path / "c", force=True)
+    assert not (tmp_path / "c").exists()
+
+
 def test_cli_fastertransformer(tmp_path, capsys):
     from mpt_kernels.export.__main__ import main
 

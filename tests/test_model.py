@@ -785,6 +785,71 @@ def test_config_refuses_what_it_would_silently_ignore():
         MPTConfig(n_heads=0).validate()
 
 
+@pytest.mark.parametrize("key, value", [("qk_gn", True), ("attn_logit_softcapping", 30.0), ("kv_dim", 32),
+                                        ("flex_attn_mod_list", [{"mod_name": "sequence_id"}]),
+                                        ("sliding_window_size", 128), ("rope", True)])
+def test_config_json_with_an_llm_foundry_option_switched_on_raises(key, value):
+    """These change the model: a config.json that switches one on must not load as a plain MPT (they
+    were dropped without a word before). At their off value they load."""
+    d = small().to_dict()
+    with pytest.raises(ValueError, match=f"attn_config.{key}"):
+        MPTConfig.from_dict({**d, "attn_config": {**d["attn_config"], key: value}})
+    off = {"qk_gn": False, "attn_logit_softcapping": None, "kv_dim": None, "flex_attn_mod_list": [],
+           "sliding_window_size": -1, "rope": False}[key]
+    cfg = MPTConfig.from_dict({**d, "attn_config": {**d["attn_config"], key: off}})
+    assert MPTConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+
+
+def test_config_json_unknown_attn_key_warns_bookkeeping_does_not(recwarn):
+    d = small().to_dict()
+    bookkeeping = {"_name_or_path": "", "return_dict": True, "id2label": {"0": "LABEL_0"}, "model_type": ""}
+    MPTConfig.from_dict({**d, "attn_config": {**d["attn_config"], **bookkeeping}})
+    assert not [w for w in recwarn if "attn_config" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"unknown keys \['wobble'\] are ignored"):
+        cfg = MPTConfig.from_dict({**d, "attn_config": {**d["attn_config"], "wobble": 3}})
+    assert "wobble" not in cfg.attn_config
+    with pytest.raises(ValueError, match="unknown keys"):  # built directly: a typo is an error
+        MPTConfig(attn_config={"wobble": 3})
+    # llm-foundry's current fc_type form
+    assert MPTConfig.from_dict({**d, "fc_type": {"name": "torch"}}).extra["fc_type"] == {"name": "torch"}
+    with pytest.raises(ValueError, match="fc_type"):
+        MPTConfig.from_dict({**d, "fc_type": {"name": "te"}})
+
+
+@pytest.mark.filterwarnings("ignore:.*transformers' MptForCausalLM loads this checkpoint")
+@pytest.mark.parametrize("no_bias", [True, False])
+def test_from_pretrained_fuses_separate_qkv(tmp_path, no_bias):
+    """An llm-foundry checkpoint saved with fused_qkv=False (attn.Wq / Wk / Wv) loads into Wqkv and
+    computes the same logits; the loaded config says fused_qkv=True (its weights are fused now)."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = dataclasses.replace(small(), no_bias=no_bias, attn_config={**small().attn_config,
+                                                                   "attn_type": "grouped_query_attention",
+                                                                   "kv_n_heads": 2})
+    m = perturb_norms(MPTForCausalLM(cfg)).eval()
+    m.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    H, Hkv, D = cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
+    for name in [k for k in sd if ".Wqkv." in k]:
+        q, k, v = sd.pop(name).split([H * D, Hkv * D, Hkv * D], dim=0)
+        for part, t in zip(("Wq", "Wk", "Wv"), (q, k, v)):
+            sd[name.replace("Wqkv", part)] = t.clone()
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    d = json.loads((tmp_path / "config.json").read_text())
+    d["attn_config"]["fused_qkv"] = False
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    got = MPTForCausalLM.from_pretrained(tmp_path, attn_impl=None).eval()
+    assert got.config.attn_config["fused_qkv"] is True
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).logits, m(ids).logits, atol=0, rtol=0)
+    # one of the three missing: a clear error
+    del sd[next(k for k in sd if ".Wv." in k)]
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="cannot form"):
+        MPTForCausalLM.from_pretrained(tmp_path)
+
+
 def test_generate_argument_checks_and_top_p_zero_is_greedy():
     from mpt_kernels.model.generation import sample_next
 

@@ -47,10 +47,19 @@ def _to_plain(obj):
 
 def config_to_dict(config) -> dict:
     """An MPT config (ours, transformers' MptConfig, or a dict) as a plain dict with every attention
-    option present."""
+    option present. llm-foundry's options that change the model (qk_gn, logit soft-capping, RoPE,
+    sliding windows...) raise ValueError when switched on: no exporter computes them."""
+    from ..model.config import _FOUNDRY_ATTN_OFF
+
     cfg = dict(_to_plain(config))
     attn = dict(ATTN_DEFAULTS)
     attn.update(cfg.get("attn_config") or {})
+    for key, off in _FOUNDRY_ATTN_OFF.items():
+        v = attn.get(key, off)
+        if not (v == off or v is None and key in ("sliding_window_size", "flex_attn_mod_list")
+                or key == "kv_dim" and v == cfg.get("d_model")):
+            raise ValueError(f"attn_config.{key}={v!r}: the export cannot compute this llm-foundry option "
+                             f"(only {key}={off!r})")
     cfg["attn_config"] = attn
     cfg.setdefault("no_bias", True)
     cfg.setdefault("layer_norm_epsilon", 1e-5)
@@ -75,11 +84,27 @@ def default_softmax_scale(cfg: dict) -> float:
 
 
 class WeightSource:
-    """Lazy access to an MPT's weights by Hugging Face name: ``src[name]``, ``name in src``."""
+    """Lazy access to an MPT's weights by Hugging Face name: ``src[name]``, ``name in src``. A checkpoint
+    saved with llm-foundry's ``fused_qkv=False`` (``attn.Wq`` / ``Wk`` / ``Wv``) also answers for
+    ``attn.Wqkv``: the three concatenated, q rows first."""
 
     def __init__(self, getter: Callable[[str], torch.Tensor], names):
-        self._get = getter
-        self.names = set(names)
+        names = set(names)
+        self._separate = {}
+        for n in names:
+            if ".attn.Wq." in n:
+                parts = [n.replace(".Wq.", f".{w}.") for w in ("Wq", "Wk", "Wv")]
+                fused = n.replace(".Wq.", ".Wqkv.")
+                if all(p in names for p in parts) and fused not in names:
+                    self._separate[fused] = parts
+
+        def get(name):
+            if name in self._separate:
+                return torch.cat([getter(p) for p in self._separate[name]], dim=0)
+            return getter(name)
+
+        self._get = get
+        self.names = names | set(self._separate)
 
     def __contains__(self, name):
         return name in self.names

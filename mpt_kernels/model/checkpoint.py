@@ -52,6 +52,21 @@ def load_state_dict(directory: str) -> dict[str, torch.Tensor]:
     return sd
 
 
+_SEPARATE_QKV = re.compile(r"^(.*\.attn\.)Wq\.(weight|bias)$")
+
+
+def _fuse_separate_qkv(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """llm-foundry's ``fused_qkv=False`` stores attention inputs as ``attn.Wq`` / ``Wk`` / ``Wv``; this
+    model has one ``attn.Wqkv`` whose rows are q, then k, then v (the fused layout): concatenate."""
+    for name in [k for k in sd if _SEPARATE_QKV.match(k)]:
+        prefix, kind = _SEPARATE_QKV.match(name).groups()
+        parts = [f"{prefix}{w}.{kind}" for w in ("Wq", "Wk", "Wv")]
+        if not all(p in sd for p in parts):
+            raise ValueError(f"checkpoint has {name} but not all of {parts}: cannot form {prefix}Wqkv.{kind}")
+        sd[f"{prefix}Wqkv.{kind}"] = torch.cat([sd.pop(p) for p in parts], dim=0)
+    return sd
+
+
 def load_pretrained(cls, path, dtype=None, device=None, attn_impl="flash", strict=True):
     """Build ``cls`` (MPTForCausalLM) from a local HF MPT directory. ``attn_impl`` overrides the
     checkpoint's (MosaicML's configs say "torch"; "flash" runs our kernel); None keeps it.
@@ -64,7 +79,9 @@ def load_pretrained(cls, path, dtype=None, device=None, attn_impl="flash", stric
     config = MPTConfig.load(path)
     if attn_impl is not None:
         config = config.replace(attn_impl=attn_impl)
-    sd = load_state_dict(path)
+    sd = _fuse_separate_qkv(load_state_dict(path))
+    if config.attn_config.get("fused_qkv") is False:  # the weights are fused now: so is the config
+        config = config.replace(attn_config={"fused_qkv": True})
     with torch.device("meta"):
         model = cls(config)
     expected = set(model.state_dict())

@@ -11,6 +11,15 @@ What is supported, and what raises (checked in ``MPTConfig.validate``, called on
 - ``prefix_lm=True`` raises (no prefix mask in the kernel). ``attn_pdrop > 0`` needs attn_impl="torch"
   (the kernel has no dropout). ``norm_type``: low_precision_layernorm / layernorm (both run
   ``mk.layer_norm``: statistics in float32, output in the activation dtype); rmsnorm variants raise.
+- llm-foundry's newer attention options are accepted at their "off" value and refused otherwise:
+  ``qk_gn``, ``attn_logit_softcapping``, ``kv_dim`` (other than d_model), ``flex_attn_mod_list``,
+  ``sliding_window_size``, ``rope``. ``fused_qkv=False`` checkpoints (separate Wq/Wk/Wv) load: the
+  three are concatenated into Wqkv. ``fc_type`` may be "torch" or {"name": "torch"}.
+  ``attn_uses_sequence_id`` is accepted; it is a training-time option (pass ``sequence_id`` to
+  ``forward`` to keep packed documents apart), inference needs nothing from it.
+- ``from_dict`` (config.json) drops the bookkeeping keys transformers writes into attn_config and
+  warns about, then drops, any other attn_config key it does not know; constructing ``MPTConfig``
+  with an unknown attn_config key raises.
 - ``no_bias=False`` is supported (biases on every Linear and LayerNorm, as MPT's original code; transformers
   cannot load such checkpoints). ``ffn_config.ffn_type`` must be "mptmlp" when given.
 
@@ -52,6 +61,47 @@ _INIT_DEFAULTS: dict[str, Any] = {
     "init_std": None,
     "init_gain": 0.0,
 }
+
+# attn_config keys of llm-foundry's MPT that this model has no counterpart for, each with the value
+# that switches it off: accepted at that value, refused otherwise (``validate``). ``fused_qkv=False``
+# is the exception: only the checkpoint layout differs (Wq/Wk/Wv), and ``from_pretrained`` fuses it.
+_FOUNDRY_ATTN_OFF: dict[str, Any] = {
+    "qk_gn": False,
+    "attn_logit_softcapping": None,
+    "kv_dim": None,
+    "flex_attn_mod_list": [],
+    "sliding_window_size": -1,
+    "rope": False,
+}
+_FOUNDRY_ATTN_ANY = ("fused_qkv", "rope_theta", "rope_impl", "rope_dail_config", "rope_hf_config")
+_ATTN_KNOWN = set(_ATTN_DEFAULTS) | set(_FOUNDRY_ATTN_OFF) | set(_FOUNDRY_ATTN_ANY)
+
+# What transformers' PreTrainedConfig writes into every (sub-)config, 4.x and 5.x: bookkeeping that
+# ``MptConfig.save_pretrained`` leaves inside attn_config. ``from_dict`` drops these there.
+_HF_CONFIG_BOOKKEEPING = {
+    "_name_or_path", "add_cross_attention", "architectures", "bad_words_ids", "begin_suppress_tokens",
+    "bos_token_id", "chunk_size_feed_forward", "cross_attention_hidden_size", "decoder_start_token_id",
+    "diversity_penalty", "do_sample", "dtype", "early_stopping", "encoder_no_repeat_ngram_size",
+    "eos_token_id", "exponential_decay_length_penalty", "finetuning_task", "forced_bos_token_id",
+    "forced_eos_token_id", "id2label", "is_decoder", "is_encoder_decoder", "label2id", "length_penalty",
+    "max_length", "min_length", "model_type", "no_repeat_ngram_size", "num_beam_groups", "num_beams",
+    "num_return_sequences", "output_attentions", "output_hidden_states", "output_scores", "pad_token_id",
+    "prefix", "problem_type", "pruned_heads", "remove_invalid_values", "repetition_penalty", "return_dict",
+    "return_dict_in_generate", "sep_token_id", "suppress_tokens", "task_specific_params", "temperature",
+    "tf_legacy_loss", "tie_encoder_decoder", "tie_word_embeddings", "tokenizer_class", "top_k", "top_p",
+    "torch_dtype", "torchscript", "transformers_version", "typical_p", "use_bfloat16",
+}
+
+
+def _hf_bookkeeping_keys() -> set[str]:
+    """The hard-coded set, plus what the installed transformers writes (a newer release may add keys)."""
+    try:
+        import transformers
+
+        return _HF_CONFIG_BOOKKEEPING | set(transformers.PretrainedConfig().to_dict())
+    except Exception:  # not installed, or a release whose base config cannot be built bare
+        return set(_HF_CONFIG_BOOKKEEPING)
+
 
 KERNEL_ATTN_IMPLS = ("flash", "triton", "mk")
 SUPPORTED_INITS = ("kaiming_normal_", "kaiming_uniform_", "baseline_", "small_init_")
@@ -121,10 +171,18 @@ class MPTConfig:
     # ---- validation ------------------------------------------------------------------------------
     def validate(self) -> None:
         a = self.attn_config
-        unknown = set(a) - set(_ATTN_DEFAULTS) - {"rope", "rope_theta", "rope_impl", "rope_dail_config",
-                                                   "rope_hf_config", "sliding_window_size", "fused_qkv"}
+        unknown = set(a) - _ATTN_KNOWN
         if unknown:
             raise ValueError(f"attn_config: unknown keys {sorted(unknown)}")
+        for key, off in _FOUNDRY_ATTN_OFF.items():
+            v = a.get(key, off)
+            if key == "sliding_window_size" and v is None or key == "kv_dim" and v == self.d_model:
+                continue
+            if v != off and not (off == [] and v is None):
+                raise ValueError(f"attn_config.{key}={v!r} is not supported (llm-foundry's option; this model "
+                                 f"implements only {key}={off!r})")
+        if not isinstance(a.get("fused_qkv", True), bool):
+            raise ValueError(f"attn_config.fused_qkv: expected a bool, got {a['fused_qkv']!r}")
         if self.n_heads < 1 or self.d_model < 1:
             raise ValueError(f"d_model ({self.d_model}) and n_heads ({self.n_heads}) must be positive")
         if self.d_model % self.n_heads != 0:
@@ -143,10 +201,6 @@ class MPTConfig:
         if not a["alibi"]:
             raise ValueError("attn_config.alibi=False is not supported: this model is ALiBi-only "
                              "(learned positional embeddings and RoPE are not implemented)")
-        if a.get("rope"):
-            raise ValueError("attn_config.rope is not supported (ALiBi only)")
-        if a.get("sliding_window_size", -1) not in (-1, None):
-            raise ValueError("attn_config.sliding_window_size is not supported")
         if a["prefix_lm"]:
             raise ValueError("attn_config.prefix_lm=True is not supported (no prefix mask in the attention "
                              "kernel); use a causal model")
@@ -172,7 +226,10 @@ class MPTConfig:
             raise ValueError(f"ffn_config.ffn_act_fn: only exact GELU ({{'name': 'gelu'}}, MPT's) is supported, got {act!r}")
         if ffn.get("ffn_hidden_size") not in (None, self.ffn_hidden_size):
             raise ValueError("ffn_config.ffn_hidden_size different from expansion_ratio * d_model is not supported")
-        if self.extra.get("fc_type", "torch") not in ("torch", None):
+        fc = self.extra.get("fc_type", "torch")
+        if isinstance(fc, dict):  # llm-foundry now writes {"name": "torch"}
+            fc = fc.get("name", "torch") if set(fc) <= {"name"} else fc
+        if fc not in ("torch", None):
             raise ValueError(f"fc_type: only 'torch' is supported, got {self.extra['fc_type']!r}")
         if self.init_config["name"] not in SUPPORTED_INITS:
             raise ValueError(f"init_config.name: expected one of {SUPPORTED_INITS}, got {self.init_config['name']!r}")
@@ -205,12 +262,18 @@ class MPTConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: d.pop(k) for k in list(d) if k in names}
         attn = dict(kwargs.get("attn_config") or {})
-        # transformers serialises its sub-config with PreTrainedConfig bookkeeping keys: drop them.
-        for k in list(attn):
-            if k not in _ATTN_DEFAULTS and k not in ("rope", "rope_theta", "rope_impl", "rope_dail_config",
-                                                      "rope_hf_config", "sliding_window_size", "fused_qkv"):
-                attn.pop(k)
-        kwargs["attn_config"] = attn
+        # transformers serialises its sub-config with PreTrainedConfig bookkeeping keys: drop those.
+        # Anything else unknown is dropped with a warning (it may change the model: say so); the
+        # known options of llm-foundry are kept, and validate() refuses the ones switched on.
+        rest = [k for k in attn if k not in _ATTN_KNOWN and not k.startswith("_")]
+        drop = _hf_bookkeeping_keys() if rest else set()
+        strange = sorted(k for k in rest if k not in drop)
+        if strange:
+            import warnings
+
+            warnings.warn(f"attn_config: unknown keys {strange} are ignored (not an MPT or llm-foundry option "
+                          f"this version knows); the model is built without them", stacklevel=2)
+        kwargs["attn_config"] = {k: v for k, v in attn.items() if k in _ATTN_KNOWN}
         extra = {k: v for k, v in d.items() if k in _PASSTHROUGH or k.startswith("_")}
         unknown = sorted(k for k in d if k not in extra)
         # Unknown top-level keys: keep them (round trip) -- transformers also keeps arbitrary keys.
