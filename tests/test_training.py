@@ -210,6 +210,9 @@ def test_resume_after_kill_is_exact(tmp_path, corpus):
     for name in ("killed", "midsave"):
         got = losses(tmp_path / "runs" / name)
         assert got == ref, name  # bit-identical: same data, same RNG, same arithmetic
+        # the tokens count carries over the resume too (4 samples x 32 tokens a step)
+        tokens = {r["step"]: r["tokens"] for r in read_metrics(tmp_path / "runs" / name / "metrics.jsonl", "train")}
+        assert tokens == {s: s * 4 * 32 for s in range(1, 21)}, name
         params = final_params(tmp_path / "runs" / name, 20)
         for k in want:
             assert torch.equal(params[k], want[k]), (name, k)
@@ -502,6 +505,35 @@ def test_finetune_loss_does_not_depend_on_the_micro_batch_split(tmp_path, corpus
     Trainer(_micro_cfg(tmp_path, corpus, run_name="four", max_steps=2, **common, micro_batch_size=1)).fit()
     a, b = losses(tmp_path / "runs/one"), losses(tmp_path / "runs/four")
     assert a[1] == pytest.approx(b[1], rel=1e-5) and a[2] == pytest.approx(b[2], rel=1e-4)
+    # tokens (and so tokens/s and MFU) count real tokens: the micro-batch of 4's right padding is
+    # not counted, so both splits report the same, and less than samples x seq_len
+    def tokens(run):
+        return [r["tokens"] for r in read_metrics(tmp_path / "runs" / run / "metrics.jsonl", "train")]
+
+    assert tokens("one") == tokens("four")
+    assert 0 < tokens("one")[0] < tokens("one")[1] < 8 * 256
+
+
+@pytest.mark.slow
+def test_finetune_two_processes_match_one(tmp_path, corpus):
+    """Finetuning under DDP with 2 ranks x 2 equals 1 rank x 4: the same losses (the target-count
+    weighting across ranks) and the same real-token counts (each rank's padding differs: the
+    counts are summed across ranks, not one rank's times two)."""
+    data = _finetune_rows(tmp_path)
+    common = {"max_steps": 3, "global_batch_size": 4, "data.kind": "finetune", "data.finetune_path": str(data),
+              "data.tokenizer": str(corpus / "tokenizer.json"), "data.seq_len": 256, "checkpoint.save_every": 0,
+              "checkpoint.save_hf": False, "eval.sample_tokens": 0, "eval.every": -1}
+    one = run_train(micro_args(tmp_path, corpus, run_name="one", micro_batch_size=4, **common))
+    assert one.returncode == 0, why(one)
+    two = run_train(micro_args(tmp_path, corpus, run_name="two", micro_batch_size=2, parallel="ddp", **common),
+                    torchrun=2)
+    assert two.returncode == 0, why(two)
+    a, b = (read_metrics(tmp_path / "runs" / r / "metrics.jsonl", "train") for r in ("one", "two"))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=2e-5, abs=2e-5)
+        assert rb["tokens"] == ra["tokens"]
+    assert a[-1]["tokens"] < 3 * 4 * 256
 
 
 def test_chatml_markers_grow_a_vocabulary_without_spare_rows(tmp_path, corpus):

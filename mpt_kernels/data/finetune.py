@@ -144,7 +144,9 @@ class FinetuneDataset(_OrderedDataset):
 
     def collate(self, batch: list[dict]) -> dict[str, torch.Tensor]:
         """Right-pad to the longest example (or ``pad_to``). Causal attention means pad tokens at the
-        end cannot influence real ones, and their labels are -100, so no attention mask is needed."""
+        end cannot influence real ones, and their labels are -100, so no attention mask is needed.
+        ``lengths`` (B,) holds each row's real (unpadded) length: the trainer's tokens/s and MFU
+        count those, not the padding."""
         n = max(len(b["input_ids"]) for b in batch)
         if self.pad_to:
             n = max(n, self.pad_to)
@@ -154,4 +156,5 @@ class FinetuneDataset(_OrderedDataset):
             k = len(b["input_ids"])
             ids[row, :k] = b["input_ids"]
             labels[row, :k] = b["labels"]
-        return {"input_ids": ids, "labels": labels}
+        lengths = torch.tensor([len(b["input_ids"]) for b in batch], dtype=torch.int64)
+        return {"input_ids": ids, "labels": labels, "lengths": lengths}

@@ -262,7 +262,9 @@ class Trainer:
         return int(getattr(self.optimizer, "skipped_steps", 0)) + getattr(self, "_adamw_skipped", 0)
 
     def train_step(self, data_iter) -> tuple[float, int]:
-        """One optimizer step; returns (mean loss over the global batch, tokens in it).
+        """One optimizer step; returns (mean loss over the global batch, tokens in it). Tokens are real
+        tokens: a finetuning batch's right padding is computed but not counted (``lengths``), so
+        tokens/s and MFU are not inflated by it.
 
         The loss (and so the gradient) is the mean over every target token of the global batch. In
         pretraining every micro-batch holds the same number of targets, so that is the mean of the
@@ -286,7 +288,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         tokens = 0
         for i, batch in enumerate(batches):
-            tokens += batch["input_ids"].numel()
+            tokens += int(batch["lengths"].sum()) if "lengths" in batch else batch["input_ids"].numel()
             last = i == self.accum - 1
             if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) and not last:
                 ctx = self.model.no_sync()  # gradients are averaged once, at the last micro-batch
@@ -313,6 +315,11 @@ class Trainer:
         else:
             self.optimizer.step()  # Lion: clipping and the non-finite check happen inside, fused
         self.optimizer.zero_grad(set_to_none=True)
+        if weights is not None and self.distributed:  # ranks' padding differs: sum their real tokens
+            both = torch.stack([total.double(), torch.tensor(float(tokens), dtype=torch.float64, device=self.device)])
+            dist.all_reduce(both, op=dist.ReduceOp.SUM)
+            loss_sum, tokens_sum = both.tolist()
+            return loss_sum / self.world, int(tokens_sum)
         loss = self._all_reduce_mean(total)
         return float(loss.item()), tokens * self.world
 
@@ -358,7 +365,7 @@ class Trainer:
 
         state = {"consumed_samples": consumed, "data": self.train_set.state_dict(consumed),
                  "scheduler": self.scheduler.state_dict(), "skipped_steps": self._skipped_steps(),
-                 "precision": self.precision}
+                 "precision": self.precision, "tokens_seen": int(getattr(self, "_tokens_seen", 0))}
         return save_checkpoint(self.ckpt_dir, step, rank=self.rank, world_size=self.world, write=write,
                                trainer_state=state, keep_last=self.cfg.checkpoint.keep_last, barrier=self._barrier,
                                before_rename=crash if kill_mid_save else None)
@@ -387,6 +394,7 @@ class Trainer:
         # keep (AdamW's, or a Lion state saved before it kept the count) continues from the trainer state.
         self._adamw_skipped = max(0, int(st.get("skipped_steps", 0)) - int(getattr(self.optimizer, "skipped_steps", 0)))
         self.train_set.load_state_dict(st["data"])
+        self._resumed_tokens = st.get("tokens_seen")
         load_rng(ck, self.rank)
         if self.rank == 0:
             _log(f"[train] resumed from {ck} (step {st['step']}, {st['consumed_samples']} samples consumed)")
@@ -479,6 +487,11 @@ class Trainer:
         if not resumed:
             self._start_over()
         seq_len = cfg.data.seq_len
+        # real tokens trained on so far (finetuning's padding not counted; a checkpoint from before
+        # this count existed: samples x seq_len, exact for pretraining)
+        self._tokens_seen = getattr(self, "_resumed_tokens", None) if resumed else 0
+        if self._tokens_seen is None:
+            self._tokens_seen = consumed * seq_len
         peak, peak_src = peak_flops(self.device, self.precision)
         if self.rank == 0:
             _log(f"[train] {self.n_params / 1e6:.2f}M parameters ({cfg.model.preset}), {self.world} process(es) on "
@@ -512,8 +525,9 @@ class Trainer:
             step += 1
             consumed += cfg.global_batch_size
             window_tokens += tokens
+            self._tokens_seen += tokens
             skipped = self._skipped_steps()
-            rec = {"kind": "train", "step": step, "loss": loss, "lr": lr, "tokens": consumed * seq_len}
+            rec = {"kind": "train", "step": step, "loss": loss, "lr": lr, "tokens": self._tokens_seen}
             if skipped > skipped_before:
                 rec["skipped"] = True
                 if self.rank == 0:
