@@ -623,6 +623,10 @@ class MPTForCausalLM(nn.Module):
 
     def _plan(self, B, S, attention_mask, sequence_id, cache, device) -> _AttnPlan:
         past = cache.length if cache is not None else 0
+        if cache is not None and not past:
+            # An empty cache holds no padding: this prefill's mask (below) decides. Starts left by a
+            # prefill that raised before advancing the cache would skew every later decode step.
+            cache.row_starts = None
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (S, past + S):
                 raise ValueError(f"attention_mask: expected shape ({B}, {S}) or ({B}, {past + S}), "

@@ -1,0 +1,74 @@
+"""Review of the inference path: generate, the KV cache, the CLI's streamer, against transformers.
+
+Tolerances: float32 end to end (logits to 1e-4, as tests/test_model.py); tokens compared exactly.
+"""
+import pytest
+import torch
+
+from mpt_kernels.model import MPTConfig, MPTForCausalLM
+
+ATOL = 1e-4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small(**attn):
+    return MPTConfig(d_model=96, n_heads=6, n_layers=2, vocab_size=101, max_seq_len=48,
+                     attn_config=dict(attn_impl="flash", **attn))
+
+
+def perturbed(seed=0):
+    torch.manual_seed(seed)
+    m = MPTForCausalLM(small())
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+def test_prefill_that_raised_leaves_no_stale_padding_in_the_cache():
+    """A padded prefill that raises before the cache advances (here: a float32 cache used under bf16
+    autocast) used to leave its row starts in the still-empty cache; an unpadded retry then decoded
+    each row over a slice of its keys (logits off by ~2)."""
+    m = perturbed(10)
+    ids = torch.randint(1, 101, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        full = m(ids).logits
+        cache = m.new_cache(2, capacity=16)
+        with pytest.raises(ValueError, match="autocast"), torch.autocast("cpu", dtype=torch.bfloat16):
+            m(ids[:, :6], attention_mask=mask[:, :6], past_key_values=cache, use_cache=True)
+        assert cache.length == 0
+        m(ids[:, :6], past_key_values=cache, use_cache=True)  # the retry, without padding
+        step = m(ids[:, 6:], past_key_values=cache).logits
+    torch.testing.assert_close(step, full[:, 6:], atol=ATOL, rtol=0)
+
+
+def test_sampling_equals_transformers_under_the_same_global_seed(tmp_path):
+    """temperature / top_k / top_p mean what transformers' warpers mean (temperature, then top-k, then
+    top-p, then one multinomial draw per step): with the same global seed the sampled tokens are equal,
+    left padding and EOS included."""
+    transformers = pytest.importorskip("transformers")
+    m = perturbed(2)
+    m.save_pretrained(tmp_path)
+    hf = transformers.MptForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(1, 101, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    eos = int(m.generate(ids, 3, temperature=0, attention_mask=mask)[0, -1])
+    for kw in (dict(temperature=0.7), dict(temperature=1.3, top_k=10), dict(temperature=0.9, top_k=20, top_p=0.9)):
+        torch.manual_seed(123)
+        ours = m.generate(ids, 16, attention_mask=mask, eos_token_id=eos, pad_token_id=0, **kw)
+        torch.manual_seed(123)
+        theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=True, eos_token_id=eos,
+                             pad_token_id=0, temperature=kw["temperature"], top_k=kw.get("top_k", 0),
+                             top_p=kw.get("top_p", 1.0))
+        assert torch.equal(ours, theirs), kw
