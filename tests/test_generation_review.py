@@ -52,6 +52,19 @@ def test_prefill_that_raised_leaves_no_stale_padding_in_the_cache():
     torch.testing.assert_close(step, full[:, 6:], atol=ATOL, rtol=0)
 
 
+def test_generate_takes_a_1d_mask_with_a_1d_prompt_and_a_list_mask():
+    """generate accepts a (length,) prompt and lists; the mask now may take the same forms."""
+    m = perturbed(1)
+    ids = torch.randint(1, 101, (6,))
+    ref = m.generate(ids, 4, temperature=0)
+    assert ref.shape == (1, 10)
+    assert torch.equal(m.generate(ids, 4, temperature=0, attention_mask=torch.ones(6, dtype=torch.long)), ref)
+    assert torch.equal(m.generate(ids[None], 4, temperature=0, attention_mask=[[1] * 6]), ref)
+    padded = torch.cat([torch.zeros(2, dtype=torch.long), ids])
+    out = m.generate(padded, 4, temperature=0, attention_mask=[0, 0] + [1] * 6)
+    assert torch.equal(out[0, 2:], ref[0])
+
+
 def test_sampling_equals_transformers_under_the_same_global_seed(tmp_path):
     """temperature / top_k / top_p mean what transformers' warpers mean (temperature, then top-k, then
     top-p, then one multinomial draw per step): with the same global seed the sampled tokens are equal,

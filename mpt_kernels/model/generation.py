@@ -54,6 +54,11 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
     if input_ids.dtype not in (torch.int32, torch.int64) or input_ids.dim() not in (1, 2) or input_ids.numel() == 0:
         raise ValueError(f"input_ids: expected a non-empty (batch, length) or (length,) integer tensor, got "
                          f"{tuple(input_ids.shape)} {input_ids.dtype}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            attention_mask = torch.as_tensor(attention_mask)
+        if input_ids.dim() == 1 and attention_mask.dim() == 1:  # (length,) prompt, (length,) mask
+            attention_mask = attention_mask[None]
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     model._check_ids(input_ids)
