@@ -20,11 +20,18 @@ import torch
 
 class TextStreamer:
     """transformers' streamer protocol (put / end), printing decoded text as it grows. Decoding the whole
-    generated tail each time and printing only the new suffix keeps multi-byte / merged tokens right."""
+    generated tail each time and printing only the new suffix keeps multi-byte / merged tokens right.
+    The tail is decoded behind the prompt's last few tokens, and only what they add is printed: decoders
+    that drop a leading space (SentencePiece's Metaspace, WordPiece) or join ``##`` pieces would
+    otherwise glue the first generated word to the prompt ("sat on" + "the" -> "sat onthe")."""
+
+    CONTEXT = 8  # prompt tokens decoded in front of the generated ones
 
     def __init__(self, tokenizer, out=sys.stdout):
         self.tokenizer, self.out = tokenizer, out
         self.ids: list[int] = []
+        self.context: list[int] = []
+        self.context_text = ""
         self.printed = 0
         self.prompt_seen = False
         self.n_tokens = 0
@@ -32,18 +39,29 @@ class TextStreamer:
     def put(self, ids: torch.Tensor) -> None:
         if not self.prompt_seen:  # the first call carries the prompt, already shown
             self.prompt_seen = True
+            prompt = ids[0] if ids.dim() == 2 else ids.reshape(-1)
+            self.context = [int(i) for i in prompt[-self.CONTEXT:].tolist()] if self.CONTEXT else []
+            self.context_text = self.tokenizer.decode(self.context) if self.context else ""
             return
         self.ids.append(int(ids.reshape(-1)[0]))
         self.n_tokens += 1
-        text = self.tokenizer.decode(self.ids)
+        text = self._text()
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return
         self.out.write(text[self.printed:])
         self.out.flush()
         self.printed = len(text)
 
+    def _text(self) -> str:
+        """The generated text so far, as it reads after the prompt."""
+        if self.context:
+            text = self.tokenizer.decode(self.context + self.ids)
+            if text.startswith(self.context_text):
+                return text[len(self.context_text):]
+        return self.tokenizer.decode(self.ids)
+
     def end(self) -> None:
-        text = self.tokenizer.decode(self.ids)
+        text = self._text()
         self.out.write(text[self.printed:] + "\n")
         self.out.flush()
 

@@ -2,9 +2,12 @@
 
 Tolerances: float32 end to end (logits to 1e-4, as tests/test_model.py); tokens compared exactly.
 """
+import io
+
 import pytest
 import torch
 
+from mpt_kernels.generate import TextStreamer
 from mpt_kernels.model import MPTConfig, MPTForCausalLM
 
 ATOL = 1e-4
@@ -85,3 +88,51 @@ def test_sampling_equals_transformers_under_the_same_global_seed(tmp_path):
                              pad_token_id=0, temperature=kw["temperature"], top_k=kw.get("top_k", 0),
                              top_p=kw.get("top_p", 1.0))
         assert torch.equal(ours, theirs), kw
+
+
+# ---------------------------------------------------------------------------------------------------
+# the CLI's TextStreamer
+# ---------------------------------------------------------------------------------------------------
+def _word_tokenizer(kind):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    words = "the cat sat on dog ran mat".split()
+    if kind == "wordpiece":  # decoder joins words with spaces, no space before the first
+        tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.decoder = decoders.WordPiece(prefix="##")
+    elif kind == "metaspace":  # SentencePiece style: "▁word", the first one's space dropped on decode
+        tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{"\u2581" + w: i + 1 for i, w in enumerate(words)}},
+                                         unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+    else:  # byte-level BPE (GPT-NeoX, MPT's own tokenizer): the space is part of the token
+        from tokenizers import trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator(["the cat sat on the mat", "the dog ran on the mat"] * 20,
+                                trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "metaspace", "bytelevel"])
+def test_text_streamer_keeps_the_space_between_prompt_and_generated_text(kind):
+    """The streamer decoded the generated ids on their own: with a decoder that drops the first word's
+    leading space the CLI printed 'the cat sat onthe dog' for prompt 'the cat sat on'. What it prints
+    after the prompt now is what the generated ids add to the prompt's decoded text."""
+    tok = _word_tokenizer(kind)
+    prompt, generated = "the cat sat on", " the dog ran"
+    full = tok.encode(prompt + generated).ids
+    n_prompt = len(tok.encode(prompt).ids)
+    assert tok.decode(full[:n_prompt]) == prompt
+    out = io.StringIO()
+    s = TextStreamer(tok, out)
+    s.put(torch.tensor([full[:n_prompt]]))
+    for t in full[n_prompt:]:
+        s.put(torch.tensor([t]))
+    s.end()
+    assert prompt + out.getvalue() == tok.decode(full) + "\n"
+    assert s.n_tokens == len(full) - n_prompt
