@@ -94,7 +94,7 @@ def test_sampling_equals_transformers_under_the_same_global_seed(tmp_path):
 # the CLI's TextStreamer
 # ---------------------------------------------------------------------------------------------------
 def _word_tokenizer(kind):
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     words = "the cat sat on dog ran mat".split()
@@ -113,8 +113,8 @@ def _word_tokenizer(kind):
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        tok.train_from_iterator(["the cat sat on the mat", "the dog ran on the mat"] * 20,
-                                trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(["the cat sat on the mat", "the dog ran on the mat"] * 20, trainer)
     return tok
 
 
