@@ -272,6 +272,17 @@ def direct_call_ok(*tensors) -> bool:
     -- a ``with torch.device(...)`` block counts --, functorch transforms, forward-mode AD)."""
     import torch
 
+    if not _plain_eager(tensors):
+        return False
+    if torch.is_grad_enabled():
+        return not any(t is not None and t.requires_grad for t in tensors)
+    return True
+
+
+def _plain_eager(tensors) -> bool:
+    """Plain eager tensors (or None), and nothing that intercepts or records ops."""
+    import torch
+
     if torch.compiler.is_compiling():  # first: Dynamo folds it to True and traces nothing below
         return False
     if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
@@ -281,12 +292,52 @@ def direct_call_ok(*tensors) -> bool:
 
     if forward_ad._current_level >= 0:
         return False
-    grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is None:
-            continue
-        if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
-            return False
-        if grad and t.requires_grad:
+        if t is not None and type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
             return False
     return True
+
+
+def eager_autograd_ok(*tensors) -> bool:
+    """True when an op that records a gradient may run as its eager ``autograd.Function`` twin
+    (``eager_function``) instead of its custom op: the conditions of ``direct_call_ok`` but for the
+    gradient. Under compile, tracing, modes and functorch transforms the custom op runs, as before."""
+    return _plain_eager(tensors)
+
+
+def op_body(op):
+    """The Python function a ``torch.library.custom_op`` was made from (the op itself on a torch that
+    does not keep it)."""
+    return getattr(op, "_init_fn", op)
+
+
+def eager_function(name: str, op, setup_context, backward):
+    """An ``autograd.Function`` running ``op``'s body with ``op``'s registered autograd formula
+    (``setup_context``, ``backward``): the same kernels and the same gradients as the custom op
+    without its Python dispatch (~0.3 ms per LayerNorm forward + backward on a 2-core CPU, a few
+    percent of a small model's training step). ``backward`` sees ``ctx.eager = True`` and calls the
+    backward op's body too (``bwd_op``). Once differentiable, as the custom op: a backward through
+    the backward raises."""
+    import torch
+    from torch.autograd.function import once_differentiable
+
+    body = op_body(op)
+
+    def forward(ctx, *inputs):
+        ctx.eager = True
+        output = body(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    def backward_(ctx, *grads):
+        return backward(ctx, *grads)
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "backward": staticmethod(once_differentiable(backward_)),
+    })
+
+
+def bwd_op(ctx, op):
+    """The backward custom op, or its body under an ``eager_function`` (no dispatch there either)."""
+    return op_body(op) if getattr(ctx, "eager", False) else op

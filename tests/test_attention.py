@@ -808,7 +808,9 @@ def test_grouped_decode_matches_reference_and_per_head_runs(case, dtype):
 def test_inference_calls_skip_the_custom_op_and_match_it(monkeypatch):
     """Without a gradient to record (and nothing tracing), ``alibi_attention`` runs the kernel directly,
     not through ``mpt_kernels::alibi_attention_fwd``: same output bit for bit (a decode step here, where
-    the op's dispatch costs about as much as the kernel). With a gradient, the op runs."""
+    the op's dispatch costs about as much as the kernel). With a gradient, plain eager tensors take the
+    eager autograd.Function (the op's body and formula without its dispatch); under a torch-function
+    mode the op runs."""
     from mpt_kernels.ops import attention as att_op
 
     torch.manual_seed(0)
@@ -822,8 +824,14 @@ def test_inference_calls_skip_the_custom_op_and_match_it(monkeypatch):
     with torch.no_grad():
         out = mk.alibi_attention(q, k, v)
     assert calls == [] and torch.equal(out, ref)
+    eager = []
+    real_eager = att_op._AttentionEager.apply
+    monkeypatch.setattr(att_op._AttentionEager, "apply", lambda *a: eager.append(1) or real_eager(*a))
     mk.alibi_attention(q.requires_grad_(), k, v)
-    assert calls == [1]
+    assert calls == [] and eager == [1]
+    with torch.device("cpu"):
+        mk.alibi_attention(q, k, v)
+    assert calls == [1] and eager == [1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

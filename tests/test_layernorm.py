@@ -580,7 +580,8 @@ def test_streaming_store_path_cpu():
 def test_inference_calls_skip_the_custom_op_and_match_it(monkeypatch):
     """Without a gradient to record (and nothing tracing), ``layer_norm`` runs the kernel directly, not
     through ``mpt_kernels::layer_norm_fwd`` (whose dispatch costs more than a decode-sized kernel); the
-    results are the op's bit for bit. With a gradient, or under a torch-function mode, the op runs."""
+    results are the op's bit for bit. With a gradient, plain eager tensors take the eager
+    autograd.Function (the op's body and formula, no dispatch); under a torch-function mode the op runs."""
     torch.manual_seed(0)
     x, r = torch.randn(2, 3, 64, dtype=torch.bfloat16), torch.randn(2, 3, 64, dtype=torch.bfloat16)
     w, b = torch.randn(64, dtype=torch.bfloat16), torch.randn(64, dtype=torch.bfloat16)
@@ -594,11 +595,17 @@ def test_inference_calls_skip_the_custom_op_and_match_it(monkeypatch):
     y = mk.layer_norm(x, w, b, 1e-5)  # grad mode on, nothing requires grad: still direct
     assert calls == [] and torch.equal(y, ln_op.layer_norm_fwd(x, w, b, None, 1e-5)[0])
     calls.clear()
-    mk.layer_norm(x.requires_grad_(), w, b)  # a gradient to record: through the op (autograd)
-    assert calls == [1]
+    eager = []
+    real_eager = ln_op._LayerNormEager.apply
+    monkeypatch.setattr(ln_op._LayerNormEager, "apply", lambda *a: eager.append(1) or real_eager(*a))
+    mk.layer_norm(x.requires_grad_(), w, b)  # a gradient to record: the eager Function, not the op
+    assert calls == [] and eager == [1]
     with torch.no_grad(), torch.device("cpu"):  # a torch-function mode: through the op
         mk.layer_norm(x, w, b)
-    assert calls == [1, 1]
+    assert calls == [1] and eager == [1]
+    with torch.device("cpu"):  # ... with a gradient too
+        mk.layer_norm(x, w, b)
+    assert calls == [1, 1] and eager == [1]
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -38,7 +38,8 @@ from typing import Optional
 
 import torch
 
-from .._ext import LastResult, _C, current_stream, direct_call_ok, refuse_forward_ad, view
+from .._ext import (LastResult, _C, bwd_op, current_stream, direct_call_ok, eager_autograd_ok, eager_function,
+                    refuse_forward_ad, view)
 from .._ext import empty as _empty
 from . import reference as _reference
 from .reference import alibi_slopes  # noqa: F401  (public: mk.alibi_slopes)
@@ -252,12 +253,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     # lse is an auxiliary output: its gradient is not propagated (it is not part of the public API).
     q, k, v, out, lse, slopes, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = alibi_attention_bwd(dout, q, k, v, out, lse, slopes, cu_q, cu_k, ctx.max_seqlen_q,
-                                     ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal)
+    dq, dk, dv = bwd_op(ctx, alibi_attention_bwd)(dout, q, k, v, out, lse, slopes, cu_q, cu_k, ctx.max_seqlen_q,
+                                                  ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
 alibi_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+# Plain eager training calls: the same body and formula without the custom op's dispatch.
+_AttentionEager = eager_function("_AttentionEager", alibi_attention_fwd, _setup_context, _backward)
 
 
 def alibi_attention(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=None, alibi_bias_max=8.0,
@@ -322,8 +325,10 @@ def alibi_attention(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=No
         # Only the output: no logsumexp (nothing will read it), except varlen, whose outputs are pre-filled.
         return _attention_fwd_impl(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                    softmax_scale, bool(causal), with_lse=cu_seqlens_q is not None)[0]
-    out, _ = alibi_attention_fwd(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                 softmax_scale, bool(causal))
+    op = (_AttentionEager.apply if eager_autograd_ok(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k)
+          else alibi_attention_fwd)
+    out, _ = op(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                bool(causal))
     return out
 
 
@@ -400,12 +405,14 @@ def _packed_setup_context(ctx, inputs, output):
 
 def _packed_backward(ctx, dout, dlse):
     qkv, out, lse, slopes, cu = ctx.saved_tensors
-    dqkv = alibi_attention_qkvpacked_bwd(dout, qkv, out, lse, ctx.n_heads, ctx.kv_heads, slopes, cu, ctx.max_seqlen,
-                                         ctx.softmax_scale, ctx.causal)
+    dqkv = bwd_op(ctx, alibi_attention_qkvpacked_bwd)(dout, qkv, out, lse, ctx.n_heads, ctx.kv_heads, slopes, cu,
+                                                      ctx.max_seqlen, ctx.softmax_scale, ctx.causal)
     return dqkv, None, None, None, None, None, None, None
 
 
 alibi_attention_qkvpacked_fwd.register_autograd(_packed_backward, setup_context=_packed_setup_context)
+_PackedAttentionEager = eager_function("_PackedAttentionEager", alibi_attention_qkvpacked_fwd, _packed_setup_context,
+                                       _packed_backward)
 
 
 def alibi_attention_qkvpacked(qkv, n_heads: int, kv_heads: Optional[int] = None, *, causal=True, softmax_scale=None,
@@ -451,6 +458,7 @@ def alibi_attention_qkvpacked(qkv, n_heads: int, kv_heads: Optional[int] = None,
         max_seqlen = _max_length(cu_seqlens) if max_seqlen is None else _length_arg(max_seqlen, "max_seqlen")
     else:
         max_seqlen = qkv.shape[1]
-    out, _ = alibi_attention_qkvpacked_fwd(qkv, n_heads, kv_heads, alibi_slopes, cu_seqlens, max_seqlen,
-                                           softmax_scale, causal)
+    op = (_PackedAttentionEager.apply if eager_autograd_ok(qkv, alibi_slopes, cu_seqlens)
+          else alibi_attention_qkvpacked_fwd)
+    out, _ = op(qkv, n_heads, kv_heads, alibi_slopes, cu_seqlens, max_seqlen, softmax_scale, causal)
     return out

@@ -199,7 +199,8 @@ def _backward(ctx, dy, dh_out, dmean, drstd):
     if dy is None:
         dy = torch.zeros(h.shape, dtype=ctx.y_dtype, device=h.device)
     dres = dh_out if ctx.has_residual else None
-    dh, dweight, dbias, dx = layer_norm_bwd(dy, dres, h, weight, mean, rstd, ctx.has_bias, ctx.split_dx)
+    dh, dweight, dbias, dx = _ext.bwd_op(ctx, layer_norm_bwd)(dy, dres, h, weight, mean, rstd, ctx.has_bias,
+                                                               ctx.split_dx)
     # The same gradient reaches x and residual: h = x + residual, rounding passes it through (a
     # 16-bit x gets it rounded to its dtype).
     return ((dx if ctx.split_dx else dh), dweight, (dbias if ctx.has_bias else None),
@@ -207,6 +208,8 @@ def _backward(ctx, dy, dh_out, dmean, drstd):
 
 
 layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+# Plain eager training calls: the same body and formula without the custom op's dispatch.
+_LayerNormEager = _ext.eager_function("_LayerNormEager", layer_norm_fwd, _setup_context, _backward)
 
 
 def _check_param(t, name: str, x: Tensor, hidden: int) -> None:
@@ -289,6 +292,8 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = Non
                                  f"got {t.dtype}")
     if _ext.direct_call_ok(x, weight, bias, residual):  # inference: skip the custom op's dispatch
         y, h = _layer_norm_direct(x, weight, bias, residual, float(eps), out_dtype)
+    elif _ext.eager_autograd_ok(x, weight, bias, residual):  # eager training: skip the dispatch too
+        y, h, _, _ = _LayerNormEager.apply(x, weight, bias, residual, float(eps), out_dtype)
     else:
         y, h, _, _ = layer_norm_fwd(x, weight, bias, residual, float(eps), out_dtype)
     return (y, h) if residual is not None else y

@@ -76,10 +76,12 @@ def _backward(ctx, dloss, dlse):
     if dloss is None:
         dloss = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
     # lse is an auxiliary output: its gradient is not propagated (not part of the public API).
-    return cross_entropy_bwd(logits, targets, lse, dloss.float(), ctx.ignore_index), None, None
+    return _ext.bwd_op(ctx, cross_entropy_bwd)(logits, targets, lse, dloss.float(), ctx.ignore_index), None, None
 
 
 cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+# Plain eager training calls: the same body and formula without the custom op's dispatch.
+_CrossEntropyEager = _ext.eager_function("_CrossEntropyEager", cross_entropy_fwd, _setup_context, _backward)
 
 
 def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
@@ -107,6 +109,9 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> 
     if logits.shape[1] > 1 and logits.stride(1) != 1:
         logits = logits.contiguous()
     targets = targets.to(torch.int64).contiguous()
-    loss_rows, _ = cross_entropy_fwd(logits, targets, int(ignore_index))
+    if _ext.eager_autograd_ok(logits, targets):
+        loss_rows, _ = _CrossEntropyEager.apply(logits, targets, int(ignore_index))
+    else:
+        loss_rows, _ = cross_entropy_fwd(logits, targets, int(ignore_index))
     count = (targets != ignore_index).sum()
     return loss_rows.sum() / count
