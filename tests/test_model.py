@@ -25,13 +25,7 @@ from transformers import MptForCausalLM as HFModel  # noqa: E402
 ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: one thread is faster, and on a loaded 2-core box OpenMP barriers dominate otherwise.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(n_heads=6, d_model=96, n_layers=2, vocab=101, max_seq_len=48, attn_impl="flash", **attn):
