@@ -15,7 +15,9 @@ Rows:
   copy bandwidth.
 
 Peak memory: CUDA ``max_memory_allocated`` above the level before the call; CPU the process' peak RSS
-(VmHWM, reset through /proc/self/clear_refs) above the RSS before the call.
+(VmHWM, reset through /proc/self/clear_refs) above the RSS before the call, once malloc's free heap
+(malloc_trim) and mpt_kernels' host pool have been handed back to the OS (memory they kept from
+earlier calls would be reused without raising the RSS).
 transformers at 16k builds (heads, 16k, 16k) float32 score matrices (~4 GiB each for tiny): it runs
 only with --hf-long (default on CUDA, off on CPU where the shared 24 GiB box cannot hold it).
 """
@@ -50,6 +52,18 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
+def _release_free_memory() -> None:
+    import ctypes
+
+    import mpt_kernels as mk
+
+    mk.empty_host_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class PeakMemory:
     """Extra peak memory of the block, in bytes (None where it cannot be measured)."""
 
@@ -64,6 +78,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
+            # Memory freed earlier but kept by malloc or by our host pool would be reused without
+            # raising the RSS: the block's allocations would not count. Hand it back first.
+            _release_free_memory()
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")  # resets VmHWM to the current RSS
