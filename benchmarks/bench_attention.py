@@ -34,10 +34,12 @@ METHODS = ["ours", "sdpa_bias", "sdpa_causal", "flex", "flash_attn"]
 
 
 def add_arguments(p):
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seqlens", type=str, default=None, help="comma-separated, overrides the default list")
-    p.add_argument("--head-dims", type=str, default="64,128")
+    p.add_argument("--heads", type=harness.positive_int, default=8)
+    p.add_argument("--batch", type=harness.positive_int, default=1)
+    p.add_argument("--seqlens", type=harness.comma_list(), default=None,
+                   help="comma-separated, overrides the default list")
+    p.add_argument("--head-dims", type=harness.comma_list(), default="64,128",
+                   help="comma-separated (--quick: the first only)")
     p.add_argument("--no-backward", action="store_true")
     p.add_argument("--flex-seqlens", type=str, default="all",
                    help="CUDA: seqlens at which FlexAttention runs ('all', 'none' or a comma list); each "

@@ -41,9 +41,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def add_arguments(parser):
-    parser.add_argument("--rows", type=int, default=None, help="rows per case (default 16384, 2048 with --quick)")
-    parser.add_argument("--hidden", default="768,4096,16384", help="comma-separated hidden sizes")
-    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
+    parser.add_argument("--rows", type=harness.positive_int, default=None,
+                        help="rows per case (default 16384, 2048 with --quick)")
+    parser.add_argument("--hidden", type=harness.comma_list(), default="768,4096,16384",
+                        help="comma-separated hidden sizes")
+    parser.add_argument("--dtypes", type=harness.comma_list(list(DTYPES)), default="float32,bfloat16",
+                        help="comma-separated dtypes")
 
 
 def _fwd_bwd(fn, x, w, dy):

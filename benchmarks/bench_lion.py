@@ -51,11 +51,11 @@ MODELS = {
 
 
 def add_arguments(p):
-    p.add_argument("--models", default=None,
+    p.add_argument("--models", default=None, type=harness.comma_list(list(MODELS)),
                    help="comma-separated subset of: " + ", ".join(MODELS) + " (default: cpu: mpt-125m, "
                         "mpt-1b-structure-d512; cuda: mpt-125m, mpt-1b)")
     p.add_argument("--full", action="store_true", help="on cpu also run the real MPT-1B (~16 GB of RAM)")
-    p.add_argument("--iters", type=int, default=None, help="timed steps per row")
+    p.add_argument("--iters", type=harness.positive_int, default=None, help="timed steps per row")
 
 
 class ForeachLion:

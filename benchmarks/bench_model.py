@@ -38,9 +38,12 @@ def add_arguments(p):
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--hf-long", action="store_true", default=None, help="also run transformers at 16k")
     p.add_argument("--no-hf-long", dest="hf_long", action="store_false")
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--decode-tokens", type=int, default=None)
-    p.add_argument("--parts", default="train,decode", help="comma-separated: train (fwd, fwd+bwd), decode")
+    p.add_argument("--iters", type=harness.positive_int, default=None,
+                   help="timed calls per train case (default: CPU 1, CUDA 10)")
+    p.add_argument("--decode-tokens", type=harness.positive_int, default=None,
+                   help="decode steps timed per prompt (default 32, 16 with --quick)")
+    p.add_argument("--parts", default="train,decode", type=harness.comma_list(["train", "decode"]),
+                   help="comma-separated: train (fwd, fwd+bwd), decode")
 
 
 # ---- memory ---------------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ QUICK = {"mpt-125m": (1, 128), "mpt-125m @2048": (1, 512)}
 
 
 def add_arguments(p):
-    p.add_argument("--only", default=None, help="comma-separated case names to run")
+    p.add_argument("--only", default=None, type=harness.comma_list(list(dict.fromkeys(c[0] for c in CASES))),
+                   help="comma-separated case names to run (each on the devices its case lists)")
     p.add_argument("--no-baseline", action="store_true", help="skip the transformers + AdamW baseline")
 
 
@@ -92,6 +93,11 @@ def run(ctx: harness.Context) -> harness.Report:
     dev = ctx.device
     bf16 = dev == "cuda"
     dtype_name = "bf16 autocast, fp32 weights" if bf16 else "fp32"
+    only = set(ctx.args.only.split(",")) if ctx.args is not None and ctx.args.only else None
+    elsewhere = sorted(n for n in only or () if not any(c[0] == n and dev in c[5] for c in CASES))
+    if elsewhere:  # before anything is measured (a typo ran nothing and wrote an empty table)
+        raise SystemExit(f"--only: {', '.join(elsewhere)} not run on {dev} (its cases: "
+                         + ", ".join(dict.fromkeys(c[0] for c in CASES if dev in c[5])) + ")")
     sheet = None  # the datasheet's dense bf16 rate: llm-foundry's MFU denominator (its 46% for MPT-7B)
     if dev == "cuda":
         from mpt_kernels.train.metrics import gpu_peak_flops
@@ -102,7 +108,6 @@ def run(ctx: harness.Context) -> harness.Report:
         from mpt_kernels.train.metrics import measure_cpu_peak_flops
 
         peak = measure_cpu_peak_flops(torch.float32, n=1024, seconds=2.0)
-    only = set(ctx.args.only.split(",")) if ctx.args is not None and ctx.args.only else None
     report = harness.Report(
         title=f"Training step, {dev} ({dtype_name}): ours (MPT kernels + fused Lion) vs transformers MptForCausalLM + AdamW",
         columns=["model", "batch x seq", "params (M)", "ours tok/s", "baseline tok/s", "speedup", "ours MFU",

@@ -7,6 +7,7 @@ and a PNG plot when matplotlib is installed.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime as _dt
 import gc
@@ -33,6 +34,41 @@ class Context:
     def __post_init__(self):
         if self.device == "cuda" and not torch.cuda.is_available():
             raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
+        if self.device == "cuda":
+            import mpt_kernels as mk
+
+            if not mk.cuda_available():
+                raise SystemExit("--device cuda asked for, but mpt_kernels cannot run CUDA kernels here (built "
+                                 f"with CUDA: {mk.build_info().get('cuda')}; rebuild with MPT_KERNELS_CUDA=1)")
+
+
+# ---- argument types: a bad value is an argparse error before anything is measured -------------------
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return v
+
+
+def comma_list(choices=None):
+    """argparse type of a comma-separated list: positive integers, or names among ``choices``. The
+    value stays a string (the items validated, spaces dropped), as the benchmarks split it."""
+
+    def parse(text: str) -> str:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("an empty list")
+        for t in items:
+            if choices is None:
+                positive_int(t)
+            elif t not in choices:
+                raise argparse.ArgumentTypeError(f"{t!r} is not one of: {', '.join(choices)}")
+        return ",".join(items)
+
+    return parse
 
 
 def synchronize(device: str) -> None:

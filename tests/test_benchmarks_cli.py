@@ -65,3 +65,53 @@ def test_cpu_peak_memory_counts_memory_the_allocator_reuses():
         again = [torch.ones(each // 4) for _ in range(n)]
     del again, keep
     assert pm.extra is not None and pm.extra > 0.75 * n * each, pm.extra / 2 ** 20
+
+
+def _cli_error(capsys, *argv):
+    """Runs the CLI, expects it to stop with an error before measuring anything; returns the message."""
+    from benchmarks.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    err = capsys.readouterr().err
+    if isinstance(exc.value.code, str):  # SystemExit("message"): Python prints it, exit status 1
+        return exc.value.code
+    assert exc.value.code == 2, exc.value.code  # argparse's usage error
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (("lion", "--models", "mpt-7b"), "'mpt-7b' is not one of: mpt-125m"),  # was a KeyError traceback after the copy roof
+    (("train", "--only", "tinyy"), "'tinyy' is not one of: tiny"),  # ran nothing, overwrote train_cpu.json with an empty table
+    (("train", "--only", "tiny,mpt-1b"), "mpt-1b not run on cpu"),  # mpt-1b is a CUDA case: skipped without a word
+    (("attention", "--seqlens", "512,2k"), "'2k' is not an integer"),  # ValueError traceback after the roof
+    (("attention", "--head-dims", "0"), "'0' must be positive"),
+    (("layernorm", "--dtypes", "float16"), "'float16' is not one of: float32, bfloat16"),  # KeyError traceback
+    (("layernorm", "--hidden", "768,"), None),  # a trailing comma is fine (nothing to reject)
+    (("model", "--decode-tokens", "0"), "'0' must be positive"),  # 0 ran the default, < 0 divided by zero
+    (("model", "--parts", "train,prefill"), "'prefill' is not one of: train, decode"),
+])
+def test_bad_benchmark_options_are_one_line_errors(capsys, monkeypatch, argv, says):
+    import benchmarks.bench_layernorm as ln
+
+    if says is None:  # valid: stop it at run() instead of measuring
+        monkeypatch.setattr(ln, "run", lambda ctx: (_ for _ in ()).throw(SystemExit(f"ran {ctx.args.hidden}")))
+        with pytest.raises(SystemExit, match="ran 768$"):
+            from benchmarks.__main__ import main
+
+            main(list(argv) + ["--out", "/nonexistent"])
+        return
+    msg = _cli_error(capsys, *argv, "--out", "/nonexistent")
+    assert says in msg, msg
+
+
+def test_device_cuda_without_cuda_is_a_one_line_error(capsys, monkeypatch):
+    import mpt_kernels as mk
+
+    assert "torch sees no CUDA device" in _cli_error(capsys, "loss", "--device", "cuda") or torch.cuda.is_available()
+    # torch sees a GPU but this build of mpt_kernels has no CUDA kernels: one line, not a traceback
+    # from the first kernel call deep inside the benchmark
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mk, "cuda_available", lambda: False)
+    msg = _cli_error(capsys, "loss", "--device", "cuda")
+    assert "mpt_kernels cannot run CUDA kernels here" in msg and "\n" not in msg
