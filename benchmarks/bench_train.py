@@ -7,7 +7,9 @@ against the same model built from transformers' MptForCausalLM trained with torc
     python -m benchmarks train --device cuda           # + mpt-1b at seq 2048, a 7B-shaped layer at 65,536 tokens
 
 MFU (llm-foundry's formula, MPTForCausalLM.flops_per_token) is against the dense matmul rate of the
-training dtype measured in the same run (CPU: fp32, best of many; CUDA: bf16 with fp32 master weights).
+training dtype measured in the same run (CPU: fp32, the best of a 2 s window before the cases and of a
+sample beside every round of timed steps; the streamed [row] lines use the first, the table and JSON
+the best; CUDA: bf16 with fp32 master weights).
 The two are timed alternately and each keeps its fastest step, so a shared machine's load swings hit
 both alike.
 """
@@ -115,18 +117,27 @@ def run(ctx: harness.Context) -> harness.Report:
         limits={"matmul TFLOP/s": peak / 1e12, **({"datasheet bf16 TFLOP/s": sheet / 1e12} if sheet else {})},
         plot=harness.bar_plot("model", ["ours tok/s", "baseline tok/s"], "tokens/s"),
     )
+    # CPU: the roof is sampled again beside every round of timed steps and the best kept; the rows'
+    # MFU is rescaled to it at the end. One 2 s window before the cases could fall entirely in
+    # another job's busy spell (0.051 TFLOP/s against 0.18 quiet) and MFU then read up to 2.6.
+    roof = {"peak": peak} if dev == "cpu" else None
     for case in CASES:
         name, devices = case[0], case[5]
         if dev not in devices or (only and name not in only):
             continue
         try:
-            _run_case(ctx, report, case, dev, bf16, peak, sheet)
+            _run_case(ctx, report, case, dev, bf16, peak, sheet, roof=roof)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory: report it, go on with the next case
             report.notes.append(f"{name}: failed with {type(exc).__name__}: {str(exc)[:300]}")
             print(f"[train] {name} failed: {type(exc).__name__}: {exc}", flush=True)
         gc.collect()
         if dev == "cuda":
             torch.cuda.empty_cache()
+    if roof is not None and roof["peak"] > peak:
+        for row in report.rows:
+            for col in ("ours MFU", "baseline MFU"):
+                row[col] = row[col] * peak / roof["peak"]
+        report.limits["matmul TFLOP/s"] = roof["peak"] / 1e12
     report.notes.append(
         "One step = forward + backward + optimizer step (ours: mk.optim.Lion with fused clipping at 1.0; baseline: "
         "clip_grad_norm_(1.0) + torch.optim.AdamW); after a first step each, each keeps its fastest step ("
@@ -145,7 +156,7 @@ def run(ctx: harness.Context) -> harness.Report:
     return report
 
 
-def _run_case(ctx, report, case, dev, bf16, peak, sheet=None):
+def _run_case(ctx, report, case, dev, bf16, peak, sheet=None, roof=None):
     """One row. A baseline that fails (out of memory, say) leaves ours measured and its columns n/a."""
     import mpt_kernels as mk
     from mpt_kernels.model import MPTConfig
@@ -202,6 +213,10 @@ def _run_case(ctx, report, case, dev, bf16, peak, sheet=None):
         # Interleaved, best of several: on a shared machine the load changes from second to second;
         # alternating the two and keeping each one's fastest step compares them under the same luck.
         for _ in range(iters):
+            if roof is not None:  # the roof under the same luck as these steps (see run())
+                from mpt_kernels.train.metrics import measure_cpu_peak_flops
+
+                roof["peak"] = max(roof["peak"], measure_cpu_peak_flops(torch.float32, n=1024, seconds=0.25))
             for k in list(steps):
                 try:
                     best[k] = min(best[k], harness.time_fn(steps[k], dev, warmup=0, iters=1))
