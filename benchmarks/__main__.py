@@ -22,9 +22,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=names + ["all"], help="which benchmark (`<name> --help`: its own options)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and iterations (smoke run)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="results folder")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"),
+                        help="results folder (default benchmarks/results): <name>_<device>[_quick].json, .md, .png")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     argv = sys.argv[1:] if argv is None else list(argv)
     wants_help = any(a in ("-h", "--help") for a in argv)

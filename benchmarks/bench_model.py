@@ -54,7 +54,8 @@ CPU_SHORT_CALL_S = 2.0
 
 def add_arguments(p):
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--hf-long", action="store_true", default=None, help="also run transformers at 16k")
+    p.add_argument("--hf-long", action="store_true", default=None,
+                   help="also run transformers at 16k (default: on with --device cuda, off on the cpu)")
     p.add_argument("--no-hf-long", dest="hf_long", action="store_false")
     p.add_argument("--iters", type=harness.positive_int, default=None,
                    help="timed calls per train case (default: CPU 1, CUDA 10)")
