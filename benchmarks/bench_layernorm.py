@@ -166,6 +166,12 @@ def run(ctx: harness.Context) -> harness.Report:
         _autocast_block(report, device, rows, hidden, ctx.quick)
 
     report.limits = {"copy GB/s min": min(copies, default=float("nan")), "copy GB/s max": max(copies, default=float("nan"))}
+    above = sorted({(r["hidden"], r["dtype"]) for r in report.rows if max(r["frac copy"], r["kernel frac copy"]) > 1})
+    if above:  # e.g. --rows 256: the tensors stay in the caches, which the copy roof (DRAM) does not measure
+        report.notes.append(
+            "frac copy above 1 (" + ", ".join(f"{h} {d}" for h, d in above) + f", {rows} rows): those cases' "
+            "tensors fit in the CPU caches (or the GPU's L2), while the copy roof is measured on a buffer far "
+            "larger than the last-level cache; more --rows measure the memory-bound case.")
     report.plot = _plot
     return report
 

@@ -187,3 +187,15 @@ def test_train_cpu_mfu_is_against_the_best_roof_of_the_run(monkeypatch):
     fpt = MPTForCausalLM(MPTConfig.from_preset("tiny", vocab_size=64, n_layers=1, d_model=32, n_heads=2,
                                                max_seq_len=8)).flops_per_token(8)
     assert row["ours MFU"] == pytest.approx(fpt * row["ours tok/s"] / 4e9)
+
+
+def test_layernorm_explains_fractions_above_the_copy_roof(monkeypatch):
+    # `layernorm --rows 256` read "kernel frac copy" 1.1-1.6 without a word: 256 rows stay in the
+    # caches, the roof is a copy far larger than the last-level cache. The report now says so.
+    from benchmarks import bench_layernorm
+
+    monkeypatch.setattr(harness, "copy_bandwidth", lambda device, nbytes=None: 1e-6)  # any case is "above"
+    monkeypatch.setattr(bench_layernorm, "_autocast_block", lambda *a: None)
+    args = type("A", (), {"rows": 8, "hidden": "64", "dtypes": "float32"})()
+    report = bench_layernorm.run(harness.Context(name="layernorm", device="cpu", quick=True, args=args))
+    assert any("frac copy above 1 (64 float32, 8 rows)" in n for n in report.notes), report.notes
