@@ -199,3 +199,16 @@ def test_layernorm_explains_fractions_above_the_copy_roof(monkeypatch):
     args = type("A", (), {"rows": 8, "hidden": "64", "dtypes": "float32"})()
     report = bench_layernorm.run(harness.Context(name="layernorm", device="cpu", quick=True, args=args))
     assert any("frac copy above 1 (64 float32, 8 rows)" in n for n in report.notes), report.notes
+
+
+def test_lion_explains_steps_above_the_copy_roof(monkeypatch):
+    # On the quiet box the fused step read 161-174% of the copy bandwidth without a word (the committed
+    # lion_cpu.md 101-107%): an in-place update pays no read-for-ownership, a copy does.
+    from benchmarks import bench_lion
+
+    monkeypatch.setattr(harness, "copy_bandwidth", lambda device, nbytes=None: 1e-6)
+    monkeypatch.setattr(bench_lion, "_memcpy_bandwidth", lambda nbytes=0: 1e-6)
+    monkeypatch.setattr(bench_lion, "MODELS", {"toy": dict(d_model=8, n_layers=1, vocab=64)})
+    args = type("A", (), {"models": "toy", "full": False, "iters": 1})()
+    report = bench_lion.run(harness.Context(name="lion", device="cpu", quick=True, args=args))
+    assert any("pct_copy_bw above 100" in n for n in report.notes), report.notes
