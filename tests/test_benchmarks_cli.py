@@ -1,11 +1,19 @@
 """The benchmark harness and CLI (benchmarks/): argument errors, the limits it measures, its JSON.
 Fast checks only: no benchmark is run at size here."""
 import itertools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import harness
+# benchmarks/ is not an installed package: reach it from the repository root, appended (not
+# prepended) so that the installed mpt_kernels, not the source tree's, is the one imported.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)
+
+from benchmarks import harness  # noqa: E402
 
 
 class _FakeClock:
