@@ -49,17 +49,16 @@ def config_to_dict(config) -> dict:
     """An MPT config (ours, transformers' MptConfig, or a dict) as a plain dict with every attention
     option present. llm-foundry's options that change the model (qk_gn, logit soft-capping, RoPE,
     sliding windows...) raise ValueError when switched on: no exporter computes them."""
-    from ..model.config import _FOUNDRY_ATTN_OFF
+    from ..model.config import _FOUNDRY_ATTN_OFF, foundry_options_on
 
     cfg = dict(_to_plain(config))
     attn = dict(ATTN_DEFAULTS)
     attn.update(cfg.get("attn_config") or {})
-    for key, off in _FOUNDRY_ATTN_OFF.items():
-        v = attn.get(key, off)
-        if not (v == off or v is None and key in ("sliding_window_size", "flex_attn_mod_list")
-                or key == "kv_dim" and v == cfg.get("d_model")):
-            raise ValueError(f"attn_config.{key}={v!r}: the export cannot compute this llm-foundry option "
-                             f"(only {key}={off!r})")
+    on = foundry_options_on(attn, cfg.get("d_model"))
+    if on:
+        key, v = on[0]
+        raise ValueError(f"attn_config.{key}={v!r}: the export cannot compute this llm-foundry option "
+                         f"(only {key}={_FOUNDRY_ATTN_OFF[key]!r})")
     cfg["attn_config"] = attn
     cfg.setdefault("no_bias", True)
     cfg.setdefault("layer_norm_epsilon", 1e-5)

@@ -76,6 +76,19 @@ _FOUNDRY_ATTN_OFF: dict[str, Any] = {
 _FOUNDRY_ATTN_ANY = ("fused_qkv", "rope_theta", "rope_impl", "rope_dail_config", "rope_hf_config")
 _ATTN_KNOWN = set(_ATTN_DEFAULTS) | set(_FOUNDRY_ATTN_OFF) | set(_FOUNDRY_ATTN_ANY)
 
+
+def foundry_options_on(attn: dict, d_model: int) -> list[tuple[str, Any]]:
+    """The llm-foundry attention options (``_FOUNDRY_ATTN_OFF``) that ``attn`` switches on, as (key,
+    value). None also means off for the list and the window; kv_dim equal to d_model is the default."""
+    on = []
+    for key, off in _FOUNDRY_ATTN_OFF.items():
+        v = attn.get(key, off)
+        if v == off or v is None and key in ("sliding_window_size", "flex_attn_mod_list") or \
+                key == "kv_dim" and v == d_model:
+            continue
+        on.append((key, v))
+    return on
+
 # What transformers' PreTrainedConfig writes into every (sub-)config, 4.x and 5.x: bookkeeping that
 # ``MptConfig.save_pretrained`` leaves inside attn_config. ``from_dict`` drops these there.
 _HF_CONFIG_BOOKKEEPING = {
@@ -174,13 +187,11 @@ class MPTConfig:
         unknown = set(a) - _ATTN_KNOWN
         if unknown:
             raise ValueError(f"attn_config: unknown keys {sorted(unknown)}")
-        for key, off in _FOUNDRY_ATTN_OFF.items():
-            v = a.get(key, off)
-            if key == "sliding_window_size" and v is None or key == "kv_dim" and v == self.d_model:
-                continue
-            if v != off and not (off == [] and v is None):
-                raise ValueError(f"attn_config.{key}={v!r} is not supported (llm-foundry's option; this model "
-                                 f"implements only {key}={off!r})")
+        on = foundry_options_on(a, self.d_model)
+        if on:
+            key, v = on[0]
+            raise ValueError(f"attn_config.{key}={v!r} is not supported (llm-foundry's option; this model "
+                             f"implements only {key}={_FOUNDRY_ATTN_OFF[key]!r})")
         if not isinstance(a.get("fused_qkv", True), bool):
             raise ValueError(f"attn_config.fused_qkv: expected a bool, got {a['fused_qkv']!r}")
         if self.n_heads < 1 or self.d_model < 1:
@@ -265,9 +276,9 @@ class MPTConfig:
         # transformers serialises its sub-config with PreTrainedConfig bookkeeping keys: drop those.
         # Anything else unknown is dropped with a warning (it may change the model: say so); the
         # known options of llm-foundry are kept, and validate() refuses the ones switched on.
-        rest = [k for k in attn if k not in _ATTN_KNOWN and not k.startswith("_")]
-        drop = _hf_bookkeeping_keys() if rest else set()
-        strange = sorted(k for k in rest if k not in drop)
+        rest = [k for k in attn if k not in _ATTN_KNOWN and k not in _HF_CONFIG_BOOKKEEPING and not k.startswith("_")]
+        # only then ask the installed transformers (a slow import) whether it writes them
+        strange = sorted(set(rest) - _hf_bookkeeping_keys()) if rest else []
         if strange:
             import warnings
 
