@@ -2,7 +2,7 @@
 
 Plain eager calls that record a gradient run the op's body and registered formula through an
 ``autograd.Function`` (no custom-op dispatch). Anything that intercepts ops still takes the custom
-op: here a ``with torch.device("cpu")`` block (a torch-function mode) forces it. Both must give the
+op: here a pass-through torch-function mode forces it. Both must give the
 same outputs and gradients bit for bit (the same kernels on the same inputs), including under the
 NaN-poisoning allocator of conftest (an unwritten element would show), and a backward through the
 backward must raise on both."""
@@ -17,10 +17,17 @@ from mpt_kernels.ops import layernorm as ln_op
 from mpt_kernels.ops import loss as loss_op
 
 
+class _Passthrough(torch.overrides.TorchFunctionMode):
+    """Changes nothing, but an active mode sends the ops to their torch.library custom ops."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
 def _run(fn, inputs, grads, through_op):
     leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
     if through_op:
-        with torch.device("cpu"):
+        with _Passthrough():
             outs = fn(*leaves)
     else:
         outs = fn(*leaves)
@@ -149,7 +156,7 @@ def test_model_training_step_eager_equals_op():
     def step(through_op):
         m.zero_grad(set_to_none=True)
         if through_op:
-            with torch.device("cpu"):
+            with _Passthrough():
                 loss = m(ids, labels=ids).loss
                 loss.backward()
         else:
@@ -161,3 +168,25 @@ def test_model_training_step_eager_equals_op():
     assert torch.equal(a[0], b[0])
     for ga, gb in zip(a[1], b[1]):
         assert torch.equal(ga, gb)
+
+
+@pytest.mark.cuda
+def test_eager_paths_equal_ops_on_cuda():
+    """The same on CUDA for the deterministic kernels: LayerNorm (bf16, residual, bias), the loss, and
+    multi-head packed attention (its dq, dk, dv are bitwise reproducible; GQA/MQA add dk/dv with
+    float32 atomics in no fixed order, so they are left out here)."""
+    torch.manual_seed(7)
+    dev = "cuda"
+    x = torch.randn(3, 7, 256, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn(3, 7, 256, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(256, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(256, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    _same(lambda x, w, b, r: mk.layer_norm(x, w, b, residual=r), (x, w, b, r),
+          lambda outs: [torch.randn_like(o) for o in outs], (ln_op, "_LayerNormEager"))
+    logits = torch.randn(33, 1031, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 1031, (33,), device=dev)
+    _same(lambda lg: loss_op.cross_entropy(lg, targets), (logits,), lambda outs: [torch.tensor(1.3, device=dev)],
+          (loss_op, "_CrossEntropyEager"))
+    qkv = torch.randn(2, 70, 3 * 4 * 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    _same(lambda t: mk.alibi_attention_qkvpacked(t, 4), (qkv,), lambda outs: [torch.randn_like(outs[0])],
+          (att_op, "_PackedAttentionEager"))
