@@ -305,6 +305,19 @@ def eager_autograd_ok(*tensors) -> bool:
     return _plain_eager(tensors)
 
 
+def route(*tensors) -> str:
+    """How an op call runs, with the checks made once: "direct" (``direct_call_ok``: the kernel, no
+    autograd), "eager" (``eager_autograd_ok`` with a gradient to record: the autograd.Function
+    twin) or "op" (the torch.library custom op: compile, tracing, modes, transforms)."""
+    import torch
+
+    if not _plain_eager(tensors):
+        return "op"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return "eager"
+    return "direct"
+
+
 def op_body(op):
     """The Python function a ``torch.library.custom_op`` was made from (the op itself on a torch that
     does not keep it)."""

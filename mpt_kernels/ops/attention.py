@@ -38,8 +38,8 @@ from typing import Optional
 
 import torch
 
-from .._ext import (LastResult, _C, bwd_op, current_stream, direct_call_ok, eager_autograd_ok, eager_function,
-                    refuse_forward_ad, view)
+from .._ext import (LastResult, _C, bwd_op, current_stream, eager_autograd_ok, eager_function, refuse_forward_ad,
+                    route, view)
 from .._ext import empty as _empty
 from . import reference as _reference
 from .reference import alibi_slopes  # noqa: F401  (public: mk.alibi_slopes)
@@ -321,12 +321,12 @@ def alibi_attention(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=No
     # A SymFloat scale (from a symbolic head_dim) stays symbolic for the same reason as the lengths.
     if not isinstance(softmax_scale, torch.SymFloat):
         softmax_scale = float(softmax_scale)
-    if direct_call_ok(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k):  # inference: skip the op's dispatch
+    how = route(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k)
+    if how == "direct":  # inference: skip the op's dispatch
         # Only the output: no logsumexp (nothing will read it), except varlen, whose outputs are pre-filled.
         return _attention_fwd_impl(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                    softmax_scale, bool(causal), with_lse=cu_seqlens_q is not None)[0]
-    op = (_AttentionEager.apply if eager_autograd_ok(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k)
-          else alibi_attention_fwd)
+    op = _AttentionEager.apply if how == "eager" else alibi_attention_fwd
     out, _ = op(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                 bool(causal))
     return out

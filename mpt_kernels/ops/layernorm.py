@@ -290,9 +290,10 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = Non
             if t is not None and t.dtype != torch.float32:
                 raise ValueError(f"{name}: must be float32 in mixed precision (float32 residual or out_dtype), "
                                  f"got {t.dtype}")
-    if _ext.direct_call_ok(x, weight, bias, residual):  # inference: skip the custom op's dispatch
+    how = _ext.route(x, weight, bias, residual)
+    if how == "direct":  # inference: skip the custom op's dispatch
         y, h = _layer_norm_direct(x, weight, bias, residual, float(eps), out_dtype)
-    elif _ext.eager_autograd_ok(x, weight, bias, residual):  # eager training: skip the dispatch too
+    elif how == "eager":  # eager training: skip the dispatch too
         y, h, _, _ = _LayerNormEager.apply(x, weight, bias, residual, float(eps), out_dtype)
     else:
         y, h, _, _ = layer_norm_fwd(x, weight, bias, residual, float(eps), out_dtype)
