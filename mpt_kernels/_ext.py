@@ -342,12 +342,9 @@ def eager_function(name: str, op, setup_context, backward):
         setup_context(ctx, inputs, output)
         return output
 
-    def backward_(ctx, *grads):
-        return backward(ctx, *grads)
-
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(forward),
-        "backward": staticmethod(once_differentiable(backward_)),
+        "backward": staticmethod(once_differentiable(backward)),
     })
 
 
