@@ -109,6 +109,33 @@ def test_extreme_logits(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_logits_near_the_dtype_maximum(device, dtype):
+    """Logits past float32's max / log2(e) (~2.36e38; bfloat16 reaches 3.39e38): the kernels shift by
+    the row's max before scaling to base 2, so nothing overflows (they used to give NaN here)."""
+    big = torch.finfo(dtype).max * (0.9 if dtype == torch.float16 else 0.98)
+    V = 1000
+    logits = torch.randn(4, V, device=device) * 3
+    logits[0, 5] = big  # the target holds the max: loss 0, gradient 0
+    logits[1, 5], logits[1, 7] = big, -big  # the target is an ordinary logit: loss ~ big
+    logits[2] = -big  # every logit hugely negative but one
+    logits[2, 3] = -big / 3
+    logits[3, 11], logits[3, 12] = big, big / 2  # the target half the max: loss big / 2
+    # (Not tested: ties at the max. lse = big + log(2) rounds to big in float32, so each tied logit's
+    # probability comes out 1, not 1/2: the |lse| * 2^-23 precision of a saved lse, as check() allows.)
+    logits = logits.to(dtype)
+    targets = torch.tensor([5, 2, 3, 12], device=device)
+    rows, _ = loss_op.cross_entropy_fwd(logits, targets, -100)  # per row: their mean overflows float32
+    ref_rows = F.cross_entropy(logits.double().cpu(), targets.cpu(), reduction="none")
+    torch.testing.assert_close(rows.double().cpu(), ref_rows, rtol=1e-5, atol=1e-5)
+    leaf = logits.detach().clone().requires_grad_()
+    cross_entropy(leaf, targets).backward()
+    _, ref_grad = reference(logits, targets)
+    # float64 softmax of these rows is 0 or 1 to well below any dtype's rounding
+    torch.testing.assert_close(leaf.grad.double().cpu(), ref_grad, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_model_loss_equals_torch_cross_entropy(device):
     """The model's loss (the fused kernel on its logits) equals F.cross_entropy on the same logits."""
     from mpt_kernels.model import MPTConfig, MPTForCausalLM

@@ -1,7 +1,7 @@
 // CPU cross-entropy: OpenMP over rows, AVX2 over the vocab axis (bf16/fp16 converted at load and
 // store, csrc/common/cpu_math.h; exp2 from attention_cpu_math.h). The twin of cross_entropy_cuda.cu:
-// one row is one unit of work, float32 arithmetic in the base-2 domain (x * log2(e)), the same
-// outputs (cross_entropy.h). The row (a few hundred KB at most) stays in L2 between its passes.
+// one row is one unit of work, float32 arithmetic, exponentials taken as 2^((x - shift) * log2(e)) with
+// the shift (the row's max, then lse) subtracted first, the same outputs (cross_entropy.h). The row (a few hundred KB at most) stays in L2 between its passes.
 #include <omp.h>
 
 #include <cmath>
@@ -54,22 +54,24 @@ float row_max(const T* x, int64_t V) {
   return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
-// sum_v 2^(x_v * log2e - m2)
+// sum_v 2^((x_v - m) * log2e). The shift is taken before the scaling: x * log2e overflows float32 for
+// |x| > ~2.36e38, x - m does not for finite logits of one sign (and -inf for opposite signs: 0).
 template <typename T>
-float row_sum_exp2(const T* x, int64_t V, float m2) {
+float row_sum_exp2(const T* x, int64_t V, float m) {
   float s = 0.f;
   int64_t v = 0;
 #ifdef MPTK_AVX2
-  const __m256 l2e = _mm256_set1_ps(kLog2e), nm = _mm256_set1_ps(-m2);
+  const __m256 l2e = _mm256_set1_ps(kLog2e), vm = _mm256_set1_ps(m);
   __m256 a0 = _mm256_setzero_ps(), a1 = a0;
   for (; v + 16 <= V; v += 16) {
-    a0 = _mm256_add_ps(a0, attn_cpu::exp2_ps(_mm256_fmadd_ps(load8(x + v), l2e, nm)));
-    a1 = _mm256_add_ps(a1, attn_cpu::exp2_ps(_mm256_fmadd_ps(load8(x + v + 8), l2e, nm)));
+    a0 = _mm256_add_ps(a0, attn_cpu::exp2_ps(_mm256_mul_ps(_mm256_sub_ps(load8(x + v), vm), l2e)));
+    a1 = _mm256_add_ps(a1, attn_cpu::exp2_ps(_mm256_mul_ps(_mm256_sub_ps(load8(x + v + 8), vm), l2e)));
   }
-  for (; v + 8 <= V; v += 8) a0 = _mm256_add_ps(a0, attn_cpu::exp2_ps(_mm256_fmadd_ps(load8(x + v), l2e, nm)));
+  for (; v + 8 <= V; v += 8)
+    a0 = _mm256_add_ps(a0, attn_cpu::exp2_ps(_mm256_mul_ps(_mm256_sub_ps(load8(x + v), vm), l2e)));
   s = hsum8(_mm256_add_ps(a0, a1));
 #endif
-  for (; v < V; ++v) s += std::exp2(std::fma(to_float(x[v]), kLog2e, -m2));
+  for (; v < V; ++v) s += std::exp2((to_float(x[v]) - m) * kLog2e);
   return s;
 }
 
@@ -94,8 +96,7 @@ int64_t fwd_impl(const CrossEntropyFwdParams& p) {
     if (std::isinf(m)) {  // every logit -inf: lse -inf (loss NaN, as torch); a +inf logit: NaN, as torch
       lse = m < 0 ? m : std::numeric_limits<float>::quiet_NaN();
     } else {
-      const float m2 = m * kLog2e;
-      lse = (m2 + std::log2(row_sum_exp2(x, V, m2))) * kLn2;
+      lse = m + std::log2(row_sum_exp2(x, V, m)) * kLn2;
     }
     p.lse[r] = lse;
     if (t < 0 || t >= V) {
@@ -127,21 +128,21 @@ void bwd_impl(const CrossEntropyBwdParams& p) {
       for (int64_t v = 0; v < V; ++v) d[v] = nan;
       continue;
     }
-    const float lse2 = p.lse[r] * kLog2e;
-    if (lse2 != lse2) {  // a NaN logit: the whole row is NaN (filled here rather than through exp2_ps's NaN)
+    const float lse = p.lse[r];
+    if (lse != lse) {  // a NaN logit: the whole row is NaN (filled here rather than through exp2_ps's NaN)
       const T nan = from_float<T>(std::numeric_limits<float>::quiet_NaN());
       for (int64_t v = 0; v < V; ++v) d[v] = nan;
       continue;
     }
     int64_t v = 0;
 #ifdef MPTK_AVX2
-    const __m256 l2e = _mm256_set1_ps(kLog2e), nl = _mm256_set1_ps(-lse2), vg = _mm256_set1_ps(g);
+    const __m256 l2e = _mm256_set1_ps(kLog2e), vl = _mm256_set1_ps(lse), vg = _mm256_set1_ps(g);
     for (; v + 8 <= V; v += 8)
-      store8(d + v, _mm256_mul_ps(attn_cpu::exp2_ps(_mm256_fmadd_ps(load8(x + v), l2e, nl)), vg));
+      store8(d + v, _mm256_mul_ps(attn_cpu::exp2_ps(_mm256_mul_ps(_mm256_sub_ps(load8(x + v), vl), l2e)), vg));
 #endif
-    for (; v < V; ++v) d[v] = from_float<T>(std::exp2(std::fma(to_float(x[v]), kLog2e, -lse2)) * g);
+    for (; v < V; ++v) d[v] = from_float<T>(std::exp2((to_float(x[v]) - lse) * kLog2e) * g);
     // The target's element: softmax - 1, from the float32 probability (not from the stored one).
-    d[t] = from_float<T>((std::exp2(std::fma(to_float(x[t]), kLog2e, -lse2)) - 1.f) * g);
+    d[t] = from_float<T>((std::exp2((to_float(x[t]) - lse) * kLog2e) - 1.f) * g);
   }
 }
 

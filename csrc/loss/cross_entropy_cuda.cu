@@ -4,11 +4,12 @@
 // Build/check one file:  nvcc -std=c++17 -O3 --expt-relaxed-constexpr -arch=sm_90a -Icsrc
 //                        -DMPTK_WITH_CUDA -Xptxas -v -c csrc/loss/cross_entropy_cuda.cu
 // Kernels (one 256-thread block per row; 16-byte packs when pointers, stride and vocab allow):
-//   cross_entropy_fwd_kernel  each thread keeps an online (max, sum of 2^(x - max)) pair over its
-//                             packs (the row is read once from DRAM), the block merges the pairs;
-//                             thread 0 writes lse and lse - x[target].
-//   cross_entropy_bwd_kernel  dlogits = (2^(x*log2e - lse*log2e) - [v == target]) * drow[row], one
+//   cross_entropy_fwd_kernel  each thread keeps an online (max, sum of 2^((x - max) * log2e)) pair
+//                             over its packs (the row is read once from DRAM), the block merges the
+//                             pairs; thread 0 writes lse and lse - x[target].
+//   cross_entropy_bwd_kernel  dlogits = (2^((x - lse) * log2e) - [v == target]) * drow[row], one
 //                             read of the row and one write.
+// The shift is subtracted before the log2e scaling: x * log2e overflows float32 for |x| > ~2.36e38.
 // Ignored rows are not read: the forward writes 0, the backward a zero row.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -34,11 +35,11 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-// (m, s) pairs stand for s * 2^m. m starts at -FLT_MAX, not -inf, so that a -inf logit adds
+// (m, s) pairs stand for s * e^m. m starts at -FLT_MAX, not -inf, so that a -inf logit adds
 // 2^(-inf) = 0 instead of 2^(-inf - -inf) = NaN; a row of -inf ends at s = 0, lse = -inf.
 __device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
   const float M = fmaxf(m, m2);
-  s = s * exp2f(m - M) + s2 * exp2f(m2 - M);
+  s = s * exp2f((m - M) * kLog2e) + s2 * exp2f((m2 - M) * kLog2e);
   m = M;
 }
 
@@ -57,18 +58,18 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_fwd_kernel(CrossEntrop
 #pragma unroll 4
   for (int64_t j = threadIdx.x; j < npack; j += kThreads) {
     const Pack<T, VEC> v = reinterpret_cast<const Pack<T, VEC>*>(x)[j];
-    float x2[VEC], pm = -FLT_MAX;
+    float xf[VEC], pm = -FLT_MAX;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      x2[e] = to_f(v.v[e]) * kLog2e;
-      pm = fmaxf(pm, x2[e]);  // a NaN is skipped here but reaches s below
+      xf[e] = to_f(v.v[e]);
+      pm = fmaxf(pm, xf[e]);  // a NaN is skipped here but reaches s below
     }
     if (pm > m) {
-      s *= exp2f(m - pm);
+      s *= exp2f((m - pm) * kLog2e);
       m = pm;
     }
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) s += exp2f(x2[e] - m);
+    for (int e = 0; e < VEC; ++e) s += exp2f((xf[e] - m) * kLog2e);
   }
   // Merge the pairs: the warp by shuffles, then the warps through shared memory.
 #pragma unroll
@@ -83,8 +84,8 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_fwd_kernel(CrossEntrop
     for (int o = 16; o > 0; o >>= 1)
       merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
     if (lane == 0) {
-      // m == FLT_MAX-sized only through a +inf logit (2^(inf - inf) made s NaN): NaN, as torch.
-      const float lse = (m + log2f(s)) * kLn2;
+      // A +inf logit made s NaN (2^(inf - inf)): lse NaN, as torch.
+      const float lse = m + log2f(s) * kLn2;
       p.lse[row] = lse;
       p.loss[row] = (t < 0 || t >= p.vocab) ? __int_as_float(0x7fc00000) : lse - to_f(x[t]);
     }
@@ -106,13 +107,13 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_bwd_kernel(CrossEntrop
     return;
   }
   const T* x = static_cast<const T*>(p.logits) + row * p.row_stride;
-  const float g = p.drow[row], lse2 = p.lse[row] * kLog2e;
+  const float g = p.drow[row], lse = p.lse[row];
 #pragma unroll 4
   for (int64_t j = threadIdx.x; j < npack; j += kThreads) {
     const Pack<T, VEC> v = reinterpret_cast<const Pack<T, VEC>*>(x)[j];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      const float prob = exp2f(fmaf(to_f(v.v[e]), kLog2e, -lse2));
+      const float prob = exp2f((to_f(v.v[e]) - lse) * kLog2e);
       out.v[e] = from_f<T>((j * VEC + e == t ? prob - 1.f : prob) * g);
     }
     reinterpret_cast<Pack<T, VEC>*>(d)[j] = out;
