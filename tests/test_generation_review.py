@@ -131,3 +131,46 @@ def test_text_streamer_keeps_the_space_between_prompt_and_generated_text(kind):
     s.end()
     assert prompt + out.getvalue() == tok.decode(full) + "\n"
     assert s.n_tokens == len(full) - n_prompt
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "metaspace", "bytelevel"])
+def test_text_streamer_long_generation_decodes_a_bounded_window(kind):
+    """Each token decoded the whole generation so far: O(n^2) over a long generation (80k tokens:
+    ~3e9 ids decoded). The window now moves on once printed; the text printed is unchanged, multi-byte
+    characters split across tokens (and across window boundaries) included."""
+    if kind == "bytelevel":
+        pytest.importorskip("tokenizers")
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=280, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(["the cat sat on the mat", "the dog ran"] * 20, trainer)
+        # untrained characters: é and 🙂 come out as 2 and 4 byte tokens, split across put() calls
+        words = ["the", "cat", "café", "🙂", "sat", "on", "mat", "dog", "ran"]
+    else:
+        tok = _word_tokenizer(kind)
+        words = "the cat sat on dog ran mat".split()
+    g = torch.Generator().manual_seed(0)
+    prompt = "the cat sat on"
+    generated = " " + " ".join(words[i] for i in torch.randint(0, len(words), (400,), generator=g).tolist())
+    full = tok.encode(prompt + generated).ids
+    n_prompt = len(tok.encode(prompt).ids)
+    assert tok.decode(full[:n_prompt]) == prompt and len(full) - n_prompt > 3 * TextStreamer.WINDOW
+
+    decoded = []
+
+    class Counting:  # the tokenizer, counting the ids each decode() is given
+        def decode(self, ids):
+            decoded.append(len(ids))
+            return tok.decode(ids)
+
+    out = io.StringIO()
+    s = TextStreamer(Counting(), out)
+    s.put(torch.tensor([full[:n_prompt]]))
+    for t in full[n_prompt:]:
+        s.put(torch.tensor([t]))
+    s.end()
+    assert prompt + out.getvalue() == tok.decode(full) + "\n"
+    assert max(decoded) <= TextStreamer.CONTEXT + TextStreamer.WINDOW + 8  # 8: a pending multi-byte tail
