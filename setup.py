@@ -6,6 +6,8 @@ Build switches (environment variables):
   MPT_KERNELS_NATIVE      1 (default) | 0          tune the CPU kernels for this host (-march=native)
   MPT_KERNELS_DEBUG       0 (default) | 1          -O0 -g build
   MPT_KERNELS_PTXAS_VERBOSE 0 (default) | 1        print ptxas' register/spill/shared-memory report
+  MPT_KERNELS_SANITIZE    "" (default) | e.g. address,undefined   sanitizers over the CPU code
+                                                   (tests/run_sanitized.sh builds and runs them)
   MAX_JOBS                parallel compile jobs (default: CPU count)
 """
 import os
@@ -99,6 +101,7 @@ class CMakeBuild(build_ext):
             f"-DMPT_KERNELS_NATIVE={'OFF' if os.environ.get('MPT_KERNELS_NATIVE', '1') == '0' else 'ON'}",
             f"-DMPT_KERNELS_VERSION={self.distribution.get_version()}",
             f"-DMPT_KERNELS_PTXAS_VERBOSE={'ON' if os.environ.get('MPT_KERNELS_PTXAS_VERBOSE', '0') == '1' else 'OFF'}",
+            f"-DMPT_KERNELS_SANITIZE={os.environ.get('MPT_KERNELS_SANITIZE', '')}",
         ]
         if with_cuda:
             args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
