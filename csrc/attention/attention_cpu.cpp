@@ -347,6 +347,12 @@ void fwd_tile(const AttentionFwdParams& p, const SeqInfo& si, int b, int h, int 
 #endif
   for (int kb = kb_begin; kb < kb_end; ++kb) {
     const int k0 = kb * kBlockK, nk = std::min(kBlockK, si.sk - k0);
+    // Causal: tile rows above r0 see no key of this block (their scores would all be -inf, P = 0,
+    // O += 0): skipped. Tiles only, one head per tile (stacked GQA heads repeat the rows per head).
+    // r0 is a multiple of 8 so that exp2_diff's 8-row vectors (not its scalar tail) keep serving
+    // the same rows: bitwise the results of computing every row. The CUDA kernel computes them all.
+    const int r0 = (p.causal && heads == 1 && !direct) ? std::clamp(k0 - (si.sk - si.sq) - q0, 0, nq) & ~7 : 0;
+    const int live = rows - r0;
     if (direct) {
 #ifdef MPTK_AVX2
       const T* kp = kbase + k0 * p.k_row_stride;
@@ -369,16 +375,22 @@ void fwd_tile(const AttentionFwdParams& p, const SeqInfo& si, int b, int h, int 
     } else {
       load_kv_tile(w.kt, true, kbase + k0 * p.k_row_stride, p.k_row_stride, nk, D, Dp);
       load_kv_tile(w.v, false, vbase + k0 * p.v_row_stride, p.v_row_stride, nk, D, Dp);
-      attn_cpu::gemm(rows, kBlockK, Dp, w.q, Dp, w.kt, kBlockK, w.s, kBlockK, false);
+      attn_cpu::gemm(live, kBlockK, Dp, w.q + static_cast<size_t>(r0) * Dp, Dp, w.kt, kBlockK,
+                     w.s + static_cast<size_t>(r0) * kBlockK, kBlockK, false);
     }
-    for (int g = 0; g < heads; ++g)
-      finish_scores(p, w.s + static_cast<size_t>(g) * nq * kBlockK, nq, q0, k0, si.sq, si.sk, slope_of(p, b, h + g),
-                    w.bmax + g * nq);
+    if (heads == 1) {
+      finish_scores(p, w.s + static_cast<size_t>(r0) * kBlockK, live, q0 + r0, k0, si.sq, si.sk, slope_of(p, b, h),
+                    w.bmax + r0);
+    } else {
+      for (int g = 0; g < heads; ++g)
+        finish_scores(p, w.s + static_cast<size_t>(g) * nq * kBlockK, nq, q0, k0, si.sq, si.sk,
+                      slope_of(p, b, h + g), w.bmax + g * nq);
+    }
     // New running max per row, then every row's rescale factor 2^(m_old - m_new) in one vector pass
     // (0 on a row's first visible block).
-    for (int r = 0; r < rows; ++r) w.bmax[r] = attn_cpu::nan_max(w.m[r], w.bmax[r]);
-    attn_cpu::exp2_diff(w.alpha, w.m, w.bmax, rows);
-    for (int r = 0; r < rows; ++r) {
+    for (int r = r0; r < rows; ++r) w.bmax[r] = attn_cpu::nan_max(w.m[r], w.bmax[r]);
+    attn_cpu::exp2_diff(w.alpha + r0, w.m + r0, w.bmax + r0, live);
+    for (int r = r0; r < rows; ++r) {
       float* s = w.s + r * kBlockK;
       const float m_new = w.bmax[r];
       const float rowsum = attn_cpu::exp2_sub_sum(s, kBlockK, m_new);
@@ -394,7 +406,8 @@ void fwd_tile(const AttentionFwdParams& p, const SeqInfo& si, int b, int h, int 
       continue;
     }
 #endif
-    attn_cpu::gemm(rows, Dp, kBlockK, w.s, kBlockK, w.v, Dp, w.o, Dp, true);
+    attn_cpu::gemm(live, Dp, kBlockK, w.s + static_cast<size_t>(r0) * kBlockK, kBlockK, w.v, Dp,
+                   w.o + static_cast<size_t>(r0) * Dp, Dp, true);
   }
 }
 
@@ -626,8 +639,11 @@ void bwd_key_block(const AttentionBwdParams& p, const SeqInfo& si, const float* 
   const int i_first = p.causal ? std::max(0, k0 - (si.sk - si.sq)) : 0;
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
     const float slope = slope_of(p, b, h);
-    for (int q0 = (i_first / kBlockQ) * kBlockQ; q0 < si.sq; q0 += kBlockQ) {
-      const int nq = std::min(kBlockQ, si.sq - q0);
+    for (int qb0 = (i_first / kBlockQ) * kBlockQ; qb0 < si.sq; qb0 += kBlockQ) {
+      // The query block's rows from the first that sees this key block: the rows above it would add
+      // P = dS = 0 terms (exact zeros: skipping them leaves every sum bitwise the same).
+      const int q0 = std::max(qb0, i_first), nq = std::min(kBlockQ, si.sq - qb0) - (q0 - qb0);
+      if (nq <= 0) continue;
       bwd_load_query_side<T>(p, si, delta_ws, b, h, q0, nq, w);
       bwd_probs_and_dscores(p, w, nq, q0, k0, si.sq, si.sk, slope, Dp);
       transpose_tile(w.pt, w.p, nq);
