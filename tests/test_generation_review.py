@@ -174,3 +174,79 @@ def test_text_streamer_long_generation_decodes_a_bounded_window(kind):
     s.end()
     assert prompt + out.getvalue() == tok.decode(full) + "\n"
     assert max(decoded) <= TextStreamer.CONTEXT + TextStreamer.WINDOW + 8  # 8: a pending multi-byte tail
+
+
+# ---------------------------------------------------------------------------------------------------
+# generate(past_key_values=...): continuing from a cache
+# ---------------------------------------------------------------------------------------------------
+def test_generate_continues_from_a_cache_like_a_fresh_prefill():
+    """A chat turn: generate with a cache, append the next turn to the returned ids, generate again
+    with the same cache. Only the new positions are prefilled; the tokens equal a fresh generate over
+    the whole conversation, and the cache then holds every returned position but the last."""
+    m = perturbed(3)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(1, 101, (2, 7), generator=g)
+    cache = m.new_cache(2)
+    first = m.generate(prompt, 5, temperature=0, past_key_values=cache)
+    assert torch.equal(first, m.generate(prompt, 5, temperature=0))
+    assert len(cache) == first.shape[1] - 1
+    turn = torch.cat([first, torch.randint(1, 101, (2, 4), generator=g)], dim=1)
+    calls = []
+    forward = m._forward
+
+    def recording(input_ids, *args):
+        calls.append(input_ids.shape[1])
+        return forward(input_ids, *args)
+
+    m._forward = recording
+    try:
+        second = m.generate(turn, 6, temperature=0, past_key_values=cache)
+    finally:
+        del m._forward
+    assert calls[0] == turn.shape[1] - (first.shape[1] - 1)  # the prefill: the last token + the new turn
+    assert torch.equal(second, m.generate(turn, 6, temperature=0))
+    assert len(cache) == second.shape[1] - 1
+    # and the cache's contents are those of a fresh prefill of the same ids
+    with torch.no_grad():
+        ref = m(second[:, :-1], use_cache=True).past_key_values
+    for layer in range(m.config.n_layers):
+        torch.testing.assert_close(cache.k[layer][:, :len(cache)], ref.k[layer][:, :len(ref)], atol=ATOL, rtol=0)
+        torch.testing.assert_close(cache.v[layer][:, :len(cache)], ref.v[layer][:, :len(ref)], atol=ATOL, rtol=0)
+
+
+def test_generate_continues_a_left_padded_batch_from_its_cache():
+    """Left padding set by the first call stays with the cache; the mask given later covers the whole
+    sequence and must agree with it."""
+    m = perturbed(4)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(1, 101, (2, 8), generator=g)
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0
+    cache = m.new_cache(2)
+    first = m.generate(prompt, 4, temperature=0, attention_mask=mask, past_key_values=cache)
+    turn = torch.cat([first, torch.randint(1, 101, (2, 3), generator=g)], dim=1)
+    turn_mask = torch.cat([mask, torch.ones(2, turn.shape[1] - 8, dtype=mask.dtype)], dim=1)
+    bad = turn_mask.clone()
+    bad[1, :3] = 1  # padding the cache was not filled with
+    with pytest.raises(ValueError, match="padding the cache"):
+        m.generate(turn, 2, temperature=0, attention_mask=bad, past_key_values=cache)
+    assert len(cache) == first.shape[1] - 1  # the refused call left it as it was
+    second = m.generate(turn, 5, temperature=0, attention_mask=turn_mask, past_key_values=cache)
+    assert torch.equal(second, m.generate(turn, 5, temperature=0, attention_mask=turn_mask))
+
+
+def test_generate_with_a_cache_that_does_not_fit_is_a_clear_error():
+    m = perturbed(5)
+    ids = torch.randint(1, 101, (2, 6))
+    with pytest.raises(ValueError, match="expected a KVCache"):
+        m.generate(ids, 2, past_key_values=[])
+    with pytest.raises(ValueError, match="holds 3 rows"):
+        m.generate(ids, 2, past_key_values=m.new_cache(3))
+    other = MPTForCausalLM(MPTConfig(d_model=96, n_heads=6, n_layers=3, vocab_size=101, max_seq_len=48))
+    with pytest.raises(ValueError, match="does not fit this model"):
+        m.generate(ids, 2, past_key_values=other.new_cache(2))
+    cache = m.new_cache(2)
+    m.generate(ids, 3, temperature=0, past_key_values=cache)
+    with pytest.raises(ValueError, match="at least one token"):
+        m.generate(ids, 2, past_key_values=cache)  # the cache already covers more than these ids
+    assert len(cache) == 8  # unchanged by the refused calls

@@ -32,11 +32,20 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature=1.0, top_k=None, top_p=None,
-             eos_token_id=None, attention_mask=None, streamer=None, pad_token_id=None, generator=None):
+             eos_token_id=None, attention_mask=None, streamer=None, pad_token_id=None, generator=None,
+             past_key_values=None):
     """Returns (B, prompt_len + n_generated) token ids (n_generated <= max_new_tokens; fewer when every
     row has produced an EOS). Rows that finished early are filled with ``pad_token_id`` (default: the
     first EOS id), as transformers does. ``streamer`` follows transformers' protocol: ``put(ids)`` with
-    the prompt, then with each new (B,) token tensor, and ``end()``."""
+    the prompt, then with each new (B,) token tensor, and ``end()``.
+
+    ``past_key_values``: a ``KVCache`` (``model.new_cache(B)``) to continue from and extend in place.
+    It holds the keys and values of the first ``len(cache)`` positions of ``input_ids`` (from an earlier
+    ``generate`` or forward with it): only the positions after them are prefilled. After the call it
+    holds every position of the returned ids but the last, so a chat can pass the returned ids plus
+    its next turn, with the same cache. Rows that finished early hold their padding tokens, as in the
+    returned ids. ``attention_mask`` then covers all of ``input_ids`` (its padding must match the
+    cache's; the new positions are real tokens)."""
     import math
     import numbers
 
@@ -76,13 +85,38 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
         pad_token_id = eos[0] if eos else 0
     eos_t = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
 
+    past = 0
+    if past_key_values is not None:
+        from .modeling import KVCache
+
+        cache = past_key_values
+        if not isinstance(cache, KVCache):
+            raise ValueError(f"past_key_values: expected a KVCache (model.new_cache(batch_size)), got "
+                             f"{type(cache).__name__}")
+        c = model.config
+        if (cache.n_layers, cache.kv_heads, cache.head_dim) != (c.n_layers, c.kv_n_heads, c.head_dim):
+            raise ValueError(f"past_key_values: a cache of {cache.n_layers} layers x {cache.kv_heads} heads x "
+                             f"{cache.head_dim} does not fit this model ({c.n_layers} x {c.kv_n_heads} x {c.head_dim})")
+        if cache.batch_size != B:
+            raise ValueError(f"past_key_values: the cache holds {cache.batch_size} rows, input_ids {B}")
+        cd, md = cache.device, input_ids.device
+        if cd.type != md.type or (cd.index is not None and md.index is not None and cd.index != md.index):
+            raise ValueError(f"past_key_values: the cache is on {cache.device}, the model on {input_ids.device}")
+        past = len(cache)
+        if past >= L:
+            raise ValueError(f"past_key_values: the cache already holds {past} positions; input_ids ({L}) must "
+                             "extend them by at least one token (the ids it was filled with, then new ones)")
+        cache.reserve(L + max_new_tokens)
+    else:
+        cache = model.new_cache(B, capacity=L + max_new_tokens)
+
     was_training = model.training
     model.eval()
     try:
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        cache = model.new_cache(B, capacity=L + max_new_tokens)
-        out = model._forward(input_ids, attention_mask, None, None, cache, True, 1)  # prefill, last logits only
+        # prefill (the positions the cache does not hold yet), last logits only
+        out = model._forward(input_ids[:, past:], attention_mask, None, None, cache, True, 1)
         tokens = [input_ids]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):

@@ -729,12 +729,14 @@ class MPTForCausalLM(nn.Module):
 
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | list[int] | None = None, attention_mask=None,
-                 streamer=None, pad_token_id: int | None = None, generator: torch.Generator | None = None):
+                 streamer=None, pad_token_id: int | None = None, generator: torch.Generator | None = None,
+                 past_key_values: KVCache | None = None):
+        """See ``mpt_kernels.model.generation.generate``; ``past_key_values`` continues from a cache."""
         from .generation import generate
 
         return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         eos_token_id=eos_token_id, attention_mask=attention_mask, streamer=streamer,
-                        pad_token_id=pad_token_id, generator=generator)
+                        pad_token_id=pad_token_id, generator=generator, past_key_values=past_key_values)
 
 
 def _row_starts(mask: torch.Tensor, right_padding_ok: bool) -> list[int]:
