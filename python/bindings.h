@@ -86,7 +86,7 @@ inline void check_same_device(const TensorView& a, const char* na, const TensorV
                  "; all tensors must be on the same device");
 }
 inline void check_last_dim_contiguous(const TensorView& t, const char* name) {
-  MPTK_CHECK_ARG(t.ndim >= 1 && (t.stride[t.ndim - 1] == 1 || t.shape[t.ndim - 1] <= 1), name,
+  MPTK_CHECK_ARG(t.ndim >= 1 && (t.stride[t.ndim - 1] == 1 || t.shape[t.ndim - 1] <= 1 || t.numel() == 0), name,
                  "last dimension must be contiguous (stride 1), got stride ", t.ndim ? t.stride[t.ndim - 1] : 0);
 }
 inline void check_contiguous(const TensorView& t, const char* name) {

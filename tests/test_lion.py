@@ -147,12 +147,15 @@ def test_grad_none_is_skipped_and_state_not_created():
     assert "exp_avg" in opt.state[a]
 
 
-def test_empty_parameter_and_no_grads():
-    e = torch.nn.Parameter(torch.randn(0))
+@pytest.mark.parametrize("empty_shape", [(0,), (3, 0, 2), (0, 5)], ids=str)
+def test_empty_parameter_and_no_grads(empty_shape):
+    """Empty parameters are skipped; a multi-dim one ((3, 0, 2): torch gives it strides (2, 2, 1)) used to
+    fail the kernel's contiguity check (found by tests/test_fuzz_inputs.py)."""
+    e = torch.nn.Parameter(torch.randn(empty_shape))
     p = torch.nn.Parameter(torch.randn(3))
     opt = mk.optim.Lion([e, p], lr=0.1, max_grad_norm=1.0)
     opt.step()  # no gradients at all: nothing happens
-    e.grad = torch.randn(0)
+    e.grad = torch.randn(empty_shape)
     p.grad = torch.randn(3)
     p0 = p.detach().clone()
     opt.step()

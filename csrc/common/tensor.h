@@ -66,6 +66,7 @@ struct TensorView {
     return n;
   }
   bool is_contiguous() const {
+    if (numel() == 0) return true;  // as torch: an empty tensor's strides are arbitrary ((3, 0, 2): (2, 2, 1))
     int64_t expected = 1;
     for (int i = ndim - 1; i >= 0; --i) {
       if (shape[i] != 1 && stride[i] != expected) return false;

@@ -289,6 +289,8 @@ def alibi_attention(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=No
     if q.dim() != (3 if varlen else 4):
         raise ValueError(f"q: expected {3 if varlen else 4} dimensions, got shape {tuple(q.shape)}")
     head_dim, n_heads = q.shape[-1], q.shape[-2]
+    if isinstance(head_dim, int) and not 1 <= head_dim <= 256:
+        raise ValueError(f"q: head_dim must be in [1, 256], got {head_dim} (shape {tuple(q.shape)})")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
     if alibi_slopes is None:

@@ -250,8 +250,8 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = Non
         raise ValueError(f"x: unsupported device {x.device} (expected cpu or cuda)")
     _ext.refuse_forward_ad("layer_norm", x, weight, bias, residual)
     hidden = x.shape[-1]
-    if hidden > 1 and x.stride(-1) != 1:
-        raise ValueError(f"x: last dimension must be contiguous (stride 1), got stride {x.stride(-1)}")
+    if hidden > 1 and x.stride(-1) != 1:  # the kernels read rows: copied, as alibi_attention and cross_entropy do
+        x = x.contiguous()
     if hidden == 0 and math.prod(x.shape[:-1]) > 0:
         raise ValueError(f"x: the last (normalised) dimension must be non-empty, got shape {tuple(x.shape)}")
     if weight is None:
@@ -273,7 +273,7 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = Non
             raise ValueError(f"residual: dtype {residual.dtype} does not match x dtype {x.dtype} (the one mixed "
                              "pair is a float32 residual with a bfloat16/float16 x)")
         if hidden > 1 and residual.stride(-1) != 1:
-            raise ValueError(f"residual: last dimension must be contiguous (stride 1), got stride {residual.stride(-1)}")
+            residual = residual.contiguous()
     h_dtype = residual.dtype if residual is not None else x.dtype
     if out_dtype == x.dtype:
         out_dtype = None
