@@ -202,6 +202,8 @@ def _plot(report: harness.Report, path):
 def run(ctx: harness.Context) -> harness.Report:
     a = ctx.args
     device, dtype = ctx.device, torch.bfloat16
+    if a.clock == "cpu" and device != "cpu":  # before anything is measured (it used to be ignored)
+        raise SystemExit("--clock cpu: CPU device only (CUDA rows are timed with CUDA events)")
     B, H = a.batch, a.heads
     if a.seqlens:
         seqlens = [int(s) for s in a.seqlens.split(",")]

@@ -113,6 +113,16 @@ def test_bad_benchmark_options_are_one_line_errors(capsys, monkeypatch, argv, sa
     assert says in msg, msg
 
 
+def test_attention_cpu_clock_on_cuda_is_refused(capsys, monkeypatch):
+    """--clock cpu with --device cuda was silently ignored (the CUDA rows use CUDA events)."""
+    import mpt_kernels as mk
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mk, "cuda_available", lambda: True)
+    msg = _cli_error(capsys, "attention", "--device", "cuda", "--clock", "cpu", "--out", "/nonexistent")
+    assert "--clock cpu: CPU device only" in msg
+
+
 def test_device_cuda_without_cuda_is_a_one_line_error(capsys, monkeypatch):
     import mpt_kernels as mk
 
