@@ -552,11 +552,11 @@ inline size_t delta_floats(const AttentionFwdParams& p) {
 
 // Per-thread scratch for both backward passes.
 struct BwdScratch {
-  float *q, *dout, *kt, *vt, *k, *p, *ds, *pt, *acc0, *acc1, *lse2, *delta, *bmax;
+  float *q, *dout, *kt, *vt, *k, *p, *ds, *acc0, *acc1, *lse2, *delta, *bmax;
   static size_t floats(int Dp) {
     return 2ull * kBlockQ * Dp      // q, dout
            + 3ull * kBlockK * Dp    // kt, vt, k
-           + 3ull * kBlockQ * kBlockK  // p, ds, pt (transposes)
+           + 2ull * kBlockQ * kBlockK  // p, ds (P^T dO and dS^T Q read them transposed in place)
            + 2ull * std::max(kBlockQ, kBlockK) * Dp  // two float32 accumulators
            + 3ull * kBlockQ;
   }
@@ -568,8 +568,7 @@ struct BwdScratch {
     k = vt + kBlockK * Dp;
     p = k + kBlockK * Dp;
     ds = p + kBlockQ * kBlockK;
-    pt = ds + kBlockQ * kBlockK;
-    acc0 = pt + kBlockQ * kBlockK;
+    acc0 = ds + kBlockQ * kBlockK;
     acc1 = acc0 + std::max(kBlockQ, kBlockK) * Dp;
     lse2 = acc1 + std::max(kBlockQ, kBlockK) * Dp;
     delta = lse2 + kBlockQ;
@@ -608,12 +607,6 @@ void bwd_load_query_side(const AttentionBwdParams& p, const SeqInfo& si, const f
   }
 }
 
-// dst (cols x rows) = src (rows x cols)^T; src row stride kBlockK, dst row stride kBlockQ.
-inline void transpose_tile(float* dst, const float* src, int rows) {
-  for (int j = 0; j < kBlockK; ++j)
-    for (int r = 0; r < rows; ++r) dst[j * kBlockQ + r] = src[r * kBlockK + j];
-}
-
 // dK and dV of key block kb of KV head hk in sequence b: sums over the group's query heads and every
 // query block that sees the block. With dq_acc (float32, group x si.sq rows of Dp, zero-initialised)
 // the same P and dS also give dQ += dS K for each visited query block, so the single-pass schedule
@@ -646,10 +639,8 @@ void bwd_key_block(const AttentionBwdParams& p, const SeqInfo& si, const float* 
       if (nq <= 0) continue;
       bwd_load_query_side<T>(p, si, delta_ws, b, h, q0, nq, w);
       bwd_probs_and_dscores(p, w, nq, q0, k0, si.sq, si.sk, slope, Dp);
-      transpose_tile(w.pt, w.p, nq);
-      attn_cpu::gemm(nk, Dp, nq, w.pt, kBlockQ, w.dout, Dp, dv, Dp, true);  // dV += P^T dO
-      transpose_tile(w.pt, w.ds, nq);
-      attn_cpu::gemm(nk, Dp, nq, w.pt, kBlockQ, w.q, Dp, dk, Dp, true);  // dK += dS^T Q
+      attn_cpu::gemm_at(nk, Dp, nq, w.p, kBlockK, w.dout, Dp, dv, Dp, true);  // dV += P^T dO
+      attn_cpu::gemm_at(nk, Dp, nq, w.ds, kBlockK, w.q, Dp, dk, Dp, true);  // dK += dS^T Q
       if (dq_acc != nullptr) {  // dQ += dS K, the same product pass 2 forms (same order over key blocks)
         float* dq = dq_acc + (static_cast<size_t>(h - hk * group) * si.sq + q0) * Dp;
         attn_cpu::gemm(nq, Dp, kBlockK, w.ds, kBlockK, w.k, Dp, dq, Dp, true);

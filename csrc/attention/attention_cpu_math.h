@@ -23,7 +23,9 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // 2 B vectors and 1 broadcast, i.e. 15 of the 16 ymm registers.
 // Accumulators are named variables rather than an array: GCC keeps an array of __m256 in memory and
 // stores it back on every iteration, which halves the FMA rate.
-template <int R, int NV>
+// AT: A is given transposed (element (r, k) at A[k * lda + r]): P^T dO and dS^T Q read P and dS as
+// they are, with no transposed copy. Each C element sums the same products in the same order either way.
+template <int R, int NV, bool AT = false>
 inline void gemm_micro(int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                        bool accumulate) {
   static_assert(R >= 1 && R <= 6 && (NV == 1 || NV == 2), "register tile");
@@ -37,7 +39,7 @@ inline void gemm_micro(int K, const float* A, int64_t lda, const float* B, int64
   }
 #define MPTK_GEMM_FMA(r)                                        \
   if constexpr (R > r) {                                        \
-    const __m256 a = _mm256_broadcast_ss(A + r * lda + k);      \
+    const __m256 a = _mm256_broadcast_ss(AT ? A + k * lda + r : A + r * lda + k); \
     c##r##0 = _mm256_fmadd_ps(a, b0, c##r##0);                  \
     if constexpr (NV > 1) c##r##1 = _mm256_fmadd_ps(a, b1, c##r##1); \
   }
@@ -61,45 +63,60 @@ inline void gemm_micro(int K, const float* A, int64_t lda, const float* B, int64
 #undef MPTK_GEMM_STORE
 }
 
-template <int NV>
+template <int NV, bool AT>
 inline void gemm_rows(int rows, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                       int64_t ldc, bool acc) {
   switch (rows) {
-    case 1: gemm_micro<1, NV>(K, A, lda, B, ldb, C, ldc, acc); break;
-    case 2: gemm_micro<2, NV>(K, A, lda, B, ldb, C, ldc, acc); break;
-    case 3: gemm_micro<3, NV>(K, A, lda, B, ldb, C, ldc, acc); break;
-    case 4: gemm_micro<4, NV>(K, A, lda, B, ldb, C, ldc, acc); break;
-    case 5: gemm_micro<5, NV>(K, A, lda, B, ldb, C, ldc, acc); break;
-    default: gemm_micro<6, NV>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 1: gemm_micro<1, NV, AT>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 2: gemm_micro<2, NV, AT>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 3: gemm_micro<3, NV, AT>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 4: gemm_micro<4, NV, AT>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 5: gemm_micro<5, NV, AT>(K, A, lda, B, ldb, C, ldc, acc); break;
+    default: gemm_micro<6, NV, AT>(K, A, lda, B, ldb, C, ldc, acc); break;
   }
 }
 #endif
 
-// C[M x N] = (accumulate ? C : 0) + A[M x K] * B[K x N]; all row-major float32, N % 8 == 0.
-inline void gemm(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                 int64_t ldc, bool accumulate) {
+// C[M x N] = (accumulate ? C : 0) + op(A) * B[K x N]; all row-major float32, N % 8 == 0. op(A) is
+// A[M x K] or, with AT, the transpose of A[K x M] (element (m, k) at A[k * lda + m]).
+template <bool AT = false>
+inline void gemm_impl(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                      int64_t ldc, bool accumulate) {
 #ifdef MPTK_AVX2
   // Column panels outermost: a K x 16 panel of B (at most 16 KiB) stays in L1 while the rows of A
   // stream past it.
   int n = 0;
   for (; n + 16 <= N; n += 16)
     for (int m = 0; m < M; m += 6)
-      gemm_rows<2>(std::min(6, M - m), K, A + m * lda, lda, B + n, ldb, C + m * ldc + n, ldc, accumulate);
+      gemm_rows<2, AT>(std::min(6, M - m), K, AT ? A + m : A + m * lda, lda, B + n, ldb, C + m * ldc + n, ldc,
+                       accumulate);
   for (; n < N; n += 8)
     for (int m = 0; m < M; m += 6)
-      gemm_rows<1>(std::min(6, M - m), K, A + m * lda, lda, B + n, ldb, C + m * ldc + n, ldc, accumulate);
+      gemm_rows<1, AT>(std::min(6, M - m), K, AT ? A + m : A + m * lda, lda, B + n, ldb, C + m * ldc + n, ldc,
+                       accumulate);
 #else
   for (int m = 0; m < M; ++m) {
     float* c = C + m * ldc;
     if (!accumulate)
       for (int n = 0; n < N; ++n) c[n] = 0.f;
     for (int k = 0; k < K; ++k) {
-      const float a = A[m * lda + k];
+      const float a = AT ? A[k * lda + m] : A[m * lda + k];
       const float* b = B + k * ldb;
       for (int n = 0; n < N; ++n) c[n] += a * b[n];
     }
   }
 #endif
+}
+
+inline void gemm(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                 int64_t ldc, bool accumulate) {
+  gemm_impl<false>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+// C[M x N] = (accumulate ? C : 0) + A^T * B with A[K x M] row-major (lda >= M): no transposed copy.
+inline void gemm_at(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                    int64_t ldc, bool accumulate) {
+  gemm_impl<true>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 #ifdef MPTK_AVX2
