@@ -14,6 +14,7 @@ device, so there is no host synchronisation anywhere in ``step()``.
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, Iterable
 
 import torch
@@ -21,18 +22,16 @@ from torch.optim import Optimizer
 
 from ._ext import _C, view
 
-try:  # torch >= 2.4; FSDP2 parameters are DTensors whose local shards we step
-    from torch.distributed.tensor import DTensor
-except Exception:  # pragma: no cover - very old torch or a build without distributed
-    DTensor = None
-
 __all__ = ["Lion", "clip_grad_norm_"]
 
 _STORAGE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _is_dtensor(t) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    """FSDP2 parameters are DTensors whose local shards we step. torch.distributed.tensor is not
+    imported here (0.9 s of `import mpt_kernels`): a tensor can only be a DTensor once it is."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def _local(t):

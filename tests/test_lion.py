@@ -601,6 +601,21 @@ def test_add_param_group():
 
 # ---------------------------------------------------------------- DTensor (FSDP2) local shards
 
+def test_import_does_not_load_torch_distributed_tensor():
+    """`import mpt_kernels` took ~0.9 s more while optim.py imported torch.distributed.tensor for an
+    isinstance check; a tensor can only be a DTensor once that module is loaded, so it is looked up then."""
+    import subprocess
+    import sys
+
+    from _subproc import NEUTRAL_CWD, subprocess_env
+
+    code = "import sys, mpt_kernels; print('torch.distributed.tensor' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=subprocess_env(), cwd=NEUTRAL_CWD)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+
+
 def test_dtensor_parameters_step_their_local_shards():
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available():
