@@ -2,6 +2,11 @@
 
     python -m mpt_kernels.generate --model DIR --prompt "Once upon a time" --max-new-tokens 100
     python -m mpt_kernels.generate --model DIR --prompt "..." --temperature 0      # greedy
+    python -m mpt_kernels.generate --model DIR --chat [--system "..."]             # multi-turn, ChatML
+
+--chat reads one user message per line from standard input and answers each in ChatML (the format
+of MPT-7B-Chat and of this project's chatml finetunes): the conversation's keys and values stay in
+one KV cache, so each turn prefills only its own tokens.
 
 DIR holds config.json, the weights (model.safetensors, shards or pytorch_model.bin) and tokenizer.json
 (read with the ``tokenizers`` library). No network access. Errors a user can fix (a missing or
@@ -104,7 +109,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mpt_kernels.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="local MPT checkpoint directory (with tokenizer.json)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", default=None, help="the text to continue (with --chat: a first user message)")
+    p.add_argument("--chat", action="store_true",
+                   help="multi-turn chat in ChatML: user messages from stdin, one per line (needs the "
+                        "tokenizer's <|im_start|> and <|im_end|> tokens)")
+    p.add_argument("--system", default=None, help="--chat: a system message opening the conversation")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -118,6 +127,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.max_new_tokens < 0:
         p.error(f"--max-new-tokens: expected >= 0, got {args.max_new_tokens}")
+    if args.prompt is None and not args.chat:
+        p.error("--prompt is required (or --chat)")
+    if args.system is not None and not args.chat:
+        p.error("--system: only with --chat")
 
     from tokenizers import Tokenizer
 
@@ -139,10 +152,12 @@ def main(argv=None) -> int:
         model = MPTForCausalLM.from_pretrained(args.model, dtype=dtype, device=device, attn_impl=args.attn_impl)
     except (FileNotFoundError, ValueError) as exc:  # no config/weights, an option we refuse, a mismatch
         p.error(f"--model: cannot load {args.model}: {exc}")
+    vocab = model.config.vocab_size
+    if args.chat:
+        return _chat(p, args, model, tokenizer, device, vocab)
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
         p.error("--prompt: encodes to no tokens")
-    vocab = model.config.vocab_size
     if max(ids) >= vocab:
         p.error(f"--model: {tok_path} gives token id {max(ids)} for this prompt, but the model's vocabulary has "
                 f"{vocab} entries (vocab_size in config.json): the tokenizer does not belong to this checkpoint; "
@@ -171,6 +186,65 @@ def main(argv=None) -> int:
     dt = time.perf_counter() - t0
     print(f"[{streamer.n_tokens} tokens in {dt:.2f} s, {streamer.n_tokens / max(dt, 1e-9):.1f} tokens/s]",
           file=sys.stderr)
+    return 0
+
+
+def _chat(p: argparse.ArgumentParser, args, model, tokenizer, device, vocab: int) -> int:
+    """The --chat loop: ChatML turns, one KV cache for the whole conversation."""
+    from mpt_kernels.data.finetune import IM_END, IM_START
+
+    start, end = tokenizer.token_to_id(IM_START), tokenizer.token_to_id(IM_END)
+    if start is None or end is None:
+        p.error(f"--chat: the tokenizer has no {IM_START} / {IM_END} tokens (ChatML); a model finetuned with "
+                "data.format=chatml has them, or continue text with --prompt instead")
+    if max(start, end) >= vocab:
+        p.error(f"--chat: the tokenizer's ChatML tokens ({start}, {end}) are outside the model's vocabulary "
+                f"({vocab}): the tokenizer does not belong to this checkpoint")
+    stops = [end] + [t for t in (tokenizer.token_to_id("<|endoftext|>"),) if t is not None]
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    cache = model.new_cache(1)
+    history: list[int] = []
+    if args.system:
+        history = tokenizer.encode(f"{IM_START}system\n{args.system}{IM_END}\n").ids
+    interactive = sys.stdin.isatty()
+    messages = [args.prompt] if args.prompt else []
+    turn = 0
+    while True:
+        if messages:
+            message = messages.pop(0)
+        else:
+            if interactive:
+                sys.stdout.write("user> ")
+                sys.stdout.flush()
+            line = sys.stdin.readline()
+            if not line:  # end of input
+                break
+            message = line.rstrip("\n")
+            if not message.strip():
+                continue
+        turn += 1
+        ids = history + tokenizer.encode(f"{IM_START}user\n{message}{IM_END}\n{IM_START}assistant\n").ids
+        if max(ids) >= vocab:
+            p.error(f"--chat: token id {max(ids)} is outside the model's vocabulary ({vocab})")
+        cached = len(cache)
+        streamer = TextStreamer(tokenizer)
+        if interactive:
+            sys.stdout.write("assistant> ")
+        t0 = time.perf_counter()
+        try:
+            out = model.generate(torch.tensor([ids], device=device), args.max_new_tokens,
+                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                 eos_token_id=None if args.no_eos else stops, streamer=streamer, generator=gen,
+                                 past_key_values=cache)
+        except ValueError as exc:
+            sys.stdout.write("\n")
+            p.error(str(exc))
+        dt = time.perf_counter() - t0
+        history = out[0].tolist()
+        # close the assistant's turn as ChatML does ("<|im_end|>\n"), whether it ended or ran out of tokens
+        history += tokenizer.encode(("" if history[-1] == end else IM_END) + "\n").ids
+        print(f"[turn {turn}: prefilled {len(ids) - cached} of {len(ids)} tokens; {streamer.n_tokens} tokens in "
+              f"{dt:.2f} s, {streamer.n_tokens / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
     return 0
 
 

@@ -122,3 +122,60 @@ def test_cli_tokenizer_vocab_mismatch_is_a_clean_error(tmp_path, capsys):
     MPTForCausalLM(MPTConfig(d_model=64, n_heads=4, n_layers=1, vocab_size=8)).save_pretrained(tmp_path)
     err = _cli_error(capsys, ["--model", str(tmp_path), "--prompt", "it was", "--device", "cpu"])
     assert "token id 13" in err and "vocab_size" in err and "tokenizer" in err
+
+
+def _chat_model_dir(path):
+    """A WordLevel tokenizer with ChatML's special tokens and "\\n", and a random model over it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    words = WORDS + ["user", "assistant", "system", "\n"]
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.Whitespace()])
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.save(os.path.join(path, "tokenizer.json"))
+    torch.manual_seed(0)
+    cfg = MPTConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=tok.get_vocab_size(), max_seq_len=8,
+                    attn_config=dict(attn_impl="flash"))
+    model = MPTForCausalLM(cfg)
+    model.save_pretrained(path)
+    return model, tok
+
+
+def test_cli_chat_keeps_one_cache_across_turns(tmp_path):
+    """--chat: each line of stdin is a user turn in ChatML; the answers equal generate() over the whole
+    conversation so far, and each turn prefills only its own tokens (plus the last answer's end)."""
+    model, tok = _chat_model_dir(tmp_path)
+    end = tok.token_to_id("<|im_end|>")
+    turns = ["the cat sat", "then the dog ran on the mat"]
+    # the expected conversation, built with the Python API, no cache
+    history = tok.encode("<|im_start|>system\nit was a log<|im_end|>\n").ids
+    answers = []
+    for t in turns:
+        ids = history + tok.encode(f"<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n").ids
+        out = model.generate(torch.tensor([ids]), 6, temperature=0,
+                             eos_token_id=[end, tok.token_to_id("<|endoftext|>")])[0].tolist()
+        answers.append(tok.decode(out[len(ids):]))
+        history = out + tok.encode(("" if out[-1] == end else "<|im_end|>") + "\n").ids
+    r = subprocess.run([sys.executable, "-m", "mpt_kernels.generate", "--model", str(tmp_path), "--chat",
+                        "--system", "it was a log", "--max-new-tokens", "6", "--temperature", "0", "--device", "cpu"],
+                       input="\n".join(turns) + "\n", capture_output=True, text=True, timeout=120,
+                       env=subprocess_env(OMP_NUM_THREADS="1"), cwd=NEUTRAL_CWD)
+    assert r.returncode == 0, r.stderr
+    assert all(a.strip() for a in answers)  # the random model says something each turn
+    assert [line.strip() for line in r.stdout.strip().split("\n")] == [a.strip() for a in answers]
+    stats = [line for line in r.stderr.splitlines() if line.startswith("[turn")]
+    assert len(stats) == 2
+    n1 = int(stats[0].split("prefilled ")[1].split(" of ")[0])
+    n2, total2 = (int(x) for x in stats[1].split("prefilled ")[1].split(" tokens")[0].split(" of "))
+    assert n1 == int(stats[0].split(" of ")[1].split(" tokens")[0])  # the first turn prefills everything
+    assert n2 < total2 and n2 <= len(tok.encode(f"<|im_end|>\n<|im_start|>user\n{turns[1]}<|im_end|>\n"
+                                                 "<|im_start|>assistant\n").ids) + 1
+
+
+def test_cli_chat_needs_chatml_tokens(tmp_path, capsys):
+    make_model_dir(tmp_path)
+    err = _cli_error(capsys, ["--model", str(tmp_path), "--chat"])
+    assert "--chat: the tokenizer has no <|im_start|>" in err
+    assert "--prompt is required" in _cli_error(capsys, ["--model", str(tmp_path)])
