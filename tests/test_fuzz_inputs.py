@@ -325,3 +325,79 @@ def test_model_random_configs_masks_and_caches(seed):
                 got.append(a(ids[:, pos:pos + step], attention_mask=m, past_key_values=cache, use_cache=True).logits)
                 pos += step
         torch.testing.assert_close(torch.cat(got, 1)[real], full[real], atol=1e-4, rtol=0, msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_checkpoint_and_export_round_trips_of_random_configs(seed, tmp_path):
+    """A random small MPT through every way out and back in: save_pretrained / from_pretrained (bit
+    for bit), transformers' MptForCausalLM loading our save (multi-head configs: it has no GQA), the
+    ONNX-able graph module, and FasterTransformer files (fp32: bit for bit; options FasterTransformer
+    cannot express need force=True and are then reported, not silently dropped)."""
+    import warnings
+
+    from mpt_kernels.export import export_fastertransformer, load_fastertransformer, read_fastertransformer
+    from mpt_kernels.export.onnx import MPTGraph
+    from mpt_kernels.model import MPTConfig, MPTForCausalLM
+
+    rnd = random.Random(6000 + seed)
+    torch.manual_seed(6000 + seed)
+    H = rnd.choice([2, 3, 4, 6])
+    kv = rnd.choice([h for h in (1, 2, H) if H % h == 0]) if rnd.random() < 0.4 else H
+    attn = dict(attn_impl="flash", clip_qkv=rnd.choice([None, None, 1.5]), qk_ln=rnd.random() < 0.25,
+                alibi_bias_max=rnd.choice([8, 8, 16]))
+    if kv != H:
+        attn.update(attn_type="grouped_query_attention", kv_n_heads=kv)
+    cfg = MPTConfig(d_model=H * rnd.choice([8, 16]), n_heads=H, n_layers=rnd.choice([1, 2]),
+                    vocab_size=rnd.choice([61, 97]), max_seq_len=32, expansion_ratio=rnd.choice([2, 3, 4]),
+                    no_bias=rnd.random() < 0.7, tie_word_embeddings=rnd.random() < 0.7,
+                    logit_scale=rnd.choice([None, None, 0.5]), attn_config=attn)
+    model = MPTForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(1 + 0.15 * torch.randn_like(p) if ("norm" in n or "_ln" in n) and n.endswith("weight")
+                    else 0.15 * torch.randn_like(p))
+    ids = torch.randint(0, cfg.vocab_size, (2, rnd.choice([3, 11])))
+    with torch.no_grad():
+        ref = model(ids).logits
+    # ours -> ours
+    from mpt_kernels.model.checkpoint import transformers_cannot_load, transformers_ignores
+
+    ignored = transformers_ignores(cfg) + transformers_cannot_load(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.save_pretrained(tmp_path / "hf")
+    assert bool(ignored) == any("transformers' MptForCausalLM" in str(w.message) for w in caught), f"seed {seed}"
+    back = MPTForCausalLM.from_pretrained(tmp_path / "hf")
+    for (n, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), f"seed {seed}: {n}"
+    # ours -> transformers, where transformers can represent the config
+    if not ignored:  # transformers can represent the config: its outputs must be ours
+        assert kv == H and cfg.expansion_ratio == 4
+        transformers = pytest.importorskip("transformers")
+        hf = transformers.MptForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(hf(ids).logits, ref, atol=1e-4, rtol=0, msg=f"seed {seed}")
+    # the ONNX-able graph module (no onnxruntime needed here)
+    g = MPTGraph(model).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(g(ids, None, *g.empty_past(2))[0], ref, atol=1e-5, rtol=0, msg=f"seed {seed}")
+    # FasterTransformer
+    odd = [k for k, on in (("clip_qkv", attn["clip_qkv"]), ("qk_ln", attn["qk_ln"]),
+                           ("alibi_bias_max", attn["alibi_bias_max"] != 8), ("logit_scale", cfg.logit_scale),
+                           ("kv_n_heads", kv != H)) if on]
+    tp = rnd.choice([t for t in (1, 2) if H % t == 0 and (cfg.d_model * cfg.expansion_ratio) % t == 0])
+    if odd:
+        with pytest.raises(ValueError):
+            export_fastertransformer(model, tmp_path / "ft", tensor_parallel=tp)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            export_fastertransformer(model, tmp_path / "ft", tensor_parallel=tp, force=True)
+        assert caught, f"seed {seed}: forced export of {odd} said nothing"
+        return
+    export_fastertransformer(model, tmp_path / "ft", tensor_parallel=tp)
+    _, sd = read_fastertransformer(tmp_path / "ft")
+    for k, v in model.state_dict().items():
+        assert torch.equal(sd[k], v), f"seed {seed}: {k}"
+    ft = load_fastertransformer(tmp_path / "ft")
+    with torch.no_grad():
+        torch.testing.assert_close(ft(ids).logits, ref, atol=0, rtol=0, msg=f"seed {seed}")

@@ -896,6 +896,11 @@ def test_save_pretrained_warns_when_transformers_would_ignore_settings(tmp_path)
         MPTForCausalLM(small()).save_pretrained(tmp_path / "plain")
     with pytest.warns(UserWarning, match=r"ignores alibi_bias_max=16 .*; qk_ln=True"):
         MPTForCausalLM(small(alibi_bias_max=16, qk_ln=True)).save_pretrained(tmp_path / "odd")
+    # shapes transformers' MPT cannot hold: it refuses the checkpoint (found by test_fuzz_inputs.py)
+    cfg = small(attn_type="grouped_query_attention", kv_n_heads=2)
+    cfg.expansion_ratio = 3
+    with pytest.warns(UserWarning, match=r"cannot load this checkpoint \(expansion_ratio=3 .*; 2 key/value heads"):
+        MPTForCausalLM(MPTConfig.from_dict(cfg.to_dict())).save_pretrained(tmp_path / "shapes")
 
 
 def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():

@@ -159,6 +159,18 @@ def transformers_ignores(config: MPTConfig) -> list[str]:
     return out
 
 
+def transformers_cannot_load(config: MPTConfig) -> list[str]:
+    """The settings of ``config`` that make transformers' MptForCausalLM refuse the checkpoint (its
+    shapes are fixed: a 4x FFN and one key/value head per query head)."""
+    out = []
+    if config.expansion_ratio != 4:
+        out.append(f"expansion_ratio={config.expansion_ratio} (transformers' FFN is always 4 x d_model)")
+    if config.kv_n_heads != config.n_heads:
+        out.append(f"{config.kv_n_heads} key/value heads for {config.n_heads} query heads (transformers' MPT "
+                   "has no grouped-query attention)")
+    return out
+
+
 def save_pretrained(model, path, max_shard_size="5GB", *, eos_token_id=None, bos_token_id=None) -> None:
     import warnings
 
@@ -166,8 +178,12 @@ def save_pretrained(model, path, max_shard_size="5GB", *, eos_token_id=None, bos
 
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
+    refused = transformers_cannot_load(model.config)
     ignored = transformers_ignores(model.config)
-    if ignored:
+    if refused:
+        warnings.warn(f"{path}: transformers' MptForCausalLM cannot load this checkpoint ({'; '.join(refused)}); "
+                      "load it with mpt_kernels' MPTForCausalLM.from_pretrained", stacklevel=3)
+    elif ignored:
         warnings.warn(f"{path}: transformers' MptForCausalLM loads this checkpoint but ignores {'; '.join(ignored)}, "
                       "so its outputs differ from this model's; load it with mpt_kernels' "
                       "MPTForCausalLM.from_pretrained", stacklevel=3)
