@@ -578,7 +578,7 @@ def test_shards_seq_len_must_match_data_seq_len(tmp_path, corpus):
                                                  "data.tokenizer": str(corpus / "tokenizer.json")}))
 
 
-def test_config_int_from_float_and_bad_values():
+def test_config_int_from_float_and_bad_values(tmp_path):
     assert load_config(None, ["max_steps=1e3"]).max_steps == 1000
     with pytest.raises(ValueError, match="expected"):
         load_config(None, ["max_steps=1.5"])
@@ -589,3 +589,10 @@ def test_config_int_from_float_and_bad_values():
     r = subprocess.run([sys.executable, str(TRAIN), "log_every=0"], capture_output=True, text=True,
                        env=subprocess_env(), cwd=NEUTRAL_CWD, timeout=120)
     assert r.returncode == 2 and "error: config: log_every must be >= 1" in r.stderr and "Traceback" not in r.stderr
+    # found by trying overrides: these passed the config checks and then raised a traceback in setup
+    for override, says in (("model.preset=nope", "unknown preset 'nope'"),
+                           ("global_batch_size=7", "must be a multiple of micro_batch_size")):
+        r = subprocess.run([sys.executable, str(TRAIN), override, f"run_root={tmp_path}"], capture_output=True,
+                           text=True, env=subprocess_env(), cwd=NEUTRAL_CWD, timeout=300)
+        assert r.returncode == 2 and "error: setup:" in r.stderr and says in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr

@@ -64,7 +64,7 @@ class Trainer:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
         if cfg.device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device=cuda asked for, but torch sees no CUDA device")
+            raise ValueError("device=cuda asked for, but torch sees no CUDA device")
         if use_cuda:
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
@@ -671,7 +671,10 @@ def main(argv: list[str] | None = None, default_config: str | None = None) -> in
     if a.print_config:
         print(dump_config(cfg))
         return 0
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except (ValueError, FileNotFoundError) as exc:  # what the config asks for cannot be set up: no traceback
+        ap.error(f"setup: {exc}")
     try:
         summary = trainer.fit()
         if trainer.rank == 0:
