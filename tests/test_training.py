@@ -596,3 +596,45 @@ def test_config_int_from_float_and_bad_values(tmp_path):
                            text=True, env=subprocess_env(), cwd=NEUTRAL_CWD, timeout=300)
         assert r.returncode == 2 and "error: setup:" in r.stderr and says in r.stderr, r.stderr[-2000:]
         assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_trainer_combinations(tmp_path, corpus, seed):
+    """Random combinations of what the trainer composes (optimizer, precision, accumulation, activation
+    checkpointing, GQA/MQA, qk LayerNorm, untied head, eval/checkpoint cadence): every run trains
+    (finite losses, every weight moves, metrics for every step, a loadable HF export), and splitting the
+    global batch into micro-batches does not change the fp32 losses."""
+    import math
+    import random
+
+    from mpt_kernels.model import MPTForCausalLM
+    from mpt_kernels.train import Trainer
+
+    rnd = random.Random(9000 + seed)
+    heads = rnd.choice([2, 4])
+    kv = rnd.choice([1, heads])
+    overrides = (f"{{d_model: {16 * heads}, n_heads: {heads}, n_layers: {rnd.choice([1, 2])}, "
+                 f"tie_word_embeddings: {rnd.choice(['true', 'false'])}, "
+                 f"attn_config: {{attn_impl: flash, qk_ln: {rnd.choice(['true', 'false'])}"
+                 + (f", attn_type: grouped_query_attention, kv_n_heads: {kv}" if kv != heads else "") + "}}")
+    common = {"model.overrides": overrides, "optim.name": rnd.choice(["lion", "adamw"]),
+              "model.activation_checkpointing": rnd.choice([True, False]), "global_batch_size": 4,
+              "checkpoint.save_every": rnd.choice([0, 2]), "eval.every": rnd.choice([-1, 2]),
+              "eval.sample_tokens": rnd.choice([0, 4]), "max_steps": 3}
+    runs = {}
+    for micro in (4, rnd.choice([1, 2])):
+        cfg = _micro_cfg(tmp_path, corpus, run_name=f"m{micro}", micro_batch_size=micro, **common)
+        s = Trainer(cfg).fit()
+        got = losses(tmp_path / f"runs/m{micro}")
+        assert sorted(got) == [1, 2, 3] and all(math.isfinite(v) for v in got.values()), (seed, micro, got)
+        runs[micro] = got
+        back = MPTForCausalLM.from_pretrained(s["hf_dir"])
+        assert back.config.kv_n_heads == kv
+    a, b = runs.values()
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=2e-4), (seed, common, a, b)
+    # bf16 autocast on top of the same combination: trains, close to fp32 at step 1
+    cfg = _micro_cfg(tmp_path, corpus, run_name="bf16", micro_batch_size=2, precision="bf16",
+                     **{**common, "max_steps": 1, "eval.sample_tokens": 0, "eval.every": -1})
+    Trainer(cfg).fit()
+    assert losses(tmp_path / "runs/bf16")[1] == pytest.approx(runs[4][1], abs=0.05)
