@@ -44,8 +44,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
     ``generate`` or forward with it): only the positions after them are prefilled. After the call it
     holds every position of the returned ids but the last (all of them when nothing was generated), so
     a chat can pass the returned ids plus its next turn, with the same cache. Rows that finished early
-    hold their padding tokens, as in the returned ids. ``attention_mask`` then covers all of ``input_ids`` (its padding must match the
-    cache's; the new positions are real tokens)."""
+    hold their padding tokens, as in the returned ids. ``attention_mask`` then covers all of
+    ``input_ids`` (its padding must match the cache's; the new positions are real tokens)."""
     import math
     import numbers
 
