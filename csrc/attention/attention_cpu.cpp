@@ -378,14 +378,9 @@ void fwd_tile(const AttentionFwdParams& p, const SeqInfo& si, int b, int h, int 
       attn_cpu::gemm(live, kBlockK, Dp, w.q + static_cast<size_t>(r0) * Dp, Dp, w.kt, kBlockK,
                      w.s + static_cast<size_t>(r0) * kBlockK, kBlockK, false);
     }
-    if (heads == 1) {
-      finish_scores(p, w.s + static_cast<size_t>(r0) * kBlockK, live, q0 + r0, k0, si.sq, si.sk, slope_of(p, b, h),
-                    w.bmax + r0);
-    } else {
-      for (int g = 0; g < heads; ++g)
-        finish_scores(p, w.s + static_cast<size_t>(g) * nq * kBlockK, nq, q0, k0, si.sq, si.sk,
-                      slope_of(p, b, h + g), w.bmax + g * nq);
-    }
+    for (int g = 0; g < heads; ++g)  // rows r0.. of each head's nq (r0 > 0 only with one head)
+      finish_scores(p, w.s + (static_cast<size_t>(g) * nq + r0) * kBlockK, nq - r0, q0 + r0, k0, si.sq, si.sk,
+                    slope_of(p, b, h + g), w.bmax + g * nq + r0);
     // New running max per row, then every row's rescale factor 2^(m_old - m_new) in one vector pass
     // (0 on a row's first visible block).
     for (int r = r0; r < rows; ++r) w.bmax[r] = attn_cpu::nan_max(w.m[r], w.bmax[r]);

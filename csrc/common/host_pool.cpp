@@ -1,9 +1,9 @@
 #include "common/host_pool.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <iterator>
 #include <map>
-#include <cstdlib>
 #include <mutex>
 #include <new>
 

@@ -1,7 +1,8 @@
 // CPU cross-entropy: OpenMP over rows, AVX2 over the vocab axis (bf16/fp16 converted at load and
 // store, csrc/common/cpu_math.h; exp2 from attention_cpu_math.h). The twin of cross_entropy_cuda.cu:
-// one row is one unit of work, float32 arithmetic, exponentials taken as 2^((x - shift) * log2(e)) with
-// the shift (the row's max, then lse) subtracted first, the same outputs (cross_entropy.h). The row (a few hundred KB at most) stays in L2 between its passes.
+// one row is one unit of work, float32 arithmetic, exponentials taken as 2^((x - shift) * log2(e))
+// with the shift (the row's max, then lse) subtracted first, the same outputs (cross_entropy.h). The
+// row (a few hundred KB at most) stays in L2 between its passes.
 #include <omp.h>
 
 #include <cmath>
