@@ -32,7 +32,8 @@ echo "== build (MPT_KERNELS_SANITIZE=address,undefined, CPU only)"
   "$PY" setup.py -q build_ext --inplace > "$WORK/build.log" 2>&1) || { tail -40 "$WORK/build.log"; exit 1; }
 
 if [ $# -eq 0 ]; then
-  set -- tests/test_attention.py tests/test_layernorm.py tests/test_lion.py tests/test_loss.py tests/test_eager_paths.py \
+  set -- tests/test_attention.py tests/test_layernorm.py tests/test_lion.py tests/test_loss.py tests/test_linear.py \
+    tests/test_eager_paths.py \
     tests/test_memory.py tests/test_model.py tests/test_generation_review.py tests/test_fuzz_inputs.py
 fi
 echo "== pytest under the sanitizers: $*"

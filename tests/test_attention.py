@@ -805,6 +805,33 @@ def test_grouped_decode_matches_reference_and_per_head_runs(case, dtype):
         torch.testing.assert_close(out[:, :, h:h + 1], o1, rtol=0, atol=0 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [(1, 1, 2049, 12, 12, 64), (2, 4, 777, 6, 6, 72), (3, 2, 300, 16, 4, 40),
+                                  (1, 3, 1500, 8, 2, 128), (2, 1, 70, 48, 48, 16)],
+                         ids=lambda c: "B{}_Sq{}_Sk{}_H{}_{}_D{}".format(*c))
+@pytest.mark.parametrize("layout", ["contiguous", "cache-view", "head-strided"])
+def test_decode_tile_of_every_head(case, dtype, layout):
+    """A decode step or a chunk of up to 4 rows stacks every head of a sequence in one work item (the
+    key loop walks whole cache rows, all KV heads): each head must match the reference and come out
+    bitwise as if run alone (fp32), with K/V read from a KV cache's view (capacity > length) and with
+    heads that are not adjacent in a row (a prefetch per head)."""
+    B, Sq, Sk, H, Hkv, D = case
+    q, k, v = make_qkv(B, Sq, Sk, H, Hkv, D, dtype)
+    if layout == "cache-view":  # (B, capacity, Hkv, D) buffers, the first Sk rows
+        kb, vb = (torch.randn(B, Sk + 37, Hkv, D, dtype=dtype) for _ in range(2))
+        kb[:, :Sk], vb[:, :Sk] = k, v
+        k, v = kb[:, :Sk], vb[:, :Sk]
+    elif layout == "head-strided":  # every other head slot of a wider row
+        kb, vb = (torch.randn(B, Sk, 2 * Hkv, D, dtype=dtype) for _ in range(2))
+        kb[:, :, ::2], vb[:, :, ::2] = k, v
+        k, v = kb[:, :, ::2], vb[:, :, ::2]
+    slopes = make_slopes("random", B, H)
+    out = _fwd_against_reference(q, k, v, slopes, True, dtype)
+    for h in (0, H // 2, H - 1):
+        o1 = _one_head_alone(q, k, v, slopes, h, True)
+        torch.testing.assert_close(out[:, :, h:h + 1], o1, rtol=0, atol=0 if dtype == torch.float32 else 1e-2)
+
+
 def test_inference_calls_skip_the_custom_op_and_match_it(monkeypatch):
     """Without a gradient to record (and nothing tracing), ``alibi_attention`` runs the kernel directly,
     not through ``mpt_kernels::alibi_attention_fwd``: same output bit for bit (a decode step here, where

@@ -536,7 +536,7 @@ def test_float32_gemm_linear_for_low_precision_on_cpu(monkeypatch):
             scale = ref.abs().max().item()
             torch.testing.assert_close(got.double(), ref, atol=scale * 2**-8, rtol=0)
         assert len(pooled) >= 8  # eager: copies and products came from the (poisoned) pool
-        # up to _DIRECT_ROWS rows without gradients (decode steps): torch's own low-precision product,
+        # up to 8 rows without gradients (decode steps): the few-row kernel (tests/test_linear.py),
         # float32 accumulation, same bound; 9 rows and more take the float32 GEMM again
         with torch.no_grad():
             for x1 in (x[:1, :1], x[1, 5], x[0, :8], x[2, 3:12], x[:, ::7].transpose(0, 1)):

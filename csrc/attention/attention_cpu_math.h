@@ -142,13 +142,22 @@ inline __m256 exp2_ps(__m256 x) {
 #endif
 
 // out[j] = 2^(a[j] - b[j]); 0 where the difference is NaN (both -inf: a row with nothing visible yet).
+// The tail goes through the same vector code (zero padded), so an element's value does not depend on
+// its position: a tile row rounds the same whether its tile holds one head's rows or every head's.
 inline void exp2_diff(float* out, const float* a, const float* b, int n) {
   int j = 0;
 #ifdef MPTK_AVX2
-  for (; j + 8 <= n; j += 8) {
-    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j));
-    const __m256 e = exp2_ps(d);
-    _mm256_storeu_ps(out + j, _mm256_blendv_ps(e, _mm256_setzero_ps(), _mm256_cmp_ps(d, d, _CMP_UNORD_Q)));
+  auto eight = [](const __m256 d) {
+    return _mm256_blendv_ps(exp2_ps(d), _mm256_setzero_ps(), _mm256_cmp_ps(d, d, _CMP_UNORD_Q));
+  };
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(out + j, eight(_mm256_sub_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j))));
+  if (j < n) {
+    alignas(32) float d[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int t = 0; t < n - j; ++t) d[t] = a[j + t] - b[j + t];
+    _mm256_store_ps(d, eight(_mm256_load_ps(d)));
+    std::copy(d, d + (n - j), out + j);
+    return;
   }
 #endif
   for (; j < n; ++j) {

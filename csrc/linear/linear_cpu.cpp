@@ -1,0 +1,246 @@
+// Few-row linear layer (linear.h): OpenMP over contiguous ranges of output features, W read once in
+// order for all the rows. Per output feature n and row m, the dot product x_m . w_n is summed in 8
+// float32 lanes over k (two interleaved chains of 8 for one row, so the FMA latency stays hidden),
+// then across the lanes, then the k tail; bias added last and the result rounded once.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "common/cpu_math.h"
+#include "common/error.h"
+#include "linear/linear.h"
+
+namespace mptk {
+namespace {
+
+// Output features per thread range: enough that one range streams a few hundred KB of W.
+constexpr int64_t kMinFeaturesPerThread = 64;
+// Software prefetch distance along each W row, in bytes: with 16-bit rows of 1.5-8 KB this reaches
+// into the next block's rows, which the hardware prefetchers, each stream only a row long, start on
+// late. Passes over MPT-125M's weights here: bf16/fp16 4 rows ~25% faster than none, 1 row ~5-15%.
+constexpr int kPrefetchBytes = 4096;
+
+template <typename T>
+inline void prefetch_ahead(const T* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+}
+
+#ifdef MPTK_AVX2
+// y[m * ys + n + r] for r < NR, m < M: NR W rows (at w + r * ws) against M float32 rows of x
+// (at xs + m * K). M * NR * CH accumulators; CH chains of 8 lanes each over k.
+template <typename T, int M, int NR, int CH>
+inline void dot_block(const float* xs, int64_t K, const T* w, int64_t ws, float* out /* M x NR */) {
+  __m256 acc[M][NR][CH];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 2
+      for (int c = 0; c < CH; ++c) acc[m][r][c] = _mm256_setzero_ps();
+  const int64_t K8 = K & ~int64_t{8 * CH - 1};
+  for (int64_t k = 0; k < K8; k += 8 * CH) {
+    // once per 64 bytes of each row; not for one float32 row, whose 3 KB+ rows the hardware streams
+    // well (at ~85% of the read roof here) and which the extra instructions slowed by ~15%
+    if ((sizeof(T) == 2 || M > 1) && (k * sizeof(T)) % 64 == 0)
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) prefetch_ahead(w + r * ws + k);
+#pragma GCC unroll 2
+    for (int c = 0; c < CH; ++c) {
+      __m256 wv[NR];
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) wv[r] = load8(w + r * ws + k + 8 * c);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const __m256 xv = _mm256_loadu_ps(xs + m * K + k + 8 * c);
+#pragma GCC unroll 8
+        for (int r = 0; r < NR; ++r) acc[m][r][c] = _mm256_fmadd_ps(xv, wv[r], acc[m][r][c]);
+      }
+    }
+  }
+  // k in [K8, K8_1): whole groups of 8 left over by the CH-chain loop, into chain 0.
+  const int64_t K8_1 = K & ~int64_t{7};
+  for (int64_t k = K8; k < K8_1; k += 8) {
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      const __m256 wv = load8(w + r * ws + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) acc[m][r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xs + m * K + k), wv, acc[m][r][0]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      __m256 a = acc[m][r][0];
+      if constexpr (CH > 1) a = _mm256_add_ps(a, acc[m][r][1]);
+      float s = hsum8(a);
+      for (int64_t k = K8_1; k < K; ++k) s += xs[m * K + k] * to_float(w[r * ws + k]);
+      out[m * NR + r] = s;
+    }
+}
+
+// bfloat16 without shuffles: one 32-byte load holds 16 weights, two per 32-bit lane; the lane shifted
+// left by 16 is the even-indexed weight as a float32, the lane masked to its high half the odd one.
+// x is stored for it with each 16-chunk de-interleaved (its 8 even elements, then its 8 odd ones;
+// x_layout below), so the products pair up; the even and odd sums are the two chains. The
+// conversion costs two integer ops per 16 weights instead of a widening shuffle per 8, which left
+// the one-row product compute-bound at ~15 GB/s here. CH = 1 sums even and odd in one chain (more
+// rows: the rows' chains hide the FMA latency, and fewer accumulators stay in registers).
+template <int M, int NR, int CH>
+inline void dot_block_bf16(const float* xs, int64_t K, const bf16* w, int64_t ws, float* out) {
+  static_assert(CH == 1 || CH == 2, "chains");
+  __m256 acc[M][NR][2];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) acc[m][r][0] = acc[m][r][1] = _mm256_setzero_ps();
+  const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const int64_t K16 = K & ~int64_t{15};
+  for (int64_t k = 0; k < K16; k += 16) {
+    if ((k & 31) == 0)  // once per 64 bytes of each row
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) prefetch_ahead(w + r * ws + k);
+    __m256 we[NR], wo[NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ws + k));
+      we[r] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+      wo[r] = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const __m256 xe = _mm256_loadu_ps(xs + m * K + k), xo = _mm256_loadu_ps(xs + m * K + k + 8);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) {
+        acc[m][r][0] = _mm256_fmadd_ps(xe, we[r], acc[m][r][0]);
+        acc[m][r][CH - 1] = _mm256_fmadd_ps(xo, wo[r], acc[m][r][CH - 1]);
+      }
+    }
+  }
+  const int64_t K8 = K & ~int64_t{7};
+  for (int64_t k = K16; k < K8; k += 8)  // one group of 8 left (natural order in x)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      const __m256 wv = load8(w + r * ws + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) acc[m][r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xs + m * K + k), wv, acc[m][r][0]);
+    }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      float sum = hsum8(CH == 2 ? _mm256_add_ps(acc[m][r][0], acc[m][r][1]) : acc[m][r][0]);
+      for (int64_t k = K8; k < K; ++k) sum += xs[m * K + k] * to_float(w[r * ws + k]);
+      out[m * NR + r] = sum;
+    }
+}
+#endif
+
+template <typename T>
+float dot_scalar(const float* x, const T* w, int64_t K) {
+  float s = 0.f;
+  for (int64_t k = 0; k < K; ++k) s += x[k] * to_float(w[k]);
+  return s;
+}
+
+// Output features [n0, n1) for all rows.
+template <typename T, int M>
+void features(const FewRowsLinearParams& p, const float* xs, int64_t n0, int64_t n1) {
+  const int64_t K = p.in_features;
+  const T* w = static_cast<const T*>(p.w);
+  const T* bias = static_cast<const T*>(p.bias);
+  T* y = static_cast<T*>(p.y);
+  // W rows per block and chains per dot product: the M * NR * CH accumulators, the W vectors and an
+  // x vector stay within the 16 vector registers.
+  constexpr bool kBf16 = std::is_same_v<T, bf16>;
+  constexpr int NR = M == 1 ? 4 : (M == 2 ? (kBf16 ? 2 : 4) : (M <= 4 ? 2 : 1));
+  constexpr int CH = M == 1 ? 2 : (kBf16 && M == 2 ? 2 : 1);
+  float out[kFewRowsMax * 4];
+  auto store = [&](int64_t n, int nr) {
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < nr; ++r) {
+        const float b = bias ? to_float(bias[n + r]) : 0.f;
+        y[m * p.y_row_stride + n + r] = from_float<T>(out[m * nr + r] + b);
+      }
+  };
+  int64_t n = n0;
+#ifdef MPTK_AVX2
+  auto block = [&](auto nr_const, int64_t n) {
+    constexpr int nr = decltype(nr_const)::value;
+    if constexpr (std::is_same_v<T, bf16>)
+      dot_block_bf16<M, nr, CH>(xs, K, w + n * p.w_row_stride, p.w_row_stride, out);
+    else
+      dot_block<T, M, nr, CH>(xs, K, w + n * p.w_row_stride, p.w_row_stride, out);
+    store(n, nr);
+  };
+  for (; n + NR <= n1; n += NR) block(std::integral_constant<int, NR>{}, n);
+  for (; n < n1; ++n) block(std::integral_constant<int, 1>{}, n);
+#else
+  for (; n < n1; ++n) {
+    for (int m = 0; m < M; ++m) out[m] = dot_scalar(xs + m * K, w + n * p.w_row_stride, K);
+    store(n, 1);
+  }
+#endif
+}
+
+// Where x's element k is stored in the float32 copy: in place, except for bfloat16 in an AVX2 build,
+// where each whole 16-chunk is de-interleaved (dot_block_bf16).
+template <typename T>
+inline int64_t x_layout(int64_t k, int64_t K) {
+#ifdef MPTK_AVX2
+  if constexpr (std::is_same_v<T, bf16>) {
+    const int64_t c = k & ~int64_t{15}, i = k & 15;
+    if (c + 16 <= K) return c + (i & 1) * 8 + (i >> 1);
+  }
+#endif
+  (void)K;
+  return k;
+}
+
+template <typename T>
+void run(const FewRowsLinearParams& p) {
+  const int M = p.rows;
+  const int64_t K = p.in_features, N = p.out_features;
+  // x in float32 once (a few rows of K floats), shared by the threads.
+  std::vector<float> xs(static_cast<size_t>(M) * K);
+  const T* x = static_cast<const T*>(p.x);
+  for (int m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xs[m * K + x_layout<T>(k, K)] = to_float(x[m * p.x_row_stride + k]);
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(),
+                                                                            N / kMinFeaturesPerThread)));
+#pragma omp parallel num_threads(threads)
+  {
+    // Contiguous ranges (each thread streams its own part of W), split on multiples of 8 features.
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t blocks = (N + 7) / 8;
+    const int64_t n0 = std::min(N, blocks * t / nt * 8), n1 = std::min(N, blocks * (t + 1) / nt * 8);
+    switch (M) {
+      case 1: features<T, 1>(p, xs.data(), n0, n1); break;
+      case 2: features<T, 2>(p, xs.data(), n0, n1); break;
+      case 3: features<T, 3>(p, xs.data(), n0, n1); break;
+      case 4: features<T, 4>(p, xs.data(), n0, n1); break;
+      case 5: features<T, 5>(p, xs.data(), n0, n1); break;
+      case 6: features<T, 6>(p, xs.data(), n0, n1); break;
+      case 7: features<T, 7>(p, xs.data(), n0, n1); break;
+      default: features<T, 8>(p, xs.data(), n0, n1); break;
+    }
+  }
+}
+
+}  // namespace
+
+void few_rows_linear_cpu(const FewRowsLinearParams& p) {
+  MPTK_CHECK(p.rows >= 0 && p.rows <= kFewRowsMax, "few_rows_linear: rows must be in [0, ", kFewRowsMax, "]");
+  if (p.rows == 0 || p.out_features == 0) return;
+  switch (p.dtype) {
+    case DType::Float32: run<float>(p); break;
+    case DType::BFloat16: run<bf16>(p); break;
+    case DType::Float16: run<fp16>(p); break;
+    default: MPTK_CHECK(false, "few_rows_linear: unsupported dtype ", dtype_name(p.dtype));
+  }
+}
+
+}  // namespace mptk
