@@ -7,9 +7,10 @@ A decode step multiplies a few rows (one per sequence in the batch) by every wei
 model once: a read of the weights and almost nothing else. A row per case times that whole pass
 (MPT-125M: its 48 block matrices and the 50432-row LM head; a 7B-shaped pass: 4 of MPT-7B's blocks,
 d_model 4096, and its LM head), so the weights stream from memory as in a real step rather than
-from a warm cache. GB_s counts the weight bytes read per second; the roof is the read bandwidth
-measured in this run (the fastest sum over a 512 MiB float32 buffer), with the copy bandwidth
-(read + write) listed too.
+from a warm cache. GB_s counts the weight bytes read per second; the roof is the memory traffic of
+a copy measured in this run (bytes read + written per second, the harness's copy_bandwidth, as the
+other benchmarks use). A plain read (torch's sum over 512 MiB) is listed too: it reads slower here
+than the kernel does, so it is no roof.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def run(ctx: harness.Context) -> harness.Report:
     report = harness.Report(
         title="Few-row linear: one decode step's weight products (cpu)",
         columns=["pass", "dtype", "rows", "weights_MB", "torch_ms", "ours_ms", "speedup", "ours_GB_s",
-                 "torch_GB_s", "ours_pct_read_bw"],
+                 "torch_GB_s", "ours_pct_copy_bw"],
         plot=harness.bar_plot("rows", ["speedup"], "speedup over torch F.linear", group_key="pass"),
     )
     if ctx.device != "cpu":
@@ -74,8 +75,8 @@ def run(ctx: harness.Context) -> harness.Report:
     dtypes = [getattr(torch, d) for d in ((a.dtypes if a is not None and a.dtypes else None)
                                           or "bfloat16,float32").split(",")]
     iters = (a.iters if a is not None and a.iters else None) or (3 if ctx.quick else 7)
-    read_bw = read_bandwidth()
-    report.limits = {"read_GB_s": read_bw, "copy_GB_s": harness.copy_bandwidth("cpu")}
+    copy_bw = harness.copy_bandwidth("cpu")
+    report.limits = {"copy_GB_s": copy_bw, "torch_sum_read_GB_s": read_bandwidth()}
     passes = QUICK if ctx.quick else PASSES
     torch.manual_seed(0)
     for name, spec in passes.items():
@@ -98,7 +99,7 @@ def run(ctx: harness.Context) -> harness.Report:
                 report.add(**{"pass": name}, dtype=str(dtype).replace("torch.", ""), rows=rows,
                            weights_MB=nbytes / 1e6, torch_ms=times["torch"] * 1e3, ours_ms=times["ours"] * 1e3,
                            speedup=times["torch"] / times["ours"], ours_GB_s=gbs,
-                           torch_GB_s=nbytes / times["torch"] / 1e9, ours_pct_read_bw=100 * gbs / read_bw)
+                           torch_GB_s=nbytes / times["torch"] / 1e9, ours_pct_copy_bw=100 * gbs / copy_bw)
                 print(f"  {name} {dtype} rows={rows}: torch {times['torch'] * 1e3:.1f} ms, ours "
                       f"{times['ours'] * 1e3:.1f} ms ({gbs:.1f} GB/s)", flush=True)
             del weights
@@ -106,7 +107,8 @@ def run(ctx: harness.Context) -> harness.Report:
     report.notes.append(
         f"Median of {iters} passes after a warm-up pass, wall clock, {torch.get_num_threads()} torch threads, OpenMP "
         f"{mk.build_info()['openmp_max_threads']}. A pass reads every matrix once (weights_MB). speedup = torch_ms / "
-        "ours_ms. The roof, read_GB_s, is the fastest of 10 sums over 512 MiB (float32), measured in this run.")
+        "ours_ms. The roof, copy_GB_s, is the fastest of 10 copies of 512 MiB (bytes read + written), measured in "
+        "this run.")
     report.notes.append(
         "torch's CPU bfloat16 product converts as it goes and its time grows with the rows; few_rows_linear reads "
         "each weight once for all rows (float32 sums, bfloat16 converted with two integer ops per 16 weights). "

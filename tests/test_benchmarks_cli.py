@@ -98,6 +98,8 @@ def _cli_error(capsys, *argv):
     (("layernorm", "--hidden", "768,"), None),  # a trailing comma is fine (nothing to reject)
     (("model", "--decode-tokens", "0"), "'0' must be positive"),  # 0 ran the default, < 0 divided by zero
     (("model", "--parts", "train,prefill"), "'prefill' is not one of: train, decode"),
+    (("linear", "--rows", "9"), "--rows: at most 8 rows per product"),
+    (("linear", "--dtypes", "float64"), "'float64' is not one of: bfloat16, float16, float32"),
 ])
 def test_bad_benchmark_options_are_one_line_errors(capsys, monkeypatch, argv, says):
     import benchmarks.bench_layernorm as ln
@@ -230,3 +232,18 @@ def test_lion_explains_steps_above_the_copy_roof(monkeypatch):
     args = type("A", (), {"models": "toy", "full": False, "iters": 1})()
     report = bench_lion.run(harness.Context(name="lion", device="cpu", quick=True, args=args))
     assert any("pct_copy_bw above 100" in n for n in report.notes), report.notes
+
+
+def test_linear_quick_smoke(tmp_path):
+    """`linear --quick` runs its code path end to end (one dtype, one row count, one pass) and writes
+    its rows; on cuda it measures nothing (a CPU kernel) and says so."""
+    import argparse
+
+    from benchmarks import bench_linear, harness
+
+    args = argparse.Namespace(rows="1", dtypes="bfloat16", iters=1)
+    report = bench_linear.run(harness.Context(name="linear", device="cpu", quick=True, out_dir=tmp_path, args=args))
+    (row,) = report.rows
+    assert row["rows"] == 1 and row["dtype"] == "bfloat16" and row["speedup"] > 0 and row["ours_pct_copy_bw"] > 0
+    report = bench_linear.run(argparse.Namespace(device="cuda", args=args, quick=True))
+    assert report.rows == [] and "CPU kernel" in report.notes[0]
