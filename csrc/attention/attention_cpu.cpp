@@ -368,7 +368,7 @@ void fwd_tile(const AttentionFwdParams& p, const SeqInfo& si, int b, int h, int 
   // path, possibly every head's; its heads start at a KV group's first head).
   const int group = p.n_heads / p.n_kv_heads;
   const int n_kv = heads > group ? heads / group : 1;
-  const int per_kv = rows / n_kv;
+  [[maybe_unused]] const int per_kv = rows / n_kv;  // read by the direct path (AVX2 builds)
   for (int kb = kb_begin; kb < kb_end; ++kb) {
     const int k0 = kb * kBlockK, nk = std::min(kBlockK, si.sk - k0);
     // Causal: tile rows above r0 see no key of this block (their scores would all be -inf, P = 0,

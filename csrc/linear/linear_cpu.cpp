@@ -18,6 +18,8 @@ namespace {
 
 // Output features per thread range: enough that one range streams a few hundred KB of W.
 constexpr int64_t kMinFeaturesPerThread = 64;
+
+#ifdef MPTK_AVX2
 // Software prefetch distance along each W row, in bytes: with 16-bit rows of 1.5-8 KB this reaches
 // into the next block's rows, which the hardware prefetchers, each stream only a row long, start on
 // late. Passes over MPT-125M's weights here: bf16/fp16 4 rows ~25% faster than none, 1 row ~5-15%.
@@ -28,7 +30,6 @@ inline void prefetch_ahead(const T* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
 }
 
-#ifdef MPTK_AVX2
 // y[m * ys + n + r] for r < NR, m < M: NR W rows (at w + r * ws) against M float32 rows of x
 // (at xs + m * K). M * NR * CH accumulators; CH chains of 8 lanes each over k.
 template <typename T, int M, int NR, int CH>
