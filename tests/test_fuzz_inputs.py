@@ -224,6 +224,34 @@ def test_cross_entropy_random_inputs(seed):
         torch.testing.assert_close(loss.double(), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_few_rows_linear_random_inputs(seed):
+    """The decode-step product: rows 0-10 (at most 8 valid), odd and vector-boundary widths, mixed or
+    refused dtypes, strided views, wrong bias shapes."""
+    from mpt_kernels.ops.linear import few_rows_linear
+
+    rnd = random.Random(3500 + seed)
+    g = torch.Generator().manual_seed(3500 + seed)
+    M, K, N = rnd.choice([0, 1, 2, 3, 4, 7, 8, 9, 10]), rnd.choice([0, 1, 8, 15, 16, 17, 100]), rnd.choice([0, 1, 5, 9, 70])
+    dt = rnd.choice(DTYPES[:3] * 3 + DTYPES[3:])
+    wdt = dt if rnd.random() < 0.85 else rnd.choice(DTYPES)
+    x = _maybe_strided(_randn((M, K), dt, g), rnd)
+    w = _maybe_strided(_randn((N, K), wdt, g) * 0.3, rnd)
+    bkind = rnd.choice(["none", "ok", "ok", "wrong_len", "wrong_dtype"])
+    b = {"none": None, "ok": _randn((N,), dt, g), "wrong_len": _randn((N + 1,), dt, g),
+         "wrong_dtype": _randn((N,), torch.float64 if dt != torch.float64 else torch.float32, g)}[bkind]
+    valid = dt in TOL and w.dtype == dt and M <= 8 and bkind in ("none", "ok")  # (int weights * 0.3: float32)
+    try:
+        y = few_rows_linear(x, w, b)
+    except CLEAR:
+        assert not valid, f"seed {seed}: a valid call raised"
+        return
+    assert valid, f"seed {seed}: an invalid call returned"
+    want = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert y.dtype == dt and y.shape == want.shape
+    torch.testing.assert_close(y.double(), want, atol=TOL[dt] * max(1.0, math.sqrt(K)), rtol=TOL[dt])
+
+
 @pytest.mark.parametrize("seed", range(30))
 def test_lion_random_parameters(seed):
     rnd = random.Random(4000 + seed)
