@@ -278,7 +278,8 @@ def test_lion_random_parameters(seed):
         return
     assert valid, f"seed {seed}: float16 parameters were taken"
     # reference: clip by the global float32 norm, then one Lion step from a zero momentum; decoupled
-    # weight decay (the default): p * (1 - weight_decay) at the initial lr
+    # weight decay (the default): p * (1 - weight_decay) at the initial lr; the new momentum holds the
+    # clipped gradient
     norm = math.sqrt(sum(float(gr.double().pow(2).sum()) for gr in grads if gr is not None))
     factor = 1.0 if clip is None or norm <= clip else clip / (norm + 1e-6)
     for p, p0, gr in zip(params, before, grads):
@@ -291,6 +292,11 @@ def test_lion_random_parameters(seed):
         tol = 1e-6 if p.dtype == torch.float32 else 2 ** -8 * want.abs() + 1e-6  # one bf16 rounding
         err = (p.detach().double() - want).abs()
         assert bool((err <= tol)[sure].all()), f"seed {seed}: max error {float(err[sure].max())}"
+        # the momentum carries the clipped gradient's scale, which the sign above cannot show:
+        # m = beta2 * 0 + (1 - beta2) * g * factor (float32 state)
+        m = opt.state[p]["exp_avg"].double()
+        m_want = (1 - 0.99) * gr.double() * factor
+        torch.testing.assert_close(m, m_want, rtol=1e-5, atol=1e-9, msg=lambda e: f"seed {seed}: momentum: {e}")
 
 
 @pytest.mark.parametrize("seed", range(24))
