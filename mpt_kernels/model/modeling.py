@@ -127,19 +127,20 @@ class _Float32GemmLinear(torch.autograd.Function):
 
 
 def linear(x, weight, bias=None):
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         return F.linear(x, weight, bias)
+    if (_FEW_ROWS_KERNEL and _few_rows.supported(x, weight, bias) and mk._ext.direct_call_ok(x, weight, bias)
+            and not torch.is_autocast_enabled("cpu")):
+        # Up to 8 rows with nothing to record (decode steps): a read of the weight, once for all rows
+        # (mpt_kernels/ops/linear.py): bf16 1.2-1.5x torch's for one row, 3-4x for four. First, as it
+        # is the per-token path (checks that fail fast on anything else).
+        return _few_rows.few_rows_linear(x, weight, bias)
     if (x.dtype == torch.float32 and weight.dtype == torch.float32 and torch.is_grad_enabled()
             and (x.requires_grad or weight.requires_grad) and not torch.is_autocast_enabled("cpu")):
         # float32 training on the CPU: the same GEMMs as F.linear, with the output and both gradients
         # in the host pool. torch's fresh multi-MiB tensors pay their page faults on every step (the
         # weight gradients alone are the model's size: ~120k faults, ~0.3 s of an mpt-125m step here).
         return _Float32GemmLinear.apply(x, weight, bias)
-    if (_FEW_ROWS_KERNEL and not torch.is_autocast_enabled("cpu") and _few_rows.supported(x, weight, bias)
-            and mk._ext.direct_call_ok(x, weight, bias)):
-        # Up to 8 rows with nothing to record (decode steps): a read of the weight, once for all rows
-        # (mpt_kernels/ops/linear.py). Here: bf16 1 row ~1.2x, 4 rows ~2.5x, float32 ~2x torch's.
-        return _few_rows.few_rows_linear(x, weight, bias)
     if not _FP32_GEMM_ON_CPU:
         return F.linear(x, weight, bias)
     if torch.is_autocast_enabled("cpu") and x.is_floating_point():

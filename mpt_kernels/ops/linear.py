@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from .._ext import _C, optional_view, view
+from .._ext import _C, view
 
 MAX_ROWS = 8
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -31,12 +31,15 @@ def _alloc(shape, dtype, device) -> Tensor:
 def supported(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bool:
     """Whether the model should call ``few_rows_linear`` here: host tensors of one dtype (float32,
     bfloat16, float16), at most MAX_ROWS rows, a weight whose rows are contiguous (no copy of it), in
-    an AVX2 build (the portable scalar loop is slower than torch)."""
-    return (_AVX2 and x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype in _DTYPES
-            and weight.dtype == x.dtype and weight.dim() == 2 and weight.stride(-1) == 1 and x.dim() >= 1
-            and (weight.stride(0) >= weight.shape[1] or weight.shape[0] <= 1)
-            and x.shape[-1] == weight.shape[1] and math.prod(x.shape[:-1]) <= MAX_ROWS
-            and (bias is None or (bias.dtype == x.dtype and bias.device.type == "cpu")))
+    an AVX2 build (the portable scalar loop is slower than torch). Cheap checks first: it runs on
+    every Linear call of a decode step."""
+    if not _AVX2 or x.dtype not in _DTYPES or weight.dtype != x.dtype or not (x.is_cpu and weight.is_cpu):
+        return False
+    if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1] or math.prod(x.shape[:-1]) > MAX_ROWS:
+        return False
+    if weight.stride(-1) != 1 or (weight.stride(0) < weight.shape[1] and weight.shape[0] > 1):
+        return False
+    return bias is None or (bias.dtype == x.dtype and bias.is_cpu)
 
 
 def few_rows_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -49,13 +52,17 @@ def few_rows_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) ->
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"few_rows_linear: x's last dimension {x.shape[-1]} does not match weight's in_features "
                          f"{weight.shape[1]}")
-    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     if x2.shape[0] > MAX_ROWS:
         raise ValueError(f"few_rows_linear: at most {MAX_ROWS} rows, got {x2.shape[0]}")
     # named, not temporaries: the kernel gets raw pointers
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
     y = _alloc((x2.shape[0], weight.shape[0]), x.dtype, x.device)
-    _C.few_rows_linear(view(x2, "x"), view(weight, "weight"), optional_view(bias, "bias"), view(y, "y"))
-    return y.view(*x.shape[:-1], weight.shape[0])
+    _C.few_rows_linear(view(x2, "x"), view(weight, "weight"), None if bias is None else view(bias, "bias"),
+                       view(y, "y"))
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
