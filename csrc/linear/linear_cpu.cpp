@@ -30,17 +30,39 @@ inline void prefetch_ahead(const T* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
 }
 
+// The end of a block's dot products: whole groups of 8 from k0 on into chain 0, then per (row, W row)
+// the chains added, summed across the lanes, plus the k tail (x in natural order from k0 on).
+template <typename T, int M, int NR, int CH>
+inline void finish_dots(__m256 (&acc)[M][NR][2], const float* xs, int64_t K, const T* w, int64_t ws, int64_t k0,
+                        float* out) {
+  const int64_t K8 = K & ~int64_t{7};
+  for (int64_t k = k0; k < K8; k += 8) {
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      const __m256 wv = load8(w + r * ws + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) acc[m][r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xs + m * K + k), wv, acc[m][r][0]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      float sum = hsum8(CH == 2 ? _mm256_add_ps(acc[m][r][0], acc[m][r][1]) : acc[m][r][0]);
+      for (int64_t k = K8; k < K; ++k) sum += xs[m * K + k] * to_float(w[r * ws + k]);
+      out[m * NR + r] = sum;
+    }
+}
+
 // y[m * ys + n + r] for r < NR, m < M: NR W rows (at w + r * ws) against M float32 rows of x
 // (at xs + m * K). M * NR * CH accumulators; CH chains of 8 lanes each over k.
 template <typename T, int M, int NR, int CH>
 inline void dot_block(const float* xs, int64_t K, const T* w, int64_t ws, float* out /* M x NR */) {
-  __m256 acc[M][NR][CH];
+  __m256 acc[M][NR][2];
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m)
 #pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r)
-#pragma GCC unroll 2
-      for (int c = 0; c < CH; ++c) acc[m][r][c] = _mm256_setzero_ps();
+    for (int r = 0; r < NR; ++r) acc[m][r][0] = acc[m][r][1] = _mm256_setzero_ps();
   const int64_t K8 = K & ~int64_t{8 * CH - 1};
   for (int64_t k = 0; k < K8; k += 8 * CH) {
     // once per 64 bytes of each row; not for one float32 row, whose 3 KB+ rows the hardware streams
@@ -61,26 +83,7 @@ inline void dot_block(const float* xs, int64_t K, const T* w, int64_t ws, float*
       }
     }
   }
-  // k in [K8, K8_1): whole groups of 8 left over by the CH-chain loop, into chain 0.
-  const int64_t K8_1 = K & ~int64_t{7};
-  for (int64_t k = K8; k < K8_1; k += 8) {
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) {
-      const __m256 wv = load8(w + r * ws + k);
-#pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) acc[m][r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xs + m * K + k), wv, acc[m][r][0]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int m = 0; m < M; ++m)
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) {
-      __m256 a = acc[m][r][0];
-      if constexpr (CH > 1) a = _mm256_add_ps(a, acc[m][r][1]);
-      float s = hsum8(a);
-      for (int64_t k = K8_1; k < K; ++k) s += xs[m * K + k] * to_float(w[r * ws + k]);
-      out[m * NR + r] = s;
-    }
+  finish_dots<T, M, NR, CH>(acc, xs, K, w, ws, K8, out);
 }
 
 // bfloat16 without shuffles: one 32-byte load holds 16 weights, two per 32-bit lane; the lane shifted
@@ -121,22 +124,7 @@ inline void dot_block_bf16(const float* xs, int64_t K, const bf16* w, int64_t ws
       }
     }
   }
-  const int64_t K8 = K & ~int64_t{7};
-  for (int64_t k = K16; k < K8; k += 8)  // one group of 8 left (natural order in x)
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) {
-      const __m256 wv = load8(w + r * ws + k);
-#pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) acc[m][r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xs + m * K + k), wv, acc[m][r][0]);
-    }
-#pragma GCC unroll 8
-  for (int m = 0; m < M; ++m)
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) {
-      float sum = hsum8(CH == 2 ? _mm256_add_ps(acc[m][r][0], acc[m][r][1]) : acc[m][r][0]);
-      for (int64_t k = K8; k < K; ++k) sum += xs[m * K + k] * to_float(w[r * ws + k]);
-      out[m * NR + r] = sum;
-    }
+  finish_dots<bf16, M, NR, CH>(acc, xs, K, w, ws, K16, out);  // (x in natural order past K16)
 }
 #endif
 
