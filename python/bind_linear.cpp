@@ -17,12 +17,7 @@ int64_t check_matrix(const TensorView& t, const char* name, int64_t rows, int64_
   check_ndim(t, name, 2);
   MPTK_CHECK_ARG(t.shape[0] == rows && t.shape[1] == cols, name, "expected shape (", rows, ", ", cols, "), got ",
                  t.shape_str());
-  if (rows == 0 || cols == 0) return cols;
-  check_last_dim_contiguous(t, name);
-  const int64_t stride = rows > 1 ? t.stride[0] : cols;
-  MPTK_CHECK_ARG(stride >= cols, name, "rows overlap (row stride ", stride, " < ", cols, ")");
-  check_alignment(t, name, dtype_size(t.dtype));
-  return stride;
+  return matrix_row_stride(t, name, "row length");
 }
 
 void few_rows_linear(const TensorView& x, const TensorView& weight, const std::optional<TensorView>& bias,

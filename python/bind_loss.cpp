@@ -12,12 +12,7 @@ namespace {
 int64_t check_logits_like(const TensorView& t, const char* name) {
   check_ndim(t, name, 2);
   check_dtype(t, name, {DType::Float32, DType::BFloat16, DType::Float16});
-  if (t.shape[0] == 0 || t.shape[1] == 0) return t.shape[1];
-  check_last_dim_contiguous(t, name);
-  const int64_t stride = t.shape[0] > 1 ? t.stride[0] : t.shape[1];
-  MPTK_CHECK_ARG(stride >= t.shape[1], name, "rows overlap (row stride ", stride, " < vocab ", t.shape[1], ")");
-  check_alignment(t, name, dtype_size(t.dtype));
-  return stride;
+  return matrix_row_stride(t, name, "vocab");
 }
 
 void check_rows_vector(const TensorView& t, const char* name, DType dtype, int64_t rows, const TensorView& ref) {

@@ -99,6 +99,19 @@ inline void check_alignment(const TensorView& t, const char* name, size_t bytes)
   MPTK_CHECK_ARG(reinterpret_cast<uintptr_t>(t.data) % bytes == 0, name, "data pointer must be ", bytes,
                  "-byte aligned");
 }
+// A 2-D tensor read as rows of contiguous elements (a matrix of logits, a weight): last dim contiguous,
+// rows not overlapping, aligned to its element size. Returns the row stride (the row length when
+// there is one row or none). cols_name names the row length in the error ("vocab", ...).
+inline int64_t matrix_row_stride(const TensorView& t, const char* name, const char* cols_name) {
+  check_ndim(t, name, 2);
+  if (t.shape[0] == 0 || t.shape[1] == 0) return t.shape[1];
+  check_last_dim_contiguous(t, name);
+  const int64_t stride = t.shape[0] > 1 ? t.stride[0] : t.shape[1];
+  MPTK_CHECK_ARG(stride >= t.shape[1], name, "rows overlap (row stride ", stride, " < ", cols_name, " ", t.shape[1],
+                 ")");
+  check_alignment(t, name, dtype_size(t.dtype));
+  return stride;
+}
 [[noreturn]] inline void throw_no_cuda(const char* op) {
   throw std::runtime_error(std::string(op) +
                            ": this build of mpt_kernels has no CUDA kernels (rebuild with nvcc available or "

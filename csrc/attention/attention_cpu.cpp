@@ -373,8 +373,10 @@ void fwd_tile(const AttentionFwdParams& p, const SeqInfo& si, int b, int h, int 
     const int k0 = kb * kBlockK, nk = std::min(kBlockK, si.sk - k0);
     // Causal: tile rows above r0 see no key of this block (their scores would all be -inf, P = 0,
     // O += 0): skipped. Tiles only, one head per tile (stacked GQA heads repeat the rows per head).
-    // r0 is a multiple of 8, so the vector passes over rows see the same 8-row groups as when every
-    // row is computed: bitwise those results. The CUDA kernel computes them all.
+    // r0 is rounded down to a multiple of 8: that kept exp2_diff's 8-row vectors on the same rows
+    // while its tail rounded differently; the tail now goes through the same vector code, and the
+    // other passes over rows are per row, so the rounding only costs a few skipped rows. Either way
+    // bitwise the results of computing every row. The CUDA kernel computes them all.
     const int r0 = (p.causal && heads == 1 && !direct) ? std::clamp(k0 - (si.sk - si.sq) - q0, 0, nq) & ~7 : 0;
     const int live = rows - r0;
     if (direct) {

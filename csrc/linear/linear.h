@@ -8,7 +8,7 @@
 //
 // Why a kernel: at a few rows the product is a read of W (2 bytes per weight in bfloat16) and nothing
 // else. torch's CPU bfloat16 GEMM reads it at ~16-18 GB/s here against the ~25-30 GB/s a plain read
-// reaches, and its cost grows with the rows (4 rows ~2.5x one). This reads W once for all the rows.
+// reaches, and its cost grows with the rows (4 rows ~3.5x one). This reads W once for all the rows.
 // On CUDA, cuBLAS's GEMV is already bandwidth-bound: no twin.
 #pragma once
 
