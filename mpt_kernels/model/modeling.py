@@ -588,6 +588,12 @@ class MPTForCausalLM(nn.Module):
             raise ValueError(f"labels: must be in [0, {self.config.vocab_size}) or -100, got range [{got[2]}, {got[3]}]")
 
     def _forward(self, input_ids, attention_mask, sequence_id, labels, cache, use_cache, logits_to_keep):
+        if cache is not None and cache.length and attention_mask is None and sequence_id is None and labels is None:
+            # A CPU decode step: the same kernels without the per-op Python, where that is certain to
+            # compute the same (decode.py says when); None: the module path below.
+            out = _decode.step(self, input_ids, cache, logits_to_keep)
+            if out is not None:
+                return out
         B, S = input_ids.shape
         if use_cache and cache is None:
             cache = self.new_cache(B, capacity=S)
@@ -824,3 +830,6 @@ def init_weights(model: MPTForCausalLM, modules=None) -> None:
             module.weight.fill_(1.0)
             if module.bias is not None:
                 module.bias.zero_()
+
+
+from . import decode as _decode  # noqa: E402  (it builds on the classes above)

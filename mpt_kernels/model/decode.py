@@ -1,0 +1,341 @@
+"""A CPU decode step without the per-op Python: the same kernels as the module path, called directly.
+
+A decode step of a small model on the CPU spends as long in Python as in its kernels: each op's
+wrapper checks its arguments, routes, allocates and describes its tensors (~25-45 us per Linear,
+LayerNorm or attention call, ~0.5 ms per block), where the kernels of an mpt-125m block take ~1.6 ms.
+Here a step runs each block as a fixed list of ``_C`` calls on buffers allocated once, with the
+weights' descriptions (``_ext.view`` tuples) made once: ~10x less Python per block.
+
+It computes exactly what ``MPTForCausalLM._forward`` computes (the same kernels, in the same order,
+on the same values: the logits are bitwise the same) and runs only where that is certain:
+
+- nothing records or intercepts: no gradient mode, no autocast, no compile / tracing / modes;
+- the model is the stock one: its modules and parameters are the ones the step was built from
+  (checked per step: a replaced module, parameter or ``.data``, a ``.to()``, a hook or a patched
+  ``forward`` sends the step back to the module path), attention on the kernels, no qk_ln, dropout off;
+- a decode step: a KV cache holding a past, at most 8 new rows (batch x new tokens), host tensors
+  of one dtype (float32, bfloat16, float16), an AVX2 build (the few-row linear kernel's);
+- one thread at a time per model: the buffers are shared, so a second thread stepping the same model
+  concurrently takes the module path (the kernels release the GIL).
+
+Anything else returns None and the caller runs the module path. ``ENABLED = False`` switches it off.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _ext
+from .._ext import _C, view
+from ..ops import linear as _few_rows
+from . import modeling as M
+
+ENABLED = True
+MAX_ROWS = _few_rows.MAX_ROWS  # batch x new tokens per step
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The classes whose forward the step reproduces; a patched forward on any of them disables it.
+_FORWARDS = {cls: cls.forward for cls in (M.MPTBlock, M.MPTAttention, M.MPTMLP, M.LayerNorm, M.Linear)}
+# model -> (_build_key, its _Runner or None where the step does not apply to it)
+_RUNNERS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _build_key(model):
+    """What a model the step did not take must change before it is looked at again: its config or a
+    parameter's memory (a ``.to()``). ~0.5 us per parameter, against ~30 us of Python per module-path op."""
+    return (id(getattr(model, "config", None)), tuple(p.data_ptr() for p in model.parameters()))
+
+
+def step(model, input_ids: torch.Tensor, cache, logits_to_keep: int):
+    """One decode step of ``model`` (``_forward``'s arguments: no mask, sequence ids or labels), or None
+    where it does not apply. Advances ``cache`` as ``_forward`` does."""
+    if not ENABLED or torch.is_grad_enabled() or not M._FEW_ROWS_KERNEL:
+        return None
+    B, S = input_ids.shape
+    if (not cache.length or cache.batch_size != B or B * S > MAX_ROWS or not input_ids.is_cpu
+            or input_ids.dtype not in (torch.int64, torch.int32) or torch.is_autocast_enabled("cpu")
+            or not _ext._plain_eager((input_ids,))):
+        return None
+    entry = _RUNNERS.get(model)
+    if entry is None or (not entry[1].current() if entry[1] is not None else entry[0] != _build_key(model)):
+        entry = _RUNNERS[model] = (_build_key(model), _Runner.build(model))
+    runner = entry[1]
+    if runner is None or not runner.usable(cache):
+        return None
+    if not runner.lock.acquire(blocking=False):
+        return None
+    try:
+        return runner.run(input_ids, cache, logits_to_keep)
+    finally:
+        runner.lock.release()
+
+
+class _Layer:
+    """One block's weights as the kernels take them (``_ext.view`` tuples, made once)."""
+
+    def __init__(self, block: M.MPTBlock):
+        a, f = block.attn, block.ffn
+        self.ln1 = _ln_views(block.norm_1)
+        self.ln2 = _ln_views(block.norm_2)
+        self.wqkv = _linear_views(a.Wqkv)
+        self.out_proj = _linear_views(a.out_proj)
+        self.up = _linear_views(f.up_proj)
+        self.down = _linear_views(f.down_proj)
+        self.slopes = a.slopes(a.Wqkv.weight.device)  # float32 (n_heads,), kept alive here
+        self.slopes_view = view(self.slopes, "alibi_slopes")
+        self.clip_qkv = a.clip_qkv
+
+
+def _linear_views(lin: M.Linear):
+    return view(lin.weight, "weight"), (None if lin.bias is None else view(lin.bias, "bias"))
+
+
+def _ln_views(ln: M.LayerNorm):
+    return view(ln.weight, "weight"), (None if ln.bias is None else view(ln.bias, "bias")), float(ln.eps)
+
+
+class _Buffers:
+    """A step's activations for ``rows`` = batch x new tokens, reused step after step."""
+
+    def __init__(self, cfg, B: int, S: int, dtype):
+        rows, d = B * S, cfg.d_model
+        H, Hkv, D = cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
+        width = (H + 2 * Hkv) * D
+        new = lambda *shape: torch.empty(shape, dtype=dtype)  # noqa: E731
+        self.stream = [new(rows, d), new(rows, d)]  # the residual stream, ping-pong (LN reads one, writes the other)
+        self.h = new(rows, d)  # LayerNorm outputs
+        self.qkv = new(rows, width)
+        self.attn = new(B, S, H, D)
+        self.branch = new(rows, d)  # out_proj's and down_proj's outputs: the branch the next LayerNorm adds
+        self.up = new(rows, cfg.ffn_hidden_size)
+        self.act = new(rows, cfg.ffn_hidden_size)
+        qkv3 = self.qkv.view(B, S, width)
+        self.k_new = qkv3[..., H * D:(H + Hkv) * D].unflatten(-1, (Hkv, D))  # (B, S, Hkv, D) views for the cache
+        self.v_new = qkv3[..., (H + Hkv) * D:].unflatten(-1, (Hkv, D))
+        es = self.qkv.element_size()
+        code = _ext._torch_codes()[dtype]
+        # q: (B, S, H, D) inside the Wqkv output, as alibi_attention gets it from the module path
+        self.q_desc = (self.qkv.data_ptr(), code, (B, S, H, D), (S * width, width, D, 1), -1)
+        self.q_row_bytes = S * width * es  # one batch row of q
+        self.v = {name: view(t, name) for name, t in (("stream0", self.stream[0]), ("stream1", self.stream[1]),
+                                                       ("h", self.h), ("qkv", self.qkv), ("branch", self.branch),
+                                                       ("up", self.up), ("act", self.act))}
+        self.attn_2d = view(self.attn.view(rows, H * D), "attn")
+        self.attn_desc = view(self.attn, "out")
+
+
+class _Runner:
+    def __init__(self, model, layers, slots, ptrs, modules, dropouts):
+        self.model = model  # a weak proxy: the runner lives in a WeakKeyDictionary keyed by the model
+        self.cfg = model.config
+        self.dtype = model.dtype
+        self.layers = layers
+        self._slots = slots  # (dict, key, object): the modules and parameters the views were made from
+        self._ptrs = ptrs  # (parameter, data_ptr)
+        self._modules = modules
+        self._dropouts = dropouts
+        self._buffers: dict[tuple[int, int], _Buffers] = {}
+        self.lock = threading.Lock()
+        cfg = self.cfg
+        # as alibi_attention's default (1.0 / math.sqrt(head_dim), not head_dim ** -0.5: the last bit differs)
+        self.scale = float(cfg.softmax_scale) if cfg.softmax_scale is not None else 1.0 / math.sqrt(cfg.head_dim)
+        tr = model.transformer
+        self.wte = tr.wte.weight
+        self.norm_f = _ln_views(tr.norm_f)
+        head = tr.wte.weight if cfg.tie_word_embeddings else model.lm_head.weight
+        self.head = (view(head, "weight"), None)  # the module path's linear(h, w): no bias, even on an lm_head with one
+        self.vocab = head.shape[0]
+
+    @classmethod
+    def build(cls, model) -> "_Runner | None":
+        """A runner for ``model``, or None when its structure is not the one the step reproduces."""
+        cfg = model.config
+        tr = model.transformer
+        if (type(model) is not M.MPTForCausalLM or not cfg.uses_kernel_attention or not _few_rows._AVX2
+                or cfg.attn_config["qk_ln"] or model.dtype not in _DTYPES or model.device.type != "cpu"):
+            return None
+        modules = list(model.modules())
+        params = list(model.parameters())
+        if any(p.dtype != model.dtype or p.device.type != "cpu" or not p.is_contiguous() for p in params):
+            return None
+        slots, ptrs = [], []
+
+        def keep(parent: nn.Module, name: str, kind: str, expect=None):
+            d = parent._modules if kind == "module" else parent._parameters
+            obj = d.get(name)
+            if obj is None or (expect is not None and type(obj) is not expect):
+                raise _Unsupported
+            slots.append((d, name, obj))
+            if kind == "param":
+                ptrs.append((obj, obj.data_ptr()))
+            return obj
+
+        slots.append((model.__dict__, "config", cfg))  # resize_token_embeddings replaces it
+        try:
+            keep(model, "transformer", "module", M.MPTModel)
+            wte = keep(tr, "wte", "module", nn.Embedding)
+            keep(wte, "weight", "param")
+            blocks = keep(tr, "blocks", "module", nn.ModuleList)
+            if len(blocks) != cfg.n_layers:
+                return None
+            for i, blk in enumerate(blocks):
+                keep(blocks, str(i), "module", M.MPTBlock)
+                for ln_name in ("norm_1", "norm_2"):
+                    _keep_norm(keep, keep(blk, ln_name, "module", M.LayerNorm))
+                attn = keep(blk, "attn", "module", M.MPTAttention)
+                ffn = keep(blk, "ffn", "module", M.MPTMLP)
+                for parent, name in ((attn, "Wqkv"), (attn, "out_proj"), (ffn, "up_proj"), (ffn, "down_proj")):
+                    lin = keep(parent, name, "module", M.Linear)
+                    keep(lin, "weight", "param")
+                    if lin.bias is not None:
+                        keep(lin, "bias", "param")
+                if not attn.use_kernel or hasattr(attn, "q_ln"):
+                    return None
+            _keep_norm(keep, keep(tr, "norm_f", "module", M.LayerNorm))
+            if not cfg.tie_word_embeddings:
+                head = keep(model, "lm_head", "module", M.Linear)
+                keep(head, "weight", "param")
+                if head.bias is not None:
+                    keep(head, "bias", "param")
+        except _Unsupported:
+            return None
+        dropouts = [m for m in modules if isinstance(m, nn.Dropout)]
+        layers = [_Layer(blk) for blk in blocks]
+        return cls(weakref.proxy(model), layers, slots, ptrs, modules, dropouts)
+
+    def current(self) -> bool:
+        """The model still has the modules and parameters (and their memory) the views describe."""
+        for d, name, obj in self._slots:
+            if d.get(name) is not obj:
+                return False
+        for p, ptr in self._ptrs:
+            if p.data_ptr() != ptr:
+                return False
+        return True
+
+    def usable(self, cache) -> bool:
+        """Per step: no hooks, no patched forward, dropout off, a cache this step can write."""
+        if (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+                or any(cls.forward is not fwd for cls, fwd in _FORWARDS.items())):
+            return False
+        for m in self._modules:
+            if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
+                return False
+        if any(m.training and m.p > 0 for m in self._dropouts):
+            return False
+        c = self.cfg
+        return (cache.dtype == self.dtype and cache.device.type == "cpu" and cache.n_layers == len(self.layers)
+                and cache.kv_heads == c.kv_n_heads and cache.head_dim == c.head_dim)
+
+    def run(self, input_ids: torch.Tensor, cache, logits_to_keep: int):
+        cfg = self.cfg
+        B, S = input_ids.shape
+        H, Hkv, D = cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
+        buf = self._buffers.get((B, S))
+        if buf is None:
+            buf = self._buffers[(B, S)] = _Buffers(cfg, B, S, self.dtype)
+        bv = buf.v
+        past = cache.length
+        cache.reserve(past + S)
+        end = past + S
+        code = _ext._torch_codes()[self.dtype]
+        starts = cache.row_starts or [0] * B
+        es = buf.qkv.element_size()
+
+        # embedding (as the module path: F.embedding, then the embedding_fraction mix)
+        x = F.embedding(input_ids, self.wte)
+        f = cfg.embedding_fraction
+        if f != 1:
+            x = x * f + x.detach() * (1 - f)
+        buf.stream[0].view(B, S, -1).copy_(x)
+
+        # per-row attention descriptors: (q, k offset, out, seqlen_k) -- one call for the whole batch
+        # when no row is padded (the module path's "dense" plan), one per row otherwise ("rows")
+        if cache.row_starts is None:
+            calls = [(buf.q_desc, 0, buf.attn_desc, end)]
+        else:
+            q_shape = (1, S, H, D)
+            calls = []
+            for b, s in enumerate(starts):
+                q = (buf.q_desc[0] + b * buf.q_row_bytes, code, q_shape, buf.q_desc[3], -1)
+                o = (buf.attn_desc[0] + b * S * H * D * es, code, q_shape, buf.attn_desc[3], -1)
+                calls.append((q, (b, s), o, end - s))
+        k0 = cache.k[0]
+        kst = k0.stride()
+        ws_bytes = 0
+        for q, _, _, sk in calls:
+            kd = (k0.data_ptr(), code, (q[2][0], sk, Hkv, D), kst, -1)
+            ws_bytes = max(ws_bytes, _C.attention_fwd_workspace_size(q, kd, kd, self.layers[0].slopes_view, None, None,
+                                                                     S, sk, self.scale, True))
+        ws = torch.zeros(ws_bytes, dtype=torch.uint8) if ws_bytes else None
+        ws_view = view(ws, "workspace") if ws is not None else None
+
+        cur = 0  # which stream buffer holds the residual stream
+        first = True
+        for i, L in enumerate(self.layers):
+            # norm_1: LN(x) for the first block, else x <- x + pending (the previous block's branch)
+            w, b, eps = L.ln1
+            if first:
+                _C.layer_norm_fwd(bv[f"stream{cur}"], w, b, None, bv["h"], None, None, None, eps, 0)
+                first = False
+            else:
+                _C.layer_norm_fwd(bv["branch"], w, b, bv[f"stream{cur}"], bv["h"], bv[f"stream{1 - cur}"], None,
+                                  None, eps, 0)
+                cur = 1 - cur
+            _C.few_rows_linear(bv["h"], *L.wqkv, bv["qkv"])
+            if L.clip_qkv is not None:
+                buf.qkv.clamp_(min=-L.clip_qkv, max=L.clip_qkv)
+            kc, vc = cache.k[i], cache.v[i]
+            if kc.dtype != self.dtype:
+                raise ValueError(f"past_key_values: the cache holds {kc.dtype} but this forward makes {self.dtype} keys")
+            kc[:, past:end].copy_(buf.k_new)
+            vc[:, past:end].copy_(buf.v_new)
+            kp, vp, kst = kc.data_ptr(), vc.data_ptr(), kc.stride()
+            for q, off, o, sk in calls:
+                if off:  # a padded row: its own keys cache[b, start_b:end]
+                    rb, s = off
+                    shift = (rb * kst[0] + s * kst[1]) * es
+                    shape = (1, sk, Hkv, D)
+                else:
+                    shift, shape = 0, (B, sk, Hkv, D)
+                if ws is not None:
+                    ws.zero_()  # the launchers' contract: a zero-filled workspace, as _attention_fwd_impl's
+                _C.attention_fwd(q, (kp + shift, code, shape, kst, -1), (vp + shift, code, shape, kst, -1), o, None,
+                                 L.slopes_view, None, None, S, sk, self.scale, True, ws_view, 0)
+            _C.few_rows_linear(buf.attn_2d, *L.out_proj, bv["branch"])
+            # norm_2: x <- x + attention; h = LN(x)
+            w, b, eps = L.ln2
+            _C.layer_norm_fwd(bv["branch"], w, b, bv[f"stream{cur}"], bv["h"], bv[f"stream{1 - cur}"], None, None,
+                              eps, 0)
+            cur = 1 - cur
+            _C.few_rows_linear(bv["h"], *L.up, bv["up"])
+            torch._C._nn.gelu(buf.up, out=buf.act)
+            _C.few_rows_linear(bv["act"], *L.down, bv["branch"])
+        cache.advance(S)
+
+        w, b, eps = self.norm_f
+        _C.layer_norm_fwd(bv["branch"], w, b, bv[f"stream{cur}"], bv["h"], bv[f"stream{1 - cur}"], None, None, eps, 0)
+        h = buf.h
+        keep = S if not logits_to_keep or logits_to_keep >= S else logits_to_keep
+        if keep != S:
+            h = buf.h.view(B, S, -1)[:, S - keep:].reshape(B * keep, -1)
+        logits = _few_rows._alloc((B * keep, self.vocab), self.dtype, torch.device("cpu"))
+        _C.few_rows_linear(view(h, "x"), *self.head, view(logits, "y"))
+        logits = logits.view(B, keep, self.vocab)
+        if self.model.logit_scale is not None:
+            logits = logits * self.model.logit_scale
+        return M.MPTOutput(logits=logits, loss=None, past_key_values=cache)
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _keep_norm(keep, ln: M.LayerNorm) -> None:
+    keep(ln, "weight", "param")
+    if ln.bias is not None:
+        keep(ln, "bias", "param")
