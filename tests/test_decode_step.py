@@ -5,7 +5,9 @@ every comparison here is bitwise: logits, the KV cache it writes, and the cache 
 path itself is checked against transformers and a float32 reference in test_model.py. Each case also
 asserts which path ran, and the logits buffer is NaN-poisoned so an unwritten element shows.
 """
+import gc
 import threading
+import weakref
 
 import pytest
 import torch
@@ -179,7 +181,10 @@ def test_changed_model_is_followed(monkeypatch):
     both_paths(m, cache, ids, spy=spy)
     blk = m.transformer.blocks[1]
     with torch.no_grad():
+        old = weakref.ref(blk.ffn.up_proj.weight)
         blk.ffn.up_proj.weight = nn.Parameter(torch.randn_like(blk.ffn.up_proj.weight))  # a new Parameter
+        gc.collect()
+        assert old() is None  # the step's views keep no replaced weight alive
         a = both_paths(m, cache, ids, spy=spy)
         blk.attn.out_proj.weight.data = torch.randn_like(blk.attn.out_proj.weight)  # new .data, same Parameter
         b = both_paths(m, cache, ids, spy=spy)

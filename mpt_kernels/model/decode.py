@@ -129,14 +129,18 @@ class _Buffers:
 
 
 class _Runner:
+    """A model's decode step: its weights' views, the slots they were read from, the step's buffers.
+    Holds only weak references to the model's modules and parameters: a replaced module or parameter
+    is freed as usual (the next step notices and rebuilds)."""
+
     def __init__(self, model, layers, slots, ptrs, modules, dropouts):
-        self.model = model  # a weak proxy: the runner lives in a WeakKeyDictionary keyed by the model
+        self.model = weakref.proxy(model)  # the runner lives in a WeakKeyDictionary keyed by the model
         self.cfg = model.config
         self.dtype = model.dtype
         self.layers = layers
-        self._slots = slots  # (dict, key, object): the modules and parameters the views were made from
-        self._ptrs = ptrs  # (parameter, data_ptr)
-        self._modules = modules
+        self._slots = slots  # (parent, attribute dict, name, object or None): where each view was read
+        self._ptrs = ptrs  # (parameter, its data_ptr when the views were made)
+        self._modules = modules  # every module of the model (for hooks and patched forwards)
         self._dropouts = dropouts
         self._buffers: dict[tuple[int, int], _Buffers] = {}
         self.lock = threading.Lock()
@@ -144,7 +148,6 @@ class _Runner:
         # as alibi_attention's default (1.0 / math.sqrt(head_dim), not head_dim ** -0.5: the last bit differs)
         self.scale = float(cfg.softmax_scale) if cfg.softmax_scale is not None else 1.0 / math.sqrt(cfg.head_dim)
         tr = model.transformer
-        self.wte = tr.wte.weight
         self.norm_f = _ln_views(tr.norm_f)
         head = tr.wte.weight if cfg.tie_word_embeddings else model.lm_head.weight
         self.head = (view(head, "weight"), None)  # the module path's linear(h, w): no bias, even on an lm_head with one
@@ -153,8 +156,7 @@ class _Runner:
     @classmethod
     def build(cls, model) -> "_Runner | None":
         """A runner for ``model``, or None when its structure is not the one the step reproduces."""
-        cfg = model.config
-        tr = model.transformer
+        cfg = getattr(model, "config", None)
         if (type(model) is not M.MPTForCausalLM or not cfg.uses_kernel_attention or not _few_rows._AVX2
                 or cfg.attn_config["qk_ln"] or model.dtype not in _DTYPES or model.device.type != "cpu"):
             return None
@@ -163,57 +165,72 @@ class _Runner:
         if any(p.dtype != model.dtype or p.device.type != "cpu" or not p.is_contiguous() for p in params):
             return None
         slots, ptrs = [], []
+        ref = weakref.ref
 
-        def keep(parent: nn.Module, name: str, kind: str, expect=None):
-            d = parent._modules if kind == "module" else parent._parameters
-            obj = d.get(name)
-            if obj is None or (expect is not None and type(obj) is not expect):
+        def keep(parent: nn.Module, name: str, expect):
+            """Record parent.<name> (a module of exactly type ``expect``, or a parameter: expect=Parameter,
+            None allowed for a bias) so a step notices when it is replaced."""
+            is_param = expect is nn.Parameter
+            obj = (parent._parameters if is_param else parent._modules).get(name)
+            if obj is None and not (is_param and name == "bias"):
                 raise _Unsupported
-            slots.append((d, name, obj))
-            if kind == "param":
-                ptrs.append((obj, obj.data_ptr()))
+            if obj is not None and not (isinstance(obj, nn.Parameter) if is_param else type(obj) is expect):
+                raise _Unsupported
+            slots.append((ref(parent), "_parameters" if is_param else "_modules", name,
+                          None if obj is None else ref(obj)))
+            if is_param and obj is not None:
+                ptrs.append((ref(obj), obj.data_ptr()))
             return obj
 
-        slots.append((model.__dict__, "config", cfg))  # resize_token_embeddings replaces it
+        def keep_weights(mod):
+            keep(mod, "weight", nn.Parameter)
+            keep(mod, "bias", nn.Parameter)
+
+        slots.append((ref(model), "__dict__", "config", ref(cfg)))  # resize_token_embeddings replaces it
         try:
-            keep(model, "transformer", "module", M.MPTModel)
-            wte = keep(tr, "wte", "module", nn.Embedding)
-            keep(wte, "weight", "param")
-            blocks = keep(tr, "blocks", "module", nn.ModuleList)
+            tr = keep(model, "transformer", M.MPTModel)
+            keep(tr, "wte", nn.Embedding)
+            keep(tr.wte, "weight", nn.Parameter)
+            keep(tr, "emb_drop", nn.Dropout)
+            blocks = keep(tr, "blocks", nn.ModuleList)
             if len(blocks) != cfg.n_layers:
                 return None
             for i, blk in enumerate(blocks):
-                keep(blocks, str(i), "module", M.MPTBlock)
-                for ln_name in ("norm_1", "norm_2"):
-                    _keep_norm(keep, keep(blk, ln_name, "module", M.LayerNorm))
-                attn = keep(blk, "attn", "module", M.MPTAttention)
-                ffn = keep(blk, "ffn", "module", M.MPTMLP)
+                keep(blocks, str(i), M.MPTBlock)
+                for name in ("norm_1", "norm_2"):
+                    keep_weights(keep(blk, name, M.LayerNorm))
+                keep(blk, "resid_dropout", nn.Dropout)
+                attn = keep(blk, "attn", M.MPTAttention)
+                ffn = keep(blk, "ffn", M.MPTMLP)
                 for parent, name in ((attn, "Wqkv"), (attn, "out_proj"), (ffn, "up_proj"), (ffn, "down_proj")):
-                    lin = keep(parent, name, "module", M.Linear)
-                    keep(lin, "weight", "param")
-                    if lin.bias is not None:
-                        keep(lin, "bias", "param")
+                    keep_weights(keep(parent, name, M.Linear))
                 if not attn.use_kernel or hasattr(attn, "q_ln"):
                     return None
-            _keep_norm(keep, keep(tr, "norm_f", "module", M.LayerNorm))
+            keep_weights(keep(tr, "norm_f", M.LayerNorm))
             if not cfg.tie_word_embeddings:
-                head = keep(model, "lm_head", "module", M.Linear)
-                keep(head, "weight", "param")
-                if head.bias is not None:
-                    keep(head, "bias", "param")
+                keep(model, "lm_head", M.Linear)
+                keep(model.lm_head, "weight", nn.Parameter)
         except _Unsupported:
             return None
-        dropouts = [m for m in modules if isinstance(m, nn.Dropout)]
         layers = [_Layer(blk) for blk in blocks]
-        return cls(weakref.proxy(model), layers, slots, ptrs, modules, dropouts)
+        dropouts = [ref(m) for m in modules if isinstance(m, nn.Dropout)]
+        return cls(model, layers, slots, ptrs, [ref(m) for m in modules], dropouts)
 
     def current(self) -> bool:
         """The model still has the modules and parameters (and their memory) the views describe."""
-        for d, name, obj in self._slots:
-            if d.get(name) is not obj:
+        for parent, attr, name, obj in self._slots:
+            p = parent()
+            if p is None:
                 return False
-        for p, ptr in self._ptrs:
-            if p.data_ptr() != ptr:
+            now = getattr(p, attr).get(name)
+            if obj is None:
+                if now is not None:
+                    return False
+            elif now is None or now is not obj():
+                return False
+        for param, ptr in self._ptrs:
+            p = param()
+            if p is None or p.data_ptr() != ptr:
                 return False
         return True
 
@@ -222,11 +239,14 @@ class _Runner:
         if (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
                 or any(cls.forward is not fwd for cls, fwd in _FORWARDS.items())):
             return False
-        for m in self._modules:
-            if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
+        for r in self._modules:
+            m = r()
+            if m is None or m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
                 return False
-        if any(m.training and m.p > 0 for m in self._dropouts):
-            return False
+        for r in self._dropouts:
+            m = r()
+            if m is None or (m.training and m.p > 0):
+                return False
         c = self.cfg
         return (cache.dtype == self.dtype and cache.device.type == "cpu" and cache.n_layers == len(self.layers)
                 and cache.kv_heads == c.kv_n_heads and cache.head_dim == c.head_dim)
@@ -247,7 +267,7 @@ class _Runner:
         es = buf.qkv.element_size()
 
         # embedding (as the module path: F.embedding, then the embedding_fraction mix)
-        x = F.embedding(input_ids, self.wte)
+        x = F.embedding(input_ids, self.model.transformer.wte.weight)
         f = cfg.embedding_fraction
         if f != 1:
             x = x * f + x.detach() * (1 - f)
@@ -333,9 +353,3 @@ class _Runner:
 
 class _Unsupported(Exception):
     pass
-
-
-def _keep_norm(keep, ln: M.LayerNorm) -> None:
-    keep(ln, "weight", "param")
-    if ln.bias is not None:
-        keep(ln, "bias", "param")
