@@ -34,7 +34,7 @@ echo "== build (MPT_KERNELS_SANITIZE=address,undefined, CPU only)"
 if [ $# -eq 0 ]; then
   set -- tests/test_attention.py tests/test_layernorm.py tests/test_lion.py tests/test_loss.py tests/test_linear.py \
     tests/test_eager_paths.py \
-    tests/test_memory.py tests/test_model.py tests/test_generation_review.py tests/test_fuzz_inputs.py
+    tests/test_memory.py tests/test_model.py tests/test_generation_review.py tests/test_fuzz_inputs.py tests/test_decode_step.py
 fi
 echo "== pytest under the sanitizers: $*"
 rm -f "$WORK"/report.*

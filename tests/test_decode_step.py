@@ -293,3 +293,21 @@ def test_concurrent_threads_agree():
         t.join()
     for i in range(2):
         assert all(torch.equal(a, b) for a, b in zip(out[i], ref))
+
+
+def test_inference_mode_then_no_grad(monkeypatch):
+    """Buffers made in a first step under inference_mode are normal tensors: a later no_grad step
+    (or the reverse order) writes them in place without an error, with the module path's results."""
+    spy = Spy(monkeypatch)
+    m = build(config(clip_qkv=0.5), torch.bfloat16)
+    ids = torch.randint(0, 101, (2, 9))
+    monkeypatch.setattr(decode, "ENABLED", False)
+    ref = m.generate(ids, 6, temperature=0)
+    monkeypatch.setattr(decode, "ENABLED", True)
+    with torch.inference_mode():
+        assert torch.equal(m.generate(ids, 6, temperature=0), ref)
+    assert spy.runs == 5
+    assert torch.equal(m.generate(ids, 6, temperature=0), ref)
+    with torch.inference_mode():
+        assert torch.equal(m.generate(ids, 6, temperature=0), ref)
+    assert spy.runs == 15

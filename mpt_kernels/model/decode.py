@@ -257,7 +257,10 @@ class _Runner:
         H, Hkv, D = cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
         buf = self._buffers.get((B, S))
         if buf is None:
-            buf = self._buffers[(B, S)] = _Buffers(cfg, B, S, self.dtype)
+            # normal tensors even when the first step runs under torch.inference_mode(): an inference
+            # tensor cannot be written in place outside it (a later no_grad step would raise)
+            with torch.inference_mode(False):
+                buf = self._buffers[(B, S)] = _Buffers(cfg, B, S, self.dtype)
         bv = buf.v
         past = cache.length
         cache.reserve(past + S)
