@@ -291,7 +291,9 @@ inline void qk_direct_keys(float* S, const float* q, int Dp, const T* k, int64_t
 template <typename T, int R>
 void qk_direct(float* S, const float* q, int Dp, const T* k, int64_t ks, int j0, int j1, int D) {
   const int D8 = D & ~7;
-  constexpr int KJ = R <= 2 ? 4 : 2;
+  // R * KJ independent FMA chains: 8 cover the FMA latency (4 cycles, 2 per cycle). One query row per
+  // KV head (MHA decode) at 4 keys was latency-bound: 8 keys measured ~10% faster over a 16k cache.
+  constexpr int KJ = R == 1 ? 8 : (R <= 2 ? 4 : 2);
   int j = j0;
   for (; j + KJ <= j1; j += KJ) qk_direct_keys<T, R, KJ>(S, q, Dp, k, ks, j, D8);
   for (; j < j1; ++j) qk_direct_keys<T, R, 1>(S, q, Dp, k, ks, j, D8);
