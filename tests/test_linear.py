@@ -123,21 +123,29 @@ def test_bad_arguments_raise_value_error(args, says):
 @needs_avx2
 def test_model_linear_uses_it_only_without_gradients(monkeypatch):
     """modeling.linear routes plain no-grad calls of up to 8 rows to the kernel (the decode step's
-    products), and leaves everything with a gradient to record, autocast regions and 9+ rows alone."""
+    products), up to CHUNKED_MAX_ROWS in passes of 8, and leaves everything with a gradient to record,
+    autocast regions and more rows alone."""
     calls = []
-    real = lin.few_rows_linear
-    monkeypatch.setattr(lin, "few_rows_linear", lambda *a: calls.append(1) or real(*a))
+    real = lin._C.few_rows_linear
+    monkeypatch.setattr(lin._C, "few_rows_linear", lambda *a: calls.append(a[0][2][0]) or real(*a))  # x's rows
     torch.manual_seed(6)
     for dtype in DTYPES:
         w, b = rand(29, 48, dtype=dtype), rand(29, dtype=dtype)
         x = rand(2, 4, 48, dtype=dtype)
+        most = lin.CHUNKED_MAX_ROWS[dtype]
         with torch.no_grad():
             calls.clear()
             y = modeling.linear(x, w, b)
-            assert calls == [1]
+            assert calls == [8]
             assert_linear_close(y.reshape(8, 29), x.reshape(8, 48), w, b)
+            for rows in (9, most):
+                calls.clear()
+                x9 = rand(rows, 48, dtype=dtype)
+                y = modeling.linear(x9, w, b)
+                assert calls == [min(8, rows - i) for i in range(0, rows, 8)]  # one pass per 8 rows
+                assert_linear_close(y, x9, w, b)
             calls.clear()
-            modeling.linear(rand(9, 48, dtype=dtype), w, b)
+            modeling.linear(rand(most + 1, 48, dtype=dtype), w, b)
             assert calls == []
         xg = x.clone().requires_grad_()
         y = modeling.linear(xg, w, b)
@@ -145,7 +153,7 @@ def test_model_linear_uses_it_only_without_gradients(monkeypatch):
         y.sum().backward()
         assert xg.grad is not None
         modeling.linear(x, w, b)  # grad mode on, nothing requires grad: nothing to record
-        assert calls == [1]
+        assert calls == [8]
         calls.clear()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         y = modeling.linear(torch.randn(1, 48), torch.randn(29, 48))
@@ -153,8 +161,27 @@ def test_model_linear_uses_it_only_without_gradients(monkeypatch):
     monkeypatch.setattr(modeling, "_FEW_ROWS_KERNEL", False)
     with torch.no_grad():
         modeling.linear(torch.randn(1, 48), torch.randn(29, 48))
+        modeling.linear(torch.randn(12, 48), torch.randn(29, 48))
     assert calls == []
 
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [9, 15, 16, 17, 24, 33])
+def test_rows_linear_is_passes_of_few_rows(dtype, rows):
+    """rows_linear: every output element within the kernel's float64 bound (NaN-poisoned output), and
+    each block of 8 rows bitwise what few_rows_linear gives for that block; a strided x and a bias."""
+    torch.manual_seed(rows)
+    K, N = 77, 45
+    w, b = rand(N, K, dtype=dtype), rand(N, dtype=dtype)
+    x = rand(rows, 2 * K, dtype=dtype)[:, ::2]  # every other column: a copy is made
+    for bias in (None, b):
+        y = lin.rows_linear(x.reshape(1, rows, K), w, bias)
+        assert y.shape == (1, rows, N)
+        y = y[0]
+        assert_linear_close(y, x, w, bias)
+        for i in range(0, rows, 8):
+            assert torch.equal(y[i:i + 8], few_rows_linear(x[i:i + 8], w, bias))
 
 def test_decode_steps_match_the_torch_linear_path(monkeypatch):
     """Greedy decoding of a bf16 model gives the same logits (to bf16 rounding of a product) with the

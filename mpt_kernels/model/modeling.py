@@ -129,12 +129,13 @@ class _Float32GemmLinear(torch.autograd.Function):
 def linear(x, weight, bias=None):
     if not x.is_cpu:
         return F.linear(x, weight, bias)
-    if (_FEW_ROWS_KERNEL and _few_rows.supported(x, weight, bias) and mk._ext.direct_call_ok(x, weight, bias)
-            and not torch.is_autocast_enabled("cpu")):
+    if (_FEW_ROWS_KERNEL and _few_rows.supported(x, weight, bias, _few_rows.CHUNKED_MAX_ROWS.get(x.dtype, 0))
+            and mk._ext.direct_call_ok(x, weight, bias) and not torch.is_autocast_enabled("cpu")):
         # Up to 8 rows with nothing to record (decode steps): a read of the weight, once for all rows
-        # (mpt_kernels/ops/linear.py): bf16 1.2-1.5x torch's for one row, 3-4x for four. First, as it
-        # is the per-token path (checks that fail fast on anything else).
-        return _few_rows.few_rows_linear(x, weight, bias)
+        # (mpt_kernels/ops/linear.py): bf16 1.2-1.5x torch's for one row, 3-4x for four. A few more
+        # rows (batched decode, short prompts): one such pass per 8 rows (16-bit up to 24 rows, float32
+        # up to 16; 1.2-4x the paths below). First, as it is the per-token path (fast-failing checks).
+        return _few_rows.rows_linear(x, weight, bias)
     if (x.dtype == torch.float32 and weight.dtype == torch.float32 and torch.is_grad_enabled()
             and (x.requires_grad or weight.requires_grad) and not torch.is_autocast_enabled("cpu")):
         # float32 training on the CPU: the same GEMMs as F.linear, with the output and both gradients
