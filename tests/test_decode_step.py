@@ -114,18 +114,21 @@ CASES = {
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
-@pytest.mark.parametrize("B, S", [(1, 1), (3, 1), (2, 3), (8, 1), (1, 8)])
+@pytest.mark.parametrize("B, S", [(1, 1), (3, 1), (2, 3), (8, 1), (1, 8), (3, 3), (16, 1), (3, 8)])
 def test_step_is_bitwise_the_module_path(monkeypatch, case, dtype, B, S):
+    """Up to 8 rows one pass of the few-row kernel, past that passes of 8 (float32 up to 16 rows,
+    16-bit up to 24); more rows take the module path."""
     spy = Spy(monkeypatch)
     m = build(config(**CASES[case]), dtype)
     cache = prefill(m, B, 9)
     g = torch.Generator().manual_seed(2)
+    direct = B * S <= decode.MAX_ROWS[dtype]
     for _ in range(3):  # three steps: buffers reused, the cache growing
         ids = torch.randint(0, m.config.vocab_size, (B, S), generator=g)
-        both_paths(m, cache, ids, spy=spy)
+        both_paths(m, cache, ids, spy=spy, expect_direct=direct)
     both_paths(m, cache, ids[:, :1], logits_to_keep=1, spy=spy)  # another (B, S): a second buffer set
     if S > 1:
-        out = both_paths(m, cache, ids, logits_to_keep=2, spy=spy)
+        out = both_paths(m, cache, ids, logits_to_keep=2, spy=spy, expect_direct=direct)
         assert out.shape == (B, 2, m.config.vocab_size)
 
 
@@ -266,8 +269,9 @@ def test_models_it_does_not_take(monkeypatch):
     both_paths(m, cache, torch.randint(0, 101, (1, 1)), spy=spy, expect_direct=False)
     m.to(torch.bfloat16)  # consistent again: the step is looked at again and taken
     both_paths(m, cache, torch.randint(0, 101, (1, 1)), spy=spy)
-    big = prefill(m, 9, 3)  # 9 rows: more than the few-row kernel takes
-    both_paths(m, big, torch.randint(0, 101, (9, 1)), spy=spy, expect_direct=False)
+    big = prefill(m, 25, 3)  # 25 rows: more than modeling.linear gives the few-row kernel
+    both_paths(m, big, torch.randint(0, 101, (25, 1)), spy=spy, expect_direct=False)
+    both_paths(m, big, torch.randint(0, 101, (25, 1)), spy=spy, expect_direct=False)
 
 
 def test_concurrent_threads_agree():

@@ -13,7 +13,8 @@ on the same values: the logits are bitwise the same) and runs only where that is
 - the model is the stock one: its modules and parameters are the ones the step was built from
   (checked per step: a replaced module, parameter or ``.data``, a ``.to()``, a hook or a patched
   ``forward`` sends the step back to the module path), attention on the kernels, no qk_ln, dropout off;
-- a decode step: a KV cache holding a past, at most 8 new rows (batch x new tokens), host tensors
+- a decode step: a KV cache holding a past, at most 24 new rows (batch x new tokens; float32 16:
+  modeling.linear's few-row limits, passes of 8 rows), host tensors
   of one dtype (float32, bfloat16, float16), an AVX2 build (the few-row linear kernel's);
 - one thread at a time per model: the buffers are shared, so a second thread stepping the same model
   concurrently takes the module path (the kernels release the GIL).
@@ -36,7 +37,8 @@ from ..ops import linear as _few_rows
 from . import modeling as M
 
 ENABLED = True
-MAX_ROWS = _few_rows.MAX_ROWS  # batch x new tokens per step
+# batch x new tokens per step: what modeling.linear sends to the few-row kernel (passes of 8 rows)
+MAX_ROWS = _few_rows.CHUNKED_MAX_ROWS
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The classes whose forward the step reproduces; a patched forward on any of them disables it.
 _FORWARDS = {cls: cls.forward for cls in (M.MPTBlock, M.MPTAttention, M.MPTMLP, M.LayerNorm, M.Linear)}
@@ -56,7 +58,7 @@ def step(model, input_ids: torch.Tensor, cache, logits_to_keep: int):
     if not ENABLED or torch.is_grad_enabled() or not M._FEW_ROWS_KERNEL:
         return None
     B, S = input_ids.shape
-    if (not cache.length or cache.batch_size != B or B * S > MAX_ROWS or not input_ids.is_cpu
+    if (not cache.length or cache.batch_size != B or B * S > 24 or not input_ids.is_cpu
             or input_ids.dtype not in (torch.int64, torch.int32) or torch.is_autocast_enabled("cpu")
             or not _ext._plain_eager((input_ids,))):
         return None
@@ -64,7 +66,7 @@ def step(model, input_ids: torch.Tensor, cache, logits_to_keep: int):
     if entry is None or (not entry[1].current() if entry[1] is not None else entry[0] != _build_key(model)):
         entry = _RUNNERS[model] = (_build_key(model), _Runner.build(model))
     runner = entry[1]
-    if runner is None or not runner.usable(cache):
+    if runner is None or B * S > MAX_ROWS[runner.dtype] or not runner.usable(cache):
         return None
     if not runner.lock.acquire(blocking=False):
         return None
@@ -124,7 +126,10 @@ class _Buffers:
         self.v = {name: view(t, name) for name, t in (("stream0", self.stream[0]), ("stream1", self.stream[1]),
                                                        ("h", self.h), ("qkv", self.qkv), ("branch", self.branch),
                                                        ("up", self.up), ("act", self.act))}
-        self.attn_2d = view(self.attn.view(rows, H * D), "attn")
+        # the few-row kernel's operands: passes of at most 8 rows (one for a step of <= 8 rows)
+        self.rows = {name: _row_passes(t, name) for name, t in (
+            ("h", self.h), ("qkv", self.qkv), ("branch", self.branch), ("up", self.up), ("act", self.act),
+            ("attn", self.attn.view(rows, H * D)))}
         self.attn_desc = view(self.attn, "out")
 
 
@@ -309,7 +314,7 @@ class _Runner:
                 _C.layer_norm_fwd(bv["branch"], w, b, bv[f"stream{cur}"], bv["h"], bv[f"stream{1 - cur}"], None,
                                   None, eps, 0)
                 cur = 1 - cur
-            _C.few_rows_linear(bv["h"], *L.wqkv, bv["qkv"])
+            _linear(buf.rows["h"], L.wqkv, buf.rows["qkv"])
             if L.clip_qkv is not None:
                 buf.qkv.clamp_(min=-L.clip_qkv, max=L.clip_qkv)
             kc, vc = cache.k[i], cache.v[i]
@@ -329,15 +334,15 @@ class _Runner:
                     ws.zero_()  # the launchers' contract: a zero-filled workspace, as _attention_fwd_impl's
                 _C.attention_fwd(q, (kp + shift, code, shape, kst, -1), (vp + shift, code, shape, kst, -1), o, None,
                                  L.slopes_view, None, None, S, sk, self.scale, True, ws_view, 0)
-            _C.few_rows_linear(buf.attn_2d, *L.out_proj, bv["branch"])
+            _linear(buf.rows["attn"], L.out_proj, buf.rows["branch"])
             # norm_2: x <- x + attention; h = LN(x)
             w, b, eps = L.ln2
             _C.layer_norm_fwd(bv["branch"], w, b, bv[f"stream{cur}"], bv["h"], bv[f"stream{1 - cur}"], None, None,
                               eps, 0)
             cur = 1 - cur
-            _C.few_rows_linear(bv["h"], *L.up, bv["up"])
+            _linear(buf.rows["h"], L.up, buf.rows["up"])
             torch._C._nn.gelu(buf.up, out=buf.act)
-            _C.few_rows_linear(bv["act"], *L.down, bv["branch"])
+            _linear(buf.rows["act"], L.down, buf.rows["branch"])
         cache.advance(S)
 
         w, b, eps = self.norm_f
@@ -347,11 +352,22 @@ class _Runner:
         if keep != S:
             h = buf.h.view(B, S, -1)[:, S - keep:].reshape(B * keep, -1)
         logits = _few_rows._alloc((B * keep, self.vocab), self.dtype, torch.device("cpu"))
-        _C.few_rows_linear(view(h, "x"), *self.head, view(logits, "y"))
+        _linear(_row_passes(h, "x"), self.head, _row_passes(logits, "y"))
         logits = logits.view(B, keep, self.vocab)
         if self.model.logit_scale is not None:
             logits = logits * self.model.logit_scale
         return M.MPTOutput(logits=logits, loss=None, past_key_values=cache)
+
+
+def _row_passes(t: torch.Tensor, name: str) -> list:
+    """Views of a (rows, n) matrix in blocks of the few-row kernel's 8 rows."""
+    return [view(t[i:i + _few_rows.MAX_ROWS], name) for i in range(0, t.shape[0], _few_rows.MAX_ROWS)]
+
+
+def _linear(x_passes: list, weights: tuple, y_passes: list) -> None:
+    """y = x W^T (+ b), one few-row kernel call per block of 8 rows (as ops.linear.rows_linear)."""
+    for xv, yv in zip(x_passes, y_passes):
+        _C.few_rows_linear(xv, *weights, yv)
 
 
 class _Unsupported(Exception):
