@@ -51,6 +51,18 @@ def few_rows_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) ->
     """``x @ weight.T + bias`` with x (..., in) holding at most 8 rows, weight (out, in), bias (out,)
     or None, all one dtype on the CPU. Raises ValueError otherwise (the kernel's argument checks).
     Strided inputs are fine (a copy is made where the last dimension is not contiguous)."""
+    return _passes(x, weight, bias, MAX_ROWS)
+
+
+def rows_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``few_rows_linear`` for any number of rows: one pass over W per 8 rows, into one output. Each
+    output row is what ``few_rows_linear`` gives for it in its pass. For a few passes (batched decode
+    past 8 rows, a short prompt) this beats converting W for a GEMM: see ``CHUNKED_MAX_ROWS``."""
+    return _passes(x, weight, bias, None)
+
+
+def _passes(x: Tensor, weight: Tensor, bias: Optional[Tensor], max_rows: Optional[int]) -> Tensor:
+    """The kernel over x's rows, 8 per call, after the argument checks (at most ``max_rows`` rows)."""
     if x.dim() < 1 or weight.dim() != 2:
         raise ValueError(f"few_rows_linear: x must have at least one dimension and weight two, got {tuple(x.shape)} "
                          f"and {tuple(weight.shape)}")
@@ -58,31 +70,10 @@ def few_rows_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) ->
         raise ValueError(f"few_rows_linear: x's last dimension {x.shape[-1]} does not match weight's in_features "
                          f"{weight.shape[1]}")
     x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-    if x2.shape[0] > MAX_ROWS:
-        raise ValueError(f"few_rows_linear: at most {MAX_ROWS} rows, got {x2.shape[0]}")
+    rows = x2.shape[0]
+    if max_rows is not None and rows > max_rows:
+        raise ValueError(f"few_rows_linear: at most {max_rows} rows, got {rows}")
     # named, not temporaries: the kernel gets raw pointers
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    if weight.stride(-1) != 1:
-        weight = weight.contiguous()
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()
-    y = _alloc((x2.shape[0], weight.shape[0]), x.dtype, x.device)
-    _C.few_rows_linear(view(x2, "x"), view(weight, "weight"), None if bias is None else view(bias, "bias"),
-                       view(y, "y"))
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
-
-
-def rows_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``few_rows_linear`` for any number of rows: one pass over W per 8 rows, into one output. Each
-    output row is what ``few_rows_linear`` gives for it in its pass. For a few passes (batched decode
-    past 8 rows, a short prompt) this beats converting W for a GEMM: see ``CHUNKED_MAX_ROWS``."""
-    rows = math.prod(x.shape[:-1]) if x.dim() >= 1 else 0
-    if rows <= MAX_ROWS:
-        return few_rows_linear(x, weight, bias)
-    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
-        return few_rows_linear(x, weight, bias)  # (its ValueError names the mismatch)
-    x2 = x.reshape(rows, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if weight.stride(-1) != 1:
@@ -91,6 +82,9 @@ def rows_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Ten
         bias = bias.contiguous()
     y = _alloc((rows, weight.shape[0]), x.dtype, x.device)
     w_view, b_view = view(weight, "weight"), (None if bias is None else view(bias, "bias"))
-    for i in range(0, rows, MAX_ROWS):
-        _C.few_rows_linear(view(x2[i:i + MAX_ROWS], "x"), w_view, b_view, view(y[i:i + MAX_ROWS], "y"))
-    return y.view(*x.shape[:-1], weight.shape[0])
+    if rows <= MAX_ROWS:  # the per-token path: no slicing
+        _C.few_rows_linear(view(x2, "x"), w_view, b_view, view(y, "y"))
+    else:
+        for i in range(0, rows, MAX_ROWS):
+            _C.few_rows_linear(view(x2[i:i + MAX_ROWS], "x"), w_view, b_view, view(y[i:i + MAX_ROWS], "y"))
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
