@@ -228,6 +228,12 @@ def test_hooks_patches_and_modes_take_the_module_path(monkeypatch):
     monkeypatch.undo()
     spy = Spy(monkeypatch)
     assert not torch.equal(patched, both_paths(m, cache, ids, spy=spy))  # the patch was honoured
+    seen.clear()
+    real = decode.M.mk.alibi_attention
+    monkeypatch.setattr(decode.M.mk, "alibi_attention", lambda *a, **k: seen.append(1) or real(*a, **k))
+    both_paths(m, cache, ids, spy=spy, expect_direct=False)  # a patched function the forwards call
+    assert len(seen) == 2 * 3  # both paths' steps, three layers each
+    monkeypatch.setattr(decode.M.mk, "alibi_attention", real)
 
     # training mode with dropout on, gradients, autocast, a second thread: the module path
     m.config.resid_pdrop = 0.0

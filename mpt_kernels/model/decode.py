@@ -42,6 +42,11 @@ MAX_ROWS = _few_rows.CHUNKED_MAX_ROWS
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The classes whose forward the step reproduces; a patched forward on any of them disables it.
 _FORWARDS = {cls: cls.forward for cls in (M.MPTBlock, M.MPTAttention, M.MPTMLP, M.LayerNorm, M.Linear)}
+# ... and the functions those forwards call: a patched one (a debugging wrapper, a swapped kernel)
+# disables it too.
+_FUNCTIONS = [(ns, name, getattr(ns, name)) for ns, names in ((M, ("linear", "gelu", "embedding")),
+                                                              (M.mk, ("layer_norm", "alibi_attention")))
+              for name in names]
 # model -> (_build_key, its _Runner or None where the step does not apply to it)
 _RUNNERS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
@@ -242,7 +247,8 @@ class _Runner:
     def usable(self, cache) -> bool:
         """Per step: no hooks, no patched forward, dropout off, a cache this step can write."""
         if (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
-                or any(cls.forward is not fwd for cls, fwd in _FORWARDS.items())):
+                or any(cls.forward is not fwd for cls, fwd in _FORWARDS.items())
+                or any(getattr(ns, name) is not f for ns, name, f in _FUNCTIONS)):
             return False
         for r in self._modules:
             m = r()
