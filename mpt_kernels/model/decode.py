@@ -4,7 +4,8 @@ A decode step of a small model on the CPU spends as long in Python as in its ker
 wrapper checks its arguments, routes, allocates and describes its tensors (~25-45 us per Linear,
 LayerNorm or attention call, ~0.5 ms per block), where the kernels of an mpt-125m block take ~1.6 ms.
 Here a step runs each block as a fixed list of ``_C`` calls on buffers allocated once, with the
-weights' descriptions (``_ext.view`` tuples) made once: ~10x less Python per block.
+weights' descriptions (``_ext.view`` tuples) made once: ~8x less Python per step (a 12-block model
+at d_model 64: 7.5 -> 0.92 ms).
 
 It computes exactly what ``MPTForCausalLM._forward`` computes (the same kernels, in the same order,
 on the same values: the logits are bitwise the same) and runs only where that is certain:
@@ -39,6 +40,7 @@ from . import modeling as M
 ENABLED = True
 # batch x new tokens per step: what modeling.linear sends to the few-row kernel (passes of 8 rows)
 MAX_ROWS = _few_rows.CHUNKED_MAX_ROWS
+_MOST_ROWS = max(MAX_ROWS.values())
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The classes whose forward the step reproduces; a patched forward on any of them disables it.
 _FORWARDS = {cls: cls.forward for cls in (M.MPTBlock, M.MPTAttention, M.MPTMLP, M.LayerNorm, M.Linear)}
@@ -63,7 +65,7 @@ def step(model, input_ids: torch.Tensor, cache, logits_to_keep: int):
     if not ENABLED or torch.is_grad_enabled() or not M._FEW_ROWS_KERNEL:
         return None
     B, S = input_ids.shape
-    if (not cache.length or cache.batch_size != B or B * S > 24 or not input_ids.is_cpu
+    if (not cache.length or cache.batch_size != B or B * S > _MOST_ROWS or not input_ids.is_cpu
             or input_ids.dtype not in (torch.int64, torch.int32) or torch.is_autocast_enabled("cpu")
             or not _ext._plain_eager((input_ids,))):
         return None
@@ -128,9 +130,9 @@ class _Buffers:
         # q: (B, S, H, D) inside the Wqkv output, as alibi_attention gets it from the module path
         self.q_desc = (self.qkv.data_ptr(), code, (B, S, H, D), (S * width, width, D, 1), -1)
         self.q_row_bytes = S * width * es  # one batch row of q
+        # LayerNorm's operands (any number of rows in one call)
         self.v = {name: view(t, name) for name, t in (("stream0", self.stream[0]), ("stream1", self.stream[1]),
-                                                       ("h", self.h), ("qkv", self.qkv), ("branch", self.branch),
-                                                       ("up", self.up), ("act", self.act))}
+                                                       ("h", self.h), ("branch", self.branch))}
         # the few-row kernel's operands: passes of at most 8 rows (one for a step of <= 8 rows)
         self.rows = {name: _row_passes(t, name) for name, t in (
             ("h", self.h), ("qkv", self.qkv), ("branch", self.branch), ("up", self.up), ("act", self.act),
@@ -323,9 +325,7 @@ class _Runner:
             _linear(buf.rows["h"], L.wqkv, buf.rows["qkv"])
             if L.clip_qkv is not None:
                 buf.qkv.clamp_(min=-L.clip_qkv, max=L.clip_qkv)
-            kc, vc = cache.k[i], cache.v[i]
-            if kc.dtype != self.dtype:
-                raise ValueError(f"past_key_values: the cache holds {kc.dtype} but this forward makes {self.dtype} keys")
+            kc, vc = cache.k[i], cache.v[i]  # (usable() checked the cache's dtype)
             kc[:, past:end].copy_(buf.k_new)
             vc[:, past:end].copy_(buf.v_new)
             kp, vp, kst = kc.data_ptr(), vc.data_ptr(), kc.stride()
