@@ -122,7 +122,7 @@ def test_step_is_bitwise_the_module_path(monkeypatch, case, dtype, B, S):
     m = build(config(**CASES[case]), dtype)
     cache = prefill(m, B, 9)
     g = torch.Generator().manual_seed(2)
-    direct = B * S <= decode.MAX_ROWS[dtype]
+    direct = B * S <= decode.M.few_rows_limit(dtype)
     for _ in range(3):  # three steps: buffers reused, the cache growing
         ids = torch.randint(0, m.config.vocab_size, (B, S), generator=g)
         both_paths(m, cache, ids, spy=spy, expect_direct=direct)

@@ -128,6 +128,7 @@ def test_model_linear_uses_it_only_without_gradients(monkeypatch):
     calls = []
     real = lin._C.few_rows_linear
     monkeypatch.setattr(lin._C, "few_rows_linear", lambda *a: calls.append(a[0][2][0]) or real(*a))  # x's rows
+    monkeypatch.setattr(modeling, "_FP32_GEMM_ON_CPU", True)  # passes past 8 rows only on such CPUs (as this one)
     torch.manual_seed(6)
     for dtype in DTYPES:
         w, b = rand(29, 48, dtype=dtype), rand(29, dtype=dtype)
@@ -158,6 +159,12 @@ def test_model_linear_uses_it_only_without_gradients(monkeypatch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         y = modeling.linear(torch.randn(1, 48), torch.randn(29, 48))
     assert calls == [] and y.dtype == torch.bfloat16
+    monkeypatch.setattr(modeling, "_FP32_GEMM_ON_CPU", False)  # a CPU with fast bf16 GEMMs: 8 rows at most
+    with torch.no_grad():
+        modeling.linear(torch.randn(8, 48), torch.randn(29, 48))
+        modeling.linear(torch.randn(9, 48), torch.randn(29, 48))
+    assert calls == [8]
+    calls.clear()
     monkeypatch.setattr(modeling, "_FEW_ROWS_KERNEL", False)
     with torch.no_grad():
         modeling.linear(torch.randn(1, 48), torch.randn(29, 48))

@@ -14,8 +14,8 @@ on the same values: the logits are bitwise the same) and runs only where that is
 - the model is the stock one: its modules and parameters are the ones the step was built from
   (checked per step: a replaced module, parameter or ``.data``, a ``.to()``, a hook or a patched
   ``forward`` sends the step back to the module path), attention on the kernels, no qk_ln, dropout off;
-- a decode step: a KV cache holding a past, at most 24 new rows (batch x new tokens; float32 16:
-  modeling.linear's few-row limits, passes of 8 rows), host tensors
+- a decode step: a KV cache holding a past, at most ``modeling.few_rows_limit`` new rows (batch x
+  new tokens: 8, or on CPUs without bf16 dot products 24, float32 16, in passes of 8), host tensors
   of one dtype (float32, bfloat16, float16), an AVX2 build (the few-row linear kernel's);
 - one thread at a time per model: the buffers are shared, so a second thread stepping the same model
   concurrently takes the module path (the kernels release the GIL).
@@ -38,9 +38,9 @@ from ..ops import linear as _few_rows
 from . import modeling as M
 
 ENABLED = True
-# batch x new tokens per step: what modeling.linear sends to the few-row kernel (passes of 8 rows)
-MAX_ROWS = _few_rows.CHUNKED_MAX_ROWS
-_MOST_ROWS = max(MAX_ROWS.values())
+# batch x new tokens per step: at most what modeling.linear sends to the few-row kernel
+# (modeling.few_rows_limit: 8, or up to 24 in passes of 8 on CPUs without bf16 dot products)
+_MOST_ROWS = max(max(_few_rows.CHUNKED_MAX_ROWS.values()), _few_rows.MAX_ROWS)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The classes whose forward the step reproduces; a patched forward on any of them disables it.
 _FORWARDS = {cls: cls.forward for cls in (M.MPTBlock, M.MPTAttention, M.MPTMLP, M.LayerNorm, M.Linear)}
@@ -73,7 +73,7 @@ def step(model, input_ids: torch.Tensor, cache, logits_to_keep: int):
     if entry is None or (not entry[1].current() if entry[1] is not None else entry[0] != _build_key(model)):
         entry = _RUNNERS[model] = (_build_key(model), _Runner.build(model))
     runner = entry[1]
-    if runner is None or B * S > MAX_ROWS[runner.dtype] or not runner.usable(cache):
+    if runner is None or B * S > M.few_rows_limit(runner.dtype) or not runner.usable(cache):
         return None
     if not runner.lock.acquire(blocking=False):
         return None

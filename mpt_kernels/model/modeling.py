@@ -126,15 +126,23 @@ class _Float32GemmLinear(torch.autograd.Function):
         return gx, gw, gb
 
 
+def few_rows_limit(dtype) -> int:
+    """The most rows of a no-grad CPU product that ``linear`` gives the few-row kernel: 8 (one pass);
+    on CPUs without bf16 dot products, where the alternative is a float32 GEMM on a converted weight
+    (or torch's float32 GEMM), up to ``CHUNKED_MAX_ROWS`` in passes of 8 (measured there: 1.2-4x).
+    Where torch has fast bf16 GEMMs (AMX, AVX512-BF16) nothing was measured: 8 rows stay the limit."""
+    return _few_rows.CHUNKED_MAX_ROWS.get(dtype, 0) if _FP32_GEMM_ON_CPU else _few_rows.MAX_ROWS
+
+
 def linear(x, weight, bias=None):
     if not x.is_cpu:
         return F.linear(x, weight, bias)
-    if (_FEW_ROWS_KERNEL and _few_rows.supported(x, weight, bias, _few_rows.CHUNKED_MAX_ROWS.get(x.dtype, 0))
+    if (_FEW_ROWS_KERNEL and _few_rows.supported(x, weight, bias, few_rows_limit(x.dtype))
             and mk._ext.direct_call_ok(x, weight, bias) and not torch.is_autocast_enabled("cpu")):
         # Up to 8 rows with nothing to record (decode steps): a read of the weight, once for all rows
         # (mpt_kernels/ops/linear.py): bf16 1.2-1.5x torch's for one row, 3-4x for four. A few more
-        # rows (batched decode, short prompts): one such pass per 8 rows (16-bit up to 24 rows, float32
-        # up to 16; 1.2-4x the paths below). First, as it is the per-token path (fast-failing checks).
+        # rows (batched decode, short prompts): one such pass per 8 rows (few_rows_limit). First, as
+        # it is the per-token path (checks that fail fast on anything else).
         return _few_rows.rows_linear(x, weight, bias)
     if (x.dtype == torch.float32 and weight.dtype == torch.float32 and torch.is_grad_enabled()
             and (x.requires_grad or weight.requires_grad) and not torch.is_autocast_enabled("cpu")):
