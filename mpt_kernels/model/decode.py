@@ -307,7 +307,7 @@ class _Runner:
             kd = (k0.data_ptr(), code, (q[2][0], sk, Hkv, D), kst, -1)
             ws_bytes = max(ws_bytes, _C.attention_fwd_workspace_size(q, kd, kd, self.layers[0].slopes_view, None, None,
                                                                      S, sk, self.scale, True))
-        ws = torch.zeros(ws_bytes, dtype=torch.uint8) if ws_bytes else None
+        ws = torch.empty(ws_bytes, dtype=torch.uint8) if ws_bytes else None  # zeroed before each call
         ws_view = view(ws, "workspace") if ws is not None else None
 
         cur = 0  # which stream buffer holds the residual stream
