@@ -33,9 +33,10 @@ def check(logits, top_p):
     got = top_p_drop(logits, top_p)
     want, above = reference_drop(logits, top_p)
     diff = got != want
-    # float32 sums may land on the other side of top_p only for tokens right at the boundary (in a flat
-    # tail of 50k tokens, tens of them lie within 1e-5 of it)
-    assert bool(((above[diff] - top_p).abs() < 1e-5).all()), (above[diff], top_p)
+    # only a token right at the boundary may land on the other side (float32 exponentials, float64
+    # sums: a float32 softmax and running sum drifted by 1e-6-1e-5 over 27k tokens, dropping tens)
+    assert bool(((above[diff] - top_p).abs() < 1e-8).all()), (above[diff], top_p)
+    assert int(diff.sum()) <= 1, int(diff.sum())
     return got
 
 
@@ -114,16 +115,21 @@ def test_ties_rank_by_id_whichever_path(monkeypatch):
 @pytest.mark.parametrize("V", [7, 300, 50432])
 def test_the_torch_ranking_equals_numpys(V):
     """The ranking other devices use (torch.topk on the int64 keys) is the CPU's (numpy's partition
-    and sort), candidates and whole rows, ties included."""
-    probs = torch.softmax(torch.randint(0, 40, (3, V)).float() * 0.25, dim=-1)
+    and sort), candidates and whole rows, ties, negative values, -0.0 and infinities included."""
+    logits = (torch.randint(-40, 40, (3, V)).float() * 0.25)
+    logits[0, :3] = torch.tensor([0.0, -0.0, float("-inf")])[: min(3, V)]
+    if V > 5:
+        logits[1, 4] = float("inf")
+    order = sorted(range(V), key=lambda i: (-float(logits[2, i]), i))
     for k in sorted({1, min(5, V), min(256, V), V}):
-        vn, idn = gen._ranked(probs, k, True)
-        vt, idt = gen._ranked(probs, k, False)
-        assert torch.equal(vn, vt) and torch.equal(idn, idt)
-        assert torch.equal(vn, probs.gather(-1, idn))
-        assert bool((vn[:, 1:] <= vn[:, :-1]).all())
-        ties = vn[:, 1:] == vn[:, :-1]
+        idn = gen._ranked(logits, k, True)
+        idt = gen._ranked(logits, k, False)
+        assert torch.equal(idn, idt)
+        vals = logits.gather(-1, idn)
+        assert bool((vals[:, 1:] <= vals[:, :-1]).all())
+        ties = vals[:, 1:] == vals[:, :-1]
         assert bool((idn[:, 1:][ties] > idn[:, :-1][ties]).all())
+        assert idn[2].tolist() == order[:k]
 
 
 def test_infinite_logits_from_top_k_and_nan():
