@@ -7,6 +7,7 @@ from __future__ import annotations
 import configparser
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -675,3 +676,89 @@ def test_cli_fastertransformer_overwrite_flag(tmp_path, capsys):
     assert main(argv) == 0
     _cli_error(capsys, argv)
     assert main(argv + ["--overwrite"]) == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# What no export computes: refused by the one check both exporters share (the model's config rules),
+# never exported as a different function.
+
+def _edited_checkpoint(tmp_path, **changes):
+    """A saved tiny MPT whose config.json gets ``changes`` (top-level keys; ``attn`` updates attn_config)."""
+    import json
+
+    model = mpt()
+    model.save_pretrained(tmp_path / "ckpt")
+    f = tmp_path / "ckpt" / "config.json"
+    d = json.loads(f.read_text())
+    for k, v in changes.items():
+        if k == "attn":
+            d["attn_config"].update(v)
+        else:
+            d[k] = v
+    f.write_text(json.dumps(d))
+    return model, tmp_path / "ckpt"
+
+
+@pytest.mark.parametrize("changes, setting", [
+    (dict(norm_type="rmsnorm"), "norm_type"),
+    (dict(norm_type="low_precision_rmsnorm"), "norm_type"),
+    (dict(ffn_config={"ffn_type": "mptglu"}), "ffn_type"),
+    (dict(ffn_config={"ffn_type": "mptmlp", "ffn_act_fn": {"name": "silu"}}), "ffn_act_fn"),
+    (dict(attn={"prefix_lm": True}), "prefix_lm"),
+    (dict(attn={"alibi": False}), "alibi"),
+])
+def test_exports_refuse_what_no_export_computes(tmp_path, changes, setting):
+    _, ckpt = _edited_checkpoint(tmp_path, **changes)
+    with pytest.raises(ValueError, match=rf"model_or_dir: the export cannot compute this MPT: .*{setting}"):
+        MPTGraph(ckpt)
+    with pytest.raises(ValueError, match=rf"model_or_dir: the export cannot compute this MPT: .*{setting}"):
+        export_fastertransformer(ckpt, tmp_path / "ft", force=True)  # not a force-able approximation
+    with pytest.raises(ValueError, match=setting):
+        MPTForCausalLM.from_pretrained(ckpt)  # the same rule as the model's
+    assert not (tmp_path / "ft").exists()
+
+
+def test_exports_refuse_weights_they_do_not_read(tmp_path):
+    """A GLU's gate weights under an mptmlp config (or a block past n_layers) would be dropped silently:
+    refused, naming the weight."""
+    from safetensors.torch import load_file, save_file
+
+    _, ckpt = _edited_checkpoint(tmp_path)
+    f = ckpt / "model.safetensors"
+    clean = load_file(f)
+    for extra in ("transformer.blocks.0.ffn.gate_proj.weight", "transformer.blocks.2.norm_1.weight",
+                  "transformer.blocks.1.attn.q_ln.weight"):  # q_ln without qk_ln
+        save_file({**clean, extra: torch.ones(128, 32)}, f, metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=rf"model_or_dir: the weights hold {re.escape(extra)}"):
+            MPTGraph(ckpt)
+        with pytest.raises(ValueError, match=re.escape(extra)):
+            export_fastertransformer(ckpt, tmp_path / "ft", force=True)
+    assert not (tmp_path / "ft").exists()
+
+
+def test_exports_ignore_training_only_settings(tmp_path):
+    """attn_impl, attn_pdrop, dropouts and init_config do not change the function an export writes."""
+    model, ckpt = _edited_checkpoint(tmp_path, attn={"attn_impl": "flash", "attn_pdrop": 0.1}, resid_pdrop=0.2,
+                                     emb_pdrop=0.1, init_config={"name": "no_such_init"})
+    ids = torch.randint(0, VOCAB, (2, 7))
+    g = MPTGraph(ckpt).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(g(ids, None, *g.empty_past(2))[0], logits_of(model, ids), rtol=0, atol=1e-5)
+    out = export_fastertransformer(ckpt, tmp_path / "ft")
+    torch.testing.assert_close(logits_of(load_fastertransformer(out), ids), logits_of(model, ids), rtol=0, atol=0)
+
+
+def test_cli_errors_name_the_flag(tmp_path, capsys):
+    """Every user error prints ``error: <flag>: <cause>``: an --out that is a file, an llm-foundry
+    option no export computes, an option FasterTransformer needs --force for."""
+    _, ckpt = _edited_checkpoint(tmp_path, attn={"rope": True})
+    for fmt in ("fastertransformer", "onnx"):
+        err = _cli_error(capsys, [fmt, "--model", str(ckpt), "--out", str(ckpt / "config.json")])
+        assert f"{fmt}: error: --out: {ckpt / 'config.json'} exists and is not a directory" in err, err
+        err = _cli_error(capsys, [fmt, "--model", str(ckpt), "--out", str(tmp_path / "out")])
+        assert f"{fmt}: error: --model: attn_config.rope=True" in err, err
+    with pytest.warns(UserWarning, match="alibi_bias_max"):
+        mpt(alibi_bias_max=16).save_pretrained(tmp_path / "abm")
+    err = _cli_error(capsys, ["fastertransformer", "--model", str(tmp_path / "abm"), "--out", str(tmp_path / "out")])
+    assert "fastertransformer: error: --model: FasterTransformer cannot run this MPT exactly: alibi_bias_max" in err
+    assert not (tmp_path / "out").exists()

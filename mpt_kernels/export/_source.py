@@ -11,6 +11,8 @@ import dataclasses
 import json
 import math
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -57,14 +59,77 @@ def config_to_dict(config) -> dict:
     on = foundry_options_on(attn, cfg.get("d_model"))
     if on:
         key, v = on[0]
-        raise ValueError(f"attn_config.{key}={v!r}: the export cannot compute this llm-foundry option "
-                         f"(only {key}={_FOUNDRY_ATTN_OFF[key]!r})")
+        raise ValueError(f"model_or_dir: attn_config.{key}={v!r}: the export cannot compute this llm-foundry "
+                         f"option (only {key}={_FOUNDRY_ATTN_OFF[key]!r})")
     cfg["attn_config"] = attn
     cfg.setdefault("no_bias", True)
     cfg.setdefault("layer_norm_epsilon", 1e-5)
     cfg.setdefault("logit_scale", None)
     cfg.setdefault("tie_word_embeddings", True)
     return cfg
+
+
+# Settings that change how a model trains or which implementation runs, not the function an export
+# computes: neutralised before the model's own config rules judge an export's input.
+_TRAINING_ONLY_ATTN = {"attn_impl": "torch", "attn_pdrop": 0}
+_TRAINING_ONLY = {"resid_pdrop": 0.0, "emb_pdrop": 0.0}
+_TRAINING_ONLY_DROPPED = ("init_config", "fc_type")  # fc_type: the Linear's implementation (same weights)
+
+
+def check_computable(cfg: dict) -> None:
+    """Raise ``ValueError`` (naming ``model_or_dir`` and the setting) when ``cfg`` describes an MPT the
+    exports cannot compute: the rules of ``MPTConfig`` (those ``MPTForCausalLM.from_pretrained``
+    applies: rmsnorm, a GLU or non-GELU FFN, prefix_lm, alibi=False, ...), minus the settings that only
+    matter to training (attn_impl, dropouts, initialisation, fc_type). One addition to the model's
+    rules: the tanh-approximated GELU, which both exports compute (FasterTransformer's GELU is that)."""
+    from ..model.config import MPTConfig
+
+    d = {k: v for k, v in cfg.items() if k not in _TRAINING_ONLY_DROPPED}
+    d.update(_TRAINING_ONLY)
+    d["attn_config"] = {**(cfg.get("attn_config") or {}), **_TRAINING_ONLY_ATTN}
+    ffn = dict(d.get("ffn_config") or {})
+    if ffn.get("ffn_act_fn") == {"name": "gelu", "approximate": "tanh"}:
+        ffn["ffn_act_fn"] = {"name": "gelu"}
+        d["ffn_config"] = ffn
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unknown attn_config keys: the export reads only known ones
+            MPTConfig.from_dict(d)
+    except ValueError as exc:
+        raise ValueError(f"model_or_dir: the export cannot compute this MPT: {exc} (MPTForCausalLM.from_pretrained "
+                         "refuses it too)") from None
+
+
+_BLOCK_WEIGHT = re.compile(r"^transformer\.blocks\.(\d+)\.(.+)$")
+_BLOCK_PARTS = ("norm_1", "norm_2", "attn.Wqkv", "attn.Wq", "attn.Wk", "attn.Wv", "attn.out_proj",
+                "ffn.up_proj", "ffn.down_proj")
+
+
+def unused_weights(cfg: dict, names) -> list[str]:
+    """The weight names an export would not read (so the function it writes would lack them): e.g. a
+    GLU's ``ffn.gate_proj``, a block past ``n_layers``, q/k LayerNorms without ``qk_ln``."""
+    parts = _BLOCK_PARTS + (("attn.q_ln", "attn.k_ln") if cfg["attn_config"].get("qk_ln") else ())
+    allowed_block = {f"{p}.{w}" for p in parts for w in ("weight", "bias")}
+    top = {"transformer.wte.weight", "transformer.norm_f.weight", "transformer.norm_f.bias", "lm_head.weight"}
+    out = []
+    for n in sorted(names):
+        m = _BLOCK_WEIGHT.match(n)
+        if n in top or m and int(m.group(1)) < int(cfg["n_layers"]) and m.group(2) in allowed_block:
+            continue
+        out.append(n)
+    return out
+
+
+def check_out_dir(path, arg: str) -> None:
+    """Raise ``NotADirectoryError`` naming ``arg`` when ``path`` or a folder above it exists as a file, so
+    an export fails before its work rather than at ``mkdir`` with a bare ``[Errno 17] File exists``."""
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                but = "" if q == p else f", so {p} cannot be created"
+                raise NotADirectoryError(f"{arg}: {q} exists and is not a directory{but}")
+            return
 
 
 def kv_heads(cfg: dict) -> int:
@@ -163,13 +228,18 @@ def open_source(model_or_dir) -> tuple[dict, WeightSource]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"model_or_dir: {cfg_file} is not valid JSON ({exc})") from exc
         cfg = config_to_dict(raw)
+        check_computable(cfg)
         return cfg, _dir_weights(path)
     if isinstance(model_or_dir, tuple) and len(model_or_dir) == 2 and isinstance(model_or_dir[1], dict):
         cfg, state = model_or_dir  # (config, state dict), e.g. read_fastertransformer's result
-        return config_to_dict(cfg), WeightSource(state.__getitem__, state)
+        cfg = config_to_dict(cfg)
+        check_computable(cfg)
+        return cfg, WeightSource(state.__getitem__, state)
     if isinstance(model_or_dir, torch.nn.Module) and hasattr(model_or_dir, "config"):
         state = model_or_dir.state_dict()
-        return config_to_dict(model_or_dir.config), WeightSource(state.__getitem__, state)
+        cfg = config_to_dict(model_or_dir.config)
+        check_computable(cfg)
+        return cfg, WeightSource(state.__getitem__, state)
     raise TypeError(
         f"model_or_dir: expected an MPT model (with .config) or a checkpoint directory, got {type(model_or_dir).__name__}"
     )
@@ -177,7 +247,8 @@ def open_source(model_or_dir) -> tuple[dict, WeightSource]:
 
 def check_required_weights(cfg: dict, src: WeightSource) -> None:
     """Raise ``ValueError`` listing the weights every MPT has (embedding, LayerNorm gains, attention and
-    FFN matrices of each layer) that ``src`` lacks, before an export writes anything."""
+    FFN matrices of each layer) that ``src`` lacks, or the weights it holds that no export reads
+    (``unused_weights``), before an export writes anything."""
     names = ["transformer.wte.weight", "transformer.norm_f.weight"]
     for i in range(int(cfg["n_layers"])):
         p = f"transformer.blocks.{i}."
@@ -190,3 +261,9 @@ def check_required_weights(cfg: dict, src: WeightSource) -> None:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ValueError(f"model_or_dir: the weights lack {', '.join(missing[:5])}{more} "
                          f"(config: n_layers={cfg['n_layers']}); is it an MPT checkpoint matching its config.json?")
+    unused = unused_weights(cfg, src.names)
+    if unused:
+        more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
+        raise ValueError(f"model_or_dir: the weights hold {', '.join(unused[:5])}{more}, which this config "
+                         f"(n_layers={cfg['n_layers']}, qk_ln={bool(cfg['attn_config'].get('qk_ln'))}) does not "
+                         "use and no export computes with; is it an MPT checkpoint matching its config.json?")

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._source import check_required_weights, config_to_dict, default_softmax_scale, kv_heads, open_source
+from ._source import (check_out_dir, check_required_weights, config_to_dict, default_softmax_scale, kv_heads,
+                      open_source)
 
 _NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
@@ -56,7 +57,9 @@ def _check_tp(tensor_parallel, n_heads: int, d_model: int, inter_size: int) -> i
 
 
 def unsupported_features(cfg: dict) -> list[str]:
-    """MPT options FasterTransformer's GPT cannot compute, each as a sentence."""
+    """MPT options FasterTransformer's GPT cannot compute, each as a sentence: what ``force=True`` may
+    drop. What no export computes (rmsnorm, a GLU or SiLU FFN, prefix_lm, ...) is refused before, by
+    ``open_source`` (``_source.check_computable``), with or without force."""
     attn = cfg["attn_config"]
     out = []
     if attn.get("clip_qkv"):
@@ -76,8 +79,6 @@ def unsupported_features(cfg: dict) -> list[str]:
         out.append(f"softmax_scale={scale} (FasterTransformer uses 1/sqrt(size_per_head))")
     if cfg.get("logit_scale") not in (None, 1, 1.0):
         out.append(f"logit_scale={cfg['logit_scale']} (FasterTransformer does not scale logits)")
-    if cfg.get("norm_type", "low_precision_layernorm") not in ("low_precision_layernorm", "layernorm"):
-        out.append(f"norm_type={cfg['norm_type']} (FasterTransformer's GPT uses LayerNorm)")
     return out
 
 
@@ -111,6 +112,7 @@ def export_fastertransformer(model_or_dir, out_dir, tensor_parallel: int = 1, dt
     removes the files an export writes there (``config.ini``, ``model.*.bin``) and nothing else.
     """
     np_dtype = _check_dtype(dtype)
+    check_out_dir(out_dir, "out_dir")
     cfg, src = open_source(model_or_dir)
     check_required_weights(cfg, src)
     d, n_heads, n_layers = int(cfg["d_model"]), int(cfg["n_heads"]), int(cfg["n_layers"])
@@ -124,7 +126,7 @@ def export_fastertransformer(model_or_dir, out_dir, tensor_parallel: int = 1, dt
     if problems:
         msg = "FasterTransformer cannot run this MPT exactly: " + "; ".join(problems)
         if not force:
-            raise ValueError(msg + ". Pass force=True (--force) to export anyway.")
+            raise ValueError(f"model_or_dir: {msg}. Pass force=True (--force) to export anyway.")
         warnings.warn(msg, stacklevel=2)
 
     save_dir = Path(out_dir) / f"{tp}-gpu"

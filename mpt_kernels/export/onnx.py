@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ._source import check_required_weights, default_softmax_scale, kv_heads, open_source
+from ._source import check_out_dir, check_required_weights, default_softmax_scale, kv_heads, open_source
 
 
 def _alibi_slopes(n_heads: int, alibi_bias_max: float) -> torch.Tensor:
@@ -265,6 +265,7 @@ def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype:
         raise ValueError(f"opset: expected an int >= 18, got {opset!r}")
     if dtype is not None and dtype not in _ONNX_DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(_ONNX_DTYPES)} or None, got {dtype!r}")
+    check_out_dir(Path(path).parent if Path(path).suffix == ".onnx" else path, "path")
     path = _onnx_target(path)
     if path.is_dir():
         raise IsADirectoryError(f"path: {path} is a directory, not an .onnx file")
