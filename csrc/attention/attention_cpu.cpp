@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "attention/attention.h"
@@ -266,24 +267,26 @@ inline void prefetch_rows(const T* base, int64_t row_stride, int64_t head_stride
 template <typename T, int R, int KJ>
 inline void qk_direct_keys(float* S, const float* q, int Dp, const T* k, int64_t ks, int j, int D8) {
   __m256 acc[R][KJ];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int t = 0; t < KJ; ++t) acc[r][t] = _mm256_setzero_ps();
   for (int d = 0; d < D8; d += 8) {
-    __m256 kv[KJ];
-#pragma GCC unroll 4
-    for (int t = 0; t < KJ; ++t) kv[t] = load8(k + (j + t) * ks + d);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m256 qv = _mm256_loadu_ps(q + r * Dp + d);
-#pragma GCC unroll 4
-      for (int t = 0; t < KJ; ++t) acc[r][t] = _mm256_fmadd_ps(qv, kv[t], acc[r][t]);
+    // R query vectors, then one key vector at a time: R * KJ accumulators + R + 1 live registers
+    // (holding all KJ key vectors as well spilled at R = 1, KJ = 8: 17 of AVX2's 16)
+    __m256 qv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) qv[r] = _mm256_loadu_ps(q + r * Dp + d);
+#pragma GCC unroll 8
+    for (int t = 0; t < KJ; ++t) {
+      const __m256 kv = load8(k + (j + t) * ks + d);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(qv[r], kv, acc[r][t]);
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int t = 0; t < KJ; ++t) S[r * kBlockK + j + t] = hsum8(acc[r][t]);
 }
 
@@ -292,7 +295,8 @@ template <typename T, int R>
 void qk_direct(float* S, const float* q, int Dp, const T* k, int64_t ks, int j0, int j1, int D) {
   const int D8 = D & ~7;
   // R * KJ independent FMA chains: 8 cover the FMA latency (4 cycles, 2 per cycle). One query row per
-  // KV head (MHA decode) at 4 keys was latency-bound: 8 keys measured ~10% faster over a 16k cache.
+  // KV head (MHA decode) at 4 keys was latency-bound. (qk_direct_keys keeps R + 1 vector registers
+  // besides the accumulators: holding all 8 key vectors spilled to the stack.)
   constexpr int KJ = R == 1 ? 8 : (R <= 2 ? 4 : 2);
   int j = j0;
   for (; j + KJ <= j1; j += KJ) qk_direct_keys<T, R, KJ>(S, q, Dp, k, ks, j, D8);
@@ -489,13 +493,25 @@ size_t fwd_split_workspace_bytes(const AttentionFwdParams& p, int splits) {
   return static_cast<size_t>(splits) * p.batch * p.n_heads * p.seqlen_q * split_row_floats(p) * sizeof(float);
 }
 
+// This thread's forward scratch: kept from call to call (grown as needed) and never cleared, since
+// every tile writes what it reads (fwd_tile fills q, o, m, l and the scores it uses; the tile loads pad
+// with zeros). A decode call over a short cache spent ~6% of its time zeroing a fresh 2 x 180 KB.
+// Sanitizer builds fill it with NaN on every call, so a read before a write shows in the outputs.
+float* fwd_thread_scratch(size_t floats) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < floats) buf.resize(floats);
+#if defined(__SANITIZE_ADDRESS__)
+  std::fill(buf.begin(), buf.begin() + floats, std::numeric_limits<float>::quiet_NaN());
+#endif
+  return buf.data();
+}
+
 template <typename T>
 void fwd_run(const AttentionFwdParams& p) {
   const int Dp = pad8(p.head_dim);
   int splits = fwd_num_splits(p);
   if (fwd_split_workspace_bytes(p, splits) > p.workspace_bytes || (splits > 1 && !p.workspace)) splits = 1;
   const int nthreads = omp_get_max_threads();
-  std::vector<float> scratch(fwd_scratch_floats(Dp) * nthreads);
   const int nqb = ceil_div(std::max(p.seqlen_q, 0), kBlockQ);
   const int hpi = fwd_heads_per_item(p);  // query heads per item (1, or a whole KV group)
   const int head_items = p.n_heads / hpi;
@@ -505,7 +521,7 @@ void fwd_run(const AttentionFwdParams& p) {
   // scheduling hands out the long items first.
 #pragma omp parallel num_threads(nthreads)
   {
-    FwdScratch w(scratch.data() + fwd_scratch_floats(Dp) * omp_get_thread_num(), Dp);
+    FwdScratch w(fwd_thread_scratch(fwd_scratch_floats(Dp)), Dp);
 #pragma omp for schedule(dynamic, 1)
     for (long it = 0; it < items; ++it) {
       long rest = it;
