@@ -321,3 +321,55 @@ def test_inference_mode_then_no_grad(monkeypatch):
     with torch.inference_mode():
         assert torch.equal(m.generate(ids, 6, temperature=0), ref)
     assert spy.runs == 15
+
+
+def test_module_settings_changed_after_the_first_step_are_followed(monkeypatch):
+    """The settings the module path reads from its modules on every call (an attention's softmax_scale,
+    clip_qkv and cached slopes, a LayerNorm's eps) changed on the modules: the step follows them, bitwise,
+    and keeps running directly. It used to take the scale from the config and clip_qkv once when built."""
+    spy = Spy(monkeypatch)
+    m = build(config(kv_n_heads=2, clip_qkv=0.5), torch.float32)
+    cache = prefill(m, 2, 6)
+    ids = torch.randint(0, 101, (2, 1))
+    outs = [both_paths(m, cache, ids, spy=spy)]  # the runner is built here
+    blocks = m.transformer.blocks
+    changes = [
+        lambda: [setattr(b.attn, "softmax_scale", 0.01) for b in blocks],
+        lambda: setattr(blocks[1].attn, "softmax_scale", None),  # None: alibi_attention's default
+        lambda: setattr(blocks[0].attn, "clip_qkv", 0.05),
+        lambda: setattr(blocks[2].attn, "clip_qkv", None),
+        lambda: setattr(blocks[1].norm_2, "eps", 0.5),
+        lambda: setattr(m.transformer.norm_f, "eps", 2.0),
+        # a new ALiBi maximum takes effect in the module path once its cached slopes are dropped
+        lambda: [setattr(blocks[0].attn, "alibi_bias_max", 2.0), blocks[0].attn._slopes.clear()],
+    ]
+    for change in changes:
+        change()
+        outs.append(both_paths(m, cache, ids, spy=spy))
+        assert not torch.equal(outs[-1], outs[-2])  # the change mattered
+
+    # greedy generation against a no-cache forward loop (the walkthrough's check), after such a change
+    m2 = build(config(), torch.float32, seed=3)
+    for b in m2.transformer.blocks:
+        b.attn.softmax_scale = 0.01
+    prompt = torch.randint(0, 101, (2, 5), generator=torch.Generator().manual_seed(4))
+    before = spy.runs
+    out = m2.generate(prompt, 6, temperature=0)
+    assert spy.runs == before + 5  # every decode step ran directly
+    ref = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            ref = torch.cat([ref, m2(ref).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ref)
+
+
+def test_a_setting_the_step_cannot_take_sends_it_to_the_module_path(monkeypatch):
+    spy = Spy(monkeypatch)
+    m = build(config(), torch.float32)
+    cache = prefill(m, 1, 6)
+    ids = torch.randint(0, 101, (1, 1))
+    both_paths(m, cache, ids, spy=spy)
+    m.transformer.blocks[2].attn.softmax_scale = "0.1"  # the module path raises for it, naming it
+    with torch.no_grad(), pytest.raises(ValueError, match="softmax_scale"):
+        m._forward(ids, None, None, None, cache, True, 0)
+    assert spy.runs == 2  # (it ran, found the setting, and left everything to the module path)

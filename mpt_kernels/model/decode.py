@@ -14,6 +14,9 @@ on the same values: the logits are bitwise the same) and runs only where that is
 - the model is the stock one: its modules and parameters are the ones the step was built from
   (checked per step: a replaced module, parameter or ``.data``, a ``.to()``, a hook or a patched
   ``forward`` sends the step back to the module path), attention on the kernels, no qk_ln, dropout off;
+  the settings the module path reads from its modules on every call (each attention's
+  ``softmax_scale``, ``clip_qkv``, ``use_kernel`` and cached slopes, each LayerNorm's ``eps``) are
+  read from them on every step too, so a change to one module is followed;
 - a decode step: a KV cache holding a past, at most ``modeling.few_rows_limit`` new rows (batch x
   new tokens: 8, or on CPUs without bf16 dot products 24, float32 16, in passes of 8), host tensors
   of one dtype (float32, bfloat16, float16), an AVX2 build (the few-row linear kernel's);
@@ -35,9 +38,11 @@ from torch import nn
 from .. import _ext
 from .._ext import _C, view
 from ..ops import linear as _few_rows
+from ..ops.attention import _scale_arg
 from . import modeling as M
 
 ENABLED = True
+_CPU = torch.device("cpu")
 # batch x new tokens per step: at most what modeling.linear sends to the few-row kernel
 # (modeling.few_rows_limit: 8, or up to 24 in passes of 8 on CPUs without bf16 dot products)
 _MOST_ROWS = max(max(_few_rows.CHUNKED_MAX_ROWS.values()), _few_rows.MAX_ROWS)
@@ -96,7 +101,31 @@ class _Layer:
         self.down = _linear_views(f.down_proj)
         self.slopes = a.slopes(a.Wqkv.weight.device)  # float32 (n_heads,), kept alive here
         self.slopes_view = view(self.slopes, "alibi_slopes")
-        self.clip_qkv = a.clip_qkv
+        # the modules whose settings a step reads (weakly: a replaced module is noticed by current())
+        self.attn, self.norm_1, self.norm_2 = weakref.ref(a), weakref.ref(block.norm_1), weakref.ref(block.norm_2)
+
+    def settings(self, head_dim: int):
+        """(softmax scale, clip_qkv, norm_1 eps, norm_2 eps) as the module path reads them on this
+        call, or None where the step cannot reproduce them (the module path then runs, and raises for
+        a bad value). Refreshes the slopes when the module's cached ones were replaced."""
+        a, n1, n2 = self.attn(), self.norm_1(), self.norm_2()
+        if a is None or n1 is None or n2 is None or not a.use_kernel or "q_ln" in a._modules:
+            return None
+        slopes = a.slopes(_CPU)
+        if slopes is not self.slopes:
+            if not (isinstance(slopes, torch.Tensor) and slopes.dtype == torch.float32 and slopes.is_cpu
+                    and slopes.shape == self.slopes.shape and slopes.is_contiguous()):
+                return None
+            self.slopes, self.slopes_view = slopes, view(slopes, "alibi_slopes")
+        scale = a.softmax_scale
+        try:  # as alibi_attention: None is 1 / sqrt(head_dim) (not head_dim ** -0.5: the last bit differs)
+            scale = 1.0 / math.sqrt(head_dim) if scale is None else _scale_arg(scale)
+            clip = a.clip_qkv
+            if clip is not None:
+                clip = float(clip)
+            return scale, clip, float(n1.eps), float(n2.eps)
+        except (TypeError, ValueError):
+            return None
 
 
 def _linear_views(lin: M.Linear):
@@ -157,10 +186,9 @@ class _Runner:
         self._buffers: dict[tuple[int, int], _Buffers] = {}
         self.lock = threading.Lock()
         cfg = self.cfg
-        # as alibi_attention's default (1.0 / math.sqrt(head_dim), not head_dim ** -0.5: the last bit differs)
-        self.scale = float(cfg.softmax_scale) if cfg.softmax_scale is not None else 1.0 / math.sqrt(cfg.head_dim)
         tr = model.transformer
         self.norm_f = _ln_views(tr.norm_f)
+        self.norm_f_module = weakref.ref(tr.norm_f)
         head = tr.wte.weight if cfg.tie_word_embeddings else model.lm_head.weight
         self.head = (view(head, "weight"), None)  # the module path's linear(h, w): no bias, even on an lm_head with one
         self.vocab = head.shape[0]
@@ -265,9 +293,18 @@ class _Runner:
                 and cache.kv_heads == c.kv_n_heads and cache.head_dim == c.head_dim)
 
     def run(self, input_ids: torch.Tensor, cache, logits_to_keep: int):
+        """The step, or None (nothing touched) where a module's setting is one it cannot reproduce."""
         cfg = self.cfg
         B, S = input_ids.shape
         H, Hkv, D = cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
+        settings = [L.settings(D) for L in self.layers]  # read before anything is written
+        norm_f = self.norm_f_module()
+        if norm_f is None or any(st is None for st in settings):
+            return None
+        try:
+            eps_f = float(norm_f.eps)
+        except (TypeError, ValueError):
+            return None
         buf = self._buffers.get((B, S))
         if buf is None:
             # normal tensors even when the first step runs under torch.inference_mode(): an inference
@@ -306,15 +343,17 @@ class _Runner:
         for q, _, _, sk in calls:
             kd = (k0.data_ptr(), code, (q[2][0], sk, Hkv, D), kst, -1)
             ws_bytes = max(ws_bytes, _C.attention_fwd_workspace_size(q, kd, kd, self.layers[0].slopes_view, None, None,
-                                                                     S, sk, self.scale, True))
+                                                                     S, sk, settings[0][0], True))
         ws = torch.empty(ws_bytes, dtype=torch.uint8) if ws_bytes else None  # zeroed before each call
         ws_view = view(ws, "workspace") if ws is not None else None
 
         cur = 0  # which stream buffer holds the residual stream
         first = True
         for i, L in enumerate(self.layers):
+            scale, clip, eps1, eps2 = settings[i]
             # norm_1: LN(x) for the first block, else x <- x + pending (the previous block's branch)
-            w, b, eps = L.ln1
+            w, b, _ = L.ln1
+            eps = eps1
             if first:
                 _C.layer_norm_fwd(bv[f"stream{cur}"], w, b, None, bv["h"], None, None, None, eps, 0)
                 first = False
@@ -323,8 +362,8 @@ class _Runner:
                                   None, eps, 0)
                 cur = 1 - cur
             _linear(buf.rows["h"], L.wqkv, buf.rows["qkv"])
-            if L.clip_qkv is not None:
-                buf.qkv.clamp_(min=-L.clip_qkv, max=L.clip_qkv)
+            if clip is not None:
+                buf.qkv.clamp_(min=-clip, max=clip)
             kc, vc = cache.k[i], cache.v[i]  # (usable() checked the cache's dtype)
             kc[:, past:end].copy_(buf.k_new)
             vc[:, past:end].copy_(buf.v_new)
@@ -339,10 +378,11 @@ class _Runner:
                 if ws is not None:
                     ws.zero_()  # the launchers' contract: a zero-filled workspace, as _attention_fwd_impl's
                 _C.attention_fwd(q, (kp + shift, code, shape, kst, -1), (vp + shift, code, shape, kst, -1), o, None,
-                                 L.slopes_view, None, None, S, sk, self.scale, True, ws_view, 0)
+                                 L.slopes_view, None, None, S, sk, scale, True, ws_view, 0)
             _linear(buf.rows["attn"], L.out_proj, buf.rows["branch"])
             # norm_2: x <- x + attention; h = LN(x)
-            w, b, eps = L.ln2
+            w, b, _ = L.ln2
+            eps = eps2
             _C.layer_norm_fwd(bv["branch"], w, b, bv[f"stream{cur}"], bv["h"], bv[f"stream{1 - cur}"], None, None,
                               eps, 0)
             cur = 1 - cur
@@ -351,8 +391,9 @@ class _Runner:
             _linear(buf.rows["act"], L.down, buf.rows["branch"])
         cache.advance(S)
 
-        w, b, eps = self.norm_f
-        _C.layer_norm_fwd(bv["branch"], w, b, bv[f"stream{cur}"], bv["h"], bv[f"stream{1 - cur}"], None, None, eps, 0)
+        w, b, _ = self.norm_f
+        _C.layer_norm_fwd(bv["branch"], w, b, bv[f"stream{cur}"], bv["h"], bv[f"stream{1 - cur}"], None, None, eps_f,
+                          0)
         h = buf.h
         keep = S if not logits_to_keep or logits_to_keep >= S else logits_to_keep
         if keep != S:
