@@ -105,6 +105,16 @@ def _check_device(parser: argparse.ArgumentParser, name: str | None) -> torch.de
     return device
 
 
+# generate() names its Python arguments in messages; the command line names its flags.
+_FLAG_OF_ARGUMENT = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+                     "max_new_tokens": "--max-new-tokens"}
+
+
+def _flag_message(msg: str) -> str:
+    name, sep, rest = msg.partition(": ")
+    return f"{_FLAG_OF_ARGUMENT[name]}: {rest}" if sep and name in _FLAG_OF_ARGUMENT else msg
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mpt_kernels.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,6 +141,12 @@ def main(argv=None) -> int:
         p.error("--prompt is required (or --chat)")
     if args.system is not None and not args.chat:
         p.error("--system: only with --chat")
+    from mpt_kernels.model.generation import check_sampling_args
+
+    try:  # before loading anything or printing the prompt
+        check_sampling_args(args.temperature, args.top_k, args.top_p)
+    except ValueError as exc:
+        p.error(_flag_message(str(exc)))
 
     from tokenizers import Tokenizer
 
@@ -180,9 +196,9 @@ def main(argv=None) -> int:
     try:
         model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, eos_token_id=eos, streamer=streamer, generator=gen)
-    except ValueError as exc:  # generate's argument checks (temperature, top_k, top_p, ...)
+    except ValueError as exc:  # what only a step can tell (e.g. a temperature so small the logits overflow)
         sys.stdout.write("\n")
-        p.error(str(exc))
+        p.error(_flag_message(str(exc)))
     dt = time.perf_counter() - t0
     print(f"[{streamer.n_tokens} tokens in {dt:.2f} s, {streamer.n_tokens / max(dt, 1e-9):.1f} tokens/s]",
           file=sys.stderr)
@@ -238,7 +254,7 @@ def _chat(p: argparse.ArgumentParser, args, model, tokenizer, device, vocab: int
                                  past_key_values=cache)
         except ValueError as exc:
             sys.stdout.write("\n")
-            p.error(str(exc))
+            p.error(_flag_message(str(exc)))
         dt = time.perf_counter() - t0
         history = out[0].tolist()
         # close the assistant's turn as ChatML does ("<|im_end|>\n"), whether it ended or ran out of tokens

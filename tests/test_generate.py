@@ -179,3 +179,19 @@ def test_cli_chat_needs_chatml_tokens(tmp_path, capsys):
     err = _cli_error(capsys, ["--model", str(tmp_path), "--chat"])
     assert "--chat: the tokenizer has no <|im_start|>" in err
     assert "--prompt is required" in _cli_error(capsys, ["--model", str(tmp_path)])
+
+
+@pytest.mark.parametrize("flag, value", [("--top-p", "2"), ("--top-k", "-1"), ("--temperature", "nan")])
+def test_cli_sampling_flags_are_checked_before_the_prompt_is_printed(tmp_path, capsys, flag, value):
+    """A bad sampling flag is refused before the model loads and before the prompt is echoed, naming
+    the flag (not generate's argument name)."""
+    from mpt_kernels.generate import main
+
+    make_model_dir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path), "--prompt", "the cat", "--device", "cpu", flag, value])
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert f"python -m mpt_kernels.generate: error: {flag}: " in err, err
+    assert "top_p:" not in err and "top_k:" not in err and "Traceback" not in err
+    assert out == ""  # the prompt was not printed

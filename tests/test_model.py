@@ -466,6 +466,17 @@ def test_untied_head_round_trip(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # HF patch
 # ---------------------------------------------------------------------------------------------------
+def test_apply_to_hf_static_cache_error_names_the_static_cache(tmp_path):
+    """The README's documented refusal: the message says the static cache is the problem (it used to
+    blame the attention mask)."""
+    hf = apply_to_hf(to_hf(MPTForCausalLM(small()).eval(), tmp_path))
+    ids = torch.randint(1, 101, (2, 5))
+    with pytest.raises(ValueError, match=r'apply_to_hf: a static KV cache \(cache_implementation="static"\).*'
+                                         r"use the default dynamic cache"):
+        hf.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static", pad_token_id=0)
+    hf.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)  # the dynamic cache still works
+
+
 def test_apply_to_hf_logits_and_generate(tmp_path):
     ours = perturb_norms(MPTForCausalLM(small(n_heads=12, d_model=192, clip_qkv=0.5))).eval()
     hf = to_hf(ours, tmp_path)

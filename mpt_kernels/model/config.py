@@ -5,7 +5,8 @@ What is supported, and what raises (checked in ``MPTConfig.validate``, called on
 - attention: ALiBi only (``attn_config.alibi=True``). ``learned_pos_emb`` is accepted and ignored when
   ALiBi is on, as MPT's own code does (no ``wpe`` parameter exists); ``alibi=False`` raises.
 - ``attn_type``: multihead_attention, multiquery_attention (kv_n_heads = 1), grouped_query_attention
-  (kv_n_heads must divide n_heads).
+  (kv_n_heads must divide n_heads). ``kv_n_heads`` applies only with grouped_query_attention (as in
+  llm-foundry): another value with the other two types is ignored, with one warning.
 - ``attn_impl``: "torch" runs the readable reference (dense bias + softmax, like transformers);
   "flash" / "triton" / "mk" run mpt_kernels' ALiBi flash attention kernel.
 - ``prefix_lm=True`` raises (no prefix mask in the kernel). ``attn_pdrop > 0`` needs attn_impl="torch"
@@ -75,6 +76,19 @@ _FOUNDRY_ATTN_OFF: dict[str, Any] = {
 }
 _FOUNDRY_ATTN_ANY = ("fused_qkv", "rope_theta", "rope_impl", "rope_dail_config", "rope_hf_config")
 _ATTN_KNOWN = set(_ATTN_DEFAULTS) | set(_FOUNDRY_ATTN_OFF) | set(_FOUNDRY_ATTN_ANY)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A UserWarning the first time this process sees ``message`` (a config is rebuilt by replace(),
+    from_pretrained and save/load: one warning, not one per copy)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        import warnings
+
+        warnings.warn(message, UserWarning, stacklevel=5)  # the caller of MPTConfig(...)
 
 
 def foundry_options_on(attn: dict, d_model: int) -> list[tuple[str, Any]]:
@@ -206,6 +220,11 @@ class MPTConfig:
             kv = a["kv_n_heads"] or self.n_heads
             if kv < 1 or self.n_heads % kv != 0:
                 raise ValueError(f"attn_config.kv_n_heads ({kv}) must divide n_heads ({self.n_heads})")
+        elif a["kv_n_heads"] is not None and a["kv_n_heads"] != self.kv_n_heads:
+            _warn_once(f"attn_config.kv_n_heads={a['kv_n_heads']} is ignored with attn_type={a['attn_type']!r}: "
+                       f"the model has {self.kv_n_heads} key/value head(s) (kv_n_heads applies only with "
+                       "attn_type='grouped_query_attention', as in llm-foundry); set that attn_type for "
+                       "grouped-query attention")
         if a["attn_impl"] not in ("torch",) + KERNEL_ATTN_IMPLS:
             raise ValueError(f"attn_config.attn_impl: expected 'torch' or one of {KERNEL_ATTN_IMPLS}, "
                              f"got {a['attn_impl']!r}")

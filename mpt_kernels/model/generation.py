@@ -82,14 +82,41 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def check_sampling_args(temperature, top_k, top_p) -> None:
+    """``generate``'s checks of its sampling settings (also run by the CLI before it prints anything):
+    ValueError naming the argument."""
+    import math
+    import numbers
+
+    if temperature is not None and not (isinstance(temperature, numbers.Real) and not math.isnan(temperature)):
+        raise ValueError(f"temperature: must be a number (<= 0: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
+        raise ValueError(f"top_k: must be None or an integer >= 0 (0: off), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, numbers.Real) and 0.0 <= top_p <= 1.0):
+        raise ValueError(f"top_p: must be None or a number in [0, 1], got {top_p!r}")
+
+
+def _explain_sampling_error(logits: torch.Tensor, temperature, exc: Exception) -> None:
+    """Raise a ValueError naming ``temperature`` when the draw failed because finite logits divided by
+    a tiny temperature overflowed float32 (e.g. 1e-40); anything else keeps torch's own error."""
+    lg = logits.float()
+    if (temperature and temperature > 0 and bool(torch.isfinite(lg).all())
+            and not bool(torch.isfinite(lg / temperature).all())):
+        raise ValueError(f"temperature: {temperature!r} is too small: the logits divided by it overflow float32 "
+                         "(use temperature=0 for greedy decoding, which is its limit)") from exc
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature=1.0, top_k=None, top_p=None,
              eos_token_id=None, attention_mask=None, streamer=None, pad_token_id=None, generator=None,
              past_key_values=None):
     """Returns (B, prompt_len + n_generated) token ids (n_generated <= max_new_tokens; fewer when every
     row has produced an EOS). Rows that finished early are filled with ``pad_token_id`` (default: the
-    first EOS id), as transformers does. ``streamer`` follows transformers' protocol: ``put(ids)`` with
-    the prompt, then with each new (B,) token tensor, and ``end()``.
+    first EOS id) and, as in transformers, fed it on the next step: it and the EOS ids must be in
+    ``[0, vocab_size)`` (ValueError up front otherwise). A positive ``temperature`` so small that the
+    logits divided by it overflow float32 (1e-40) raises ValueError naming it (0 is greedy).
+    ``streamer`` follows transformers' protocol: ``put(ids)`` with the prompt, then with each new (B,)
+    token tensor, and ``end()``.
 
     ``past_key_values``: a ``KVCache`` (``model.new_cache(B)``) to continue from and extend in place.
     It holds the keys and values of the first ``len(cache)`` positions of ``input_ids`` (from an earlier
@@ -98,21 +125,17 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
     a chat can pass the returned ids plus its next turn, with the same cache. Rows that finished early
     hold their padding tokens, as in the returned ids. ``attention_mask`` then covers all of
     ``input_ids`` (its padding must match the cache's; the new positions are real tokens)."""
-    import math
     import numbers
 
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: must be an integer >= 0, got {max_new_tokens!r}")
     max_new_tokens = int(max_new_tokens)
-    if temperature is not None and not (isinstance(temperature, numbers.Real) and not math.isnan(temperature)):
-        raise ValueError(f"temperature: must be a number (<= 0: greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
-        raise ValueError(f"top_k: must be None or an integer >= 0 (0: off), got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, numbers.Real) and 0.0 <= top_p <= 1.0):
-        raise ValueError(f"top_p: must be None or a number in [0, 1], got {top_p!r}")
+    check_sampling_args(temperature, top_k, top_p)
     if not isinstance(input_ids, torch.Tensor):
         input_ids = torch.as_tensor(input_ids)
-    if input_ids.dtype not in (torch.int32, torch.int64) or input_ids.dim() not in (1, 2) or input_ids.numel() == 0:
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"input_ids: expected int64 or int32 ids, got {input_ids.dtype} (convert with .long())")
+    if input_ids.dim() not in (1, 2) or input_ids.numel() == 0:
         raise ValueError(f"input_ids: expected a non-empty (batch, length) or (length,) integer tensor, got "
                          f"{tuple(input_ids.shape)} {input_ids.dtype}")
     if attention_mask is not None:
@@ -133,6 +156,20 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
         eos = [int(eos_token_id)]
     else:
         eos = [int(e) for e in eos_token_id]
+    # A finished row is fed its pad token on the next step, as transformers does (so the cache holds
+    # it): a pad (or EOS, the default pad) outside the vocabulary would fail in the embedding midway.
+    vocab = int(model.config.vocab_size)
+    bad = [e for e in eos if not 0 <= e < vocab]
+    if bad:
+        raise ValueError(f"eos_token_id: ids must be in [0, {vocab}) (the model's vocab_size), got {bad[0]}")
+    if pad_token_id is not None:
+        if isinstance(pad_token_id, torch.Tensor) and pad_token_id.numel() == 1:
+            pad_token_id = pad_token_id.item()
+        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, numbers.Integral) or \
+                not 0 <= pad_token_id < vocab:
+            raise ValueError(f"pad_token_id: must be None or an id in [0, {vocab}) (the model's vocab_size; a "
+                             f"finished row is fed its pad token, as in transformers), got {pad_token_id!r}")
+        pad_token_id = int(pad_token_id)
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
     eos_t = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
@@ -172,7 +209,11 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
         tokens = [input_ids]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
-            nxt = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+            try:
+                nxt = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+            except RuntimeError as exc:  # torch's "probability tensor contains either inf, nan ..."
+                _explain_sampling_error(out.logits[:, -1], temperature, exc)
+                raise
             if eos:
                 nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
                 finished |= torch.isin(nxt, eos_t)

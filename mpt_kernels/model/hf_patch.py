@@ -47,6 +47,12 @@ def _mask_rows(attention_mask, Sk):
     return _LAST_MASK((attention_mask,), Sk, lambda: _compute_mask_rows(attention_mask, Sk))
 
 
+def _is_static(cache) -> bool:
+    """Whether transformers' ``cache`` is preallocated (StaticCache, or a Cache of static layers)."""
+    layers = getattr(cache, "layers", None) or []
+    return "Static" in type(cache).__name__ or any("Static" in type(layer).__name__ for layer in layers)
+
+
 def _attention_forward(self, hidden_states, position_bias=None, cache=None, attention_mask=None, **kwargs):
     if cache is None:  # transformers before the rename (e.g. 5.17) passes the layer cache as past_key_values
         cache = kwargs.pop("past_key_values", None)
@@ -86,6 +92,10 @@ def _attention_forward(self, hidden_states, position_bias=None, cache=None, atte
             elif count > 0 and start == 0 and S == Sk:  # right padding, no cached past: the real tokens are a prefix
                 out[b:b + 1, :count] = mk.alibi_attention(q[b:b + 1, :count], k[b:b + 1, :count],
                                                            v[b:b + 1, :count], **kw)  # pad queries: zeros
+            elif cache is not None and _is_static(cache):
+                raise ValueError("apply_to_hf: a static KV cache (cache_implementation=\"static\") is not supported "
+                                 "by the patched attention: its unused positions look like right padding, which it "
+                                 "cannot tell apart; use the default dynamic cache")
             else:
                 raise ValueError("apply_to_hf: the attention mask must hold each row's real tokens in one block, "
                                  "padded on the left (or on the right without a KV cache)")

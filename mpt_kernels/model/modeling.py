@@ -573,8 +573,9 @@ class MPTForCausalLM(nn.Module):
     def _check_ids(self, input_ids, labels=None):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids: expected an integer tensor of shape (batch, seqlen)")
-        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise ValueError(f"input_ids: expected an integer dtype, got {input_ids.dtype}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            # (the embedding takes only these two; generate refuses the same)
+            raise ValueError(f"input_ids: expected int64 or int32 ids, got {input_ids.dtype} (convert with .long())")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids: empty sequence")
         if torch.compiler.is_compiling():
@@ -654,20 +655,21 @@ class MPTForCausalLM(nn.Module):
             cache.row_starts = None
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (S, past + S):
-                raise ValueError(f"attention_mask: expected shape ({B}, {S}) or ({B}, {past + S}), "
-                                 f"got {tuple(attention_mask.shape)}")
+                shapes = f"({B}, {S})" + (f" (the new tokens) or ({B}, {past + S}) (the cached and new ones)"
+                                          if past else "")
+                raise ValueError(f"attention_mask: expected shape {shapes}, got {tuple(attention_mask.shape)}")
             mask = attention_mask.to(device=device, dtype=torch.bool)
             if past and mask.shape[1] == past + S:
                 new = mask[:, past:]
                 if not bool(new.all()):
-                    raise ValueError("attention_mask: tokens appended to a KV cache must all be real (1)")
-                starts = _row_starts(mask, right_padding_ok=False)
+                    raise ValueError("attention_mask: tokens appended to a KV cache must all be real (1)" + _CHUNKS)
+                starts = _row_starts(mask, right_padding_ok=False, chunked=True)
                 if starts != (cache.row_starts or [0] * B):
                     raise ValueError("attention_mask: does not match the padding the cache was filled with")
                 mask = None if cache.row_starts is None else mask
             elif past:
                 if not bool(mask.all()):
-                    raise ValueError("attention_mask: tokens appended to a KV cache must all be real (1)")
+                    raise ValueError("attention_mask: tokens appended to a KV cache must all be real (1)" + _CHUNKS)
                 mask = None
             elif bool(mask.all()):
                 mask = None
@@ -690,7 +692,7 @@ class MPTForCausalLM(nn.Module):
         # varlen: pack real tokens, one segment per (row, document)
         valid = mask if mask is not None else torch.ones(B, S, dtype=torch.bool, device=device)
         if mask is not None:
-            starts = _row_starts(mask, right_padding_ok=cache is None)
+            starts = _row_starts(mask, right_padding_ok=cache is None, chunked=cache is not None)
             if cache is not None:
                 cache.row_starts = starts
         new_seg = valid.clone()
@@ -764,16 +766,22 @@ class MPTForCausalLM(nn.Module):
                         pad_token_id=pad_token_id, generator=generator, past_key_values=past_key_values)
 
 
-def _row_starts(mask: torch.Tensor, right_padding_ok: bool) -> list[int]:
+_CHUNKS = ("; a prefill split into chunks (forward calls with past_key_values) must hold all of a row's "
+           "padding and at least one of its real tokens in the first chunk, later chunks real tokens only")
+
+
+def _row_starts(mask: torch.Tensor, right_padding_ok: bool, chunked: bool = False) -> list[int]:
     """First real position of each row; checks every row's real tokens form one contiguous block
-    (left and/or right padding), else ALiBi distances would silently differ from a dense mask."""
+    (left and/or right padding), else ALiBi distances would silently differ from a dense mask.
+    ``chunked``: the mask of a forward with a KV cache (the errors then say how to chunk a prefill)."""
     B, L = mask.shape
     pos = torch.arange(L, device=mask.device)
     count = mask.sum(1)
     first = torch.where(mask, pos, L).amin(1)
     last = torch.where(mask, pos, -1).amax(1)
     if bool((count == 0).any()):
-        raise ValueError("attention_mask: a row has no real tokens")
+        row = int((count == 0).nonzero()[0])
+        raise ValueError(f"attention_mask: row {row} has no real tokens" + (_CHUNKS if chunked else ""))
     if bool((last - first + 1 != count).any()):
         raise ValueError("attention_mask: real tokens of a row must be contiguous (left or right padding only)")
     if not right_padding_ok and bool((last != L - 1).any()):

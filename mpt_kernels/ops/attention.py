@@ -33,6 +33,7 @@ the kernel into a silently wrong answer.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import Optional
 
@@ -111,6 +112,24 @@ def _check_cu_seqlens_values(cq, ck, max_seqlen_q, max_seqlen_k, causal, rows_q,
         raise ValueError(f"max_seqlen_k: is {max_seqlen_k} but a sequence has {int(lk.max())} keys")
     if causal and lq.numel() == lk.numel() and (lq > lk).any():
         raise ValueError("cu_seqlens_q: a sequence has seqlen_q > seqlen_k, not allowed with causal=True")
+
+
+def _scale_arg(softmax_scale):
+    """softmax_scale as a float (a SymFloat stays symbolic): ValueError naming it for a non-number."""
+    if isinstance(softmax_scale, torch.SymFloat):
+        return softmax_scale
+    if not isinstance(softmax_scale, (str, bytes, bool)):
+        try:
+            return float(softmax_scale)  # numbers, numpy scalars, one-element tensors
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise ValueError(f"softmax_scale: expected a number or None (default 1 / sqrt(head_dim)), got {softmax_scale!r}")
+
+
+def _heads_arg(n, name):
+    if isinstance(n, bool) or not isinstance(n, (numbers.Integral, torch.SymInt)):
+        raise ValueError(f"{name}: expected an int, got {n!r}")
+    return n
 
 
 def _length_arg(x, name):
@@ -321,8 +340,7 @@ def alibi_attention(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=No
     else:  # max_seqlen_* only mean something for varlen; the batched shapes decide here
         max_seqlen_q, max_seqlen_k = q.shape[1], (k.shape[1] if k.dim() == 4 else 0)
     # A SymFloat scale (from a symbolic head_dim) stays symbolic for the same reason as the lengths.
-    if not isinstance(softmax_scale, torch.SymFloat):
-        softmax_scale = float(softmax_scale)
+    softmax_scale = _scale_arg(softmax_scale)
     how = route(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k)
     if how == "direct":  # inference: skip the op's dispatch
         # Only the output: no logsumexp (nothing will read it), except varlen, whose outputs are pre-filled.
@@ -427,7 +445,8 @@ def alibi_attention_qkvpacked(qkv, n_heads: int, kv_heads: Optional[int] = None,
     if not isinstance(qkv, torch.Tensor):
         raise ValueError(f"qkv: expected a torch.Tensor, got {type(qkv).__name__}")
     refuse_forward_ad("alibi_attention_qkvpacked", qkv)
-    kv_heads = n_heads if kv_heads is None else kv_heads
+    n_heads = _heads_arg(n_heads, "n_heads")
+    kv_heads = n_heads if kv_heads is None else _heads_arg(kv_heads, "kv_heads")
     if n_heads < 1 or kv_heads < 1 or n_heads % kv_heads:
         raise ValueError(f"n_heads ({n_heads}) and kv_heads ({kv_heads}) must be positive, kv_heads dividing n_heads")
     width = n_heads + 2 * kv_heads
@@ -448,8 +467,7 @@ def alibi_attention_qkvpacked(qkv, n_heads: int, kv_heads: Optional[int] = None,
     qkv = _kernel_operand(qkv, cuda)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(D)
-    if not isinstance(softmax_scale, torch.SymFloat):
-        softmax_scale = float(softmax_scale)
+    softmax_scale = _scale_arg(softmax_scale)
     if alibi_slopes is None:
         alibi_slopes = _reference.alibi_slopes(n_heads, alibi_bias_max, device=qkv.device)
     elif not isinstance(alibi_slopes, torch.Tensor):

@@ -222,7 +222,9 @@ def _check_param(t, name: str, x: Tensor, hidden: int) -> None:
     if t.dtype not in (x.dtype, torch.float32):
         raise ValueError(f"{name}: dtype must be float32 or x's dtype {x.dtype}, got {t.dtype}")
     if not t.is_contiguous():
-        raise ValueError(f"{name}: must be contiguous")
+        # (refused, not copied: tests/test_layernorm.py pins the refusal as the op's contract)
+        raise ValueError(f"{name}: must be contiguous, got strides {t.stride()} (torch's layer_norm accepts a strided "
+                         f"{name}; pass {name}.contiguous(), whose gradient reaches the original)")
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None, eps: float = 1e-5,
@@ -232,7 +234,7 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = Non
     ``weight`` and ``bias`` are (hidden,) in x's dtype or float32 (``weight=None``: no scale).
     With ``residual`` (same shape and dtype as x): returns ``(layer_norm(x + residual), x + residual)``,
     and gradients reach x and residual through both outputs. Raises ValueError naming the bad
-    argument (dtype, shape, device, non-contiguous last dim).
+    argument (dtype, shape, device, a strided weight or bias); a strided x or residual is copied.
 
     Mixed precision (an autocast model's float32 residual stream and weights): ``residual`` may be
     float32 with a bfloat16/float16 x (the sum is float32, the output in x's dtype), and

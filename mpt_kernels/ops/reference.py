@@ -3,6 +3,7 @@ float64; the model's ``attn_impl="torch"`` path uses them too. Nothing here is f
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -10,6 +11,10 @@ import torch
 def alibi_slopes(n_heads: int, alibi_bias_max: float = 8.0, device=None) -> torch.Tensor:
     """MPT's ``gen_slopes``: ``1 / 2**(i * alibi_bias_max / H')`` for i = 1..H' (H' the next power
     of two), interleaved ``[s[1::2], s[::2]][:H]`` when H is not a power of two. float32 (n_heads,)."""
+    if isinstance(n_heads, bool) or not isinstance(n_heads, (numbers.Integral, torch.SymInt)):
+        raise ValueError(f"n_heads: expected an int, got {n_heads!r}")
+    if isinstance(alibi_bias_max, bool) or not isinstance(alibi_bias_max, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise ValueError(f"alibi_bias_max: expected a number, got {alibi_bias_max!r}")
     if n_heads <= 0:
         raise ValueError(f"n_heads: must be positive, got {n_heads}")
     padded = 2 ** math.ceil(math.log2(n_heads))
