@@ -337,9 +337,10 @@ def test_finetune_labels_only_on_response(tmp_path, small_tok, fmt):
 
     tok = _load(small_tok.path)  # chatml adds tokens: keep the shared fixture untouched
     recs = [{"prompt": f"What is {i} squared?", "response": f"It is {i * i}."} for i in range(12)]
-    recs.append({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                              {"role": "assistant", "content": "Hello."}]})
-    if fmt == "chatml":
+    recs.append({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]})
+    if fmt == "chatml":  # (mpt-instruct refuses a system prompt: test_mpt_instruct_refuses_a_system_prompt)
+        recs.append({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                  {"role": "assistant", "content": "Hello."}]})
         recs.append({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                   {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]})
     recs.append({"prompt": "long " * 400, "response": "dropped: nothing of it fits"})
@@ -845,3 +846,115 @@ c.convert([{str(data)!r}], {str(out)!r}, tokenizer={small_tok.path!r}, seq_len=8
     finally:
         live.remove()
     assert not _staging_folders(out)
+
+
+# ------------------------------------------------------------------------------------- user walkthrough
+
+@pytest.mark.parametrize("value, says", [(["a", "b"], "a list"), (12345, "a number"), ({"a": 1}, "an object"),
+                                         (True, "a boolean"), (None, "null")])
+def test_jsonl_text_field_must_be_a_string(tmp_path, small_tok, value, says):
+    """A non-string text field was turned into Python's text of it (str(["a", "b"]) == "['a', 'b']") and
+    trained on; it is refused with the file, the line and the field's type."""
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": value}) + "\n")
+    with pytest.raises(ValueError, match=rf"d\.jsonl:2: the 'text' field is {says}.*not a string"):
+        convert([p], tmp_path / "out", tokenizer=small_tok, seq_len=2, show_progress=False)
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize("rec, says", [({"prompt": "x", "response": None}, "'response' is null"),
+                                       ({"prompt": 3, "response": "y"}, "'prompt' is a number"),
+                                       ({"prompt": "x", "response": "y", "system": ["be", "brief"]}, "'system' is a list"),
+                                       ({"messages": [{"role": "user", "content": "x"},
+                                                      {"role": "assistant", "content": {"t": 1}}]},
+                                        r"messages\[1\].content is an object")])
+@pytest.mark.parametrize("fmt", ["mpt-instruct", "chatml"])
+def test_finetune_texts_must_be_strings(tmp_path, small_tok, rec, says, fmt):
+    from mpt_kernels.data.tokenizer import load_tokenizer as _load
+
+    p = tmp_path / "ft.jsonl"
+    p.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" + json.dumps(rec) + "\n")
+    with pytest.raises(ValueError, match=rf"ft\.jsonl:2: {says}.*, not a string"):
+        FinetuneDataset(p, _load(small_tok.path), max_seq_len=64, fmt=fmt)
+
+
+def test_mpt_instruct_refuses_a_system_prompt(tmp_path, small_tok):
+    """MPT-Instruct's format has no system prompt: a record's "system" was dropped without a word."""
+    from mpt_kernels.data.finetune import format_chatml
+
+    rec = {"prompt": "Add 2 and 3.", "response": "5", "system": "Answer in French."}
+    with pytest.raises(ValueError, match="system prompt.*data.finetune_format=chatml"):
+        format_mpt_instruct(rec, where="f.jsonl:1")
+    msgs = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                         {"role": "assistant", "content": "Hello."}]}
+    with pytest.raises(ValueError, match="f.jsonl:3: the record has a system prompt"):
+        format_mpt_instruct(msgs, where="f.jsonl:3")
+    # an empty or null system says nothing: accepted; chatml keeps a system prompt
+    assert format_mpt_instruct({**rec, "system": ""}) == format_mpt_instruct({**rec, "system": None}) == \
+        format_mpt_instruct({"prompt": "Add 2 and 3.", "response": "5"})
+    assert format_chatml(rec)[:2] == [(f"{IM_START}system\n", False), (f"Answer in French.{IM_END}\n", False)]
+    p = tmp_path / "ft.jsonl"
+    p.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" + json.dumps(rec) + "\n")
+    with pytest.raises(ValueError, match=r"ft\.jsonl:2: the record has a system prompt"):
+        FinetuneDataset(p, small_tok, max_seq_len=64)
+
+
+def test_byte_order_mark_is_dropped_from_text_files(tmp_path, small_tok):
+    """A UTF-8 BOM was kept at the start of a .txt (and a folder's files) but dropped from .jsonl."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfhello world")
+    (tmp_path / "src" / "m.py").write_bytes(b"\xef\xbb\xbfx = 1\n")
+    (tmp_path / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "hello world"}).encode() + b"\n")
+    docs = list(iter_documents([tmp_path / "a.txt", tmp_path / "src", tmp_path / "d.jsonl"]))
+    assert [d.text for d in docs] == ["hello world", "x = 1\n", "hello world"]
+    assert docs[0].nbytes == 14  # progress still counts the file's bytes
+    (tmp_path / "ft.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "a", "response": "b"}).encode() + b"\n")
+    assert len(FinetuneDataset(tmp_path / "ft.jsonl", small_tok, max_seq_len=512)) == 1
+
+
+def test_folder_walk_skips_hidden_files_and_folders(tmp_path, small_tok):
+    """A folder input was walked with rglob: .git/, .venv/, .hidden/secret.py and .env.py were read as
+    documents (the bundled corpus already skipped dot-folders)."""
+    from mpt_kernels.data.convert import DEFAULT_CODE_EXTENSIONS, _exts, _input_bytes
+
+    src = tmp_path / "src"
+    for rel, text in {"a.py": "a = 1\n", "pkg/b.py": "b = 2\n", ".hidden/secret.py": "KEY = 'x'\n",
+                      ".git/hooks/pre-commit.py": "hook\n", "pkg/.venv/lib/site.py": "venv\n",
+                      "pkg/.env.py": "TOKEN = 1\n"}.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(text)
+    docs = list(iter_documents([src]))
+    assert [d.key for d in docs] == ["src/a.py", "src/pkg/b.py"]
+    assert _input_bytes([src], DEFAULT_CODE_EXTENSIONS) == 12  # the progress total matches
+    hidden_input = tmp_path / ".data"  # a hidden folder given as the input itself is read
+    hidden_input.mkdir()
+    (hidden_input / "c.py").write_text("c = 3\n")
+    assert [d.key for d in iter_documents([hidden_input], extensions=sorted(_exts([".py"])))] == [".data/c.py"]
+
+
+def test_index_records_the_tokenizer_vocabulary_and_streams_must_agree(tmp_path, small_tok):
+    """Shards converted with different tokenizers were mixed silently. The index records the sha256 of
+    the tokenizer's vocabulary; StreamingTokenDataset refuses streams whose records differ (the trainer
+    also checks older indexes, test_training.py). The same tokenizer saved again hashes the same."""
+    from mpt_kernels.data.tokenizer import load_tokenizer as _load
+
+    other = train_bpe_tokenizer([PROSE * 5, CODE * 2] + [f"item {i} costs {i * 3}\n" for i in range(300)], 500,
+                                save_path=tmp_path / "other" / "tokenizer.json")
+    resaved = _load(small_tok.path)
+    resaved.save(tmp_path / "copy" / "tokenizer.json")
+    assert resaved.vocab_sha256() == small_tok.vocab_sha256() != other.vocab_sha256()
+    inputs = _write_inputs(tmp_path)
+    for name, tok in (("a", small_tok), ("b", resaved), ("c", other)):
+        convert(inputs, tmp_path / name, tokenizer=tok, seq_len=16, show_progress=False)
+    a, b, c = (str(tmp_path / n / "train") for n in "abc")
+    assert TokenShards(a).index["tokenizer_vocab_sha256"] == small_tok.vocab_sha256()
+    StreamingTokenDataset([a, b])  # one vocabulary, two tokenizer files: fine
+    with pytest.raises(ValueError, match=r"stream '.*a/train' and stream '.*c/train' were tokenized with different "
+                                         r"tokenizers .*other/tokenizer.json"):
+        StreamingTokenDataset([Stream(a, 0.5), Stream(c, 0.5)])
+    StreamingTokenDataset([a, c], allow_tokenizer_mismatch=True)
+    # an index written before the hash was recorded: computed from the tokenizer it names
+    idx = json.loads((Path(c) / "index.json").read_text())
+    del idx["tokenizer_vocab_sha256"]
+    (Path(c) / "index.json").write_text(json.dumps(idx))
+    assert TokenShards(c).tokenizer_vocab_sha256() == other.vocab_sha256()

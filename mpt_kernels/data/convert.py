@@ -4,9 +4,11 @@
         --tokenizer /path/to/gpt-neox-20b/tokenizer.json --seq-len 2048 --val-fraction 0.01
 
 Inputs: ``.txt`` files (each file is one document), ``.jsonl`` files (one document per line, taken
-from ``--text-field``), and folders (every file under them whose extension is in ``--extensions``,
-each one document, in sorted path order so the output is reproducible). Files that are not UTF-8
-text (binaries) or cannot be read are skipped and listed. Without ``--tokenizer`` a byte-level BPE
+from ``--text-field``, which must be a JSON string), and folders (every file under them whose
+extension is in ``--extensions``, each one document, in sorted path order so the output is
+reproducible; hidden files and folders, whose names start with ".", are left out: ``.git``,
+``.venv``). Files that are not UTF-8 text (binaries) or cannot be read are skipped and listed; a
+UTF-8 byte-order mark at the start of a file is dropped. Without ``--tokenizer`` a byte-level BPE
 is trained on the training documents (the held-out ones left out) and saved as
 ``<out>/tokenizer.json``.
 
@@ -120,13 +122,29 @@ def _read_text_file(path: Path) -> tuple[str | None, int, str]:
     except OSError as exc:
         return None, 0, f"unreadable: {exc.strerror or exc}"
     try:
-        return raw.decode("utf-8"), len(raw), ""
+        # utf-8-sig: a byte-order mark is no part of the text (the .jsonl reader drops it too)
+        return raw.decode("utf-8-sig"), len(raw), ""
     except UnicodeDecodeError:
         return None, len(raw), "not UTF-8 text"
 
 
 def _exts(extensions: Sequence[str]) -> set[str]:
     return {e if e.startswith(".") else "." + e for e in extensions}
+
+
+def folder_files(folder: Path, exts: set[str]) -> list[Path]:
+    """The files of a folder input, in sorted path order: those with an extension in ``exts``, below
+    the folder, leaving out hidden ones: names starting with "." (.git, .venv, .env, .hidden/...),
+    which are not the code a folder is given for (the bundled corpus skips them too) and may hold
+    secrets. Symbolic links to folders are not followed (as ``Path.rglob``)."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            f = Path(dirpath) / name
+            if not name.startswith(".") and f.suffix in exts and f.is_file():
+                files.append(f)
+    return sorted(files)
 
 
 def iter_documents(inputs: Sequence[str | os.PathLike], *, text_field: str = "text", id_field: str | None = None,
@@ -141,8 +159,7 @@ def iter_documents(inputs: Sequence[str | os.PathLike], *, text_field: str = "te
         count = 0
         report.documents[str(inp)] = 0
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in exts)
-            for f in files:
+            for f in folder_files(p, exts):
                 text, nbytes, why = _read_text_file(f)
                 if text is None:
                     report.skipped.append((str(f), why))
@@ -169,8 +186,12 @@ def iter_documents(inputs: Sequence[str | os.PathLike], *, text_field: str = "te
                         raise ValueError(f"{p}:{n + 1}: record has no {text_field!r} field (set --text-field)")
                     if id_field is not None and id_field not in rec:
                         raise ValueError(f"{p}:{n + 1}: record has no {id_field!r} field (--id-field)")
-                    if rec[text_field]:
-                        text = str(rec[text_field])
+                    value = rec[text_field]
+                    if not isinstance(value, str):  # str() would train on Python's text of a list or a number
+                        raise ValueError(f"{p}:{n + 1}: the {text_field!r} field is {_json_type(value)}, not a string "
+                                         f"(give each record its text as a JSON string, or choose --text-field)")
+                    if value:
+                        text = value
                         # Not the line number: inserting a record must not move the others between splits.
                         key = (f"id:{rec[id_field]}" if id_field is not None
                                else "text:" + hashlib.sha256(text.encode("utf-8")).hexdigest())
@@ -191,6 +212,17 @@ def iter_documents(inputs: Sequence[str | os.PathLike], *, text_field: str = "te
             raise FileNotFoundError(f"input {str(inp)!r} does not exist")
 
 
+def _json_type(value) -> str:
+    """A JSON value's type, as the file spells it, for messages."""
+    if value is None:
+        return "null"
+    for tp, name in ((bool, "a boolean"), (int, "a number"), (float, "a number"), (list, "a list"),
+                     (dict, "an object"), (str, "a string")):
+        if isinstance(value, tp):
+            return f"{name} ({json.dumps(value)[:40]})" if tp is not str else name
+    return type(value).__name__
+
+
 def _input_bytes(inputs: Sequence[str | os.PathLike], extensions: Sequence[str]) -> int:
     """Bytes :func:`iter_documents` reads: the progress bar's total."""
     exts = _exts(extensions)
@@ -198,7 +230,7 @@ def _input_bytes(inputs: Sequence[str | os.PathLike], extensions: Sequence[str])
     for inp in inputs:
         p = Path(inp)
         if p.is_dir():
-            total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.suffix in exts)
+            total += sum(f.stat().st_size for f in folder_files(p, exts))
         elif p.is_file():
             total += p.stat().st_size
     return total
@@ -364,7 +396,8 @@ def convert_documents(docs: Iterable[Document], tokenizer: Tokenizer, out_dirs: 
     ``out_dirs`` is a staging area, names the folders the splits will be moved to: the index's
     relative tokenizer path is computed from there."""
     dtype = token_dtype(tokenizer.vocab_size)
-    meta = {"eos_id": tokenizer.eos_id, "vocab_size": tokenizer.vocab_size, **(meta or {})}
+    meta = {"eos_id": tokenizer.eos_id, "vocab_size": tokenizer.vocab_size,
+            "tokenizer_vocab_sha256": tokenizer.vocab_sha256(), **(meta or {})}
     index_dirs = final_dirs or out_dirs
     writers = {split: ShardWriter(Path(d), seq_len, dtype, samples_per_shard,
                                   meta=dict(meta, **_tokenizer_meta(tokenizer, Path(index_dirs[split])), split=split))

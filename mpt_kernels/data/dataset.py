@@ -149,6 +149,23 @@ class TokenShards:
             "a relative path there is resolved against that index's folder, then the current directory). Name the "
             "tokenizer explicitly with the trainer's data.tokenizer=/path/to/tokenizer.json override")
 
+    def tokenizer_vocab_sha256(self) -> str | None:
+        """:meth:`Tokenizer.vocab_sha256` of the tokenizer these shards were made with: recorded in the
+        index by the converter; for an older index computed from the tokenizer it names. None when
+        that is not known (an older index whose tokenizer is not found)."""
+        recorded = self.index.get("tokenizer_vocab_sha256")
+        if recorded:
+            return str(recorded)
+        try:
+            path = self.resolve_tokenizer()
+        except FileNotFoundError:
+            return None
+        return _vocab_sha256_of_file(path) if path else None
+
+    def tokenizer_name(self) -> str:
+        """The tokenizer as the index names it, for messages."""
+        return str(self.index.get("tokenizer") or "(not named in the index)")
+
     def verify(self) -> None:
         """Hash every shard against the index (reads all the data)."""
         for s in self.shards:
@@ -177,6 +194,30 @@ class TokenShards:
         state = self.__dict__.copy()
         state["_maps"] = {}
         return state
+
+
+_VOCAB_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _vocab_sha256_of_file(path: str) -> str:
+    """The vocabulary hash of a tokenizer.json (a file or a folder holding one), cached per file version."""
+    from .tokenizer import load_tokenizer
+
+    f = Path(path)
+    if f.is_dir():
+        f = f / "tokenizer.json"
+    st = f.stat()
+    key = (str(f.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _VOCAB_SHA_CACHE:
+        _VOCAB_SHA_CACHE[key] = load_tokenizer(f).vocab_sha256()
+    return _VOCAB_SHA_CACHE[key]
+
+
+def tokenizer_mismatch_error(a: str, a_tok: str, b: str, b_tok: str) -> ValueError:
+    return ValueError(
+        f"{a} and {b} were tokenized with different tokenizers (their vocabularies differ: {a_tok} and {b_tok}); "
+        "token ids would mean different things in one model. Convert every stream with the same --tokenizer "
+        "(or, to train on them anyway, set data.allow_tokenizer_mismatch=true)")
 
 
 # --------------------------------------------------------------------------------- global order
@@ -332,12 +373,15 @@ class StreamingTokenDataset(_OrderedDataset):
     the per-rank micro-batch of the DataLoader that will read it (workers split by micro-batch).
     ``rank`` / ``world_size`` default to torch.distributed's. ``num_samples``: stop after this many
     global samples (None: endless, epochs continue). ``sequence_id``: also return the document
-    number of each token within its sample (for attention that stays inside documents).
+    number of each token within its sample (for attention that stays inside documents). Streams
+    whose indexes record different tokenizers (``tokenizer_vocab_sha256``) are refused unless
+    ``allow_tokenizer_mismatch``.
     """
 
     def __init__(self, streams: str | Stream | Sequence[str | Stream], *, seed: int = 0, shuffle: bool = True,
                  epoch_size: int | None = None, batch_size: int = 1, rank: int | None = None,
-                 world_size: int | None = None, num_samples: int | None = None, sequence_id: bool = False):
+                 world_size: int | None = None, num_samples: int | None = None, sequence_id: bool = False,
+                 allow_tokenizer_mismatch: bool = False):
         if isinstance(streams, (str, os.PathLike, Stream)):
             streams = [streams]
         self.streams = [s if isinstance(s, Stream) else Stream(str(s)) for s in streams]
@@ -355,6 +399,18 @@ class StreamingTokenDataset(_OrderedDataset):
         if len(eos) != 1:
             raise ValueError(f"StreamingTokenDataset: streams were tokenized with different eos ids {sorted(map(str, eos))}")
         self.eos_id = eos.pop()
+        # recorded hashes only (nothing is loaded here): the trainer also checks older indexes
+        seen = None  # (stream number, hash) of the first stream that records one
+        for i, src in enumerate([] if allow_tokenizer_mismatch else self.sources):
+            sha = src.index.get("tokenizer_vocab_sha256")
+            if not sha:
+                continue
+            if seen is None:
+                seen = (i, sha)
+            elif sha != seen[1]:
+                j = seen[0]
+                raise tokenizer_mismatch_error(f"stream {self.streams[j].path!r}", self.sources[j].tokenizer_name(),
+                                               f"stream {self.streams[i].path!r}", src.tokenizer_name())
         self.vocab_size = max(int(src.vocab_size or 0) for src in self.sources)
         self.sequence_id = sequence_id
         order = SampleOrder([len(s) for s in self.sources], [s.proportion for s in self.streams],

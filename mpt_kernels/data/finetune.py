@@ -1,7 +1,8 @@
 """Instruction / chat finetuning data: prompt-response JSONL, loss on the response only.
 
 Records (one JSON object per line) are either ``{"prompt": ..., "response": ...}`` (optionally with
-``"system"``) or ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``.
+``"system"``, chatml only) or ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``;
+every text is a JSON string (a null, number or list is refused with its file and line).
 
 Formats:
 
@@ -41,27 +42,59 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 FORMATS = ("mpt-instruct", "chatml")
 
 
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    for tp, name in ((bool, "a boolean"), (int, "a number"), (float, "a number"), (list, "a list"), (dict, "an object")):
+        if isinstance(value, tp):
+            return f"{name} ({json.dumps(value)[:40]})"
+    return type(value).__name__
+
+
+def _text(value, field: str, where: str) -> str:
+    """A record's text field: a JSON string, never Python's text of another value (None, a list ...)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {field} is {_json_type(value)}, not a string")
+    return value
+
+
 def _messages(rec: dict, where: str) -> list[dict]:
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: a record must be a JSON object, got {_json_type(rec)}")
     if "messages" in rec:
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
             raise ValueError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
+        for i, m in enumerate(msgs):
+            _text(m["role"], f"messages[{i}].role", where)
+            _text(m["content"], f"messages[{i}].content", where)
         return msgs
     if "prompt" in rec and "response" in rec:
-        msgs = [{"role": "system", "content": rec["system"]}] if rec.get("system") else []
-        return msgs + [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["response"]}]
+        system = rec.get("system")  # absent, null or "": no system turn
+        msgs = [{"role": "system", "content": _text(system, "'system'", where)}] if system is not None and system != "" else []
+        return msgs + [{"role": "user", "content": _text(rec["prompt"], "'prompt'", where)},
+                       {"role": "assistant", "content": _text(rec["response"], "'response'", where)}]
     raise ValueError(f"{where}: a record needs 'prompt' and 'response', or 'messages'")
 
 
 def format_mpt_instruct(rec: dict, eos_token: str = "<|endoftext|>", where: str = "record") -> list[tuple[str, bool]]:
-    """Segments ``(text, is_response)`` in MPT-Instruct's format (single turn)."""
+    """Segments ``(text, is_response)`` in MPT-Instruct's format (single turn). The format has no
+    system prompt (its fixed first line plays that part): a record's non-empty "system" (or a
+    system message) is refused rather than silently dropped."""
     msgs = _messages(rec, where)
+    if any(m["role"] == "system" and m["content"] for m in msgs):
+        raise ValueError(f"{where}: the record has a system prompt, which the mpt-instruct format has no place for "
+                         f"(it always starts with {INSTRUCT_INTRO!r}); remove the 'system' field (or system message), "
+                         "or use data.finetune_format=chatml, which keeps it")
+    other = [m["role"] for m in msgs if m["role"] not in ("system", "user", "assistant")]
+    if other:
+        raise ValueError(f"{where}: unknown role {other[0]!r}")
     users = [m for m in msgs if m["role"] == "user"]
     bots = [m for m in msgs if m["role"] == "assistant"]
     if len(users) != 1 or len(bots) != 1:
         raise ValueError(f"{where}: the mpt-instruct format is single-turn (one prompt, one response); use chatml")
     prompt = f"{INSTRUCT_INTRO}\n### Instruction:\n{users[0]['content']}\n### Response:\n"
-    return [(prompt, False), (str(bots[0]["content"]) + eos_token, True)]
+    return [(prompt, False), (bots[0]["content"] + eos_token, True)]
 
 
 def format_chatml(rec: dict, where: str = "record") -> list[tuple[str, bool]]:
@@ -113,7 +146,7 @@ class FinetuneDataset(_OrderedDataset):
         self.examples: list[tuple[np.ndarray, np.ndarray]] = []
         self.dropped = 0
         p = Path(path)
-        with open(p, encoding="utf-8") as fh:
+        with open(p, encoding="utf-8-sig") as fh:  # a byte-order mark is no part of the first record
             for n, line in enumerate(fh):
                 if not line.strip():
                     continue

@@ -15,6 +15,8 @@ the MPT presets carry 50432 themselves so their checkpoints stay interchangeable
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -57,6 +59,15 @@ class Tokenizer:
 
     def padded_vocab_size(self, multiple: int = 128) -> int:
         return padded_vocab_size(self.vocab_size, multiple)
+
+    def vocab_sha256(self) -> str:
+        """What the model's ids mean: the sha256 of every token and its id (added tokens included).
+        Unlike a hash of the tokenizer.json file it does not change when the same tokenizer is saved
+        again (our Hugging Face export re-serialises it) or by another ``tokenizers`` release; shards
+        and models with equal values read ids the same way. Not cached: ``add_special_tokens``
+        (ChatML's markers) changes it."""
+        vocab = sorted((i, t) for t, i in self._tok.get_vocab(with_added_tokens=True).items())
+        return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
