@@ -360,7 +360,11 @@ def test_finetune_instruct_and_hf_export(tmp_path, corpus):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one(tmp_path, corpus, parallel):
     """Same global batch (4) as 2 ranks x 2 as 1 rank x 4: the same samples each step, so the same
-    losses up to float summation order."""
+    losses up to float summation order: the first steps to ~1e-7 relative. Later steps may drift
+    further (docs/training.md, Distributed): a rounding difference in a gradient entry near zero can
+    flip the sign of Lion's update there, and the difference grows from step to step (~4e-6 relative
+    by step 6 with the 4.2M-parameter tiny model, 1e-4 by step 7 has been seen); in this micro config
+    all 8 steps still agree to ~1e-7."""
     common = dict(max_steps=8, global_batch_size=4, **{"checkpoint.save_every": 4, "eval.sample_tokens": 4})
     one = run_train(micro_args(tmp_path, corpus, run_name="one", micro_batch_size=4, **common))
     assert one.returncode == 0, why(one)
@@ -370,7 +374,8 @@ def test_two_processes_match_one(tmp_path, corpus, parallel):
     a, b = losses(tmp_path / "runs/one"), losses(tmp_path / "runs/two")
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for s in a:
-        assert b[s] == pytest.approx(a[s], rel=2e-5, abs=2e-5), s
+        # first steps: summation order only; later ones: the drift bound the docs give
+        assert b[s] == pytest.approx(a[s], rel=2e-6 if s <= 3 else 1e-3), s
     assert (tmp_path / "runs/two/checkpoints/step_00000008/dcp").is_dir()  # sharded checkpoint
     pa, pb = final_params(tmp_path / "runs/one", 8), final_params(tmp_path / "runs/two", 8)
     for k in pa:
@@ -638,3 +643,234 @@ def test_random_trainer_combinations(tmp_path, corpus, seed):
                      **{**common, "max_steps": 1, "eval.sample_tokens": 0, "eval.every": -1})
     Trainer(cfg).fit()
     assert losses(tmp_path / "runs/bf16")[1] == pytest.approx(runs[4][1], abs=0.05)
+
+
+# --------------------------------------------------------------------------------------- user walkthrough
+
+def test_text_overrides_are_taken_as_typed(tmp_path):
+    """YAML parsing of every override mangled text fields: a newline became a space, a trailing space
+    and a '# ...' went missing, and 123, 2024-06-01, no and 'Q: what' were refused as other types."""
+    cases = {"eval.sample_prompt=<|im_start|>user\nhi<|im_end|>\n": ("eval", "sample_prompt", "<|im_start|>user\nhi<|im_end|>\n"),
+             "eval.sample_prompt=def ": ("eval", "sample_prompt", "def "),
+             "eval.sample_prompt=x = 1  # comment": ("eval", "sample_prompt", "x = 1  # comment"),
+             "eval.sample_prompt=Q: what": ("eval", "sample_prompt", "Q: what"),
+             "eval.sample_prompt=": ("eval", "sample_prompt", ""),
+             "run_name=123": (None, "run_name", "123"), "run_name=2024-06-01": (None, "run_name", "2024-06-01"),
+             "data.tokenizer=no": ("data", "tokenizer", "no"), "data.tokenizer=null": ("data", "tokenizer", None),
+             "data.tokenizer=None": ("data", "tokenizer", None), "data.tokenizer=": ("data", "tokenizer", None),
+             "data.tokenizer='null'": ("data", "tokenizer", "null"), 'model.init_from="None"': ("model", "init_from", "None"),
+             "run_name=null": (None, "run_name", "null")}
+    for override, (section, key, want) in cases.items():
+        cfg = load_config(None, [override])
+        got = getattr(getattr(cfg, section) if section else cfg, key)
+        assert got == want, (override, got)
+    # other fields still read YAML; a YAML file's text field given a number says to quote it
+    assert load_config(None, ["max_steps=1e3", "data.streams=[a, b]"]).data.streams == ["a", "b"]
+    (tmp_path / "c.yaml").write_text("run_name: 123\n")
+    with pytest.raises(ValueError, match="run_name: expected text, got 123 .*put the text in quotes"):
+        load_config(tmp_path / "c.yaml")
+    with pytest.raises(ValueError, match="run_name must not be empty"):
+        load_config(None, ["run_name="])
+
+
+@pytest.mark.parametrize("override, says", [
+    ("data.streams=[{paht: data/x}]", r"data.streams\[0\]: unknown key\(s\) \['paht'\]; a stream takes \['path', 'proportion'\]"),
+    ("data.streams=[{path:data/x}]", r"data.streams\[0\]: unknown key.*YAML needs a space after a colon"),
+    ("data.streams=[{path: a, proportion: high}]", r"data.streams\[0\]: 'proportion' must be a number >= 0, got 'high'"),
+    ("data.val_streams=[{path: a, proportions: 1}]", r"data.val_streams\[0\]: unknown key\(s\) \['proportions'\]"),
+    ("data.streams=[{path: a, proportion: 1}, b]", "give a proportion for every stream or for none"),
+    ("data.streams=[{path: a, proportion: 0}]", "the proportions sum to 0"),
+    ("data.streams=[{proportion: 1}]", r"'path' must be the text of a folder path, got None \(missing\)"),
+    ("data.streams=[[a]]", r"expected a path or \{path: ..., proportion: ...\}"),
+    ("model.overrides.n_layer=2", "model.overrides: unknown key 'n_layer'; valid keys: .*'n_layers'"),
+    ("model.overrides.n_layers=two", "model.overrides.n_layers: expected an integer, got 'two'"),
+    ("model.overrides.attn_config.qk_ln=maybe", "model.overrides.attn_config.qk_ln: expected true or false"),
+    ("model.overrides.n_heads=3", r"model.overrides .*d_model \(256\) must be divisible by n_heads \(3\)"),
+    ("data.bundled_proportions.cod=0.5", r"data.bundled_proportions: unknown source\(s\) \['cod'\]"),
+    ("data.bundled_proportions={code: 0, text: 0}", "at least one source a proportion > 0"),
+])
+def test_stream_entries_and_model_overrides_are_checked_up_front(override, says):
+    """These passed load_config and then raised a KeyError/TypeError traceback in the trainer (or, for a
+    misspelled bundled source, only after building a fresh corpus)."""
+    with pytest.raises(ValueError, match=says):
+        load_config(None, [override])
+
+
+def test_bad_overrides_are_usage_errors_on_the_command_line(tmp_path):
+    for override, says in (("data.streams=[{paht: x}]", "unknown key(s) ['paht']"),
+                           ("model.overrides.n_layer=2", "unknown key 'n_layer'")):
+        r = subprocess.run([sys.executable, str(TRAIN), "data.kind=shards", f"data.streams=[{tmp_path}/none]", override,
+                            f"run_root={tmp_path}"],
+                           capture_output=True, text=True, env=subprocess_env(), cwd=NEUTRAL_CWD, timeout=120)
+        assert r.returncode == 2 and "error: config:" in r.stderr and says in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def _other_tokenizer_shards(tmp_path, corpus, name="other"):
+    """The code stream's documents converted with another BPE (a different vocabulary)."""
+    from mpt_kernels.data import train_bpe_tokenizer
+    from mpt_kernels.data.convert import convert
+    from mpt_kernels.data.corpus import stdlib_code_documents
+
+    texts = [d.text for d in stdlib_code_documents(max_bytes=60000)]
+    tok = train_bpe_tokenizer(texts[::-1], 400, save_path=tmp_path / name / "tokenizer.json")
+    src = tmp_path / f"{name}_src"
+    src.mkdir()
+    for i, t in enumerate(texts[:20]):
+        (src / f"m{i}.py").write_text(t)
+    convert([src], tmp_path / name, tokenizer=tok, seq_len=32, val_fraction=0.3, show_progress=False, log=lambda m: None)
+    return tmp_path / name
+
+
+def test_streams_and_init_from_of_another_tokenizer_are_refused(tmp_path, corpus):
+    """Streams converted with different tokenizers were mixed silently (the trainer took the first
+    stream's tokenizer), and model.init_from with data of another tokenizer trained without a word and
+    saved the data's tokenizer beside weights trained with another. Each is refused naming both, also
+    for an index written before the converter recorded the vocabulary hash; data.allow_tokenizer_mismatch
+    overrides."""
+    from mpt_kernels.train import Trainer
+
+    other = _other_tokenizer_shards(tmp_path, corpus)
+    code, text = corpus / "code", corpus / "text"
+    quiet = {"checkpoint.save_every": 0, "eval.sample_tokens": 0, "eval.every": -1, "data.kind": "shards"}
+
+    def cfg(**kw):
+        return _micro_cfg(tmp_path, corpus, max_steps=1, **quiet, **kw)
+
+    streams = f"[{{path: {code}/train, proportion: 0.5}}, {{path: {other}/train, proportion: 0.5}}]"
+    with pytest.raises(ValueError, match=r"data.streams\[0\] \('.*code/train'\) and data.streams\[1\] \('.*other/train'\) "
+                                         r"were tokenized with different tokenizers .*other/tokenizer.json"):
+        Trainer(cfg(**{"data.streams": streams}))
+    with pytest.raises(ValueError, match=r"data.streams\[0\] .* and data.val_streams\[0\] \('.*other/val'\)"):
+        Trainer(cfg(**{"data.streams": f"[{code}/train]", "data.val_streams": f"[{other}/val]"}))
+    for split in ("train", "val"):  # indexes from before the hash was recorded: the named tokenizer is read
+        idx_path = other / split / "index.json"
+        idx = json.loads(idx_path.read_text())
+        del idx["tokenizer_vocab_sha256"]
+        idx_path.write_text(json.dumps(idx))
+    with pytest.raises(ValueError, match="were tokenized with different tokenizers"):
+        Trainer(cfg(**{"data.streams": f"[{code}/train]", "data.val_streams": f"[{other}/val]"}))
+    with pytest.raises(ValueError, match=r"data.tokenizer=.* is not the tokenizer data.streams\[0\] .* was converted with"):
+        Trainer(cfg(**{"data.streams": f"[{other}/train]", "data.tokenizer": str(corpus / "tokenizer.json")}))
+    tr = Trainer(cfg(**{"data.streams": streams, "data.allow_tokenizer_mismatch": True}))
+    assert tr.tokenizer.path == str((corpus / "tokenizer.json").resolve())
+    # init_from: a model of the corpus tokenizer, data of the other one
+    base = Trainer(cfg(run_name="base", **{"data.streams": f"[{code}/train]"})).fit()
+    ft = {"run_name": "ft", "model.init_from": base["hf_dir"], "data.streams": f"[{other}/train]"}
+    with pytest.raises(ValueError, match=r"model.init_from=.*base/hf' was trained with the tokenizer .*base/hf/"
+                                         r"tokenizer.json' \(512 tokens\), but the data uses .*other/tokenizer.json' "
+                                         r"\(400 tokens\).*data.allow_tokenizer_mismatch=true"):
+        Trainer(cfg(**ft))
+    assert not (tmp_path / "runs" / "ft").exists()  # a failed setup writes nothing (not even config.yaml)
+    Trainer(cfg(**ft, **{"data.allow_tokenizer_mismatch": True, "checkpoint.save_hf": False}))
+    # the same tokenizer re-saved beside the model (another file): accepted
+    Trainer(cfg(**{**ft, "data.streams": f"[{code}/train]"}))
+
+
+def test_zero_proportion_first_stream(tmp_path, corpus):
+    """A first stream with proportion 0 was refused ("proportions must be >= 0 with a positive sum, got
+    [0]"): the trainer built a dataset of the first stream alone to find the tokenizer."""
+    from mpt_kernels.train import Trainer
+
+    streams = f"[{{path: {corpus}/code/train, proportion: 0}}, {{path: {corpus}/text/train, proportion: 1}}]"
+    tr = Trainer(_micro_cfg(tmp_path, corpus, **{"data.kind": "shards", "data.streams": streams}))
+    assert tr.train_set.order.counts[0] == 0 and tr.train_set.order.counts[1] > 0
+    assert tr.tokenizer.path == str((corpus / "tokenizer.json").resolve())
+
+
+def test_resume_with_another_model_or_data_mix_is_a_usage_error(tmp_path, corpus, capsys):
+    """checkpoint.autoresume=true with a changed model shape or stream mix raised a RuntimeError /
+    ValueError traceback; it is an error that says to set checkpoint.autoresume=false or change run_name."""
+    from mpt_kernels.train import Trainer, main
+
+    quiet = {"eval.sample_tokens": 0, "eval.every": -1, "checkpoint.save_hf": False, "max_steps": 2,
+             "checkpoint.save_every": 0}
+    Trainer(_micro_cfg(tmp_path, corpus, **quiet)).fit()
+    again = {**quiet, "checkpoint.autoresume": True}
+    wider = "{d_model: 128, n_heads: 2, n_layers: 2}"
+    with pytest.raises(ValueError, match=r"checkpoint.autoresume=true: the latest checkpoint of run 'micro' .* was "
+                                          r"written with another model .*size mismatch.* Set checkpoint.autoresume=false"
+                                          r" to start a new run .* or give this run a new run_name"):
+        Trainer(_micro_cfg(tmp_path, corpus, **again, **{"model.overrides": wider})).fit()
+    with pytest.raises(ValueError, match="written with another data mix"):
+        Trainer(_micro_cfg(tmp_path, corpus, **again, **{"data.bundled_proportions": "{code: 0.5, text: 0.5}"})).fit()
+    with pytest.raises(ValueError, match="written with optim.name=lion"):
+        Trainer(_micro_cfg(tmp_path, corpus, **again, **{"optim.name": "adamw"})).fit()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(micro_args(tmp_path, corpus, **again, **{"model.overrides": wider}))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "error: resume: checkpoint.autoresume=true" in err and "Traceback" not in err
+    Trainer(_micro_cfg(tmp_path, corpus, **again)).fit()  # the unchanged config still resumes
+
+
+def test_evaluation_reads_a_small_val_set_once(tmp_path, corpus, capfd):
+    """A val set smaller than eval.batches x micro_batch_size x processes was read round and round (10
+    examples evaluated as 32, some counted 4 times, some 3): now one pass, in whole batches, and the
+    console says so. A val set smaller than one micro-batch is one smaller batch."""
+    from mpt_kernels.data import FinetuneDataset, load_tokenizer
+    from mpt_kernels.train import Trainer
+
+    data = _finetune_rows(tmp_path)  # 10 examples
+    common = {"data.kind": "finetune", "data.finetune_path": str(data), "data.finetune_val_path": str(data),
+              "data.tokenizer": str(corpus / "tokenizer.json"), "data.seq_len": 256, "checkpoint.save_every": 0,
+              "checkpoint.save_hf": False, "eval.sample_tokens": 0, "eval.every": 0, "eval.batches": 8,
+              "global_batch_size": 4, "max_steps": 1}
+    ref = FinetuneDataset(data, load_tokenizer(corpus / "tokenizer.json"), max_seq_len=256, shuffle=False)
+    targets = [int((lab[1:] != -100).sum()) for _, lab in ref.examples]
+    for micro, n_eval in ((4, 8), (16, 10)):
+        tr = Trainer(_micro_cfg(tmp_path, corpus, run_name=f"m{micro}", micro_batch_size=micro,
+                                **{**common, "global_batch_size": micro}))
+        seen = []
+        real = tr._forward_loss
+        tr._forward_loss = lambda batch: seen.append(batch["input_ids"].shape[0]) or real(batch)
+        ev = tr.evaluate()
+        assert sum(seen) == n_eval and len(set(seen)) == 1, seen  # whole, equal batches
+        assert ev["tokens"] == sum(targets[:n_eval])  # each example once
+    out = capfd.readouterr().err
+    assert "held-out evaluation reads 8 samples (2 batch(es) of 4 per process): the val set holds 10" in out
+
+
+def test_console_shows_evaluations_without_the_progress_bar(tmp_path, corpus, capfd):
+    """With progress=false the [eval] lines during training went only through the (absent) bar."""
+    from mpt_kernels.train import Trainer
+
+    Trainer(_micro_cfg(tmp_path, corpus, max_steps=4, **{"checkpoint.save_every": 0, "checkpoint.save_hf": False,
+                                                           "eval.sample_tokens": 0, "eval.every": 2})).fit()
+    err = capfd.readouterr().err
+    assert "[eval] step 2: held-out loss" in err and "held-out before training" in err
+
+
+def test_new_run_removes_the_earlier_runs_hf_export(tmp_path, corpus, capfd):
+    """A new run (no autoresume) in an earlier run's folder kept that run's hf/ beside its own
+    checkpoints when checkpoint.save_hf=false; it is removed with the rest (and the console says so),
+    unless the new run reads from it."""
+    from mpt_kernels.train import Trainer
+
+    quiet = {"eval.sample_tokens": 0, "eval.every": -1, "checkpoint.save_every": 0, "max_steps": 1}
+    Trainer(_micro_cfg(tmp_path, corpus, run_name="same", **quiet)).fit()
+    hf = tmp_path / "runs" / "same" / "hf"
+    assert (hf / "config.json").is_file()
+    Trainer(_micro_cfg(tmp_path, corpus, run_name="same", **quiet, **{"checkpoint.save_hf": False})).fit()
+    assert not hf.exists()
+    assert "are removed; so is its Hugging Face export hf/" in capfd.readouterr().err
+    # a run that starts from its own folder's export keeps it
+    Trainer(_micro_cfg(tmp_path, corpus, run_name="same", **quiet)).fit()
+    Trainer(_micro_cfg(tmp_path, corpus, run_name="same", **quiet, **{"checkpoint.save_hf": False,
+                                                                    "model.init_from": str(hf)})).fit()
+    assert (hf / "config.json").is_file() and "its hf/ is kept: this run reads from it" in capfd.readouterr().err
+
+
+def test_failed_setup_writes_nothing_and_missing_files_name_the_directory(tmp_path, corpus):
+    """config.yaml was written before the data was checked; a relative finetune path that does not
+    exist said only '[Errno 2] No such file or directory'."""
+    from mpt_kernels.train import Trainer
+
+    with pytest.raises(FileNotFoundError, match=r"data.finetune_path='training/data/x.jsonl': no such file \(a "
+                                                r"relative path is read from the current directory"):
+        Trainer(_micro_cfg(tmp_path, corpus, **{"data.kind": "finetune", "data.finetune_path": "training/data/x.jsonl",
+                                                 "data.tokenizer": str(corpus / "tokenizer.json")}))
+    with pytest.raises(FileNotFoundError, match="no index.json"):
+        Trainer(_micro_cfg(tmp_path, corpus, **{"data.kind": "shards", "data.streams": f"[{tmp_path}/nothing]"}))
+    assert not (tmp_path / "runs").exists()

@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..data import FinetuneDataset, Stream, StreamingTokenDataset, load_tokenizer, make_loader, padded_vocab_size
+from ..data import (FinetuneDataset, Stream, StreamingTokenDataset, TokenShards, load_tokenizer, make_loader,
+                    padded_vocab_size)
+from ..data.dataset import _vocab_sha256_of_file, tokenizer_mismatch_error
 from .checkpoint import latest_checkpoint, load_rng, read_trainer_state, save_checkpoint
 from .config import Config, dump_config
 from .metrics import MetricsLog, cpu_has_native_bf16, mfu, peak_flops, plot_loss_curve, read_metrics
@@ -35,6 +37,20 @@ from .schedule import CosineWithWarmup
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+class ResumeError(ValueError):
+    """checkpoint.autoresume found a checkpoint this config cannot continue (another model shape,
+    data mix or optimizer): reported as a usage error, with what to do."""
+
+
+def _inside(path: str | os.PathLike | None, folder: Path) -> bool:
+    if not path:
+        return False
+    try:
+        return Path(path).resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
 
 
 class Trainer:
@@ -47,15 +63,17 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self._build_data()
+        self._build_model()
+        self._build_optimizer()
+        # Only now that the config could be set up: a failed setup writes nothing into the run folder
+        # (the bundled corpus, a cache, may already be built in <run>/corpus).
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         self._barrier()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.rank == 0)
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self._build_data()
-        self._build_model()
-        self._build_optimizer()
 
     # ------------------------------------------------------------------------------------ setup
     def _init_distributed(self) -> None:
@@ -107,7 +125,14 @@ class Trainer:
     def _build_data(self) -> None:
         cfg, d = self.cfg, self.cfg.data
         common = dict(seed=cfg.seed, batch_size=cfg.micro_batch_size, rank=self.rank, world_size=self.world)
-        n_eval = cfg.eval.batches * cfg.micro_batch_size * self.world
+        paths = [("model.init_from", cfg.model.init_from, "folder")]
+        if d.kind == "finetune":
+            paths += [("data.finetune_path", d.finetune_path, "file"), ("data.finetune_val_path", d.finetune_val_path, "file")]
+        for key, value, what in paths:
+            if value and not (Path(value).is_dir() if what == "folder" else Path(value).is_file()):
+                raise FileNotFoundError(
+                    f"{key}={value!r}: no such {what} (a relative path is read from the current directory, "
+                    f"{os.getcwd()!r}; the shipped configs' relative paths work from the repository root)")
         if d.kind == "bundled":
             from ..data.corpus import build_default_corpus
 
@@ -120,27 +145,26 @@ class Trainer:
             if self.rank != 0:
                 paths = build_default_corpus(cache, show_progress=False, **kwargs)
             self.tokenizer = load_tokenizer(paths["tokenizer"])
-            unknown = set(d.bundled_proportions) - {"code", "text"}
-            if unknown:
-                raise ValueError(f"data.bundled_proportions: unknown sources {sorted(unknown)} (code, text)")
+            self._check_init_from_tokenizer()
+            # (the sources' names are checked by Config.validate, before the corpus is built)
             train = [Stream(paths[k]["train"], float(p)) for k, p in d.bundled_proportions.items() if p > 0]
             val = [Stream(paths[k]["val"], float(p)) for k, p in d.bundled_proportions.items() if p > 0]
         elif d.kind == "shards":
             train = [Stream(s["path"], s.get("proportion")) if isinstance(s, dict) else Stream(str(s)) for s in d.streams]
             val = [Stream(s["path"], s.get("proportion")) if isinstance(s, dict) else Stream(str(s)) for s in d.val_streams]
-            tok_path = d.tokenizer or StreamingTokenDataset(train[:1]).sources[0].resolve_tokenizer()
-            if not tok_path:
-                raise ValueError("data.tokenizer is needed (the shards' index does not name their tokenizer)")
-            self.tokenizer = load_tokenizer(tok_path)
+            self.tokenizer = self._shards_tokenizer(train, val)
+            self._check_init_from_tokenizer()
         else:
             tok_path = d.tokenizer or (cfg.model.init_from and Path(cfg.model.init_from) / "tokenizer.json")
             if not tok_path:
                 raise ValueError("finetuning needs data.tokenizer (or a tokenizer.json in model.init_from)")
             self.tokenizer = load_tokenizer(tok_path)
+            self._check_init_from_tokenizer()  # before ChatML's markers are added to it
             ft = dict(max_seq_len=d.seq_len, fmt=d.finetune_format)
             self.train_set = FinetuneDataset(d.finetune_path, self.tokenizer, shuffle=d.shuffle, **ft, **common)
-            self.val_set = (FinetuneDataset(d.finetune_val_path, self.tokenizer, shuffle=False, num_samples=n_eval,
-                                            **ft, **common) if d.finetune_val_path else None)
+            self.val_set = (FinetuneDataset(d.finetune_val_path, self.tokenizer, shuffle=False, **ft, **common)
+                            if d.finetune_val_path else None)
+            self._plan_eval()
             self.collate = self.train_set.collate
             if self.rank == 0:
                 for name, ds in (("data.finetune_path", self.train_set), ("data.finetune_val_path", self.val_set)):
@@ -148,10 +172,10 @@ class Trainer:
                         _log(f"[train] {name}: {ds.dropped} example(s) dropped: no response token within "
                              f"data.seq_len={d.seq_len} tokens")
             return
-        self.train_set = StreamingTokenDataset(train, shuffle=d.shuffle, epoch_size=d.epoch_size,
-                                               sequence_id=d.sequence_id, **common)
-        self.val_set = (StreamingTokenDataset(val, num_samples=n_eval, sequence_id=d.sequence_id, **common)
-                        if val else None)
+        mix = dict(sequence_id=d.sequence_id, allow_tokenizer_mismatch=d.allow_tokenizer_mismatch)
+        self.train_set = StreamingTokenDataset(train, shuffle=d.shuffle, epoch_size=d.epoch_size, **mix, **common)
+        self.val_set = StreamingTokenDataset(val, **mix, **common) if val else None
+        self._plan_eval()
         for name, ds in (("data.streams", self.train_set), ("data.val_streams", self.val_set)):
             if ds is not None and ds.seq_len != d.seq_len:
                 # samples are read whole: the step's token count, MFU and max_seq_len all follow data.seq_len
@@ -163,6 +187,87 @@ class Trainer:
         from ..data import collate
 
         self.collate = collate
+
+    def _shards_tokenizer(self, train: list[Stream], val: list[Stream]):
+        """The tokenizer of data.kind=shards: data.tokenizer, else the one the first index names. Every
+        train and val stream must have been converted with it (the same vocabulary: the hash each
+        index records, or for an older index the tokenizer it names). Reads the indexes only: no
+        dataset is built (one of the first stream alone refused a proportion of 0)."""
+        d = self.cfg.data
+        named = ([(f"data.streams[{i}] ({s.path!r})", TokenShards(s.path)) for i, s in enumerate(train)]
+                 + [(f"data.val_streams[{i}] ({s.path!r})", TokenShards(s.path)) for i, s in enumerate(val)])
+        tok_path = d.tokenizer
+        for _, shards in ([] if tok_path else named):
+            tok_path = shards.resolve_tokenizer()
+            if tok_path:
+                break
+        if not tok_path:
+            raise ValueError("data.tokenizer is needed (the shards' indexes do not name their tokenizer)")
+        tokenizer = load_tokenizer(tok_path)
+        if d.allow_tokenizer_mismatch:
+            return tokenizer
+        ref = None  # (name, shards, vocabulary hash) of the first stream whose tokenizer is known
+        for name, shards in named:
+            sha = shards.tokenizer_vocab_sha256()
+            if sha is None:
+                continue
+            if ref is None:
+                ref = (name, shards, sha)
+            elif sha != ref[2]:
+                raise tokenizer_mismatch_error(ref[0], ref[1].tokenizer_name(), name, shards.tokenizer_name())
+        if d.tokenizer and ref is not None and ref[2] != tokenizer.vocab_sha256():
+            raise ValueError(
+                f"data.tokenizer={d.tokenizer!r} is not the tokenizer {ref[0]} was converted with "
+                f"({ref[1].tokenizer_name()}): their vocabularies differ, so the model would learn the shards' ids "
+                "as other tokens and the run would save the wrong tokenizer beside it. Leave data.tokenizer unset "
+                "(each index names its tokenizer), point it at that tokenizer, or set "
+                "data.allow_tokenizer_mismatch=true to train anyway")
+        return tokenizer
+
+    def _check_init_from_tokenizer(self) -> None:
+        """model.init_from's tokenizer.json (when it has one) must be the data's: the model's ids mean
+        its tokens, and the run saves the data's tokenizer beside the weights."""
+        m, d = self.cfg.model, self.cfg.data
+        if not m.init_from or d.allow_tokenizer_mismatch:
+            return
+        theirs = Path(m.init_from) / "tokenizer.json"
+        if not theirs.is_file():
+            return
+        if _vocab_sha256_of_file(str(theirs)) != self.tokenizer.vocab_sha256():
+            n = load_tokenizer(theirs).vocab_size
+            raise ValueError(
+                f"model.init_from={m.init_from!r} was trained with the tokenizer {str(theirs)!r} ({n} tokens), but "
+                f"the data uses {self.tokenizer.path!r} ({self.tokenizer.vocab_size} tokens), whose vocabulary "
+                "differs: the model would read the data's ids as other tokens, and the run would save the data's "
+                "tokenizer beside weights trained with another. Use data made with the model's tokenizer (for "
+                "shards: converted with --tokenizer " + str(theirs) + "; otherwise data.tokenizer unset or set "
+                "to it), or set data.allow_tokenizer_mismatch=true to train the model on the new tokenizer's ids")
+
+    def _plan_eval(self) -> None:
+        """Samples per evaluation: eval.batches micro-batches per rank, but never more than one pass
+        over a smaller val set (the order would repeat samples and weight them unevenly), in whole
+        batches so every rank runs the same number of equal batches (FSDP's collectives need that).
+        A val set smaller than one micro-batch per rank is read in one smaller batch."""
+        self.eval_note = ""
+        if self.val_set is None:
+            return
+        cfg, world = self.cfg, self.world
+        micro = cfg.micro_batch_size
+        want = cfg.eval.batches * micro * world
+        n_val = int(self.val_set.order.epoch_size)  # one pass (with proportions: one epoch of the mix)
+        if n_val >= want:
+            batch, n = micro, want
+        else:
+            batch = micro if n_val >= micro * world else max(1, n_val // world)
+            n = max(1, n_val // (batch * world)) * batch * world
+            self.eval_note = (f"{n} samples: one pass over the {n_val}-sample val set, in whole batches, not "
+                              f"eval.batches x micro_batch_size x processes = {cfg.eval.batches} x {micro} x {world}")
+            if self.rank == 0:
+                _log(f"[train] held-out evaluation reads {n} samples ({n // (batch * world)} batch(es) of {batch} per "
+                     f"process): the val set holds {n_val}, fewer than eval.batches x micro_batch_size x processes "
+                     f"= {want}")
+        self.val_set.batch_size = batch
+        self.val_set.num_samples = n
 
     def _build_model(self) -> None:
         from ..model import MPTConfig, MPTForCausalLM
@@ -365,17 +470,60 @@ class Trainer:
 
         state = {"consumed_samples": consumed, "data": self.train_set.state_dict(consumed),
                  "scheduler": self.scheduler.state_dict(), "skipped_steps": self._skipped_steps(),
-                 "precision": self.precision, "tokens_seen": int(getattr(self, "_tokens_seen", 0))}
+                 "precision": self.precision, "tokens_seen": int(getattr(self, "_tokens_seen", 0)),
+                 "optim": self.cfg.optim.name, "data_kind": self.cfg.data.kind}
         return save_checkpoint(self.ckpt_dir, step, rank=self.rank, world_size=self.world, write=write,
                                trainer_state=state, keep_last=self.cfg.checkpoint.keep_last, barrier=self._barrier,
                                before_rename=crash if kill_mid_save else None)
 
     def resume(self) -> tuple[int, int]:
-        """Load the latest checkpoint of this run; returns (step, samples consumed)."""
+        """Load the latest checkpoint of this run; returns (step, samples consumed). A checkpoint this
+        config cannot continue (another data mix, model shape or optimizer) raises :class:`ResumeError`."""
         ck = latest_checkpoint(self.ckpt_dir)
         if ck is None:
             return 0, 0
         st = read_trainer_state(ck)
+
+        def cannot(what: str, exc: BaseException | None = None) -> ResumeError:
+            detail = ""
+            if exc is not None:
+                lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+                detail = ": " + " ".join(lines[:4]) + (" ..." if len(lines) > 4 else "")
+            return ResumeError(
+                f"checkpoint.autoresume=true: the latest checkpoint of run {self.cfg.run_name!r} ({ck}) was written "
+                f"with {what}, so this config cannot continue it{detail}. Set checkpoint.autoresume=false to start a "
+                f"new run in {str(self.run_dir)!r} (its checkpoints are removed), or give this run a new run_name")
+
+        for key, mine in (("optim", self.cfg.optim.name), ("data_kind", self.cfg.data.kind)):
+            if st.get(key, mine) != mine:
+                name = "optim.name" if key == "optim" else "data.kind"
+                raise cannot(f"{name}={st[key]} (this config has {mine})")
+        try:  # first, since it is cheap: the data order the checkpoint continues
+            self.train_set.load_state_dict(st["data"])
+        except ValueError as exc:
+            raise cannot("another data mix (streams, their sizes or proportions, data.epoch_size, seed or "
+                         "data.shuffle)", exc) from exc
+        errors: tuple = (RuntimeError, ValueError, KeyError)
+        if (ck / "dcp").is_dir():  # torch.distributed.checkpoint reports a mismatch as a BaseException
+            from torch.distributed.checkpoint.api import CheckpointException
+
+            errors += (CheckpointException,)
+        try:
+            self._load_checkpoint_weights(ck)
+        except errors as exc:
+            raise cannot("another model or optimizer (shape, vocabulary, optimizer settings, or number of "
+                         "processes)", exc) from exc
+        self.scheduler.load_state_dict(st["scheduler"])
+        # Skipped-step count: Lion restores its own from its state dict; whatever the optimizer does not
+        # keep (AdamW's, or a Lion state saved before it kept the count) continues from the trainer state.
+        self._adamw_skipped = max(0, int(st.get("skipped_steps", 0)) - int(getattr(self.optimizer, "skipped_steps", 0)))
+        self._resumed_tokens = st.get("tokens_seen")
+        load_rng(ck, self.rank)
+        if self.rank == 0:
+            _log(f"[train] resumed from {ck} (step {st['step']}, {st['consumed_samples']} samples consumed)")
+        return int(st["step"]), int(st["consumed_samples"])
+
+    def _load_checkpoint_weights(self, ck: Path) -> None:
         if (ck / "dcp").is_dir():
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -389,16 +537,6 @@ class Trainer:
         else:
             self.raw_model.load_state_dict(torch.load(ck / "model.pt", map_location=self.device, weights_only=True))
             self.optimizer.load_state_dict(torch.load(ck / "optim.pt", map_location=self.device, weights_only=False))
-        self.scheduler.load_state_dict(st["scheduler"])
-        # Skipped-step count: Lion restores its own from its state dict; whatever the optimizer does not
-        # keep (AdamW's, or a Lion state saved before it kept the count) continues from the trainer state.
-        self._adamw_skipped = max(0, int(st.get("skipped_steps", 0)) - int(getattr(self.optimizer, "skipped_steps", 0)))
-        self.train_set.load_state_dict(st["data"])
-        self._resumed_tokens = st.get("tokens_seen")
-        load_rng(ck, self.rank)
-        if self.rank == 0:
-            _log(f"[train] resumed from {ck} (step {st['step']}, {st['consumed_samples']} samples consumed)")
-        return int(st["step"]), int(st["consumed_samples"])
 
     def _start_over(self) -> None:
         """A run that does not resume starts clean, even in a directory that holds an earlier run of the
@@ -412,14 +550,27 @@ class Trainer:
 
             old = list_checkpoints(self.ckpt_dir) if self.ckpt_dir.is_dir() else []
             metrics = self.run_dir / "metrics.jsonl"
-            if old or metrics.exists():
-                what = f"checkpoints up to step {old[-1][0]}" if old else "metrics"
+            hf = self.run_dir / "hf"
+            # The earlier run's Hugging Face export goes too (with checkpoint.save_hf=false nothing would
+            # replace it), unless this run reads from it (model.init_from, a tokenizer or data inside it).
+            d = self.cfg.data
+            reads = [self.cfg.model.init_from, d.tokenizer, d.finetune_path, d.finetune_val_path, d.cache_dir]
+            reads += [s["path"] if isinstance(s, dict) else s for s in d.streams + d.val_streams]
+            keep_hf = hf.is_dir() and any(_inside(r, hf) for r in reads)
+            drop_hf = hf.is_dir() and not keep_hf
+            if old or metrics.exists() or drop_hf:
+                what = f"checkpoints up to step {old[-1][0]}" if old else ("metrics" if metrics.exists() else "hf/")
                 _log(f"[train] {self.run_dir} holds an earlier run ({what}): starting a new run in its place (its "
-                     "checkpoints, metrics and loss curve are removed; checkpoint.autoresume=true continues a run)")
+                     "checkpoints, metrics and loss curve are removed"
+                     + ("; so is its Hugging Face export hf/" if drop_hf else "")
+                     + ("; its hf/ is kept: this run reads from it" if keep_hf else "")
+                     + "; checkpoint.autoresume=true continues a run)")
                 for _, path in old:  # (leftover .tmp-* saves: the next save_checkpoint removes them)
                     shutil.rmtree(path)
                 metrics.unlink(missing_ok=True)
                 (self.run_dir / "loss.png").unlink(missing_ok=True)
+                if drop_hf:
+                    shutil.rmtree(hf)
         self._barrier()
 
     def _fault_armed(self, step: int) -> bool:
@@ -507,7 +658,8 @@ class Trainer:
             first_eval = self.evaluate()
             if first_eval and self.rank == 0:
                 self.metrics.write(kind="eval", step=0, **first_eval)
-                _log(f"[train] held-out before training: loss {first_eval['loss']:.3f}, ppl {first_eval['ppl']:.1f}")
+                _log(f"[train] held-out before training: loss {first_eval['loss']:.3f}, ppl {first_eval['ppl']:.1f}"
+                     + (f" ({self.eval_note})" if self.eval_note else ""))
         data_iter = self._data_iter(consumed)
         bar = None
         if self.rank == 0 and cfg.progress:
@@ -563,9 +715,9 @@ class Trainer:
                 last_eval = self.evaluate()
                 if last_eval and self.rank == 0:
                     self.metrics.write(kind="eval", step=step, **last_eval)
-                    if bar is not None:
-                        bar.write(f"[eval] step {step}: held-out loss {last_eval['loss']:.3f}, ppl {last_eval['ppl']:.1f}",
-                                  file=sys.stderr)
+                    msg = f"[eval] step {step}: held-out loss {last_eval['loss']:.3f}, ppl {last_eval['ppl']:.1f}"
+                    msg += f" ({self.eval_note})" if self.eval_note else ""
+                    (bar.write(msg, file=sys.stderr) if bar else _log(msg))  # progress=false: the console too
             saving = bool(cfg.checkpoint.save_every) and step % cfg.checkpoint.save_every == 0 and step < cfg.max_steps
             fault = self._fault_armed(step)
             if saving:
@@ -679,6 +831,8 @@ def main(argv: list[str] | None = None, default_config: str | None = None) -> in
         summary = trainer.fit()
         if trainer.rank == 0:
             print_summary(summary)
+    except ResumeError as exc:  # autoresume with a config that cannot continue the checkpoint: no traceback
+        ap.error(f"resume: {exc}")
     finally:
         trainer.close()
     return 0
