@@ -523,11 +523,14 @@ def test_finetune_loss_does_not_depend_on_the_micro_batch_split(tmp_path, corpus
 def test_finetune_two_processes_match_one(tmp_path, corpus):
     """Finetuning under DDP with 2 ranks x 2 equals 1 rank x 4: the same losses (the target-count
     weighting across ranks) and the same real-token counts (each rank's padding differs: the
-    counts are summed across ranks, not one rank's times two)."""
+    counts are summed across ranks, not one rank's times two). The evaluation of a val set smaller
+    than eval.batches x micro x ranks (10 < 8 x 4 x 1 = 8 x 2 x 2) reads the same 8 examples once
+    either way (whole batches: 2 of 4, or 2 of 2 per rank) and gives the same loss."""
     data = _finetune_rows(tmp_path)
     common = {"max_steps": 3, "global_batch_size": 4, "data.kind": "finetune", "data.finetune_path": str(data),
               "data.tokenizer": str(corpus / "tokenizer.json"), "data.seq_len": 256, "checkpoint.save_every": 0,
-              "checkpoint.save_hf": False, "eval.sample_tokens": 0, "eval.every": -1}
+              "checkpoint.save_hf": False, "eval.sample_tokens": 0, "eval.every": -1,
+              "data.finetune_val_path": str(data), "eval.batches": 8}
     one = run_train(micro_args(tmp_path, corpus, run_name="one", micro_batch_size=4, **common))
     assert one.returncode == 0, why(one)
     two = run_train(micro_args(tmp_path, corpus, run_name="two", micro_batch_size=2, parallel="ddp", **common),
@@ -539,6 +542,10 @@ def test_finetune_two_processes_match_one(tmp_path, corpus):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=2e-5, abs=2e-5)
         assert rb["tokens"] == ra["tokens"]
     assert a[-1]["tokens"] < 3 * 4 * 256
+    ea, eb = (read_metrics(tmp_path / "runs" / r / "metrics.jsonl", "eval") for r in ("one", "two"))
+    assert len(ea) == len(eb) == 1 and ea[0]["tokens"] == eb[0]["tokens"]
+    assert eb[0]["loss"] == pytest.approx(ea[0]["loss"], rel=1e-5)
+    assert "held-out evaluation reads 8 samples (2 batch(es) of 2 per process)" in two.stderr
 
 
 def test_chatml_markers_grow_a_vocabulary_without_spare_rows(tmp_path, corpus):
