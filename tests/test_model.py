@@ -91,7 +91,6 @@ def test_presets():
     (dict(attn_config=dict(prefix_lm=True)), "prefix_lm"),
     (dict(attn_config=dict(alibi=False)), "alibi"),
     (dict(norm_type="rmsnorm"), "norm_type"),
-    (dict(attn_config=dict(attn_impl="flash", attn_pdrop=0.1)), "attn_pdrop"),
     (dict(attn_config=dict(attn_type="grouped_query_attention", kv_n_heads=3)), "kv_n_heads"),
     (dict(attn_config=dict(attn_impl="xformers")), "attn_impl"),
     (dict(attn_config=dict(bogus=1)), "unknown keys"),
@@ -944,3 +943,31 @@ def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():
     with pytest.raises(NotImplementedError, match="forward-mode AD"):
         torch.func.jvp(lambda e: torch.func.functional_call(m, {"transformer.wte.weight": e}, (ids,)).logits,
                        (emb,), (torch.randn_like(emb),))
+
+
+def test_attention_dropout_with_the_kernel_runs_in_eval_and_refuses_training(tmp_path):
+    """A checkpoint trained with attn_pdrop > 0 loads on the kernel (from_pretrained's default) and runs
+    in eval mode, where dropout is off: the logits equal the dense reference's; a training-mode forward
+    raises, in the module path and in the direct decode step alike."""
+    torch.manual_seed(0)
+    cfg = dict(d_model=64, n_heads=4, n_layers=2, vocab_size=100, max_seq_len=32)
+    ref = MPTForCausalLM(MPTConfig(**cfg, attn_config=dict(attn_impl="torch", attn_pdrop=0.1))).eval()
+    ref.save_pretrained(tmp_path)
+    m = MPTForCausalLM.from_pretrained(tmp_path)
+    assert m.config.attn_config["attn_pdrop"] == 0.1 and m.config.uses_kernel_attention
+    m.eval()
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(m(ids).logits, ref(ids).logits, atol=1e-4)
+        out = m.generate(ids, 4, temperature=0)
+        assert torch.equal(out, ref.generate(ids, 4, temperature=0))
+    m.train()
+    with pytest.raises(ValueError, match="attn_pdrop"):
+        m(ids, labels=ids)
+    cache = m.new_cache(2)
+    with torch.no_grad():
+        m.eval()
+        m(ids, past_key_values=cache, use_cache=True)
+        m.train()
+        with pytest.raises(ValueError, match="attn_pdrop"):  # a decode step in training mode: not the direct one
+            m(ids[:, :1], past_key_values=cache, use_cache=True)

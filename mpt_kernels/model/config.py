@@ -9,8 +9,9 @@ What is supported, and what raises (checked in ``MPTConfig.validate``, called on
   llm-foundry): another value with the other two types is ignored, with one warning.
 - ``attn_impl``: "torch" runs the readable reference (dense bias + softmax, like transformers);
   "flash" / "triton" / "mk" run mpt_kernels' ALiBi flash attention kernel.
-- ``prefix_lm=True`` raises (no prefix mask in the kernel). ``attn_pdrop > 0`` needs attn_impl="torch"
-  (the kernel has no dropout). ``norm_type``: low_precision_layernorm / layernorm (both run
+- ``prefix_lm=True`` raises (no prefix mask in the kernel). ``attn_pdrop > 0`` with the kernel loads
+  and runs in eval mode (where dropout is off); a training-mode forward raises (the kernel has no
+  dropout): train such a model with attn_impl="torch". ``norm_type``: low_precision_layernorm / layernorm (both run
   ``mk.layer_norm``: statistics in float32, output in the activation dtype); rmsnorm variants raise.
 - llm-foundry's newer attention options are accepted at their "off" value and refused otherwise:
   ``qk_gn``, ``attn_logit_softcapping``, ``kv_dim`` (other than d_model), ``flex_attn_mod_list``,
@@ -234,9 +235,6 @@ class MPTConfig:
         if a["prefix_lm"]:
             raise ValueError("attn_config.prefix_lm=True is not supported (no prefix mask in the attention "
                              "kernel); use a causal model")
-        if a["attn_pdrop"] and self.uses_kernel_attention:
-            raise ValueError("attn_config.attn_pdrop > 0 needs attn_impl='torch': the flash kernel has no "
-                             "attention dropout")
         if a["clip_qkv"] is not None and a["clip_qkv"] <= 0:
             raise ValueError(f"attn_config.clip_qkv must be positive or None, got {a['clip_qkv']}")
         if self.norm_type not in ("low_precision_layernorm", "layernorm"):

@@ -111,6 +111,8 @@ class _Layer:
         a, n1, n2 = self.attn(), self.norm_1(), self.norm_2()
         if a is None or n1 is None or n2 is None or not a.use_kernel or "q_ln" in a._modules:
             return None
+        if a.training and a.attn_pdrop:  # the module path refuses it
+            return None
         slopes = a.slopes(_CPU)
         if slopes is not self.slopes:
             if not (isinstance(slopes, torch.Tensor) and slopes.dtype == torch.float32 and slopes.is_cpu

@@ -390,6 +390,10 @@ class MPTAttention(nn.Module):
         return s
 
     def forward(self, x: torch.Tensor, plan: _AttnPlan, cache: KVCache | None = None) -> torch.Tensor:
+        if self.training and self.attn_pdrop and self.use_kernel:
+            raise ValueError(f"attn_config.attn_pdrop={self.attn_pdrop} in training mode: the flash kernel has no "
+                             "attention dropout; train with attn_config.attn_impl='torch' or attn_pdrop=0 "
+                             "(in eval mode, where dropout is off, the kernel runs)")
         B, S, _ = x.shape
         H, Hkv, D = self.n_heads, self.kv_heads, self.head_dim
         qkv = self.Wqkv(x)  # (B, S, (H + 2*Hkv) * D)
