@@ -8,6 +8,7 @@ import configparser
 import math
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -681,6 +682,32 @@ def test_cli_fastertransformer_overwrite_flag(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------
 # What no export computes: refused by the one check both exporters share (the model's config rules),
 # never exported as a different function.
+
+def test_exports_read_composer_prefixed_checkpoints(tmp_path):
+    """A Composer checkpoint (every weight under ``model.``), which from_pretrained reads, exports the
+    same bytes as the plain one, in both formats."""
+    from safetensors.torch import load_file, save_file
+
+    model = mpt()
+    model.save_pretrained(tmp_path / "plain")
+    shutil.copytree(tmp_path / "plain", tmp_path / "composer")
+    sd = load_file(tmp_path / "plain" / "model.safetensors")
+    save_file({"model." + k: v for k, v in sd.items()}, tmp_path / "composer" / "model.safetensors",
+              metadata={"format": "pt"})
+    ref = MPTForCausalLM.from_pretrained(tmp_path / "composer").state_dict()
+    assert all(torch.equal(ref[k], v) for k, v in model.state_dict().items())
+    a = export_fastertransformer(tmp_path / "plain", tmp_path / "ft_a")
+    b = export_fastertransformer(tmp_path / "composer", tmp_path / "ft_b")
+    assert sorted(os.listdir(a)) == sorted(os.listdir(b))
+    for f in sorted(os.listdir(a)):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    from mpt_kernels.export.onnx import MPTGraph
+
+    ga, gb = MPTGraph(tmp_path / "plain").eval(), MPTGraph(tmp_path / "composer").eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(ga(ids, None, *ga.empty_past(1))[0], gb(ids, None, *gb.empty_past(1))[0])
+
 
 def _edited_checkpoint(tmp_path, **changes):
     """A saved tiny MPT whose config.json gets ``changes`` (top-level keys; ``attn`` updates attn_config)."""

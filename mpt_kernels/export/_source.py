@@ -154,6 +154,11 @@ class WeightSource:
 
     def __init__(self, getter: Callable[[str], torch.Tensor], names):
         names = set(names)
+        if names and all(n.startswith("model.") for n in names):
+            # Composer checkpoints wrap the HF model as ``model.`` (as from_pretrained reads them)
+            inner = getter
+            getter = lambda name: inner("model." + name)  # noqa: E731
+            names = {n[len("model."):] for n in names}
         self._separate = {}
         for n in names:
             if ".attn.Wq." in n:
