@@ -476,6 +476,26 @@ def test_apply_to_hf_static_cache_error_names_the_static_cache(tmp_path):
     hf.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)  # the dynamic cache still works
 
 
+def test_apply_to_hf_with_attention_dropout_runs_in_eval_and_refuses_training(tmp_path):
+    """attn_pdrop > 0: patched, the eval logits equal transformers' own; a training-mode forward raises
+    (the kernel has no attention dropout). (transformers 5's config declares attn_pdrop an int and
+    refuses 0.1, so the attention modules get their dropout directly.)"""
+    from transformers.models.mpt import modeling_mpt
+
+    hf = to_hf(MPTForCausalLM(small()).eval(), tmp_path)
+    for m in hf.modules():
+        if isinstance(m, modeling_mpt.MptAttention):
+            m.attn_dropout_p = 0.1
+    ids = torch.randint(1, 101, (2, 7))
+    with torch.no_grad():
+        before = hf(ids).logits
+        apply_to_hf(hf)
+        torch.testing.assert_close(hf(ids).logits, before, atol=ATOL, rtol=0)
+    hf.train()
+    with pytest.raises(ValueError, match="attn_pdrop"):
+        hf(ids)
+
+
 def test_apply_to_hf_logits_and_generate(tmp_path):
     ours = perturb_norms(MPTForCausalLM(small(n_heads=12, d_model=192, clip_qkv=0.5))).eval()
     hf = to_hf(ours, tmp_path)

@@ -54,6 +54,9 @@ def _is_static(cache) -> bool:
 
 
 def _attention_forward(self, hidden_states, position_bias=None, cache=None, attention_mask=None, **kwargs):
+    if self.training and getattr(self, "attn_dropout_p", 0):
+        raise ValueError(f"apply_to_hf: attn_pdrop={self.attn_dropout_p} in training mode: the flash kernel has no "
+                         "attention dropout (in eval mode, where dropout is off, the patched attention runs)")
     if cache is None:  # transformers before the rename (e.g. 5.17) passes the layer cache as past_key_values
         cache = kwargs.pop("past_key_values", None)
     B, S, _ = hidden_states.shape
@@ -112,8 +115,6 @@ def apply_to_hf(model, attention: bool = True, layer_norm: bool = True):
     if not isinstance(getattr(model, "config", None), modeling_mpt.MptConfig):
         raise ValueError(f"apply_to_hf: expected a transformers MPT model (MptForCausalLM, MptModel), got "
                          f"{type(model).__name__}")
-    if attention and float(model.config.attn_config.attn_pdrop or 0) > 0:
-        raise ValueError("apply_to_hf: attn_pdrop > 0 is not supported by the flash kernel")
     n = 0
     for module in model.modules():
         if attention and isinstance(module, modeling_mpt.MptAttention):
