@@ -19,20 +19,21 @@ TOP_P_CANDIDATES = 256
 def _ranked(logits: torch.Tensor, k: int, use_numpy: bool) -> torch.Tensor:
     """Ids (B, k) of each row's ``k`` largest float32 ``logits`` (B, V), largest first, equal ones by id
     (lower first). One int64 key per token, (value, id), ranks both at once: a float's bit pattern,
-    its low 31 bits flipped when negative, orders as the float does. All keys differ, so the order is
-    the same on every device and for every ``k``."""
+    its low 31 bits flipped when negative, orders as the float does; the id sits in the low ``shift``
+    bits. All keys differ, so the order is the same on every device and for every ``k``."""
     V = logits.shape[-1]
-    bits = (logits + 0.0).view(torch.int32).to(torch.int64)  # (+ 0.0: -0.0 becomes 0.0, its equal)
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # now ordered as the floats
-    key = (0x7FFFFFFF - bits) * V + torch.arange(V, device=logits.device)  # ascending: value down, id up
-    if use_numpy:  # (the CPU)
-        key = key.numpy()
-        if k < V:
+    shift = max(V - 1, 1).bit_length()  # <= 31: the key stays below 2**63
+    if use_numpy:  # (the CPU: numpy's integer ops and vectorised sort are several times torch's here)
+        b = (logits + 0.0).numpy().view(np.int32)  # (+ 0.0: -0.0 becomes 0.0, its equal)
+        b = b ^ ((b >> 31) & 0x7FFFFFFF)  # now ordered as the floats
+        key = ((0x7FFFFFFF - b.astype(np.int64)) << shift) | np.arange(V, dtype=np.int64)  # ascending: value
+        if k < V:                                                                      # down, then id up
             key = np.partition(key, k - 1, axis=-1)[:, :k]
-        key = torch.from_numpy(np.sort(key, axis=-1))
-    else:
-        key = torch.topk(key, k, dim=-1, largest=False).values
-    return key % V
+        return torch.from_numpy(np.sort(key, axis=-1) & ((1 << shift) - 1))
+    b = (logits + 0.0).view(torch.int32)
+    b = b ^ ((b >> 31) & 0x7FFFFFFF)
+    key = ((0x7FFFFFFF - b.to(torch.int64)) << shift) | torch.arange(V, device=logits.device)
+    return torch.topk(key, k, dim=-1, largest=False).values & ((1 << shift) - 1)
 
 
 def top_p_drop(logits: torch.Tensor, top_p: float) -> torch.Tensor:
