@@ -141,9 +141,7 @@ def export_fastertransformer(model_or_dir, out_dir, tensor_parallel: int = 1, dt
                 f.unlink()
     save_dir.mkdir(parents=True, exist_ok=True)
 
-    attn = cfg["attn_config"]
-    alibi = bool(attn.get("alibi", True))
-    has_wpe = "transformer.wpe.weight" in src
+    # (open_source refuses alibi=False and a wpe weight: every export uses ALiBi, no learned positions)
     ini = configparser.ConfigParser()
     ini["gpt"] = {
         "model_name": cfg.get("_name_or_path") or "mpt",
@@ -158,8 +156,8 @@ def export_fastertransformer(model_or_dir, out_dir, tensor_parallel: int = 1, dt
         "weight_data_type": dtype,
         "tensor_para_size": str(tp),
         "layernorm_eps": str(cfg["layer_norm_epsilon"]),
-        "has_positional_encoding": str(has_wpe and not alibi),
-        "use_attention_linear_bias": str(alibi),
+        "has_positional_encoding": "False",
+        "use_attention_linear_bias": "True",
     }
     with open(save_dir / "config.ini", "w") as f:
         ini.write(f)
@@ -175,8 +173,6 @@ def export_fastertransformer(model_or_dir, out_dir, tensor_parallel: int = 1, dt
 
     bar = tqdm(total=n_layers + 1, desc=f"FasterTransformer TP={tp}", unit="layer", disable=not progress)
     w("wte", src["transformer.wte.weight"])
-    if has_wpe and not alibi:
-        w("wpe", src["transformer.wpe.weight"])
     if not cfg.get("tie_word_embeddings", True) and "lm_head.weight" in src:
         w("lm_head.weight", src["lm_head.weight"])
     w("final_layernorm.weight", src["transformer.norm_f.weight"])
