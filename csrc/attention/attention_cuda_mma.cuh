@@ -25,6 +25,20 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 
 // 16-byte global->shared copy that bypasses L1. valid == false copies nothing and zero-fills the
 // destination (src-size 0), which is how out-of-range rows and head-dim padding become zeros.
+#ifdef MPTK_CUDA_EMU  // tests/cuda_emu: the same operations on the host emulator (its cuda_emu.h)
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  mptk_emu::cp_async_16(dst, src, valid);
+}
+__device__ __forceinline__ void cp_async_commit() { mptk_emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  mptk_emu::cp_async_wait(N);
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { mptk_emu::ldmatrix_x4(r, addr, false); }
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  mptk_emu::ldmatrix_x4(r, addr, true);
+}
+#else
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
   const int src_bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
@@ -49,6 +63,7 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
                : "r"(addr)
                : "memory");
 }
+#endif  // MPTK_CUDA_EMU
 
 // D = A * B + D, float32 accumulators.
 template <typename T>
@@ -57,17 +72,25 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
 template <>
 __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                                          uint32_t b1) {
+#ifdef MPTK_CUDA_EMU
+  mptk_emu::mma_16816_bf16(c, a, b0, b1);
+#else
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 template <>
 __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef MPTK_CUDA_EMU
+  mptk_emu::mma_16816_f16(c, a, b0, b1);
+#else
   asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Two floats -> one register of two 16-bit values (lo in the low half), round to nearest.

@@ -1,0 +1,467 @@
+// The host emulator's runtime: fibers (ucontext), barriers, warp collectives, shared memory,
+// cp.async, ldmatrix and mma.m16n8k16 (tests/cuda_emu/cuda_emu.h says what is modelled).
+#include "cuda_emu.h"
+
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <random>
+#include <stdexcept>
+#include <string>
+
+namespace mptk_emu {
+
+float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+  if (e == 0) return std::copysign(std::ldexp(static_cast<float>(m), -24), sign ? -1.0f : 1.0f);
+  if (e == 31) return bitcast<float>(sign | 0x7F800000u | (m << 13));
+  return bitcast<float>(sign | ((e + 112) << 23) | (m << 13));
+}
+uint16_t float_to_half_bits(float f) {  // round to nearest even
+  uint32_t x = bitcast<uint32_t>(f);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  x &= 0x7FFFFFFFu;
+  if (x >= 0x7F800000u) return sign | (x > 0x7F800000u ? 0x7E00u : 0x7C00u);  // NaN, inf
+  if (x >= 0x477FF000u) return sign | 0x7C00u;                                  // >= 65520: inf
+  if (x < 0x38800000u)                                                           // below 2^-14: subnormal
+    return sign | static_cast<uint16_t>(std::nearbyint(bitcast<float>(x) * 16777216.0f));
+  return sign | static_cast<uint16_t>((x + 0xFFFu + ((x >> 13) & 1u) - 0x38000000u) >> 13);
+}
+
+// ---------------------------------------------------------------- runtime API state
+static thread_local cudaError_t g_last_error = cudaSuccess;
+static std::map<const void*, int> g_max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize
+
+static int env_int(const char* name, int dflt) {
+  const char* s = std::getenv(name);
+  return s && *s ? std::atoi(s) : dflt;
+}
+static int sm_count() { return env_int("MPTK_EMU_SM_COUNT", 132); }
+static int smem_optin() { return env_int("MPTK_EMU_SMEM_OPTIN", 232448); }  // H100/H200: 227 KiB
+
+const char* error_string(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorLaunchFailure: return "unspecified launch failure";
+    default: return "unknown error";
+  }
+}
+cudaError_t take_last_error() {
+  cudaError_t e = g_last_error;
+  g_last_error = cudaSuccess;
+  return e;
+}
+cudaError_t device_attribute(int* v, cudaDeviceAttr a, int dev) {
+  if (dev != 0) return cudaErrorInvalidValue;
+  if (a == cudaDevAttrMultiProcessorCount) *v = sm_count();
+  else if (a == cudaDevAttrMaxSharedMemoryPerBlockOptin) *v = smem_optin();
+  else return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
+cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > smem_optin())
+    return cudaErrorInvalidValue;
+  g_max_dynamic_smem[func] = value;
+  return cudaSuccess;
+}
+int occupancy(const void*, int block_size, size_t smem) {
+  // threads and shared memory only (registers are not known here): 2048 threads, 228 KiB per SM
+  int by_threads = 2048 / std::max(block_size, 1);
+  int by_smem = smem ? static_cast<int>((233472) / (smem + 1024)) : 32;
+  return std::max(0, std::min({by_threads, by_smem, 32}));
+}
+
+// ---------------------------------------------------------------- fibers
+thread_local ThreadState* g_thread = nullptr;
+thread_local dim3 g_thread_idx, g_block_idx, g_block_dim, g_grid_dim;
+
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;
+
+enum class Wait { None, Block, Warp };
+
+struct Error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct Block;
+
+}  // namespace
+
+struct ThreadState {
+  ucontext_t ctx;
+  int index = 0;  // linear thread index in the block
+  dim3 tid;
+  bool done = false;
+  Wait wait = Wait::None;
+  uint64_t wait_gen = 0;
+  int exchange_parity = 0;
+  // cp.async: committed groups (oldest first) and the open one
+  struct Copy {
+    unsigned char* dst;
+    const unsigned char* src;
+    bool valid;
+  };
+  std::vector<std::vector<Copy>> groups;
+  std::vector<Copy> open;
+  void* stack = nullptr;
+};
+
+namespace {
+
+struct WarpState {
+  int arrived = 0;
+  uint64_t gen = 0;
+  const char* op = nullptr;
+  size_t bytes = 0;
+  alignas(16) unsigned char slot[2][32][64];
+};
+
+struct Block {
+  std::vector<ThreadState> threads;
+  std::vector<WarpState> warps;
+  int block_arrived = 0;
+  uint64_t block_gen = 0;
+  int live = 0;
+  std::vector<unsigned char> dyn;  // dynamic shared memory
+  size_t dyn_size = 0;
+  std::map<std::pair<int, size_t>, std::vector<unsigned char>> statics;  // (site, type hash) -> bytes
+  ucontext_t scheduler;
+  std::string error;
+  const std::function<void()>* body = nullptr;
+};
+
+thread_local Block* g_block = nullptr;
+
+constexpr unsigned char kPoison = 0xFF;
+
+int warp_size_of(const Block& b, int w) {
+  return std::min(32, static_cast<int>(b.threads.size()) - 32 * w);
+}
+
+[[noreturn]] void abandon_fiber() {
+  // the fiber never runs again: back to the scheduler, which sees the error
+  swapcontext(&g_thread->ctx, &g_block->scheduler);
+  std::abort();
+}
+
+void yield() { swapcontext(&g_thread->ctx, &g_block->scheduler); }
+
+// After a thread exits or arrives somewhere: release the block barrier when every live thread is there.
+void maybe_release_block(Block& b) {
+  if (b.live > 0 && b.block_arrived == b.live) {
+    b.block_arrived = 0;
+    ++b.block_gen;
+    for (auto& t : b.threads)
+      if (t.wait == Wait::Block) t.wait = Wait::None;
+  }
+}
+
+void fiber_entry() {
+  ThreadState* t = g_thread;
+  (*g_block->body)();
+  t->done = true;
+  Block& b = *g_block;
+  --b.live;
+  const int w = t->index / 32;
+  if (b.warps[w].arrived > 0 && b.error.empty())
+    b.error = "a thread exited while lanes of its warp wait in a warp collective (" +
+              std::string(b.warps[w].op ? b.warps[w].op : "?") + ")";
+  maybe_release_block(b);
+  // returning switches to uc_link (the scheduler)
+}
+
+std::string dim_str(dim3 d) {
+  return "(" + std::to_string(d.x) + ", " + std::to_string(d.y) + ", " + std::to_string(d.z) + ")";
+}
+
+void run_block(Block& b, dim3 block, int schedule, std::mt19937& rng) {
+  const int n = static_cast<int>(b.threads.size());
+  for (int i = 0; i < n; ++i) {
+    ThreadState& t = b.threads[i];
+    t.index = i;
+    t.tid = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
+    t.done = false;
+    t.wait = Wait::None;
+    t.exchange_parity = 0;
+    t.groups.clear();
+    t.open.clear();
+    getcontext(&t.ctx);
+    t.ctx.uc_stack.ss_sp = t.stack;
+    t.ctx.uc_stack.ss_size = kStackBytes;
+    t.ctx.uc_link = &b.scheduler;
+    makecontext(&t.ctx, fiber_entry, 0);
+  }
+  for (auto& w : b.warps) {
+    w.arrived = 0;
+    w.op = nullptr;
+  }
+  b.block_arrived = 0;
+  b.live = n;
+  std::vector<int> order(n);
+  for (int i = 0; i < n; ++i) order[i] = schedule == 1 ? n - 1 - i : i;
+  for (;;) {
+    if (schedule > 1) std::shuffle(order.begin(), order.end(), rng);
+    bool ran = false;
+    for (int i : order) {
+      ThreadState& t = b.threads[i];
+      if (t.done || t.wait != Wait::None) continue;
+      g_thread = &t;
+      g_thread_idx = t.tid;
+      swapcontext(&b.scheduler, &t.ctx);
+      g_thread = nullptr;
+      ran = true;
+      if (!b.error.empty()) throw Error(b.error);
+    }
+    if (b.live == 0) return;
+    if (!ran) {
+      std::string where;
+      for (auto& t : b.threads)
+        if (!t.done && where.size() < 300)
+          where += " thread " + std::to_string(t.index) + (t.wait == Wait::Block ? " at __syncthreads" : " in a warp op");
+      throw Error("deadlock: no thread can proceed (" + std::to_string(b.live) + " live;" + where + ")");
+    }
+  }
+}
+
+struct StackPool {
+  std::vector<void*> stacks;
+  void* get(size_t i) {
+    while (stacks.size() <= i) {
+      // a guard page below each stack: an overflow faults instead of corrupting a neighbour
+      const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+      void* p = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED) throw std::runtime_error("cuda_emu: cannot map a fiber stack");
+      mprotect(p, page, PROT_NONE);
+      stacks.push_back(static_cast<unsigned char*>(p) + page);
+    }
+    return stacks[i];
+  }
+};
+thread_local StackPool g_stacks;
+
+}  // namespace
+
+void fail(const char* fmt, ...) {
+  char buf[512];
+  va_list ap;
+  va_start(ap, fmt);
+  std::vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  if (g_thread == nullptr || g_block == nullptr) throw Error(std::string("cuda_emu: ") + buf);
+  if (g_block->error.empty()) {
+    g_block->error = std::string(buf) + " (block " + dim_str(g_block_idx) + ", thread " + dim_str(g_thread_idx) + ")";
+  }
+  abandon_fiber();
+}
+
+void run_grid(const void* func, dim3 grid, dim3 block, size_t dynamic_smem, const std::function<void()>& body) {
+  const uint64_t nthreads = uint64_t{block.x} * block.y * block.z;
+  int max_dyn = 48 * 1024;
+  auto it = g_max_dynamic_smem.find(func);
+  if (it != g_max_dynamic_smem.end()) max_dyn = std::max(max_dyn, it->second);
+  if (nthreads == 0 || nthreads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
+      grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535 || dynamic_smem > static_cast<size_t>(max_dyn)) {
+    g_last_error = cudaErrorInvalidConfiguration;
+    if (std::getenv("MPTK_EMU_VERBOSE"))
+      std::fprintf(stderr, "cuda_emu: refused launch grid %s block %s smem %zu (limit %d)\n", dim_str(grid).c_str(),
+                   dim_str(block).c_str(), dynamic_smem, max_dyn);
+    return;
+  }
+  const int schedule = env_int("MPTK_EMU_SCHEDULE", 0);
+  std::mt19937 rng(static_cast<unsigned>(schedule));
+  Block b;
+  b.threads.resize(nthreads);
+  for (size_t i = 0; i < nthreads; ++i) b.threads[i].stack = g_stacks.get(i);
+  b.warps.resize((nthreads + 31) / 32);
+  b.dyn_size = dynamic_smem;
+  b.dyn.resize(dynamic_smem + 16);
+  b.body = &body;
+  Block* saved_block = g_block;
+  const dim3 saved_dims[3] = {g_block_idx, g_block_dim, g_grid_dim};
+  g_block = &b;
+  g_block_dim = block;
+  g_grid_dim = grid;
+  // block order: row-major, or reversed / shuffled with the schedule (blocks must not depend on it)
+  const uint64_t nblocks = uint64_t{grid.x} * grid.y * grid.z;
+  std::vector<uint64_t> border(nblocks);
+  for (uint64_t k = 0; k < nblocks; ++k) border[k] = schedule == 1 ? nblocks - 1 - k : k;
+  if (schedule > 1) std::shuffle(border.begin(), border.end(), rng);
+  try {
+    for (uint64_t k = 0; k < nblocks; ++k) {
+      const uint64_t lin = border[k];
+      g_block_idx = dim3(lin % grid.x, (lin / grid.x) % grid.y, lin / (uint64_t{grid.x} * grid.y));
+      std::memset(b.dyn.data(), kPoison, b.dyn.size());
+      for (auto& s : b.statics) std::memset(s.second.data(), kPoison, s.second.size());
+      run_block(b, block, schedule, rng);
+    }
+  } catch (...) {
+    g_block = saved_block;
+    g_block_idx = saved_dims[0];
+    g_block_dim = saved_dims[1];
+    g_grid_dim = saved_dims[2];
+    throw;
+  }
+  g_block = saved_block;
+  g_block_idx = saved_dims[0];
+  g_block_dim = saved_dims[1];
+  g_grid_dim = saved_dims[2];
+}
+
+void syncthreads() {
+  Block& b = *g_block;
+  ThreadState& t = *g_thread;
+  t.wait = Wait::Block;
+  t.wait_gen = b.block_gen;
+  ++b.block_arrived;
+  maybe_release_block(b);
+  while (t.wait == Wait::Block) yield();
+  g_thread_idx = t.tid;
+}
+
+unsigned char* dynamic_smem() {
+  if (g_block == nullptr) fail("dynamic shared memory outside a kernel");
+  return g_block->dyn.data();
+}
+size_t dynamic_smem_size() { return g_block ? g_block->dyn_size : 0; }
+
+void* static_smem(int site, size_t bytes, size_t align, const std::type_info& type) {
+  Block& b = *g_block;
+  auto key = std::make_pair(site, type.hash_code());
+  auto it = b.statics.find(key);
+  if (it == b.statics.end()) {
+    it = b.statics.emplace(key, std::vector<unsigned char>(bytes + align, kPoison)).first;
+  }
+  uintptr_t p = reinterpret_cast<uintptr_t>(it->second.data());
+  p = (p + align - 1) / align * align;
+  return reinterpret_cast<void*>(p);
+}
+
+int lane_id() { return g_thread->index % 32; }
+
+void warp_exchange(const char* op, const void* in, size_t bytes, void* all_out) {
+  Block& b = *g_block;
+  ThreadState& t = *g_thread;
+  const int w = t.index / 32, lane = t.index % 32;
+  WarpState& ws = b.warps[w];
+  if (warp_size_of(b, w) != 32) fail("%s: warp %d has %d threads (warp collectives need all 32)", op, w, warp_size_of(b, w));
+  if (bytes > 64) fail("%s: %zu bytes per lane (emulator limit 64)", op, bytes);
+  if (ws.arrived == 0) {
+    ws.op = op;
+    ws.bytes = bytes;
+  } else if (ws.op != op && std::strcmp(ws.op, op) != 0) {
+    fail("warp %d: lanes in different warp collectives (%s vs %s)", w, ws.op, op);
+  }
+  const int parity = t.exchange_parity;
+  std::memcpy(ws.slot[parity][lane], in, bytes);
+  t.exchange_parity ^= 1;
+  t.wait = Wait::Warp;
+  t.wait_gen = ws.gen;
+  if (++ws.arrived == 32) {
+    ws.arrived = 0;
+    ++ws.gen;
+    for (int l = 0; l < 32; ++l) {
+      ThreadState& o = b.threads[32 * w + l];
+      if (o.exchange_parity != t.exchange_parity)
+        fail("warp %d: lanes out of step in warp collectives", w);
+      o.wait = Wait::None;
+    }
+  }
+  while (t.wait == Wait::Warp) yield();
+  g_thread_idx = t.tid;
+  unsigned char* out = static_cast<unsigned char*>(all_out);
+  for (int l = 0; l < 32; ++l) std::memcpy(out + l * bytes, ws.slot[parity][l], bytes);
+}
+
+// ---------------------------------------------------------------- cp.async
+void cp_async_16(uint32_t off, const void* src, bool valid) {
+  Block& b = *g_block;
+  if (off % 16 != 0) fail("cp.async: shared address %u is not 16-byte aligned", off);
+  if (off + 16 > b.dyn_size) fail("cp.async: shared address %u + 16 past the dynamic shared memory (%zu bytes)", off, b.dyn_size);
+  if (valid && reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("cp.async: global address %p is not 16-byte aligned", src);
+  unsigned char* dst = b.dyn.data() + off;
+  std::memset(dst, kPoison, 16);  // undefined until the group completes
+  g_thread->open.push_back({dst, static_cast<const unsigned char*>(src), valid});
+}
+void cp_async_commit() {
+  ThreadState& t = *g_thread;
+  t.groups.push_back(std::move(t.open));
+  t.open.clear();
+}
+void cp_async_wait(int allowed) {
+  ThreadState& t = *g_thread;
+  while (static_cast<int>(t.groups.size()) > allowed) {
+    for (auto& c : t.groups.front()) {
+      if (c.valid) std::memcpy(c.dst, c.src, 16);
+      else std::memset(c.dst, 0, 16);
+    }
+    t.groups.erase(t.groups.begin());
+  }
+}
+
+// ---------------------------------------------------------------- ldmatrix, mma
+void ldmatrix_x4(uint32_t (&r)[4], uint32_t off, bool trans) {
+  Block& b = *g_block;
+  if (off % 16 != 0) fail("ldmatrix: row address %u is not 16-byte aligned", off);
+  if (off + 16 > b.dyn_size) fail("ldmatrix: row address %u + 16 past the dynamic shared memory (%zu bytes)", off, b.dyn_size);
+  uint32_t addr[32];
+  warp_exchange(trans ? "ldmatrix.trans" : "ldmatrix", &off, sizeof(off), addr);
+  const int L = lane_id();
+  const unsigned char* base = b.dyn.data();
+  for (int i = 0; i < 4; ++i) {
+    if (!trans) {
+      std::memcpy(&r[i], base + addr[8 * i + L / 4] + 4 * (L % 4), 4);
+    } else {
+      uint16_t lo, hi;
+      std::memcpy(&lo, base + addr[8 * i + 2 * (L % 4)] + 2 * (L / 4), 2);
+      std::memcpy(&hi, base + addr[8 * i + 2 * (L % 4) + 1] + 2 * (L / 4), 2);
+      r[i] = lo | (static_cast<uint32_t>(hi) << 16);
+    }
+  }
+}
+
+namespace {
+struct MmaIn {
+  uint32_t a[4], b0, b1;
+};
+template <bool kBf16>
+float elem(uint32_t reg, int half) {
+  const uint16_t h = static_cast<uint16_t>(half ? reg >> 16 : reg & 0xFFFF);
+  return kBf16 ? bitcast<float>(static_cast<uint32_t>(h) << 16) : half_bits_to_float(h);
+}
+template <bool kBf16>
+void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  MmaIn mine{{a[0], a[1], a[2], a[3]}, b0, b1}, all[32];
+  warp_exchange(kBf16 ? "mma.bf16" : "mma.f16", &mine, sizeof(mine), all);
+  const int L = lane_id(), g = L / 4, t = L % 4;
+  auto A = [&](int row, int k) {  // A (16 x 16, row-major fragments)
+    const MmaIn& src = all[(row % 8) * 4 + (k % 8) / 2];
+    const uint32_t reg = src.a[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
+    return elem<kBf16>(reg, k % 2);
+  };
+  auto B = [&](int k, int col) {  // B (16 x 8, column fragments)
+    const MmaIn& src = all[col * 4 + (k % 8) / 2];
+    return elem<kBf16>(k >= 8 ? src.b1 : src.b0, k % 2);
+  };
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i % 2);
+    double s = 0.0;  // products exact; one rounding of the sum into float32
+    for (int k = 0; k < 16; ++k) s += static_cast<double>(A(row, k)) * B(k, col);
+    c[i] = static_cast<float>(static_cast<double>(c[i]) + s);
+  }
+}
+}  // namespace
+
+void mma_16816_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { mma<true>(c, a, b0, b1); }
+void mma_16816_f16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { mma<false>(c, a, b0, b1); }
+
+}  // namespace mptk_emu

@@ -1,0 +1,247 @@
+"""The CUDA kernels' own source, run on the CPU by the host emulator (tests/cuda_emu): ``_C_emu`` is the
+extension's bindings and csrc/*/*.cu compiled by g++ against tests/cuda_emu/cuda_emu.h, and CPU tensors
+described to it as "cuda:0" take the CUDA launchers and kernels. Each CUDA thread is a fiber; shared
+memory starts poisoned; cp.async data lands only at its wait_group; warp collectives (shuffles,
+ldmatrix, mma.m16n8k16) check that the whole warp takes part. Outputs start as NaN and are judged
+against float64 references with the real-GPU tests' bounds (tests/test_attention_cuda.py's
+``_bound_check``: at most 2x torch's own low-precision error). Some cases rerun under other thread and
+block orders (MPTK_EMU_SCHEDULE): a missing barrier or a cross-block dependency changes results there.
+
+Not covered: the hardware's real float32 accumulation order in mma, timing, registers, occupancy, the
+memory model beyond barriers. tests/cuda_emu/README.md has the details.
+"""
+import math
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+import mpt_kernels as mk
+from mpt_kernels import _ext
+from mpt_kernels.ops import reference
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_emu"))
+import build as emu_build  # noqa: E402
+
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="needs g++")
+
+
+@pytest.fixture(scope="module")
+def E():
+    return emu_build.load()
+
+
+def dv(t, name="t"):
+    """A CPU tensor described to _C_emu as a cuda:0 tensor."""
+    v = _ext.view(t, name)
+    return (v[0], v[1], v[2], v[3], 0)
+
+
+def odv(t, name="t"):
+    return None if t is None else dv(t, name)
+
+
+@pytest.fixture(params=["0"])
+def schedule(request, monkeypatch):
+    monkeypatch.setenv("MPTK_EMU_SCHEDULE", request.param)
+    return request.param
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def emu_attention_fwd(E, q, k, v, slopes, causal, cu_q=None, cu_k=None, max_sq=0, max_sk=0, scale=None):
+    D = q.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    varlen = cu_q is not None
+    if not varlen:
+        max_sq, max_sk = q.shape[1], k.shape[1]
+    args = (dv(q), dv(k), dv(v), odv(slopes), odv(cu_q), odv(cu_k), max_sq, max_sk, scale, causal)
+    n = E.attention_fwd_workspace_size(*args)
+    ws = torch.zeros(n, dtype=torch.uint8) if n else None
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+    lse = torch.full(lse_shape, float("nan"), dtype=torch.float32)
+    if varlen:  # rows outside every sequence are not written (the op pre-fills them)
+        out.zero_()
+        lse.fill_(float("-inf"))
+    E.attention_fwd(args[0], args[1], args[2], dv(out), dv(lse), *args[3:], odv(ws), 0)
+    return out, lse
+
+
+def emu_attention_bwd(E, dout, q, k, v, out, lse, slopes, causal, cu_q=None, cu_k=None, max_sq=0, max_sk=0,
+                      scale=None):
+    D = q.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    varlen = cu_q is not None
+    if not varlen:
+        max_sq, max_sk = q.shape[1], k.shape[1]
+    args = (dv(q), dv(k), dv(v), odv(slopes), odv(cu_q), odv(cu_k), max_sq, max_sk, scale, causal)
+    n = E.attention_bwd_workspace_size(*args)
+    ws = torch.zeros(n, dtype=torch.uint8) if n else None
+    mk_ = (lambda t: torch.zeros_like(t)) if varlen else (lambda t: torch.full_like(t, float("nan")))
+    dq, dk, dvv = mk_(q), mk_(k), mk_(v)
+    E.attention_bwd(dv(dout), args[0], args[1], args[2], dv(out), dv(lse), dv(dq), dv(dk), dv(dvv), *args[3:],
+                    odv(ws), 0)
+    return dq, dk, dvv
+
+
+def _bound_check(got, ref64, ref_lp, name, atol):
+    """tests/test_attention_cuda.py's bound: max|got - ref64| <= 2 max|ref_lp - ref64| + atol, plus a
+    relative-norm check."""
+    assert not torch.isnan(got).any(), f"{name}: NaN (unwritten element or poisoned read)"
+    err = (got.double() - ref64).abs().max().item()
+    torch_err = (ref_lp.double() - ref64).abs().max().item()
+    assert err <= 2 * torch_err + atol, f"{name}: max error {err:.3g} > 2 x torch's {torch_err:.3g} + {atol}"
+    if ref64.abs().max() > 1e-2:
+        rel = ((got.double() - ref64).norm() / ref64.norm()).item()
+        assert rel < (2e-2 if got.dtype == torch.bfloat16 else 4e-3), f"{name}: relative error {rel:.3g}"
+
+
+def _ref(q, k, v, slopes, causal, dtype, grad_out=None):
+    xs = [x.detach().to(dtype).requires_grad_(grad_out is not None) for x in (q, k, v)]
+    s = None if slopes is None else slopes.to(torch.float64 if dtype == torch.float64 else slopes.dtype)
+    o, lse = reference.attention_reference(*xs, causal=causal, alibi_slopes=s, compute_dtype=dtype, return_lse=True)
+    grads = None
+    if grad_out is not None:
+        grads = torch.autograd.grad(o, xs, grad_out.to(dtype))
+    return o.detach(), lse.detach(), grads
+
+
+def _run_attention(E, q, k, v, causal, slopes, grad=True):
+    dtype = q.dtype
+    atol_fwd = 1e-3 if dtype == torch.bfloat16 else 2e-4
+    atol_bwd = 2e-3 if dtype == torch.bfloat16 else 5e-4
+    out, lse = emu_attention_fwd(E, q, k, v, slopes, causal)
+    dout = torch.randn(out.shape, dtype=dtype) if grad else None
+    o64, lse64, g64 = _ref(q, k, v, slopes, causal, torch.float64, dout)
+    olp, _, glp = _ref(q, k, v, slopes, causal, dtype, dout)
+    _bound_check(out, o64, olp, "out", atol_fwd)
+    assert not torch.isnan(lse).any(), "lse: unwritten element"
+    torch.testing.assert_close(lse.double(), lse64.double(), rtol=2e-5, atol=2e-4)
+    if not grad:
+        return out, lse, None
+    grads = emu_attention_bwd(E, dout, q, k, v, out, lse, slopes, causal)
+    for name, a, b64, blp in zip(("dq", "dk", "dv"), grads, g64, glp):
+        _bound_check(a, b64, blp, name, atol_bwd)
+    return out, lse, grads
+
+
+def _qkv(B, Sq, Sk, H, Hkv, D, dtype, fused=False):
+    if fused:  # views of one (B, S, 3, H, D) projection, like MPT's Wqkv
+        qkv = torch.randn(B, Sq, 3, H, D, dtype=dtype)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    return (torch.randn(B, Sq, H, D, dtype=dtype), torch.randn(B, Sk, Hkv, D, dtype=dtype),
+            torch.randn(B, Sk, Hkv, D, dtype=dtype))
+
+
+DTYPES = [torch.bfloat16, torch.float16]
+
+# One case per kernel path (the real-GPU smoke list, tests/test_attention_cuda.py's SMOKE).
+PATHS = [
+    ("fwd_d64_full_nobias", (1, 64, 64, 1, 1, 64, False, False), False),
+    ("fwd_d128_full_nobias", (1, 64, 64, 1, 1, 128, False, False), False),
+    ("fwd_d64_causal_alibi_partial_tiles", (1, 70, 100, 2, 1, 64, True, True), False),
+    ("decode_d64", (1, 1, 100, 2, 2, 64, True, True), False),
+    ("decode_d128_gqa", (1, 2, 300, 8, 2, 128, True, True), False),
+    ("bwd_d64", (1, 64, 64, 1, 1, 64, False, True), True),
+    ("bwd_d128_causal_gqa", (1, 70, 100, 4, 2, 128, True, True), True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,shape,grad", PATHS, ids=[c[0] for c in PATHS])
+def test_attention_each_path(E, schedule, name, shape, grad, dtype):
+    torch.manual_seed(hash(name) % 1000)
+    B, Sq, Sk, H, Hkv, D, causal, alibi = shape
+    q, k, v = _qkv(B, Sq, Sk, H, Hkv, D, dtype)
+    slopes = mk.alibi_slopes(H) if alibi else torch.zeros(H)
+    _run_attention(E, q, k, v, causal, slopes, grad=grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [64, 128, 80, 40])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("Sq,Sk", [(1, 1), (1, 300), (17, 17), (17, 130), (97, 97), (97, 200), (130, 60)])
+def test_attention_mha(E, Sq, Sk, causal, D, dtype):
+    if causal and Sq > Sk:
+        pytest.skip("causal needs seqlen_q <= seqlen_k (bottom-right alignment)")
+    torch.manual_seed(Sq * 1000 + Sk + D)
+    q, k, v = _qkv(1, Sq, Sk, 2, 2, D, dtype, fused=(Sq == Sk))
+    _run_attention(E, q, k, v, causal, mk.alibi_slopes(2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("H,Hkv", [(8, 2), (6, 1)], ids=["gqa8:2", "mqa6:1"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("Sq,Sk", [(1, 257), (2, 77), (17, 97), (70, 70)])
+def test_attention_gqa_mqa_per_batch_slopes(E, Sq, Sk, causal, H, Hkv, dtype):
+    torch.manual_seed(Sq * 1000 + Sk + H)
+    q, k, v = _qkv(2, Sq, Sk, H, Hkv, 64, dtype)
+    _run_attention(E, q, k, v, causal, torch.rand(2, H))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Sq,Sk,H,Hkv", [(1, 600, 24, 1), (3, 200, 32, 2), (16, 16, 4, 4), (16, 150, 8, 2)])
+def test_attention_decode_row_blocks(E, Sq, Sk, H, Hkv, dtype):
+    # split-K decode with several 16-row blocks per kv head (24, 48, 16 and 64 rows per kv head)
+    torch.manual_seed(Sq + Sk + H)
+    q, k, v = _qkv(1, Sq, Sk, H, Hkv, 128, dtype)
+    _run_attention(E, q, k, v, True, mk.alibi_slopes(H), grad=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_varlen_offsets_past_zero_and_empty_sequences(E, dtype):
+    torch.manual_seed(5)
+    H, Hkv, D = 4, 2, 64
+    lens = [(5, 9), (0, 7), (37, 37), (1, 70), (20, 0)]  # (q, k) per sequence; an empty one of each
+    lead = (3, 2)
+    tq, tk = lead[0] + sum(a for a, _ in lens) + 2, lead[1] + sum(b for _, b in lens) + 1  # rows after the last
+    q, k, v = torch.randn(tq, H, D, dtype=dtype), torch.randn(tk, Hkv, D, dtype=dtype), torch.randn(tk, Hkv, D, dtype=dtype)
+    cq = torch.tensor([lead[0]] + [lead[0] + sum(a for a, _ in lens[:i + 1]) for i in range(len(lens))], dtype=torch.int32)
+    ck = torch.tensor([lead[1]] + [lead[1] + sum(b for _, b in lens[:i + 1]) for i in range(len(lens))], dtype=torch.int32)
+    mq, mk_ = max(a for a, _ in lens), max(b for _, b in lens)
+    slopes = mk.alibi_slopes(H)
+    out, lse = emu_attention_fwd(E, q, k, v, slopes, True, cq, ck, mq, mk_)
+    dout = torch.randn(q.shape, dtype=dtype)
+    dq, dk, dvv = emu_attention_bwd(E, dout, q, k, v, out, lse, slopes, True, cq, ck, mq, mk_)
+    for b, (lq, lk) in enumerate(lens):
+        qs, ks = int(cq[b]), int(ck[b])
+        sl = lambda t, s, n: t[s:s + n][None]  # noqa: E731
+        if lq == 0:
+            continue
+        qb, kb, vb = sl(q, qs, lq), sl(k, ks, lk), sl(v, ks, lk)
+        if lk == 0:  # no keys: out 0, lse -inf, no gradient
+            assert (out[qs:qs + lq] == 0).all() and torch.isneginf(lse[:, qs:qs + lq]).all()
+            assert (dq[qs:qs + lq] == 0).all()
+            continue
+        d = dout[qs:qs + lq][None]
+        o64, _, g64 = _ref(qb, kb, vb, slopes, True, torch.float64, d)
+        olp, _, glp = _ref(qb, kb, vb, slopes, True, dtype, d)
+        _bound_check(out[qs:qs + lq][None], o64, olp, f"out[{b}]", 1e-3)
+        for name, got, r64, rlp in zip(("dq", "dk", "dv"), (dq[qs:qs + lq], dk[ks:ks + lk], dvv[ks:ks + lk]), g64, glp):
+            _bound_check(got[None], r64, rlp, f"{name}[{b}]", 2e-3)
+    # rows outside every sequence are not written
+    assert (out[:lead[0]] == 0).all() and (out[int(cq[-1]):] == 0).all()
+    assert (dk[:lead[1]] == 0).all() and (dk[int(ck[-1]):] == 0).all()
+
+
+@pytest.mark.parametrize("schedule", ["1", "12345"], indirect=True)
+@pytest.mark.parametrize("name,shape,grad", [PATHS[2], PATHS[4], PATHS[6]], ids=[PATHS[i][0] for i in (2, 4, 6)])
+def test_attention_other_schedules_same_result(E, schedule, name, shape, grad):
+    """Reversed and shuffled thread and block orders: the forward must be bitwise the same as in
+    ascending order (no atomics there); the backward (float32 atomics into dq) within the bounds."""
+    torch.manual_seed(11)
+    B, Sq, Sk, H, Hkv, D, causal, alibi = shape
+    q, k, v = _qkv(B, Sq, Sk, H, Hkv, D, torch.bfloat16)
+    slopes = mk.alibi_slopes(H)
+    out, lse, _ = _run_attention(E, q, k, v, causal, slopes, grad=grad)
+    os.environ["MPTK_EMU_SCHEDULE"] = "0"
+    out0, lse0 = emu_attention_fwd(E, q, k, v, slopes, causal)
+    assert torch.equal(out, out0) and torch.equal(lse, lse0)
+
+
+def test_attention_refused_head_dim_is_an_error_not_a_launch(E):
+    q = torch.randn(1, 4, 1, 136, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="head_dim"):
+        emu_attention_fwd(E, q, q, q, None, True)
