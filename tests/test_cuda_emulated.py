@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import sys
+import zlib
 
 import pytest
 import torch
@@ -43,10 +44,20 @@ def odv(t, name="t"):
     return None if t is None else dv(t, name)
 
 
-@pytest.fixture(params=["0"])
+@pytest.fixture(params=["0", "1", "2"])
 def schedule(request, monkeypatch):
+    """Tests that take it run under each of: lockstep, warp at a time (descending), warp at a time in a
+    shuffled order (tests/cuda_emu/cuda_emu.cpp, run_block)."""
     monkeypatch.setenv("MPTK_EMU_SCHEDULE", request.param)
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _spread_schedules(request, monkeypatch):
+    """Every other test runs under one schedule picked from its id (0-3: lockstep, warp at a time,
+    shuffled warp at a time, shuffled lockstep), so the suite covers all of them at no extra cost."""
+    if "schedule" not in request.fixturenames:
+        monkeypatch.setenv("MPTK_EMU_SCHEDULE", str(zlib.crc32(request.node.nodeid.encode()) % 4))
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -146,6 +157,13 @@ PATHS = [
     ("decode_d128_gqa", (1, 2, 300, 8, 2, 128, True, True), False),
     ("bwd_d64", (1, 64, 64, 1, 1, 64, False, True), True),
     ("bwd_d128_causal_gqa", (1, 70, 100, 4, 2, 128, True, True), True),
+    # several K/V tiles per CTA (the prefetch into the stage other warps just read), several query
+    # blocks per backward CTA, several tiles per decode split (B * Hkv = 64 -> 4 splits of 10 tiles)
+    ("fwd_d64_causal_4_tiles", (1, 70, 230, 2, 1, 64, True, True), False),
+    ("fwd_d128_full_3_tiles", (1, 130, 150, 1, 1, 128, False, True), False),
+    ("bwd_d64_causal_4_query_blocks", (1, 200, 230, 2, 2, 64, True, True), True),
+    ("bwd_d128_full_5_query_blocks", (1, 150, 150, 1, 1, 128, False, True), True),
+    ("decode_d64_3_tiles_per_split", (2, 1, 600, 32, 32, 64, True, True), False),
 ]
 
 
@@ -226,7 +244,7 @@ def test_attention_varlen_offsets_past_zero_and_empty_sequences(E, dtype):
     assert (dk[:lead[1]] == 0).all() and (dk[int(ck[-1]):] == 0).all()
 
 
-@pytest.mark.parametrize("schedule", ["1", "12345"], indirect=True)
+@pytest.mark.parametrize("schedule", ["1", "2", "12345"], indirect=True)
 @pytest.mark.parametrize("name,shape,grad", [PATHS[2], PATHS[4], PATHS[6]], ids=[PATHS[i][0] for i in (2, 4, 6)])
 def test_attention_other_schedules_same_result(E, schedule, name, shape, grad):
     """Reversed and shuffled thread and block orders: the forward must be bitwise the same as in

@@ -133,12 +133,22 @@ def build(verbose: bool = False) -> Path:
         units.append(q)
     units.append(HERE / "cuda_emu.cpp")
 
+    header_hash = hashlib.sha256(b"".join(p.read_bytes() for p in deps)).hexdigest()
+    obj_dir = ROOT / "build" / "cuda_emu" / "obj"
+    obj_dir.mkdir(parents=True, exist_ok=True)
+
     def compile_one(src: Path) -> Path:
-        obj = out_dir / (src.parent.name + "_" + src.name + ".o")
+        # objects cached by unit text + every header + flags: a one-file edit recompiles one file
+        key = hashlib.sha256(src.read_bytes() + header_hash.encode() + " ".join(flags).encode()).hexdigest()[:20]
+        obj = obj_dir / f"{src.stem}-{key}.o"
+        if obj.exists():
+            return obj
         cmd = [_compiler(), *flags, "-c", str(src), "-o", str(obj)]
+        cmd[-1] = str(obj) + ".tmp"
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"cuda_emu: compiling {src} failed:\n{r.stderr[-6000:]}")
+        os.replace(str(obj) + ".tmp", obj)
         if verbose:
             print("compiled", src, file=sys.stderr)
         return obj

@@ -207,20 +207,42 @@ void run_block(Block& b, dim3 block, int schedule, std::mt19937& rng) {
   }
   b.block_arrived = 0;
   b.live = n;
-  std::vector<int> order(n);
+  // Schedules: 0 lockstep (every runnable thread one step per pass, ascending); 1 warp at a time
+  // (the highest warp runs until it waits at __syncthreads or exits, then the next; lanes descending);
+  // other values: seeded, odd ones lockstep in a shuffled order, even ones warp at a time in a shuffled
+  // warp order. Warp at a time lets one warp run ahead of the others as far as the barriers allow.
+  const bool warp_at_a_time = schedule == 1 || (schedule > 1 && schedule % 2 == 0);
+  const int nwarps = (n + 31) / 32;
+  std::vector<int> order(n), worder(nwarps);
   for (int i = 0; i < n; ++i) order[i] = schedule == 1 ? n - 1 - i : i;
+  for (int w = 0; w < nwarps; ++w) worder[w] = schedule == 1 ? nwarps - 1 - w : w;
+  auto step = [&](int i) {
+    ThreadState& t = b.threads[i];
+    if (t.done || t.wait != Wait::None) return false;
+    g_thread = &t;
+    g_thread_idx = t.tid;
+    swapcontext(&b.scheduler, &t.ctx);
+    g_thread = nullptr;
+    if (!b.error.empty()) throw Error(b.error);
+    return true;
+  };
   for (;;) {
-    if (schedule > 1) std::shuffle(order.begin(), order.end(), rng);
     bool ran = false;
-    for (int i : order) {
-      ThreadState& t = b.threads[i];
-      if (t.done || t.wait != Wait::None) continue;
-      g_thread = &t;
-      g_thread_idx = t.tid;
-      swapcontext(&b.scheduler, &t.ctx);
-      g_thread = nullptr;
-      ran = true;
-      if (!b.error.empty()) throw Error(b.error);
+    if (warp_at_a_time) {
+      if (schedule > 1) std::shuffle(worder.begin(), worder.end(), rng);
+      for (int w : worder) {
+        for (bool any = true; any;) {
+          any = false;
+          for (int l = 0; l < 32; ++l) {
+            const int i = schedule == 1 ? 32 * w + 31 - l : 32 * w + l;
+            if (i < n) any |= step(i);
+          }
+          ran |= any;
+        }
+      }
+    } else {
+      if (schedule > 1) std::shuffle(order.begin(), order.end(), rng);
+      for (int i : order) ran |= step(i);
     }
     if (b.live == 0) return;
     if (!ran) {
