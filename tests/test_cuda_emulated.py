@@ -263,3 +263,179 @@ def test_attention_refused_head_dim_is_an_error_not_a_launch(E):
     q = torch.randn(1, 4, 1, 136, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="head_dim"):
         emu_attention_fwd(E, q, q, q, None, True)
+
+
+# ------------------------------------------------------------------------- LayerNorm, cross-entropy, Lion
+# These run the same binding on both sides: the CPU kernels (tested against float64 in their own test
+# files) and the emulated CUDA kernels, with NaN-filled outputs, and compare.
+def vw(t, dev, name="t"):
+    v = _ext.view(t, name)
+    return (v[0], v[1], v[2], v[3], dev)
+
+
+def ovw(t, dev, name="t"):
+    return None if t is None else vw(t, dev, name)
+
+
+def _nan(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def ln_fwd(mod, dev, x, w, b, r, y_dtype, eps=1e-5):
+    y = _nan(x.shape, y_dtype)
+    h = _nan(x.shape, r.dtype) if r is not None else None
+    mean, rstd = _nan(x.shape[:-1], torch.float32), _nan(x.shape[:-1], torch.float32)
+    mod.layer_norm_fwd(vw(x, dev), vw(w, dev), ovw(b, dev), ovw(r, dev), vw(y, dev), ovw(h, dev), vw(mean, dev),
+                       vw(rstd, dev), eps, 0)
+    return y, h, mean, rstd
+
+
+def ln_bwd(mod, dev, dy, dres, h, w, mean, rstd, has_bias, want_dx):
+    codes = _ext._torch_codes()
+    rows, hidden = h.shape
+    n = mod.layer_norm_bwd_workspace_numel(rows, hidden, codes[h.dtype], codes[w.dtype], has_bias, dev, codes[dy.dtype])
+    ws = torch.zeros(max(n, 1), dtype=torch.float32)
+    dh, dw = _nan(h.shape, h.dtype), _nan(w.shape, w.dtype)
+    db = _nan(w.shape, w.dtype) if has_bias else None
+    dx = _nan(h.shape, dy.dtype) if want_dx else None
+    mod.layer_norm_bwd(vw(dy, dev), ovw(dres, dev), vw(h, dev), vw(w, dev), vw(mean, dev), vw(rstd, dev), vw(dh, dev),
+                       vw(dw, dev), ovw(db, dev), vw(ws, dev), 0, ovw(dx, dev))
+    return dh, dw, db, dx
+
+
+def _close(got, want, name, ulps=2):
+    """got (emulated CUDA) against want (CPU kernel): a few units in the last place of the dtype, scaled
+    by the tensor's magnitude (the two sum in different orders)."""
+    if want is None:
+        assert got is None
+        return
+    assert not torch.isnan(got).any(), f"{name}: NaN (unwritten element or poisoned read)"
+    eps = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[got.dtype]
+    scale = max(want.double().abs().max().item(), 1e-30)
+    if got.dtype == torch.float32:  # float32 results of sums in another order: ~64 ulps of the largest
+        ulps = max(ulps, 64)
+    err = (got.double() - want.double()).abs().max().item()
+    assert err <= ulps * eps * scale, f"{name}: max diff {err:.3g} (scale {scale:.3g}, {ulps} ulps)"
+
+
+LN_SHAPES = [(1, 7), (3, 1), (5, 64), (37, 768), (9, 4096), (3, 16384), (2, 40000), (300, 96)]
+# (x, weight, residual, y) dtypes: uniform, and the mixed modes of layernorm.h
+LN_MODES = [
+    ("f32", torch.float32, torch.float32, None, torch.float32),
+    ("bf16", torch.bfloat16, torch.bfloat16, None, torch.bfloat16),
+    ("f16_f32w", torch.float16, torch.float32, None, torch.float16),
+    ("bf16_res", torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    ("f32_res_f32w", torch.float32, torch.float32, torch.float32, torch.float32),
+    ("mixed_f32x_bf16y", torch.float32, torch.float32, None, torch.bfloat16),
+    ("mixed_f32stream_bf16", torch.bfloat16, torch.float32, torch.float32, torch.bfloat16),
+    ("mixed_f32stream_f16", torch.float16, torch.float32, torch.float32, torch.float16),
+]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("mode", LN_MODES, ids=[m[0] for m in LN_MODES])
+@pytest.mark.parametrize("shape", LN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_layer_norm_matches_cpu_kernels(E, shape, mode, bias):
+    _, xd, wd, rd, yd = mode
+    torch.manual_seed(shape[0] * 7 + shape[1])
+    x = (torch.randn(shape) * 2 + 0.5).to(xd)
+    w = (torch.rand(shape[1]) + 0.5).to(wd)
+    b = torch.randn(shape[1]).to(wd) if bias else None
+    r = torch.randn(shape).to(rd) if rd is not None else None
+    cpu = ln_fwd(_ext._C, -1, x, w, b, r, yd)
+    emu = ln_fwd(E, 0, x, w, b, r, yd)
+    for name, g, c in zip(("y", "h", "mean", "rstd"), emu, cpu):
+        _close(g, c, name)
+    h = cpu[1] if r is not None else x
+    dy = torch.randn(shape).to(yd)
+    dres = torch.randn(shape).to(h.dtype) if r is not None else None
+    want_dx = dy.dtype != h.dtype
+    cpu_b = ln_bwd(_ext._C, -1, dy, dres, h, w, cpu[2], cpu[3], bias, want_dx)
+    emu_b = ln_bwd(E, 0, dy, dres, h, w, cpu[2], cpu[3], bias, want_dx)
+    for name, g, c in zip(("dh", "dweight", "dbias", "dx"), emu_b, cpu_b):
+        # dweight/dbias: float32 sums over rows in another order (rows x ulp)
+        _close(g, c, name, ulps=2 if name in ("dh", "dx") else 4 * shape[0] + 8)
+
+
+CE_CASES = [(5, 1), (4, 7), (6, 1000), (3, 4099), (2, 50432), (9, 8)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows,vocab", CE_CASES, ids=[f"{r}x{v}" for r, v in CE_CASES])
+def test_cross_entropy_matches_cpu_and_float64(E, rows, vocab, dtype):
+    torch.manual_seed(rows * 100 + vocab)
+    base = torch.randn(rows, vocab + 8) * 4
+    logits = base[:, 3:3 + vocab].to(dtype) if dtype == torch.float32 else base[:, :vocab].to(dtype)
+    targets = torch.randint(0, vocab, (rows,))
+    targets[1 % rows] = -100  # an ignored row
+    outs = {}
+    for mod, dev in ((_ext._C, -1), (E, 0)):
+        loss, lse = _nan((rows,), torch.float32), _nan((rows,), torch.float32)
+        mod.cross_entropy_fwd(vw(logits, dev), vw(targets, dev), vw(loss, dev), vw(lse, dev), -100, 0)
+        drow = torch.randn(rows)
+        dl = _nan(logits.shape, dtype)
+        mod.cross_entropy_bwd(vw(logits, dev), vw(targets, dev), vw(lse, dev), vw(drow, dev), vw(dl, dev), -100, 0)
+        outs[dev] = (loss, lse, dl, drow)
+    for i, name in enumerate(("loss", "lse")):
+        _close(outs[0][i][targets != -100], outs[-1][i][targets != -100], name, ulps=8)
+    # dlogits: both against float64 (the drow draws differ between the two calls)
+    lg = logits.double()
+    lse64 = torch.logsumexp(lg, -1)
+    kept = targets != -100  # (ignored rows: loss 0, lse unspecified)
+    torch.testing.assert_close(outs[0][1].double()[kept], lse64[kept], rtol=1e-6, atol=1e-5)
+    assert (outs[0][0][~kept] == 0).all()
+    for dev in (0, -1):
+        _, _, dl, drow = outs[dev]
+        p = torch.softmax(lg, -1)
+        p[torch.arange(rows), targets.clamp(min=0)] -= 1
+        ref = p * drow.double()[:, None]
+        ref[targets == -100] = 0
+        tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+        assert not torch.isnan(dl).any()
+        torch.testing.assert_close(dl.double(), ref, rtol=tol, atol=tol * max(1.0, drow.abs().max().item()))
+
+
+@pytest.fixture
+def lion_on_emulated_cuda(E, monkeypatch):
+    """mk.optim.Lion whose CPU tensors go through the emulated CUDA kernels (sum of squares, finalize,
+    the multi-tensor step)."""
+    import mpt_kernels.optim as optim
+
+    monkeypatch.setattr(optim, "_C", E)
+    monkeypatch.setattr(optim, "view", lambda t, name="t": vw(t, 0, name))
+    monkeypatch.setattr(optim, "_stream", lambda dev: 0)
+
+
+def _lion_run(shapes, pdtype, gdtype, steps, **kw):
+    torch.manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(s).to(pdtype)) for s in shapes]
+    if gdtype != pdtype:
+        for p in params:
+            p.grad_dtype = gdtype  # (torch >= 2.10 checks a gradient's dtype against this)
+    opt = mk.optim.Lion(params, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, **kw)
+    for i in range(steps):
+        g = torch.Generator().manual_seed(100 + i)
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=g) * 3).to(gdtype)
+        opt.step()
+    return params, opt
+
+
+LION_SHAPES = [(1,), (1000,), (70000,), (3, 0, 2), (513, 33)]
+
+
+@pytest.mark.parametrize("kw", [{}, {"max_grad_norm": 1.0}, {"max_grad_norm": 1e-3, "state_dtype": torch.bfloat16}],
+                         ids=["plain", "clip", "clip_bf16_state"])
+@pytest.mark.parametrize("pdtype,gdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                           (torch.bfloat16, torch.float32)], ids=["f32", "bf16", "bf16p_f32g"])
+def test_lion_matches_cpu(request, pdtype, gdtype, kw):
+    cpu_params, cpu_opt = _lion_run(LION_SHAPES, pdtype, gdtype, 3, **kw)
+    request.getfixturevalue("lion_on_emulated_cuda")
+    emu_params, emu_opt = _lion_run(LION_SHAPES, pdtype, gdtype, 3, **kw)
+    for i, (a, b) in enumerate(zip(emu_params, cpu_params)):
+        assert not torch.isnan(a).any(), f"param {i}: NaN"
+        # one lr step (1e-2) apart at most where a sign flips near 0 on the other summation order
+        torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -7 if pdtype != torch.float32 else 1e-6, atol=1e-5,
+                                   msg=lambda m: f"param {i}: {m}")
+        ma, mb = emu_opt.state[a]["exp_avg"], cpu_opt.state[b]["exp_avg"]
+        torch.testing.assert_close(ma.float(), mb.float(), rtol=2 ** -7, atol=1e-5)
