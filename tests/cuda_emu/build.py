@@ -95,6 +95,9 @@ def _flags():
     machine = os.uname().machine
     if machine in ("x86_64", "AMD64"):
         flags += ["-mavx2", "-mfma", "-mf16c"]
+    sanitize = os.environ.get("MPTK_EMU_SANITIZE", "")  # e.g. address,undefined (tests/run_sanitized.sh)
+    if sanitize:
+        flags += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
     flags += ["-I", str(ROOT / "csrc"), "-I", str(ROOT / "python"), "-I", str(HERE), "-I", str(HERE / "include"), "-I",
               pybind11.get_include(), "-I", sysconfig.get_paths()["include"],
               "-DMPTK_WITH_CUDA=1", "-DMPTK_CUDA_EMU=1", '-DMPTK_CUDA_ARCHS="emu"', '-DMPTK_CUDA_VERSION="emu"',
@@ -156,8 +159,9 @@ def build(verbose: bool = False) -> Path:
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         objs = list(pool.map(compile_one, units))
     tmp = target.with_suffix(".tmp")
-    r = subprocess.run([_compiler(), "-shared", "-fopenmp", *map(str, objs), "-o", str(tmp)], capture_output=True,
-                       text=True)
+    link = [f for f in flags if f.startswith("-fsanitize=")]
+    r = subprocess.run([_compiler(), "-shared", "-fopenmp", *link, *map(str, objs), "-o", str(tmp)],
+                       capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"cuda_emu: linking failed:\n{r.stderr[-6000:]}")
     os.replace(tmp, target)
