@@ -492,3 +492,51 @@ def test_lion_clipping_with_misaligned_tensors(request):
         diff = (a.detach() - b.detach()).abs()
         assert not torch.isnan(a).any()
         assert (diff > 1e-6).float().mean().item() < 1e-3 and diff.max().item() <= 2 * 1e-2 * 3 + 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_decode_from_cache_slices(E, dtype):
+    """The model's decode: q of a few positions against the first Sk rows of a preallocated (B, S_max,
+    Hkv, D) cache, so the batch stride spans S_max rows, not Sk."""
+    torch.manual_seed(21)
+    B, Smax, Sk, H, Hkv, D = 2, 700, 333, 8, 2, 128
+    kc, vc = torch.randn(B, Smax, Hkv, D, dtype=dtype), torch.randn(B, Smax, Hkv, D, dtype=dtype)
+    for Sq in (1, 3):
+        q = torch.randn(B, Sq, H, D, dtype=dtype)
+        k, v = kc[:, :Sk], vc[:, :Sk]
+        slopes = mk.alibi_slopes(H)
+        out, lse = emu_attention_fwd(E, q, k, v, slopes, True)
+        o64, _, _ = _ref(q, k, v, slopes, True, torch.float64)
+        olp, _, _ = _ref(q, k, v, slopes, True, dtype)
+        _bound_check(out, o64, olp, f"out (Sq={Sq})", 1e-3)
+
+
+def test_attention_unaligned_view_is_refused_not_misread(E):
+    base = torch.randn(1, 64, 2, 64 + 1, dtype=torch.bfloat16)
+    q = base[..., 1:]  # rows 130 B apart, start 2 B past 16-byte alignment: the 16-byte loads cannot read it
+    with pytest.raises(ValueError):
+        emu_attention_fwd(E, q, q, q, None, True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_backward_single_buffered_on_smaller_shared_memory(E, dtype, monkeypatch):
+    """GPUs whose per-block shared memory opt-in is 99 KiB (sm_86, sm_89) get the backward with one
+    Q/dO stage at head dim 128 (97,536 B instead of 114,944 B): the launcher reads the limit."""
+    monkeypatch.setenv("MPTK_EMU_SMEM_OPTIN", str(99 * 1024))
+    torch.manual_seed(4)
+    q, k, v = _qkv(1, 150, 150, 2, 1, 128, dtype)
+    _run_attention(E, q, k, v, True, mk.alibi_slopes(2))
+
+
+@pytest.mark.parametrize("sms", ["1", "7", "200"])
+def test_layer_norm_backward_grid_follows_the_sm_count(E, sms, monkeypatch):
+    """The backward's grid (and so its partial sums) is sized from the SM count and occupancy."""
+    monkeypatch.setenv("MPTK_EMU_SM_COUNT", sms)
+    torch.manual_seed(int(sms))
+    x, w, b = torch.randn(300, 96), torch.rand(96) + 0.5, torch.randn(96)
+    cpu = ln_fwd(_ext._C, -1, x, w, b, None, torch.float32)
+    dy = torch.randn(300, 96)
+    cpu_b = ln_bwd(_ext._C, -1, dy, None, x, w, cpu[2], cpu[3], True, False)
+    emu_b = ln_bwd(E, 0, dy, None, x, w, cpu[2], cpu[3], True, False)
+    for name, g, c in zip(("dh", "dweight", "dbias"), emu_b, cpu_b):
+        _close(g, c, name, ulps=2 if name == "dh" else 4 * 300 + 8)

@@ -438,6 +438,15 @@ void ldmatrix_x4(uint32_t (&r)[4], uint32_t off, bool trans) {
   uint32_t addr[32];
   warp_exchange(trans ? "ldmatrix.trans" : "ldmatrix", &off, sizeof(off), addr);
   const int L = lane_id();
+  if (L == 0 && std::getenv("MPTK_EMU_ALLOW_BANK_CONFLICTS") == nullptr) {
+    // each 8x8 matrix is one shared-memory wavefront: its 8 rows must sit in 8 different 16-byte bank
+    // groups (32 banks x 4 bytes), or the load serialises
+    for (int i = 0; i < 4; ++i) {
+      unsigned seen = 0;
+      for (int j = 0; j < 8; ++j) seen |= 1u << ((addr[8 * i + j] / 16) % 8);
+      if (seen != 0xFFu) fail("ldmatrix: bank conflict in matrix %d (row addresses %u, %u, ...)", i, addr[8 * i], addr[8 * i + 1]);
+    }
+  }
   const unsigned char* base = b.dyn.data();
   for (int i = 0; i < 4; ++i) {
     if (!trans) {
