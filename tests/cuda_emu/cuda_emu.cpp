@@ -103,7 +103,6 @@ struct ThreadState {
   dim3 tid;
   bool done = false;
   Wait wait = Wait::None;
-  uint64_t wait_gen = 0;
   int exchange_parity = 0;
   // cp.async: committed groups (oldest first) and the open one
   struct Copy {
@@ -120,9 +119,7 @@ namespace {
 
 struct WarpState {
   int arrived = 0;
-  uint64_t gen = 0;
   const char* op = nullptr;
-  size_t bytes = 0;
   alignas(16) unsigned char slot[2][32][64];
 };
 
@@ -130,7 +127,6 @@ struct Block {
   std::vector<ThreadState> threads;
   std::vector<WarpState> warps;
   int block_arrived = 0;
-  uint64_t block_gen = 0;
   int live = 0;
   std::vector<unsigned char> dyn;  // dynamic shared memory
   size_t dyn_size = 0;
@@ -160,7 +156,6 @@ void yield() { swapcontext(&g_thread->ctx, &g_block->scheduler); }
 void maybe_release_block(Block& b) {
   if (b.live > 0 && b.block_arrived == b.live) {
     b.block_arrived = 0;
-    ++b.block_gen;
     for (auto& t : b.threads)
       if (t.wait == Wait::Block) t.wait = Wait::None;
   }
@@ -343,7 +338,6 @@ void syncthreads() {
   Block& b = *g_block;
   ThreadState& t = *g_thread;
   t.wait = Wait::Block;
-  t.wait_gen = b.block_gen;
   ++b.block_arrived;
   maybe_release_block(b);
   while (t.wait == Wait::Block) yield();
@@ -379,7 +373,6 @@ void warp_exchange(const char* op, const void* in, size_t bytes, void* all_out) 
   if (bytes > 64) fail("%s: %zu bytes per lane (emulator limit 64)", op, bytes);
   if (ws.arrived == 0) {
     ws.op = op;
-    ws.bytes = bytes;
   } else if (ws.op != op && std::strcmp(ws.op, op) != 0) {
     fail("warp %d: lanes in different warp collectives (%s vs %s)", w, ws.op, op);
   }
@@ -387,10 +380,8 @@ void warp_exchange(const char* op, const void* in, size_t bytes, void* all_out) 
   std::memcpy(ws.slot[parity][lane], in, bytes);
   t.exchange_parity ^= 1;
   t.wait = Wait::Warp;
-  t.wait_gen = ws.gen;
   if (++ws.arrived == 32) {
     ws.arrived = 0;
-    ++ws.gen;
     for (int l = 0; l < 32; ++l) {
       ThreadState& o = b.threads[32 * w + l];
       if (o.exchange_parity != t.exchange_parity)

@@ -5,8 +5,9 @@
 //
 // What it models: blocks run one after another; the threads of a block are cooperative fibers that
 // switch only at __syncthreads and at warp-collective operations (shuffles, ldmatrix, mma), in an
-// order set by MPTK_EMU_SCHEDULE (0: ascending thread index, 1: descending, other: seeded shuffle),
-// so a missing barrier changes results between schedules. Shared memory is poisoned (0xFF bytes: NaN
+// order set by MPTK_EMU_SCHEDULE (0: lockstep; 1: warp at a time, one warp running ahead to its next
+// barrier; others seeded shuffles of either: cuda_emu.cpp, run_block), so a missing barrier changes
+// results between schedules. Shared memory is poisoned (0xFF bytes: NaN
 // in float32, float16 and bfloat16) at every block start; cp.async copies land only at the
 // cp.async.wait_group that retires them, their destinations poisoned until then. Warp collectives
 // check that all 32 lanes take part in the same operation; a barrier nobody can pass, a launch the
