@@ -541,3 +541,26 @@ def test_layer_norm_backward_grid_follows_the_sm_count(E, sms, monkeypatch):
     emu_b = ln_bwd(E, 0, dy, None, x, w, cpu[2], cpu[3], True, False)
     for name, g, c in zip(("dh", "dweight", "dbias"), emu_b, cpu_b):
         _close(g, c, name, ulps=2 if name == "dh" else 4 * 300 + 8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_backward_with_a_huge_alibi_row_constant(E, dtype):
+    """A slope of 200 over 300 keys puts MPT's true logsumexp at ~6e4 (its causal ALiBi row constant
+    -slope * (Sq - 1 - i)), the magnitude of slope 0.84 at 65k tokens, where a float32 ulp is 0.004:
+    the backward rebuilds P from that lse (NOTES, precision note). Measured relative errors at slope
+    200 equal those at 0.84 (bf16 dq 2.9e-3 vs 3.2e-3), except float16 dv: 8.0e-4 (2.9e-4 at 0.84),
+    and 1.40e-3 with the old conversion (lse and the row constant each scaled by log2 e before the
+    subtraction): its bound, 1.1e-3, is set between the two so that regression fails here."""
+    torch.manual_seed(8)
+    q, k, v = _qkv(1, 300, 300, 2, 2, 64, dtype)
+    slopes = torch.tensor([200.0, 0.5])
+    out, lse = emu_attention_fwd(E, q, k, v, slopes, True)
+    assert lse.abs().max() > 5e4
+    dout = torch.randn(out.shape, dtype=dtype)
+    o64, lse64, g64 = _ref(q, k, v, slopes, True, torch.float64, dout)
+    grads = emu_attention_bwd(E, dout, q, k, v, out, lse, slopes, True)
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), (out,) + grads, (o64,) + g64):
+        bound = 6e-3 if dtype == torch.bfloat16 else (1.1e-3 if name == "dv" else 1.6e-3)
+        assert not torch.isnan(got).any(), name
+        rel = ((got.double() - ref).norm() / ref.norm()).item()
+        assert rel < bound, f"{name}: relative error {rel:.3g}"
