@@ -27,7 +27,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_emu"))
 import build as emu_build  # noqa: E402
 from test_attention_cuda import SMOKE  # noqa: E402  (name, (B, Sq, Sk, H, Hkv, D, causal, alibi), grad)
 
-pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="needs g++")
+def _missing_toolchain():
+    import importlib.util
+    import sysconfig
+
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        return "needs g++ (or $CXX)"
+    if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+        return "needs the Python development headers"
+    if importlib.util.find_spec("pybind11") is None:
+        return "needs pybind11 (pip install '.[test]')"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_missing_toolchain() is not None, reason=str(_missing_toolchain()))
 
 
 @pytest.fixture(scope="module")
