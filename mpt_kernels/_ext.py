@@ -330,9 +330,12 @@ def eager_function(name: str, op, setup_context, backward):
     without its Python dispatch (~0.3 ms per LayerNorm forward + backward on a 2-core CPU, a few
     percent of a small model's training step). ``backward`` sees ``ctx.eager = True`` and calls the
     backward op's body too (``bwd_op``). Once differentiable, as the custom op: a backward through
-    the backward raises."""
+    the backward raises. Under ``create_graph=True`` (grad mode on in the backward) the backward
+    custom op itself runs, as on the op path: its gradients stay attached to the saved inputs and a
+    backward through them raises torch's "no autograd formula" error. (``once_differentiable`` alone
+    only refuses when the incoming gradients require grad; a gradient penalty on a sum or a scalar
+    loss would get gradients detached from the inputs, its second-order term silently zero.)"""
     import torch
-    from torch.autograd.function import once_differentiable
 
     body = op_body(op)
 
@@ -342,12 +345,17 @@ def eager_function(name: str, op, setup_context, backward):
         setup_context(ctx, inputs, output)
         return output
 
+    # (Autograd runs a backward with grad mode off unless create_graph=True: bwd_op tells which.)
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(forward),
-        "backward": staticmethod(once_differentiable(backward)),
+        "backward": staticmethod(backward),
     })
 
 
 def bwd_op(ctx, op):
-    """The backward custom op, or its body under an ``eager_function`` (no dispatch there either)."""
-    return op_body(op) if getattr(ctx, "eager", False) else op
+    """The backward custom op, or its body under an ``eager_function`` (no dispatch there either)
+    unless the backward records a graph (``create_graph=True``): the op then refuses a backward
+    through its output, where the body's plain tensors would be silently detached."""
+    import torch
+
+    return op_body(op) if getattr(ctx, "eager", False) and not torch.is_grad_enabled() else op

@@ -1,0 +1,60 @@
+"""The public ops under torch's execution modes and transforms, where earlier tests did not look:
+gradients of gradients, torch.func, checkpointing, optimizer state round trips."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import mpt_kernels as mk
+from mpt_kernels.ops.loss import cross_entropy
+
+
+class _Passthrough(torch.overrides.TorchFunctionMode):
+    """Changes nothing, but an active mode sends the ops to their torch.library custom ops."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _gradient_penalty_cases():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 2, 8) for _ in range(3))
+    qkv = torch.randn(1, 4, 3 * 2 * 8)
+    x, w = torch.randn(3, 8), torch.randn(8)
+    logits = torch.randn(3, 8)
+    return {
+        "attention": (lambda t: mk.alibi_attention(t, k, v).sum(), q),
+        "qkvpacked": (lambda t: mk.alibi_attention_qkvpacked(t, 2).sum(), qkv),
+        "layer_norm": (lambda t: (mk.layer_norm(t, w) * torch.arange(8.0)).sum(), x),
+        "cross_entropy": (lambda t: cross_entropy(t, torch.tensor([1, 2, 3])), logits),
+    }
+
+
+@pytest.mark.parametrize("through_op", [False, True])
+@pytest.mark.parametrize("name", ["attention", "qkvpacked", "layer_norm", "cross_entropy"])
+def test_gradient_penalty_raises_instead_of_dropping_the_second_order_term(name, through_op):
+    """loss + |dloss/dx|^2 with create_graph=True: the penalty's gradient needs a backward through the
+    ops' backward, which they do not have. The incoming gradient (ones from a sum or a scalar loss)
+    does not require grad, so once_differentiable alone returned a gradient detached from x, and the
+    penalty term silently contributed nothing to x.grad. Both paths must raise."""
+    f, x0 = _gradient_penalty_cases()[name]
+    x = x0.clone().requires_grad_()
+    with (_Passthrough() if through_op else contextlib.nullcontext()):
+        loss = f(x)
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    assert g.requires_grad  # attached to x: a backward through it reaches the refusal below
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        (loss + g.pow(2).sum()).backward()
+
+
+@pytest.mark.parametrize("name", ["attention", "qkvpacked", "layer_norm", "cross_entropy"])
+def test_create_graph_first_order_gradient_is_right(name):
+    """create_graph=True only to keep the graph: the first-order gradient equals the plain one."""
+    f, x0 = _gradient_penalty_cases()[name]
+    x = x0.clone().requires_grad_()
+    (g1,) = torch.autograd.grad(f(x), x, create_graph=True)
+    (g0,) = torch.autograd.grad(f(x), x)
+    assert torch.equal(g1.detach(), g0)
+
