@@ -58,3 +58,24 @@ def test_create_graph_first_order_gradient_is_right(name):
     (g0,) = torch.autograd.grad(f(x), x)
     assert torch.equal(g1.detach(), g0)
 
+
+def test_vmap_over_a_dim_after_head_dim_copies_the_operands():
+    """vmap over the last dim: each sample's head_dim is strided, so q and k are copied for the
+    kernels; that copy used to be ``torch.empty(...).copy_(t)``, which vmap refuses (an unbatched
+    tensor cannot take a batched copy). Values and gradients equal per-sample calls."""
+    from mpt_kernels.ops.reference import attention_reference
+
+    torch.manual_seed(1)
+    q = torch.randn(2, 5, 4, 8, 3, requires_grad=True)
+    k = torch.randn(2, 5, 2, 8, 3)
+    v = torch.randn(2, 5, 2, 8)
+    out = torch.func.vmap(lambda a, b: mk.alibi_attention(a, b, v), in_dims=(4, 4))(q, k)
+    qr = q.detach().double().requires_grad_()
+    slopes = mk.alibi_slopes(4).double()
+    ref = torch.stack([attention_reference(qr[..., i], k[..., i].double(), v.double(), alibi_slopes=slopes)
+                       for i in range(3)])
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g.double())
+    torch.testing.assert_close(q.grad, qr.grad.float(), rtol=1e-5, atol=1e-5)

@@ -55,11 +55,12 @@ def _kernel_operand(t: torch.Tensor, cuda_layout: bool) -> torch.Tensor:
     dtypes, 16-byte loads), a start 16-byte aligned and every other stride a multiple of 8 elements.
     Anything else is copied into a fresh tensor (differentiably): a transposed head_dim, a view at an
     odd offset into a larger buffer. Views of a fused QKV projection with head_dim % 8 == 0 pass as
-    they are."""
+    they are. (A clone, not ``torch.empty(...).copy_(t)``: under ``torch.func.vmap`` an unbatched
+    empty tensor cannot take a batched copy, e.g. a vmap over a dim after head_dim.)"""
     if t.stride(-1) == 1 and not (cuda_layout and (t.storage_offset() % 8 != 0
                                                    or any(st % 8 != 0 for st in t.stride()[:-1]))):
         return t
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _workspace(nbytes: int, device) -> Optional[torch.Tensor]:
