@@ -79,3 +79,31 @@ def test_vmap_over_a_dim_after_head_dim_copies_the_operands():
     out.backward(g)
     ref.backward(g.double())
     torch.testing.assert_close(q.grad, qr.grad.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_model_mask_shape_check_with_a_dynamic_sequence_length():
+    """After a second shape, torch.compile marks the sequence length dynamic while a new mask's shape
+    stays static; Dynamo evaluated ``mask.shape[1] not in (S, past + S)`` as True there, so the model
+    raised "attention_mask: expected shape (2, 16), got (2, 16)" (fullgraph=True; with graph breaks,
+    the frame fell back to eager). Now fullgraph=True stops at the documented data-dependent read of
+    the mask, and a mask of the wrong shape is still refused."""
+    from mpt_kernels.model import MPTConfig, MPTForCausalLM
+
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    m = MPTForCausalLM(MPTConfig(d_model=32, n_heads=2, n_layers=1, vocab_size=50, max_seq_len=32,
+                                 attn_config={"attn_impl": "flash"}))
+    cm = torch.compile(m, backend="eager", fullgraph=True)
+    cm(torch.randint(0, 50, (2, 16)))
+    cm(torch.randint(0, 50, (3, 11)))  # recompiles with dynamic sizes
+    ids, mask = torch.randint(0, 50, (2, 16)), torch.ones(2, 16, dtype=torch.long)
+    mask[0, :5] = 0
+    with pytest.raises(Exception) as err:
+        cm(ids, attention_mask=mask)
+    assert "attention_mask: expected shape" not in str(err.value)
+    cm = torch.compile(m, backend="eager")
+    torch.testing.assert_close(cm(ids, attention_mask=mask).logits, m(ids, attention_mask=mask).logits)
+    with pytest.raises(ValueError, match="attention_mask: expected shape"):
+        cm(ids, attention_mask=mask[:, :15])
+    torch._dynamo.reset()
+

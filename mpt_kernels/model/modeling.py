@@ -658,7 +658,10 @@ class MPTForCausalLM(nn.Module):
             # prefill that raised before advancing the cache would skew every later decode step.
             cache.row_starts = None
         if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (S, past + S):
+            # (!= twice, not `not in (S, past + S)`: Dynamo evaluates `int in (SymInt, ...)` as False once
+            # the sequence length is dynamic, and raised this error for a mask of the right shape)
+            if (attention_mask.dim() != 2 or attention_mask.shape[0] != B
+                    or (attention_mask.shape[1] != S and attention_mask.shape[1] != past + S)):
                 shapes = f"({B}, {S})" + (f" (the new tokens) or ({B}, {past + S}) (the cached and new ones)"
                                           if past else "")
                 raise ValueError(f"attention_mask: expected shape {shapes}, got {tuple(attention_mask.shape)}")
