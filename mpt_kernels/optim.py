@@ -226,6 +226,15 @@ class Lion(Optimizer):
         group.setdefault("initial_lr", group["lr"])
         group.setdefault("step", 0)
 
+    def __getstate__(self):
+        # torch's keeps only defaults, state and param_groups: a deepcopy or pickle of the optimizer
+        # would come back without max_grad_norm / skip_nonfinite (__setstate__ below defaults them to
+        # off: no clipping, silently) and with its skipped-step count reset.
+        state = super().__getstate__()
+        state.update(max_grad_norm=self.max_grad_norm, skip_nonfinite=self.skip_nonfinite,
+                     _skip_counters=self._skip_counters, _skipped_base=self.__dict__.get("_skipped_base", 0))
+        return state
+
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:
@@ -263,6 +272,21 @@ class Lion(Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts floating-point state to the parameter's dtype on load; exp_avg keeps the
         # group's state_dtype instead (a float32 state of a bf16 parameter must not be rounded).
+        # A group entry the saved dict lacks (a lion-pytorch or torch-style dict has no
+        # decoupled_weight_decay, state_dtype, stochastic_rounding or seed) keeps this optimizer's
+        # value: torch would replace the group by the saved one and __setstate__ then fill in the
+        # class defaults, e.g. switch a decoupled_weight_decay=False optimizer loading a lion-pytorch
+        # dict to the decoupled decay (weight_decay=0.1 then shrinks the weights 10% a step).
+        # initial_lr and step are the saved run's: not filled in from here.
+        if len(state_dict["param_groups"]) == len(self.param_groups):
+            filled = []
+            for g_saved, group in zip(state_dict["param_groups"], self.param_groups):
+                g_saved = dict(g_saved)
+                for k, v in group.items():
+                    if k not in ("params", "initial_lr", "step"):
+                        g_saved.setdefault(k, v)
+                filled.append(g_saved)
+            state_dict = {**state_dict, "param_groups": filled}
         saved = {}
         for group in state_dict["param_groups"]:
             for idx in group["params"]:

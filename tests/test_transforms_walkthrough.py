@@ -107,3 +107,69 @@ def test_compiled_model_mask_shape_check_with_a_dynamic_sequence_length():
         cm(ids, attention_mask=mask[:, :15])
     torch._dynamo.reset()
 
+
+def _lion_model():
+    torch.manual_seed(4)
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 3))
+
+
+def _lion_train(model, opt, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(4, 8, generator=g)).pow(2).sum().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_lion_copies_keep_clipping_skipping_and_the_skipped_count(how):
+    """torch's Optimizer.__getstate__ keeps defaults, state and param_groups only: a deepcopy (or a
+    pickle) of Lion came back with max_grad_norm=None and skip_nonfinite=False (no clipping, silently:
+    the copy's trajectory left the original's) and skipped_steps reset to 0."""
+    import copy
+    import pickle
+
+    model = _lion_model()
+    opt = mk.optim.Lion(model.parameters(), lr=1e-2, max_grad_norm=0.5)
+    _lion_train(model, opt, 2, seed=1)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    opt.step()
+    assert opt.skipped_steps == 1
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    assert opt2.max_grad_norm == 0.5 and opt2.skip_nonfinite and opt2.skipped_steps == 1
+    _lion_train(model, opt, 2, seed=2)
+    _lion_train(model2, opt2, 2, seed=2)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    for p in model2.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    opt2.step()
+    assert opt2.skipped_steps == 2 and opt.skipped_steps == 1  # counters not shared
+
+
+def test_lion_load_of_a_torch_style_state_dict_keeps_the_constructor_options():
+    """A lion-pytorch / torch-style state dict has no decoupled_weight_decay, state_dtype,
+    stochastic_rounding or seed. torch replaces each group by the saved one and __setstate__ filled
+    in the class defaults: a Lion(decoupled_weight_decay=False, weight_decay=0.1) loading lion-pytorch's
+    dict switched to the decoupled decay, 10% of the weights a step instead of lr * 0.1."""
+    p = torch.nn.Parameter(torch.randn(64))
+    opt = mk.optim.Lion([p], lr=1e-3, weight_decay=0.1, decoupled_weight_decay=False, state_dtype=torch.bfloat16,
+                        stochastic_rounding=False, seed=7)
+    sd = {"state": {0: {"exp_avg": torch.randn(64)}},
+          "param_groups": [{"lr": 2e-3, "betas": (0.9, 0.99), "weight_decay": 0.1, "params": [0]}]}
+    opt.load_state_dict(sd)
+    g = opt.param_groups[0]
+    assert (g["decoupled_weight_decay"], g["state_dtype"], g["stochastic_rounding"], g["seed"]) == (
+        False, torch.bfloat16, False, 7)
+    assert g["lr"] == 2e-3 and g["initial_lr"] == 2e-3 and g["step"] == 0  # the saved run's values
+    assert opt.state[p]["exp_avg"].dtype == torch.bfloat16
+    assert "decoupled_weight_decay" not in sd["param_groups"][0]  # the caller's dict is left alone
+    p0 = p.detach().clone()
+    p.grad = torch.zeros(64)
+    opt.step()
+    expected = p0 * (1 - 2e-3 * 0.1) - 2e-3 * torch.sign(sd["state"][0]["exp_avg"].bfloat16().float() * 0.9)
+    torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
