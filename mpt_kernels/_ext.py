@@ -298,6 +298,19 @@ def _plain_eager(tensors) -> bool:
     return True
 
 
+def _functorch_only(tensors) -> bool:
+    """torch.func transforms (grad, vjp, jacrev, vmap) in progress, and nothing else that intercepts or
+    records ops: the op then runs as its ``transform_function`` twin."""
+    import torch
+
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return False
+    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._get_tracing_state() is not None):
+        return False
+    return all(t is None or type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors)
+
+
 def eager_autograd_ok(*tensors) -> bool:
     """True when an op that records a gradient may run as its eager ``autograd.Function`` twin
     (``eager_function``) instead of its custom op: the conditions of ``direct_call_ok`` but for the
@@ -308,11 +321,12 @@ def eager_autograd_ok(*tensors) -> bool:
 def route(*tensors) -> str:
     """How an op call runs, with the checks made once: "direct" (``direct_call_ok``: the kernel, no
     autograd), "eager" (``eager_autograd_ok`` with a gradient to record: the autograd.Function
-    twin) or "op" (the torch.library custom op: compile, tracing, modes, transforms)."""
+    twin), "func" (torch.func transforms only: the ``transform_function`` twin) or "op" (the
+    torch.library custom op: compile, tracing, modes)."""
     import torch
 
     if not _plain_eager(tensors):
-        return "op"
+        return "func" if _functorch_only(tensors) else "op"
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return "eager"
     return "direct"
@@ -352,10 +366,75 @@ def eager_function(name: str, op, setup_context, backward):
     })
 
 
+def transform_function(name: str, op, setup_context, backward):
+    """An ``autograd.Function`` in torch.func's form (``setup_context`` apart from ``forward``, a
+    generated vmap rule) that calls the custom op ``op`` with ``op``'s registered formula. torch's own
+    autograd for a custom op is a Function without ``setup_context``, which every torch.func transform
+    refuses ("must override the setup_context staticmethod"): this twin lets ``torch.func.grad``,
+    ``vjp``, ``jacrev`` and ``vmap`` of them run the kernels. The backward calls the backward custom op,
+    which has no formula of its own: a transform of a transform's gradient (``grad(grad(f))``,
+    ``hessian``) raises instead of returning a silently wrong second derivative."""
+    import torch
+
+    def forward(*inputs):
+        return op(*inputs)
+
+    def setup(ctx, inputs, output):
+        ctx.transform = True  # (bwd_op: the backward op goes under a transform twin as well)
+        setup_context(ctx, inputs, output)
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup),
+        "backward": staticmethod(backward),
+        "generate_vmap_rule": True,
+    })
+
+
+_BACKWARD_TWINS = {}
+
+
+def _backward_transform_function(op):
+    """A backward custom op as a Function torch.func accepts (``torch.func.grad`` runs every backward
+    with ``create_graph=True``, and the op's own no-formula autograd is a Function it refuses); its
+    backward raises: the kernels have no second derivative."""
+    import torch
+
+    twin = _BACKWARD_TWINS.get(op)
+    if twin is None:
+        def forward(*inputs):
+            return op(*inputs)
+
+        def setup(ctx, inputs, output):
+            pass
+
+        def backward(ctx, *grads):
+            raise NotImplementedError(
+                f"{op._qualname}: no second derivative: the kernels' backward is not differentiable "
+                "(grad of grad, hessian and gradient penalties through these ops are not supported)")
+
+        twin = _BACKWARD_TWINS[op] = type(op._name + "_transform", (torch.autograd.Function,), {
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup),
+            "backward": staticmethod(backward),
+            "generate_vmap_rule": True,
+        })
+    return twin
+
+
+def autograd_call(how: str, eager, transform, op):
+    """The callable for ``route``'s answer ``how`` (not "direct"): the eager twin's or the transform
+    twin's ``apply``, else the custom op."""
+    return eager.apply if how == "eager" else transform.apply if how == "func" else op
+
+
 def bwd_op(ctx, op):
     """The backward custom op, or its body under an ``eager_function`` (no dispatch there either)
     unless the backward records a graph (``create_graph=True``): the op then refuses a backward
-    through its output, where the body's plain tensors would be silently detached."""
+    through its output, where the body's plain tensors would be silently detached. Under a
+    ``transform_function``: the op's torch.func twin (``_backward_transform_function``)."""
     import torch
 
+    if getattr(ctx, "transform", False):
+        return _backward_transform_function(op).apply
     return op_body(op) if getattr(ctx, "eager", False) and not torch.is_grad_enabled() else op

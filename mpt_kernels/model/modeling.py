@@ -135,7 +135,8 @@ def few_rows_limit(dtype) -> int:
 
 
 def linear(x, weight, bias=None):
-    if not x.is_cpu:
+    if not x.is_cpu or (torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()):
+        # (torch.func transforms refuse _Float32GemmLinear's form of autograd.Function)
         return F.linear(x, weight, bias)
     if (_FEW_ROWS_KERNEL and _few_rows.supported(x, weight, bias, few_rows_limit(x.dtype))
             and mk._ext.direct_call_ok(x, weight, bias) and not torch.is_autocast_enabled("cpu")):
@@ -192,7 +193,8 @@ class _PooledEmbeddingGrad(torch.autograd.Function):
 
 def embedding(ids, weight):
     if (ids.device.type == "cpu" and torch.is_grad_enabled() and weight.requires_grad
-            and not torch.compiler.is_compiling()):
+            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()):
+        # (torch.func transforms refuse an autograd.Function of this form: F.embedding there)
         return _PooledEmbeddingGrad.apply(ids, weight)
     return F.embedding(ids, weight)
 
@@ -582,10 +584,10 @@ class MPTForCausalLM(nn.Module):
             raise ValueError(f"input_ids: expected int64 or int32 ids, got {input_ids.dtype} (convert with .long())")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids: empty sequence")
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
             # Reading the range back is a data-dependent branch (a graph break); compiled graphs skip it
             # (an out-of-range id then fails inside the embedding: an IndexError on the CPU, a device
-            # assert on CUDA).
+            # assert on CUDA). So do torch.func transforms: vmap cannot read a batched tensor back.
             return
         ranges = [r.long() for r in torch.aminmax(input_ids)]
         if (isinstance(labels, torch.Tensor) and labels.shape == input_ids.shape and labels.shape[1] > 1

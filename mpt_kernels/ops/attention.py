@@ -39,8 +39,8 @@ from typing import Optional
 
 import torch
 
-from .._ext import (LastResult, _C, bwd_op, current_stream, eager_autograd_ok, eager_function, refuse_forward_ad,
-                    route, view)
+from .._ext import (LastResult, _C, autograd_call, bwd_op, current_stream, eager_function, refuse_forward_ad, route,
+                    transform_function, view)
 from .._ext import empty as _empty
 from . import reference as _reference
 from .reference import alibi_slopes  # noqa: F401  (public: mk.alibi_slopes)
@@ -281,6 +281,8 @@ def _backward(ctx, dout, dlse):
 alibi_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # Plain eager training calls: the same body and formula without the custom op's dispatch.
 _AttentionEager = eager_function("_AttentionEager", alibi_attention_fwd, _setup_context, _backward)
+# torch.func transforms: the custom op under a Function they accept.
+_AttentionFunc = transform_function("_AttentionFunc", alibi_attention_fwd, _setup_context, _backward)
 
 
 def alibi_attention(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=None, alibi_bias_max=8.0,
@@ -347,7 +349,7 @@ def alibi_attention(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=No
         # Only the output: no logsumexp (nothing will read it), except varlen, whose outputs are pre-filled.
         return _attention_fwd_impl(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                    softmax_scale, bool(causal), with_lse=cu_seqlens_q is not None)[0]
-    op = _AttentionEager.apply if how == "eager" else alibi_attention_fwd
+    op = autograd_call(how, _AttentionEager, _AttentionFunc, alibi_attention_fwd)
     out, _ = op(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                 bool(causal))
     return out
@@ -434,6 +436,8 @@ def _packed_backward(ctx, dout, dlse):
 alibi_attention_qkvpacked_fwd.register_autograd(_packed_backward, setup_context=_packed_setup_context)
 _PackedAttentionEager = eager_function("_PackedAttentionEager", alibi_attention_qkvpacked_fwd, _packed_setup_context,
                                        _packed_backward)
+_PackedAttentionFunc = transform_function("_PackedAttentionFunc", alibi_attention_qkvpacked_fwd,
+                                          _packed_setup_context, _packed_backward)
 
 
 def alibi_attention_qkvpacked(qkv, n_heads: int, kv_heads: Optional[int] = None, *, causal=True, softmax_scale=None,
@@ -479,7 +483,7 @@ def alibi_attention_qkvpacked(qkv, n_heads: int, kv_heads: Optional[int] = None,
         max_seqlen = _max_length(cu_seqlens) if max_seqlen is None else _length_arg(max_seqlen, "max_seqlen")
     else:
         max_seqlen = qkv.shape[1]
-    op = (_PackedAttentionEager.apply if eager_autograd_ok(qkv, alibi_slopes, cu_seqlens)
-          else alibi_attention_qkvpacked_fwd)
+    how = route(qkv, alibi_slopes, cu_seqlens)  # ("direct" cannot come: a gradient is recorded here)
+    op = autograd_call(how, _PackedAttentionEager, _PackedAttentionFunc, alibi_attention_qkvpacked_fwd)
     out, _ = op(qkv, n_heads, kv_heads, alibi_slopes, cu_seqlens, max_seqlen, softmax_scale, causal)
     return out

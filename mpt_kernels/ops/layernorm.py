@@ -210,6 +210,8 @@ def _backward(ctx, dy, dh_out, dmean, drstd):
 layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 # Plain eager training calls: the same body and formula without the custom op's dispatch.
 _LayerNormEager = _ext.eager_function("_LayerNormEager", layer_norm_fwd, _setup_context, _backward)
+# torch.func transforms: the custom op under a Function they accept.
+_LayerNormFunc = _ext.transform_function("_LayerNormFunc", layer_norm_fwd, _setup_context, _backward)
 
 
 def _check_param(t, name: str, x: Tensor, hidden: int) -> None:
@@ -295,8 +297,7 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = Non
     how = _ext.route(x, weight, bias, residual)
     if how == "direct":  # inference: skip the custom op's dispatch
         y, h = _layer_norm_direct(x, weight, bias, residual, float(eps), out_dtype)
-    elif how == "eager":  # eager training: skip the dispatch too
-        y, h, _, _ = _LayerNormEager.apply(x, weight, bias, residual, float(eps), out_dtype)
-    else:
-        y, h, _, _ = layer_norm_fwd(x, weight, bias, residual, float(eps), out_dtype)
+    else:  # eager training skips the dispatch too
+        op = _ext.autograd_call(how, _LayerNormEager, _LayerNormFunc, layer_norm_fwd)
+        y, h, _, _ = op(x, weight, bias, residual, float(eps), out_dtype)
     return (y, h) if residual is not None else y

@@ -82,6 +82,8 @@ def _backward(ctx, dloss, dlse):
 cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
 # Plain eager training calls: the same body and formula without the custom op's dispatch.
 _CrossEntropyEager = _ext.eager_function("_CrossEntropyEager", cross_entropy_fwd, _setup_context, _backward)
+# torch.func transforms: the custom op under a Function they accept.
+_CrossEntropyFunc = _ext.transform_function("_CrossEntropyFunc", cross_entropy_fwd, _setup_context, _backward)
 
 
 def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
@@ -109,9 +111,9 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> 
     if logits.shape[1] > 1 and logits.stride(1) != 1:
         logits = logits.contiguous()
     targets = targets.to(torch.int64).contiguous()
-    if _ext.eager_autograd_ok(logits, targets):
-        loss_rows, _ = _CrossEntropyEager.apply(logits, targets, int(ignore_index))
-    else:
-        loss_rows, _ = cross_entropy_fwd(logits, targets, int(ignore_index))
+    how = _ext.route(logits, targets)
+    op = _ext.autograd_call("eager" if how == "direct" else how, _CrossEntropyEager, _CrossEntropyFunc,
+                            cross_entropy_fwd)
+    loss_rows, _ = op(logits, targets, int(ignore_index))
     count = (targets != ignore_index).sum()
     return loss_rows.sum() / count
