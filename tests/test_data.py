@@ -139,6 +139,31 @@ def test_convert_checksum_detects_corruption(tmp_path, small_tok):
         TokenShards(tmp_path / "out" / "train")
 
 
+def test_damaged_index_or_shard_is_a_clear_error_not_garbage(tmp_path, small_tok):
+    convert(_write_inputs(tmp_path), tmp_path / "out", tokenizer=small_tok, seq_len=16, show_progress=False)
+    d = tmp_path / "out" / "train"
+    index = json.loads((d / "index.json").read_text())
+    # An index whose seq_len (or dtype, or sample count) disagrees with its shards' byte counts: the files
+    # have the recorded sizes, so only the consistency of the index itself tells that the shape is wrong.
+    for key, value in (("seq_len", 8), ("dtype", "uint32")):
+        (d / "index.json").write_text(json.dumps(dict(index, **{key: value})))
+        with pytest.raises(ValueError, match="inconsistent"):
+            TokenShards(d)
+    for text in ("", json.dumps(index)[:50]):
+        (d / "index.json").write_text(text)
+        with pytest.raises(ValueError, match="not valid JSON"):
+            TokenShards(d)
+    (d / "index.json").write_text(json.dumps({k: v for k, v in index.items() if k != "shards"}))
+    with pytest.raises(ValueError, match="damaged"):
+        TokenShards(d)
+    (d / "index.json").write_text(json.dumps(index))
+    # Overwritten contents of the right size: ids no tokenizer of this vocabulary makes are refused on read.
+    shard = d / "shard_00000.bin"
+    shard.write_bytes(b"\xff" * shard.stat().st_size)
+    with pytest.raises(ValueError, match="damaged"):
+        StreamingTokenDataset(str(d), shuffle=False).sample(0)
+
+
 def test_convert_val_split_and_trained_tokenizer(tmp_path):
     inputs = _write_inputs(tmp_path)
     idx = convert(inputs, tmp_path / "out", vocab_size=300, seq_len=16, val_fraction=0.25, show_progress=False)

@@ -104,21 +104,32 @@ class TokenShards:
                 hint = "the converter writes each split to a subfolder: use " + " or ".join(
                     repr(str(self.path / d)) for d in splits)
             raise FileNotFoundError(f"TokenShards: no index.json in {str(path)!r} ({hint})")
-        self.index = json.loads(index_path.read_text())
-        if self.index.get("format") != INDEX_FORMAT:
+        try:
+            self.index = json.loads(index_path.read_text())
+        except ValueError as exc:  # an interrupted copy, a damaged disk: name the file, not just a column
+            raise ValueError(f"TokenShards: {index_path} is not valid JSON ({exc}); reconvert the data") from None
+        if not isinstance(self.index, dict) or self.index.get("format") != INDEX_FORMAT:
             raise ValueError(f"TokenShards: {index_path} is not a {INDEX_FORMAT} index")
-        self.seq_len = int(self.index["seq_len"])
-        self.dtype = np.dtype(self.index["dtype"]).newbyteorder("<")
+        try:
+            self.seq_len = int(self.index["seq_len"])
+            self.dtype = np.dtype(self.index["dtype"]).newbyteorder("<")
+            self.shards = self.index["shards"]
+            counts = np.array([int(s["num_samples"]) for s in self.shards], dtype=np.int64)
+            sizes = [(self.path / s["file"], int(s["bytes"])) for s in self.shards]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"TokenShards: {index_path} is damaged ({type(exc).__name__}: {exc}); reconvert the data") from None
         self.eos_id = self.index.get("eos_id")
         self.vocab_size = self.index.get("vocab_size")
-        self.shards = self.index["shards"]
-        counts = np.array([s["num_samples"] for s in self.shards], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
         self.num_samples = int(self._starts[-1])
-        for s in self.shards:  # cheap integrity check up front; full hashes via verify()
-            f = self.path / s["file"]
-            if not f.is_file() or f.stat().st_size != s["bytes"]:
-                raise ValueError(f"TokenShards: shard {f} is missing or has the wrong size (expected {s['bytes']} bytes)")
+        for (f, nbytes), n in zip(sizes, counts.tolist()):  # cheap integrity check up front; full hashes via verify()
+            if nbytes != n * self.seq_len * self.dtype.itemsize:
+                # a file of the recorded size would still be read with the wrong shape: every sample garbled
+                raise ValueError(f"TokenShards: {index_path} is inconsistent: shard {f.name} is listed with {nbytes} "
+                                 f"bytes, but {n} samples x {self.seq_len} tokens of {self.dtype.name} are "
+                                 f"{n * self.seq_len * self.dtype.itemsize}; reconvert the data")
+            if not f.is_file() or f.stat().st_size != nbytes:
+                raise ValueError(f"TokenShards: shard {f} is missing or has the wrong size (expected {nbytes} bytes)")
         self._maps: dict[int, np.memmap] = {}
 
     def __len__(self) -> int:
@@ -188,7 +199,14 @@ class TokenShards:
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range [0, {self.num_samples})")
         shard = int(np.searchsorted(self._starts, i, side="right") - 1)
-        return np.asarray(self._map(shard)[i - self._starts[shard]])
+        out = np.asarray(self._map(shard)[i - self._starts[shard]])
+        # Sizes are checked on open, contents only by verify(): a damaged shard of the right size shows as
+        # ids the tokenizer cannot have made (most random uint16 values are), which would otherwise train.
+        if self.vocab_size and out.size and int(out.max()) >= int(self.vocab_size):
+            raise ValueError(f"TokenShards: sample {i} in {self.path / self.shards[shard]['file']} holds token id "
+                             f"{int(out.max())}, outside the tokenizer's {self.vocab_size} ids: the shard is damaged "
+                             f"(TokenShards({str(self.path)!r}).verify() checks every shard's sha256); reconvert the data")
+        return out
 
     def __getstate__(self):  # memmaps are reopened in each worker process, not pickled
         state = self.__dict__.copy()
