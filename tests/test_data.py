@@ -70,6 +70,25 @@ def test_padded_vocab_size():
         padded_vocab_size(0)
 
 
+def test_vocab_size_covers_ids_after_a_gap(tmp_path, small_tok):
+    # A tokenizer.json whose end-of-text token sits after unused ids (as in tokenizers that put their
+    # specials at a round number): the model needs max id + 1 rows, not the number of tokens.
+    spec = json.loads(small_tok.backend.to_str())
+    spec["model"]["vocab"]["<|endoftext|>"] = 5000
+    for t in spec["added_tokens"]:
+        if t["content"] == "<|endoftext|>":
+            t["id"] = 5000
+    (tmp_path / "gap.json").write_text(json.dumps(spec))
+    tok = load_tokenizer(tmp_path / "gap.json")
+    assert tok.eos_id == 5000 and tok.backend.get_vocab_size(with_added_tokens=True) == small_tok.vocab_size
+    assert tok.vocab_size == 5001 and tok.padded_vocab_size() == 5120
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(20)))
+    idx = convert([tmp_path / "d.jsonl"], tmp_path / "o", tokenizer=tok, seq_len=8, show_progress=False)
+    assert idx["train"]["vocab_size"] == 5001
+    ds = StreamingTokenDataset(str(tmp_path / "o" / "train"), shuffle=False)
+    assert tok.eos_id in torch.cat([ds.sample(g)["input_ids"] for g in range(len(ds.sources[0]))]).tolist()
+
+
 def test_bpe_roundtrip_and_specials(small_tok):
     assert small_tok.eos_id == 0 and small_tok.token_to_id("<|padding|>") == 1
     assert small_tok.vocab_size == 600

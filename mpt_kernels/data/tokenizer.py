@@ -54,8 +54,11 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Number of token ids the tokenizer can emit (including added/special tokens)."""
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        """Number of token ids the tokenizer can emit (including added/special tokens): its largest id
+        plus one, the rows an embedding needs. That is the number of tokens unless the ids have gaps
+        (e.g. special tokens placed after unused ids), where ``get_vocab_size`` would count too few."""
+        n = self._tok.get_vocab_size(with_added_tokens=True)
+        return max(n, max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1)
 
     def padded_vocab_size(self, multiple: int = 128) -> int:
         return padded_vocab_size(self.vocab_size, multiple)
