@@ -135,7 +135,8 @@ def _linear_views(lin: M.Linear):
 
 
 def _ln_views(ln: M.LayerNorm):
-    return view(ln.weight, "weight"), (None if ln.bias is None else view(ln.bias, "bias")), float(ln.eps)
+    """(weight, bias) views; the eps is read from the module on each step (``settings``)."""
+    return view(ln.weight, "weight"), (None if ln.bias is None else view(ln.bias, "bias"))
 
 
 class _Buffers:
@@ -354,7 +355,7 @@ class _Runner:
         for i, L in enumerate(self.layers):
             scale, clip, eps1, eps2 = settings[i]
             # norm_1: LN(x) for the first block, else x <- x + pending (the previous block's branch)
-            w, b, _ = L.ln1
+            w, b = L.ln1
             eps = eps1
             if first:
                 _C.layer_norm_fwd(bv[f"stream{cur}"], w, b, None, bv["h"], None, None, None, eps, 0)
@@ -383,7 +384,7 @@ class _Runner:
                                  L.slopes_view, None, None, S, sk, scale, True, ws_view, 0)
             _linear(buf.rows["attn"], L.out_proj, buf.rows["branch"])
             # norm_2: x <- x + attention; h = LN(x)
-            w, b, _ = L.ln2
+            w, b = L.ln2
             eps = eps2
             _C.layer_norm_fwd(bv["branch"], w, b, bv[f"stream{cur}"], bv["h"], bv[f"stream{1 - cur}"], None, None,
                               eps, 0)
@@ -393,7 +394,7 @@ class _Runner:
             _linear(buf.rows["act"], L.down, buf.rows["branch"])
         cache.advance(S)
 
-        w, b, _ = self.norm_f
+        w, b = self.norm_f
         _C.layer_norm_fwd(bv["branch"], w, b, bv[f"stream{cur}"], bv["h"], bv[f"stream{1 - cur}"], None, None, eps_f,
                           0)
         h = buf.h

@@ -16,23 +16,30 @@ import torch
 TOP_P_CANDIDATES = 256
 
 
-def _ranked(logits: torch.Tensor, k: int, use_numpy: bool) -> torch.Tensor:
-    """Ids (B, k) of each row's ``k`` largest float32 ``logits`` (B, V), largest first, equal ones by id
-    (lower first). One int64 key per token, (value, id), ranks both at once: a float's bit pattern,
-    its low 31 bits flipped when negative, orders as the float does; the id sits in the low ``shift``
-    bits. All keys differ, so the order is the same on every device and for every ``k``."""
+def _rank_keys(logits: torch.Tensor, use_numpy: bool):
+    """One int64 key per token of float32 ``logits`` (B, V) that ranks value and id at once (``_ranked``),
+    and the id's bit count: a float's bit pattern, its low 31 bits flipped when negative, orders as the
+    float does; the id sits in the low ``shift`` bits. All keys differ."""
     V = logits.shape[-1]
     shift = max(V - 1, 1).bit_length()  # <= 31: the key stays below 2**63
     if use_numpy:  # (the CPU: numpy's integer ops and vectorised sort are several times torch's here)
         b = (logits + 0.0).numpy().view(np.int32)  # (+ 0.0: -0.0 becomes 0.0, its equal)
         b = b ^ ((b >> 31) & 0x7FFFFFFF)  # now ordered as the floats
-        key = ((0x7FFFFFFF - b.astype(np.int64)) << shift) | np.arange(V, dtype=np.int64)  # ascending: value
-        if k < V:                                                                      # down, then id up
-            key = np.partition(key, k - 1, axis=-1)[:, :k]
-        return torch.from_numpy(np.sort(key, axis=-1) & ((1 << shift) - 1))
+        # ascending: value down, then id up
+        return ((0x7FFFFFFF - b.astype(np.int64)) << shift) | np.arange(V, dtype=np.int64), shift
     b = (logits + 0.0).view(torch.int32)
     b = b ^ ((b >> 31) & 0x7FFFFFFF)
-    key = ((0x7FFFFFFF - b.to(torch.int64)) << shift) | torch.arange(V, device=logits.device)
+    return ((0x7FFFFFFF - b.to(torch.int64)) << shift) | torch.arange(V, device=logits.device), shift
+
+
+def _ranked(keys, k: int) -> torch.Tensor:
+    """Ids (B, k) of each row's ``k`` largest logits, largest first, equal ones by id (lower first), from
+    ``_rank_keys``'s answer. All keys differ, so the order is the same on every device and for every ``k``."""
+    key, shift = keys
+    if isinstance(key, np.ndarray):
+        if k < key.shape[-1]:
+            key = np.partition(key, k - 1, axis=-1)[:, :k]
+        return torch.from_numpy(np.sort(key, axis=-1) & ((1 << shift) - 1))
     return torch.topk(key, k, dim=-1, largest=False).values & ((1 << shift) - 1)
 
 
@@ -51,8 +58,9 @@ def top_p_drop(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     V = logits.shape[-1]
     cpu = logits.device.type == "cpu"
     k = min(TOP_P_CANDIDATES, V) if cpu else V
+    keys = _rank_keys(logits, cpu)  # (built once: the whole row's ranking, if needed, reuses them)
     while True:
-        ids = _ranked(logits, k, cpu)
+        ids = _ranked(keys, k)
         vals = e.gather(-1, ids).double() / z
         # the probability ranked above each token: an exclusive cumulative sum, nondecreasing, so the
         # tokens kept are a prefix of the ranking
