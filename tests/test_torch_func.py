@@ -184,3 +184,24 @@ def test_model_gradients_and_per_sample_gradients_under_functional_call():
         m(ids[i:i + 1], labels=ids[i:i + 1]).loss.backward()
         for n, p in m.named_parameters():
             torch.testing.assert_close(per_sample[n][i], p.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_grad_on_cuda_equals_backward():
+    """The transform twins on CUDA tensors (bfloat16 attention and LayerNorm, float32 loss): torch.func.grad
+    runs the same kernels as a plain backward. LayerNorm and the loss are deterministic (bit for bit);
+    multi-head attention's dq too (GQA's dk/dv would add float32 atomics in no fixed order)."""
+    torch.manual_seed(8)
+    dev = "cuda"
+    q, k, v = (torch.randn(2, 33, 4, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    x, w = torch.randn(7, 256, device=dev, dtype=torch.bfloat16), torch.randn(256, device=dev, dtype=torch.bfloat16)
+    logits, targets = torch.randn(9, 1031, device=dev), torch.randint(0, 1031, (9,), device=dev)
+    wa, wl = torch.randn_like(q), torch.randn_like(x)
+    cases = [(lambda t: (mk.alibi_attention(t, k, v) * wa).float().sum(), q),
+             (lambda t: (mk.layer_norm(t, w) * wl).float().sum(), x),
+             (lambda t: loss_op.cross_entropy(t, targets), logits)]
+    for f, t in cases:
+        g = grad(f)(t)
+        ta = t.clone().requires_grad_()
+        f(ta).backward()
+        assert torch.equal(g, ta.grad)
