@@ -135,8 +135,7 @@ def few_rows_limit(dtype) -> int:
 
 
 def linear(x, weight, bias=None):
-    if not x.is_cpu or (torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()):
-        # (torch.func transforms refuse _Float32GemmLinear's form of autograd.Function)
+    if not x.is_cpu:
         return F.linear(x, weight, bias)
     if (_FEW_ROWS_KERNEL and _few_rows.supported(x, weight, bias, few_rows_limit(x.dtype))
             and mk._ext.direct_call_ok(x, weight, bias) and not torch.is_autocast_enabled("cpu")):
@@ -145,6 +144,9 @@ def linear(x, weight, bias=None):
         # rows (batched decode, short prompts): one such pass per 8 rows (few_rows_limit). First, as
         # it is the per-token path (checks that fail fast on anything else).
         return _few_rows.rows_linear(x, weight, bias)
+    if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+        # (torch.func transforms refuse _Float32GemmLinear's form of autograd.Function)
+        return F.linear(x, weight, bias)
     if (x.dtype == torch.float32 and weight.dtype == torch.float32 and torch.is_grad_enabled()
             and (x.requires_grad or weight.requires_grad) and not torch.is_autocast_enabled("cpu")):
         # float32 training on the CPU: the same GEMMs as F.linear, with the output and both gradients
