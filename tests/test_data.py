@@ -338,6 +338,18 @@ def test_resume_exactly_without_reading_skipped(two_streams, monkeypatch):
         other.load_state_dict(state)
 
 
+def test_bad_rank_world_size_or_position_is_refused(two_streams):
+    # rank 2 of 2 silently served rank 0's samples one row on, rank -1 the last sample of the previous
+    # "epoch", world_size=0 one sample forever: the DataLoader never ended.
+    for rank, world in ((2, 2), (-1, 2), (0, 0), (1, None)):
+        ds = StreamingTokenDataset(two_streams, rank=rank, world_size=world, num_samples=8)
+        with pytest.raises(ValueError, match="rank"):
+            next(iter(ds))
+    ds = StreamingTokenDataset(two_streams)
+    with pytest.raises(ValueError, match=">= 0"):
+        ds.load_state_dict(ds.state_dict(-3))
+
+
 def test_finite_dataset_and_epochs(two_streams):
     ds = StreamingTokenDataset(two_streams, seed=0, shuffle=False, num_samples=11, batch_size=4)
     batches = [b["input_ids"].shape[0] for b in make_loader(ds)]

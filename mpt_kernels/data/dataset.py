@@ -335,7 +335,11 @@ class _OrderedDataset(torch.utils.data.IterableDataset):
 
     def rank_world(self) -> tuple[int, int]:
         r, w = dist_rank_world()
-        return (self._rank if self._rank is not None else r), (self._world if self._world is not None else w)
+        rank, world = (self._rank if self._rank is not None else r), (self._world if self._world is not None else w)
+        if world < 1 or not 0 <= rank < world:
+            # world_size=0 would serve one sample forever; rank >= world_size another rank's samples
+            raise ValueError(f"rank={rank}, world_size={world}: need world_size >= 1 and 0 <= rank < world_size")
+        return rank, world
 
     # -- resumption ------------------------------------------------------------------------------
     def state_dict(self, num_samples: int) -> dict:
@@ -350,9 +354,11 @@ class _OrderedDataset(torch.utils.data.IterableDataset):
             if key in state and (list(state[key]) if isinstance(mine, list) else state[key]) != mine:
                 raise ValueError(f"load_state_dict: {key} differs from the checkpoint ({state[key]} vs {mine}); "
                                  "resuming would not continue the same sample order")
-        self._start = int(state["num_samples"])
+        self.set_position(state["num_samples"])
 
     def set_position(self, num_samples: int) -> None:
+        if int(num_samples) < 0:
+            raise ValueError(f"the position (samples consumed) must be >= 0, got {num_samples}")
         self._start = int(num_samples)
 
     # -- iteration --------------------------------------------------------------------------------
