@@ -208,6 +208,24 @@ def test_convert_rejects_bad_jsonl(tmp_path, small_tok):
         convert([tmp_path / "missing.txt"], tmp_path / "out", tokenizer=small_tok, seq_len=8, show_progress=False)
 
 
+def test_json_lines_by_extension_in_any_case(tmp_path, small_tok):
+    # data.JSONL / data.ndjson were read as one .txt-like document: the raw JSON, keys and all, trained.
+    texts = [f"record number {i}" for i in range(30)]
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in texts)
+    want = []
+    for t in texts:
+        want += small_tok.encode(t) + [small_tok.eos_id]
+    for name in ("data.JSONL", "data.ndjson"):
+        (tmp_path / name).write_text(lines)
+        idx = convert([tmp_path / name], tmp_path / "o", tokenizer=small_tok, seq_len=8, show_progress=False)
+        assert idx["train"]["num_documents"] == 30
+        shards = TokenShards(tmp_path / "o" / "train")
+        assert np.concatenate([shards[i] for i in range(len(shards))]).tolist() == want[:len(shards) * 8]
+    (tmp_path / "data.json").write_text(json.dumps([{"text": t} for t in texts]))
+    with pytest.raises(ValueError, match=r"\.json input"):
+        convert([tmp_path / "data.json"], tmp_path / "o2", tokenizer=small_tok, seq_len=8, show_progress=False)
+
+
 def test_convert_command_line(tmp_path, small_tok):
     inputs = _write_inputs(tmp_path)
     root = Path(__file__).resolve().parents[1]

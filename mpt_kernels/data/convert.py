@@ -3,8 +3,9 @@
     python -m mpt_kernels.data.convert corpus.jsonl notes.txt src/ --out data/my_corpus \\
         --tokenizer /path/to/gpt-neox-20b/tokenizer.json --seq-len 2048 --val-fraction 0.01
 
-Inputs: ``.txt`` files (each file is one document), ``.jsonl`` files (one document per line, taken
-from ``--text-field``, which must be a JSON string), and folders (every file under them whose
+Inputs: ``.txt`` files (each file is one document), ``.jsonl`` files (also ``.ndjson``, in any case;
+one document per line, taken from ``--text-field``, which must be a JSON string; a ``.json`` file is
+refused rather than read as one text), and folders (every file under them whose
 extension is in ``--extensions``, each one document, in sorted path order so the output is
 reproducible; hidden files and folders, whose names start with ".", are left out: ``.git``,
 ``.venv``). Files that are not UTF-8 text (binaries) or cannot be read are skipped and listed; a
@@ -147,6 +148,14 @@ def folder_files(folder: Path, exts: set[str]) -> list[Path]:
     return sorted(files)
 
 
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+def _is_jsonl(path: Path) -> bool:
+    """A JSON-lines input, by its extension in any case (``.JSONL`` is no text document)."""
+    return path.suffix.lower() in JSONL_SUFFIXES
+
+
 def iter_documents(inputs: Sequence[str | os.PathLike], *, text_field: str = "text", id_field: str | None = None,
                    extensions: Sequence[str] = DEFAULT_CODE_EXTENSIONS,
                    report: InputReport | None = None) -> Iterator[Document]:
@@ -167,7 +176,12 @@ def iter_documents(inputs: Sequence[str | os.PathLike], *, text_field: str = "te
                     count += 1
                     report.documents[str(inp)] = count
                     yield Document(text, f"{p.name}/{f.relative_to(p).as_posix()}", nbytes)
-        elif p.suffix == ".jsonl" and p.is_file():
+        elif p.suffix.lower() == ".json" and p.is_file():
+            # Read as text it would train on the raw JSON (brackets, keys, escapes) as one document.
+            raise ValueError(f"{p}: a .json input is not read as records: write one JSON object per line as .jsonl "
+                             f"(the text in --text-field), or, to train on the file's raw text, give a folder "
+                             f"holding it with --extensions .json")
+        elif _is_jsonl(p) and p.is_file():
             pending = 0  # bytes of blank lines and empty records, counted with the next document
             with open(p, "rb") as fh:  # bytes, so progress counts exactly what the file holds
                 for n, raw in enumerate(fh):
@@ -536,7 +550,7 @@ def _no_documents_error(report: InputReport, exts: set[str], text_field: str) ->
         p = Path(inp)
         if p.is_dir():
             why.append(f"folder {inp!r}: no non-empty UTF-8 file ending in {', '.join(sorted(exts))} (--extensions)")
-        elif p.suffix == ".jsonl":
+        elif _is_jsonl(p):
             why.append(f"{inp!r}: no record with a non-empty {text_field!r} field")
     why += [f"{f!r}: skipped ({reason})" for f, reason in report.skipped]
     return ConvertError("no documents in the inputs, nothing to convert" + (": " + _list(why, sep="; ") if why else ""))
