@@ -118,6 +118,16 @@ class Trainer:
                              f"world_size ({cfg.micro_batch_size} x {self.world})")
         self.accum = cfg.global_batch_size // per_step
 
+    def _rng_aside(self):
+        """Keeps torch's default generator out of what is not the training step: a DataLoader iterator
+        draws its base seed from it, the CPU peak measurement draws random matrices. Dropout draws from
+        it too, so those draws would shift its masks, and a resumed run (no step-0 evaluation, a new
+        train loader, another start-up measurement) would train on other masks than a run that never
+        stopped."""
+        devices = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+            if self.device.type == "cuda" else []
+        return torch.random.fork_rng(devices=devices)
+
     def _barrier(self) -> None:
         if self.distributed:
             dist.barrier()
@@ -434,12 +444,13 @@ class Trainer:
             return None
         self.model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for batch in make_loader(self.val_set, collate_fn=self.collate):
-            labels = batch["labels"] if "labels" in batch else batch["input_ids"]
-            n = int((labels[:, 1:] != -100).sum())
-            loss = self._forward_loss(batch)
-            sums[0] += loss.double() * n
-            sums[1] += n
+        with self._rng_aside():
+            for batch in make_loader(self.val_set, collate_fn=self.collate):
+                labels = batch["labels"] if "labels" in batch else batch["input_ids"]
+                n = int((labels[:, 1:] != -100).sum())
+                loss = self._forward_loss(batch)
+                sums[0] += loss.double() * n
+                sums[1] += n
         if self.distributed:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         self.model.train()
@@ -448,8 +459,9 @@ class Trainer:
 
     def _data_iter(self, consumed: int):
         self.train_set.set_position(consumed)
-        return iter(make_loader(self.train_set, num_workers=self.cfg.data.num_workers,
-                                pin_memory=self.device.type == "cuda", collate_fn=self.collate))
+        with self._rng_aside():
+            return iter(make_loader(self.train_set, num_workers=self.cfg.data.num_workers,
+                                    pin_memory=self.device.type == "cuda", collate_fn=self.collate))
 
     # ------------------------------------------------------------------------------------ checkpoints
     def save(self, step: int, consumed: int, *, kill_mid_save: bool = False) -> Path:
@@ -643,7 +655,8 @@ class Trainer:
         self._tokens_seen = getattr(self, "_resumed_tokens", None) if resumed else 0
         if self._tokens_seen is None:
             self._tokens_seen = consumed * seq_len
-        peak, peak_src = peak_flops(self.device, self.precision)
+        with self._rng_aside():
+            peak, peak_src = peak_flops(self.device, self.precision)
         if self.rank == 0:
             _log(f"[train] {self.n_params / 1e6:.2f}M parameters ({cfg.model.preset}), {self.world} process(es) on "
                  f"{self.device.type}, {self.precision}, global batch {cfg.global_batch_size} x "
@@ -696,7 +709,8 @@ class Trainer:
                     # may have run on a busy machine (the corpus build, another process), which left
                     # MFU above 100% until the first evaluation re-measured it. Check again at the
                     # first log step, and whenever MFU would read above 100%.
-                    peak = max(peak, peak_flops(self.device, self.precision, seconds=0.25)[0])
+                    with self._rng_aside():
+                        peak = max(peak, peak_flops(self.device, self.precision, seconds=0.25)[0])
                     peak_rechecked = True
                 rec.update(tokens_per_s=tps, mfu=mfu(self.flops_per_token, tps, peak, self.world))
                 window_t, window_tokens = time.perf_counter(), 0
@@ -711,7 +725,8 @@ class Trainer:
                 if self.device.type == "cpu":
                     # The CPU peak is the best matmul rate measured so far: a start-up measurement
                     # taken while the machine was busy would otherwise leave MFU above 100% later.
-                    peak = max(peak, peak_flops(self.device, self.precision, seconds=0.25)[0])
+                    with self._rng_aside():
+                        peak = max(peak, peak_flops(self.device, self.precision, seconds=0.25)[0])
                 last_eval = self.evaluate()
                 if last_eval and self.rank == 0:
                     self.metrics.write(kind="eval", step=step, **last_eval)
