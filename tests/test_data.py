@@ -452,6 +452,19 @@ def test_finetune_rejects_bad_records(tmp_path, small_tok):
         FinetuneDataset(p, small_tok, max_seq_len=32, fmt="alpaca")
 
 
+def test_finetune_names_the_line_of_a_record_it_cannot_use(tmp_path, small_tok):
+    good = json.dumps({"prompt": "a", "response": "b"}) + "\n"
+    p = tmp_path / "ft.jsonl"
+    p.write_bytes(good.encode() + b'{"prompt": "caf\xe9", "response": "b"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(ValueError, match=r"ft\.jsonl:2: not UTF-8"):  # was a bare UnicodeDecodeError
+        FinetuneDataset(p, small_tok, max_seq_len=32)
+    # A chat with no assistant turn has nothing to train on: it was dropped and counted "as too long".
+    for msgs in ([{"role": "user", "content": "hi"}], []):
+        p.write_text(good + json.dumps({"messages": msgs}) + "\n")
+        with pytest.raises(ValueError, match=r"ft\.jsonl:2: .*no assistant turn"):
+            FinetuneDataset(p, load_tokenizer(small_tok.path), max_seq_len=32, fmt="chatml")  # chatml adds tokens
+
+
 # ------------------------------------------------------------------------------------- corpus
 
 def test_bundled_corpus(tmp_path):

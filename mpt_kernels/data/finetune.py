@@ -100,7 +100,12 @@ def format_mpt_instruct(rec: dict, eos_token: str = "<|endoftext|>", where: str 
 def format_chatml(rec: dict, where: str = "record") -> list[tuple[str, bool]]:
     """Segments ``(text, is_response)`` in ChatML; every assistant turn (with its end marker) trains."""
     segs: list[tuple[str, bool]] = []
-    for m in _messages(rec, where):
+    msgs = _messages(rec, where)
+    if not any(m["role"] == "assistant" for m in msgs):
+        # nothing would train: it was dropped and counted as "too long", which sent users looking at seq_len
+        raise ValueError(f"{where}: the record has no assistant turn, so nothing in it would train "
+                         "(the loss covers assistant turns only)")
+    for m in msgs:
         if m["role"] not in ("system", "user", "assistant"):
             raise ValueError(f"{where}: unknown role {m['role']!r}")
         segs.append((f"{IM_START}{m['role']}\n", False))
@@ -146,11 +151,15 @@ class FinetuneDataset(_OrderedDataset):
         self.examples: list[tuple[np.ndarray, np.ndarray]] = []
         self.dropped = 0
         p = Path(path)
-        with open(p, encoding="utf-8-sig") as fh:  # a byte-order mark is no part of the first record
-            for n, line in enumerate(fh):
+        with open(p, "rb") as fh:  # bytes, so a line that is not UTF-8 is reported with its number
+            for n, raw in enumerate(fh):
+                where = f"{p}:{n + 1}"
+                try:  # a byte-order mark is no part of the first record
+                    line = raw.decode("utf-8-sig" if n == 0 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ValueError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
                 if not line.strip():
                     continue
-                where = f"{p}:{n + 1}"
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as exc:
