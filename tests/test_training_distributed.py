@@ -1,11 +1,11 @@
 """Trainer: resumption and several processes beyond what test_training.py covers (dropout across a
-resume, ...). Same micro model, corpus and helpers as test_training.py."""
+resume, a rank killed mid-save, ...). Same micro model, corpus and helpers as test_training.py."""
 import shutil
 
 import pytest
 import torch
 
-from test_training import _micro_cfg, corpus, final_params, losses  # noqa: F401  (corpus: a fixture)
+from test_training import _micro_cfg, corpus, final_params, losses, micro_args, run_train, why  # noqa: F401 (corpus: a fixture)
 
 
 def _fork_at(src, dst, step: int, last: int) -> None:
@@ -35,3 +35,25 @@ def test_resume_with_dropout_is_exact(tmp_path, corpus):
     pa, pb = final_params(tmp_path / "runs/straight", 6), final_params(tmp_path / "runs/resumed", 6)
     for k in pa:
         torch.testing.assert_close(pb[k], pa[k], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_rank_killed_in_the_middle_of_a_sharded_save(tmp_path, corpus):
+    """fault.during_save on a rank other than 0 (it killed nobody: only rank 0 ran the hook): rank 1
+    dies with its shard of step 6 written, torchrun restarts both, and the run continues from step 3
+    (the half-written step 6 is ignored) to the same losses as one process."""
+    common = dict(max_steps=8, global_batch_size=4, **{"checkpoint.save_every": 3, "eval.sample_tokens": 0})
+    one = run_train(micro_args(tmp_path, corpus, run_name="one", micro_batch_size=4, **common))
+    assert one.returncode == 0, why(one)
+    marker = tmp_path / "killed.marker"
+    hit = run_train(micro_args(tmp_path, corpus, run_name="hit", micro_batch_size=2, parallel="fsdp", **common, **{
+        "checkpoint.autoresume": True, "fault.kill_at_step": 6, "fault.rank": 1, "fault.during_save": True,
+        "fault.marker": str(marker)}), torchrun=2, extra=["--max-restarts=1"])
+    assert hit.returncode == 0, why(hit)
+    assert "SIGKILL in the middle of saving step 6 (rank 1)" in hit.stderr
+    assert "resumed from" in hit.stderr and "step_00000003" in hit.stderr
+    a, b = losses(tmp_path / "runs/one"), losses(tmp_path / "runs/hit")
+    assert sorted(b) == list(range(1, 9))
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=2e-6 if s <= 3 else 1e-3), s
+    assert not list((tmp_path / "runs/hit/checkpoints").glob(".tmp-*"))

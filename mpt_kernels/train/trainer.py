@@ -475,6 +475,8 @@ class Trainer:
             else:
                 torch.save(self.raw_model.state_dict(), tmp / "model.pt")
                 torch.save(self.optimizer.state_dict(), tmp / "optim.pt")
+            if kill_mid_save and self.rank != 0:  # (rank 0 dies later, with everything written)
+                crash(tmp)
 
         def crash(_tmp: Path) -> None:  # test hook: die with the files written but not yet renamed
             _log(f"[train] fault injection: SIGKILL in the middle of saving step {step} (rank {self.rank})")
@@ -486,7 +488,7 @@ class Trainer:
                  "optim": self.cfg.optim.name, "data_kind": self.cfg.data.kind}
         return save_checkpoint(self.ckpt_dir, step, rank=self.rank, world_size=self.world, write=write,
                                trainer_state=state, keep_last=self.cfg.checkpoint.keep_last, barrier=self._barrier,
-                               before_rename=crash if kill_mid_save else None)
+                               before_rename=crash if kill_mid_save and self.rank == 0 else None)
 
     def resume(self) -> tuple[int, int]:
         """Load the latest checkpoint of this run; returns (step, samples consumed). A checkpoint this
