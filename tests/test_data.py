@@ -452,6 +452,26 @@ def test_finetune_rejects_bad_records(tmp_path, small_tok):
         FinetuneDataset(p, small_tok, max_seq_len=32, fmt="alpaca")
 
 
+def test_finetune_end_markers_are_single_ids_even_when_not_registered_as_special(tmp_path, small_tok):
+    # A tokenizer.json with <|endoftext|> (and the ChatML markers) in its vocabulary but not among its
+    # added tokens: encoding the marker's text gave byte-level pieces, so the response never ended in
+    # the end-of-text id and the model was trained to spell "<|endoftext|>" out.
+    spec = json.loads(small_tok.backend.to_str())
+    n = small_tok.vocab_size
+    spec["model"]["vocab"].update({IM_START: n, IM_END: n + 1})
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != "<|endoftext|>"]
+    (tmp_path / "tok.json").write_text(json.dumps(spec))
+    (tmp_path / "ft.jsonl").write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    for fmt, end in (("mpt-instruct", "<|endoftext|>"), ("chatml", IM_END)):
+        tok = load_tokenizer(tmp_path / "tok.json")
+        end_id, vocab = tok.token_to_id(end), tok.vocab_sha256()
+        assert len(tok.encode(end)) > 1  # the trap
+        ids, labels = FinetuneDataset(tmp_path / "ft.jsonl", tok, max_seq_len=512, fmt=fmt).examples[0]
+        trained = ids[labels != IGNORE_INDEX].tolist()
+        assert trained == tok.encode("b") + [end_id], fmt
+        assert tok.vocab_sha256() == vocab and tok.token_to_id(end) == end_id  # same ids, same vocabulary
+
+
 def test_finetune_names_the_line_of_a_record_it_cannot_use(tmp_path, small_tok):
     good = json.dumps({"prompt": "a", "response": "b"}) + "\n"
     p = tmp_path / "ft.jsonl"

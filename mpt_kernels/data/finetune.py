@@ -117,10 +117,18 @@ def format_chatml(rec: dict, where: str = "record") -> list[tuple[str, bool]]:
     return segs
 
 
+def ensure_special_tokens(tokenizer: Tokenizer, tokens: Sequence[str]) -> None:
+    """Make each marker in ``tokens`` encode to its one id: added when missing, and registered as a special
+    token when the vocabulary has it only as an ordinary entry (then the text "<|endoftext|>" would be
+    cut into byte-level pieces, and the model would learn to spell the marker instead of emitting it).
+    Registering an existing token keeps its id, so the vocabulary (and its hash) stays the same."""
+    fix = [t for t in tokens if tokenizer.token_to_id(t) is None or tokenizer.encode(t) != [tokenizer.token_to_id(t)]]
+    if fix:
+        tokenizer.backend.add_special_tokens(fix)
+
+
 def ensure_chat_tokens(tokenizer: Tokenizer) -> None:
-    missing = [t for t in (IM_START, IM_END) if tokenizer.token_to_id(t) is None]
-    if missing:
-        tokenizer.backend.add_special_tokens(missing)
+    ensure_special_tokens(tokenizer, (IM_START, IM_END))
 
 
 def tokenize_example(segments: Sequence[tuple[str, bool]], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
@@ -144,6 +152,8 @@ class FinetuneDataset(_OrderedDataset):
             raise ValueError(f"FinetuneDataset: fmt must be one of {FORMATS}, got {fmt!r}")
         if fmt == "chatml":
             ensure_chat_tokens(tokenizer)
+        else:  # the response ends with the end-of-text marker's text
+            ensure_special_tokens(tokenizer, (tokenizer.eos_token,))
         self.tokenizer = tokenizer
         self.max_seq_len = int(max_seq_len)
         self.pad_to = pad_to
