@@ -508,6 +508,32 @@ def test_bundled_corpus(tmp_path):
     assert again == paths and time.perf_counter() - t0 < 1.0  # cached, not rebuilt
 
 
+def test_bundled_corpus_failed_rebuild_is_not_reused(tmp_path, monkeypatch):
+    # A rebuild with other settings retrains the tokenizer and rewrites the code stream, then fails on
+    # the text stream. Asking for the first settings again found their manifest and four indexes and
+    # reused them: code shards of the new tokenizer, text shards of the old one, and the new tokenizer.
+    from mpt_kernels.data import corpus
+
+    kw = dict(seq_len=64, max_code_bytes=100_000, val_fraction=0.1, show_progress=False)
+    corpus.build_default_corpus(tmp_path / "c", vocab_size=512, **kw)
+    real = corpus.convert_documents
+
+    def failing(docs, tokenizer, out_dirs, **k):
+        if "text" in str(out_dirs["train"]):
+            raise KeyboardInterrupt
+        return real(docs, tokenizer, out_dirs, **k)
+
+    monkeypatch.setattr(corpus, "convert_documents", failing)
+    with pytest.raises(KeyboardInterrupt):
+        corpus.build_default_corpus(tmp_path / "c", vocab_size=400, **kw)
+    monkeypatch.setattr(corpus, "convert_documents", real)
+    paths = corpus.build_default_corpus(tmp_path / "c", vocab_size=512, **kw)
+    tok = load_tokenizer(paths["tokenizer"])
+    assert tok.vocab_size == 512
+    for src in ("code", "text"):
+        assert TokenShards(paths[src]["train"]).index["tokenizer_vocab_sha256"] == tok.vocab_sha256()
+
+
 # ------------------------------------------------------------------------------------- converter: walkthrough fixes
 
 def _cli(*args):

@@ -103,6 +103,9 @@ def build_default_corpus(out_dir: str | os.PathLike, *, seq_len: int, tokenizer:
         if manifest.get("key") == _settings_key(settings) and all(
                 (out / src / split / "index.json").is_file() for src in SOURCES for split in ("train", "val")):
             return _paths(out, manifest)
+        # The old build is about to be replaced piece by piece (tokenizer first, then each source): a
+        # build that fails or is stopped half way must not leave a manifest that vouches for the mix.
+        manifest_path.unlink()
 
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is None:
