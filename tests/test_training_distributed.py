@@ -57,3 +57,29 @@ def test_rank_killed_in_the_middle_of_a_sharded_save(tmp_path, corpus):
     for s in a:
         assert b[s] == pytest.approx(a[s], rel=2e-6 if s <= 3 else 1e-3), s
     assert not list((tmp_path / "runs/hit/checkpoints").glob(".tmp-*"))
+
+
+def test_a_step_is_saved_once(tmp_path, corpus, monkeypatch):
+    """A max_minutes stop on a save step, and a finished run started again with autoresume, do not
+    write the same checkpoint a second time (a whole save, and a swap of step_N's folder during
+    which no complete step_N exists: with keep_last=1, no checkpoint at all)."""
+    from mpt_kernels.train import Trainer
+
+    kw = {"checkpoint.save_every": 2, "checkpoint.keep_last": 1, "checkpoint.autoresume": True,
+          "checkpoint.save_hf": False, "eval.sample_tokens": 0, "eval.every": -1}
+    saved = []
+
+    def trainer(**extra):
+        tr = Trainer(_micro_cfg(tmp_path, corpus, max_steps=4, **{**kw, **extra}))
+        real = tr.save
+        monkeypatch.setattr(tr, "save", lambda step, consumed, **k: saved.append(step) or real(step, consumed, **k))
+        return tr
+
+    assert trainer(max_minutes=1e-9).fit()["steps"] == 1  # (stops after its first step)
+    assert trainer(max_minutes=1e-9).fit()["steps"] == 2  # a save step
+    assert saved == [1, 2]
+    trainer().fit()
+    assert saved == [1, 2, 4]
+    trainer().fit()  # finished: nothing to train, nothing to save
+    assert saved == [1, 2, 4]
+    assert [p.name for p in (tmp_path / "runs/micro/checkpoints").iterdir()] == ["step_00000004"]

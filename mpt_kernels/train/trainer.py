@@ -649,6 +649,10 @@ class Trainer:
         t_start = self._t0
         step, consumed = self.resume() if cfg.checkpoint.autoresume else (0, 0)
         resumed = step > 0
+        # The step whose checkpoint already holds this state: the final save skips it rather than
+        # write the same checkpoint again (a max_minutes stop on a save step, a finished run resumed),
+        # which costs a whole save and swaps the folders, with no complete step_N for a moment.
+        saved_step = step if resumed else None
         if not resumed:
             self._start_over()
         seq_len = cfg.data.seq_len
@@ -739,6 +743,7 @@ class Trainer:
             fault = self._fault_armed(step)
             if saving:
                 self.save(step, consumed, kill_mid_save=fault and cfg.fault.during_save)
+                saved_step = step
             window_t += time.perf_counter() - t_aside
             if fault and not cfg.fault.during_save:
                 _log(f"[train] fault injection: SIGKILL after step {step} (rank {self.rank})")
@@ -759,7 +764,8 @@ class Trainer:
         final_eval = self.evaluate()
         if final_eval and self.rank == 0:
             self.metrics.write(kind="eval", step=step, **final_eval)
-        self.save(step, consumed)
+        if step != saved_step:
+            self.save(step, consumed)
         full = self.full_model() if (cfg.checkpoint.save_hf or cfg.eval.sample_tokens > 0) else None
         hf = self.save_hf(full) if cfg.checkpoint.save_hf else None
         text = self.sample(full)
