@@ -17,7 +17,7 @@ from mpt_kernels.data.convert import convert, iter_documents
 from mpt_kernels.data.dataset import _round_keys
 from mpt_kernels.data.finetune import IGNORE_INDEX, IM_END, IM_START, INSTRUCT_INTRO, format_mpt_instruct
 
-NEOX = Path(__file__).resolve().parents[1] / ".." / ".." / "shared" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+NEOX = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"  # ../shared
 NEOX = Path(os.environ.get("MPTK_NEOX_TOKENIZER", NEOX))
 
 CODE = '''def fibonacci(n):
