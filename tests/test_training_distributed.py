@@ -83,3 +83,23 @@ def test_a_step_is_saved_once(tmp_path, corpus, monkeypatch):
     trainer().fit()  # finished: nothing to train, nothing to save
     assert saved == [1, 2, 4]
     assert [p.name for p in (tmp_path / "runs/micro/checkpoints").iterdir()] == ["step_00000004"]
+
+
+def test_summary_losses_leave_out_skipped_steps(tmp_path, corpus, monkeypatch):
+    """A skipped step's loss is NaN: the summary's first/last-steps averages read nan with it."""
+    import math
+
+    from mpt_kernels.train import Trainer
+
+    tr = Trainer(_micro_cfg(tmp_path, corpus, max_steps=3, **{
+        "checkpoint.save_every": 0, "checkpoint.save_hf": False, "eval.sample_tokens": 0, "eval.every": -1}))
+    real, calls = tr._forward_loss, []
+
+    def poisoned(batch):
+        calls.append(1)
+        return real(batch) * (float("nan") if len(calls) == 1 else 1.0)
+
+    monkeypatch.setattr(tr, "_forward_loss", poisoned)
+    s = tr.fit()
+    assert s["skipped_steps"] == 1 and math.isnan(losses(tmp_path / "runs/micro")[1])
+    assert math.isfinite(s["loss_first"]) and math.isfinite(s["loss_last"])

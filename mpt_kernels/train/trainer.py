@@ -780,10 +780,12 @@ class Trainer:
                    "sample": text, "run_dir": str(self.run_dir)}
         if self.rank == 0:
             train = read_metrics(self.run_dir / "metrics.jsonl", "train")
+            finite = [r["loss"] for r in train if math.isfinite(r["loss"])]  # a skipped step's loss is NaN/inf
+            if finite:
+                k = max(1, min(10, len(finite) // 5))
+                summary["loss_first"] = sum(finite[:k]) / k
+                summary["loss_last"] = sum(finite[-k:]) / k
             if train:
-                k = max(1, min(10, len(train) // 5))
-                summary["loss_first"] = sum(r["loss"] for r in train[:k]) / k
-                summary["loss_last"] = sum(r["loss"] for r in train[-k:]) / k
                 tps = [r["tokens_per_s"] for r in train if "tokens_per_s" in r]
                 mf = [r["mfu"] for r in train if "mfu" in r]
                 if tps:
