@@ -215,3 +215,30 @@ def test_decode_steps_match_the_torch_linear_path(monkeypatch):
     scale = logits[False].abs().max().item()
     assert math.isfinite(scale)
     torch.testing.assert_close(logits[True], logits[False], atol=scale * 2.0 ** -5, rtol=0)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_training_outputs_are_not_views(autocast):
+    """The float32-GEMM Linear writes its output in its final shape: module outputs (a block's branch,
+    the logits) are tensors of their own, not views, which FSDP2 warns about on every forward ("returned
+    a view tensor": an in-place op on one would skip its pre-backward hook). Values as F.linear."""
+    from mpt_kernels.model import MPTConfig, MPTForCausalLM
+
+    torch.manual_seed(3)
+    m = MPTForCausalLM(MPTConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=101, max_seq_len=32,
+                                 attn_config={"attn_impl": "flash"}))
+    ids = torch.randint(0, 101, (2, 16))
+    seen = []
+    for b in m.transformer.blocks:
+        b.register_forward_hook(lambda mod, inp, out: seen.extend(out))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = m(ids, labels=ids)
+    seen.append(out.logits)
+    assert len(seen) == 5 and all(t._base is None for t in seen)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    w, bias = torch.randn(8, 16, requires_grad=True), torch.randn(8)
+    for dt in (torch.float32, torch.bfloat16):
+        y = modeling._Float32GemmLinear.apply(x.to(dt), w.to(dt), bias.to(dt))
+        assert y._base is None and y.shape == (2, 3, 8) and y.dtype == dt
+        torch.testing.assert_close(y.float(), F.linear(x.to(dt).float(), w.to(dt).float(), bias.to(dt).float()),
+                                   rtol=1e-2 if dt == torch.bfloat16 else 1e-6, atol=1e-2 if dt == torch.bfloat16 else 1e-5)

@@ -371,6 +371,8 @@ def test_two_processes_match_one(tmp_path, corpus, parallel):
     two = run_train(micro_args(tmp_path, corpus, run_name="two", micro_batch_size=2, parallel=parallel, **common),
                     torchrun=2)
     assert two.returncode == 0, why(two)
+    # FSDP2 warns on every forward when a wrapped module (a block, the model) returns a view
+    assert "returned a view tensor" not in two.stderr + two.stdout
     a, b = losses(tmp_path / "runs/one"), losses(tmp_path / "runs/two")
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for s in a:

@@ -81,18 +81,27 @@ def _float32(t: torch.Tensor, pool: bool) -> torch.Tensor:
     return _pooled(t.shape, torch.float32, t, pool).copy_(t) if pool else t.float()
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, pool: bool, bias=None) -> torch.Tensor:
-    """``(a @ b + bias).to(out_dtype)`` with float32 a, b; the float32 product and the converted result in
-    pooled memory when ``pool``."""
+def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, pool: bool, bias=None, shape=None) -> torch.Tensor:
+    """``(a @ b + bias).to(out_dtype)`` with float32 a, b, shaped ``shape`` (default: 2-D); the float32
+    product and the converted result in pooled memory when ``pool``, the result then a tensor of its
+    own, not a view (FSDP2 warns about module outputs that are views: an in-place op on one would
+    skip its pre-backward hook)."""
+    rows, cols = a.shape[0], b.shape[1]
     if not pool:
         y = a @ b if bias is None else torch.addmm(bias.float(), a, b)
-        return y.to(out_dtype)
-    y = _pooled((a.shape[0], b.shape[1]), torch.float32, a, True)
+        y = y.to(out_dtype)
+        return y if shape is None else y.view(shape)
+    shape = (rows, cols) if shape is None else shape
+    y = _pooled(shape if out_dtype == torch.float32 else (rows, cols), torch.float32, a, True)
     if bias is None:
-        torch.mm(a, b, out=y)
+        torch.mm(a, b, out=y.view(rows, cols))
     else:
-        torch.addmm(bias.float(), a, b, out=y)
-    return y if out_dtype == torch.float32 else _pooled(y.shape, out_dtype, y, True).copy_(y)
+        torch.addmm(bias.float(), a, b, out=y.view(rows, cols))
+    if out_dtype == torch.float32:
+        return y
+    out = _pooled(shape, out_dtype, y, True)
+    out.view(rows, cols).copy_(y)
+    return out
 
 
 class _Float32GemmLinear(torch.autograd.Function):
@@ -107,8 +116,7 @@ class _Float32GemmLinear(torch.autograd.Function):
         pool = mk._ext.direct_call_ok(x, w, b)
         with torch.autocast("cpu", enabled=False):  # float32 products even inside an autocast region
             x2 = _float32(x, pool).reshape(-1, x.shape[-1])
-            y = _mm(x2, _float32(w, pool).t(), x.dtype, pool, bias=b)
-        return y.view(*x.shape[:-1], w.shape[0])
+            return _mm(x2, _float32(w, pool).t(), x.dtype, pool, bias=b, shape=(*x.shape[:-1], w.shape[0]))
 
     @staticmethod
     def backward(ctx, g):
