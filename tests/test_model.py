@@ -901,6 +901,27 @@ def test_reorder_of_an_empty_cache():
     assert out.past_key_values.length == 4
 
 
+@pytest.mark.cuda
+def test_cuda_cache_reorder_takes_a_host_index():
+    """A CUDA cache reordered with a host index tensor (or a list), as the CPU tests do it: index_select
+    on CUDA refuses a host index, so the rows are moved to the cache's device first. The reordered
+    cache then decodes as the cache of the kept rows alone."""
+    m = MPTForCausalLM(small()).to("cuda", torch.bfloat16).eval()
+    x = torch.randint(0, 100, (3, 5), device="cuda")
+    with torch.no_grad():
+        caches = [m(x, use_cache=True).past_key_values for _ in range(3)]
+        caches[0].reorder(torch.tensor([2, 0]))
+        caches[1].reorder([2, 0])
+        caches[2].reorder(torch.tensor([2, 0], device="cuda"))
+        for c in caches:
+            assert c.batch_size == 2 and len(c) == 5
+            for i in range(c.n_layers):
+                assert torch.equal(c.k[i][:, :5], caches[2].k[i][:, :5])
+        nxt = torch.randint(0, 100, (2, 1), device="cuda")
+        outs = [m(nxt, past_key_values=c, use_cache=True).logits for c in caches]
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
+
+
 def test_from_pretrained_strict_false_keeps_the_checkpoint_dtype(tmp_path):
     """An untied bf16 checkpoint without its lm_head: the new head is bf16 like the rest."""
     import warnings

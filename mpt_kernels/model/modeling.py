@@ -329,12 +329,16 @@ class KVCache:
         self.length += n
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Keep only ``rows`` (beam search / dropping finished rows)."""
+        """Keep only ``rows`` (beam search / dropping finished rows): an integer tensor (or a list of
+        row indices) on any device; a CUDA cache gets it moved to its device (index_select on CUDA
+        refuses a host index)."""
+        rows = torch.as_tensor(rows)
+        idx = rows.tolist()
+        rows = rows.to(self.device)
         for buf in (self.k, self.v):
             for i in range(self.n_layers):
                 if buf[i] is not None:  # nothing allocated yet: an empty cache
                     buf[i] = buf[i].index_select(0, rows)
-        idx = rows.tolist()
         if self.row_starts is not None:
             self.row_starts = [self.row_starts[j] for j in idx]
         self.batch_size = len(idx)
