@@ -7,8 +7,9 @@ against float64 references with the real-GPU tests' bounds (tests/test_attention
 ``_bound_check``: at most 2x torch's own low-precision error). Some cases rerun under other thread and
 block orders (MPTK_EMU_SCHEDULE): a missing barrier or a cross-block dependency changes results there.
 
-Not covered: the hardware's real float32 accumulation order in mma, timing, registers, occupancy, the
-memory model beyond barriers. tests/cuda_emu/README.md has the details.
+Not covered: the hardware's exact float32 accumulation in mma (bounded instead: the attention paths
+also run with a truncating, one-product-at-a-time accumulation, worse than the hardware's), timing,
+registers, occupancy, the memory model beyond barriers. tests/cuda_emu/README.md has the details.
 """
 import math
 import os
@@ -171,6 +172,28 @@ PATHS = list(SMOKE) + [
 @pytest.mark.parametrize("name,shape,grad", PATHS, ids=[c[0] for c in PATHS])
 def test_attention_each_path(E, schedule, name, shape, grad, dtype):
     torch.manual_seed(hash(name) % 1000)
+    B, Sq, Sk, H, Hkv, D, causal, alibi = shape
+    q, k, v = _qkv(B, Sq, Sk, H, Hkv, D, dtype)
+    slopes = mk.alibi_slopes(H) if alibi else torch.zeros(H)
+    _run_attention(E, q, k, v, causal, slopes, grad=grad)
+
+
+# Long key ranges: one output's accumulator takes hundreds of mma calls (the forward's P V and the
+# backward's dK, dV sums over query rows; a decode split's tiles).
+_LONG = [("fwd_d128_causal_long", (1, 260, 900, 2, 1, 128, True, True), False),
+         ("bwd_d64_full_long", (1, 330, 330, 1, 1, 64, False, True), True),
+         ("decode_d128_long", (1, 1, 2000, 8, 8, 128, True, True), False)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,shape,grad", PATHS + _LONG, ids=[c[0] for c in PATHS + _LONG])
+def test_attention_within_bounds_under_truncating_mma_accumulation(E, monkeypatch, name, shape, grad, dtype):
+    """The emulator's mma normally sums its 16 exact products in double, better than tensor cores do.
+    MPTK_EMU_MMA=1 adds them one by one into the float32 accumulator, each sum truncated toward zero:
+    more roundings than the hardware makes, and all biased one way. Every kernel path (and long key
+    ranges, where the bias accumulates) still meets the real-GPU tests' bound."""
+    monkeypatch.setenv("MPTK_EMU_MMA", "1")
+    torch.manual_seed(zlib.crc32(name.encode()) % 1000)
     B, Sq, Sk, H, Hkv, D, causal, alibi = shape
     q, k, v = _qkv(B, Sq, Sk, H, Hkv, D, dtype)
     slopes = mk.alibi_slopes(H) if alibi else torch.zeros(H)

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
@@ -36,6 +37,7 @@ uint16_t float_to_half_bits(float f) {  // round to nearest even
 
 // ---------------------------------------------------------------- runtime API state
 static thread_local cudaError_t g_last_error = cudaSuccess;
+static int g_mma_mode = 0;  // MPTK_EMU_MMA (see mma below)
 static std::map<const void*, int> g_max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize
 
 static int env_int(const char* name, int dflt) {
@@ -295,6 +297,7 @@ void run_grid(const void* func, dim3 grid, dim3 block, size_t dynamic_smem, cons
     return;
   }
   const int schedule = env_int("MPTK_EMU_SCHEDULE", 0);
+  g_mma_mode = env_int("MPTK_EMU_MMA", 0);
   std::mt19937 rng(static_cast<unsigned>(schedule));
   Block b;
   b.threads.resize(nthreads);
@@ -451,7 +454,20 @@ void ldmatrix_x4(uint32_t (&r)[4], uint32_t off, bool trans) {
   }
 }
 
+// How mma.m16n8k16 sums (MPTK_EMU_MMA, read at each launch): 0, the 16 exact products in double and
+// one rounding into float32 (better than the hardware); 1, a pessimistic bound on it: the products
+// added one by one into the float32 accumulator, each sum truncated toward zero (17 roundings in one
+// direction, where tensor cores align a block of products to the largest exponent, truncate and
+// normalise: a few). A kernel that passes under 1 leaves room for the hardware's accumulation.
+
 namespace {
+float add_toward_zero(float acc, double x) {
+  const double d = static_cast<double>(acc) + x;  // exact for these magnitudes (a float plus an exact product)
+  float f = static_cast<float>(d);
+  if (std::fabs(static_cast<double>(f)) > std::fabs(d)) f = std::nextafter(f, 0.0f);
+  return f;
+}
+
 struct MmaIn {
   uint32_t a[4], b0, b1;
 };
@@ -476,6 +492,10 @@ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   };
   for (int i = 0; i < 4; ++i) {
     const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i % 2);
+    if (g_mma_mode == 1) {
+      for (int k = 0; k < 16; ++k) c[i] = add_toward_zero(c[i], static_cast<double>(A(row, k)) * B(k, col));
+      continue;
+    }
     double s = 0.0;  // products exact; one rounding of the sum into float32
     for (int k = 0; k < 16; ++k) s += static_cast<double>(A(row, k)) * B(k, col);
     c[i] = static_cast<float>(static_cast<double>(c[i]) + s);
