@@ -17,6 +17,7 @@ import torch
 from _subproc import NEUTRAL_CWD, subprocess_env
 from mpt_kernels.train import (Config, CosineWithWarmup, gpu_peak_flops, latest_checkpoint, list_checkpoints,
                                load_config, mfu, read_metrics, save_checkpoint)
+from mpt_kernels.train import trainer as trainer_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "training" / "train.py"
@@ -266,7 +267,7 @@ def test_cpu_mfu_never_reads_above_100_percent_after_a_busy_startup(tmp_path, co
     """The start-up matmul can run on a busy machine and measure a peak far below what the cores do;
     the trainer re-measures at the first log step (and whenever MFU would read above 100%), before
     any evaluation, so no logged MFU exceeds 1."""
-    from mpt_kernels.train import Trainer, trainer as trainer_mod
+    from mpt_kernels.train import Trainer
 
     real = trainer_mod.peak_flops
     calls = []
@@ -441,8 +442,25 @@ def test_fp32_on_cuda_is_refused_up_front(tmp_path, corpus, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda *a: None)
+    monkeypatch.setattr(trainer_mod, "_kernels_have_cuda", lambda: True)
     with pytest.raises(ValueError, match="^precision: fp32 training on CUDA"):
         Trainer(_micro_cfg(tmp_path, corpus, device="cuda", precision="fp32"))
+
+
+def test_a_gpu_without_cuda_kernels_is_named_up_front(tmp_path, corpus, monkeypatch, capfd):
+    """torch sees a GPU but mpt_kernels was built without CUDA kernels (no nvcc at install): device=cuda
+    is refused when the trainer is made (it failed at the first LayerNorm, after the data and model were
+    built); device=auto trains on the CPU and says why."""
+    from mpt_kernels.train import Trainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda *a: None)
+    monkeypatch.setattr(trainer_mod, "_kernels_have_cuda", lambda: False)
+    with pytest.raises(ValueError, match="^device=cuda: torch sees a CUDA device, but this build of mpt_kernels has no CUDA"):
+        Trainer(_micro_cfg(tmp_path, corpus, device="cuda", precision="bf16"))
+    tr = Trainer(_micro_cfg(tmp_path, corpus, device="auto", run_name="auto"))
+    assert tr.device.type == "cpu"
+    assert "training on the CPU instead (device=auto)" in capfd.readouterr().err
 
 
 def test_bf16_autocast_trains(tmp_path, corpus):

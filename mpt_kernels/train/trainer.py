@@ -35,6 +35,12 @@ from .metrics import MetricsLog, cpu_has_native_bf16, mfu, peak_flops, plot_loss
 from .schedule import CosineWithWarmup
 
 
+def _kernels_have_cuda() -> bool:
+    import mpt_kernels as mk
+
+    return mk.cuda_available()
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -83,6 +89,15 @@ class Trainer:
         use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device=cuda asked for, but torch sees no CUDA device")
+        if use_cuda and not _kernels_have_cuda():
+            # (otherwise the first LayerNorm on the GPU fails, after the data and the model are built)
+            why = ("torch sees a CUDA device, but this build of mpt_kernels has no CUDA kernels (installed "
+                   "without nvcc, or with MPT_KERNELS_CUDA=0): reinstall with the CUDA toolkit on PATH "
+                   "(MPT_KERNELS_CUDA=1 pip install .)")
+            if cfg.device == "cuda":
+                raise ValueError(f"device=cuda: {why}, or pass device=cpu")
+            _log(f"[train] WARNING: {why}; training on the CPU instead (device=auto)")
+            use_cuda = False
         if use_cuda:
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
