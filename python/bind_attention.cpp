@@ -31,6 +31,9 @@ void fill_inputs(AttentionFwdParams& p, const TensorView& q, const TensorView& k
   check_same_device(q, "q", v, "v");
   if (q.is_cuda()) {
 #ifdef MPTK_WITH_CUDA
+    MPTK_CHECK_ARG(q.dtype != DType::Float32, "q", "float32 on CUDA: the CUDA attention kernels take float16 or ",
+                   "bfloat16; run the model under torch.autocast(\"cuda\", dtype=torch.bfloat16) or convert it ",
+                   "(model.to(torch.bfloat16))");
     check_dtype(q, "q", {DType::Float16, DType::BFloat16});
 #else
     throw_no_cuda("alibi_attention");

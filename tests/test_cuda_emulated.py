@@ -292,6 +292,14 @@ def test_attention_refused_head_dim_is_an_error_not_a_launch(E):
         emu_attention_fwd(E, q, q, q, None, True)
 
 
+def test_attention_float32_on_cuda_says_what_to_do(E):
+    """A float32 model on CUDA (no autocast) reaches the kernels with float32 q: the error says the CUDA
+    kernels take 16-bit inputs and how to get them, not only "unsupported dtype"."""
+    q = torch.randn(1, 4, 2, 64)
+    with pytest.raises(ValueError, match=r"q: float32 on CUDA: .*torch.autocast\("):
+        emu_attention_fwd(E, q, q, q, None, True)
+
+
 # ------------------------------------------------------------------------- LayerNorm, cross-entropy, Lion
 # These run the same binding on both sides: the CPU kernels (tested against float64 in their own test
 # files) and the emulated CUDA kernels, with NaN-filled outputs, and compare.
