@@ -1012,3 +1012,26 @@ def test_attention_dropout_with_the_kernel_runs_in_eval_and_refuses_training(tmp
         m.train()
         with pytest.raises(ValueError, match="attn_pdrop"):  # a decode step in training mode: not the direct one
             m(ids[:, :1], past_key_values=cache, use_cache=True)
+
+
+def test_varlen_offsets_built_under_inference_mode_are_checked_once(monkeypatch):
+    """The model's cu_seqlens under torch.inference_mode (generate, pipelines): built as a tensor with a
+    version counter, so the attention op's device-offset check (a GPU read-back) is remembered across
+    layers (_ext.LastResult) instead of repeated in each layer; inference tensors have no counter."""
+    from mpt_kernels.ops import attention as attn_op
+
+    m = MPTForCausalLM(MPTConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=101, max_seq_len=32,
+                                 attn_config={"attn_impl": "flash"})).eval()
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[0, :3] = False
+    calls = []
+    real = attn_op._check_cu_seqlens_values
+    monkeypatch.setattr(attn_op, "_check_cu_seqlens_values", lambda *a: calls.append(1) or real(*a))
+    attn_op._CHECKED_CU.clear()
+    with torch.inference_mode():
+        plan = m._plan(2, 8, mask, None, None, torch.device("cpu"))
+        assert plan.kind == "varlen" and not plan.cu_seqlens.is_inference()
+        cu, T = plan.cu_seqlens, int(plan.cu_seqlens[-1])
+        for _ in range(3):  # as three layers would (CPU offsets skip this check in the op itself)
+            attn_op._check_cu_seqlens_once(cu, cu, plan.max_seqlen, plan.max_seqlen, True, T, T)
+    assert len(calls) == 1

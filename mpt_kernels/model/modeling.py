@@ -730,7 +730,11 @@ class MPTForCausalLM(nn.Module):
         if T == 0:
             raise ValueError("attention_mask: no real tokens at all")
         bounds = torch.cat([seg_start.nonzero().flatten(), torch.tensor([T], device=device)])
-        cu = bounds.to(torch.int32)
+        with torch.inference_mode(False):
+            # A tensor with a version counter even under inference_mode (generate, transformers'
+            # pipelines): the attention op then checks device offsets once per forward (_ext.LastResult),
+            # not with a read-back in every layer.
+            cu = bounds.to(torch.int32)
         return _AttnPlan("varlen", index=index, cu_seqlens=cu, max_seqlen=int((bounds[1:] - bounds[:-1]).max()))
 
     # ---- checkpoints and generation (implemented in checkpoint.py / generation.py) -----------------

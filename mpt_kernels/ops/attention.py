@@ -87,8 +87,14 @@ def _check_cu_seqlens_once(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     recompute): read them back and check them once (``_ext.LastResult``: the same tensor objects,
     unmodified, with the same arguments)."""
     _CHECKED_CU((cu_seqlens_q, cu_seqlens_k), (max_seqlen_q, max_seqlen_k, causal, rows_q, rows_k),
-                lambda: _check_cu_seqlens_values(cu_seqlens_q.cpu(), cu_seqlens_k.cpu(), max_seqlen_q, max_seqlen_k,
+                lambda: _check_cu_seqlens_values(*_host_pair(cu_seqlens_q, cu_seqlens_k), max_seqlen_q, max_seqlen_k,
                                                  causal, rows_q, rows_k))
+
+
+def _host_pair(cu_q, cu_k):
+    """Host copies of the offsets: one copy (one sync) when q and k share them, as a model's do."""
+    cq = cu_q.cpu()
+    return cq, (cq if cu_k is cu_q else cu_k.cpu())
 
 
 _CHECKED_CU = LastResult()  # the last device cu_seqlens pair that passed _check_device_cu_seqlens
