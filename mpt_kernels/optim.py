@@ -223,7 +223,7 @@ class Lion(Optimizer):
         group = self.param_groups[-1]
         _check_hyper(group["lr"], group["betas"], group["weight_decay"], group["state_dtype"],
                      f"param_groups[{len(self.param_groups) - 1}]: ")
-        group.setdefault("initial_lr", group["lr"])
+        group.setdefault("initial_lr", _lr_copy(group["lr"]))
         group.setdefault("step", 0)
 
     def __getstate__(self):
@@ -241,7 +241,7 @@ class Lion(Optimizer):
             for k, v in (("decoupled_weight_decay", True), ("state_dtype", torch.float32),
                          ("stochastic_rounding", True), ("seed", 0), ("step", 0)):
                 group.setdefault(k, v)
-            group.setdefault("initial_lr", group["lr"])
+            group.setdefault("initial_lr", _lr_copy(group["lr"]))
         self.__dict__.setdefault("_skip_counters", {})
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("skip_nonfinite", False)
@@ -395,6 +395,13 @@ class Lion(Optimizer):
                          None if a is None else view(a[2:3], "skip"),
                          seed, rng_step, _stream(dev))
         return loss
+
+
+def _lr_copy(lr):
+    """initial_lr's value: a tensor lr is cloned, as torch's LR schedulers do. LR schedulers update a
+    tensor lr in place (fill_), so an alias would follow the schedule and lr / initial_lr would stay 1:
+    the decoupled decay would then ignore the schedule."""
+    return lr.clone() if isinstance(lr, torch.Tensor) else lr
 
 
 def _check_hyper(lr, betas, weight_decay, state_dtype, prefix):

@@ -587,6 +587,26 @@ def test_initial_lr_is_kept_by_schedulers_and_paper_mode_uses_lr():
     torch.testing.assert_close(q.detach(), torch.full((1000,), 0.95))
 
 
+def test_tensor_lr_decoupled_decay_follows_the_schedule():
+    """A tensor lr is updated in place by LR schedulers (fill_); initial_lr was the same tensor, so
+    lr / initial_lr stayed 1 and the decoupled decay ignored the schedule."""
+    p = torch.nn.Parameter(torch.ones(1000))
+    q = torch.nn.Parameter(torch.ones(1000))
+    opt = mk.optim.Lion([p], lr=torch.tensor(0.1), weight_decay=0.5)
+    opt.add_param_group(dict(params=[q], lr=torch.tensor(0.1)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 ** k)
+    expected = 1.0
+    for k in range(3):
+        p.grad, q.grad = torch.zeros(1000), torch.zeros(1000)
+        opt.step()
+        expected *= 1 - 0.5 * 0.5 ** k  # decay = wd * lr / initial_lr
+        torch.testing.assert_close(p.detach(), torch.full((1000,), expected))
+        torch.testing.assert_close(q.detach(), torch.full((1000,), expected))
+        sched.step()
+    for group in opt.param_groups:
+        assert float(group["initial_lr"]) == pytest.approx(0.1)
+
+
 def test_add_param_group():
     a = torch.nn.Parameter(torch.randn(10))
     b = torch.nn.Parameter(torch.randn(10))
