@@ -684,6 +684,26 @@ def test_bad_arguments_raise_value_error():
             mk.optim.Lion([p], **kw)
 
 
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate")
+def test_duplicate_parameters_raise():
+    """torch refuses a parameter in two groups but only warns for one listed twice in a group; the
+    fused step then updated it from two threads at once (lost updates, varying from run to run)."""
+    w = torch.nn.Parameter(torch.zeros(1 << 16))
+    with pytest.raises(ValueError, match="more than once"):
+        mk.optim.Lion([w, w], lr=0.1)
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        mk.optim.Lion([dict(params=[w]), dict(params=[w])], lr=0.1)
+    v = torch.nn.Parameter(torch.zeros(3))
+    opt = mk.optim.Lion([v], lr=0.1)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: .*more than once"):
+        opt.add_param_group(dict(params=[w, w]))
+    assert len(opt.param_groups) == 1
+    opt.add_param_group(dict(params=[w]))
+    w.grad = torch.ones(1 << 16)
+    opt.step()
+    assert torch.equal(w.detach(), torch.full((1 << 16,), -0.1))
+
+
 @pytest.mark.parametrize("case", ["sparse", "complex", "float16", "float64", "noncontiguous"])
 def test_unsupported_parameters_raise(case):
     if case == "sparse":
