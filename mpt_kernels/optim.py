@@ -453,9 +453,9 @@ def clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm:
         if g is None:
             continue
         gl = _local(g)
-        if not gl.is_contiguous():
-            raise ValueError("parameters: gradients must be contiguous")
-        plan.add(gl, g if _is_dtensor(g) else None)
+        # A non-contiguous gradient (a channels_last conv weight's, a transposed view's) is summed from
+        # a contiguous copy, which the plan keeps until the norm is taken; the clip scales it in place.
+        plan.add(gl if gl.is_contiguous() else gl.contiguous(), g if _is_dtensor(g) else None)
         locals_by_dev.setdefault(gl.device, []).append(gl)
     aux = plan.finalize(max_norm, None, None, False)
     first = plan.devices()[0]

@@ -395,6 +395,27 @@ def test_clip_grad_norm_edge_cases():
         torch.nn.utils.clip_grad_norm_([r], 0.1, norm_type=float("inf")).item())
 
 
+def test_clip_grad_norm_noncontiguous_gradients():
+    """A channels_last conv weight has a non-contiguous gradient; torch clips it, we raised."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    conv(torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)).square().sum().backward()
+    t = torch.nn.Parameter(torch.randn(6, 5))
+    t.grad = torch.randn(5, 6).t()  # a transposed gradient
+    params = [conv.weight, conv.bias, t]
+    assert not conv.weight.grad.is_contiguous()
+    want = [p.grad.clone() for p in params]
+    ref = [torch.nn.Parameter(torch.empty_like(g)) for g in want]
+    for r, g in zip(ref, want):
+        r.grad = g.clone()
+    want_norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    got_norm = mk.optim.clip_grad_norm_(params, 1.0)
+    torch.testing.assert_close(got_norm, want_norm)
+    assert not conv.weight.grad.is_contiguous()  # clipped in place
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.grad, r.grad)
+
+
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_norm_without_skipping_follows_clip_grad_norm(bad):
