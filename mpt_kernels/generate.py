@@ -137,6 +137,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.max_new_tokens < 0:
         p.error(f"--max-new-tokens: expected >= 0, got {args.max_new_tokens}")
+    if not -2**63 <= args.seed < 2**64:  # what torch's generators take (torch raised a bare ValueError)
+        p.error(f"--seed: expected an integer in [-2**63, 2**64), got {args.seed}")
     if args.prompt is None and not args.chat:
         p.error("--prompt is required (or --chat)")
     if args.system is not None and not args.chat:

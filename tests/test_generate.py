@@ -195,3 +195,12 @@ def test_cli_sampling_flags_are_checked_before_the_prompt_is_printed(tmp_path, c
     assert f"python -m mpt_kernels.generate: error: {flag}: " in err, err
     assert "top_p:" not in err and "top_k:" not in err and "Traceback" not in err
     assert out == ""  # the prompt was not printed
+
+
+@pytest.mark.parametrize("seed", [str(2**64), str(-2**63 - 1), "99999999999999999999999"])
+def test_cli_seed_out_of_range_is_a_clean_error(tmp_path, capsys, seed):
+    """torch takes seeds in [-2**63, 2**64): a larger --seed raised a bare 'Overflow when unpacking long
+    long' traceback from torch.manual_seed, after the prompt was printed."""
+    make_model_dir(tmp_path)
+    err = _cli_error(capsys, ["--model", str(tmp_path), "--prompt", "the cat", "--device", "cpu", "--seed", seed])
+    assert "--seed:" in err
