@@ -334,6 +334,7 @@ class Lion(Optimizer):
         # queued: a contiguous copy of a gradient would otherwise be freed (and its memory handed to
         # the next allocation) before the kernel reads it.
         keep = []
+        spans: dict = {}  # device -> [(first byte, end byte, where)] of every parameter to step
         rng_index = 0
         for gi, group in enumerate(self.param_groups):
             group["step"] += 1
@@ -370,6 +371,10 @@ class Lion(Optimizer):
                     m = state["exp_avg"] = m.contiguous()
                     m_local = _local(m)
                 keep += (p_local, g_local, m_local)
+                if p_local.numel():
+                    start = p_local.data_ptr()
+                    spans.setdefault(p_local.device, []).append(
+                        (start, start + p_local.numel() * p_local.element_size(), where))
                 key = (p_local.device, p_local.dtype, g_local.dtype, m_local.dtype)
                 b = buckets.get(key)
                 if b is None:
@@ -385,6 +390,7 @@ class Lion(Optimizer):
                     norm_plan.add(g_local, p if _is_dtensor(p) else None)
         if not buckets:
             return loss
+        _check_disjoint(spans)
 
         aux = None
         if norm_plan is not None:
@@ -401,6 +407,18 @@ class Lion(Optimizer):
                          None if a is None else view(a[2:3], "skip"),
                          seed, rng_step, _stream(dev))
         return loss
+
+
+def _check_disjoint(spans):
+    """Distinct parameters that share memory (``nn.Parameter(other_param)`` makes an alias, not a
+    tie) would be updated by two threads (CUDA blocks) at once, losing updates from run to run;
+    torch's optimizers step them one after the other."""
+    for dev_spans in spans.values():
+        dev_spans.sort()
+        for a, b in zip(dev_spans, dev_spans[1:]):
+            if b[0] < a[1]:
+                raise ValueError(f"{a[2]} and {b[2]} share memory; the fused step updates each element once: "
+                                 "register a tied weight as one parameter")
 
 
 def _lr_copy(lr):

@@ -725,6 +725,26 @@ def test_duplicate_parameters_raise():
     assert torch.equal(w.detach(), torch.full((1 << 16,), -0.1))
 
 
+def test_parameters_sharing_memory():
+    """nn.Parameter(other) aliases other's memory: two parameters, one storage. The fused step updated
+    both at once from two threads (lost updates varying from run to run); it now refuses. Disjoint
+    views of one flat buffer stay fine."""
+    a = torch.nn.Parameter(torch.zeros(1 << 16))
+    b = torch.nn.Parameter(a)
+    c = torch.nn.Parameter(torch.zeros(10))
+    opt = mk.optim.Lion([dict(params=[c, a]), dict(params=[b], lr=0.01)], lr=0.1)
+    a.grad, b.grad, c.grad = torch.ones(1 << 16), torch.ones(1 << 16), torch.ones(10)
+    with pytest.raises(ValueError, match=r"param_groups\[0\] parameter 1 and param_groups\[1\] parameter 2 share memory"):
+        opt.step()
+    assert torch.equal(a.detach(), torch.zeros(1 << 16)) and torch.equal(c.detach(), torch.zeros(10))
+    flat = torch.zeros(300)
+    xs = [torch.nn.Parameter(flat[:100]), torch.nn.Parameter(flat[100:300].view(20, 10))]
+    for x in xs:
+        x.grad = torch.ones_like(x)
+    mk.optim.Lion(xs, lr=0.1).step()
+    assert torch.equal(flat, torch.full((300,), -0.1))
+
+
 @pytest.mark.parametrize("case", ["sparse", "complex", "float16", "float64", "noncontiguous"])
 def test_unsupported_parameters_raise(case):
     if case == "sparse":
