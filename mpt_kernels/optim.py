@@ -221,14 +221,18 @@ class Lion(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        if len({id(p) for p in group["params"]}) != len(group["params"]):
-            # torch only warns (a future error, pytorch#40967) and steps such a parameter twice; the
-            # fused step would update it from two threads (CUDA blocks) at once and lose updates.
+        prefix = f"param_groups[{len(self.param_groups) - 1}]: "
+        try:
+            if len({id(p) for p in group["params"]}) != len(group["params"]):
+                # torch only warns (a future error, pytorch#40967) and steps such a parameter twice; the
+                # fused step would update it from two threads (CUDA blocks) at once and lose updates.
+                raise ValueError(f"{prefix}a parameter appears more than once in the group")
+            _check_hyper(group["lr"], group["betas"], group["weight_decay"], group["state_dtype"], prefix)
+        except (ValueError, TypeError):
+            # A refused group must not stay behind: its parameters could not be added again (torch:
+            # "appear in more than one parameter group") and every step would fail on it.
             self.param_groups.pop()
-            raise ValueError(f"param_groups[{len(self.param_groups)}]: a parameter appears more than once "
-                             "in the group")
-        _check_hyper(group["lr"], group["betas"], group["weight_decay"], group["state_dtype"],
-                     f"param_groups[{len(self.param_groups) - 1}]: ")
+            raise
         group.setdefault("initial_lr", _lr_copy(group["lr"]))
         group.setdefault("step", 0)
 

@@ -640,6 +640,21 @@ def test_add_param_group():
     assert (b.detach() - b0).abs().max() <= 0.01 + 1e-6
 
 
+def test_refused_param_group_is_not_kept():
+    """A group refused by add_param_group stayed in param_groups: the corrected group was then refused
+    because its parameters "appear in more than one parameter group", and every step failed."""
+    a, b = torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.zeros(10))
+    opt = mk.optim.Lion([a], lr=0.1)
+    for bad in (dict(lr=-1.0), dict(betas=(0.9, 1.5)), dict(state_dtype=torch.float16)):
+        with pytest.raises(ValueError, match=r"param_groups\[1\]"):
+            opt.add_param_group(dict(params=[b], **bad))
+        assert len(opt.param_groups) == 1
+    opt.add_param_group(dict(params=[b], lr=0.01))
+    a.grad, b.grad = torch.randn(10), torch.ones(10)
+    opt.step()
+    assert torch.equal(b.detach(), torch.full((10,), -0.01))
+
+
 # ---------------------------------------------------------------- DTensor (FSDP2) local shards
 
 def test_import_does_not_load_torch_distributed_tensor():
