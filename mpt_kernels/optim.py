@@ -338,6 +338,7 @@ class Lion(Optimizer):
         # queued: a contiguous copy of a gradient would otherwise be freed (and its memory handed to
         # the next allocation) before the kernel reads it.
         keep = []
+        written = []  # tensors the kernels update in place: their autograd version counters are bumped
         spans: dict = {}  # device -> [(first byte, end byte, where)] of every parameter to step
         rng_index = 0
         for gi, group in enumerate(self.param_groups):
@@ -375,6 +376,7 @@ class Lion(Optimizer):
                     m = state["exp_avg"] = m.contiguous()
                     m_local = _local(m)
                 keep += (p_local, g_local, m_local)
+                written += (p, m) if p_local is p else (p, m, p_local, m_local)
                 if p_local.numel():
                     start = p_local.data_ptr()
                     spans.setdefault(p_local.device, []).append(
@@ -410,6 +412,11 @@ class Lion(Optimizer):
                          None if a is None else view(a[1:2], "grad_multiplier"),
                          None if a is None else view(a[2:3], "skip"),
                          seed, rng_step, _stream(dev))
+        # The kernels write through raw pointers, which autograd does not see: without the bump a
+        # backward through a graph that saved a parameter before this step would silently use the
+        # updated values instead of raising "modified by an inplace operation" as after torch's optimizers.
+        for t in written:
+            torch.autograd.graph.increment_version(t)
         return loss
 
 

@@ -801,6 +801,26 @@ def test_noncontiguous_grad_is_accepted():
         assert torch.equal(p.detach(), q.detach())
 
 
+def test_step_bumps_autograd_version_counters():
+    """The kernels write through raw pointers: without a version bump, a backward through a graph that
+    saved a parameter before the step silently used the stepped values (torch's optimizers raise)."""
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    b = torch.nn.Parameter(torch.randn(4).bfloat16())
+    x = torch.randn(2, 4, requires_grad=True)
+    y = (x @ w).sum()  # saves w for x's gradient
+    opt = mk.optim.Lion([w, b], lr=0.1, max_grad_norm=1.0)
+    w.grad, b.grad = torch.randn(4, 4), torch.randn(4).bfloat16()
+    v_w, v_b = w._version, b._version
+    opt.step()
+    assert w._version > v_w and b._version > v_b
+    m = opt.state[w]["exp_avg"]
+    v_m = m._version
+    opt.step()
+    assert m._version > v_m
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
 def test_compiled_core_validates_its_arguments():
     p, g, m = torch.randn(10), torch.randn(10), torch.zeros(10)
     V = _ext.view
