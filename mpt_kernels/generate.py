@@ -115,6 +115,22 @@ def _flag_message(msg: str) -> str:
     return f"{_FLAG_OF_ARGUMENT[name]}: {rest}" if sep and name in _FLAG_OF_ARGUMENT else msg
 
 
+def _load_errors() -> tuple:
+    """What loading a checkpoint a user can fix raises: missing or unreadable files (OSError), a config or
+    weights we refuse (ValueError), a weights file cut short or corrupt (safetensors' SafetensorError;
+    torch.load's RuntimeError or UnpicklingError; out of memory is a RuntimeError too)."""
+    import pickle
+
+    errors = [OSError, ValueError, RuntimeError, pickle.UnpicklingError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mpt_kernels.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,7 +184,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         model = MPTForCausalLM.from_pretrained(args.model, dtype=dtype, device=device, attn_impl=args.attn_impl)
-    except (FileNotFoundError, ValueError) as exc:  # no config/weights, an option we refuse, a mismatch
+    except _load_errors() as exc:  # no config/weights, an option we refuse, a mismatch, a file cut short
         p.error(f"--model: cannot load {args.model}: {exc}")
     vocab = model.config.vocab_size
     if args.chat:

@@ -204,3 +204,27 @@ def test_cli_seed_out_of_range_is_a_clean_error(tmp_path, capsys, seed):
     make_model_dir(tmp_path)
     err = _cli_error(capsys, ["--model", str(tmp_path), "--prompt", "the cat", "--device", "cpu", "--seed", seed])
     assert "--seed:" in err
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_cli_truncated_weights_are_a_clean_error(tmp_path, capsys, weights):
+    """A weights file cut short (an interrupted download or copy) raised safetensors' SafetensorError
+    or torch.load's RuntimeError with a traceback; it is a --model error like a missing config."""
+    model, _ = make_model_dir(tmp_path)
+    if weights == "pytorch_model.bin":
+        os.remove(tmp_path / "model.safetensors")
+        torch.save(model.state_dict(), tmp_path / weights)
+    data = (tmp_path / weights).read_bytes()
+    (tmp_path / weights).write_bytes(data[:len(data) // 2])
+    err = _cli_error(capsys, ["--model", str(tmp_path), "--prompt", "the cat", "--device", "cpu"])
+    assert "--model: cannot load" in err
+
+
+def test_cli_unreadable_config_is_a_clean_error(tmp_path, capsys):
+    """config.json that cannot be opened (here: a directory of that name; a file without read permission
+    is the same OSError) raised with a traceback."""
+    make_model_dir(tmp_path)
+    os.remove(tmp_path / "config.json")
+    os.mkdir(tmp_path / "config.json")
+    err = _cli_error(capsys, ["--model", str(tmp_path), "--prompt", "the cat", "--device", "cpu"])
+    assert "--model: cannot load" in err
