@@ -368,6 +368,11 @@ class Lion(Optimizer):
                     g_local = g_local.contiguous()
                 state = self.state[p]
                 m = state.get("exp_avg")
+                if m is not None and (m.shape != p.shape or m.device != p.device):
+                    # Checked here, before any kernel runs: the core would refuse it only after
+                    # stepping the other (device, dtype) groups, naming its index in that group.
+                    raise ValueError(f"{where}: exp_avg has shape {tuple(m.shape)} on {m.device} but the parameter "
+                                     f"has shape {tuple(p.shape)} on {p.device} (a state dict of another model?)")
                 if m is None or m.dtype != state_dtype:
                     m = torch.zeros_like(p, dtype=state_dtype) if m is None else m.to(state_dtype)
                     state["exp_avg"] = m

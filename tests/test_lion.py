@@ -801,6 +801,20 @@ def test_noncontiguous_grad_is_accepted():
         assert torch.equal(p.detach(), q.detach())
 
 
+def test_state_of_the_wrong_shape_raises_before_any_update():
+    """A loaded exp_avg whose shape differs from its parameter's was refused by the core after the
+    other dtype groups had been stepped, and named by its index in its dtype group."""
+    a = torch.nn.Parameter(torch.zeros(10))
+    b = torch.nn.Parameter(torch.zeros(6).bfloat16())
+    opt = mk.optim.Lion([a, b], lr=0.1)
+    opt.load_state_dict({"state": {0: {"exp_avg": torch.zeros(10)}, 1: {"exp_avg": torch.zeros(3, 2)}},
+                         "param_groups": [{**opt.state_dict()["param_groups"][0]}]})
+    a.grad, b.grad = torch.ones(10), torch.ones(6).bfloat16()
+    with pytest.raises(ValueError, match=r"param_groups\[0\] parameter 1: exp_avg has shape \(3, 2\)"):
+        opt.step()
+    assert torch.equal(a.detach(), torch.zeros(10)) and torch.equal(b.detach(), torch.zeros(6).bfloat16())
+
+
 def test_step_bumps_autograd_version_counters():
     """The kernels write through raw pointers: without a version bump, a backward through a graph that
     saved a parameter before the step silently used the stepped values (torch's optimizers raise)."""
