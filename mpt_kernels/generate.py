@@ -282,5 +282,23 @@ def _chat(p: argparse.ArgumentParser, args, model, tokenizer, device, vocab: int
     return 0
 
 
+def _run() -> int:
+    """``main`` as a command: Ctrl-C (how a --chat user leaves) and a reader that closed the pipe
+    (``| head``) end it quietly, with the statuses shells expect, instead of a traceback."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        try:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        except OSError:
+            pass
+        return 130
+    except BrokenPipeError:
+        # nothing more can be written; point stdout at devnull so the flush at exit does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_run())

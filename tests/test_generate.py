@@ -228,3 +228,35 @@ def test_cli_unreadable_config_is_a_clean_error(tmp_path, capsys):
     os.mkdir(tmp_path / "config.json")
     err = _cli_error(capsys, ["--model", str(tmp_path), "--prompt", "the cat", "--device", "cpu"])
     assert "--model: cannot load" in err
+
+
+def test_cli_output_piped_into_a_reader_that_stops_is_quiet(tmp_path):
+    """`python -m mpt_kernels.generate ... | head -c 20`: the reader closing the pipe raised
+    BrokenPipeError from the streamer, with a traceback (and 'Exception ignored' at exit)."""
+    make_model_dir(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "mpt_kernels.generate", "--model", str(tmp_path), "--prompt",
+                             "the cat", "--max-new-tokens", "50", "--no-eos", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env(OMP_NUM_THREADS="1"),
+                            cwd=NEUTRAL_CWD)
+    proc.stdout.close()  # the reader is gone before the first word (the child is still importing torch)
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err, err
+
+
+def test_cli_chat_interrupted_with_ctrl_c_is_quiet(tmp_path):
+    """Ctrl-C is how a --chat user leaves; it printed a KeyboardInterrupt traceback. Now: exit status 130."""
+    import signal
+
+    _chat_model_dir(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "mpt_kernels.generate", "--model", str(tmp_path), "--chat",
+                             "--prompt", "the cat", "--max-new-tokens", "3", "--temperature", "0", "--device", "cpu"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=subprocess_env(OMP_NUM_THREADS="1"), cwd=NEUTRAL_CWD)
+    proc.stdout.readline()  # the first answer: the loop now waits for the next message
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
