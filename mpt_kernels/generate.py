@@ -214,8 +214,8 @@ def main(argv=None) -> int:
     try:
         model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, eos_token_id=eos, streamer=streamer, generator=gen)
-    except ValueError as exc:  # what only a step can tell (e.g. a temperature so small the logits overflow)
-        sys.stdout.write("\n")
+    except (ValueError, MemoryError) as exc:  # what only a step can tell (e.g. a temperature so small the
+        sys.stdout.write("\n")                # logits overflow); a KV cache for --max-new-tokens that does not fit
         p.error(_flag_message(str(exc)))
     dt = time.perf_counter() - t0
     print(f"[{streamer.n_tokens} tokens in {dt:.2f} s, {streamer.n_tokens / max(dt, 1e-9):.1f} tokens/s]",
@@ -270,7 +270,7 @@ def _chat(p: argparse.ArgumentParser, args, model, tokenizer, device, vocab: int
                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                  eos_token_id=None if args.no_eos else stops, streamer=streamer, generator=gen,
                                  past_key_values=cache)
-        except ValueError as exc:
+        except (ValueError, MemoryError) as exc:
             sys.stdout.write("\n")
             p.error(_flag_message(str(exc)))
         dt = time.perf_counter() - t0

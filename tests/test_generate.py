@@ -206,6 +206,18 @@ def test_cli_seed_out_of_range_is_a_clean_error(tmp_path, capsys, seed):
     assert "--seed:" in err
 
 
+def test_cli_kv_cache_too_large_is_a_clean_error(tmp_path, capsys):
+    """generate reserves the KV cache for prompt + max_new_tokens up front: one that cannot be allocated
+    raised the allocator's RuntimeError with a traceback; it is a MemoryError naming the size, and a
+    --max-new-tokens error on the command line."""
+    model, _ = make_model_dir(tmp_path)
+    with pytest.raises(MemoryError, match=r"KVCache: cannot allocate room for .* GiB .*max_new_tokens"):
+        model.generate(torch.tensor([[1, 2, 3]]), 10**13)
+    err = _cli_error(capsys, ["--model", str(tmp_path), "--prompt", "the cat", "--device", "cpu",
+                              "--max-new-tokens", str(10**13)])
+    assert "KVCache: cannot allocate room" in err
+
+
 @pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
 def test_cli_truncated_weights_are_a_clean_error(tmp_path, capsys, weights):
     """A weights file cut short (an interrupted download or copy) raised safetensors' SafetensorError

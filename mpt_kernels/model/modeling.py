@@ -305,7 +305,13 @@ class KVCache:
         shape = (self.batch_size, new_cap, self.kv_heads, self.head_dim)
         for i in range(self.n_layers):
             for buf in (self.k, self.v):
-                new = torch.empty(shape, dtype=self.dtype, device=self.device)
+                try:
+                    new = torch.empty(shape, dtype=self.dtype, device=self.device)
+                except RuntimeError as exc:  # (torch.OutOfMemoryError included) the capacity stays as it was
+                    gib = 2 * self.n_layers * math.prod(shape) * self.dtype.itemsize / 2**30
+                    raise MemoryError(f"KVCache: cannot allocate room for {new_cap} positions x {self.batch_size} "
+                                      f"row(s) on {self.device} ({gib:.1f} GiB of keys and values in {self.n_layers} "
+                                      f"layers): ask for fewer new tokens (max_new_tokens) or rows") from exc
                 if buf[i] is not None and self.length:
                     new[:, : self.length].copy_(buf[i][:, : self.length])
                 buf[i] = new
