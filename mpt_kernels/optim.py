@@ -161,8 +161,10 @@ class Lion(Optimizer):
             itself at the initial lr (MPT's configs: 0 to 1e-5), not the paper's lr * weight_decay.
         decoupled_weight_decay: True (llm-foundry's DecoupledLionW): decay = weight_decay * lr /
             initial_lr, initial_lr being the group's lr when the optimizer was built, so the decay
-            follows the LR schedule but not the LR's magnitude. False (the paper, lion-pytorch):
-            decay = lr * weight_decay.
+            follows the LR schedule but not the LR's magnitude. (A scheduler may set initial_lr
+            itself: torch's OneCycleLR writes max_lr / div_factor there, so the decay at its peak is
+            div_factor x weight_decay, as with llm-foundry's DecoupledLionW.) False (the paper,
+            lion-pytorch): decay = lr * weight_decay.
         max_grad_norm: clip by the global L2 norm of all gradients (torch.nn.utils.clip_grad_norm_
             semantics, a NaN norm included: every gradient NaN), applied inside the step as a
             multiplier; gradients are not rewritten.
