@@ -265,7 +265,10 @@ def test_cli_chat_interrupted_with_ctrl_c_is_quiet(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "mpt_kernels.generate", "--model", str(tmp_path), "--chat",
                              "--prompt", "the cat", "--max-new-tokens", "3", "--temperature", "0", "--device", "cpu"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=subprocess_env(OMP_NUM_THREADS="1"), cwd=NEUTRAL_CWD)
+                            env=subprocess_env(OMP_NUM_THREADS="1"), cwd=NEUTRAL_CWD,
+                            # as in a terminal's foreground: a test run started in the background (`cmd &`)
+                            # ignores SIGINT, children inherit that, and Python then installs no handler
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.stdout.readline()  # the first answer: the loop now waits for the next message
     # A SIGINT that lands between the loop's last signal check and its blocking read of stdin is only
     # acted on once the read returns (CPython checks signals between bytecodes): as a user would, press
