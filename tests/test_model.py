@@ -476,6 +476,31 @@ def test_apply_to_hf_static_cache_error_names_the_static_cache(tmp_path):
     hf.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)  # the dynamic cache still works
 
 
+def test_apply_to_hf_reads_an_inference_mode_mask_once_per_forward(tmp_path, monkeypatch):
+    """Under torch.inference_mode (transformers' pipelines) the 4-D mask has no version counter, so each
+    layer read it back again (a GPU sync per layer and token). Now once per model forward; a forward
+    after an in-place change of the same mask reads it anew. Logits as without the cache."""
+    from mpt_kernels.model import hf_patch
+
+    ours = MPTForCausalLM(small(n_layers=3)).eval()
+    hf = apply_to_hf(to_hf(ours, tmp_path))
+    calls = []
+    real = hf_patch._compute_mask_rows
+    monkeypatch.setattr(hf_patch, "_compute_mask_rows", lambda m, sk: calls.append(1) or real(m, sk))
+    ids = torch.randint(1, 101, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :2] = 0
+    with torch.inference_mode():
+        a = hf(ids, attention_mask=mask).logits
+        assert len(calls) == 1  # 3 layers, one read
+        mask[1, :3] = 0  # the same mask object, changed between forwards
+        b = hf(ids, attention_mask=mask).logits
+        assert len(calls) == 2
+    ref = ours(ids, attention_mask=mask.bool()).logits
+    torch.testing.assert_close(b[1, 3:], ref[1, 3:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a[0, 2:], b[0, 2:])
+
+
 def test_apply_to_hf_with_attention_dropout_runs_in_eval_and_refuses_training(tmp_path):
     """attn_pdrop > 0: patched, the eval logits equal transformers' own; a training-mode forward raises
     (the kernel has no attention dropout). (transformers 5's config declares attn_pdrop an int and

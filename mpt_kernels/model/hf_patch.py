@@ -13,7 +13,9 @@ Padding comes in as transformers' 4-D boolean mask; its last query row tells whi
 """
 from __future__ import annotations
 
+import threading
 import types
+import weakref
 
 import torch
 
@@ -40,10 +42,37 @@ def _compute_mask_rows(attention_mask, Sk):
     return None if vals[0] else (vals[1:1 + B], vals[1 + B:])
 
 
+# Within one forward of a patched MptModel (hooks that apply_to_hf adds): an inference-mode mask, which
+# has no version counter for _LAST_MASK to check, is remembered by identity until that forward ends.
+_FORWARD = threading.local()
+
+
+def _forward_begins(module, args, kwargs=None):
+    _FORWARD.number = getattr(_FORWARD, "number", 0) + 1
+    _FORWARD.inside = True
+    _FORWARD.last = None
+
+
+def _forward_ends(module, args, output):
+    _FORWARD.inside = False
+    _FORWARD.last = None
+
+
 def _mask_rows(attention_mask, Sk):
     """None when every key is real, else the (start, count) of each row's real keys. transformers
     hands every layer of a forward the same mask tensor: it is read back to the host once for all of
-    them (one GPU sync per forward, not one or two per layer); a new or modified mask is read anew."""
+    them (one GPU sync per forward, not one or two per layer); a new or modified mask is read anew.
+    Under torch.inference_mode (transformers' pipelines) the mask keeps no version counter: there it
+    is remembered only within the running model forward (a mask is not changed between layers)."""
+    if attention_mask.is_inference():
+        if not getattr(_FORWARD, "inside", False):
+            return _compute_mask_rows(attention_mask, Sk)
+        last = _FORWARD.last
+        if last is not None and last[0]() is attention_mask and last[1] == Sk:
+            return last[2]
+        rows = _compute_mask_rows(attention_mask, Sk)
+        _FORWARD.last = (weakref.ref(attention_mask), Sk, rows)
+        return rows
     return _LAST_MASK((attention_mask,), Sk, lambda: _compute_mask_rows(attention_mask, Sk))
 
 
@@ -126,5 +155,11 @@ def apply_to_hf(model, attention: bool = True, layer_norm: bool = True):
             n += 1
     if n == 0:
         raise ValueError("apply_to_hf: no MPT attention or LayerNorm module found in the model")
+    if attention:
+        for module in model.modules():  # (_mask_rows: one mask read-back per forward under inference_mode)
+            if isinstance(module, modeling_mpt.MptModel) and not getattr(module, "_mk_forward_hooks", False):
+                module.register_forward_pre_hook(_forward_begins)
+                module.register_forward_hook(_forward_ends, always_call=True)
+                module._mk_forward_hooks = True
     model._mpt_kernels_patched = True
     return model
