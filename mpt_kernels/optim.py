@@ -344,7 +344,6 @@ class Lion(Optimizer):
         spans: dict = {}  # device -> [(first byte, end byte, where)] of every parameter to step
         rng_index = 0
         for gi, group in enumerate(self.param_groups):
-            group["step"] += 1
             lr = float(group["lr"])
             beta1, beta2 = (float(b) for b in group["betas"])
             wd = float(group["weight_decay"])
@@ -401,9 +400,12 @@ class Lion(Optimizer):
                     devices.append(p_local.device)
                 if norm_plan is not None:
                     norm_plan.add(g_local, p if _is_dtensor(p) else None)
+        if buckets:
+            _check_disjoint(spans)
+        for group in self.param_groups:  # counted once every check passed: a refused step is no step
+            group["step"] += 1
         if not buckets:
             return loss
-        _check_disjoint(spans)
 
         aux = None
         if norm_plan is not None:

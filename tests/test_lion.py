@@ -760,6 +760,22 @@ def test_parameters_sharing_memory():
     assert torch.equal(flat, torch.full((300,), -0.1))
 
 
+def test_a_refused_step_is_not_counted():
+    """A step that raises before any kernel runs (here: the second group's parameter is not contiguous)
+    left every group's step count advanced: a retry after fixing it stepped with the wrong count (the
+    stochastic-rounding stream's position) and a saved state disagreed with the updates made."""
+    a = torch.nn.Parameter(torch.zeros(8))
+    b = torch.nn.Parameter(torch.zeros(4, 6).t())
+    opt = mk.optim.Lion([dict(params=[a]), dict(params=[b])], lr=0.1)
+    a.grad, b.grad = torch.ones(8), torch.ones(6, 4)
+    with pytest.raises(ValueError, match="contiguous"):
+        opt.step()
+    assert [g["step"] for g in opt.param_groups] == [0, 0] and torch.equal(a.detach(), torch.zeros(8))
+    b.grad = None
+    opt.step()
+    assert [g["step"] for g in opt.param_groups] == [1, 1]
+
+
 @pytest.mark.parametrize("case", ["sparse", "complex", "float16", "float64", "noncontiguous"])
 def test_unsupported_parameters_raise(case):
     if case == "sparse":
