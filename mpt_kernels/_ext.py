@@ -279,54 +279,42 @@ def direct_call_ok(*tensors) -> bool:
     return True
 
 
-def _plain_eager(tensors) -> bool:
-    """Plain eager tensors (or None), and nothing that intercepts or records ops."""
+def _call_context(tensors) -> str:
+    """"plain": plain eager tensors (or None) and nothing that intercepts or records ops; "func": the
+    same under torch.func transforms (grad, vjp, jacrev, vmap) and nothing else; "other": compile,
+    tracing, dispatch or torch-function modes, forward-mode AD, tensor subclasses."""
     import torch
 
     if torch.compiler.is_compiling():  # first: Dynamo folds it to True and traces nothing below
-        return False
-    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-            or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None):
-        return False
-    from torch.autograd import forward_ad
-
-    if forward_ad._current_level >= 0:
-        return False
-    for t in tensors:
-        if t is not None and type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
-            return False
-    return True
-
-
-def _functorch_only(tensors) -> bool:
-    """torch.func transforms (grad, vjp, jacrev, vmap) in progress, and nothing else that intercepts or
-    records ops: the op then runs as its ``transform_function`` twin."""
-    import torch
-
-    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
-        return False
+        return "other"
     if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
             or torch._C._get_tracing_state() is not None):
-        return False
-    return all(t is None or type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors)
+        return "other"
+    for t in tensors:
+        if t is not None and type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            return "other"
+    if torch._C._are_functorch_transforms_active():
+        return "func"
+    from torch.autograd import forward_ad
+
+    return "other" if forward_ad._current_level >= 0 else "plain"
 
 
-def eager_autograd_ok(*tensors) -> bool:
-    """True when an op that records a gradient may run as its eager ``autograd.Function`` twin
-    (``eager_function``) instead of its custom op: the conditions of ``direct_call_ok`` but for the
-    gradient. Under compile, tracing, modes and functorch transforms the custom op runs, as before."""
-    return _plain_eager(tensors)
+def _plain_eager(tensors) -> bool:
+    """Plain eager tensors (or None), and nothing that intercepts or records ops."""
+    return _call_context(tensors) == "plain"
 
 
 def route(*tensors) -> str:
     """How an op call runs, with the checks made once: "direct" (``direct_call_ok``: the kernel, no
-    autograd), "eager" (``eager_autograd_ok`` with a gradient to record: the autograd.Function
+    autograd), "eager" (plain eager tensors with a gradient to record: the autograd.Function
     twin), "func" (torch.func transforms only: the ``transform_function`` twin) or "op" (the
     torch.library custom op: compile, tracing, modes)."""
     import torch
 
-    if not _plain_eager(tensors):
-        return "func" if _functorch_only(tensors) else "op"
+    context = _call_context(tensors)
+    if context != "plain":
+        return "func" if context == "func" else "op"
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return "eager"
     return "direct"

@@ -48,7 +48,6 @@ _FORWARD = threading.local()
 
 
 def _forward_begins(module, args, kwargs=None):
-    _FORWARD.number = getattr(_FORWARD, "number", 0) + 1
     _FORWARD.inside = True
     _FORWARD.last = None
 
