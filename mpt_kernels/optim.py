@@ -311,13 +311,12 @@ class Lion(Optimizer):
             skipped = max(skipped, int(group.pop("skipped_steps", 0)))
         self._skipped_base = skipped
         self._skip_counters = {}
-        id_map = {}
+        id_map = {}  # saved index -> (live parameter, its group's state dtype)
         for g_saved, group in zip(state_dict["param_groups"], self.param_groups):
-            id_map.update(zip(g_saved["params"], group["params"]))
+            id_map.update((i, (p, group["state_dtype"])) for i, p in zip(g_saved["params"], group["params"]))
         for idx, value in saved.items():
-            p = id_map[idx]
-            group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-            self.state[p]["exp_avg"] = value.to(device=p.device, dtype=group["state_dtype"], copy=True)
+            p, state_dtype = id_map[idx]
+            self.state[p]["exp_avg"] = value.to(device=p.device, dtype=state_dtype, copy=True)
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None, *, grad_scale: torch.Tensor | None = None,
