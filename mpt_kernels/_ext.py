@@ -426,3 +426,83 @@ def bwd_op(ctx, op):
     if getattr(ctx, "transform", False):
         return _backward_transform_function(op).apply
     return op_body(op) if getattr(ctx, "eager", False) and not torch.is_grad_enabled() else op
+
+
+# ---- torch.func.vmap batching rules -------------------------------------------------------------------
+# Registered on the custom ops (torch.library's register_vmap): under torch.func.vmap (the transform
+# twins' generated vmap rules run the ops on batched tensors), an op folds the vmapped dim into a
+# dim its kernel already loops over (rows, the batch, the heads) and runs ONE kernel call for the
+# whole batch instead of torch's per-sample fallback. A rule folds only where the result is bit for bit
+# what each sample's own call gives; everywhere else it runs the op once per sample, as torch's
+# fallback did (same results, no "performance drop" warning).
+_VMAP_FOLD = True
+
+
+class vmap_rules:
+    """``with vmap_rules(False):`` makes every batching rule run its op once per sample (the cost and
+    results of torch's per-sample fallback): for benchmarks and tests comparing the two."""
+
+    def __init__(self, enabled: bool):
+        self._enabled = bool(enabled)
+
+    def __enter__(self):
+        global _VMAP_FOLD
+        self._saved, _VMAP_FOLD = _VMAP_FOLD, self._enabled
+        return self
+
+    def __exit__(self, *exc):
+        global _VMAP_FOLD
+        _VMAP_FOLD = self._saved
+        return False
+
+
+def register_vmap(op, fold):
+    """Gives the custom op ``op`` a batching rule. ``fold(batch_size, in_dims, *args)`` returns
+    ``(outputs, out_dims)`` from one call for the whole batch, or None where it cannot promise each
+    sample's exact result; then the op runs once per sample (``vmap_loop``)."""
+
+    def rule(info, in_dims, *args, **kwargs):
+        if _VMAP_FOLD and not kwargs:
+            result = fold(info.batch_size, in_dims, *args)
+            if result is not None:
+                return result
+        return vmap_loop(op, info.batch_size, in_dims, args, kwargs)
+
+    op.register_vmap(rule)
+    return rule
+
+
+def vmap_loop(op, batch_size, in_dims, args, kwargs=None):
+    """``op`` once per sample, outputs stacked on a new dim 0: what torch's batching fallback does."""
+    import torch
+
+    outs = [op(*[a if d is None else a.select(d, i) for a, d in zip(args, in_dims)], **(kwargs or {}))
+            for i in range(batch_size)]
+    if isinstance(outs[0], (tuple, list)):
+        return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+    return torch.stack(outs), 0
+
+
+def batch_first(t, d, batch_size):
+    """``t`` with the vmapped dim ``d`` first; an unvmapped ``t`` (d None) expanded (stride 0) to it."""
+    return t.expand(batch_size, *t.shape) if d is None else t.movedim(d, 0)
+
+
+def shape_view(shape, dtype, device, name: str = "tensor"):
+    """A description of a tensor for ``_C``'s size queries, which read shapes only: no data pointer
+    (contiguous strides), so it can stand for a tensor still wrapped by an outer transform."""
+    code = (_TORCH_CODES or _torch_codes()).get(dtype)
+    if code is None:
+        raise ValueError(f"{name}: unsupported dtype {dtype}")
+    strides, step = [], 1
+    for s in reversed(tuple(shape)):
+        strides.append(step)
+        step *= max(int(s), 1)
+    dev = -1 if device.type == "cpu" else (device.index or 0)
+    return (0, code, tuple(int(s) for s in shape), tuple(reversed(strides)), dev)
+
+
+def sample_shape(t, d):
+    """The shape one sample of ``t`` has under vmap (``t``'s shape without the vmapped dim ``d``)."""
+    shape = tuple(t.shape)
+    return shape if d is None else shape[:d] + shape[d + 1:]

@@ -37,10 +37,13 @@ import numbers
 import operator
 from typing import Optional
 
+import numpy as np
 import torch
 
-from .._ext import (LastResult, _C, autograd_call, bwd_op, current_stream, eager_function, refuse_forward_ad, route,
-                    transform_function, view)
+from .._ext import (LastResult, _C, autograd_call, bwd_op, current_stream, eager_function, refuse_forward_ad,
+                    register_vmap, route, transform_function, view)
+from .._ext import batch_first as _ext_batch_first
+from .._ext import sample_shape as _ext_sample_shape
 from .._ext import empty as _empty
 from . import reference as _reference
 from .reference import alibi_slopes  # noqa: F401  (public: mk.alibi_slopes)
@@ -493,3 +496,173 @@ def alibi_attention_qkvpacked(qkv, n_heads: int, kv_heads: Optional[int] = None,
     op = autograd_call(how, _PackedAttentionEager, _PackedAttentionFunc, alibi_attention_qkvpacked_fwd)
     out, _ = op(qkv, n_heads, kv_heads, alibi_slopes, cu_seqlens, max_seqlen, softmax_scale, causal)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.func.vmap: batching rules (``_ext.register_vmap``), so vmap(grad(...)) runs one kernel call per
+# op for the whole batch instead of one per sample. Samples share no parameter here (the slopes get no
+# gradient), so the vmapped dim folds into one the kernels already loop over: the batch for the batched
+# layout; for packed sequences (varlen) the heads, the offsets being shared by every sample (head
+# b * H + h of the folded call is head h of sample b, and its KV head b * Hkv + h // group is that
+# sample's own). Vmapped offsets (cu_seqlens that differ per sample) run the samples one by one.
+# Bit for bit: the kernels compute each (sequence, head) on its own, except that a decode-shaped
+# forward splits the keys into more pieces when it has few (batch x heads) items to spread over the
+# threads or SMs (split-K, visible in the workspace size): where the folded call would split
+# differently from each sample's own call, the samples run one by one.
+# ------------------------------------------------------------------------------------------------
+def _fold_slopes(s, d, n, batch, into_heads):
+    """The slopes for a folded call. A sample's slopes are None, (H,) or (batch, H) (varlen: batch =
+    sequences). Folded into the batch: (H,) when shared, else (n * batch, H); into the heads:
+    (n * H,) or (batch, n * H)."""
+    if s is None:
+        return None
+    if not into_heads and d is None and s.dim() == 1:
+        return s
+    s = _ext_batch_first(s, d, n)  # (n, H) or (n, batch, H)
+    if into_heads:
+        return (s.flatten() if s.dim() == 2 else s.movedim(0, 1).flatten(1)).contiguous()
+    if s.dim() == 2:
+        s = s.unsqueeze(1).expand(n, batch, s.shape[-1])
+    return s.flatten(0, 1).contiguous()
+
+
+def _fwd_workspace_bytes(q_shape, k_shape, s_shape, dtype, device, n_cu, max_sq, max_sk, scale, causal):
+    """The forward's workspace size for these shapes (shape-only views: the tensors may still be
+    wrapped by an outer transform). Host offsets are read by the query: zeros of the same length."""
+    from .._ext import numpy_view, shape_view
+
+    host_cu = None
+    if n_cu is None:
+        cu = None
+    elif device.type == "cpu":
+        host_cu = np.zeros(n_cu, dtype=np.int32)
+        cu = numpy_view(host_cu, "cu_seqlens")
+    else:
+        cu = shape_view((n_cu,), torch.int32, device, "cu_seqlens")
+    return _C.attention_fwd_workspace_size(
+        shape_view(q_shape, dtype, device, "q"), shape_view(k_shape, dtype, device, "k"),
+        shape_view(k_shape, dtype, device, "v"),
+        None if s_shape is None else shape_view(s_shape, torch.float32, device, "alibi_slopes"),
+        cu, cu, max_sq, max_sk, scale, causal)
+
+
+def _same_splits(n, one, folded, dtype, device, n_cu, max_sq, max_sk, scale, causal):
+    """True when the folded forward splits its keys as each sample's own call does (``one``, ``folded``:
+    (q, k, slopes) shapes). A shape the binding refuses answers False: the per-sample calls then raise
+    its error."""
+    try:
+        ws_one = _fwd_workspace_bytes(*one, dtype, device, n_cu, max_sq, max_sk, scale, causal)
+        ws_folded = _fwd_workspace_bytes(*folded, dtype, device, n_cu, max_sq, max_sk, scale, causal)
+    except (ValueError, RuntimeError, TypeError):
+        return False
+    return ws_folded == n * ws_one
+
+
+def _fold_qkv_heads(ts, n):
+    """Varlen q, k, v, out, dout with the vmapped dim first, (n, total, heads, D) -> (total, n * heads, D)."""
+    return [t.movedim(0, 1).flatten(1, 2) for t in ts]
+
+
+def _attention_fwd_vmap(n, in_dims, q, k, v, slopes, cu_q, cu_k, max_sq, max_sk, scale, causal):
+    if in_dims[4] is not None or in_dims[5] is not None:
+        return None  # offsets per sample
+    cuda = q.device.type == "cuda"
+    qb, kb, vb = (_ext_batch_first(t, d, n) for t, d in zip((q, k, v), in_dims))
+    s_one = None if slopes is None else _ext_sample_shape(slopes, in_dims[3])
+    if cu_q is not None:  # varlen: fold into the heads
+        H = qb.shape[-2]
+        qf, kf, vf = _fold_qkv_heads((qb, kb, vb), n)
+        sf = _fold_slopes(slopes, in_dims[3], n, None, True)
+        n_cu = cu_q.shape[0]
+    else:  # fold into the batch
+        batch = qb.shape[1]
+        qf, kf, vf = (t.flatten(0, 1) for t in (qb, kb, vb))
+        sf = _fold_slopes(slopes, in_dims[3], n, batch, False)
+        n_cu = None
+    if not _same_splits(n, (qb.shape[1:], kb.shape[1:], s_one), (qf.shape, kf.shape, None if sf is None else sf.shape),
+                        q.dtype, q.device, n_cu, max_sq, max_sk, scale, causal):
+        return None
+    qf, kf, vf = (_kernel_operand(t, cuda) for t in (qf, kf, vf))
+    out, lse = alibi_attention_fwd(qf, kf, vf, sf, cu_q, cu_k, max_sq, max_sk, scale, causal)
+    if cu_q is not None:
+        return (out.unflatten(1, (n, H)), lse.unflatten(0, (n, H))), (1, 0)
+    return (out.unflatten(0, (n, batch)), lse.unflatten(0, (n, batch))), (0, 0)
+
+
+def _attention_bwd_vmap(n, in_dims, dout, q, k, v, out, lse, slopes, cu_q, cu_k, max_sq, max_sk, scale, causal):
+    # The backward splits nothing by batch on the CPU (its single- and two-pass schedules give the same
+    # bits); on CUDA only a GQA/MQA group's dK, dV may be summed with float32 atomics (in no fixed order
+    # in a sample's own call either).
+    if in_dims[7] is not None or in_dims[8] is not None:
+        return None
+    cuda = q.device.type == "cuda"
+    db, qb, kb, vb, ob, lb = (_ext_batch_first(t, d, n) for t, d in zip((dout, q, k, v, out, lse), in_dims))
+    if cu_q is not None:
+        H, Hkv = qb.shape[-2], kb.shape[-2]
+        df, qf, kf, vf, of = _fold_qkv_heads((db, qb, kb, vb, ob), n)
+        sf = _fold_slopes(slopes, in_dims[6], n, None, True)
+    else:
+        batch = qb.shape[1]
+        df, qf, kf, vf, of = (t.flatten(0, 1) for t in (db, qb, kb, vb, ob))
+        sf = _fold_slopes(slopes, in_dims[6], n, batch, False)
+    qf, kf, vf, of = (_kernel_operand(t, cuda) for t in (qf, kf, vf, of))
+    lf = lb.flatten(0, 1).contiguous()
+    dq, dk, dv = alibi_attention_bwd(df, qf, kf, vf, of, lf, sf, cu_q, cu_k, max_sq, max_sk, scale, causal)
+    if cu_q is not None:
+        return (dq.unflatten(1, (n, H)), dk.unflatten(1, (n, Hkv)), dv.unflatten(1, (n, Hkv))), (1, 1, 1)
+    return tuple(t.unflatten(0, (n, batch)) for t in (dq, dk, dv)), (0, 0, 0)
+
+
+def _packed_fwd_vmap(n, in_dims, qkv, n_heads, kv_heads, slopes, cu, max_seqlen, scale, causal):
+    if in_dims[4] is not None:
+        return None
+    cuda = qkv.device.type == "cuda"
+    qkvb = _ext_batch_first(qkv, in_dims[0], n)
+    qb, kb, _ = _split_qkv(qkvb, n_heads, kv_heads)  # (n, [batch,] seqlen, heads, D) views
+    s_one = None if slopes is None else _ext_sample_shape(slopes, in_dims[3])
+    if cu is not None:  # varlen: the unpacked op over head-folded copies of q, k, v (the same kernel)
+        qf, kf, vf = _fold_qkv_heads(_split_qkv(qkvb, n_heads, kv_heads), n)
+        sf = _fold_slopes(slopes, in_dims[3], n, None, True)
+        one, folded = (qb.shape[1:], kb.shape[1:], s_one), (qf.shape, kf.shape, None if sf is None else sf.shape)
+        if not _same_splits(n, one, folded, qkv.dtype, qkv.device, cu.shape[0], max_seqlen, max_seqlen, scale, causal):
+            return None
+        out, lse = alibi_attention_fwd(qf, kf, vf, sf, cu, cu, max_seqlen, max_seqlen, scale, causal)
+        return (out.unflatten(1, (n, n_heads)), lse.unflatten(0, (n, n_heads))), (1, 0)
+    batch = qkvb.shape[1]
+    qkvf = qkvb.flatten(0, 1)
+    sf = _fold_slopes(slopes, in_dims[3], n, batch, False)
+    one = (qb.shape[1:], kb.shape[1:], s_one)
+    folded = (qb.flatten(0, 1).shape, kb.flatten(0, 1).shape, None if sf is None else sf.shape)
+    if not _same_splits(n, one, folded, qkv.dtype, qkv.device, None, max_seqlen, max_seqlen, scale, causal):
+        return None
+    out, lse = alibi_attention_qkvpacked_fwd(_kernel_operand(qkvf, cuda), n_heads, kv_heads, sf, None, max_seqlen,
+                                             scale, causal)
+    return (out.unflatten(0, (n, batch)), lse.unflatten(0, (n, batch))), (0, 0)
+
+
+def _packed_bwd_vmap(n, in_dims, dout, qkv, out, lse, n_heads, kv_heads, slopes, cu, max_seqlen, scale, causal):
+    if in_dims[7] is not None:
+        return None
+    cuda = qkv.device.type == "cuda"
+    db, qkvb, ob, lb = (_ext_batch_first(t, d, n) for t, d in zip((dout, qkv, out, lse), in_dims))
+    if cu is not None:  # varlen: the unpacked backward over head-folded copies, then one dqkv
+        total = qkvb.shape[1]
+        qf, kf, vf = _fold_qkv_heads(_split_qkv(qkvb, n_heads, kv_heads), n)
+        df, of = _fold_qkv_heads((db, ob), n)
+        sf = _fold_slopes(slopes, in_dims[6], n, None, True)
+        dq, dk, dv = alibi_attention_bwd(df, qf, kf, vf, _kernel_operand(of, cuda), lb.flatten(0, 1).contiguous(), sf,
+                                         cu, cu, max_seqlen, max_seqlen, scale, causal)
+        dqkv = torch.cat([t.reshape(total, n, -1) for t in (dq, dk, dv)], dim=-1)  # (total, n, width)
+        return dqkv, 1
+    batch = qkvb.shape[1]
+    sf = _fold_slopes(slopes, in_dims[6], n, batch, False)
+    dqkv = alibi_attention_qkvpacked_bwd(db.flatten(0, 1), _kernel_operand(qkvb.flatten(0, 1), cuda),
+                                         _kernel_operand(ob.flatten(0, 1), cuda), lb.flatten(0, 1).contiguous(),
+                                         n_heads, kv_heads, sf, None, max_seqlen, scale, causal)
+    return dqkv.unflatten(0, (n, batch)), 0
+
+
+register_vmap(alibi_attention_fwd, _attention_fwd_vmap)
+register_vmap(alibi_attention_bwd, _attention_bwd_vmap)
+register_vmap(alibi_attention_qkvpacked_fwd, _packed_fwd_vmap)
+register_vmap(alibi_attention_qkvpacked_bwd, _packed_bwd_vmap)

@@ -214,6 +214,79 @@ _LayerNormEager = _ext.eager_function("_LayerNormEager", layer_norm_fwd, _setup_
 _LayerNormFunc = _ext.transform_function("_LayerNormFunc", layer_norm_fwd, _setup_context, _backward)
 
 
+
+# torch.func.vmap: batching rules (``_ext.register_vmap``): one kernel call for the whole batch. The
+# forward is per row, so the vmapped dim folds into the rows. The backward's dweight and dbias are sums
+# over rows, which must stay per sample: the folded call gives dh (and dx) of every row, and a second
+# call, shaped (rows, samples x hidden) over the normalised input xhat (mean 0, rstd 1, weight 1),
+# reduces each sample's columns apart. It sums every column over the same rows in the same order (the
+# partial rows depend on the row count only, on the CPU) with the same float32 operations, so both
+# give each sample's own result bit for bit, with one exception the rule checks: the CPU kernel's
+# 8-wide vector body and its scalar tail round dy * xhat + partial differently (one fused multiply-add
+# against two roundings), so with AVX2 and a hidden size not a multiple of 8 a sample's tail columns
+# would land in the vector body of the wide call. There, and on CUDA where the wide call's partial count
+# differs from a sample's, and for per-sample weights (vmapped weight or bias), the samples run one by one.
+_AVX2 = "avx2" in _C.build_info().get("cpu_features", ())
+
+
+def _fwd_vmap(n, in_dims, x, weight, bias, residual, eps, out_dtype=None):
+    if in_dims[1] is not None or in_dims[2] is not None:
+        return None  # per-sample weights
+    xb = _ext.batch_first(x, in_dims[0], n)
+    rb = None if residual is None else _ext.batch_first(residual, in_dims[3], n)
+    y, h, mean, rstd = layer_norm_fwd(xb, weight, bias, rb, eps, out_dtype)
+    return (y, h, mean, rstd), (0, 0 if residual is not None else None, 0, 0)
+
+
+def _wide_reduction_exact(n, rows, hidden, has_bias, device, h_dtype, w_dtype, dy_dtype) -> bool:
+    """Whether the (rows, n * hidden) weight-gradient call sums every column as a sample's own call does."""
+    if n == 1 or rows == 0 or hidden == 0:
+        return True
+    if device.type == "cpu":
+        return not _AVX2 or hidden % 8 == 0 or n * hidden < 8
+    codes = _ext._torch_codes()
+    per = 2 if has_bias else 1
+    dev = device.index or 0
+    one = _C.layer_norm_bwd_workspace_numel(rows, hidden, codes[h_dtype], codes[w_dtype], has_bias, dev,
+                                            codes[dy_dtype]) // (hidden * per)
+    f32 = codes[torch.float32]
+    wide = _C.layer_norm_bwd_workspace_numel(rows, n * hidden, f32, f32, has_bias, dev, f32) // (n * hidden * per)
+    return one == wide
+
+
+def _bwd_vmap(n, in_dims, dy, dresidual_out, h, weight, mean, rstd, has_bias, want_dx=False):
+    if in_dims[3] is not None:
+        return None  # per-sample weights
+    dyb, hb, meanb, rstdb = (_ext.batch_first(t, d, n) for t, d in
+                             ((dy, in_dims[0]), (h, in_dims[2]), (mean, in_dims[4]), (rstd, in_dims[5])))
+    drb = None if dresidual_out is None else _ext.batch_first(dresidual_out, in_dims[1], n)
+    hidden = hb.shape[-1]
+    rows = math.prod(hb.shape[1:-1])
+    if not _wide_reduction_exact(n, rows, hidden, has_bias, h.device, h.dtype, weight.dtype, dy.dtype):
+        return None
+    # dh (and dx) of every row: one call over all samples' rows (its summed dweight is not used).
+    dh, _, _, dx = layer_norm_bwd(dyb, drb, hb, weight, meanb, rstdb, False, want_dx)
+    # Each sample's dweight, dbias: columns b * hidden + c of a (rows, n * hidden) call over
+    # xhat = (h - mean) * rstd (the kernel's own float32 expression, in the same order) and dy in float32.
+    xhat = torch.empty((rows, n, hidden), dtype=torch.float32, device=h.device)
+    torch.sub(hb.reshape(n, rows, hidden).transpose(0, 1), meanb.reshape(n, rows).t().unsqueeze(-1), out=xhat)
+    xhat.mul_(rstdb.reshape(n, rows).t().unsqueeze(-1))
+    dyw = torch.empty((rows, n, hidden), dtype=torch.float32, device=h.device)
+    dyw.copy_(dyb.reshape(n, rows, hidden).transpose(0, 1))
+    ones = torch.ones(n * hidden, dtype=torch.float32, device=h.device)
+    zero_mean = torch.zeros(rows, dtype=torch.float32, device=h.device)
+    unit_rstd = torch.ones(rows, dtype=torch.float32, device=h.device)
+    _, dw, db, _ = layer_norm_bwd(dyw.view(rows, n * hidden), None, xhat.view(rows, n * hidden), ones, zero_mean,
+                                  unit_rstd, has_bias, False)
+    dweight = dw.view(n, hidden).to(weight.dtype)  # the kernel's own rounding (nearest even) to weight's dtype
+    dbias = db.view(n, hidden).to(weight.dtype) if has_bias else weight.new_empty(0)
+    mixed_dx = want_dx and dy.dtype != h.dtype
+    return (dh, dweight, dbias, dx), (0, 0, 0 if has_bias else None, 0 if mixed_dx else None)
+
+
+_ext.register_vmap(layer_norm_fwd, _fwd_vmap)
+_ext.register_vmap(layer_norm_bwd, _bwd_vmap)
+
 def _check_param(t, name: str, x: Tensor, hidden: int) -> None:
     if not isinstance(t, Tensor):
         raise ValueError(f"{name}: expected a Tensor, got {type(t).__name__}")

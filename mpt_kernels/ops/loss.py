@@ -86,6 +86,33 @@ _CrossEntropyEager = _ext.eager_function("_CrossEntropyEager", cross_entropy_fwd
 _CrossEntropyFunc = _ext.transform_function("_CrossEntropyFunc", cross_entropy_fwd, _setup_context, _backward)
 
 
+
+# torch.func.vmap: batching rules (``_ext.register_vmap``). Both kernels work row by row, so the vmapped
+# dim folds into the rows: one call for the whole batch, each row's result bit for bit its sample's
+# own. (The mean over a sample's non-ignored rows is taken by torch outside the ops, per sample.)
+def _rows_first(t, d, n):
+    """(n, rows, ...) with the vmapped dim first -> (n * rows, ...), the vocab axis contiguous."""
+    t = _ext.batch_first(t, d, n).flatten(0, 1)
+    return t.contiguous() if t.dim() > 1 and t.shape[1] > 1 and t.stride(1) != 1 else t
+
+
+def _fwd_vmap(n, in_dims, logits, targets, ignore_index):
+    rows = _ext.sample_shape(logits, in_dims[0])[0]
+    loss, lse = cross_entropy_fwd(_rows_first(logits, in_dims[0], n),
+                                  _rows_first(targets, in_dims[1], n).contiguous(), ignore_index)
+    return (loss.unflatten(0, (n, rows)), lse.unflatten(0, (n, rows))), (0, 0)
+
+
+def _bwd_vmap(n, in_dims, logits, targets, lse, drow, ignore_index):
+    rows = _ext.sample_shape(logits, in_dims[0])[0]
+    dlogits = cross_entropy_bwd(*(_rows_first(t, d, n) for t, d in zip((logits, targets, lse, drow), in_dims)),
+                                ignore_index)
+    return dlogits.unflatten(0, (n, rows)), 0
+
+
+_ext.register_vmap(cross_entropy_fwd, _fwd_vmap)
+_ext.register_vmap(cross_entropy_bwd, _bwd_vmap)
+
 def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
     """Mean cross-entropy of ``logits`` (N, V) against ``targets`` (N,) over the rows whose target is
     not ``ignore_index`` (0/0 = NaN when there are none, as ``F.cross_entropy``). float32 result;
