@@ -145,6 +145,24 @@ def test_convert_packs_documents_exactly(tmp_path, small_tok):
         shards[len(shards)]
 
 
+def test_convert_keeps_special_token_text_in_documents_as_text(tmp_path, small_tok):
+    """A document spelling "<|endoftext|>" (or "<|padding|>") keeps it as text: the shards hold one
+    end-of-text per document, at its end, never one from inside a document (it became id 0 there,
+    cutting the document in two for data.sequence_id and teaching the model a fake boundary)."""
+    docs = ['EOS = "<|endoftext|>"\nPAD = "<|padding|>"\n', "plain document", "x <|endoftext|><|endoftext|> y"]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs * 6))
+    convert([tmp_path / "d.jsonl"], tmp_path / "o", tokenizer=small_tok, seq_len=8, show_progress=False)
+    shards = TokenShards(tmp_path / "o" / "train")
+    flat = np.concatenate([shards[i] for i in range(len(shards))]).astype(np.int64).tolist()
+    stream = []
+    for d in docs * 6:
+        stream += small_tok.encode(d, special_tokens_as_text=True) + [small_tok.eos_id]
+    assert flat == stream[: len(flat)] and len(stream) - len(flat) < 8
+    assert stream.count(small_tok.eos_id) == 18 and small_tok.token_to_id("<|padding|>") not in stream
+    assert small_tok.decode(stream) == "".join(docs * 6)
+    assert small_tok.encode("<|endoftext|>") == [small_tok.eos_id]  # the default is unchanged
+
+
 def test_convert_checksum_detects_corruption(tmp_path, small_tok):
     convert(_write_inputs(tmp_path), tmp_path / "out", tokenizer=small_tok, seq_len=16, show_progress=False)
     shard = tmp_path / "out" / "train" / "shard_00000.bin"

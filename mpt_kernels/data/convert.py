@@ -13,7 +13,9 @@ UTF-8 byte-order mark at the start of a file is dropped. Without ``--tokenizer``
 is trained on the training documents (the held-out ones left out) and saved as
 ``<out>/tokenizer.json``.
 
-Documents are joined end to end with the end-of-text token after each one, and the token stream is
+Documents are joined end to end with the end-of-text token after each one (text in a document that
+spells a special token, such as "<|endoftext|>" in code that handles tokenizers, is encoded as the
+characters it is made of: the only end-of-text ids are these), and the token stream is
 cut into samples of exactly ``--seq-len`` tokens (the tail shorter than one sample is dropped and
 counted in the index). That is llm-foundry's "concat tokens" layout: no padding, every token trains.
 
@@ -422,7 +424,9 @@ def convert_documents(docs: Iterable[Document], tokenizer: Tokenizer, out_dirs: 
     batch: list[Document] = []
 
     def flush():
-        ids = tokenizer.encode_batch([d.text for d in batch])
+        # A document's text is data: "<|endoftext|>" spelled in it stays text, so the only end-of-text
+        # ids are the ones appended here, one per document (data.sequence_id's boundaries).
+        ids = tokenizer.encode_batch([d.text for d in batch], special_tokens_as_text=True)
         for d, doc_ids in zip(batch, ids):
             split = "val" if is_validation(d, val_fraction) else "train"
             doc_ids.append(tokenizer.eos_id)

@@ -96,7 +96,7 @@ def build_default_corpus(out_dir: str | os.PathLike, *, seq_len: int, tokenizer:
     settings = {"python": sys.version.split()[0], "seq_len": seq_len, "val_fraction": val_fraction,
                 "max_code_bytes": max_code_bytes, "vocab_size": None if tokenizer else vocab_size,
                 "tokenizer": _file_sha(tokenizer.path) if tokenizer is not None and tokenizer.path else None,
-                "layout": 2}
+                "layout": 3}  # 3: special tokens' text in a document is encoded as text
     manifest_path = out / "corpus.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())

@@ -15,6 +15,7 @@ the MPT presets carry 50432 themselves so their checkpoints stay interchangeable
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -75,12 +76,34 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, *, special_tokens_as_text: bool = False) -> list[int]:
+        """Token ids of ``text``. A special token's text in it (``"<|endoftext|>"``) is that token's id,
+        as in ``tokenizers`` and transformers, unless ``special_tokens_as_text``: then it is encoded as
+        the characters it is made of (what a document's own text needs, see :meth:`encode_batch`)."""
+        with self._specials_as_text(special_tokens_as_text):
+            return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        # encode_batch runs on the Rust thread pool (RAYON_NUM_THREADS / all cores).
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+    def encode_batch(self, texts: Sequence[str], *, special_tokens_as_text: bool = False) -> list[list[int]]:
+        """:meth:`encode` of each text, on the Rust thread pool (RAYON_NUM_THREADS / all cores). The
+        converter passes ``special_tokens_as_text=True``: a document that spells "<|endoftext|>" (code
+        that handles tokenizers, text about them) must not get an end-of-text in its middle."""
+        with self._specials_as_text(special_tokens_as_text):
+            return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    @contextlib.contextmanager
+    def _specials_as_text(self, on: bool):
+        if not on:
+            yield
+            return
+        if not hasattr(self._tok, "encode_special_tokens"):  # tokenizers < 0.15.1
+            raise RuntimeError("encoding special tokens' text as text needs tokenizers >= 0.15.1 "
+                               f"(installed: {_tokenizers_version()}); pip install -U tokenizers")
+        before = self._tok.encode_special_tokens
+        self._tok.encode_special_tokens = True
+        try:
+            yield
+        finally:
+            self._tok.encode_special_tokens = before
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -95,6 +118,12 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, path={self.path!r})"
+
+
+def _tokenizers_version() -> str:
+    import tokenizers
+
+    return getattr(tokenizers, "__version__", "unknown")
 
 
 def load_tokenizer(path: str | os.PathLike, eos_token: str = EOS_TOKEN) -> Tokenizer:
