@@ -476,6 +476,9 @@ def vmap_loop(op, batch_size, in_dims, args, kwargs=None):
     """``op`` once per sample, outputs stacked on a new dim 0: what torch's batching fallback does."""
     import torch
 
+    if batch_size == 0:
+        raise RuntimeError(f"{getattr(op, '_qualname', op)}: vmap over a dim of size 0 is not supported here "
+                           "(the samples run one by one)")
     outs = [op(*[a if d is None else a.select(d, i) for a, d in zip(args, in_dims)], **(kwargs or {}))
             for i in range(batch_size)]
     if isinstance(outs[0], (tuple, list)):
@@ -488,18 +491,25 @@ def batch_first(t, d, batch_size):
     return t.expand(batch_size, *t.shape) if d is None else t.movedim(d, 0)
 
 
+_SHAPE_SCRATCH = np.zeros(0, dtype=np.uint8)
+
+
 def shape_view(shape, dtype, device, name: str = "tensor"):
-    """A description of a tensor for ``_C``'s size queries, which read shapes only: no data pointer
-    (contiguous strides), so it can stand for a tensor still wrapped by an outer transform."""
+    """A stand-in for a tensor of this shape in ``_C``'s workspace-size queries, which depend on shapes
+    only (the tensor itself may still be wrapped by an outer transform, with no data pointer to give).
+    Every row is one zero-filled host row (strides 0 but the last): whatever a query reads is in
+    bounds, and host offsets read as zeros (empty sequences, which pass every check)."""
+    global _SHAPE_SCRATCH
     code = (_TORCH_CODES or _torch_codes()).get(dtype)
     if code is None:
         raise ValueError(f"{name}: unsupported dtype {dtype}")
-    strides, step = [], 1
-    for s in reversed(tuple(shape)):
-        strides.append(step)
-        step *= max(int(s), 1)
+    shape = tuple(int(s) for s in shape)
+    need = max(shape[-1] if shape else 1, 1) * dtype.itemsize
+    if _SHAPE_SCRATCH.size < need:
+        _SHAPE_SCRATCH = np.zeros(max(need, 4096), dtype=np.uint8)  # (the old one may be in use: not reused)
     dev = -1 if device.type == "cpu" else (device.index or 0)
-    return (0, code, tuple(int(s) for s in shape), tuple(reversed(strides)), dev)
+    strides = (0,) * (len(shape) - 1) + (1,) if shape else ()
+    return (_SHAPE_SCRATCH.ctypes.data, code, shape, strides, dev)
 
 
 def sample_shape(t, d):

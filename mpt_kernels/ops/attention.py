@@ -37,7 +37,6 @@ import numbers
 import operator
 from typing import Optional
 
-import numpy as np
 import torch
 
 from .._ext import (LastResult, _C, autograd_call, bwd_op, current_stream, eager_function, refuse_forward_ad,
@@ -527,18 +526,11 @@ def _fold_slopes(s, d, n, batch, into_heads):
 
 
 def _fwd_workspace_bytes(q_shape, k_shape, s_shape, dtype, device, n_cu, max_sq, max_sk, scale, causal):
-    """The forward's workspace size for these shapes (shape-only views: the tensors may still be
-    wrapped by an outer transform). Host offsets are read by the query: zeros of the same length."""
-    from .._ext import numpy_view, shape_view
+    """The forward's workspace size for these shapes (``_ext.shape_view`` stand-ins: the tensors may
+    still be wrapped by an outer transform; host offsets read as zeros)."""
+    from .._ext import shape_view
 
-    host_cu = None
-    if n_cu is None:
-        cu = None
-    elif device.type == "cpu":
-        host_cu = np.zeros(n_cu, dtype=np.int32)
-        cu = numpy_view(host_cu, "cu_seqlens")
-    else:
-        cu = shape_view((n_cu,), torch.int32, device, "cu_seqlens")
+    cu = None if n_cu is None else shape_view((n_cu,), torch.int32, device, "cu_seqlens")
     return _C.attention_fwd_workspace_size(
         shape_view(q_shape, dtype, device, "q"), shape_view(k_shape, dtype, device, "k"),
         shape_view(k_shape, dtype, device, "v"),

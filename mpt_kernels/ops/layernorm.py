@@ -266,26 +266,31 @@ def _bwd_vmap(n, in_dims, dy, dresidual_out, h, weight, mean, rstd, has_bias, wa
         return None
     # dh (and dx) of every row: one call over all samples' rows (its summed dweight is not used).
     dh, _, _, dx = layer_norm_bwd(dyb, drb, hb, weight, meanb, rstdb, False, want_dx)
-    # Each sample's dweight, dbias: columns b * hidden + c of a (rows, n * hidden) call over
-    # xhat = (h - mean) * rstd (the kernel's own float32 expression, in the same order) and dy in float32.
-    xhat = torch.empty((rows, n, hidden), dtype=torch.float32, device=h.device)
-    torch.sub(hb.reshape(n, rows, hidden).transpose(0, 1), meanb.reshape(n, rows).t().unsqueeze(-1), out=xhat)
-    xhat.mul_(rstdb.reshape(n, rows).t().unsqueeze(-1))
-    dyw = torch.empty((rows, n, hidden), dtype=torch.float32, device=h.device)
-    dyw.copy_(dyb.reshape(n, rows, hidden).transpose(0, 1))
-    ones = torch.ones(n * hidden, dtype=torch.float32, device=h.device)
-    zero_mean = torch.zeros(rows, dtype=torch.float32, device=h.device)
-    unit_rstd = torch.ones(rows, dtype=torch.float32, device=h.device)
-    _, dw, db, _ = layer_norm_bwd(dyw.view(rows, n * hidden), None, xhat.view(rows, n * hidden), ones, zero_mean,
-                                  unit_rstd, has_bias, False)
-    dweight = dw.view(n, hidden).to(weight.dtype)  # the kernel's own rounding (nearest even) to weight's dtype
-    dbias = db.view(n, hidden).to(weight.dtype) if has_bias else weight.new_empty(0)
+    if n * rows * hidden == 0:  # nothing to sum: zeros, as the kernel writes them
+        dweight = torch.zeros((n, hidden), dtype=weight.dtype, device=h.device)
+        dbias = torch.zeros((n, hidden), dtype=weight.dtype, device=h.device) if has_bias else weight.new_empty(0)
+    else:
+        # Each sample's dweight, dbias: columns b * hidden + c of a (rows, n * hidden) call over
+        # xhat = (h - mean) * rstd (the kernel's own float32 expression, in the same order) and dy in float32.
+        # (Functional ops, no out=: under nested vmaps these tensors are still batched at the outer levels.)
+        h3 = hb.reshape(n, rows, hidden).transpose(0, 1)  # (rows, n, hidden)
+        xhat = ((h3 - meanb.reshape(n, rows).t().unsqueeze(-1)) * rstdb.reshape(n, rows).t().unsqueeze(-1))
+        xhat = xhat.reshape(rows, n * hidden)
+        dyw = dyb.reshape(n, rows, hidden).transpose(0, 1).to(torch.float32).reshape(rows, n * hidden)
+        ones = torch.ones(n * hidden, dtype=torch.float32, device=h.device)
+        zero_mean = torch.zeros(rows, dtype=torch.float32, device=h.device)
+        unit_rstd = torch.ones(rows, dtype=torch.float32, device=h.device)
+        _, dw, db, _ = layer_norm_bwd(dyw, None, xhat, ones, zero_mean, unit_rstd, has_bias, False)
+        dweight = dw.view(n, hidden).to(weight.dtype)  # the kernel's own rounding (nearest even) to weight's dtype
+        dbias = db.view(n, hidden).to(weight.dtype) if has_bias else weight.new_empty(0)
     mixed_dx = want_dx and dy.dtype != h.dtype
     return (dh, dweight, dbias, dx), (0, 0, 0 if has_bias else None, 0 if mixed_dx else None)
 
 
 _ext.register_vmap(layer_norm_fwd, _fwd_vmap)
 _ext.register_vmap(layer_norm_bwd, _bwd_vmap)
+
+
 
 def _check_param(t, name: str, x: Tensor, hidden: int) -> None:
     if not isinstance(t, Tensor):

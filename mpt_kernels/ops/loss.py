@@ -113,6 +113,8 @@ def _bwd_vmap(n, in_dims, logits, targets, lse, drow, ignore_index):
 _ext.register_vmap(cross_entropy_fwd, _fwd_vmap)
 _ext.register_vmap(cross_entropy_bwd, _bwd_vmap)
 
+
+
 def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
     """Mean cross-entropy of ``logits`` (N, V) against ``targets`` (N,) over the rows whose target is
     not ``ignore_index`` (0/0 = NaN when there are none, as ``F.cross_entropy``). float32 result;
