@@ -128,6 +128,33 @@ def test_forward_backward(device, dtype, shape, with_bias, with_residual):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("eps", [1e-5, 1e-3, 0.25], ids=lambda e: f"eps{e:g}")
+def test_eps_matters_for_small_variance_rows(device, dtype, eps):
+    """Rows whose variance is comparable to eps (std 3e-3 .. 1, mean half the std), so eps moves rstd
+    by far more than the tolerance: the inputs of test_forward_backward (variance ~6) cannot tell eps
+    from 1.5 eps in float32. (A mean far above the std would make float32 statistics themselves
+    ill-conditioned, as torch's are: not what this tests.) Forward and gradients against float64."""
+    if dtype not in DTYPES[device]:
+        pytest.skip(f"{dtype} not supported on {device}")
+    rows, hidden = 6, 1031  # odd: the vector body and the scalar tail both see eps
+    scale = torch.tensor([3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0]).unsqueeze(1)
+    x = ((torch.randn(rows, hidden, dtype=torch.float64) + 0.5) * scale).to(dtype).to(device)
+    w = (torch.randn(hidden) * 0.5 + 1.0).to(dtype).to(device)
+    b = torch.randn(hidden).to(dtype).to(device)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = mk.layer_norm(*leaves, eps=eps)
+    dy = torch.randn(rows, hidden).to(dtype).to(device)
+    y.backward(dy)
+    y_ref, _, (dx_ref, dw_ref, db_ref) = reference(x, w, b, None, eps, dy)
+    rtol = RTOL[dtype]
+    assert_close(y, y_ref, rtol, OUT_ATOL_FRAC, "y")
+    assert_close(leaves[0].grad, dx_ref, rtol, GRAD_ATOL_FRAC, "dx")
+    assert_close(leaves[1].grad, dw_ref, rtol, GRAD_ATOL_FRAC, "dweight")
+    assert_close(leaves[2].grad, db_ref, rtol, GRAD_ATOL_FRAC, "dbias")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(5, 7), (17, 1024), (4, 16384)], ids=lambda s: "x".join(map(str, s)))
 def test_float32_weight_with_low_precision_input(device, dtype, shape):
