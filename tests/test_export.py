@@ -763,6 +763,75 @@ def test_exports_refuse_weights_they_do_not_read(tmp_path):
     assert not (tmp_path / "ft").exists()
 
 
+@pytest.mark.parametrize("changes, message", [
+    # the config's sizes disagree with the weights: FasterTransformer's config.ini would describe other files
+    (dict(vocab_size=90), r"transformer.wte.weight has shape \(97, 32\), the config implies \(90, 32\)"),
+    (dict(expansion_ratio=3), r"transformer.blocks.0.ffn.up_proj.weight has shape \(128, 32\), the config implies \(96, 32\)"),
+    (dict(attn={"attn_type": "grouped_query_attention", "kv_n_heads": 2}),
+     r"transformer.blocks.0.attn.Wqkv.weight has shape \(96, 32\), the config implies \(64, 32\)"),
+    # weights the config's MPT has and the checkpoint lacks (an ONNX graph crashed, FT wrote zeros)
+    (dict(attn={"qk_ln": True}), r"the weights lack transformer.blocks.0.attn.q_ln.weight"),
+    (dict(no_bias=False), r"the weights lack transformer.blocks.0.norm_1.bias"),
+])
+def test_exports_refuse_weights_that_disagree_with_the_config(tmp_path, changes, message):
+    """A config.json that does not describe its weights (edited by hand, another model's) is refused, as
+    from_pretrained refuses it, instead of exported as some other function or failing with a traceback."""
+    _, ckpt = _edited_checkpoint(tmp_path, **changes)
+    with pytest.raises(ValueError, match="model_or_dir: " + message):
+        MPTGraph(ckpt)
+    with pytest.raises(ValueError, match="model_or_dir: " + message):
+        export_fastertransformer(ckpt, tmp_path / "ft", force=True)
+    with pytest.raises(ValueError):
+        MPTForCausalLM.from_pretrained(ckpt)  # the model refuses it too
+    assert not (tmp_path / "ft").exists()
+
+
+def test_exports_refuse_biases_under_no_bias(tmp_path):
+    """no_bias=True with bias weights in the checkpoint: the model refuses it; the exports used the
+    biases (the ONNX graph's logits moved by ~2 against the checkpoint's model)."""
+    from safetensors.torch import load_file, save_file
+
+    _, ckpt = _edited_checkpoint(tmp_path)
+    f = ckpt / "model.safetensors"
+    save_file({**load_file(f), "transformer.blocks.0.ffn.up_proj.bias": torch.randn(128)}, f, metadata={"format": "pt"})
+    for export in (MPTGraph, lambda c: export_fastertransformer(c, tmp_path / "ft", force=True)):
+        with pytest.raises(ValueError, match=r"the weights hold transformer.blocks.0.ffn.up_proj.bias, which this "
+                                             r"config \(n_layers=2, no_bias=True"):
+            export(ckpt)
+    assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"no_bias": False, "qk_ln": True, "attn_type": "grouped_query_attention", "kv_n_heads": 2},
+    {"attn_type": "multiquery_attention", "tie_word_embeddings": False, "expansion_ratio": 1.5},
+])
+def test_expected_weights_are_the_models(kw):
+    """The names and shapes the exports require are exactly our model's parameters."""
+    from mpt_kernels.export._source import config_to_dict, expected_weights
+
+    with torch.device("meta"):
+        model = mpt(**kw)
+    assert expected_weights(config_to_dict(model.config)) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("setting", ["alibi_bias_max", "qk_ln", "logit_scale"])
+def test_exports_refuse_transformers_models_that_ignore_their_config(tmp_path, setting):
+    """transformers' MptForCausalLM ignores alibi_bias_max (always 8), qk_ln and logit_scale: the exports,
+    reading the config, computed another function than the object (ALiBi max 16: logits off by 0.6,
+    logit_scale 0.5: by 1.7; qk_ln crashed in the graph module)."""
+    transformers = pytest.importorskip("transformers")
+    attn = {"alibi_bias_max": 16} if setting == "alibi_bias_max" else {"qk_ln": True} if setting == "qk_ln" else {}
+    extra = {"logit_scale": 0.5} if setting == "logit_scale" else {}
+    cfg = transformers.MptConfig(d_model=32, n_heads=4, n_layers=1, max_seq_len=64, vocab_size=VOCAB,
+                                 attn_config=attn or None, **extra)
+    model = transformers.MptForCausalLM(cfg).eval()
+    for export in (MPTGraph, lambda m: export_fastertransformer(m, tmp_path / "ft", force=True)):
+        with pytest.raises(ValueError, match=rf"model_or_dir: this MptForCausalLM \(transformers\) does not compute "
+                                             rf"the MPT its config describes: {setting}"):
+            export(model)
+    assert not (tmp_path / "ft").exists()
+
+
 def test_exports_ignore_training_only_settings(tmp_path):
     """attn_impl, attn_pdrop, dropouts and init_config do not change the function an export writes."""
     model, ckpt = _edited_checkpoint(tmp_path, attn={"attn_impl": "flash", "attn_pdrop": 0.1}, resid_pdrop=0.2,

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -76,12 +75,13 @@ _TRAINING_ONLY = {"resid_pdrop": 0.0, "emb_pdrop": 0.0}
 _TRAINING_ONLY_DROPPED = ("init_config", "fc_type")  # fc_type: the Linear's implementation (same weights)
 
 
-def check_computable(cfg: dict) -> None:
+def check_computable(cfg: dict):
     """Raise ``ValueError`` (naming ``model_or_dir`` and the setting) when ``cfg`` describes an MPT the
     exports cannot compute: the rules of ``MPTConfig`` (those ``MPTForCausalLM.from_pretrained``
     applies: rmsnorm, a GLU or non-GELU FFN, prefix_lm, alibi=False, ...), minus the settings that only
     matter to training (attn_impl, dropouts, initialisation, fc_type). One addition to the model's
-    rules: the tanh-approximated GELU, which both exports compute (FasterTransformer's GELU is that)."""
+    rules: the tanh-approximated GELU, which both exports compute (FasterTransformer's GELU is that).
+    Returns the ``MPTConfig`` that judged it."""
     from ..model.config import MPTConfig
 
     d = {k: v for k, v in cfg.items() if k not in _TRAINING_ONLY_DROPPED}
@@ -94,29 +94,49 @@ def check_computable(cfg: dict) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # unknown attn_config keys: the export reads only known ones
-            MPTConfig.from_dict(d)
+            return MPTConfig.from_dict(d)
     except ValueError as exc:
         raise ValueError(f"model_or_dir: the export cannot compute this MPT: {exc} (MPTForCausalLM.from_pretrained "
                          "refuses it too)") from None
 
 
-_BLOCK_WEIGHT = re.compile(r"^transformer\.blocks\.(\d+)\.(.+)$")
-_BLOCK_PARTS = ("norm_1", "norm_2", "attn.Wqkv", "attn.Wq", "attn.Wk", "attn.Wv", "attn.out_proj",
-                "ffn.up_proj", "ffn.down_proj")
+def expected_weights(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Every weight an MPT with config ``cfg`` has, by Hugging Face name, with its shape: the names and
+    shapes ``MPTForCausalLM.from_pretrained`` requires (a tied head has no ``lm_head.weight``). Biases
+    (every Linear and LayerNorm) exist only under ``no_bias=False``; ``attn.q_ln`` / ``k_ln`` only under
+    ``qk_ln`` (q's over d_model, k's over the key/value heads)."""
+    d, n_heads, vocab = int(cfg["d_model"]), int(cfg["n_heads"]), int(cfg["vocab_size"])
+    head_dim, n_kv = d // n_heads, kv_heads(cfg)
+    ffn = float(cfg.get("expansion_ratio", 4)) * d
+    inter = int(ffn) if ffn.is_integer() else ffn  # a fractional width matches no weight: refused by shape
+    with_bias = not cfg.get("no_bias", True)
+    out: dict[str, tuple] = {}
 
+    def norm(prefix, size):
+        out[prefix + ".weight"] = (size,)
+        if with_bias:
+            out[prefix + ".bias"] = (size,)
 
-def unused_weights(cfg: dict, names) -> list[str]:
-    """The weight names an export would not read (so the function it writes would lack them): e.g. a
-    GLU's ``ffn.gate_proj``, a block past ``n_layers``, q/k LayerNorms without ``qk_ln``."""
-    parts = _BLOCK_PARTS + (("attn.q_ln", "attn.k_ln") if cfg["attn_config"].get("qk_ln") else ())
-    allowed_block = {f"{p}.{w}" for p in parts for w in ("weight", "bias")}
-    top = {"transformer.wte.weight", "transformer.norm_f.weight", "transformer.norm_f.bias", "lm_head.weight"}
-    out = []
-    for n in sorted(names):
-        m = _BLOCK_WEIGHT.match(n)
-        if n in top or m and int(m.group(1)) < int(cfg["n_layers"]) and m.group(2) in allowed_block:
-            continue
-        out.append(n)
+    def linear(prefix, n_out, n_in):
+        out[prefix + ".weight"] = (n_out, n_in)
+        if with_bias:
+            out[prefix + ".bias"] = (n_out,)
+
+    out["transformer.wte.weight"] = (vocab, d)
+    for i in range(int(cfg["n_layers"])):
+        p = f"transformer.blocks.{i}."
+        norm(p + "norm_1", d)
+        linear(p + "attn.Wqkv", (n_heads + 2 * n_kv) * head_dim, d)
+        if cfg["attn_config"].get("qk_ln"):
+            norm(p + "attn.q_ln", d)
+            norm(p + "attn.k_ln", n_kv * head_dim)
+        linear(p + "attn.out_proj", d, d)
+        norm(p + "norm_2", d)
+        linear(p + "ffn.up_proj", inter, d)
+        linear(p + "ffn.down_proj", d, inter)
+    norm("transformer.norm_f", d)
+    if not cfg.get("tie_word_embeddings", True):
+        out["lm_head.weight"] = (vocab, d)
     return out
 
 
@@ -152,12 +172,15 @@ class WeightSource:
     saved with llm-foundry's ``fused_qkv=False`` (``attn.Wq`` / ``Wk`` / ``Wv``) also answers for
     ``attn.Wqkv``: the three concatenated, q rows first."""
 
-    def __init__(self, getter: Callable[[str], torch.Tensor], names):
+    def __init__(self, getter: Callable[[str], torch.Tensor], names,
+                 shape_getter: Callable[[str], tuple[int, ...]] | None = None):
         names = set(names)
+        shape_getter = shape_getter or (lambda name: tuple(getter(name).shape))
         if names and all(n.startswith("model.") for n in names):
             # Composer checkpoints wrap the HF model as ``model.`` (as from_pretrained reads them)
-            inner = getter
+            inner, inner_shape = getter, shape_getter
             getter = lambda name: inner("model." + name)  # noqa: E731
+            shape_getter = lambda name: inner_shape("model." + name)  # noqa: E731
             names = {n[len("model."):] for n in names}
         self._separate = {}
         for n in names:
@@ -172,8 +195,16 @@ class WeightSource:
                 return torch.cat([getter(p) for p in self._separate[name]], dim=0)
             return getter(name)
 
-        self._get = get
-        self.names = names | set(self._separate)
+        def shape(name):
+            if name in self._separate:
+                parts = [tuple(shape_getter(p)) for p in self._separate[name]]
+                return (sum(p[0] for p in parts), *parts[0][1:])
+            return tuple(shape_getter(name))
+
+        self._get, self._shape = get, shape
+        # the fused name stands for its parts: they are not weights of their own to the exports
+        consumed = {p for parts in self._separate.values() for p in parts}
+        self.names = (names - consumed) | set(self._separate)
 
     def __contains__(self, name):
         return name in self.names
@@ -185,6 +216,12 @@ class WeightSource:
 
     def get(self, name, default=None):
         return self[name] if name in self else default
+
+    def shape(self, name) -> tuple[int, ...]:
+        """The shape of weight ``name``, without reading its data from a safetensors checkpoint."""
+        if name not in self.names:
+            raise KeyError(f"checkpoint has no weight named {name!r}")
+        return self._shape(name)
 
 
 def _dir_weights(path: Path) -> WeightSource:
@@ -203,7 +240,11 @@ def _dir_weights(path: Path) -> WeightSource:
             with safe_open(str(path / weight_map[name]), framework="pt") as f:
                 return f.get_tensor(name)
 
-        return WeightSource(get, weight_map)
+        def shape(name):
+            with safe_open(str(path / weight_map[name]), framework="pt") as f:
+                return tuple(f.get_slice(name).get_shape())
+
+        return WeightSource(get, weight_map, shape)
     bins = sorted(path.glob("pytorch_model*.bin"))
     if bins:
         state = {}
@@ -243,32 +284,59 @@ def open_source(model_or_dir) -> tuple[dict, WeightSource]:
     if isinstance(model_or_dir, torch.nn.Module) and hasattr(model_or_dir, "config"):
         state = model_or_dir.state_dict()
         cfg = config_to_dict(model_or_dir.config)
-        check_computable(cfg)
+        config = check_computable(cfg)
+        if type(model_or_dir).__module__.startswith("transformers."):
+            _check_transformers_model(model_or_dir, config)
         return cfg, WeightSource(state.__getitem__, state)
     raise TypeError(
         f"model_or_dir: expected an MPT model (with .config) or a checkpoint directory, got {type(model_or_dir).__name__}"
     )
 
 
+def _check_transformers_model(model, config) -> None:
+    """transformers' MptForCausalLM loads some MPT settings without applying them (a fixed ALiBi maximum
+    of 8, no q/k LayerNorm, no logit scale, no biases, a 4x FFN): such an object computes another function
+    than its config describes, and an export, which reads the config, would match neither it nor MPT
+    silently. Raise ``ValueError`` naming the settings."""
+    from ..model.checkpoint import transformers_cannot_load, transformers_ignores
+
+    problems = transformers_ignores(config) + transformers_cannot_load(config)
+    if problems:
+        raise ValueError(f"model_or_dir: this {type(model).__name__} (transformers) does not compute the MPT its "
+                         f"config describes: {'; '.join(problems)}. Export the checkpoint directory or mpt_kernels' "
+                         "MPTForCausalLM (MPTForCausalLM.from_pretrained), which apply these settings; or set them "
+                         "in model.config to what transformers computes (alibi_bias_max=8, logit_scale=None, ...)")
+
+
 def check_required_weights(cfg: dict, src: WeightSource) -> None:
-    """Raise ``ValueError`` listing the weights every MPT has (embedding, LayerNorm gains, attention and
-    FFN matrices of each layer) that ``src`` lacks, or the weights it holds that no export reads
-    (``unused_weights``), before an export writes anything."""
-    names = ["transformer.wte.weight", "transformer.norm_f.weight"]
-    for i in range(int(cfg["n_layers"])):
-        p = f"transformer.blocks.{i}."
-        names += [p + n for n in ("norm_1.weight", "norm_2.weight", "attn.Wqkv.weight", "attn.out_proj.weight",
-                                  "ffn.up_proj.weight", "ffn.down_proj.weight")]
-    if not cfg.get("tie_word_embeddings", True):
-        names.append("lm_head.weight")
-    missing = [n for n in names if n not in src]
+    """Raise ``ValueError`` before an export writes anything when the weights in ``src`` are not those
+    of the MPT ``cfg`` describes (``expected_weights``, the rule ``from_pretrained`` applies): a weight
+    it lacks (e.g. a bias under ``no_bias=False``, ``attn.q_ln`` under ``qk_ln``), one no export reads
+    (a GLU's ``ffn.gate_proj``, a block past ``n_layers``, a bias under ``no_bias=True``: exporting it
+    or dropping it would both write a function the checkpoint's model does not compute), or one whose
+    shape differs from the config's (``vocab_size``, ``d_model``, heads, FFN width): FasterTransformer's
+    config.ini would describe files of other sizes, and the ONNX graph would fail or compute another
+    model. (A tied head's ``lm_head.weight``, which transformers may store, is allowed and unused.)"""
+    expected = expected_weights(cfg)
+    missing = [n for n in expected if n not in src]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ValueError(f"model_or_dir: the weights lack {', '.join(missing[:5])}{more} "
-                         f"(config: n_layers={cfg['n_layers']}); is it an MPT checkpoint matching its config.json?")
-    unused = unused_weights(cfg, src.names)
+                         f"(config: n_layers={cfg['n_layers']}, no_bias={bool(cfg.get('no_bias', True))}, "
+                         f"qk_ln={bool(cfg['attn_config'].get('qk_ln'))}); is it an MPT checkpoint matching its "
+                         "config.json?")
+    tied = cfg.get("tie_word_embeddings", True)
+    unused = sorted(n for n in src.names if n not in expected and not (tied and n == "lm_head.weight"))
     if unused:
         more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
         raise ValueError(f"model_or_dir: the weights hold {', '.join(unused[:5])}{more}, which this config "
-                         f"(n_layers={cfg['n_layers']}, qk_ln={bool(cfg['attn_config'].get('qk_ln'))}) does not "
-                         "use and no export computes with; is it an MPT checkpoint matching its config.json?")
+                         f"(n_layers={cfg['n_layers']}, no_bias={bool(cfg.get('no_bias', True))}, "
+                         f"qk_ln={bool(cfg['attn_config'].get('qk_ln'))}) does not use and no export computes "
+                         "with; is it an MPT checkpoint matching its config.json?")
+    for name, want in expected.items():
+        got = src.shape(name)
+        if tuple(got) != tuple(want):
+            raise ValueError(f"model_or_dir: {name} has shape {tuple(got)}, the config implies {tuple(want)} "
+                             f"(d_model={cfg['d_model']}, n_heads={cfg['n_heads']}, kv heads={kv_heads(cfg)}, "
+                             f"vocab_size={cfg['vocab_size']}, expansion_ratio={cfg.get('expansion_ratio', 4)}); "
+                             "is it an MPT checkpoint matching its config.json?")

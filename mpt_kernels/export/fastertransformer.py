@@ -119,7 +119,7 @@ def export_fastertransformer(model_or_dir, out_dir, tensor_parallel: int = 1, dt
     if d % n_heads:
         raise ValueError(f"model_or_dir: d_model={d} is not divisible by n_heads={n_heads}")
     head_dim, n_kv = d // n_heads, kv_heads(cfg)
-    inter = int(src["transformer.blocks.0.ffn.up_proj.weight"].shape[0])  # the weights, not expansion_ratio, are the truth
+    inter = int(src.shape("transformer.blocks.0.ffn.up_proj.weight")[0])  # = expansion_ratio * d (checked above)
     tp = _check_tp(tensor_parallel, n_heads, d, inter)
 
     problems = unsupported_features(cfg)
