@@ -560,6 +560,21 @@ def test_ft_overwrite_replaces_the_earlier_export(tmp_path):
     torch.testing.assert_close(logits_of(load_fastertransformer(out), ids), logits_of(tied, ids), rtol=0, atol=1e-5)
 
 
+def test_ft_config_ini_holds_a_model_path_with_percent(tmp_path):
+    """A checkpoint path with '%' (transformers' _name_or_path, the config.ini's model_name) failed with
+    'invalid interpolation syntax', after overwrite=True had deleted the earlier export."""
+    model = mpt()
+    cfg = {**model.config.to_dict(), "_name_or_path": "/ckpts/run-50%/step-100"}
+    export_fastertransformer(model, tmp_path)
+    out = export_fastertransformer((cfg, model.state_dict()), tmp_path, overwrite=True)
+    assert set(os.listdir(out)) == expected_ft_files(2, 1)
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read(out / "config.ini")
+    assert ini["gpt"]["model_name"] == "/ckpts/run-50%/step-100"
+    ids = torch.randint(0, VOCAB, (1, 6))
+    torch.testing.assert_close(logits_of(load_fastertransformer(out), ids), logits_of(model, ids), rtol=0, atol=0)
+
+
 def test_onnx_refuses_an_existing_output_before_exporting(tmp_path):
     from mpt_kernels.export import export_onnx
 

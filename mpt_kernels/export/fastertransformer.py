@@ -129,20 +129,9 @@ def export_fastertransformer(model_or_dir, out_dir, tensor_parallel: int = 1, dt
             raise ValueError(f"model_or_dir: {msg}. Pass force=True (--force) to export anyway.")
         warnings.warn(msg, stacklevel=2)
 
-    save_dir = Path(out_dir) / f"{tp}-gpu"
-    if save_dir.exists() and any(save_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"out_dir: {save_dir} exists and is not empty (pass overwrite=True, --overwrite "
-                                  "on the command line, to replace it)")
-        # Remove the files an earlier export wrote, nothing else: a stale model.lm_head.weight.bin
-        # would make a tied model read back as untied.
-        for f in [save_dir / "config.ini", *save_dir.glob("model.*.bin")]:
-            if f.is_file():
-                f.unlink()
-    save_dir.mkdir(parents=True, exist_ok=True)
-
     # (open_source refuses alibi=False and a wpe weight: every export uses ALiBi, no learned positions)
-    ini = configparser.ConfigParser()
+    # No interpolation: a '%' in a value (a model path like run-50%/) is text, not a reference.
+    ini = configparser.ConfigParser(interpolation=None)
     ini["gpt"] = {
         "model_name": cfg.get("_name_or_path") or "mpt",
         "head_num": str(n_heads),
@@ -159,6 +148,18 @@ def export_fastertransformer(model_or_dir, out_dir, tensor_parallel: int = 1, dt
         "has_positional_encoding": "False",
         "use_attention_linear_bias": "True",
     }
+    save_dir = Path(out_dir) / f"{tp}-gpu"
+    if save_dir.exists() and any(save_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"out_dir: {save_dir} exists and is not empty (pass overwrite=True, --overwrite "
+                                  "on the command line, to replace it)")
+        # Remove the files an earlier export wrote, nothing else: a stale model.lm_head.weight.bin
+        # would make a tied model read back as untied.
+        for f in [save_dir / "config.ini", *save_dir.glob("model.*.bin")]:
+            if f.is_file():
+                f.unlink()
+    save_dir.mkdir(parents=True, exist_ok=True)
+
     with open(save_dir / "config.ini", "w") as f:
         ini.write(f)
 
@@ -245,7 +246,7 @@ def read_fastertransformer(path) -> tuple[dict, dict[str, torch.Tensor]]:
     written by any tensor-parallel size. Returns (Hugging Face MPT config dict, float32 state dict
     under MPT's parameter names). ``no_bias`` is inferred: all bias files zero -> True."""
     ft_dir = _find_ft_dir(path)
-    ini = configparser.ConfigParser()
+    ini = configparser.ConfigParser(interpolation=None)
     ini.read(ft_dir / "config.ini")
     if "gpt" not in ini:
         raise ValueError(f"path: {ft_dir / 'config.ini'} has no [gpt] section")
