@@ -355,6 +355,47 @@ def test_finetune_instruct_and_hf_export(tmp_path, corpus):
     torch.testing.assert_close(theirs(x).logits, ours(x).logits, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("fmt", ["chatml", "mpt-instruct"])
+def test_saved_tokenizer_loads_in_transformers_with_the_finetune_format(tmp_path, corpus, monkeypatch, fmt):
+    """The saved folder's tokenizer_config.json: AutoTokenizer loads our tokenizer unchanged (length, eos,
+    pad), its chat template renders exactly the text the finetune trained on, and a ChatML model's
+    generation_config (and the end-of-run sample) stop at <|im_end|>, how its turns end."""
+    transformers = pytest.importorskip("transformers")
+    from mpt_kernels.data import load_tokenizer
+    from mpt_kernels.data.finetune import IM_END, format_chatml, format_mpt_instruct, tokenize_example
+    from mpt_kernels.train import Trainer
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}.", "response": w}) + "\n" for w in ["cat", "dog"]))
+    tr = Trainer(_micro_cfg(tmp_path, corpus, run_name="chat", max_steps=1, **{
+        "data.kind": "finetune", "data.finetune_path": str(data), "data.tokenizer": str(corpus / "tokenizer.json"),
+        "data.finetune_format": fmt, "data.seq_len": 160, "global_batch_size": 2, "micro_batch_size": 2,
+        "checkpoint.save_every": 0, "eval.every": -1, "eval.sample_tokens": 4}))
+    seen = {}
+    real_generate = type(tr.raw_model).generate
+
+    def generate(self, *a, **k):
+        seen["eos"] = k.get("eos_token_id")
+        return real_generate(self, *a, **k)
+
+    monkeypatch.setattr(type(tr.raw_model), "generate", generate)
+    hf = Path(tr.fit()["hf_dir"])
+    ours = load_tokenizer(hf)
+    theirs = transformers.AutoTokenizer.from_pretrained(hf)
+    assert len(theirs) == ours.vocab_size and theirs.pad_token_id == ours.pad_id == 1 and theirs.eos_token_id == 0
+    rec = {"prompt": "Say cat.", "response": "cat"}
+    segs = format_chatml(rec) if fmt == "chatml" else format_mpt_instruct(rec)
+    msgs = [{"role": "user", "content": "Say cat."}, {"role": "assistant", "content": "cat"}]
+    full = theirs.apply_chat_template(msgs, tokenize=False)
+    assert full == "".join(t for t, _ in segs)
+    assert theirs(full).input_ids == tokenize_example(segs, ours)[0].tolist()
+    prompt = "".join(t for t, _ in (segs[:-2] if fmt == "chatml" else segs[:-1]))
+    assert theirs.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True) == prompt
+    gen = json.loads((hf / "generation_config.json").read_text())
+    stops = [ours.token_to_id(IM_END), 0] if fmt == "chatml" else [0]
+    assert seen["eos"] == stops and gen["eos_token_id"] == (stops if fmt == "chatml" else 0)
+
+
 # --------------------------------------------------------------------------------------- distributed
 
 @pytest.mark.slow

@@ -117,6 +117,25 @@ def format_chatml(rec: dict, where: str = "record") -> list[tuple[str, bool]]:
     return segs
 
 
+def chat_template(fmt: str) -> str:
+    """A Jinja chat template (transformers' ``apply_chat_template``) that renders a conversation as the
+    finetune format ``fmt`` formats it for training, character for character; saved with a finetuned
+    model's tokenizer. ``add_generation_prompt`` opens the assistant's turn (mpt-instruct's prompt
+    always ends with it); a conversation ending with the assistant's message renders its end marker."""
+    if fmt == "chatml":
+        return ("{% for message in messages %}{{ '" + IM_START + "' + message['role'] + '\\n' + message['content'] + '"
+                + IM_END + "' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '" + IM_START
+                + "assistant\\n' }}{% endif %}")
+    if fmt == "mpt-instruct":
+        return ("{% if messages | length == 0 or messages | length > 2 or messages[0]['role'] != 'user' or "
+                "(messages | length == 2 and messages[1]['role'] != 'assistant') %}{{ raise_exception('the "
+                "mpt-instruct format is single-turn: one user message, optionally followed by the assistant\\'s "
+                "response (no system message)') }}{% endif %}{{ '" + INSTRUCT_INTRO + "\\n### Instruction:\\n' + "
+                "messages[0]['content'] + '\\n### Response:\\n' }}{% if messages | length == 2 %}"
+                "{{ messages[1]['content'] + eos_token }}{% endif %}")
+    raise ValueError(f"chat_template: fmt must be one of {FORMATS}, got {fmt!r}")
+
+
 def ensure_special_tokens(tokenizer: Tokenizer, tokens: Sequence[str]) -> None:
     """Make each marker in ``tokens`` encode to its one id: added when missing, and registered as a special
     token when the vocabulary has it only as an ordinary entry (then the text "<|endoftext|>" would be

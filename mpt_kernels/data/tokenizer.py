@@ -45,6 +45,7 @@ class Tokenizer:
         self.eos_token = eos_token
         self.eos_id = int(eos)
         pad = tok.token_to_id(PAD_TOKEN)
+        self.pad_token = PAD_TOKEN if pad is not None else eos_token
         self.pad_id = int(pad) if pad is not None else self.eos_id
         self.path = path
 
@@ -115,6 +116,28 @@ class Tokenizer:
         self._tok.save(str(tmp))
         os.replace(tmp, path)  # atomic: a reader never sees half a tokenizer.json
         self.path = str(path.resolve())  # absolute: indexes and manifests that record it work from any cwd
+
+    def save_hf(self, folder: str | os.PathLike, *, chat_template: str | None = None) -> None:
+        """``tokenizer.json`` plus the ``tokenizer_config.json`` with which transformers' ``AutoTokenizer``
+        loads it as this tokenizer: the generic fast class (the file's own pipeline, whatever model it
+        came from), our end-of-text as eos/bos/unk and our padding token (without the file an MPT
+        folder loads as GPTNeoXTokenizer, which for a vocabulary without ``<|padding|>``, such as some
+        NeoX files, adds one as a new token: another length and another pad id than training used), no
+        added BOS/EOS, no clean-up of spaces in decoding (it would change the decoded text), and
+        ``chat_template`` (Jinja, for ``apply_chat_template``) when given."""
+        folder = Path(folder)
+        self.save(folder / "tokenizer.json")
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token, "bos_token": self.eos_token,
+               "unk_token": self.eos_token, "pad_token": self.pad_token, "add_bos_token": False,
+               "add_eos_token": False, "clean_up_tokenization_spaces": False}
+        if chat_template is not None:
+            cfg["chat_template"] = chat_template
+        # transformers >= 4.43 saves a template as chat_template.jinja and prefers it: one from an
+        # earlier save would override (or resurrect) the template written here
+        (folder / "chat_template.jinja").unlink(missing_ok=True)
+        tmp = folder / f"tokenizer_config.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, folder / "tokenizer_config.json")
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, path={self.path!r})"

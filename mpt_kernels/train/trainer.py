@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -633,13 +634,39 @@ class Trainer:
             return full.to(self.device)
         return self.raw_model if self.rank == 0 else None
 
+    def _chat_format(self) -> str | None:
+        """The prompt format the model is finetuned on (None: pretraining)."""
+        return self.cfg.data.finetune_format if self.cfg.data.kind == "finetune" else None
+
+    def _stop_ids(self) -> list[int]:
+        """Where generation ends: the end-of-text, and for ChatML the end of the assistant's turn
+        (what the finetune trains the model to emit; it never trains an end-of-text there)."""
+        from ..data.finetune import IM_END
+
+        ids = [self.tokenizer.eos_id]
+        if self._chat_format() == "chatml":
+            ids.insert(0, self.tokenizer.token_to_id(IM_END))
+        return ids
+
     def save_hf(self, model) -> Path | None:
-        """The final model in Hugging Face format, with its tokenizer.json (rank 0)."""
+        """The final model in Hugging Face format, with its tokenizer (tokenizer.json and the
+        tokenizer_config.json transformers' AutoTokenizer reads; a finetune's chat template renders
+        its prompt format) and a generation_config.json that stops where the format ends a turn
+        (rank 0)."""
+        from ..data.finetune import chat_template
+
         out = self.run_dir / "hf"
         if self.rank == 0:
             eos = self.tokenizer.eos_id
             model.save_pretrained(out, eos_token_id=eos, bos_token_id=eos)  # NeoX/GPT style: one <|endoftext|>
-            self.tokenizer.save(out / "tokenizer.json")
+            fmt = self._chat_format()
+            self.tokenizer.save_hf(out, chat_template=chat_template(fmt) if fmt else None)
+            stops = self._stop_ids()
+            gen_path = out / "generation_config.json"
+            if len(stops) > 1:  # ChatML: transformers' generate() would run past <|im_end|> into a next turn
+                gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+                gen.update(eos_token_id=stops, pad_token_id=eos)
+                gen_path.write_text(json.dumps(gen, indent=2) + "\n")
         return out if self.rank == 0 else None
 
     @torch.no_grad()
@@ -654,7 +681,7 @@ class Trainer:
         model.eval()
         with self._autocast():
             out = model.generate(x, max_new_tokens=e.sample_tokens, temperature=e.temperature, top_k=e.top_k,
-                                 eos_token_id=self.tokenizer.eos_id, generator=gen)
+                                 eos_token_id=self._stop_ids(), generator=gen)
         model.train(was_training)
         return self.tokenizer.decode(out[0].tolist())
 
