@@ -25,6 +25,8 @@ meaningless.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -309,7 +311,7 @@ def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype:
         input_names, output_names = ["input_ids", "attention_mask"], ["logits"]
 
     nbytes = sum(b.numel() * b.element_size() for b in graph.buffers())
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_torchvision_notice():
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter, not about this model
         program = torch.onnx.export(
             module, args, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names,
@@ -343,6 +345,23 @@ def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype:
     bar.update(1)
     bar.close()
     return path
+
+
+@contextlib.contextmanager
+def _quiet_torchvision_notice():
+    """Without torchvision installed, torch's ONNX exporter logs a warning for each of torchvision's ops
+    it skips registering (nms, roi_align, ...): about a package this graph never uses. Drop those records
+    while exporting; anything else the exporter logs still shows."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+
+    def keep(record):
+        return not record.getMessage().startswith("torchvision is not installed")
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _rename_dim(proto, input_name: str, axis: int, new: str) -> None:
