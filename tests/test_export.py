@@ -498,6 +498,30 @@ def test_onnx_greedy_decode_left_padded_batch(onnx_export):
     np.testing.assert_array_equal(got[1:, 5:], model.generate(ids[1:, 5:], 10, temperature=0).numpy())
 
 
+def test_onnx_verify_checks_the_kv_cache_path(onnx_export, tmp_path, capsys):
+    """--verify on the KV-cache graph also decodes tokens through the cache (a prefill-only check would
+    pass a graph whose past/present path is wrong)."""
+    from mpt_kernels.export.__main__ import _verify_onnx
+
+    model, path = onnx_export
+    model.save_pretrained(tmp_path / "ckpt")
+    assert _verify_onnx(tmp_path / "ckpt", path) < 1e-4
+    out = capsys.readouterr().out
+    assert "(prefill)" in out and "decoded through the KV cache" in out
+
+
+def test_cli_onnx_no_kv_cache_verify(tmp_path, capsys):
+    """--verify with --no-kv-cache verified nothing and printed nothing (exit status 0)."""
+    from mpt_kernels.export.__main__ import main
+
+    mpt(n_layers=1).save_pretrained(tmp_path / "ckpt")
+    assert main(["onnx", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o"), "--no-kv-cache",
+                 "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "verify: max |logits(MPTForCausalLM) - logits(onnxruntime)| =" in out
+    assert float(out.split("=")[-1]) < 1e-4
+
+
 def test_onnx_weight_dtype_choice():
     from mpt_kernels.export.onnx import _onnx_weight_dtype
 
