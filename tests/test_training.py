@@ -370,13 +370,13 @@ def test_saved_tokenizer_loads_in_transformers_with_the_finetune_format(tmp_path
     tr = Trainer(_micro_cfg(tmp_path, corpus, run_name="chat", max_steps=1, **{
         "data.kind": "finetune", "data.finetune_path": str(data), "data.tokenizer": str(corpus / "tokenizer.json"),
         "data.finetune_format": fmt, "data.seq_len": 160, "global_batch_size": 2, "micro_batch_size": 2,
-        "checkpoint.save_every": 0, "eval.every": -1, "eval.sample_tokens": 4}))
+        "checkpoint.save_every": 0, "eval.every": -1, "eval.sample_tokens": 4, "eval.sample_prompt": "Say dog."}))
     seen = {}
     real_generate = type(tr.raw_model).generate
 
-    def generate(self, *a, **k):
-        seen["eos"] = k.get("eos_token_id")
-        return real_generate(self, *a, **k)
+    def generate(self, x, *a, **k):
+        seen["eos"], seen["prompt"] = k.get("eos_token_id"), x[0].tolist()
+        return real_generate(self, x, *a, **k)
 
     monkeypatch.setattr(type(tr.raw_model), "generate", generate)
     hf = Path(tr.fit()["hf_dir"])
@@ -394,6 +394,10 @@ def test_saved_tokenizer_loads_in_transformers_with_the_finetune_format(tmp_path
     gen = json.loads((hf / "generation_config.json").read_text())
     stops = [ours.token_to_id(IM_END), 0] if fmt == "chatml" else [0]
     assert seen["eos"] == stops and gen["eos_token_id"] == (stops if fmt == "chatml" else 0)
+    # the end-of-run sample: eval.sample_prompt as the user's message, in the format, as training tokenizes it
+    sample = format_chatml({"prompt": "Say dog.", "response": ""})[:-2] if fmt == "chatml" else \
+        format_mpt_instruct({"prompt": "Say dog.", "response": ""})[:-1]
+    assert seen["prompt"] == tokenize_example(sample, ours)[0].tolist()
 
 
 # --------------------------------------------------------------------------------------- distributed

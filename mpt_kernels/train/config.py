@@ -93,7 +93,7 @@ class EvalConfig:
                                              # training only; -1: after training only)
     batches: int = 8                         # held-out batches per evaluation (per rank); at most one
                                              # pass over a smaller val set, in whole batches
-    sample_prompt: str = "def "
+    sample_prompt: str = "def "              # a finetune puts a plain prompt in its format (user message)
     sample_tokens: int = 96
     temperature: float = 0.8
     top_k: int = 40

@@ -669,12 +669,28 @@ class Trainer:
                 gen_path.write_text(json.dumps(gen, indent=2) + "\n")
         return out if self.rank == 0 else None
 
+    def _sample_prompt_ids(self, prompt: str) -> list[int]:
+        """eval.sample_prompt's ids. A finetune's model answers prompts in its format: a plain prompt is
+        the user's message, put in that format exactly as the finetune tokenizes it (the shipped
+        instruct config's question also samples a chatml finetune in ChatML); a prompt already in the
+        format (starting with mpt-instruct's first line, or holding <|im_start|>) is taken as it is."""
+        from ..data.finetune import IM_START, INSTRUCT_INTRO, format_chatml, format_mpt_instruct, tokenize_example
+
+        fmt = self._chat_format()
+        if fmt == "chatml" and IM_START not in prompt:
+            segs = format_chatml({"prompt": prompt, "response": ""})[:-2]  # up to the assistant's turn opening
+        elif fmt == "mpt-instruct" and not prompt.startswith(INSTRUCT_INTRO):
+            segs = format_mpt_instruct({"prompt": prompt, "response": ""}, self.tokenizer.eos_token)[:-1]
+        else:
+            return self.tokenizer.encode(prompt)
+        return tokenize_example(segs, self.tokenizer)[0].tolist()
+
     @torch.no_grad()
     def sample(self, model) -> str | None:
         e = self.cfg.eval
         if e.sample_tokens <= 0 or model is None:
             return None
-        ids = self.tokenizer.encode(e.sample_prompt) or [self.tokenizer.eos_id]
+        ids = self._sample_prompt_ids(e.sample_prompt) or [self.tokenizer.eos_id]
         x = torch.tensor([ids], device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         was_training = model.training
