@@ -404,6 +404,17 @@ def test_graph_module_matches_model_prefill_and_cached(kw):
         torch.testing.assert_close(out[0][1], logits_of(model, ids[1:2, 4:])[0, 3:], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kw", [{"softmax_scale": 0.0}, {"logit_scale": 0.0}])
+def test_graph_module_zero_scales_are_scales(kw):
+    """softmax_scale=0 / logit_scale=0 are the model's (uniform attention, zero logits); the graph module
+    took 0 for "unset" and used 1/sqrt(head_dim) / no scaling (logits off by 2 and 3.4)."""
+    model = mpt(**kw)
+    g = MPTGraph(model).eval()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(g(ids, None, *g.empty_past(2))[0], logits_of(model, ids), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("attn", [{}, {"clip_qkv": 0.3}, {"softmax_scale": 0.2}])
 def test_graph_module_matches_transformers_model(attn):
     model = hf_mpt(d_model=48, n_heads=6, n_layers=2, **attn)

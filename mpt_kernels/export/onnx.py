@@ -95,11 +95,13 @@ class MPTGraph(torch.nn.Module):
         self.eps = float(cfg["layer_norm_epsilon"])
         self.clip_qkv = attn.get("clip_qkv")
         self.qk_ln = bool(attn.get("qk_ln"))
-        self.softmax_scale = float(attn.get("softmax_scale") or default_softmax_scale(cfg))
+        scale = attn.get("softmax_scale")  # 0 is a scale (the model's), not "unset"
+        self.softmax_scale = float(scale) if scale is not None else default_softmax_scale(cfg)
         if not attn.get("alibi", True):
             raise ValueError("model_or_dir: attn_config.alibi=False is not supported by the ONNX export (MPT is ALiBi)")
         ls = cfg.get("logit_scale")
-        self.logit_scale = 1.0 / math.sqrt(self.d_model) if ls == "inv_sqrt_d_model" else (float(ls) if ls else None)
+        self.logit_scale = 1.0 / math.sqrt(self.d_model) if ls == "inv_sqrt_d_model" else (
+            float(ls) if ls is not None else None)
         act = (cfg.get("ffn_config") or {}).get("ffn_act_fn") or {}
         if act and act.get("name", "gelu") != "gelu":
             raise ValueError(f"model_or_dir: ffn activation {act} is not supported by the ONNX export (MPT uses gelu)")
