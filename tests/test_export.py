@@ -732,6 +732,32 @@ def test_cli_user_errors_are_clean_messages(tmp_path, capsys):
     assert "error: --out:" in err and "model.onnx exists" in err and "pass --overwrite" in err
 
 
+def test_unreadable_weight_files_are_user_errors(tmp_path, capsys):
+    """A weights file cut short or not a checkpoint at all raised SafetensorError with a traceback; a
+    foreign pytorch_model.bin (torch.load's KeyError with an int) crashed the CLI's own error message."""
+    from mpt_kernels.export.__main__ import main
+
+    mpt().save_pretrained(tmp_path / "cut")
+    f = tmp_path / "cut" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    (tmp_path / "bin").mkdir()
+    shutil.copy(tmp_path / "cut" / "config.json", tmp_path / "bin")
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"junk" * 100)
+    (tmp_path / "idx").mkdir()
+    shutil.copy(tmp_path / "cut" / "config.json", tmp_path / "idx")
+    (tmp_path / "idx" / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"transformer.wte.weight": "model-00001-of-00002.safetensors"}}')
+    with pytest.raises(ValueError, match=r"model_or_dir: cannot read .*model.safetensors .*cut short"):
+        MPTGraph(tmp_path / "cut")
+    with pytest.raises(FileNotFoundError, match=r"model-00001-of-00002.safetensors is missing"):
+        export_fastertransformer(tmp_path / "idx", tmp_path / "ft")
+    for ckpt, cause in (("cut", "model.safetensors"), ("bin", "pytorch_model.bin")):
+        for fmt in ("fastertransformer", "onnx"):
+            err = _cli_error(capsys, [fmt, "--model", str(tmp_path / ckpt), "--out", str(tmp_path / "out")])
+            assert f"{fmt}: error: --model: cannot read {tmp_path / ckpt / cause}" in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ft").exists()
+
+
 def test_cli_fastertransformer_overwrite_flag(tmp_path, capsys):
     from mpt_kernels.export.__main__ import main
 

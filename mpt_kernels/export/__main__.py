@@ -101,7 +101,7 @@ _USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirec
 
 
 def _cli_message(exc: BaseException) -> str:
-    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
     msg = msg.replace("overwrite=True, --overwrite on the command line,", "--overwrite")
     msg = msg.replace("force=True (--force)", "--force")
     name, sep, rest = msg.partition(": ")

@@ -224,24 +224,45 @@ class WeightSource:
         return self._shape(name)
 
 
+def _open_safetensors(file: Path, named_by: str):
+    """``safe_open(file)``, with a missing, cut-short or foreign file reported as the user's problem
+    (``FileNotFoundError`` / ``ValueError`` naming ``model_or_dir`` and the file), not a SafetensorError."""
+    from safetensors import SafetensorError, safe_open
+
+    if not file.is_file():
+        raise FileNotFoundError(f"model_or_dir: {file} is missing ({named_by} names it)")
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"model_or_dir: cannot read {file} ({exc}): cut short, or not a safetensors file?") from None
+
+
 def _dir_weights(path: Path) -> WeightSource:
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
     if index.exists() or single.exists():
-        from safetensors import safe_open
-
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                assert isinstance(weight_map, dict)
+            except (ValueError, KeyError, TypeError, AssertionError) as exc:
+                raise ValueError(f"model_or_dir: {index} is not a safetensors index (a JSON object with a "
+                                 f"'weight_map': {type(exc).__name__}: {exc})") from None
+            named_by = index.name
+            for shard in sorted(set(weight_map.values())):
+                if not (path / shard).is_file():  # before any other complaint: the weights are not all here
+                    raise FileNotFoundError(f"model_or_dir: {path / shard} is missing ({named_by} names it)")
         else:
-            with safe_open(str(single), framework="pt") as f:
+            with _open_safetensors(single, "the checkpoint") as f:
                 weight_map = {k: single.name for k in f.keys()}
+            named_by = "the checkpoint"
 
         def get(name):
-            with safe_open(str(path / weight_map[name]), framework="pt") as f:
+            with _open_safetensors(path / weight_map[name], named_by) as f:
                 return f.get_tensor(name)
 
         def shape(name):
-            with safe_open(str(path / weight_map[name]), framework="pt") as f:
+            with _open_safetensors(path / weight_map[name], named_by) as f:
                 return tuple(f.get_slice(name).get_shape())
 
         return WeightSource(get, weight_map, shape)
@@ -249,7 +270,11 @@ def _dir_weights(path: Path) -> WeightSource:
     if bins:
         state = {}
         for b in bins:
-            state.update(torch.load(b, map_location="cpu", weights_only=True))
+            try:
+                state.update(torch.load(b, map_location="cpu", weights_only=True))
+            except Exception as exc:  # torch.load's errors for a foreign or cut-short file vary (pickle, zip, KeyError)
+                raise ValueError(f"model_or_dir: cannot read {b} ({type(exc).__name__}: {exc}): cut short, or not "
+                                 "a PyTorch state dict?") from None
         return WeightSource(state.__getitem__, state)
     raise FileNotFoundError(
         f"model_or_dir: {path} holds no model.safetensors, model.safetensors.index.json or pytorch_model*.bin"

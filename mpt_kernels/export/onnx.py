@@ -282,7 +282,11 @@ def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=3, desc="ONNX export", unit="stage", disable=not progress)
-    graph = MPTGraph(model).eval()  # before creating any directory: a wrong model_or_dir leaves nothing behind
+    try:
+        graph = MPTGraph(model).eval()  # before creating any directory: a wrong model_or_dir leaves nothing behind
+    except BaseException:
+        bar.close()  # end the bar's line: the command line's error message then starts a line of its own
+        raise
     path.parent.mkdir(parents=True, exist_ok=True)
     target = _onnx_weight_dtype(graph.w("transformer.wte.weight").dtype, dtype)
     if target != graph.w("transformer.wte.weight").dtype:
