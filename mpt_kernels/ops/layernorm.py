@@ -227,6 +227,7 @@ _LayerNormFunc = _ext.transform_function("_LayerNormFunc", layer_norm_fwd, _setu
 # would land in the vector body of the wide call. There, and on CUDA where the wide call's partial count
 # differs from a sample's, and for per-sample weights (vmapped weight or bias), the samples run one by one.
 _AVX2 = "avx2" in _C.build_info().get("cpu_features", ())
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _fwd_vmap(n, in_dims, x, weight, bias, residual, eps, out_dtype=None):
@@ -272,11 +273,17 @@ def _bwd_vmap(n, in_dims, dy, dresidual_out, h, weight, mean, rstd, has_bias, wa
     else:
         # Each sample's dweight, dbias: columns b * hidden + c of a (rows, n * hidden) call over
         # xhat = (h - mean) * rstd (the kernel's own float32 expression, in the same order) and dy in float32.
-        # (Functional ops, no out=: under nested vmaps these tensors are still batched at the outer levels.)
-        h3 = hb.reshape(n, rows, hidden).transpose(0, 1)  # (rows, n, hidden)
-        xhat = ((h3 - meanb.reshape(n, rows).t().unsqueeze(-1)) * rstdb.reshape(n, rows).t().unsqueeze(-1))
-        xhat = xhat.reshape(rows, n * hidden)
-        dyw = dyb.reshape(n, rows, hidden).transpose(0, 1).to(torch.float32).reshape(rows, n * hidden)
+        h3 = hb.reshape(n, rows, hidden).transpose(0, 1)  # (rows, n, hidden) views
+        dy3 = dyb.reshape(n, rows, hidden).transpose(0, 1)
+        mean3, rstd3 = meanb.reshape(n, rows).t().unsqueeze(-1), rstdb.reshape(n, rows).t().unsqueeze(-1)
+        if any(_wrapped(t) for t in (h3, dy3, mean3, rstd3)):  # nested transforms: no out= on their tensors
+            xhat = ((h3 - mean3) * rstd3).reshape(rows, n * hidden)
+            dyw = dy3.to(torch.float32).reshape(rows, n * hidden)
+        else:  # written straight into the wide layout: two passes fewer
+            xhat = torch.empty((rows, n, hidden), dtype=torch.float32, device=h.device)
+            torch.sub(h3, mean3, out=xhat).mul_(rstd3)
+            dyw = torch.empty((rows, n, hidden), dtype=torch.float32, device=h.device).copy_(dy3)
+            xhat, dyw = xhat.view(rows, n * hidden), dyw.view(rows, n * hidden)
         ones = torch.ones(n * hidden, dtype=torch.float32, device=h.device)
         zero_mean = torch.zeros(rows, dtype=torch.float32, device=h.device)
         unit_rstd = torch.ones(rows, dtype=torch.float32, device=h.device)
