@@ -921,6 +921,22 @@ def test_exports_refuse_transformers_models_that_ignore_their_config(tmp_path, s
     assert not (tmp_path / "ft").exists()
 
 
+def test_exports_apply_mpt_defaults_to_a_short_config(tmp_path):
+    """A config.json that leaves MPT's defaults out (max_seq_len, expansion_ratio, attn_config, ...) loads
+    in the model; the FasterTransformer export failed with 'error: --model: max_seq_len' (a KeyError)."""
+    import json
+
+    model, ckpt = _edited_checkpoint(tmp_path)
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "mpt", "d_model": 32, "n_heads": 4, "n_layers": 2,
+                                                  "vocab_size": VOCAB}))
+    out = export_fastertransformer(ckpt, tmp_path / "ft")
+    ini = configparser.ConfigParser()
+    ini.read(out / "config.ini")
+    assert ini["gpt"]["max_pos_seq_len"] == "2048" and ini["gpt"]["inter_size"] == "128"
+    ids = torch.randint(0, VOCAB, (2, 7))
+    torch.testing.assert_close(logits_of(load_fastertransformer(out), ids), logits_of(model, ids), rtol=0, atol=0)
+
+
 def test_exports_ignore_training_only_settings(tmp_path):
     """attn_impl, attn_pdrop, dropouts and init_config do not change the function an export writes."""
     model, ckpt = _edited_checkpoint(tmp_path, attn={"attn_impl": "flash", "attn_pdrop": 0.1}, resid_pdrop=0.2,

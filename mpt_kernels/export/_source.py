@@ -61,10 +61,13 @@ def config_to_dict(config) -> dict:
         raise ValueError(f"model_or_dir: attn_config.{key}={v!r}: the export cannot compute this llm-foundry "
                          f"option (only {key}={_FOUNDRY_ATTN_OFF[key]!r})")
     cfg["attn_config"] = attn
-    cfg.setdefault("no_bias", True)
-    cfg.setdefault("layer_norm_epsilon", 1e-5)
-    cfg.setdefault("logit_scale", None)
-    cfg.setdefault("tie_word_embeddings", True)
+    # A config.json may leave out what has MPT's default (d_model 2048, max_seq_len 2048, no_bias, ...):
+    # the model applies the defaults (MPTConfig's, which are MPT's), so the exports must too.
+    from ..model.config import MPTConfig
+
+    for f in dataclasses.fields(MPTConfig):
+        if f.default is not dataclasses.MISSING:
+            cfg.setdefault(f.name, f.default)
     return cfg
 
 
