@@ -361,7 +361,9 @@ def transform_function(name: str, op, setup_context, backward):
     refuses ("must override the setup_context staticmethod"): this twin lets ``torch.func.grad``,
     ``vjp``, ``jacrev`` and ``vmap`` of them run the kernels. The backward calls the backward custom op,
     which has no formula of its own: a transform of a transform's gradient (``grad(grad(f))``,
-    ``hessian``) raises instead of returning a silently wrong second derivative."""
+    ``hessian``) raises instead of returning a silently wrong second derivative. Under vmap the
+    generated rule runs forward and backward on batched tensors, which reach the custom ops' own
+    batching rules (``register_vmap``): one kernel call for the batch."""
     import torch
 
     def forward(*inputs):
@@ -491,7 +493,7 @@ def batch_first(t, d, batch_size):
     return t.expand(batch_size, *t.shape) if d is None else t.movedim(d, 0)
 
 
-_SHAPE_SCRATCH = np.zeros(0, dtype=np.uint8)
+_SHAPE_SCRATCH = [np.zeros(4096, dtype=np.uint8)]  # every one kept: views of a smaller one may be in use
 
 
 def shape_view(shape, dtype, device, name: str = "tensor"):
@@ -499,20 +501,22 @@ def shape_view(shape, dtype, device, name: str = "tensor"):
     only (the tensor itself may still be wrapped by an outer transform, with no data pointer to give).
     Every row is one zero-filled host row (strides 0 but the last): whatever a query reads is in
     bounds, and host offsets read as zeros (empty sequences, which pass every check)."""
-    global _SHAPE_SCRATCH
     code = (_TORCH_CODES or _torch_codes()).get(dtype)
     if code is None:
         raise ValueError(f"{name}: unsupported dtype {dtype}")
     shape = tuple(int(s) for s in shape)
     need = max(shape[-1] if shape else 1, 1) * dtype.itemsize
-    if _SHAPE_SCRATCH.size < need:
-        _SHAPE_SCRATCH = np.zeros(max(need, 4096), dtype=np.uint8)  # (the old one may be in use: not reused)
+    if _SHAPE_SCRATCH[-1].size < need:
+        _SHAPE_SCRATCH.append(np.zeros(2 * need, dtype=np.uint8))
     dev = -1 if device.type == "cpu" else (device.index or 0)
     strides = (0,) * (len(shape) - 1) + (1,) if shape else ()
-    return (_SHAPE_SCRATCH.ctypes.data, code, shape, strides, dev)
+    return (_SHAPE_SCRATCH[-1].ctypes.data, code, shape, strides, dev)
 
 
 def sample_shape(t, d):
     """The shape one sample of ``t`` has under vmap (``t``'s shape without the vmapped dim ``d``)."""
     shape = tuple(t.shape)
-    return shape if d is None else shape[:d] + shape[d + 1:]
+    if d is None:
+        return shape
+    d %= len(shape)
+    return shape[:d] + shape[d + 1:]

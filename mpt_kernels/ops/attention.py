@@ -618,6 +618,7 @@ def _packed_fwd_vmap(n, in_dims, qkv, n_heads, kv_heads, slopes, cu, max_seqlen,
         one, folded = (qb.shape[1:], kb.shape[1:], s_one), (qf.shape, kf.shape, None if sf is None else sf.shape)
         if not _same_splits(n, one, folded, qkv.dtype, qkv.device, cu.shape[0], max_seqlen, max_seqlen, scale, causal):
             return None
+        qf, kf, vf = (_kernel_operand(t, cuda) for t in (qf, kf, vf))
         out, lse = alibi_attention_fwd(qf, kf, vf, sf, cu, cu, max_seqlen, max_seqlen, scale, causal)
         return (out.unflatten(1, (n, n_heads)), lse.unflatten(0, (n, n_heads))), (1, 0)
     batch = qkvb.shape[1]
@@ -639,11 +640,12 @@ def _packed_bwd_vmap(n, in_dims, dout, qkv, out, lse, n_heads, kv_heads, slopes,
     db, qkvb, ob, lb = (_ext_batch_first(t, d, n) for t, d in zip((dout, qkv, out, lse), in_dims))
     if cu is not None:  # varlen: the unpacked backward over head-folded copies, then one dqkv
         total = qkvb.shape[1]
-        qf, kf, vf = _fold_qkv_heads(_split_qkv(qkvb, n_heads, kv_heads), n)
-        df, of = _fold_qkv_heads((db, ob), n)
+        qf, kf, vf, of = (_kernel_operand(t, cuda) for t in
+                          _fold_qkv_heads((*_split_qkv(qkvb, n_heads, kv_heads), ob), n))
+        (df,) = _fold_qkv_heads((db,), n)
         sf = _fold_slopes(slopes, in_dims[6], n, None, True)
-        dq, dk, dv = alibi_attention_bwd(df, qf, kf, vf, _kernel_operand(of, cuda), lb.flatten(0, 1).contiguous(), sf,
-                                         cu, cu, max_seqlen, max_seqlen, scale, causal)
+        dq, dk, dv = alibi_attention_bwd(df, qf, kf, vf, of, lb.flatten(0, 1).contiguous(), sf, cu, cu, max_seqlen,
+                                         max_seqlen, scale, causal)
         dqkv = torch.cat([t.reshape(total, n, -1) for t in (dq, dk, dv)], dim=-1)  # (total, n, width)
         return dqkv, 1
     batch = qkvb.shape[1]
