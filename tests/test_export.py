@@ -404,6 +404,18 @@ def test_graph_module_matches_model_prefill_and_cached(kw):
         torch.testing.assert_close(out[0][1], logits_of(model, ids[1:2, 4:])[0, 3:], rtol=0, atol=1e-5)
 
 
+def test_graph_module_keeps_to_the_weights_device():
+    """The ALiBi slopes were made on the CPU whatever the model's device: MPTGraph (and export_onnx) of a
+    CUDA model failed with a device mismatch. Checked on the meta device, which needs no GPU."""
+    with torch.device("meta"):
+        model = mpt()
+    g = MPTGraph(model)
+    assert g.alibi_slopes.device.type == "meta"
+    ids = torch.zeros(2, 5, dtype=torch.long, device="meta")
+    out = g(ids, None, *g.empty_past(2))  # the empty cache defaults to the weights' device too
+    assert out[0].shape == (2, 5, VOCAB) and out[0].device.type == "meta"
+
+
 @pytest.mark.parametrize("kw", [{"softmax_scale": 0.0}, {"logit_scale": 0.0}])
 def test_graph_module_zero_scales_are_scales(kw):
     """softmax_scale=0 / logit_scale=0 are the model's (uniform attention, zero logits); the graph module

@@ -117,8 +117,9 @@ class MPTGraph(torch.nn.Module):
             key = name.replace(".", "_")
             self._names[name] = key
             self.register_buffer(key, t.detach(), persistent=False)
-        self.register_buffer("alibi_slopes", _alibi_slopes(self.n_heads, float(attn.get("alibi_bias_max", 8))),
-                             persistent=False)
+        # on the weights' device: a CUDA model's graph (and its export) must not mix in a CPU tensor
+        slopes = _alibi_slopes(self.n_heads, float(attn.get("alibi_bias_max", 8)))
+        self.register_buffer("alibi_slopes", slopes.to(self.w("transformer.wte.weight").device), persistent=False)
 
     def w(self, name):
         key = self._names.get(name)
@@ -168,8 +169,9 @@ class MPTGraph(torch.nn.Module):
         return (logits, *presents)
 
     def empty_past(self, batch: int = 1, dtype=None, device=None):
-        """Past tensors of length 0, the prefill input."""
+        """Past tensors of length 0, the prefill input (default: the weights' dtype and device)."""
         dtype = dtype or self.w("transformer.wte.weight").dtype
+        device = device or self.w("transformer.wte.weight").device
         return [torch.zeros(batch, self.n_kv, 0, self.head_dim, dtype=dtype, device=device)
                 for _ in range(2 * self.n_layers)]
 
