@@ -770,6 +770,35 @@ def test_unreadable_weight_files_are_user_errors(tmp_path, capsys):
     assert not (tmp_path / "out").exists() and not (tmp_path / "ft").exists()
 
 
+def test_ft_interrupted_export_is_not_taken_for_an_export(tmp_path, monkeypatch, capsys):
+    """Ctrl-C half-way through printed a KeyboardInterrupt traceback and left a directory whose config.ini
+    (written first) made it look complete: load_fastertransformer then failed on a missing rank file, or
+    FasterTransformer on a server did. config.ini is now written last; the CLI exits 130 quietly."""
+    import mpt_kernels.export.fastertransformer as ftmod
+    from mpt_kernels.export.__main__ import main
+
+    mpt().save_pretrained(tmp_path / "ckpt")
+    real, calls = ftmod._write, []
+
+    def write_then_interrupt(*args):
+        calls.append(args)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(ftmod, "_write", write_then_interrupt)
+    assert main(["fastertransformer", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ft")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--overwrite replaces it" in err and "Traceback" not in err
+    assert not (tmp_path / "ft" / "1-gpu" / "config.ini").exists()
+    with pytest.raises(FileNotFoundError, match="holds no config.ini"):
+        load_fastertransformer(tmp_path / "ft")
+    monkeypatch.setattr(ftmod, "_write", real)
+    assert main(["fastertransformer", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ft"),
+                 "--overwrite"]) == 0
+    assert set(os.listdir(tmp_path / "ft" / "1-gpu")) == expected_ft_files(2, 1)
+
+
 def test_cli_fastertransformer_overwrite_flag(tmp_path, capsys):
     from mpt_kernels.export.__main__ import main
 

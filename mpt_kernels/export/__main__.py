@@ -149,6 +149,13 @@ def main(argv=None) -> int:
                               dtype=args.dtype, progress=True, overwrite=args.overwrite)
     except _USER_ERRORS as exc:
         parser.error(_cli_message(exc))  # exits with status 2
+    except KeyboardInterrupt:
+        # Ctrl-C during a long export: no traceback. FasterTransformer writes config.ini last, so a partial
+        # <out>/<tp>-gpu/ is not taken for an export; ONNX writes its file only at the end.
+        partial = (f" {args.out}/{args.tp}-gpu/ holds a partial export without config.ini; --overwrite replaces it."
+                   if args.format == "fastertransformer" else "")
+        print(f"{parser.prog}: interrupted.{partial}", file=sys.stderr)
+        return 130
     print(f"wrote {out}")
     if args.verify:
         if args.format == "fastertransformer":

@@ -160,9 +160,6 @@ def export_fastertransformer(model_or_dir, out_dir, tensor_parallel: int = 1, dt
                 f.unlink()
     save_dir.mkdir(parents=True, exist_ok=True)
 
-    with open(save_dir / "config.ini", "w") as f:
-        ini.write(f)
-
     def w(name, t):
         _write(save_dir / f"model.{name}.bin", t, np_dtype)
 
@@ -210,6 +207,10 @@ def export_fastertransformer(model_or_dir, out_dir, tensor_parallel: int = 1, dt
             w(o + f"mlp.dense_4h_to_h.weight.{r}", wr)  # (inter/TP, d)
         w(o + "mlp.dense_4h_to_h.bias", bias_or_zeros(p + "ffn.down_proj.bias", d))
         bar.update(1)
+    # config.ini last: it marks a complete export (read_fastertransformer and FasterTransformer start
+    # from it), so an export interrupted or failed half-way is not taken for one.
+    with open(save_dir / "config.ini", "w") as f:
+        ini.write(f)
     bar.close()
     return save_dir
 
