@@ -299,8 +299,10 @@ def test_evaluation_and_checkpoints_stay_out_of_throughput(tmp_path, corpus, mon
     tr = Trainer(cfg)
     real = tr.evaluate
 
+    pause = 2.5  # far longer than two micro steps, even on a loaded machine
+
     def slow_eval():
-        time_mod.sleep(1.5)  # far longer than two micro steps
+        time_mod.sleep(pause)
         return real()
 
     monkeypatch.setattr(tr, "evaluate", slow_eval)
@@ -308,7 +310,8 @@ def test_evaluation_and_checkpoints_stay_out_of_throughput(tmp_path, corpus, mon
     recs = {r["step"]: r for r in read_metrics(tmp_path / "runs" / "micro" / "metrics.jsonl", "train") if "tokens_per_s" in r}
     tokens = 2 * cfg.global_batch_size * cfg.data.seq_len  # per window of two steps
     for st in (4, 6):  # windows that follow an evaluation
-        assert tokens / recs[st]["tokens_per_s"] < 1.0, (st, recs[st]["tokens_per_s"])
+        # charged with the evaluation, the window would take more than the pause itself
+        assert tokens / recs[st]["tokens_per_s"] < pause / 2, (st, recs[st]["tokens_per_s"])
 
 
 @pytest.mark.parametrize("optim", ["lion", "adamw"])
