@@ -949,3 +949,18 @@ def test_failed_setup_writes_nothing_and_missing_files_name_the_directory(tmp_pa
     with pytest.raises(FileNotFoundError, match="no index.json"):
         Trainer(_micro_cfg(tmp_path, corpus, **{"data.kind": "shards", "data.streams": f"[{tmp_path}/nothing]"}))
     assert not (tmp_path / "runs").exists()
+
+
+def test_print_config_into_a_closed_pipe_ends_quietly():
+    """`python training/train.py --print-config | head -3` printed a BrokenPipeError traceback when
+    head left before the dump was written. Here the pipe's reader is closed before the run starts."""
+    root = Path(__file__).resolve().parents[1]
+    rd, wr = os.pipe()
+    os.close(rd)
+    try:
+        r = subprocess.run([sys.executable, "training/train.py", "--print-config"], cwd=root, stdout=wr,
+                           stderr=subprocess.PIPE, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+    finally:
+        os.close(wr)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr

@@ -904,7 +904,11 @@ def main(argv: list[str] | None = None, default_config: str | None = None) -> in
     except (ValueError, OSError) as exc:  # a bad key, value or file: argparse's style, no traceback
         ap.error(f"config: {exc}")
     if a.print_config:
-        print(dump_config(cfg))
+        try:
+            print(dump_config(cfg), flush=True)
+        except BrokenPipeError:  # `--print-config | head`: the reader left; end quietly, as shells expect
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the flush at exit would raise)
+            return 1
         return 0
     try:
         trainer = Trainer(cfg)
