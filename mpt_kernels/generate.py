@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     vocab = model.config.vocab_size
     if args.chat:
         return _chat(p, args, model, tokenizer, device, vocab)
-    ids = tokenizer.encode(args.prompt).ids
+    ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
     if not ids:
         p.error("--prompt: encodes to no tokens")
     if max(ids) >= vocab:
@@ -234,12 +234,17 @@ def _chat(p: argparse.ArgumentParser, args, model, tokenizer, device, vocab: int
     if max(start, end) >= vocab:
         p.error(f"--chat: the tokenizer's ChatML tokens ({start}, {end}) are outside the model's vocabulary "
                 f"({vocab}): the tokenizer does not belong to this checkpoint")
-    stops = [end] + [t for t in (tokenizer.token_to_id("<|endoftext|>"),) if t is not None]
+    eot = tokenizer.token_to_id("<|endoftext|>")
+    stops = [end] + [t for t in (eot,) if t is not None]
+
+    def encode(text: str) -> list[int]:  # as training encodes: no post-processor tokens (a BOS mid-chat)
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
     gen = torch.Generator(device=device).manual_seed(args.seed)
     cache = model.new_cache(1)
     history: list[int] = []
     if args.system:
-        history = tokenizer.encode(f"{IM_START}system\n{args.system}{IM_END}\n").ids
+        history = encode(f"{IM_START}system\n{args.system}{IM_END}\n")
     interactive = sys.stdin.isatty()
     messages = [args.prompt] if args.prompt else []
     turn = 0
@@ -257,7 +262,7 @@ def _chat(p: argparse.ArgumentParser, args, model, tokenizer, device, vocab: int
             if not message.strip():
                 continue
         turn += 1
-        ids = history + tokenizer.encode(f"{IM_START}user\n{message}{IM_END}\n{IM_START}assistant\n").ids
+        ids = history + encode(f"{IM_START}user\n{message}{IM_END}\n{IM_START}assistant\n")
         if max(ids) >= vocab:
             p.error(f"--chat: token id {max(ids)} is outside the model's vocabulary ({vocab})")
         cached = len(cache)
@@ -275,8 +280,13 @@ def _chat(p: argparse.ArgumentParser, args, model, tokenizer, device, vocab: int
             p.error(_flag_message(str(exc)))
         dt = time.perf_counter() - t0
         history = out[0].tolist()
+        if history[-1] == eot and len(history) > len(ids):
+            # the model ended its turn with end-of-text: the cache holds every position but this last
+            # one, so it becomes the <|im_end|> that closes a turn in training ("...<|endoftext|><|im_end|>"
+            # is a sequence the finetune never produces)
+            history[-1] = end
         # close the assistant's turn as ChatML does ("<|im_end|>\n"), whether it ended or ran out of tokens
-        history += tokenizer.encode(("" if history[-1] == end else IM_END) + "\n").ids
+        history += encode(("" if history[-1] == end else IM_END) + "\n")
         print(f"[turn {turn}: prefilled {len(ids) - cached} of {len(ids)} tokens; {streamer.n_tokens} tokens in "
               f"{dt:.2f} s, {streamer.n_tokens / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
     return 0

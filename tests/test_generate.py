@@ -174,6 +174,40 @@ def test_cli_chat_keeps_one_cache_across_turns(tmp_path):
                                                  "<|im_start|>assistant\n").ids) + 1
 
 
+def test_cli_chat_encodes_as_training_and_closes_an_end_of_text_turn(tmp_path, monkeypatch, capsys):
+    """--chat feeds the model what the ChatML finetune trained on: no post-processor tokens (a
+    tokenizer.json that adds a BOS put one in front of every turn, mid-conversation), and a turn the
+    model ended with <|endoftext|> is closed by <|im_end|> in its place (training never has
+    "<|endoftext|><|im_end|>")."""
+    import io
+
+    from tokenizers import processors
+
+    from mpt_kernels import generate as cli
+
+    model, tok = _chat_model_dir(tmp_path)
+    bos = tok.token_to_id("then")  # a stand-in BOS that the post-processor adds
+    tok.post_processor = processors.TemplateProcessing(single="then $A", special_tokens=[("then", bos)])
+    tok.save(os.path.join(tmp_path, "tokenizer.json"))
+    assert tok.encode("the cat").ids[0] == bos  # the post-processor is on by default
+    start, end, eot = (tok.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"))
+    seen = []
+
+    def fake_generate(self, input_ids, max_new_tokens, **kw):
+        seen.append(input_ids[0].tolist())
+        return torch.cat([input_ids, torch.tensor([[tok.token_to_id("cat"), eot]])], dim=1)
+
+    monkeypatch.setattr(MPTForCausalLM, "generate", fake_generate)
+    monkeypatch.setattr("sys.stdin", io.StringIO("the cat sat\nthe dog\n"))
+    assert cli.main(["--model", str(tmp_path), "--chat", "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    plain = lambda text: tok.encode(text, add_special_tokens=False).ids  # noqa: E731
+    first = plain("<|im_start|>user\nthe cat sat<|im_end|>\n<|im_start|>assistant\n")
+    assert seen[0] == first
+    answer = [tok.token_to_id("cat"), end] + plain("\n")  # the end-of-text replaced by <|im_end|>
+    assert seen[1] == first + answer + plain("<|im_start|>user\nthe dog<|im_end|>\n<|im_start|>assistant\n")
+
+
 def test_cli_chat_needs_chatml_tokens(tmp_path, capsys):
     make_model_dir(tmp_path)
     err = _cli_error(capsys, ["--model", str(tmp_path), "--chat"])
