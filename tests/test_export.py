@@ -770,10 +770,11 @@ def test_unreadable_weight_files_are_user_errors(tmp_path, capsys):
     assert not (tmp_path / "out").exists() and not (tmp_path / "ft").exists()
 
 
-def test_ft_interrupted_export_is_not_taken_for_an_export(tmp_path, monkeypatch, capsys):
+def test_ft_interrupted_export_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
     """Ctrl-C half-way through printed a KeyboardInterrupt traceback and left a directory whose config.ini
     (written first) made it look complete: load_fastertransformer then failed on a missing rank file, or
-    FasterTransformer on a server did. config.ini is now written last; the CLI exits 130 quietly."""
+    FasterTransformer on a server did, and the next export needed --overwrite. Now the files written are
+    removed (config.ini is written last anyway), and the CLI exits 130 with one line."""
     import mpt_kernels.export.fastertransformer as ftmod
     from mpt_kernels.export.__main__ import main
 
@@ -787,16 +788,38 @@ def test_ft_interrupted_export_is_not_taken_for_an_export(tmp_path, monkeypatch,
         real(*args)
 
     monkeypatch.setattr(ftmod, "_write", write_then_interrupt)
-    assert main(["fastertransformer", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ft")]) == 130
+    argv = ["fastertransformer", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ft")]
+    assert main(argv) == 130
     err = capsys.readouterr().err
-    assert "interrupted" in err and "--overwrite replaces it" in err and "Traceback" not in err
-    assert not (tmp_path / "ft" / "1-gpu" / "config.ini").exists()
-    with pytest.raises(FileNotFoundError, match="holds no config.ini"):
-        load_fastertransformer(tmp_path / "ft")
+    assert "interrupted; nothing was exported" in err and "Traceback" not in err
+    assert not (tmp_path / "ft").exists()
+    (tmp_path / "mine" / "1-gpu").mkdir(parents=True)
+    (tmp_path / "mine" / "1-gpu" / "notes.txt").write_text("the user's own file")
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        export_fastertransformer(tmp_path / "ckpt", tmp_path / "mine", overwrite=True)
+    assert os.listdir(tmp_path / "mine" / "1-gpu") == ["notes.txt"]  # the user's file and folder stay
     monkeypatch.setattr(ftmod, "_write", real)
-    assert main(["fastertransformer", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ft"),
-                 "--overwrite"]) == 0
+    assert main(argv) == 0  # no --overwrite needed: nothing was left behind
     assert set(os.listdir(tmp_path / "ft" / "1-gpu")) == expected_ft_files(2, 1)
+
+
+def test_fp16_exports_refuse_weights_beyond_fp16_range(tmp_path):
+    """A weight above 65504 became inf in the fp16 files / graph (NaN logits at serving time), silently."""
+    from mpt_kernels.export import export_onnx
+
+    model = mpt()
+    with torch.no_grad():
+        model.transformer.blocks[1].ffn.down_proj.weight[3, 5] = 1e5
+    with pytest.raises(ValueError, match=r"dtype: model.layers.1.mlp.dense_4h_to_h.weight.0.bin holds values beyond "
+                                         r"float16's range \(max \|x\| = 100000"):
+        export_fastertransformer(model, tmp_path / "ft", dtype="fp16")
+    assert not (tmp_path / "ft").exists()  # the files written before are removed
+    with pytest.raises(ValueError, match=r"dtype: transformer.blocks.1.ffn.down_proj.weight holds values beyond "
+                                         r"float16's range"):
+        export_onnx(model, tmp_path / "onnx", dtype="fp16")
+    assert not (tmp_path / "onnx").exists()
+    export_fastertransformer(model, tmp_path / "ft", dtype="fp32")  # fp32 holds it
 
 
 def test_cli_fastertransformer_overwrite_flag(tmp_path, capsys):

@@ -150,11 +150,9 @@ def main(argv=None) -> int:
     except _USER_ERRORS as exc:
         parser.error(_cli_message(exc))  # exits with status 2
     except KeyboardInterrupt:
-        # Ctrl-C during a long export: no traceback. FasterTransformer writes config.ini last, so a partial
-        # <out>/<tp>-gpu/ is not taken for an export; ONNX writes its file only at the end.
-        partial = (f" {args.out}/{args.tp}-gpu/ holds a partial export without config.ini; --overwrite replaces it."
-                   if args.format == "fastertransformer" else "")
-        print(f"{parser.prog}: interrupted.{partial}", file=sys.stderr)
+        # Ctrl-C during a long export: no traceback. Neither export leaves a partial output behind
+        # (FasterTransformer removes the files it had written; ONNX writes its file only at the end).
+        print(f"{parser.prog}: interrupted; nothing was exported", file=sys.stderr)
         return 130
     print(f"wrote {out}")
     if args.verify:

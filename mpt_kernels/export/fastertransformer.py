@@ -93,8 +93,14 @@ def _token_id(*candidates) -> int:
 
 def _write(path: Path, t: torch.Tensor | np.ndarray, np_dtype) -> None:
     a = t.detach().to("cpu", torch.float32).numpy() if isinstance(t, torch.Tensor) else t
+    with np.errstate(over="ignore"):  # an overflow is reported below, naming the file
+        out = a.astype(np_dtype, copy=False)
+    if np_dtype is np.float16 and not np.isfinite(out).all() and np.isfinite(a).all():
+        # fp16 tops out at 65504: a larger weight would become inf in FasterTransformer, and NaN logits
+        raise ValueError(f"dtype: {path.name} holds values beyond float16's range (max |x| = "
+                         f"{float(np.abs(a).max()):.6g} > 65504); export with dtype='fp32'")
     # tofile always writes C order; make the (transposed) layout explicit rather than incidental.
-    np.ascontiguousarray(a.astype(np_dtype, copy=False)).tofile(path)
+    np.ascontiguousarray(out).tofile(path)
 
 
 def export_fastertransformer(model_or_dir, out_dir, tensor_parallel: int = 1, dtype: str = "fp32",
@@ -158,10 +164,14 @@ def export_fastertransformer(model_or_dir, out_dir, tensor_parallel: int = 1, dt
         for f in [save_dir / "config.ini", *save_dir.glob("model.*.bin")]:
             if f.is_file():
                 f.unlink()
+    new_dirs = [q for q in (save_dir, *save_dir.parents) if not q.exists()]  # deepest first
     save_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
 
     def w(name, t):
-        _write(save_dir / f"model.{name}.bin", t, np_dtype)
+        f = save_dir / f"model.{name}.bin"
+        written.append(f)
+        _write(f, t, np_dtype)
 
     def bias_or_zeros(name, size):
         b = src.get(name)
@@ -170,48 +180,62 @@ def export_fastertransformer(model_or_dir, out_dir, tensor_parallel: int = 1, dt
     from tqdm.auto import tqdm
 
     bar = tqdm(total=n_layers + 1, desc=f"FasterTransformer TP={tp}", unit="layer", disable=not progress)
-    w("wte", src["transformer.wte.weight"])
-    if not cfg.get("tie_word_embeddings", True) and "lm_head.weight" in src:
-        w("lm_head.weight", src["lm_head.weight"])
-    w("final_layernorm.weight", src["transformer.norm_f.weight"])
-    w("final_layernorm.bias", bias_or_zeros("transformer.norm_f.bias", d))
-    bar.update(1)
-
-    for i in range(n_layers):
-        p, o = f"transformer.blocks.{i}.", f"layers.{i}."
-        w(o + "input_layernorm.weight", src[p + "norm_1.weight"])
-        w(o + "input_layernorm.bias", bias_or_zeros(p + "norm_1.bias", d))
-        w(o + "post_attention_layernorm.weight", src[p + "norm_2.weight"])
-        w(o + "post_attention_layernorm.bias", bias_or_zeros(p + "norm_2.bias", d))
-
-        wqkv = src[p + "attn.Wqkv.weight"]  # (d + 2*n_kv*head_dim, d): rows [q; k; v]
-        bqkv = bias_or_zeros(p + "attn.Wqkv.bias", wqkv.shape[0])
-        if n_kv != n_heads:
-            wqkv, bqkv = _repeat_kv(wqkv, n_heads, n_kv, head_dim), _repeat_kv(bqkv, n_heads, n_kv, head_dim)
-        qkv_w = wqkv.T.reshape(d, 3, d)  # (in, q|k|v, out)
-        qkv_b = bqkv.reshape(3, d)
-        for r, (wr, br) in enumerate(zip(qkv_w.chunk(tp, dim=-1), qkv_b.chunk(tp, dim=-1))):
-            w(o + f"attention.query_key_value.weight.{r}", wr)  # (d, 3, d/TP)
-            w(o + f"attention.query_key_value.bias.{r}", br)  # (3, d/TP)
-
-        for r, wr in enumerate(src[p + "attn.out_proj.weight"].T.chunk(tp, dim=0)):
-            w(o + f"attention.dense.weight.{r}", wr)  # (d/TP, d)
-        w(o + "attention.dense.bias", bias_or_zeros(p + "attn.out_proj.bias", d))
-
-        up_w = src[p + "ffn.up_proj.weight"].T  # (d, inter)
-        up_b = bias_or_zeros(p + "ffn.up_proj.bias", inter)
-        for r, (wr, br) in enumerate(zip(up_w.chunk(tp, dim=-1), up_b.chunk(tp, dim=-1))):
-            w(o + f"mlp.dense_h_to_4h.weight.{r}", wr)  # (d, inter/TP)
-            w(o + f"mlp.dense_h_to_4h.bias.{r}", br)  # (inter/TP,)
-        for r, wr in enumerate(src[p + "ffn.down_proj.weight"].T.chunk(tp, dim=0)):
-            w(o + f"mlp.dense_4h_to_h.weight.{r}", wr)  # (inter/TP, d)
-        w(o + "mlp.dense_4h_to_h.bias", bias_or_zeros(p + "ffn.down_proj.bias", d))
+    try:
+        w("wte", src["transformer.wte.weight"])
+        if not cfg.get("tie_word_embeddings", True) and "lm_head.weight" in src:
+            w("lm_head.weight", src["lm_head.weight"])
+        w("final_layernorm.weight", src["transformer.norm_f.weight"])
+        w("final_layernorm.bias", bias_or_zeros("transformer.norm_f.bias", d))
         bar.update(1)
-    # config.ini last: it marks a complete export (read_fastertransformer and FasterTransformer start
-    # from it), so an export interrupted or failed half-way is not taken for one.
-    with open(save_dir / "config.ini", "w") as f:
-        ini.write(f)
-    bar.close()
+
+        for i in range(n_layers):
+            p, o = f"transformer.blocks.{i}.", f"layers.{i}."
+            w(o + "input_layernorm.weight", src[p + "norm_1.weight"])
+            w(o + "input_layernorm.bias", bias_or_zeros(p + "norm_1.bias", d))
+            w(o + "post_attention_layernorm.weight", src[p + "norm_2.weight"])
+            w(o + "post_attention_layernorm.bias", bias_or_zeros(p + "norm_2.bias", d))
+
+            wqkv = src[p + "attn.Wqkv.weight"]  # (d + 2*n_kv*head_dim, d): rows [q; k; v]
+            bqkv = bias_or_zeros(p + "attn.Wqkv.bias", wqkv.shape[0])
+            if n_kv != n_heads:
+                wqkv, bqkv = _repeat_kv(wqkv, n_heads, n_kv, head_dim), _repeat_kv(bqkv, n_heads, n_kv, head_dim)
+            qkv_w = wqkv.T.reshape(d, 3, d)  # (in, q|k|v, out)
+            qkv_b = bqkv.reshape(3, d)
+            for r, (wr, br) in enumerate(zip(qkv_w.chunk(tp, dim=-1), qkv_b.chunk(tp, dim=-1))):
+                w(o + f"attention.query_key_value.weight.{r}", wr)  # (d, 3, d/TP)
+                w(o + f"attention.query_key_value.bias.{r}", br)  # (3, d/TP)
+
+            for r, wr in enumerate(src[p + "attn.out_proj.weight"].T.chunk(tp, dim=0)):
+                w(o + f"attention.dense.weight.{r}", wr)  # (d/TP, d)
+            w(o + "attention.dense.bias", bias_or_zeros(p + "attn.out_proj.bias", d))
+
+            up_w = src[p + "ffn.up_proj.weight"].T  # (d, inter)
+            up_b = bias_or_zeros(p + "ffn.up_proj.bias", inter)
+            for r, (wr, br) in enumerate(zip(up_w.chunk(tp, dim=-1), up_b.chunk(tp, dim=-1))):
+                w(o + f"mlp.dense_h_to_4h.weight.{r}", wr)  # (d, inter/TP)
+                w(o + f"mlp.dense_h_to_4h.bias.{r}", br)  # (inter/TP,)
+            for r, wr in enumerate(src[p + "ffn.down_proj.weight"].T.chunk(tp, dim=0)):
+                w(o + f"mlp.dense_4h_to_h.weight.{r}", wr)  # (inter/TP, d)
+            w(o + "mlp.dense_4h_to_h.bias", bias_or_zeros(p + "ffn.down_proj.bias", d))
+            bar.update(1)
+        # config.ini last: it marks a complete export (read_fastertransformer and FasterTransformer start
+        # from it), so an export interrupted or failed half-way is not taken for one.
+        written.append(save_dir / "config.ini")
+        with open(save_dir / "config.ini", "w") as f:
+            ini.write(f)
+    except BaseException:
+        # A failed or interrupted export leaves nothing behind (the user's own files stay): no half
+        # directory to mistake for an export, none to --overwrite next time.
+        for f in written:
+            f.unlink(missing_ok=True)
+        for q in new_dirs:
+            try:
+                q.rmdir()
+            except OSError:  # not empty: something else lives there
+                break
+        raise
+    finally:
+        bar.close()
     return save_dir
 
 

@@ -121,6 +121,10 @@ class MPTGraph(torch.nn.Module):
         slopes = _alibi_slopes(self.n_heads, float(attn.get("alibi_bias_max", 8)))
         self.register_buffer("alibi_slopes", slopes.to(self.w("transformer.wte.weight").device), persistent=False)
 
+    @property
+    def _names_by_key(self):
+        return {key: name for name, key in self._names.items()}
+
     def w(self, name):
         key = self._names.get(name)
         return None if key is None else getattr(self, key)
@@ -285,14 +289,22 @@ def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype:
 
     bar = tqdm(total=3, desc="ONNX export", unit="stage", disable=not progress)
     try:
-        graph = MPTGraph(model).eval()  # before creating any directory: a wrong model_or_dir leaves nothing behind
+        # all before creating any directory: a wrong model_or_dir or dtype leaves nothing behind
+        graph = MPTGraph(model).eval()
+        target = _onnx_weight_dtype(graph.w("transformer.wte.weight").dtype, dtype)
+        if target != graph.w("transformer.wte.weight").dtype:
+            before = {graph._names_by_key[k]: b for k, b in graph.named_buffers() if k in graph._names_by_key}
+            graph = graph.to(target)  # converts the graph module's buffers, never the model's
+            for name, b in before.items():
+                if target == torch.float16 and b.is_floating_point() and not torch.isfinite(graph.w(name)).all() \
+                        and torch.isfinite(b).all():
+                    # fp16 tops out at 65504: a larger weight would be inf in the graph, and the logits NaN
+                    raise ValueError(f"dtype: {name} holds values beyond float16's range (max |x| = "
+                                     f"{b.abs().max().item():.6g} > 65504); export with dtype='fp32'")
     except BaseException:
         bar.close()  # end the bar's line: the command line's error message then starts a line of its own
         raise
     path.parent.mkdir(parents=True, exist_ok=True)
-    target = _onnx_weight_dtype(graph.w("transformer.wte.weight").dtype, dtype)
-    if target != graph.w("transformer.wte.weight").dtype:
-        graph = graph.to(target)  # converts the graph module's buffers, never the model's
     wdtype, device = graph.w("transformer.wte.weight").dtype, graph.w("transformer.wte.weight").device
     bar.update(1)
     bar.set_postfix_str("torch.export + ONNX translation")
