@@ -822,6 +822,21 @@ def test_fp16_exports_refuse_weights_beyond_fp16_range(tmp_path):
     export_fastertransformer(model, tmp_path / "ft", dtype="fp32")  # fp32 holds it
 
 
+def test_cli_force_warns_in_one_line_and_verify_names_what_was_dropped(tmp_path, capsys):
+    """--force printed Python's UserWarning with a source line; --verify then reported a difference of ~1
+    with no word that the dropped clip_qkv explains it."""
+    from mpt_kernels.export.__main__ import main
+
+    mpt(clip_qkv=0.3, attn_type="grouped_query_attention", kv_n_heads=2).save_pretrained(tmp_path / "ckpt")
+    assert main(["fastertransformer", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ft"), "--force",
+                 "--verify"]) == 0
+    out, err = capsys.readouterr()
+    assert "fastertransformer: warning: FasterTransformer cannot run this MPT exactly: clip_qkv=0.3" in err
+    assert "UserWarning" not in err and "export_fastertransformer(" not in err
+    assert "what --force dropped, so a difference is expected: clip_qkv=0.3" in out
+    assert "grouped" not in out  # repeating k/v heads is exact: not a cause of a difference
+
+
 def test_cli_fastertransformer_overwrite_flag(tmp_path, capsys):
     from mpt_kernels.export.__main__ import main
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import torch
 
@@ -43,7 +44,8 @@ def _reference_logits(model_dir, ids):
 
 
 def _verify_ft(model_dir, out):
-    from .fastertransformer import read_fastertransformer
+    from ._source import open_source
+    from .fastertransformer import read_fastertransformer, unsupported_features
     from .onnx import MPTGraph
 
     cfg, sd = read_fastertransformer(out)
@@ -54,6 +56,9 @@ def _verify_ft(model_dir, out):
         got = back(ids, None, *back.empty_past(ids.shape[0]))[0]
     diff = (got - ref).abs().max().item()
     print(f"verify: max |logits({name} from the checkpoint) - logits(FasterTransformer files)| = {diff:.3g}")
+    dropped = unsupported_features(open_source(model_dir)[0], dropped_only=True)
+    if dropped:
+        print(f"verify: the files are without what --force dropped, so a difference is expected: {'; '.join(dropped)}")
     return diff
 
 
@@ -112,6 +117,20 @@ def _cli_message(exc: BaseException) -> str:
     return msg
 
 
+def _export(args):
+    if args.format == "fastertransformer":
+        from .fastertransformer import export_fastertransformer
+
+        return export_fastertransformer(args.model, args.out, tensor_parallel=args.tp, dtype=args.dtype,
+                                        force=args.force, overwrite=args.overwrite, progress=True)
+    from .onnx import _require, export_onnx
+
+    if args.verify:
+        _require("onnx", "onnxscript", "onnxruntime")  # before the export, not after it
+    return export_onnx(args.model, args.out, opset=args.opset, with_kv_cache=not args.no_kv_cache,
+                       dtype=args.dtype, progress=True, overwrite=args.overwrite)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mpt_kernels.export", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="format", required=True)
@@ -135,18 +154,9 @@ def main(argv=None) -> int:
     parser = ft if args.format == "fastertransformer" else on
 
     try:
-        if args.format == "fastertransformer":
-            from .fastertransformer import export_fastertransformer
-
-            out = export_fastertransformer(args.model, args.out, tensor_parallel=args.tp, dtype=args.dtype,
-                                           force=args.force, overwrite=args.overwrite, progress=True)
-        else:
-            from .onnx import _require, export_onnx
-
-            if args.verify:
-                _require("onnx", "onnxscript", "onnxruntime")  # before the export, not after it
-            out = export_onnx(args.model, args.out, opset=args.opset, with_kv_cache=not args.no_kv_cache,
-                              dtype=args.dtype, progress=True, overwrite=args.overwrite)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            out = _export(args)
     except _USER_ERRORS as exc:
         parser.error(_cli_message(exc))  # exits with status 2
     except KeyboardInterrupt:
@@ -154,6 +164,11 @@ def main(argv=None) -> int:
         # (FasterTransformer removes the files it had written; ONNX writes its file only at the end).
         print(f"{parser.prog}: interrupted; nothing was exported", file=sys.stderr)
         return 130
+    for w in caught:  # e.g. what --force drops: one line each, not Python's warning with a source line
+        if w.category is UserWarning:
+            print(f"{parser.prog}: warning: {_cli_message(w.message)}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     print(f"wrote {out}")
     if args.verify:
         if args.format == "fastertransformer":

@@ -56,17 +56,18 @@ def _check_tp(tensor_parallel, n_heads: int, d_model: int, inter_size: int) -> i
     return tensor_parallel
 
 
-def unsupported_features(cfg: dict) -> list[str]:
+def unsupported_features(cfg: dict, dropped_only: bool = False) -> list[str]:
     """MPT options FasterTransformer's GPT cannot compute, each as a sentence: what ``force=True`` may
-    drop. What no export computes (rmsnorm, a GLU or SiLU FFN, prefix_lm, ...) is refused before, by
-    ``open_source`` (``_source.check_computable``), with or without force."""
+    drop (``dropped_only``: without grouped-query attention, which the export repeats exactly). What no
+    export computes (rmsnorm, a GLU or SiLU FFN, prefix_lm, ...) is refused before, by ``open_source``
+    (``_source.check_computable``), with or without force."""
     attn = cfg["attn_config"]
     out = []
     if attn.get("clip_qkv"):
         out.append(f"clip_qkv={attn['clip_qkv']} (FasterTransformer does not clamp q, k, v; the clamp is dropped)")
     if attn.get("qk_ln"):
         out.append("qk_ln=True (FasterTransformer has no LayerNorm on q and k; those weights are dropped)")
-    if kv_heads(cfg) != cfg["n_heads"]:
+    if kv_heads(cfg) != cfg["n_heads"] and not dropped_only:
         out.append(
             f"grouped/multi-query attention (kv_n_heads={kv_heads(cfg)}, n_heads={cfg['n_heads']}): "
             "FasterTransformer's GPT needs one k/v head per query head; k and v are repeated to that "
