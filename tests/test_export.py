@@ -207,6 +207,18 @@ def test_ft_tensor_parallel_forward_from_files(tmp_path, tp):
     torch.testing.assert_close(ft_forward(out, ids).float(), logits_of(model, ids), rtol=0, atol=2e-5)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's, raised while importing torch.compile
+def test_exports_read_wrapped_models(tmp_path):
+    """A torch.compile'd model (state dict under '_orig_mod.') or a DataParallel one ('module.') was
+    refused with 'the weights lack transformer.wte.weight, ...'."""
+    model = mpt()
+    ids = torch.randint(0, VOCAB, (1, 6))
+    for i, wrapped in enumerate((torch.compile(model), torch.nn.DataParallel(model))):
+        out = export_fastertransformer(wrapped, tmp_path / str(i))
+        torch.testing.assert_close(logits_of(load_fastertransformer(out), ids), logits_of(model, ids), rtol=0, atol=0)
+        assert MPTGraph(wrapped).w("transformer.wte.weight") is not None
+
+
 def test_ft_transformers_model_into_ours(tmp_path):
     """Export transformers' MptForCausalLM, load as ours: two implementations, one function."""
     model = hf_mpt(d_model=48, n_heads=6)

@@ -284,6 +284,19 @@ def _dir_weights(path: Path) -> WeightSource:
     )
 
 
+def _unwrap(model):
+    """The model inside ``torch.compile``'s wrapper (state dict names under ``_orig_mod.``) and DataParallel /
+    DistributedDataParallel (``module.``): the same weights, which the exports read under MPT's names."""
+    for _ in range(8):
+        if isinstance(model, torch.nn.Module) and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            break
+    return model
+
+
 def open_source(model_or_dir) -> tuple[dict, WeightSource]:
     """(config dict, weights) from a model object (anything with ``.config`` and ``.state_dict()``
     using MPT's parameter names), a Hugging Face checkpoint directory, or a (config, state dict) pair."""
@@ -309,6 +322,7 @@ def open_source(model_or_dir) -> tuple[dict, WeightSource]:
         cfg = config_to_dict(cfg)
         check_computable(cfg)
         return cfg, WeightSource(state.__getitem__, state)
+    model_or_dir = _unwrap(model_or_dir)
     if isinstance(model_or_dir, torch.nn.Module) and hasattr(model_or_dir, "config"):
         state = model_or_dir.state_dict()
         cfg = config_to_dict(model_or_dir.config)
