@@ -775,6 +775,10 @@ def test_unreadable_weight_files_are_user_errors(tmp_path, capsys):
         MPTGraph(tmp_path / "cut")
     with pytest.raises(FileNotFoundError, match=r"model-00001-of-00002.safetensors is missing"):
         export_fastertransformer(tmp_path / "idx", tmp_path / "ft")
+    for text in ("{", '{"weight_map": 3}'):  # a JSONDecodeError / TypeError with a traceback before
+        (tmp_path / "idx" / "model.safetensors.index.json").write_text(text)
+        with pytest.raises(ValueError, match=r"model.safetensors.index.json is not a safetensors index"):
+            export_fastertransformer(tmp_path / "idx", tmp_path / "ft")
     for ckpt, cause in (("cut", "model.safetensors"), ("bin", "pytorch_model.bin")):
         for fmt in ("fastertransformer", "onnx"):
             err = _cli_error(capsys, [fmt, "--model", str(tmp_path / ckpt), "--out", str(tmp_path / "out")])

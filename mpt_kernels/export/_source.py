@@ -247,10 +247,12 @@ def _dir_weights(path: Path) -> WeightSource:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-                assert isinstance(weight_map, dict)
-            except (ValueError, KeyError, TypeError, AssertionError) as exc:
-                raise ValueError(f"model_or_dir: {index} is not a safetensors index (a JSON object with a "
-                                 f"'weight_map': {type(exc).__name__}: {exc})") from None
+            except (ValueError, KeyError, TypeError) as exc:
+                weight_map = exc
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"model_or_dir: {index} is not a safetensors index (a JSON object whose "
+                                 f"'weight_map' maps weight names to files; {type(weight_map).__name__}: "
+                                 f"{weight_map})")
             named_by = index.name
             for shard in sorted(set(weight_map.values())):
                 if not (path / shard).is_file():  # before any other complaint: the weights are not all here
