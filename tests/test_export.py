@@ -83,6 +83,9 @@ def ft_forward(ft_dir, ids):
     d, eps = H * hd, g.getfloat("layernorm_eps")
     npdt = {"fp32": np.float32, "fp16": np.float16}[g["weight_data_type"]]
     assert g["use_attention_linear_bias"] == "True" and g["has_positional_encoding"] == "False"
+    # the block structure this forward computes (FasterTransformer's defaults when a key is absent)
+    assert g.get("layernorm_type", "pre_layernorm") == "pre_layernorm" and g.get("activation_type", "Gelu") == "Gelu"
+    assert g.getboolean("has_post_decoder_layernorm", True) and not g.getboolean("has_pre_decoder_layernorm", False)
 
     def ld(name, shape):
         a = np.fromfile(os.path.join(ft_dir, f"model.{name}.bin"), dtype=npdt)
@@ -153,7 +156,8 @@ def test_ft_layout_and_config(tmp_path):
         "model_name": "mpt", "head_num": "6", "size_per_head": "8", "inter_size": "192",
         "max_pos_seq_len": "64", "num_layer": "3", "vocab_size": str(VOCAB), "start_id": "0", "end_id": "0",
         "weight_data_type": "fp32", "tensor_para_size": "2", "layernorm_eps": "1e-05",
-        "has_positional_encoding": "False", "use_attention_linear_bias": "True",
+        "layernorm_type": "pre_layernorm", "activation_type": "Gelu", "has_pre_decoder_layernorm": "False",
+        "has_post_decoder_layernorm": "True", "has_positional_encoding": "False", "use_attention_linear_bias": "True",
     }
     # QKV rank 1 holds heads 3..5 of q, k and v: check one element of each against Wqkv directly.
     wqkv = model.transformer.blocks[1].attn.Wqkv.weight.detach()  # (3d, d) rows [q; k; v]

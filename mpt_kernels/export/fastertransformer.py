@@ -152,6 +152,13 @@ def export_fastertransformer(model_or_dir, out_dir, tensor_parallel: int = 1, dt
         "weight_data_type": dtype,
         "tensor_para_size": str(tp),
         "layernorm_eps": str(cfg["layer_norm_epsilon"]),
+        # MPT's block structure, spelled out rather than left to a reader's defaults (FasterTransformer's
+        # GPT readers default to these, but other readers of this format, e.g. for OPT, do not):
+        # LayerNorm before attention and FFN, a final LayerNorm, none after the embedding, GELU.
+        "layernorm_type": "pre_layernorm",
+        "activation_type": "Gelu",
+        "has_pre_decoder_layernorm": "False",
+        "has_post_decoder_layernorm": "True",
         "has_positional_encoding": "False",
         "use_attention_linear_bias": "True",
     }
