@@ -1,34 +1,43 @@
-"""The README's examples, run as a user would copy them, and DESIGN.md section 3's public API.
+"""The examples of README.md, docs/training.md and docs/export.md, run as a user would copy them, the
+docs' other checkable statements, and DESIGN.md section 3's public API.
 
-Every ```python block of README.md is executed (``exec`` of the block's own text, in a fresh
-namespace, from a fresh temporary working directory, compiled with README.md's file name and line
-numbers so a traceback points at the README line) and every command line of its ```bash blocks is
-either run (a subprocess, from the directory the README implies) or skipped here with the reason.
-``test_every_readme_example_is_covered`` fails when the README gains, loses or changes an example this
-file does not know, so a new example cannot go untested.
+Every ```python block of these docs is executed (``exec`` of the block's own text, in a fresh
+namespace, from a fresh temporary working directory, compiled with the doc's file name and line
+numbers so a traceback points at the doc's line) and every command line of their ```bash blocks (a
+line ending in a backslash continued on the next) is either run (from the directory the doc implies) or
+skipped here with the reason; a command written alike in two docs is one entry, run once.
+Unlabelled blocks (file layouts) are held to what the code writes. ``test_every_doc_example_is_covered``
+fails when a doc gains, loses or changes an example this file does not know, so a new example cannot
+go untested.
 
 What a block may get that is not written in it, and nothing else:
 
-* **Substitutions** (exact strings, each must occur in the block, so a README edit that removes one
+* **Substitutions** (exact strings, each must occur in the block, so a doc edit that removes one
   fails loudly instead of running something else): only what a CPU-only machine with no downloaded
   checkpoint must change. ``device="cuda"`` -> ``device="cpu"``; ``"path/to/mpt-7b"`` -> a tiny MPT
   saved with ``save_pretrained`` in a temporary folder (its max_seq_len is 64, so "goes past
   max_seq_len" is exercised by the 200 new tokens); ``DIR`` of the generate CLI -> such a folder with
-  a ``tokenizer.json`` (a small byte-level BPE with ChatML's tokens); ``gpt-neox-20b/tokenizer.json`` ->
-  the shared GPT-NeoX-20B tokenizer (../shared/tokenizers; the test skips without it); the command
-  ``python`` -> this test's interpreter, with OMP_NUM_THREADS=1 (the README's advice for a shared
-  machine). Commands that only parse arguments and print run in this process through ``runpy``.
+  a ``tokenizer.json`` (a small byte-level BPE with ChatML's tokens); ``gpt-neox-20b/tokenizer.json``
+  and ``/path/to/gpt-neox-20b/tokenizer.json`` -> the shared GPT-NeoX-20B tokenizer
+  (../shared/tokenizers; the test skips without it); the ``...`` of ``train.py --print-config ...``
+  (the other arguments) -> none; the command ``python`` -> this test's interpreter, with
+  OMP_NUM_THREADS=1 (the README's advice for a shared machine). Commands that only parse arguments and
+  print, and the converter, run in this process through ``runpy``.
 * **Inputs**: data the block's prose and comments describe but leave to the reader (``q``, ``x``,
-  ``model``, ``logits`` ...), made to the shapes the comments state. They must be exactly the block's
-  free names (read before the block binds them) and never modules: a block that uses ``torch`` or
-  ``mk`` must import it itself.
+  ``model``, ``prompt_ids`` ...), made to the shapes the comments state, and the files a command reads
+  (``corpus.jsonl``, ``ckpt/`` ...). Inputs must be exactly the block's free names (read before the
+  block binds them) and never modules: a block that uses ``torch`` or ``mk`` must import it itself.
 
 The commands that take minutes (training, the full test suite, benchmarks that rewrite
 benchmarks/results/), install packages, or need 8 GPUs are skipped with that reason; where a cheap
 check of the same command line exists it runs instead (``--print-config`` for a training command line,
-``--help`` listing every flag of a benchmark command, ``pyproject.toml`` declaring an installed extra).
+checking the config file's values and each override; ``--help`` listing every flag of a benchmark
+command; ``pyproject.toml`` declaring an installed extra). The main job, ``python training/train.py``,
+also runs shrunk (``MAIN_JOB_SHRUNK``: a 2-layer model for 3 steps, ~10 s), against the outputs its
+section and the checkpoint layout describe.
 
-Runtime: ~60 s on 2 cores, two ONNX exports (~12 s each) being most of it.
+Runtime: ~80 s on 2 shared cores, three ONNX exports (~5-20 s each) and the shrunk main job (~10 s)
+being most of it.
 """
 from __future__ import annotations
 
@@ -45,6 +54,7 @@ import shlex
 import subprocess
 import sys
 import types
+import typing
 from pathlib import Path
 from typing import Callable
 
@@ -56,6 +66,9 @@ from _subproc import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+TRAINING_MD = ROOT / "docs" / "training.md"
+EXPORT_MD = ROOT / "docs" / "export.md"
+DOCS = (README, TRAINING_MD, EXPORT_MD)
 NEOX_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
 CLI_TIMEOUT = 180
 
@@ -63,40 +76,62 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors; the CI box h
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading the README
+# Reading the docs
 
 
 @dataclasses.dataclass
 class Block:
-    lang: str
+    lang: str  # "" for an unlabelled block (a layout listing)
     line: int  # 1-based line of the opening fence
     code: str
+    doc: Path = README
+
+    @property
+    def where(self) -> str:
+        return f"{self.doc.relative_to(ROOT)}:{self.line}"
 
 
-def readme_blocks(lang: str) -> list[Block]:
-    text = README.read_text()
+def doc_blocks(doc: Path, lang: str | None = None) -> list[Block]:
+    """The fenced blocks of ``doc`` in the language ``lang`` (None: all of them)."""
+    text = doc.read_text()
     blocks = []
     for m in re.finditer(r"^```(\w*)\n(.*?)^```", text, re.S | re.M):
-        if m.group(1) == lang:
-            blocks.append(Block(lang, text[: m.start()].count("\n") + 1, m.group(2)))
+        if lang is None or m.group(1) == lang:
+            blocks.append(Block(m.group(1), text[: m.start()].count("\n") + 1, m.group(2), doc))
     return blocks
 
 
-def python_block(marker: str) -> Block:
-    found = [b for b in readme_blocks("python") if marker in b.code]
-    assert len(found) == 1, f"README.md: expected one ```python block containing {marker!r}, found {len(found)}"
+def readme_blocks(lang: str) -> list[Block]:
+    return doc_blocks(README, lang)
+
+
+def python_block(marker: str, doc: Path = README) -> Block:
+    found = [b for b in doc_blocks(doc, "python") if marker in b.code]
+    assert len(found) == 1, (f"{doc.relative_to(ROOT)}: expected one ```python block containing {marker!r}, "
+                             f"found {len(found)}")
     return found[0]
 
 
-def readme_commands() -> list[str]:
-    """Every command line of the README's bash blocks, comments dropped, as written (quotes kept)."""
+def doc_commands(doc: Path) -> list[str]:
+    """Every command line of ``doc``'s bash blocks, comments dropped, as written (quotes kept); a line
+    ending in a backslash continues on the next, joined with one space as the shell reads it."""
     commands = []
-    for block in readme_blocks("bash"):
+    for block in doc_blocks(doc, "bash"):
+        pending = ""
         for line in block.code.splitlines():
+            if line.rstrip().endswith("\\"):
+                pending += line.rstrip()[:-1].strip() + " "
+                continue
+            line, pending = pending + line.strip(), ""
             tokens = shlex.split(line, comments=True)
             if tokens:
                 commands.append(_strip_comment(line))
+        assert not pending, f"{block.where}: a bash block ends in a line continuation"
     return commands
+
+
+def readme_commands() -> list[str]:
+    return doc_commands(README)
 
 
 def _strip_comment(line: str) -> str:
@@ -135,18 +170,18 @@ def free_names(code: str) -> set[str]:
 def run_python_block(block: Block, cwd: Path, substitutions=(), inputs=None) -> dict:
     code = block.code
     for old, new in substitutions:
-        assert old in code, f"README.md:{block.line}: the documented substitution target {old!r} is gone"
+        assert old in code, f"{block.where}: the documented substitution target {old!r} is gone"
         code = code.replace(old, new)
     inputs = dict(inputs or {})
     assert not [n for n, v in inputs.items() if isinstance(v, types.ModuleType)], "inputs must not be modules"
     assert set(inputs) == free_names(code), (
-        f"README.md:{block.line}: the block reads {sorted(free_names(code))} without defining them; the test "
+        f"{block.where}: the block reads {sorted(free_names(code))} without defining them; the test "
         f"provides {sorted(inputs)} (a module must be imported by the block itself)")
-    ns = {"__name__": "__readme__", "__builtins__": builtins, **inputs}
+    ns = {"__name__": "__doc_example__", "__builtins__": builtins, **inputs}
     old_cwd = os.getcwd()
     os.chdir(cwd)
     try:
-        exec(compile("\n" * block.line + code, str(README), "exec"), ns)
+        exec(compile("\n" * block.line + code, str(block.doc), "exec"), ns)
     finally:
         os.chdir(old_cwd)
     return ns
@@ -299,16 +334,16 @@ def test_readme_alibi_attention_example(tmp_path):
     d = lambda t: t.double()  # noqa: E731
     lines = _statements(block.code)
     assert len(lines) == 5 and lines[0].startswith("import") and "mk.alibi_attention(q, k, v)" in lines[1]
-    ns0 = run_python_block(Block("python", block.line, "\n".join(lines[:2])), tmp_path,
+    ns0 = run_python_block(dataclasses.replace(block, code="\n".join(lines[:2])), tmp_path,
                            inputs={n: inputs[n] for n in ("q", "k", "v")})
     assert ns0["out"].shape == q.shape
     torch.testing.assert_close(d(ns0["out"]), dense_alibi_attention(d(q), d(k), d(v), causal=True),
                                atol=1e-5, rtol=1e-5)
-    ns1 = run_python_block(Block("python", block.line, "\n".join(lines[:3])), tmp_path,
+    ns1 = run_python_block(dataclasses.replace(block, code="\n".join(lines[:3])), tmp_path,
                            inputs={n: inputs[n] for n in ("q", "k", "v", "slopes")})
     torch.testing.assert_close(d(ns1["out"]), dense_alibi_attention(d(q), d(k), d(v), causal=False,
                                                                    slopes=d(inputs["slopes"])), atol=1e-5, rtol=1e-5)
-    ns2 = run_python_block(Block("python", block.line, "\n".join(lines[:4])), tmp_path,
+    ns2 = run_python_block(dataclasses.replace(block, code="\n".join(lines[:4])), tmp_path,
                            inputs={n: inputs[n] for n in ("q", "k", "v", "slopes", "qp", "kp", "vp", "cu", "m")})
     qp, kp, vp, cu = inputs["qp"], inputs["kp"], inputs["vp"], inputs["cu"]
     assert ns2["out"].shape == qp.shape
@@ -336,7 +371,7 @@ def test_readme_layer_norm_example(tmp_path):
     ref = lambda h, w: torch.nn.functional.layer_norm(h.float(), (d_model,), w.float(), None, 1e-5)  # noqa: E731
     results = []
     for n in range(2, len(lines) + 1):  # each statement overwrites y (and h): run the prefixes
-        ns = run_python_block(Block("python", block.line, "\n".join(lines[:n])), tmp_path,
+        ns = run_python_block(dataclasses.replace(block, code="\n".join(lines[:n])), tmp_path,
                               inputs={k: v for k, v in inputs.items() if k in free_names("\n".join(lines[:n]))})
         results.append(ns)
     x, w, r = inputs["x"], inputs["weight"], inputs["r"]
@@ -469,7 +504,8 @@ def dense_alibi_attention(q, k, v, causal=True, slopes=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# The ```bash command lines
+# The ```bash command lines of every doc. A command written the same way in two docs (the export CLI
+# lines of README.md and docs/export.md) is one entry, run once, its check holding both docs' claims.
 
 SKIPS = {}  # command -> reason
 RUNS: dict[str, Callable] = {}  # command -> check(argv, tmp_path, request)
@@ -487,13 +523,16 @@ def runs(command: str):
 
 
 skip("pip install torch==2.13.0 . && python training/train.py",
-     "installs the package (network, a rebuild) and trains for minutes; pyproject is checked below and the "
-     "training command line by the --print-config runs")
+     "installs the package (network, a rebuild) and trains for minutes; pyproject is checked in "
+     "test_readme_pip_extras, the main job's config by the `python training/train.py` --print-config run, and the "
+     "job itself, shrunk, by test_training_main_job")
 skip('pip install torch==2.13.0 ".[test]" && pytest -q tests',
      "installs (network) and runs the whole suite; the [test] extra is checked in test_readme_pip_extras")
 skip('pip install ".[export]"', "installs (network); the [export] extra is checked in test_readme_pip_extras")
 skip("torchrun --nproc_per_node=8 training/train.py --config training/configs/mpt-1b.yaml parallel=fsdp",
-     "8 GPUs and an mpt-1b; its config is resolved by test_readme_torchrun_config")
+     "8 GPUs and an mpt-1b; its config is resolved by test_torchrun_configs_resolve")
+skip("torchrun --nproc_per_node=8 training/train.py --config training/configs/mpt-1b.yaml data.tokenizer=...",
+     "8 GPUs, an mpt-1b and a tokenizer; its config is resolved by test_torchrun_configs_resolve")
 skip("python -m venv .venv && . .venv/bin/activate", "creates a virtual environment (setup, not an example)")
 skip("pip install torch==2.13.0 numpy pybind11 cmake ninja pytest safetensors tokenizers tqdm pyyaml",
      "installs packages (network)")
@@ -544,7 +583,11 @@ def _benchmark_help(argv, tmp_path, request):
     """~1.5 min (model --quick) and ~1 min (layernorm), and both rewrite the committed
     benchmarks/results/: run `<command> --help` from the repository root instead and check that every
     flag the README uses is one of the benchmark's options."""
-    out = run_cli_in_process(argv + ["--help"], ROOT, request.getfixturevalue("capsys"))
+    assert_benchmark_flags(argv, request.getfixturevalue("capsys"))
+
+
+def assert_benchmark_flags(argv: list[str], capsys):
+    out = run_cli_in_process(argv + ["--help"], ROOT, capsys)
     assert f"options of {argv[3]}:" in out  # the benchmark exists and printed its own options
     for flag in [a for a in argv if a.startswith("--")]:
         assert re.search(rf"(^|\s|\[){re.escape(flag)}\b", out), f"{flag} is not an option:\n{out}"
@@ -552,17 +595,61 @@ def _benchmark_help(argv, tmp_path, request):
 
 @runs("python training/train.py")
 @runs("python training/train.py --config training/configs/tiny.yaml max_steps=100 optim.lr=5e-4")
+@runs("python training/train.py --config training/configs/tiny.yaml max_steps=100 optim.lr=3e-3")
+@runs("python training/train.py --config training/configs/mpt-125m.yaml max_steps=1000 optim.lr=3e-4 "
+      "data.streams='[{path: data/a, proportion: 0.8}, {path: data/b, proportion: 0.2}]' "
+      "model.overrides.alibi_bias_max=16 checkpoint.autoresume=true")
+@runs("python training/train.py --print-config ...")
 def _train_print_config(argv, tmp_path, request):
-    """Training takes minutes: resolve the same command line with --print-config (from the repository
-    root, where the README's relative paths point) and check the YAML and the dotted overrides landed."""
+    """Training takes minutes (the main job runs shrunk in test_training_main_job): resolve the same
+    command line with --print-config, from the repository root where the docs' relative paths point, and
+    check that the config file's YAML and every dotted override landed. In `--print-config ...` the
+    `...` stands for a command line's other arguments: none here (the main job's config)."""
     yaml = pytest.importorskip("yaml")
-    cfg = yaml.safe_load(run_cli_in_process(argv + ["--print-config"], ROOT, request.getfixturevalue("capsys")))
-    assert cfg["model"]["preset"] == "tiny" and cfg["data"]["kind"] == "bundled"  # the bundled corpus
-    if "max_steps=100" in argv:
-        assert cfg["max_steps"] == 100 and cfg["optim"]["lr"] == pytest.approx(5e-4)
-    else:
-        tiny = yaml.safe_load((ROOT / "training" / "configs" / "tiny.yaml").read_text())
-        assert cfg["max_steps"] == tiny["max_steps"]
+    argv = [a for a in argv if a != "..."]
+    if "--print-config" not in argv:
+        argv.append("--print-config")
+    cfg = yaml.safe_load(run_cli_in_process(argv, ROOT, request.getfixturevalue("capsys")))
+    assert_config_resolved(cfg, [a for a in argv[2:] if a != "--print-config"])
+
+
+def assert_config_resolved(cfg: dict, args: list[str]):
+    """``cfg`` (train.py's --print-config YAML for ``args``) holds every value of the config file
+    (training/configs/tiny.yaml without --config: "With no arguments, `python training/train.py` runs
+    `training/configs/tiny.yaml`") except where an override replaced it, and every override's value."""
+    yaml = pytest.importorskip("yaml")
+    args = list(args)
+    path = ROOT / "training" / "configs" / "tiny.yaml"
+    if "--config" in args:
+        i = args.index("--config")
+        path = ROOT / args[i + 1]
+        del args[i:i + 2]
+
+    def flatten(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+        return out
+
+    expected = flatten(yaml.safe_load(path.read_text()))
+    for item in args:
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:  # data.tokenizer=... (YAML's end of document): a text field takes it as typed
+            value = raw
+        if isinstance(value, str):
+            try:
+                value = float(value)  # PyYAML reads 3e-4 as text; the config takes it as a number
+            except ValueError:
+                value = raw  # a text field: the text as typed
+        expected = {k: v for k, v in expected.items() if k != key and not k.startswith(key + ".")}
+        expected[key] = value
+    for key, value in expected.items():
+        got = cfg
+        for part in key.split("."):
+            got = got[part]
+        assert got == value, f"{key}: {got!r} in the resolved config, {value!r} expected ({path.name} {args})"
 
 
 @runs("python -m mpt_kernels.data.convert my.jsonl src/ --out data/mine --tokenizer gpt-neox-20b/tokenizer.json "
@@ -589,17 +676,86 @@ def _convert(argv, tmp_path, request):
     assert not (tmp_path / "data" / "mine" / "val").exists()  # only with --val-fraction
 
 
+@runs("python -m mpt_kernels.data.convert corpus.jsonl notes.txt src/ --out data/my_corpus "
+      "--tokenizer /path/to/gpt-neox-20b/tokenizer.json --seq-len 2048 --val-fraction 0.01")
+def _convert_with_val(argv, tmp_path, request):
+    """docs/training.md's converter line, in this process (the converter parses, tokenizes with the Rust
+    tokenizer and writes; a subprocess would add seconds of imports), on inputs made for it: 100 .jsonl
+    records of 2000 words (1% of them, by the stable hash, is one record: one 2048-token val sample), a
+    .txt file and a folder of code. Its output is held to the layout block under it."""
+    import random
+
+    from mpt_kernels.data import Stream, StreamingTokenDataset, TokenShards
+
+    if not NEOX_TOKENIZER.exists():
+        pytest.skip(f"the GPT-NeoX-20B tokenizer is not at {NEOX_TOKENIZER}")
+    argv = [str(NEOX_TOKENIZER) if a == "/path/to/gpt-neox-20b/tokenizer.json" else a for a in argv]
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hum".split()
+    with open(tmp_path / "corpus.jsonl", "w") as f:
+        for _ in range(100):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(2000))}) + "\n")
+    (tmp_path / "notes.txt").write_text("Some notes.\n" * 50)
+    (tmp_path / "src").mkdir()
+    for i in range(3):
+        (tmp_path / "src" / f"mod{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * 40)
+    run_cli_in_process(argv, tmp_path, request.getfixturevalue("capsys"))
+    out = tmp_path / "data" / "my_corpus"
+    layout = next(b.code for b in doc_blocks(TRAINING_MD, "") if "<out>/train/index.json" in b.code)
+    documented_keys = re.search(r"index\.json\s+(.*?)\n<out>/train/shard", layout, re.S).group(1)
+    documented_keys = [k.strip() for k in documented_keys.replace("\n", " ").split(",")]
+    assert "tokenizer_vocab_sha256" in documented_keys
+    indexes = {}
+    for split in ("train", "val"):  # "<out>/val/...  the same, only with --val-fraction"
+        index = indexes[split] = json.loads((out / split / "index.json").read_text())
+        for key in documented_keys:
+            if key == "counts":
+                assert {"num_samples", "num_tokens", "num_documents"} <= set(index), index.keys()
+            else:
+                assert key in index, f"index.json has no {key!r}: {sorted(index)}"
+        assert index["seq_len"] == 2048 and index["dtype"] == "uint16" and index["vocab_size"] == 50277
+        assert index["eos_id"] == 0 and Path(index["tokenizer"]).is_absolute()  # "as an absolute path"
+        assert index["num_samples"] >= 1, f"{split}: no sample ({index['num_documents']} documents)"
+        assert [s["file"] for s in index["shards"]] == [f"shard_{i:05d}.bin" for i in range(len(index["shards"]))]
+        for s in index["shards"]:  # raw uint16 (samples, seq_len), no header
+            assert (out / split / s["file"]).stat().st_size == s["num_samples"] * 2048 * 2
+        TokenShards(out / split).verify()  # the sha256 of each shard is in the index
+    assert indexes["train"]["num_documents"] + indexes["val"]["num_documents"] == 100 + 1 + 3
+    assert 1 <= indexes["val"]["num_documents"] <= 3  # 1% of 104 documents, by hash
+    assert not (out / "tokenizer.json").exists()  # "the trained BPE, only without --tokenizer"
+    assert not list(out.glob(".tmp-convert-*"))  # the staging folder was moved into place
+    # "Point data.streams at <out>/train": the streaming dataset reads it
+    ds = StreamingTokenDataset([Stream(str(out / "train"), 1.0)], seed=0, batch_size=2)
+    sample = next(iter(ds))
+    assert sample["input_ids"].shape == (2048,) and int(sample["input_ids"].max()) < 50277
+
+
 @runs("python -m mpt_kernels.export fastertransformer --model ckpt/ --out ft/ --tp 2 --dtype fp16 --verify")
 def _export_ft_cli(argv, tmp_path, request):
-    tiny_model().save_pretrained(tmp_path / "ckpt")
+    """README.md and docs/export.md: the files are held to export.md's file table and `config.ini` keys
+    (a tied head and MPT's no_bias: no lm_head file, zero bias files) and read back as documented."""
+    from mpt_kernels.export import load_fastertransformer, read_fastertransformer
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "ckpt")
     r = run_cli(argv, tmp_path)
     err = float(re.search(r"verify: max \|.*\| = ([\d.e+-]+)", r.stdout + r.stderr).group(1))
     assert err < 5e-2  # fp16 weights
-    ini = configparser.ConfigParser()
-    ini.read(tmp_path / "ft" / "2-gpu" / "config.ini")
-    gpt = ini[ini.sections()[0]]
-    assert gpt["tensor_para_size"] == "2" and gpt["weight_data_type"] == "fp16"
-    assert list((tmp_path / "ft" / "2-gpu").glob("model.*.bin"))
+    ft = tmp_path / "ft" / "2-gpu"
+    cfg = model.config
+    files = assert_ft_files(ft, cfg, tp=2, np_dtype="float16")
+    assert "model.lm_head.weight.bin" not in files  # "only when tie_word_embeddings=False"
+    assert all(not a.any() for n, a in files.items() if ".bias" in n)  # "no_bias=True becomes zero files"
+    gpt = assert_ft_config_ini(ft, cfg, tp=2, dtype="fp16")
+    assert gpt["start_id"] == gpt["end_id"] == "0"  # the config has no bos/eos ids
+    # "`path` is `<out>/<TP>-gpu` or an `<out>` holding exactly one such directory"
+    rcfg, sd = read_fastertransformer(tmp_path / "ft")
+    assert rcfg["no_bias"] is True and rcfg["n_layers"] == cfg.n_layers  # no_bias inferred: all bias files zero
+    torch.testing.assert_close(sd["transformer.wte.weight"], model.transformer.wte.weight.detach().half().float())
+    loaded = load_fastertransformer(ft)
+    probe = torch.randint(0, cfg.vocab_size, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(probe).logits, model(probe).logits, atol=2e-2, rtol=2e-2)
 
 
 @runs("python -m mpt_kernels.export onnx --model ckpt/ --out onnx/ --verify")
@@ -613,41 +769,93 @@ def _export_onnx_cli(argv, tmp_path, request):
     assert (tmp_path / "onnx" / "model.onnx").stat().st_size > 0
 
 
-def test_every_readme_example_is_covered():
-    documented = readme_commands()
+# Each ```python block of each doc, by a string only it contains (the test that runs it is named beside)
+PYTHON_BLOCKS = {
+    README: {
+        "out = mk.alibi_attention(q, k, v, causal=True)": "test_readme_intro_example",
+        'MPTForCausalLM.from_pretrained("path/to/mpt-7b"': "test_readme_model_example",
+        "mk.alibi_attention_qkvpacked(": "test_readme_alibi_attention_example",
+        "mk.nn.LPLayerNorm(d_model)": "test_readme_layer_norm_example",
+        "cross_entropy(logits, targets": "test_readme_cross_entropy_example",
+        "mk.optim.Lion(model.parameters()": "test_readme_lion_example",
+        "export_fastertransformer(model": "test_readme_export_python_example",
+    },
+    TRAINING_MD: {},
+    EXPORT_MD: {'export_onnx(model, "onnx/")': "test_export_onnx_example"},
+}
+# Each unlabelled block (a file layout), by a string only it contains, and the test holding the code to it
+LAYOUT_BLOCKS = {
+    README: {},
+    TRAINING_MD: {"<out>/train/index.json": "test_doc_command[...convert corpus.jsonl ...]",
+                  "runs/<name>/checkpoints/step_00000050/": "test_training_main_job"},
+    EXPORT_MD: {},
+}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.name)
+def test_every_doc_example_is_covered(doc):
+    """Every command of ``doc`` is run or skipped here, every ```python block is run by a test, every
+    unlabelled (layout) block is checked, and no block is in another language."""
+    name = doc.relative_to(ROOT)
+    documented = doc_commands(doc)
     known = set(SKIPS) | set(RUNS)
     assert not set(SKIPS) & set(RUNS)
-    assert sorted(set(documented) - known) == [], "README commands this test neither runs nor skips"
-    assert sorted(known - set(documented)) == [], "commands in this test that the README no longer has"
-    tested = {
-        "out = mk.alibi_attention(q, k, v, causal=True)", 'MPTForCausalLM.from_pretrained("path/to/mpt-7b"',
-        "mk.alibi_attention_qkvpacked(", "mk.nn.LPLayerNorm(d_model)", "cross_entropy(logits, targets",
-        "mk.optim.Lion(model.parameters()", "export_fastertransformer(model",
-    }
-    blocks = readme_blocks("python")
-    for b in blocks:
-        assert sum(m in b.code for m in tested) == 1, f"README.md:{b.line}: a ```python block no test runs"
-    assert len(blocks) == len(tested)
-    langs = set(re.findall(r"^```(\w+)", README.read_text(), re.M))
-    assert langs <= {"python", "bash"}, f"README blocks in languages this test does not run: {langs}"
+    assert sorted(set(documented) - known) == [], f"{name}: commands this test neither runs nor skips"
+    for lang, markers in (("python", PYTHON_BLOCKS[doc]), ("", LAYOUT_BLOCKS[doc])):
+        blocks = doc_blocks(doc, lang)
+        for b in blocks:
+            assert sum(m in b.code for m in markers) == 1, f"{b.where}: a ```{lang} block no test knows"
+        assert len(blocks) == len(markers), f"{name}: {len(blocks)} ```{lang} blocks, {len(markers)} known"
+    langs = {b.lang for b in doc_blocks(doc)}
+    assert langs <= {"python", "bash", ""}, f"{name}: blocks in languages this test does not run: {langs}"
+    tests = set(globals())
+    for test in [*PYTHON_BLOCKS[doc].values(), *LAYOUT_BLOCKS[doc].values()]:
+        assert test.split("[")[0] in tests, test
+
+
+def test_every_known_command_is_documented():
+    documented = {c for doc in DOCS for c in doc_commands(doc)}
+    assert sorted((set(SKIPS) | set(RUNS)) - documented) == [], "commands in this test that no doc has any more"
 
 
 @pytest.mark.parametrize("command", sorted(set(SKIPS) | set(RUNS)),
                          ids=lambda c: re.sub(r"[^A-Za-z0-9_.=-]+", "_", c)[:80])
-def test_readme_command(command, tmp_path, request):
-    assert command in readme_commands(), f"not in README.md: {command}"
+def test_doc_command(command, tmp_path, request):
+    assert any(command in doc_commands(doc) for doc in DOCS), f"in no doc: {command}"
     if command in SKIPS:
         pytest.skip(SKIPS[command])
     RUNS[command](shlex.split(command), tmp_path, request)
 
 
-def test_readme_names_resolve():
-    """Every ``mk.x.y`` / ``mpt_kernels.x.y`` the README names exists, and every file it names or links."""
+@pytest.mark.parametrize("command", sorted({c for doc in DOCS for c in doc_commands(doc) if c.startswith("torchrun ")}),
+                         ids=lambda c: re.sub(r"[^A-Za-z0-9_.=-]+", "_", c)[:80])
+def test_torchrun_configs_resolve(command, capsys):
+    """The skipped torchrun lines: their config file and overrides resolve (--print-config, one process)."""
+    yaml = pytest.importorskip("yaml")
+    argv = shlex.split(command)
+    script = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+    cfg = yaml.safe_load(run_cli_in_process(["python", *argv[script:], "--print-config"], ROOT, capsys))
+    assert_config_resolved(cfg, argv[script + 1:])
+    if "mpt-1b.yaml" in command:
+        assert cfg["parallel"] == "fsdp" and cfg["model"]["preset"] == "mpt-1b"  # "mpt-1b (FSDP)"
+
+
+# Dotted names in the docs that are not Python attributes, and what they are instead (checked where named)
+NOT_ATTRIBUTES = {
+    "mpt_kernels.n_layers": "ONNX metadata key (test_export_onnx_example)",
+    "mpt_kernels.alibi_attention_fwd": "the custom op's torch name (test_export_doc_claims)",
+}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.name)
+def test_doc_names_resolve(doc):
+    """Every ``mk.x.y`` / ``mpt_kernels.x.y`` the doc names exists, every file it names or links, and every
+    test function it names."""
     import importlib
 
-    text = README.read_text()
-    names = set(re.findall(r"\b(?:mk|mpt_kernels)(?:\.[A-Za-z_]\w*)+", text))
-    assert len(names) > 10
+    text = doc.read_text()
+    names = set(re.findall(r"\b(?:mk|mpt_kernels)(?:\.[A-Za-z_]\w*)+", text)) - set(NOT_ATTRIBUTES)
+    assert len(names) > 3
     for name in sorted(names):
         parts = name.replace("mk.", "mpt_kernels.", 1).split(".")
         obj = importlib.import_module(parts[0])
@@ -657,11 +865,18 @@ def test_readme_names_resolve():
             except AttributeError:
                 obj = importlib.import_module(".".join(parts[:i + 1]))  # a submodule (mpt_kernels.data.convert)
         assert obj is not None, name
-    paths = set(re.findall(r"\]\(([^)#\s]+)\)", text))  # markdown links
-    paths |= set(re.findall(r"`([\w./-]+/[\w.-]+\.(?:py|md|sh|cu|cpp|h|yaml))`", text))  # `dir/file.ext`
-    assert len(paths) > 5
-    missing = sorted(p for p in paths if not p.startswith("http") and not (ROOT / p).exists())
-    assert not missing, f"README.md names files that do not exist: {missing}"
+    links = {p for p in re.findall(r"\]\(([^)#\s]+)\)", text) if not p.startswith("http")}  # markdown links
+    missing = sorted(p for p in links if not (doc.parent / p).exists())  # relative to the doc
+    paths = set(re.findall(r"`([\w./-]+/[\w.-]+\.(?:py|md|sh|cu|cpp|h|yaml|jsonl))`", text))  # `dir/file.ext`
+    paths |= set(re.findall(r"\((tests/test_\w+\.py)\)", text))
+    paths = {p for p in paths if not p.startswith("runs/")}  # the main job's outputs: test_training_main_job
+    stdlib = Path(__import__("sysconfig").get_paths()["stdlib"])
+    missing += sorted(p for p in paths if not (ROOT / p).exists() and not (stdlib / p).exists())
+    assert len(links | paths) >= (5 if doc == README else 1)
+    assert not missing, f"{doc.name} names files that do not exist: {missing}"
+    test_sources = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
+    tests = set(re.findall(r"`(test_\w+)`", text))
+    assert not [t for t in tests if not re.search(rf"^def {t}\(", test_sources, re.M)], tests
 
 
 def test_readme_pip_extras():
@@ -673,12 +888,578 @@ def test_readme_pip_extras():
     assert {"onnx", "onnxscript", "onnxruntime"} <= names(extras["export"])  # "# onnx, onnxscript, onnxruntime"
 
 
-def test_readme_torchrun_config(capsys):
-    """The skipped torchrun line's config and override resolve (mpt-1b, FSDP)."""
+# ----------------------------------------------------------------------------------------------
+# docs/training.md: the main job (shrunk) and the claims a test can check cheaply
+
+# The main job's documented command line, `python training/train.py`, with only its size changed: ~10 s
+# instead of minutes (a 2-layer d_model-64 model, 32-token samples, a 512-token BPE on 150 kB of the
+# standard library, 3 steps, a checkpoint after each (tiny.yaml keeps the last 2), evaluations every 2).
+MAIN_JOB_SHRUNK = [
+    "threads=1", "progress=false", "max_steps=3", "global_batch_size=4", "micro_batch_size=4", "data.seq_len=32",
+    "data.bpe_vocab_size=512", "data.max_code_bytes=150000", "model.overrides={d_model: 64, n_heads: 2, n_layers: 2}",
+    "checkpoint.save_every=1", "eval.every=2", "eval.batches=1", "eval.sample_tokens=8",
+]
+
+
+def test_training_main_job(tmp_path):
+    """"The main job" section and the checkpoint layout block, on `python training/train.py` shrunk
+    (MAIN_JOB_SHRUNK), run from a temporary directory standing for the repository root, so the default
+    run_root `runs` puts everything under tmp_path/runs/tiny/."""
     yaml = pytest.importorskip("yaml")
-    cfg = yaml.safe_load(run_cli_in_process(["python", "training/train.py", "--config", "training/configs/mpt-1b.yaml",
-                                             "parallel=fsdp", "--print-config"], ROOT, capsys))
-    assert cfg["parallel"] == "fsdp" and cfg["model"]["preset"] == "mpt-1b"
+    from mpt_kernels.data import load_tokenizer
+    from mpt_kernels.model import MPTForCausalLM
+    from mpt_kernels.train import read_metrics
+
+    r = run_cli(["python", str(ROOT / "training" / "train.py"), *MAIN_JOB_SHRUNK], tmp_path)
+    run = tmp_path / "runs" / "tiny"
+    # 1. the bundled corpus under runs/tiny/corpus/, its BPE cached next to the shards
+    corpus = run / "corpus"
+    tok = load_tokenizer(corpus / "tokenizer.json")
+    assert tok.vocab_size == 512
+    for source in ("code", "text"):
+        for split in ("train", "val"):
+            index = json.loads((corpus / source / split / "index.json").read_text())
+            assert index["seq_len"] == 32 and index["num_samples"] > 0, (source, split)
+    # 2. metrics.jsonl: a start record, one per step, evaluations before training, every eval.every steps and at
+    # the end, a summary; loss.png
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["kind"] == "start" and records[-1]["kind"] == "summary"
+    assert [r_["step"] for r_ in read_metrics(run / "metrics.jsonl", "train")] == [1, 2, 3]
+    evals = read_metrics(run / "metrics.jsonl", "eval")
+    assert [e["step"] for e in evals] == [0, 2, 3]
+    for e in evals:
+        assert e["ppl"] == pytest.approx(math.exp(e["loss"]))
+    start = records[0]
+    # "MFU: llm-foundry's formula, model FLOPs per token 3 * (2 * n_params + 4 * n_layers * d_model * seq_len)"
+    assert start["flops_per_token"] == 3 * (2 * start["n_params"] + 4 * 2 * 64 * 32)
+    # "the GPU when torch sees one (bf16 autocast there), the CPU otherwise"; on a CPU bf16 only where native
+    from mpt_kernels.train.metrics import cpu_has_native_bf16
+
+    if not torch.cuda.is_available():
+        assert start["device"] == "cpu" and start["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
+    try:
+        import matplotlib  # noqa: F401
+        assert (run / "loss.png").stat().st_size > 0
+    except ImportError:
+        pass
+    # 3. checkpoints (the layout block), the final HF model with its tokenizer.json, the summary and a sample
+    layout = next(b.code for b in doc_blocks(TRAINING_MD, "") if "checkpoints/step_00000050/" in b.code)
+    one_process = ["trainer.json", "model.pt", "optim.pt", "rng_rank0.pt"]
+    for name in ["trainer.json", "model.pt, optim.pt", "dcp/", "rng_rank<r>.pt"]:
+        assert name in layout
+    steps = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert steps == ["step_00000002", "step_00000003"]  # "The newest keep_last are kept" (tiny.yaml: 2)
+    for step in steps:
+        assert sorted(p.name for p in (run / "checkpoints" / step).iterdir()) == sorted(one_process)  # no dcp/
+    state = json.loads((run / "checkpoints" / "step_00000003" / "trainer.json").read_text())
+    # "step, samples consumed, data order, scheduler, world size"
+    assert state["step"] == 3 and state["consumed_samples"] == 12 and state["world_size"] == 1
+    assert {"data", "scheduler"} <= set(state)
+    hf = run / "hf"
+    assert {"config.json", "tokenizer.json", "generation_config.json"} <= {p.name for p in hf.iterdir()}
+    # "eos_token_id in config.json and a generation_config.json, so transformers' generate stops at <|endoftext|>"
+    eos = tok.backend.token_to_id("<|endoftext|>")
+    assert json.loads((hf / "config.json").read_text())["eos_token_id"] == eos
+    assert json.loads((hf / "generation_config.json").read_text())["eos_token_id"] in (eos, [eos])
+    assert list(hf.glob("*.safetensors"))
+    model = MPTForCausalLM.from_pretrained(hf)
+    assert model.config.vocab_size == 512 and model.config.d_model == 64  # 512 is a multiple of 128 already
+    assert load_tokenizer(hf / "tokenizer.json").vocab_sha256() == tok.vocab_sha256()
+    assert yaml.safe_load((run / "config.yaml").read_text())["run_name"] == "tiny"
+    assert "runs/tiny/hf" in r.stdout and "sample" in r.stdout  # the summary names the model folder; a sample
+
+
+def _top_level_items(cell: str) -> list[str]:
+    """A table cell's comma-separated items, commas inside parentheses kept."""
+    items, depth, cur = [], 0, ""
+    for ch in cell:
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return [i for i in items + [cur.strip()] if i]
+
+
+def test_training_doc_claims(capsys):
+    """docs/training.md's checkable statements: the main job's sizes, the configuration table, the
+    override rules with their examples, the shipped configs, tokenizer and corpus facts, the MFU peak
+    table, and the API its prose spells out."""
+    from mpt_kernels.data import FinetuneDataset, Stream, StreamingTokenDataset, TokenShards, padded_vocab_size
+    from mpt_kernels.model import MPTConfig, MPTForCausalLM
+    from mpt_kernels.model.config import PRESETS
+    from mpt_kernels.train import config as train_config
+    from mpt_kernels.train import gpu_peak_flops, load_config, main
+    from mpt_kernels.train.checkpoint import step_dir
+
+    text = TRAINING_MD.read_text()
+    flat = " ".join(text.split())  # the prose with its line breaks folded
+    configs = ROOT / "training" / "configs"
+    # The main job: "a 4096-token byte-level BPE ... 128-token samples"; "the tiny preset (4 layers, d_model 256,
+    # 4 heads, ALiBi; 4.2M parameters with the 4096 vocabulary) with fused Lion for 240 steps of 8 x 128 tokens,
+    # code and text mixed 70/30, held-out perplexity every 50 steps"; "max_minutes: 6"
+    tiny = load_config(configs / "tiny.yaml")
+    assert (tiny.data.bpe_vocab_size, tiny.data.seq_len, tiny.max_steps, tiny.global_batch_size) == (4096, 128, 240, 8)
+    assert tiny.optim.name == "lion" and tiny.data.bundled_proportions == {"code": 0.7, "text": 0.3}
+    assert tiny.eval.every == 50 and tiny.max_minutes == 6 and tiny.run_name == "tiny" and tiny.run_root == "runs"
+    cfg = MPTConfig.from_preset(tiny.model.preset, vocab_size=4096)
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.attn_config["alibi"]) == (4, 256, 4, True)
+    with torch.device("meta"):
+        assert round(MPTForCausalLM(cfg).num_parameters() / 1e6, 1) == 4.2
+    for claim in ("4 layers, d_model 256, 4 heads, ALiBi; 4.2M parameters", "240 steps of 8 x 128 tokens",
+                  "mixed 70/30", "every 50 steps", "`max_minutes: 6`", "4096-token byte-level BPE",
+                  "128-token samples"):
+        assert claim in flat, claim
+
+    # The configuration table: every key it lists is a field of its section, and the listed choices are the valid ones
+    defaults = train_config.Config()
+    sections = {"top level": defaults, **{f"`{f.name}`": getattr(defaults, f.name) for f in dataclasses.fields(defaults)
+                                          if dataclasses.is_dataclass(getattr(defaults, f.name))}}
+    rows = dict(re.findall(r"^\| (top level|`\w+`) \| (.*) \|$", text, re.M))
+    assert set(rows) == set(sections) - {"`fault`"}, rows.keys()  # fault: "a test hook", described below the table
+    assert "The `fault` config section is a test hook" in text and hasattr(train_config.Config(), "fault")
+    for row, cell in rows.items():
+        fields = {f.name for f in dataclasses.fields(sections[row])}
+        keys = [re.match(r"`(\w+)`", item).group(1) for item in _top_level_items(cell)]
+        assert len(keys) >= 4 or row in ("`scheduler`", "`checkpoint`"), (row, keys)
+        assert set(keys) <= fields, f"{row}: {sorted(set(keys) - fields)} are not config keys"
+    for key, choices in [("device", "auto/cpu/cuda"), ("precision", "auto/bf16/fp32"), ("parallel", "ddp/fsdp"),
+                         ("optim.name", "lion/adamw")]:
+        assert f"`{key.split('.')[-1]}` ({choices})" in text, key
+        for choice in choices.split("/"):
+            load_config(None, [f"{key}={choice}"])
+        with pytest.raises(ValueError, match=key):
+            load_config(None, [f"{key}=bogus"])
+    presets = re.search(r"`preset` \(([^)]*)\)", text).group(1)
+    assert sorted(presets.split(", ")) == sorted(PRESETS)
+    assert "`kind` (bundled/shards/finetune)" in text
+    with pytest.raises(ValueError, match="bundled, shards or finetune"):
+        load_config(None, ["data.kind=web"])
+
+    # Overrides of text fields are the text as typed; the examples of the prose, as the shell passes them
+    examples = [  # (as written in the doc, the argument the shell passes, field, value)
+        ("eval.sample_prompt=$'<|im_start|>user\\nhi'", "eval.sample_prompt=<|im_start|>user\nhi", "eval.sample_prompt",
+         "<|im_start|>user\nhi"),
+        ("eval.sample_prompt='def '", "eval.sample_prompt=def ", "eval.sample_prompt", "def "),
+        ("'x = 1  # note'", "eval.sample_prompt=x = 1  # note", "eval.sample_prompt", "x = 1  # note"),
+        ("run_name=123", "run_name=123", "run_name", "123"),
+        ("run_name=2024-06-01", "run_name=2024-06-01", "run_name", "2024-06-01"),
+        ("data.tokenizer=no", "data.tokenizer=no", "data.tokenizer", "no"),
+        ("eval.sample_prompt='Q: what'", "eval.sample_prompt=Q: what", "eval.sample_prompt", "Q: what"),
+        ("data.tokenizer=\"'null'\"", "data.tokenizer='null'", "data.tokenizer", "null"),
+        ("`./null`", "data.tokenizer=./null", "data.tokenizer", "./null"),
+    ] + [(f"`{w}`", f"data.tokenizer={w}", "data.tokenizer", None) for w in ("null", "None", "~")] + [
+        ("or nothing means unset", "data.tokenizer=", "data.tokenizer", None),
+        ("`1e-3`", "optim.lr=1e-3", "optim.lr", 1e-3),
+        ("`true`", "checkpoint.autoresume=true", "checkpoint.autoresume", True),
+        ("`null`", "optim.max_grad_norm=null", "optim.max_grad_norm", None),
+        ("`[0.9, 0.95]`", "optim.betas=[0.9, 0.95]", "optim.betas", [0.9, 0.95]),
+    ]
+    for written, arg, field, value in examples:
+        assert written in text, written
+        if "=" in written and "$'" not in written and not written.startswith(("`", "'")):
+            assert shlex.split(written) == [arg], (written, arg)  # what the shell passes for the doc's spelling
+        got = load_config(None, [arg])
+        for part in field.split("."):
+            got = getattr(got, part)
+        assert got == value, (written, got)
+    # "In the optional text fields (those that can be unset: ...)": exactly the str | None fields
+    listed = re.search(r"In the optional text fields \(those\s+that can be unset: (.*?)\)", text, re.S).group(1)
+    listed = set(re.findall(r"`([\w.]+)`", listed))
+
+    def text_fields(obj, prefix=""):
+        out = {}
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                out.update(text_fields(v, f"{prefix}{f.name}."))
+            else:
+                out[prefix + f.name] = train_config._is_text_field(typing.get_type_hints(type(obj))[f.name])
+        return out
+
+    fields = text_fields(train_config.Config())
+    optional = {k for k, (is_text, opt) in fields.items() if is_text and opt and not k.startswith("fault.")}
+    assert listed == optional, (listed, optional)
+    for name in ("run_name", "eval.sample_prompt", "data.tokenizer", "model.init_from"):  # "text fields (...)"
+        assert fields[name][0], name
+    # "Unknown keys and wrongly typed values are errors naming the valid keys (printed as a usage error, exit status 2)"
+    for bad, says in [("optim.lrr=1", "valid keys"), ("max_steps=many", "max_steps"),
+                      ("data.streams=[{path:data/x}]", "space after a colon"),
+                      ("data.bundled_proportions={code: 1, web: 1}", "code"),
+                      ("model.overrides.alibi_bias=16", "valid keys")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["--print-config", bad])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "error: config:" in err and says in err and "Traceback" not in err, (bad, err)
+
+    # Shipped configs
+    shipped = re.search(r"Shipped configs \(`training/configs/`\): (.*?)\. Relative", flat).group(1)
+    shipped = [re.match(r"`([\w-]+)`", item).group(1) for item in _top_level_items(shipped)]
+    assert sorted(shipped) == sorted(p.stem for p in configs.glob("*.yaml"))
+    assert load_config(configs / "mpt-1b.yaml").parallel == "fsdp"  # "mpt-1b (FSDP)"
+    c7 = load_config(configs / "mpt-7b.yaml")  # "(FSDP, activation checkpointing, four sources mixed)"
+    assert c7.parallel == "fsdp" and c7.model.activation_checkpointing and len(c7.data.streams) == 4
+    sw = load_config(configs / "storywriter-finetune.yaml")  # "max_seq_len 65536, alibi_bias_max 16, 65,536-token
+    # samples"
+    assert sw.model.init_from and sw.model.overrides == {"max_seq_len": 65536, "alibi_bias_max": 16}
+    assert sw.data.seq_len == 65536
+    # "finetunes runs/tiny/hf on training/data/instruct_example.jsonl"
+    inst = load_config(configs / "instruct-finetune.yaml")
+    assert inst.model.init_from == "runs/tiny/hf" and inst.data.finetune_path == "training/data/instruct_example.jsonl"
+    assert inst.data.kind == "finetune" and (ROOT / inst.data.finetune_path).is_file()
+    assert tiny.run_dir / "hf" == Path(inst.model.init_from)  # the main job's output, as both run from the root
+    # "The MPT configs therefore set model.vocab_size: 50432" (NeoX's 50277: next multiple of 256, not of 128)
+    for name in ("mpt-125m", "mpt-1b", "mpt-7b"):
+        assert load_config(configs / f"{name}.yaml").model.vocab_size == 50432, name
+    assert padded_vocab_size(50277) == 50304 and padded_vocab_size(50277, 256) == 50432
+    assert padded_vocab_size(4096) == 4096 and "50432" in text and "(50304)" in text
+
+    # Tokenizer: the trained BPE's special ids; GPT-NeoX-20B's size and end-of-text id
+    pytest.importorskip("tokenizers")
+    from mpt_kernels.data import load_tokenizer, train_bpe_tokenizer
+
+    bpe = train_bpe_tokenizer(["def f(x):\n    return x\n", "Some text, some more text."] * 20, vocab_size=300)
+    assert bpe.backend.token_to_id("<|endoftext|>") == 0 and bpe.backend.token_to_id("<|padding|>") == 1
+    if NEOX_TOKENIZER.exists():
+        neox = load_tokenizer(NEOX_TOKENIZER)
+        assert neox.vocab_size == 50277 and neox.backend.token_to_id("<|endoftext|>") == 0
+
+    # Bundled corpus: "9.6 MB in 511 files on CPython 3.11", the reference text "0.5 MB, cut ... into ~4 kB documents"
+    from mpt_kernels.data.corpus import reference_text_documents, stdlib_code_documents
+
+    if sys.version_info[:2] == (3, 11):
+        code = list(stdlib_code_documents())
+        assert len(code) == 511 and round(sum(len(d.text.encode()) for d in code) / 1e6, 1) == 9.6
+    topics = list(reference_text_documents())
+    assert round(sum(len(d.text.encode()) for d in topics) / 1e6, 1) == 0.5
+    assert 2000 < sum(len(d.text) for d in topics) / len(topics) < 6000
+
+    # MFU peaks: "A100 312, H100 SXM 989, H100 PCIe 756, H200 989 TFLOP/s"; "fp32 runs count TF32 at half that"
+    for card, tflops in [("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                         ("NVIDIA H200", 989)]:
+        assert gpu_peak_flops(card, "bf16") == tflops * 1e12 and gpu_peak_flops(card, "fp32") == tflops * 1e12 / 2
+    assert "A100 312, H100 SXM 989, H100 PCIe 756, H200 989 TFLOP/s" in flat
+    assert gpu_peak_flops("Some Unknown Card", "bf16") is None  # "unknown cards are measured"
+
+    # The API the prose spells out
+    assert_signature_extends(Stream, "(path, proportion=None)")
+    assert_signature_extends(StreamingTokenDataset, "(streams, *, seed=0, batch_size=1, sequence_id=False, "
+                                                    "allow_tokenizer_mismatch=False)")
+    assert callable(TokenShards.verify) and callable(MPTForCausalLM.resize_token_embeddings)
+    assert list(inspect.signature(StreamingTokenDataset.state_dict).parameters) == ["self", "num_samples"]
+    assert callable(StreamingTokenDataset.load_state_dict)
+    params = inspect.signature(FinetuneDataset).parameters
+    assert list(params)[1] == "tokenizer" and {"max_seq_len", "fmt"} <= set(params)
+    # The finetuning formats: 'fmt="mpt-instruct"|"chatml"', MPT-7B-Instruct's and MPT-7B-Chat's templates
+    from mpt_kernels.data.finetune import FORMATS, format_chatml, format_mpt_instruct
+
+    assert 'fmt="mpt-instruct"|"chatml"' in text and set(FORMATS) == {"mpt-instruct", "chatml"}
+    template = re.search(r"MPT-7B-Instruct's format \(`(.*?)`", text).group(1)
+    intro, rest = template.split(" ...", 1)
+    segs = format_mpt_instruct({"prompt": "P?", "response": "R."})
+    assert [t for _, t in segs] == [False, True] and segs[1][0] == "R.<|endoftext|>"  # "followed by <|endoftext|>"
+    assert segs[0][0].startswith(intro) and segs[0][0].endswith(rest.replace("\\n", "\n").replace("{prompt}", "P?"))
+    with pytest.raises(ValueError, match="system"):  # "a record with a non-empty "system" ... is refused there"
+        format_mpt_instruct({"prompt": "P?", "response": "R.", "system": "Be brief."})
+    chat = format_chatml({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+                                       {"role": "assistant", "content": "A"}]})
+    assert "".join(t for t, _ in chat) == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n" \
+        "<|im_start|>assistant\nA<|im_end|>\n"
+    assert [t for t, train in chat if train] == ["A<|im_end|>"]  # "every assistant turn, with its end marker"
+    # "Point data.streams at <out>/train and data.val_streams at <out>/val": the converter line's --out is the
+    # folder the mpt-125m and mpt-1b configs read
+    convert_line = next(c for c in doc_commands(TRAINING_MD) if "mpt_kernels.data.convert" in c)
+    out = shlex.split(convert_line)[shlex.split(convert_line).index("--out") + 1]
+    for name in ("mpt-125m", "mpt-1b"):
+        c = load_config(configs / f"{name}.yaml")
+        assert [s["path"] for s in c.data.streams] == [f"{out}/train"], name
+        assert [s["path"] if isinstance(s, dict) else s for s in c.data.val_streams] == [f"{out}/val"], name
+    assert {"residual", "out_dtype"} <= set(inspect.signature(mk.layer_norm).parameters)
+    assert step_dir(Path("runs/x/checkpoints"), 50).name == "step_00000050"  # the layout block's name
+    # "in `python -m benchmarks train --device cuda`"
+    assert_benchmark_flags(["python", "-m", "benchmarks", "train", "--device", "cuda"], capsys)
+
+
+# ----------------------------------------------------------------------------------------------
+# docs/export.md: the ```python block and the claims a test can check cheaply
+
+
+def test_export_onnx_example(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from mpt_kernels.export.onnx import OnnxMPT
+
+    model = tiny_model()
+    cfg = model.config
+    prompt_ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 5))  # numpy int64 (batch, seq)
+    ns = run_python_block(python_block('export_onnx(model, "onnx/")', EXPORT_MD), tmp_path,
+                          inputs={"model": model, "prompt_ids": prompt_ids})
+    target = (tmp_path / "onnx" / "model.onnx").resolve()
+    path, tokens, runner = ns["path"], ns["tokens"], ns["runner"]
+    assert (tmp_path / path).resolve() == target  # "-> onnx/model.onnx"
+    # "numpy int64 (batch, seq + 32)", greedy: the model's own greedy tokens
+    assert isinstance(tokens, np.ndarray) and tokens.dtype == np.int64 and tokens.shape == (2, 5 + 32)
+    with torch.no_grad():
+        expected = model.generate(torch.as_tensor(prompt_ids), 32, temperature=0)
+    assert np.array_equal(tokens, expected.numpy())
+    assert (tmp_path / runner.path).resolve() == target  # "the directory works too"
+
+    # The graph's table: names, shapes with their dynamic axes, metadata, standard operators only
+    proto = onnx.load(str(target))
+    n, kv, hd = cfg.n_layers, cfg.attn_config.get("kv_n_heads") or cfg.n_heads, cfg.d_model // cfg.n_heads
+
+    def dims(value_info):
+        return tuple(d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim)
+
+    ins = {i.name: dims(i) for i in proto.graph.input}
+    outs = {o.name: dims(o) for o in proto.graph.output}
+    cache = [f"{i}.{kv_}" for i in range(n) for kv_ in ("key", "value")]
+    assert list(ins) == ["input_ids", "attention_mask", *[f"past_key_values.{c}" for c in cache]]
+    assert list(outs) == ["logits", *[f"present.{c}" for c in cache]]
+    assert ins["input_ids"] == ("batch", "seq") and ins["attention_mask"] == ("batch", "past + seq")
+    assert ins["past_key_values.0.key"] == ("batch", kv, "past", hd)
+    assert outs["logits"] == ("batch", "seq", cfg.vocab_size)
+    assert len(set(outs["present.0.key"])) == 4 and outs["present.0.key"][1::2] == (kv, hd)  # (batch, kv, past+seq, hd)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    keys = re.search(r"Metadata \((.*?)\) tells", EXPORT_MD.read_text(), re.S).group(1)
+    keys = re.findall(r"`(\.?[\w.]+)`", keys)
+    assert keys[0] == "mpt_kernels.n_layers"
+    documented = {k if k.startswith("mpt_kernels.") else "mpt_kernels" + k for k in keys}
+    assert set(meta) == documented
+    assert (meta["mpt_kernels.n_layers"], meta["mpt_kernels.kv_heads"], meta["mpt_kernels.head_dim"]) == \
+        (str(n), str(kv), str(hd))
+    assert {node.domain for node in proto.graph.node} <= {"", "ai.onnx"}
+
+    # "Each decode step feeds present back as past_key_values and the mask grown by one column of ones"
+    logits, present = runner.run(prompt_ids)
+    assert logits.shape == (2, 5, cfg.vocab_size) and present[0].shape == (2, kv, 5, hd)
+    nxt = logits[:, -1].argmax(-1)[:, None]
+    logits2, present2 = runner.run(nxt, present, np.ones((2, 6), np.int64))
+    assert present2[0].shape == (2, kv, 6, hd)
+    with torch.no_grad():
+        full = model(torch.as_tensor(np.concatenate([prompt_ids, nxt], 1))).logits[:, -1]
+    np.testing.assert_allclose(logits2[:, -1], full.numpy(), atol=1e-4, rtol=1e-4)
+
+    # The errors documented under the block, and "An existing output is refused"
+    from mpt_kernels.export import export_onnx
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        OnnxMPT(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .onnx file"):
+        OnnxMPT(tmp_path / "empty")
+    (tmp_path / "two").mkdir()
+    for name in ("a.onnx", "b.onnx"):
+        (tmp_path / "two" / name).write_bytes(target.read_bytes())
+    with pytest.raises(FileNotFoundError, match="several"):
+        OnnxMPT(tmp_path / "two")
+    (tmp_path / "bad.onnx").write_text("not a graph")
+    with pytest.raises(ValueError, match="bad.onnx"):
+        OnnxMPT(tmp_path / "bad.onnx")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_onnx(model, tmp_path / "onnx")
+    with pytest.raises(ValueError, match="opset"):  # "export_onnx accepts 18 and newer"
+        export_onnx(model, tmp_path / "onnx17", opset=17)
+    assert not (tmp_path / "onnx17").exists()
+
+
+def _ft_dim(expr: str, env: dict) -> int:
+    num, _, den = expr.strip().partition("/")
+    value = lambda t: int(t) if t.isdigit() else env[t]  # noqa: E731
+    return value(num) // value(den) if den else value(num)
+
+
+def assert_ft_files(ft_dir: Path, cfg, tp: int, np_dtype: str) -> dict:
+    """The files of a FasterTransformer export are exactly docs/export.md's file table (names expanded over
+    {weight,bias}, layers N and ranks R), each holding the table's shape in ``np_dtype`` with no header.
+    Returns the arrays by file name, shaped as the table says."""
+    import numpy as np
+
+    rows = re.findall(r"^\| `(model\.[^`]+)` \| `\(([^`]*)\)` \|(.*?)\|$", EXPORT_MD.read_text(), re.M)
+    assert len(rows) == 13, rows
+    env = {"d": cfg.d_model, "I": cfg.d_model * cfg.expansion_ratio, "TP": tp, "vocab": cfg.vocab_size}
+    expected = {}
+    for pattern, shape, source in rows:
+        if "only when `tie_word_embeddings=False`" in source and cfg.tie_word_embeddings:
+            continue
+        dims = tuple(_ft_dim(s, env) for s in shape.split(",") if s.strip())
+        names = [pattern]
+        m = re.search(r"\{(\w+),(\w+)\}", pattern)
+        if m:
+            names = [pattern.replace(m.group(0), m.group(1)), pattern.replace(m.group(0), m.group(2))]
+        if ".N." in pattern:
+            names = [x.replace(".N.", f".{i}.") for x in names for i in range(cfg.n_layers)]
+        if ".R." in pattern:
+            names = [x.replace(".R.", f".{r}.") for x in names for r in range(tp)]
+        expected.update((x, dims) for x in names)
+    assert sorted(p.name for p in ft_dir.iterdir() if p.name != "config.ini") == sorted(expected)
+    arrays = {}
+    for name, dims in expected.items():
+        a = np.fromfile(ft_dir / name, dtype=np_dtype)
+        assert a.size == math.prod(dims), f"{name}: {a.size} values, the table says {dims}"
+        arrays[name] = a.reshape(dims)
+    return arrays
+
+
+def assert_ft_config_ini(ft_dir: Path, cfg, tp: int, dtype: str):
+    """config.ini's [gpt] section holds exactly the keys export.md lists, with the model's values."""
+    para = re.search(r"`config.ini`, section `\[gpt\]`:(.*?)\n\n", EXPORT_MD.read_text(), re.S).group(1)
+    written = dict(re.findall(r"`(\w+) = (\w+)`", para))  # has_positional_encoding = False, ...
+    # the backticked names, less the values and the MPT config name the paragraph also mentions
+    documented = set(re.findall(r"`(\w+)(?: = \w+)?`", para)) - {"fp32", "fp16", "layer_norm_epsilon"}
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read(ft_dir / "config.ini")
+    assert ini.sections() == ["gpt"]
+    gpt = ini["gpt"]
+    assert set(gpt) == documented, sorted(set(gpt) ^ documented)
+    assert written == {"has_positional_encoding": "False", "use_attention_linear_bias": "True"}
+    for key, value in written.items():
+        assert gpt[key] == value
+    assert (int(gpt["head_num"]), int(gpt["size_per_head"]), int(gpt["num_layer"])) == \
+        (cfg.n_heads, cfg.d_model // cfg.n_heads, cfg.n_layers)
+    assert (int(gpt["inter_size"]), int(gpt["max_pos_seq_len"]), int(gpt["vocab_size"])) == \
+        (cfg.d_model * cfg.expansion_ratio, cfg.max_seq_len, cfg.vocab_size)
+    assert gpt["weight_data_type"] == dtype and gpt["tensor_para_size"] == str(tp)
+    assert float(gpt["layernorm_eps"]) == cfg.layer_norm_epsilon
+    return gpt
+
+
+def test_export_doc_claims(tmp_path, capsys):
+    """docs/export.md's checkable statements: the signatures of its table and of reading back, the
+    FasterTransformer file table's "from MPT" column on a model that has every optional file, config.ini,
+    overwrite, the refusals and their messages (also on the command line), and the GELU bound."""
+    import numpy as np
+
+    from mpt_kernels.export import export_fastertransformer, load_fastertransformer, read_fastertransformer
+    from mpt_kernels.export import onnx as onnx_export
+    from mpt_kernels.export.__main__ import main
+
+    text = EXPORT_MD.read_text()
+    sigs = dict(re.findall(r"`(export_fastertransformer|export_onnx|read_fastertransformer|load_fastertransformer)"
+                           r"(\([^`]*\))`", text))
+    assert len(sigs) == 4, sigs
+    assert_signature_extends(export_fastertransformer, sigs["export_fastertransformer"])
+    assert_signature_extends(onnx_export.export_onnx, sigs["export_onnx"])
+    assert_signature_extends(read_fastertransformer, sigs["read_fastertransformer"])
+    assert_signature_extends(load_fastertransformer, sigs["load_fastertransformer"])
+    for kw in ("force", "start_id", "end_id"):  # "unless force=True", "override with start_id=/end_id="
+        assert kw in inspect.signature(export_fastertransformer).parameters
+    for kw in ("dtype", "external_data"):  # 'dtype="fp32"|"fp16" to choose', "or when external_data=True"
+        assert kw in inspect.signature(onnx_export.export_onnx).parameters
+    # "The exported graph holds the custom op itself (`mpt_kernels.alibi_attention_fwd`)"
+    assert hasattr(torch.ops.mpt_kernels, "alibi_attention_fwd")
+
+    # The file table's "from MPT" column, on a model with biases, an untied head and expansion_ratio=3, TP=2
+    model = tiny_model(no_bias=False, tie_word_embeddings=False, expansion_ratio=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()  # no zero bias anywhere: a misplaced file would show
+    cfg = model.config
+    out = export_fastertransformer(model, tmp_path / "ft", tensor_parallel=2, start_id=5, end_id=7)
+    assert out == tmp_path / "ft" / "2-gpu"
+    f = assert_ft_files(out, cfg, tp=2, np_dtype="float32")
+    gpt = assert_ft_config_ini(out, cfg, tp=2, dtype="fp32")
+    assert (gpt["start_id"], gpt["end_id"]) == ("5", "7")
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    d, H, I, TP = cfg.d_model, cfg.n_heads, cfg.d_model * 3, 2
+    eq = np.testing.assert_array_equal
+    eq(f["model.wte.bin"], sd["transformer.wte.weight"])
+    eq(f["model.lm_head.weight.bin"], sd["lm_head.weight"])
+    eq(f["model.final_layernorm.weight.bin"], sd["transformer.norm_f.weight"])
+    eq(f["model.final_layernorm.bias.bin"], sd["transformer.norm_f.bias"])
+    for i in range(cfg.n_layers):
+        p, o = f"transformer.blocks.{i}.", f"model.layers.{i}."
+        for ft_name, mpt_name in [("input_layernorm", "norm_1"), ("post_attention_layernorm", "norm_2")]:
+            for wb in ("weight", "bias"):
+                eq(f[f"{o}{ft_name}.{wb}.bin"], sd[f"{p}{mpt_name}.{wb}"])
+        qkv = sd[p + "attn.Wqkv.weight"].T.reshape(d, 3, H, d // H)  # (in, q|k|v, heads, head_dim)
+        for r in range(TP):  # "rank R holds heads R*H/TP .. of q, k and v"
+            heads = slice(r * H // TP, (r + 1) * H // TP)
+            cols, inter = slice(r * d // TP, (r + 1) * d // TP), slice(r * I // TP, (r + 1) * I // TP)
+            eq(f[f"{o}attention.query_key_value.weight.{r}.bin"], qkv[:, :, heads].reshape(d, 3, d // TP))
+            eq(f[f"{o}attention.query_key_value.bias.{r}.bin"], sd[p + "attn.Wqkv.bias"].reshape(3, d)[:, cols])
+            eq(f[f"{o}attention.dense.weight.{r}.bin"], sd[p + "attn.out_proj.weight"].T[cols])
+            eq(f[f"{o}mlp.dense_h_to_4h.weight.{r}.bin"], sd[p + "ffn.up_proj.weight"].T[:, inter])
+            eq(f[f"{o}mlp.dense_h_to_4h.bias.{r}.bin"], sd[p + "ffn.up_proj.bias"][inter])
+            eq(f[f"{o}mlp.dense_4h_to_h.weight.{r}.bin"], sd[p + "ffn.down_proj.weight"].T[inter])
+        eq(f[f"{o}attention.dense.bias.bin"], sd[p + "attn.out_proj.bias"])
+        eq(f[f"{o}mlp.dense_4h_to_h.bias.bin"], sd[p + "ffn.down_proj.bias"])
+    # Reading back: "(config, state_dict) under MPT's names"; fp32 files reproduce every weight bit for bit
+    rcfg, rsd = read_fastertransformer(out)
+    assert rcfg["no_bias"] is False and rcfg["tie_word_embeddings"] is False
+    assert sorted(rsd) == sorted(sd)
+    for k in sd:
+        eq(rsd[k].numpy(), sd[k])
+
+    # overwrite=True: "a stale model.lm_head.weight.bin cannot untie a tied head"; "other files stay"
+    (out / "notes.txt").write_text("mine")
+    tied = tiny_model()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_fastertransformer(tied, tmp_path / "ft", tensor_parallel=2)
+    export_fastertransformer(tied, tmp_path / "ft", tensor_parallel=2, overwrite=True)
+    assert not (out / "model.lm_head.weight.bin").exists() and (out / "notes.txt").read_text() == "mine"
+    assert read_fastertransformer(out)[0]["tie_word_embeddings"] is True
+
+    # Refusals, before anything is written
+    with pytest.raises(ValueError, match="tensor_parallel"):  # "Heads and FFN width divisible by TP"
+        export_fastertransformer(tied, tmp_path / "ft3", tensor_parallel=3)
+    clip = tiny_model(clip_qkv=6.0)
+    with pytest.raises(ValueError, match="clip_qkv.*force=True"):  # "raises ValueError naming them unless force=True"
+        export_fastertransformer(clip, tmp_path / "ft4")
+    with pytest.warns(UserWarning, match="clip_qkv"):  # "which warns and exports"
+        export_fastertransformer(clip, tmp_path / "ft4", force=True)
+    tied.save_pretrained(tmp_path / "ckpt")
+    rms = tmp_path / "rms"
+    rms.mkdir()
+    for p in (tmp_path / "ckpt").iterdir():
+        (rms / p.name).write_bytes(p.read_bytes())
+    conf = json.loads((rms / "config.json").read_text())
+    (rms / "config.json").write_text(json.dumps({**conf, "norm_type": "rmsnorm"}))
+    refused = "model_or_dir: the export cannot compute this MPT: .*norm_type"  # "with or without force=True"
+    with pytest.raises(ValueError, match=refused):
+        export_fastertransformer(rms, tmp_path / "ft5", force=True)
+    if importlib_util_find_spec("onnx") and importlib_util_find_spec("onnxscript"):
+        with pytest.raises(ValueError, match=refused):
+            onnx_export.export_onnx(rms, tmp_path / "onnx5")
+    assert not [p for p in ("ft3", "ft5", "onnx5") if (tmp_path / p).exists()]  # "creates no output directory"
+
+    # The command line: "python -m mpt_kernels.export <format>: error: <flag>: <cause>", exit status 2, no traceback
+    for argv, says in [
+        (["--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ft"), "--tp", "2"],
+         r"error: --out: .* exists .*\(pass --overwrite .*\)"),  # "error: --out: ... exists ... (pass --overwrite ...)"
+        (["--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "ft6")], r"error: --model: .*does not exist"),
+        (["--model", str(rms), "--out", str(tmp_path / "ft6"), "--force"],
+         r"error: --model: the export cannot compute"),
+        (["--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ft6"), "--tp", "3"], r"error: --tp: "),
+        (["--model", str(tmp_path / "ckpt"), "--out", str(out / "config.ini" / "x")], r"error: --out: "),  # a file
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(["fastertransformer", *argv])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "Traceback" not in err
+        last = err.strip().splitlines()[-1]
+        assert re.match(rf"python -m mpt_kernels\.export fastertransformer: {says}", last), last
+    assert not (tmp_path / "ft6").exists()
+
+    # "a missing optional package (pip install 'mpt_kernels[export]')"
+    assert "pip install 'mpt_kernels[export]'" in text
+    with pytest.raises(ImportError, match=re.escape("pip install 'mpt_kernels[export]'")):
+        onnx_export._require("no_such_module_for_this_test")
+
+    # "The two differ by at most 5e-4 absolute (near x = -2.7)"
+    x = torch.linspace(-8, 8, 160001, dtype=torch.float64)
+    diff = (torch.nn.functional.gelu(x) - torch.nn.functional.gelu(x, approximate="tanh")).abs()
+    assert 4e-4 < diff.max() <= 5e-4 and abs(abs(float(x[diff.argmax()])) - 2.7) < 0.05
+    assert "by at most 5e-4 absolute (near x = -2.7)" in " ".join(text.split())
+
+
+def importlib_util_find_spec(name: str):
+    import importlib.util
+
+    return importlib.util.find_spec(name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -686,7 +1467,7 @@ def test_readme_torchrun_config(capsys):
 
 
 def _expected(stub: str) -> inspect.Signature:
-    ns: dict = {}
+    ns: dict = {"torch": torch}  # defaults such as torch.float32
     exec(f"def f{stub}: pass", ns)
     return inspect.signature(ns["f"])
 
