@@ -1062,3 +1062,24 @@ def test_cli_errors_name_the_flag(tmp_path, capsys):
     err = _cli_error(capsys, ["fastertransformer", "--model", str(tmp_path / "abm"), "--out", str(tmp_path / "out")])
     assert "fastertransformer: error: --model: FasterTransformer cannot run this MPT exactly: alibi_bias_max" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_export_onnx_has_its_signature_and_imports_onnx_lazily():
+    """`help(mpt_kernels.export.export_onnx)` showed (*args, **kwargs): a lazy wrapper hid the signature.
+    Importing the package still loads no onnx / onnxscript / onnxruntime (they are needed only when
+    an ONNX export runs)."""
+    import inspect
+    import subprocess
+    import sys
+
+    from _subproc import NEUTRAL_CWD, subprocess_env
+    from mpt_kernels.export import export_onnx
+    from mpt_kernels.export.onnx import export_onnx as impl
+
+    assert export_onnx is impl
+    assert list(inspect.signature(export_onnx).parameters)[:3] == ["model", "path", "opset"]
+    code = ("import sys, mpt_kernels.export; "
+            "print(sorted(m for m in ('onnx', 'onnxscript', 'onnxruntime') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=subprocess_env(), cwd=NEUTRAL_CWD)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)

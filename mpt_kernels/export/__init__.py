@@ -6,15 +6,6 @@ and ONNX graphs with a KV cache. See docs/export.md for the formats and what eac
     export_onnx(model, "onnx")                                              # -> onnx/model.onnx
 """
 from .fastertransformer import export_fastertransformer, load_fastertransformer, read_fastertransformer
-
-
-def export_onnx(*args, **kwargs):
-    # onnx / onnxscript are only needed by this path; import them when it is used.
-    from .onnx import export_onnx as _export_onnx
-
-    return _export_onnx(*args, **kwargs)
-
-
-export_onnx.__doc__ = "See mpt_kernels.export.onnx.export_onnx."
+from .onnx import export_onnx  # (imports onnx / onnxscript only when called)
 
 __all__ = ["export_fastertransformer", "load_fastertransformer", "read_fastertransformer", "export_onnx"]
