@@ -67,10 +67,11 @@ def test_matches_float64(device, dtype, shape):
     torch.manual_seed(sum(shape))
     rows, vocab = shape
     logits = (torch.randn(rows, vocab) * 4 + 1).to(dtype).to(device)  # spread: probabilities from ~1 to ~0
-    targets = torch.randint(0, vocab, (rows,)).to(device)
+    targets = torch.randint(0, vocab, (rows,))
+    targets[0], targets[-1] = 0, vocab - 1  # the first and last ids (a slip at either end shows)
     if rows > 2:
         targets[1] = -100  # an ignored row
-    check(logits, targets)
+    check(logits, targets.to(device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
