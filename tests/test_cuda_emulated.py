@@ -402,6 +402,7 @@ def test_cross_entropy_matches_cpu_and_float64(E, rows, vocab, dtype):
     base = torch.randn(rows, vocab + 8) * 4
     logits = base[:, 3:3 + vocab].to(dtype) if dtype == torch.float32 else base[:, :vocab].to(dtype)
     targets = torch.randint(0, vocab, (rows,))
+    targets[0], targets[-1] = 0, vocab - 1  # the first and last ids
     targets[1 % rows] = -100  # an ignored row
     outs = {}
     for mod, dev in ((_ext._C, -1), (E, 0)):
