@@ -300,6 +300,54 @@ def test_stochastic_rounding_bits_follow_the_documented_hash():
     assert np.array_equal(got, want), f"{int((got != want).sum())} of {n} elements differ"
 
 
+def test_stochastic_rounding_bits_of_the_scalar_path():
+    """Tensors under 8 elements take only the scalar formula (the one the CUDA kernel uses), which the
+    test above reaches for 5 elements: a mutation giving even elements the odd elements' bits passed
+    it. 60 tensors of 1-7 elements (240 elements), each against the documented hash."""
+    lr, seed = 3e-3, 0x0BAD_5EED_1234
+    torch.manual_seed(5)
+    ps = [torch.nn.Parameter((torch.randn(1 + i % 7) * 0.3).to(torch.bfloat16)) for i in range(60)]
+    opt = mk.optim.Lion(ps, lr=lr, seed=seed)
+    before = []
+    for p in ps:
+        p.grad = torch.randn(p.shape).to(torch.bfloat16)
+        before.append(p.detach().float())
+    opt.step()
+    bad = 0
+    for idx, (p, p0) in enumerate(zip(ps, before)):
+        p_new = p0 - torch.tensor(lr, dtype=torch.float32) * torch.sign(p.grad.float())
+        bits = p_new.view(torch.int32).numpy().astype(np.uint32)
+        rnd = _rng_bits(seed, 1, idx, 0, np.arange(p.numel(), dtype=np.uint64))
+        want = ((bits.astype(np.uint64) + rnd) >> np.uint64(16)).astype(np.uint16)
+        bad += int((p.detach().view(torch.int16).numpy().view(np.uint16) != want).sum())
+    assert bad == 0, f"{bad} of {sum(p.numel() for p in ps)} elements rounded other than the hash says"
+
+
+def test_fused_clipping_coefficient_is_torchs():
+    """The fused clip multiplies the gradient by torch's max_norm / (norm + 1e-6) exactly when that is
+    below 1: norms just above and just below max_norm, and a tiny max_norm where the 1e-6 matters.
+    Read through the first step's exp_avg = (1 - beta2) * clipped g (m starts at 0), to float32
+    rounding; the comparisons above (absolute 1e-6 on exp_avg, norms far above max_norm) passed a
+    coefficient with 1e-3 in place of 1e-6 and a clip that waited for the coefficient to fall under 0.9."""
+    b2 = 0.99
+    for max_norm, ratio in [(1.0, 1.05), (1.0, 0.95), (1.0, 1.0001), (1e-3, 2.0), (1e-5, 3.0)]:
+        torch.manual_seed(int(ratio * 1000))
+        gs = [torch.randn(s) for s in ((300,), (17, 31), (5000,))]
+        total = math.sqrt(sum(float((g.double() ** 2).sum()) for g in gs))
+        gs = [g * (max_norm * ratio / total) for g in gs]  # the global norm is max_norm * ratio
+        ps = [torch.nn.Parameter(torch.randn(g.shape)) for g in gs]
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        opt = mk.optim.Lion(ps, lr=1e-3, betas=(0.9, b2), max_grad_norm=max_norm)
+        opt.step()
+        norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in gs))
+        coef = min(1.0, max_norm / (norm + 1e-6))
+        for p, g in zip(ps, gs):
+            want = (1 - b2) * g.double() * coef
+            torch.testing.assert_close(opt.state[p]["exp_avg"].double(), want, rtol=2e-6, atol=0.0,
+                                       msg=lambda m: f"max_norm {max_norm}, norm/max_norm {ratio}: {m}")
+
+
 def test_stochastic_rounding_of_bf16_state():
     # m_k = 1 - b2^k for g = 1. With b2 = 0.99 the increments (1-b2)(1-m) fall below half a bf16
     # ulp (2**-9 just below 1) once 1 - m < 0.2, well before k = 300 (m = 0.951), and
