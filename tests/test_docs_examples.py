@@ -34,10 +34,11 @@ check of the same command line exists it runs instead (``--print-config`` for a 
 checking the config file's values and each override; ``--help`` listing every flag of a benchmark
 command; ``pyproject.toml`` declaring an installed extra). The main job, ``python training/train.py``,
 also runs shrunk (``MAIN_JOB_SHRUNK``: a 2-layer model for 3 steps, ~10 s), against the outputs its
-section and the checkpoint layout describe.
+section and the checkpoint layout describe, and so does the shipped instruct finetune after it
+(``FINETUNE_SHRUNK``: 2 steps in ChatML, ~8 s), against the Finetuning section.
 
-Runtime: ~80 s on 2 shared cores, three ONNX exports (~5-20 s each) and the shrunk main job (~10 s)
-being most of it.
+Runtime: ~90 s on 2 shared cores, three ONNX exports (~5-20 s each) and the shrunk main job and
+finetune (~20 s) being most of it.
 """
 from __future__ import annotations
 
@@ -764,8 +765,12 @@ def _export_onnx_cli(argv, tmp_path, request):
     pytest.importorskip("onnxruntime")
     tiny_model().save_pretrained(tmp_path / "ckpt")
     r = run_cli(argv, tmp_path)
-    err = float(re.search(r"verify: max \|.*\| = ([\d.e+-]+)", r.stdout + r.stderr).group(1))
-    assert err < 1e-3
+    # export.md: "for the KV-cache graph two numbers, the prefill logits and the last 3 tokens decoded one at a
+    # time through the cache"
+    m = re.search(r"verify: max \|.*\| = ([\d.e+-]+) \(prefill\), ([\d.e+-]+) \(last 3 tokens decoded through "
+                  r"the KV cache\)", r.stdout + r.stderr)
+    assert m, r.stdout + r.stderr
+    assert float(m.group(1)) < 1e-3 and float(m.group(2)) < 1e-3
     assert (tmp_path / "onnx" / "model.onnx").stat().st_size > 0
 
 
@@ -904,7 +909,8 @@ MAIN_JOB_SHRUNK = [
 def test_training_main_job(tmp_path):
     """"The main job" section and the checkpoint layout block, on `python training/train.py` shrunk
     (MAIN_JOB_SHRUNK), run from a temporary directory standing for the repository root, so the default
-    run_root `runs` puts everything under tmp_path/runs/tiny/."""
+    run_root `runs` puts everything under tmp_path/runs/tiny/; then the shipped instruct finetune from its
+    output (FINETUNE_SHRUNK, ChatML), held to the Finetuning section's saved folder and sample."""
     yaml = pytest.importorskip("yaml")
     from mpt_kernels.data import load_tokenizer
     from mpt_kernels.model import MPTForCausalLM
@@ -956,7 +962,15 @@ def test_training_main_job(tmp_path):
     assert state["step"] == 3 and state["consumed_samples"] == 12 and state["world_size"] == 1
     assert {"data", "scheduler"} <= set(state)
     hf = run / "hf"
-    assert {"config.json", "tokenizer.json", "generation_config.json"} <= {p.name for p in hf.iterdir()}
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= \
+        {p.name for p in hf.iterdir()}
+    # training.md, Finetuning: tokenizer_config.json names "the generic PreTrainedTokenizerFast ... <|endoftext|> as
+    # eos, <|padding|> as pad ... no added BOS/EOS, no space clean-up"; a chat template only for a finetune
+    tok_cfg = json.loads((hf / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and tok_cfg["eos_token"] == "<|endoftext|>"
+    assert tok_cfg["pad_token"] == "<|padding|>" and tok_cfg["add_bos_token"] is False
+    assert tok_cfg["add_eos_token"] is False and tok_cfg["clean_up_tokenization_spaces"] is False
+    assert "chat_template" not in tok_cfg
     # "eos_token_id in config.json and a generation_config.json, so transformers' generate stops at <|endoftext|>"
     eos = tok.backend.token_to_id("<|endoftext|>")
     assert json.loads((hf / "config.json").read_text())["eos_token_id"] == eos
@@ -970,6 +984,62 @@ def test_training_main_job(tmp_path):
     # "held-out loss and perplexity before training, every eval.every steps and at the end (on the console too
     # with progress=false)"
     assert "held-out before training" in r.stderr and re.search(r"step 2: held-out loss [\d.]+, ppl", r.stderr)
+
+    # "instruct-finetune (runs as shipped after the main job: finetunes runs/tiny/hf on
+    # training/data/instruct_example.jsonl)", shrunk, with data.finetune_format=chatml (as the config's comment
+    # suggests); tmp_path stands for the repository root, so its training/ is the repository's
+    (tmp_path / "training").symlink_to(ROOT / "training", target_is_directory=True)
+    r = run_cli(["python", str(ROOT / "training" / "train.py"), "--config", "training/configs/instruct-finetune.yaml",
+                 *FINETUNE_SHRUNK], tmp_path)
+    assert_finetune_hf_folder(tmp_path / "runs" / "instruct", r.stdout)
+
+
+# instruct-finetune.yaml after the main job, with only its size changed and the ChatML format: ~8 s
+FINETUNE_SHRUNK = ["threads=1", "progress=false", "max_steps=2", "global_batch_size=2", "micro_batch_size=2",
+                   "eval.every=-1", "eval.sample_tokens=4", "data.finetune_format=chatml"]
+
+
+def assert_finetune_hf_folder(run: Path, stdout: str):
+    """training.md, Finetuning, on a ChatML finetune's output: the saved folder's files, its chat template
+    rendering the training format character for character, generation_config.json stopping at <|im_end|> and
+    <|endoftext|>, and the end-of-run sample of a plain eval.sample_prompt put in the run's format."""
+    from mpt_kernels.data import load_tokenizer
+    from mpt_kernels.data.finetune import INSTRUCT_INTRO, IM_END, chat_template, format_chatml, format_mpt_instruct
+    from mpt_kernels.train import load_config
+
+    hf = run / "hf"
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= \
+        {p.name for p in hf.iterdir()}
+    ours = load_tokenizer(hf / "tokenizer.json")
+    tok_cfg = json.loads((hf / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and tok_cfg["chat_template"] == chat_template("chatml")
+    gen = json.loads((hf / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [ours.token_to_id(IM_END), ours.eos_id]  # "lists both"
+    # "(instruct-finetune.yaml's is the question alone)", and the sample put it in ChatML (markers are special
+    # tokens, left out when the sample is decoded)
+    prompt = load_config(ROOT / "training" / "configs" / "instruct-finetune.yaml").eval.sample_prompt
+    assert prompt == "What does len() return?" and not prompt.startswith(INSTRUCT_INTRO)
+    assert f"user\n{prompt}\nassistant\n" in stdout, stdout
+    try:
+        import transformers
+    except ImportError:
+        return
+    theirs = transformers.AutoTokenizer.from_pretrained(hf)
+    assert (len(theirs), theirs.eos_token_id, theirs.pad_token_id) == (ours.vocab_size, ours.eos_id, ours.pad_id)
+    msgs = [{"role": "user", "content": "Say cat."}, {"role": "assistant", "content": "cat"}]
+    rec = {"prompt": "Say cat.", "response": "cat"}
+    chatml = format_chatml(rec)
+    assert theirs.apply_chat_template(msgs, tokenize=False) == "".join(t for t, _ in chatml)
+    # "add_generation_prompt=True ends with the assistant turn's opening"
+    assert theirs.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True) == \
+        "".join(t for t, _ in chatml[:-2])
+    # the mpt-instruct template, as a mpt-instruct finetune saves it: "one user message and optionally the response"
+    instruct = format_mpt_instruct(rec)
+    kw = {"tokenize": False, "chat_template": chat_template("mpt-instruct")}
+    assert theirs.apply_chat_template(msgs, **kw) == "".join(t for t, _ in instruct)
+    assert theirs.apply_chat_template(msgs[:1], add_generation_prompt=True, **kw) == instruct[0][0]
+    with pytest.raises(Exception, match="single-turn"):
+        theirs.apply_chat_template([{"role": "system", "content": "S"}, *msgs], **kw)
 
 
 def _top_level_items(cell: str) -> list[str]:
@@ -985,7 +1055,7 @@ def _top_level_items(cell: str) -> list[str]:
     return [i for i in items + [cur.strip()] if i]
 
 
-def test_training_doc_claims(capsys):
+def test_training_doc_claims(capsys, tmp_path):
     """docs/training.md's checkable statements: the main job's sizes, the configuration table, the
     override rules with their examples, the shipped configs, tokenizer and corpus facts, the MFU peak
     table, and the API its prose spells out."""
@@ -1126,6 +1196,24 @@ def test_training_doc_claims(capsys):
 
     bpe = train_bpe_tokenizer(["def f(x):\n    return x\n", "Some text, some more text."] * 20, vocab_size=300)
     assert bpe.backend.token_to_id("<|endoftext|>") == 0 and bpe.backend.token_to_id("<|padding|>") == 1
+    # "Tokenizer.encode(text) and encode_batch(texts) read a special token's text ... as that token's id ...; with
+    # special_tokens_as_text=True it is encoded as the characters it is made of"
+    spelled = 'EOS = "<|endoftext|>"'
+    assert bpe.eos_id in bpe.encode(spelled) and bpe.encode_batch([spelled]) == [bpe.encode(spelled)]
+    as_text = bpe.encode(spelled, special_tokens_as_text=True)
+    assert bpe.eos_id not in as_text and bpe.decode(as_text) == spelled
+    assert bpe.encode_batch([spelled], special_tokens_as_text=True) == [as_text]
+    # The converter: "A document's own text that spells a special token ... stays text: the only end-of-text ids
+    # are the separators"
+    from mpt_kernels.data.convert import convert
+
+    docs = [spelled, "plain text", "a <|endoftext|><|padding|> b"] * 4
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    convert([tmp_path / "d.jsonl"], tmp_path / "conv", tokenizer=bpe, seq_len=4, show_progress=False)
+    shards = TokenShards(tmp_path / "conv" / "train")
+    ids = [int(i) for k in range(len(shards)) for i in shards[k]]
+    stream = [i for d in docs for i in bpe.encode(d, special_tokens_as_text=True) + [bpe.eos_id]]
+    assert ids == stream[:len(ids)] and stream.count(bpe.eos_id) == len(docs)
     if NEOX_TOKENIZER.exists():
         neox = load_tokenizer(NEOX_TOKENIZER)
         assert neox.vocab_size == 50277 and neox.backend.token_to_id("<|endoftext|>") == 0
@@ -1461,6 +1549,188 @@ def test_export_doc_claims(tmp_path, capsys):
     diff = (torch.nn.functional.gelu(x) - torch.nn.functional.gelu(x, approximate="tanh")).abs()
     assert 4e-4 < diff.max() <= 5e-4 and abs(abs(float(x[diff.argmax()])) - 2.7) < 0.05
     assert "by at most 5e-4 absolute (near x = -2.7)" in " ".join(text.split())
+
+
+def test_export_doc_input_checks(tmp_path, capsys, monkeypatch):
+    """docs/export.md's rules for what an export reads and how it fails: wrapped models, weights held to the
+    config (names, shapes, defaults for left-out fields), transformers objects that ignore their config, fp16's
+    range, unreadable weight files, an interrupted export, --force's warning and what --verify says after it,
+    and zero scales in the graph module."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import mpt_kernels.export.fastertransformer as ftmod
+    from mpt_kernels.export import export_fastertransformer
+    from mpt_kernels.export.__main__ import main
+    from mpt_kernels.export.onnx import MPTGraph
+    from mpt_kernels.model import MPTConfig
+
+    flat = " ".join(EXPORT_MD.read_text().split())
+    model = tiny_model()
+    reference = export_fastertransformer(model, tmp_path / "ref")
+    files = sorted(p.name for p in reference.iterdir())
+
+    def same_files(out):
+        return sorted(p.name for p in out.iterdir()) == files and all(
+            (out / f).read_bytes() == (reference / f).read_bytes() for f in files)
+
+    # "a torch.compile'd model, or one wrapped in DataParallel / DistributedDataParallel, is read as the model
+    # inside" (DataParallel here: DDP needs a process group, torch.compile seconds of imports; tests/test_export.py
+    # exports a compiled one)
+    assert "a `torch.compile`'d model, or one wrapped in `DataParallel` / `DistributedDataParallel`" in flat
+    assert same_files(export_fastertransformer(torch.nn.DataParallel(model), tmp_path / "dp"))
+
+    def checkpoint(name, config_changes=None, weights_changes=None):
+        path = tmp_path / name
+        model.save_pretrained(path)
+        if config_changes is not None:
+            cfg = json.loads((path / "config.json").read_text())
+            (path / "config.json").write_text(json.dumps(config_changes(cfg)))
+        if weights_changes is not None:
+            f = path / "model.safetensors"
+            save_file(weights_changes(load_file(f)), f, metadata={"format": "pt"})
+        return path
+
+    # "Fields a config.json leaves out get MPTConfig's defaults, which are MPT's (max_seq_len 2048, expansion_ratio
+    # 4, no_bias=True, ...)"
+    assert "(`max_seq_len` 2048, `expansion_ratio` 4, `no_bias=True`, ...)" in flat
+    defaults = MPTConfig.__dataclass_fields__
+    assert (defaults["max_seq_len"].default, defaults["expansion_ratio"].default, defaults["no_bias"].default) == \
+        (2048, 4, True)
+    short = checkpoint("short", lambda c: {k: c[k] for k in ("model_type", "d_model", "n_heads", "n_layers",
+                                                             "vocab_size")})
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read(export_fastertransformer(short, tmp_path / "ft_short") / "config.ini")
+    assert ini["gpt"]["max_pos_seq_len"] == "2048" and ini["gpt"]["inter_size"] == str(4 * model.config.d_model)
+
+    # "The weights must be the MPT the config describes": the messages the doc quotes, in both formats, with force
+    example = "transformer.wte.weight has shape (512, 64), the config implies (500, 64)"
+    assert f"`{example} ...`" in flat
+    for path, says in [
+        (checkpoint("vocab", lambda c: {**c, "vocab_size": 500}), re.escape(example)),
+        (checkpoint("biased", lambda c: {**c, "no_bias": False}), r"the weights lack .*\.bias"),
+        (checkpoint("bias_under_no_bias", None, lambda sd: {**sd, "transformer.norm_f.bias": torch.zeros(64)}),
+         r"the weights hold transformer.norm_f.bias, which this config .* does not use"),
+        (checkpoint("wpe", None, lambda sd: {**sd, "transformer.wpe.weight": torch.zeros(64, 64)}),
+         r"the weights hold transformer.wpe.weight"),
+    ]:
+        with pytest.raises(ValueError, match="model_or_dir: " + says):
+            export_fastertransformer(path, tmp_path / "refused", force=True)
+        with pytest.raises(ValueError, match="model_or_dir: " + says):
+            MPTGraph(path)
+    assert not (tmp_path / "refused").exists()
+
+    # transformers' MptForCausalLM: refused "when its config holds any of: ..."
+    listed = "`alibi_bias_max` other than 8, `qk_ln`, `logit_scale`, `no_bias=False`, `expansion_ratio` other than 4, " \
+             "multi-query attention."
+    assert listed in flat
+    if importlib_util_find_spec("transformers"):
+        import transformers
+
+        for kw, named in [({"attn_config": {"alibi_bias_max": 16}}, "alibi_bias_max=16"),
+                          ({"attn_config": {"qk_ln": True}}, "qk_ln"), ({"logit_scale": 0.5}, "logit_scale"),
+                          ({"no_bias": False}, "no_bias=False"), ({"expansion_ratio": 3}, "expansion_ratio=3"),
+                          ({"attn_config": {"attn_type": "multiquery_attention"}}, "1 key/value heads")]:
+            hf = transformers.MptForCausalLM(transformers.MptConfig(d_model=32, n_heads=4, n_layers=1, max_seq_len=64,
+                                                                    vocab_size=97, **kw))
+            with pytest.raises(ValueError, match=r"model_or_dir: this MptForCausalLM \(transformers\) does not compute "
+                                                 rf"the MPT its config describes: {re.escape(named)}"):
+                MPTGraph(hf)
+        MPTGraph(transformers.MptForCausalLM(transformers.MptConfig(d_model=32, n_heads=4, n_layers=1, max_seq_len=64,
+                                                                    vocab_size=97)))  # a plain one exports
+
+    # "fp16 exports refuse weights beyond float16's range": the file named, nothing left behind; fp32 holds it
+    big = tiny_model()
+    with torch.no_grad():
+        big.transformer.blocks[1].ffn.down_proj.weight[3, 5] = 1e5
+    example = "dtype: model.layers.1.mlp.dense_4h_to_h.weight.0.bin holds values beyond float16's range"
+    assert f"`{example} ...`" in flat
+    with pytest.raises(ValueError, match=re.escape(example) + r" .*export with dtype='fp32'"):
+        export_fastertransformer(big, tmp_path / "ft16", dtype="fp16")
+    assert not (tmp_path / "ft16").exists()
+    export_fastertransformer(big, tmp_path / "ft32")
+    if importlib_util_find_spec("onnx") and importlib_util_find_spec("onnxscript"):
+        from mpt_kernels.export import export_onnx
+
+        with pytest.raises(ValueError, match="dtype: transformer.blocks.1.ffn.down_proj.weight holds values beyond"):
+            export_onnx(big, tmp_path / "onnx16", dtype="fp16")
+        assert not (tmp_path / "onnx16").exists()
+
+    # Unreadable weight files: "error: --model: <cause>", exit status 2, the file named; in Python a ValueError
+    # naming it, a missing shard FileNotFoundError
+    cut = checkpoint("cut")
+    (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:-100])
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    shutil.copy(cut / "config.json", junk)
+    (junk / "pytorch_model.bin").write_bytes(b"junk" * 100)
+    shard, index = tmp_path / "shard", tmp_path / "index"
+    for d, index_text in ((shard, json.dumps({"weight_map": {"transformer.wte.weight": "model-00001-of-00002.safetensors"}})),
+                          (index, "{")):
+        d.mkdir()
+        shutil.copy(cut / "config.json", d)
+        (d / "model.safetensors.index.json").write_text(index_text)
+    for path, named, exc in [(cut, cut / "model.safetensors", ValueError), (junk, junk / "pytorch_model.bin", ValueError),
+                             (shard, shard / "model-00001-of-00002.safetensors", FileNotFoundError),
+                             (index, index / "model.safetensors.index.json", ValueError)]:
+        with pytest.raises(exc, match=re.escape(str(named))):
+            export_fastertransformer(path, tmp_path / "unread")
+        with pytest.raises(SystemExit) as info:
+            main(["fastertransformer", "--model", str(path), "--out", str(tmp_path / "unread")])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith("python -m mpt_kernels.export fastertransformer: error: --model: ")
+        assert str(named) in err
+    assert not (tmp_path / "unread").exists()
+
+    # "Ctrl-C during an export exits with status 130 and one line"; "A FasterTransformer export that fails or is
+    # interrupted removes the files and folders it created"; "config.ini is written last"
+    real_write, written = ftmod._write, []
+
+    def write_then_interrupt(path, *args):
+        assert not (path.parent / "config.ini").exists()  # written after every array
+        written.append(path)
+        if len(written) == 5:
+            raise KeyboardInterrupt
+        real_write(path, *args)
+
+    monkeypatch.setattr(ftmod, "_write", write_then_interrupt)
+    argv = ["fastertransformer", "--model", str(checkpoint("ckpt")), "--out", str(tmp_path / "ft_int" / "sub")]
+    assert main(argv) == 130
+    out, err = capsys.readouterr()
+    line = "python -m mpt_kernels.export <format>: interrupted; nothing was exported"
+    assert f"(`{line}`)" in flat
+    assert err.strip().splitlines()[-1] == line.replace("<format>", "fastertransformer") and "Traceback" not in err
+    assert not (tmp_path / "ft_int").exists()  # the folders it created are gone too
+    monkeypatch.setattr(ftmod, "_write", real_write)
+    assert main(argv) == 0  # no --overwrite needed
+    capsys.readouterr()
+
+    # --force's warning is one line; --verify then names what --force dropped
+    clip = tmp_path / "clip"
+    tiny_model(clip_qkv=0.3).save_pretrained(clip)
+    assert main(["fastertransformer", "--model", str(clip), "--out", str(tmp_path / "ft_clip"), "--force",
+                 "--verify"]) == 0
+    out, err = capsys.readouterr()
+    warning = [ln for ln in err.splitlines() if "clip_qkv" in ln]
+    assert len(warning) == 1 and warning[0].startswith("python -m mpt_kernels.export fastertransformer: warning: ")
+    assert "UserWarning" not in err
+    assert "verify: the files are without what --force dropped, so a difference is expected: clip_qkv=0.3" in out
+    assert "`verify: the files are without what --force dropped, so a difference is expected: clip_qkv=...`" in flat
+
+    # "--verify ... on 2 x 8 random tokens"
+    from mpt_kernels.export.__main__ import _random_ids
+
+    assert "on 2 x 8 random tokens" in flat and tuple(_random_ids(100).shape) == (2, 8)
+
+    # softmax_scale=0 / logit_scale=0 are scales in the graph module, as in the model
+    ids = torch.randint(0, 512, (2, 7))
+    for kw in ({"softmax_scale": 0.0}, {"logit_scale": 0.0}):
+        m = tiny_model(**kw)
+        g = MPTGraph(m).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(g(ids, None, *g.empty_past(2))[0], m(ids).logits, rtol=0, atol=1e-5)
 
 
 def importlib_util_find_spec(name: str):
