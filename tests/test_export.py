@@ -1083,3 +1083,53 @@ def test_export_onnx_has_its_signature_and_imports_onnx_lazily():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env=subprocess_env(), cwd=NEUTRAL_CWD)
     assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
+
+
+def test_onnx_interrupted_or_failed_export_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during torch.onnx.export left the progress bar open (the CLI's "interrupted" line was
+    printed onto the bar's line) and the output folders it had created; a failure while saving left
+    a partial .onnx file. Now the bar's line ends, partial files and the folders the export created are
+    removed, and the next export needs no --overwrite."""
+    from pathlib import Path
+
+    import onnx as onnx_pkg
+
+    from mpt_kernels.export import export_onnx
+    from mpt_kernels.export.__main__ import main
+
+    pytest.importorskip("onnxscript")
+    mpt().save_pretrained(tmp_path / "ckpt")
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.onnx, "export", interrupt)
+    out = tmp_path / "on" / "sub" / "m.onnx"
+    assert main(["onnx", "--model", str(tmp_path / "ckpt"), "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    line = "python -m mpt_kernels.export onnx: interrupted; nothing was exported"
+    assert line in err.splitlines(), err  # on a line of its own, not after the bar's
+    assert not (tmp_path / "on").exists()
+    monkeypatch.undo()
+
+    real_save = onnx_pkg.save_model
+
+    def save_half_then_fail(proto, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise OSError("No space left on device")
+
+    (tmp_path / "keep").mkdir()
+    monkeypatch.setattr(onnx_pkg, "save_model", save_half_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        export_onnx(tmp_path / "ckpt", tmp_path / "keep" / "new" / "m.onnx")
+    assert os.listdir(tmp_path / "keep") == []  # the partial file and the folder it made are gone
+    monkeypatch.setattr(onnx_pkg, "save_model", real_save)
+    assert export_onnx(tmp_path / "ckpt", tmp_path / "keep" / "new" / "m.onnx").is_file()
+
+
+def test_cli_fp16_range_error_names_the_flag(tmp_path, capsys):
+    from mpt_kernels.export.__main__ import _cli_message
+
+    msg = _cli_message(ValueError("dtype: w holds values beyond float16's range (max |x| = 7e+04 > 65504); "
+                                  "export with dtype='fp32'"))
+    assert msg.endswith("export with --dtype fp32") and msg.startswith("--dtype: "), msg

@@ -109,6 +109,7 @@ def _cli_message(exc: BaseException) -> str:
     msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
     msg = msg.replace("overwrite=True, --overwrite on the command line,", "--overwrite")
     msg = msg.replace("force=True (--force)", "--force")
+    msg = msg.replace("export with dtype='fp32'", "export with --dtype fp32")
     name, sep, rest = msg.partition(": ")
     if sep and name in _FLAG_OF_ARGUMENT:
         msg = f"{_FLAG_OF_ARGUMENT[name]}: {rest}"

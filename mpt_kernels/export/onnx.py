@@ -288,6 +288,8 @@ def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=3, desc="ONNX export", unit="stage", disable=not progress)
+    made: list[Path] = []
+    saving = False
     try:
         # all before creating any directory: a wrong model_or_dir or dtype leaves nothing behind
         graph = MPTGraph(model).eval()
@@ -301,68 +303,76 @@ def export_onnx(model, path, opset: int = 18, with_kv_cache: bool = True, dtype:
                     # fp16 tops out at 65504: a larger weight would be inf in the graph, and the logits NaN
                     raise ValueError(f"dtype: {name} holds values beyond float16's range (max |x| = "
                                      f"{b.abs().max().item():.6g} > 65504); export with dtype='fp32'")
-    except BaseException:
-        bar.close()  # end the bar's line: the command line's error message then starts a line of its own
+        made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # removed again on failure
+        path.parent.mkdir(parents=True, exist_ok=True)
+        wdtype, device = graph.w("transformer.wte.weight").dtype, graph.w("transformer.wte.weight").device
+        bar.update(1)
+        bar.set_postfix_str("torch.export + ONNX translation")
+
+        from torch.export import Dim
+
+        batch, seq, past = Dim("batch"), Dim("seq"), Dim("past")
+        # Example sizes are distinct and > 1 so torch.export does not specialise (0/1) or tie the axes;
+        # the graph itself runs at past = 0 (prefill) and seq = 1 (decode).
+        B, S, P = 2, 3, 4
+        ids = torch.randint(0, int(graph.cfg["vocab_size"]), (B, S), device=device)
+        if with_kv_cache:
+            past_t = tuple(torch.zeros(B, graph.n_kv, P, graph.head_dim, dtype=wdtype, device=device)
+                           for _ in range(2 * graph.n_layers))
+            mask = torch.ones(B, P + S, dtype=torch.int64, device=device)
+            module, args = graph, (ids, mask, *past_t)
+            # The mask's length is past + seq: Dim.AUTO lets torch.export derive that relation.
+            dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}, tuple({0: batch, 2: past} for _ in past_t))
+            input_names, output_names = graph.input_names(), graph.output_names()
+        else:
+            mask = torch.ones(B, S, dtype=torch.int64, device=device)
+            module, args = _NoCache(graph), (ids, mask)
+            dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
+            input_names, output_names = ["input_ids", "attention_mask"], ["logits"]
+
+        nbytes = sum(b.numel() * b.element_size() for b in graph.buffers())
+        with warnings.catch_warnings(), _quiet_torchvision_notice():
+            warnings.simplefilter("ignore")  # the exporter's deprecation chatter, not about this model
+            program = torch.onnx.export(
+                module, args, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names,
+                output_names=output_names, opset_version=opset, optimize=True, verbose=False,
+            )
+        bar.update(1)
+        bar.set_postfix_str("saving")
+        import onnx
+
+        meta = {
+            "mpt_kernels.interface": "kv_cache" if with_kv_cache else "logits",
+            "mpt_kernels.n_layers": str(graph.n_layers),
+            "mpt_kernels.kv_heads": str(graph.n_kv),
+            "mpt_kernels.head_dim": str(graph.head_dim),
+            "mpt_kernels.vocab_size": str(graph.cfg["vocab_size"]),
+        }
+        proto = program.model_proto
+        if with_kv_cache:
+            _rename_dim(proto, "attention_mask", 1, "past + seq")  # Dim.AUTO's generated name, e.g. "s53"
+        for k, v in meta.items():
+            proto.metadata_props.add(key=k, value=v)
+        if external_data is None:
+            external_data = nbytes > 1_800_000_000
+        for p in existing:
+            p.unlink()  # overwrite=True: a stale .onnx.data must not outlive the graph it belonged to
+        saving = True  # from here a failure leaves a partial file: removed below
+        if external_data:
+            onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data")
+        else:
+            onnx.save_model(proto, str(path))
+        bar.update(1)
+    except BaseException:  # an error or Ctrl-C at any stage
+        bar.close()  # end the bar's line: the command line's message then starts a line of its own
+        if saving:
+            for p in (path, data):
+                p.unlink(missing_ok=True)
+        for d in made:  # the directories this export created, deepest first, if still empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
         raise
-    path.parent.mkdir(parents=True, exist_ok=True)
-    wdtype, device = graph.w("transformer.wte.weight").dtype, graph.w("transformer.wte.weight").device
-    bar.update(1)
-    bar.set_postfix_str("torch.export + ONNX translation")
-
-    from torch.export import Dim
-
-    batch, seq, past = Dim("batch"), Dim("seq"), Dim("past")
-    # Example sizes are distinct and > 1 so torch.export does not specialise (0/1) or tie the axes;
-    # the graph itself runs at past = 0 (prefill) and seq = 1 (decode).
-    B, S, P = 2, 3, 4
-    ids = torch.randint(0, int(graph.cfg["vocab_size"]), (B, S), device=device)
-    if with_kv_cache:
-        past_t = tuple(torch.zeros(B, graph.n_kv, P, graph.head_dim, dtype=wdtype, device=device)
-                       for _ in range(2 * graph.n_layers))
-        mask = torch.ones(B, P + S, dtype=torch.int64, device=device)
-        module, args = graph, (ids, mask, *past_t)
-        # The mask's length is past + seq: Dim.AUTO lets torch.export derive that relation.
-        dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}, tuple({0: batch, 2: past} for _ in past_t))
-        input_names, output_names = graph.input_names(), graph.output_names()
-    else:
-        mask = torch.ones(B, S, dtype=torch.int64, device=device)
-        module, args = _NoCache(graph), (ids, mask)
-        dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
-        input_names, output_names = ["input_ids", "attention_mask"], ["logits"]
-
-    nbytes = sum(b.numel() * b.element_size() for b in graph.buffers())
-    with warnings.catch_warnings(), _quiet_torchvision_notice():
-        warnings.simplefilter("ignore")  # the exporter's deprecation chatter, not about this model
-        program = torch.onnx.export(
-            module, args, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names,
-            output_names=output_names, opset_version=opset, optimize=True, verbose=False,
-        )
-    bar.update(1)
-    bar.set_postfix_str("saving")
-    import onnx
-
-    meta = {
-        "mpt_kernels.interface": "kv_cache" if with_kv_cache else "logits",
-        "mpt_kernels.n_layers": str(graph.n_layers),
-        "mpt_kernels.kv_heads": str(graph.n_kv),
-        "mpt_kernels.head_dim": str(graph.head_dim),
-        "mpt_kernels.vocab_size": str(graph.cfg["vocab_size"]),
-    }
-    proto = program.model_proto
-    if with_kv_cache:
-        _rename_dim(proto, "attention_mask", 1, "past + seq")  # Dim.AUTO's generated name, e.g. "s53"
-    for k, v in meta.items():
-        proto.metadata_props.add(key=k, value=v)
-    if external_data is None:
-        external_data = nbytes > 1_800_000_000
-    for p in existing:
-        p.unlink()  # overwrite=True: a stale .onnx.data must not outlive the graph it belonged to
-    if external_data:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data")
-    else:
-        onnx.save_model(proto, str(path))
-    bar.update(1)
     bar.close()
     return path
 
