@@ -1,7 +1,9 @@
 """Tokenizer, shard converter, streaming dataset (order, mixing, sharding, resumption), finetune data
 and the bundled corpus. Small inputs throughout: the whole file runs in seconds on 2 cores."""
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -372,6 +374,40 @@ def test_resume_exactly_without_reading_skipped(two_streams, monkeypatch):
     other = StreamingTokenDataset(two_streams, seed=10, batch_size=2)
     with pytest.raises(ValueError, match="seed"):
         other.load_state_dict(state)
+
+
+def test_resume_refuses_other_data_of_the_same_sizes(two_streams, tmp_path):
+    """The state compared only the streams' sample counts: two streams of equal size swapped in the
+    config, or a stream reconverted to other data of the same size, resumed silently at the old
+    positions of other samples. Each stream's shards' checksums now go into the state; the same data
+    moved elsewhere still resumes."""
+    a = Path(two_streams[0].path)
+    copy_a, other = tmp_path / "a_copy", tmp_path / "a_other"
+    shutil.copytree(a, copy_a)
+    shutil.copytree(a, other)
+    index = json.loads((other / "index.json").read_text())
+    first = other / index["shards"][0]["file"]
+    data = bytearray(first.read_bytes())
+    data[:2], data[2:4] = data[2:4], data[:2]  # two token ids swapped: same size, other data
+    first.write_bytes(bytes(data))
+    index["shards"][0]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    (other / "index.json").write_text(json.dumps(index))
+
+    ds = StreamingTokenDataset([Stream(str(a), 0.5), Stream(str(copy_a), 0.5)], seed=3)
+    state = json.loads(json.dumps(ds.state_dict(num_samples=7)))  # as a checkpoint stores it
+    moved = StreamingTokenDataset([Stream(str(copy_a), 0.5), Stream(str(a), 0.5)], seed=3)
+    moved.load_state_dict(state)  # the same data in other places (here: the two copies swapped)
+    assert torch.equal(_samples(moved, 5), _samples(_resumed(ds, state), 5))
+    changed = StreamingTokenDataset([Stream(str(a), 0.5), Stream(str(other), 0.5)], seed=3)
+    with pytest.raises(ValueError, match=r"stream 1 .*a_other.* holds other data"):
+        changed.load_state_dict(state)
+    legacy = {k: v for k, v in state.items() if k != "fingerprints"}  # a checkpoint from before: not compared
+    changed.load_state_dict(legacy)
+
+
+def _resumed(ds, state):
+    ds.load_state_dict(state)
+    return ds
 
 
 def test_bad_rank_world_size_or_position_is_refused(two_streams):

@@ -346,7 +346,12 @@ class _OrderedDataset(torch.utils.data.IterableDataset):
         """State after the caller has consumed ``num_samples`` samples globally (all ranks together,
         counted from the start of training, not from the last resume)."""
         return {"num_samples": int(num_samples), "seed": self.order.seed, "epoch_size": self.order.epoch_size,
-                "sizes": list(self.order.sizes), "counts": list(self.order.counts), "shuffle": self.order.shuffle}
+                "sizes": list(self.order.sizes), "counts": list(self.order.counts), "shuffle": self.order.shuffle,
+                "fingerprints": self.fingerprints()}
+
+    def fingerprints(self) -> list[str | None]:
+        """Per stream, an identity of its data that survives moving it (None: unknown)."""
+        return [None] * len(self.order.sizes)
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "epoch_size", "sizes", "counts", "shuffle"):
@@ -354,7 +359,16 @@ class _OrderedDataset(torch.utils.data.IterableDataset):
             if key in state and (list(state[key]) if isinstance(mine, list) else state[key]) != mine:
                 raise ValueError(f"load_state_dict: {key} differs from the checkpoint ({state[key]} vs {mine}); "
                                  "resuming would not continue the same sample order")
+        saved = state.get("fingerprints") or []  # (checkpoints written before they were kept: not compared)
+        for i, (theirs, mine) in enumerate(zip(saved, self.fingerprints())):
+            if theirs is not None and mine is not None and theirs != mine:
+                raise ValueError(f"load_state_dict: stream {i} ({self._stream_name(i)}) holds other data than the "
+                                 "checkpoint's stream at that place (its shards' checksums differ: streams "
+                                 "reordered, or reconverted); resuming would not continue the same samples")
         self.set_position(state["num_samples"])
+
+    def _stream_name(self, i: int) -> str:
+        return f"stream {i}"
 
     def set_position(self, num_samples: int) -> None:
         if int(num_samples) < 0:
@@ -440,6 +454,19 @@ class StreamingTokenDataset(_OrderedDataset):
         order = SampleOrder([len(s) for s in self.sources], [s.proportion for s in self.streams],
                             epoch_size=epoch_size, seed=seed, shuffle=shuffle)
         super().__init__(order, batch_size=batch_size, rank=rank, world_size=world_size, num_samples=num_samples)
+
+    def fingerprints(self) -> list[str | None]:
+        """Per stream, a hash of its shards' sha256 checksums and sample counts (from index.json): the
+        same for the same data wherever it lives, different for other or reordered streams."""
+        out = []
+        for src in self.sources:
+            sums = [(sh.get("sha256"), int(sh["num_samples"])) for sh in src.shards]
+            out.append(None if any(h is None for h, _ in sums)
+                       else hashlib.sha256(json.dumps(sums).encode()).hexdigest()[:16])
+        return out
+
+    def _stream_name(self, i: int) -> str:
+        return repr(self.streams[i].path)
 
     def sample(self, position: int) -> dict:
         """The sample at global position ``position`` (for inspection and tests)."""

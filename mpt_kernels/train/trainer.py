@@ -531,7 +531,7 @@ class Trainer:
         try:  # first, since it is cheap: the data order the checkpoint continues
             self.train_set.load_state_dict(st["data"])
         except ValueError as exc:
-            raise cannot("another data mix (streams, their sizes or proportions, data.epoch_size, seed or "
+            raise cannot("another data mix (streams, their data, sizes or proportions, data.epoch_size, seed or "
                          "data.shuffle)", exc) from exc
         errors: tuple = (RuntimeError, ValueError, KeyError)
         if (ck / "dcp").is_dir():  # torch.distributed.checkpoint reports a mismatch as a BaseException
