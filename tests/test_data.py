@@ -1145,3 +1145,42 @@ def test_index_records_the_tokenizer_vocabulary_and_streams_must_agree(tmp_path,
     del idx["tokenizer_vocab_sha256"]
     (Path(c) / "index.json").write_text(json.dumps(idx))
     assert TokenShards(c).tokenizer_vocab_sha256() == other.vocab_sha256()
+
+
+def test_mix_counts_are_largest_remainder_rounding():
+    """Each stream gets floor(share x epoch_size), and the samples left over go one each to the streams
+    with the largest remainders (checked against exact rational arithmetic on random mixes)."""
+    from fractions import Fraction
+
+    # 0.5 / 0.3 / 0.2 of 7: 3.5, 2.1, 1.4 -> 3, 2, 1, and the one left to the 0.5 remainder
+    assert SampleOrder([50, 50, 50], [0.5, 0.3, 0.2], epoch_size=7).counts == [4, 2, 1]
+    # by size: 10, 20, 3 of 11: 3.33, 6.67, 1.0 -> 3, 6, 1, one left to the 0.67 remainder
+    assert SampleOrder([10, 20, 3], epoch_size=11).counts == [3, 7, 1]
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        k = int(rng.integers(2, 7))
+        props = [float(x) for x in rng.integers(1, 1000, k)]  # integers: exact shares
+        total = int(rng.integers(1, 500))
+        exact = [Fraction(int(p)) / Fraction(int(sum(props))) * total for p in props]
+        floors = [int(e) for e in exact]
+        rem = [e - f for e, f in zip(exact, floors)]
+        counts = SampleOrder([10] * k, props, epoch_size=total).counts
+        assert sum(counts) == total
+        up = [c - f for c, f in zip(counts, floors)]
+        assert set(up) <= {0, 1}
+        if 0 in up and 1 in up:  # every stream rounded up has a remainder >= every one rounded down
+            assert min(r for r, u in zip(rem, up) if u) >= max(r for r, u in zip(rem, up) if not u)
+
+
+def test_each_repeat_of_an_upsampled_stream_is_a_fresh_permutation():
+    """A stream asked for 5x its size per epoch repeats under a fresh permutation each pass (not the same
+    order five times over)."""
+    order = SampleOrder([10], epoch_size=50, seed=2)
+    g = np.arange(50)
+    _, samples = order.lookup(g)
+    slot = permute(g, 50, _round_keys(2, 0xE90C, 0))  # the epoch's interleaving: position -> slot
+    in_slot_order = samples[np.argsort(slot)]  # stream 0's own sequence, pass after pass
+    passes = [tuple(in_slot_order[p * 10:(p + 1) * 10].tolist()) for p in range(5)]
+    for p in passes:
+        assert sorted(p) == list(range(10))
+    assert len(set(passes)) == 5

@@ -250,3 +250,22 @@ def test_generate_with_a_cache_that_does_not_fit_is_a_clear_error():
     with pytest.raises(ValueError, match="at least one token"):
         m.generate(ids, 2, past_key_values=cache)  # the cache already covers more than these ids
     assert len(cache) == 8  # unchanged by the refused calls
+
+
+def test_finished_rows_are_padded_with_the_first_eos_by_default():
+    """Without pad_token_id, a row that stopped on any of the EOS ids is filled with the first EOS id
+    (and fed it, as transformers does); the other row's tokens are those of its own greedy generation."""
+    m = perturbed(4)
+    ids = torch.randint(1, 101, (2, 6))
+    greedy = m.generate(ids, 8, temperature=0)
+    stop = int(greedy[0, 6])  # row 0 stops at its first new token
+    pad = next(t for t in range(1, 101) if t not in greedy.tolist()[0] + greedy.tolist()[1])  # never generated
+    out = m.generate(ids, 8, temperature=0, eos_token_id=[pad, stop])
+    ends = []
+    for r in range(2):
+        hit = (greedy[r, 6:] == stop).nonzero()
+        end = 6 + int(hit[0]) + 1 if len(hit) else 14
+        ends.append(end)
+        assert torch.equal(out[r, :end], greedy[r, :end]), r
+        assert bool((out[r, end:] == pad).all()), (r, out[r].tolist(), pad)
+    assert out.shape[1] == max(ends) and ends[0] == 7

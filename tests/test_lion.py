@@ -1031,3 +1031,55 @@ def test_cuda_sum_squares_many_tensors_and_clip_grad_norm():
         q.grad = g.clone()
     n2 = mk.optim.clip_grad_norm_(params, 1e9)
     assert torch.equal(n1, n2)  # deterministic
+
+
+def test_deepcopy_keeps_clipping_skipping_and_the_skipped_count():
+    """A deep copy of a model and its optimizer (checkpoint-in-memory, EMA twins) steps exactly as the
+    original: the copy still clips (max_grad_norm), still skips non-finite steps and keeps the count."""
+    a = [torch.nn.Parameter(torch.randn(s)) for s in ((300,), (17, 31))]
+    opt_a = mk.optim.Lion(a, lr=1e-2, weight_decay=0.1, max_grad_norm=0.5)
+    for p in a:
+        p.grad = torch.full(p.shape, float("nan"))
+    opt_a.step()  # skipped
+    for p in a:
+        p.grad = torch.randn(p.shape)
+    opt_a.step()
+    b, opt_b = copy.deepcopy((a, opt_a))
+    assert opt_b.max_grad_norm == 0.5 and opt_b.skip_nonfinite and opt_b.skipped_steps == 1
+    for _ in range(3):  # gradients ~1000x the clip: clipped or not, sign(b1*m + (1-b1)*g) differs
+        for pa, pb in zip(a, b):
+            g = torch.randn(pa.shape) * 100
+            pa.grad, pb.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+        for pa, pb in zip(a, b):
+            assert torch.equal(pa.detach(), pb.detach())
+            assert torch.equal(opt_a.state[pa]["exp_avg"], opt_b.state[pb]["exp_avg"])
+
+
+def test_a_groups_changed_state_dtype_converts_its_state():
+    """state_dtype is a per-group key: set on a group after steps, the next step converts exp_avg and
+    steps from the converted state (float64 reference from the bf16-rounded momentum)."""
+    from mpt_kernels.ops.reference import lion_step_reference
+
+    p = torch.nn.Parameter(torch.randn(4097))
+    opt = mk.optim.Lion([p], lr=1e-2, betas=(0.9, 0.99), stochastic_rounding=False)
+    p.grad = torch.randn(p.shape)
+    opt.step()
+    assert opt.state[p]["exp_avg"].dtype == torch.float32
+    opt.param_groups[0]["state_dtype"] = torch.bfloat16
+    m0 = opt.state[p]["exp_avg"].bfloat16().double()
+    p0 = p.detach().double()
+    p.grad = torch.randn(p.shape)
+    g = p.grad.double()
+    opt.step()
+    m = opt.state[p]["exp_avg"]
+    assert m.dtype == torch.bfloat16
+    p_ref, m_ref = p0.clone(), m0.clone()
+    lion_step_reference(p_ref, g, m_ref, lr=1e-2, beta1=0.9, beta2=0.99, decay=0.0)
+    # exp_avg: round-to-nearest to bf16 of the float32 update (<= 1/2 bf16 ulp, plus float32 rounding)
+    tol_m = ulp(m_ref.abs(), torch.bfloat16) * 0.5 + 4 * ulp(m_ref.abs(), torch.float32)
+    assert bool(((m.double() - m_ref).abs() <= tol_m).all())
+    c = 0.9 * m0 + 0.1 * g
+    clear = c.abs() > 8 * EPS32 * (0.9 * m0.abs() + 0.1 * g.abs())
+    assert bool(((p.detach().double() - p_ref).abs()[clear] <= 2 * ulp(p_ref.abs()[clear], torch.float32) + 1e-9).all())

@@ -1060,3 +1060,215 @@ def test_varlen_offsets_built_under_inference_mode_are_checked_once(monkeypatch)
         for _ in range(3):  # as three layers would (CPU offsets skip this check in the op itself)
             attn_op._check_cu_seqlens_once(cu, cu, plan.max_seqlen, plan.max_seqlen, True, T, T)
     assert len(calls) == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# an independent float64 reference of the whole forward (catches what the kernel and torch paths share)
+# ---------------------------------------------------------------------------------------------------
+def mpt_forward_float64(model, ids, sequence_id=None):
+    """MPT's forward written out from the config and the state dict in float64, with llm-foundry's
+    formulas rather than this package's code: gen_slopes, classic ALiBi -slope * (i - j) (equal to the
+    key-position form after the softmax), a dense causal mask, same-id attention for packed documents,
+    clip_qkv, q/k LayerNorm, softmax_scale, logit_scale. Logits (B, S, vocab) float64."""
+    c = model.config
+    a = c.attn_config
+    sd = {k: v.detach().double() for k, v in model.state_dict().items()}
+    H, Hkv, D, d = c.n_heads, c.kv_n_heads, c.d_model // c.n_heads, c.d_model
+    B, S = ids.shape
+    # llm-foundry's gen_slopes
+    Hp = 2 ** math.ceil(math.log2(H))
+    s = 1.0 / torch.pow(2.0, torch.arange(1, Hp + 1, dtype=torch.float64) * (float(a["alibi_bias_max"]) / Hp))
+    slopes = torch.cat([s[1::2], s[::2]])[:H] if Hp != H else s
+    i = torch.arange(S, dtype=torch.float64)
+    bias = -slopes.view(H, 1, 1) * (i.view(S, 1) - i.view(1, S))  # (H, S, S)
+    allowed = torch.ones(B, 1, S, S, dtype=torch.bool).tril()
+    if sequence_id is not None:
+        allowed = allowed & (sequence_id[:, None, :, None] == sequence_id[:, None, None, :])
+    scale = a["softmax_scale"] if a["softmax_scale"] is not None else 1.0 / math.sqrt(D)
+
+    def ln(x, name):
+        return F.layer_norm(x, (x.shape[-1],), sd[name + ".weight"], sd.get(name + ".bias"), c.layer_norm_epsilon)
+
+    def lin(x, name):
+        return F.linear(x, sd[name + ".weight"], sd.get(name + ".bias"))
+
+    x = sd["transformer.wte.weight"][ids]  # embedding_fraction changes only the gradient
+    for n in range(c.n_layers):
+        p = f"transformer.blocks.{n}."
+        qkv = lin(ln(x, p + "norm_1"), p + "attn.Wqkv")
+        if a["clip_qkv"] is not None:
+            qkv = qkv.clamp(-a["clip_qkv"], a["clip_qkv"])
+        q, k, v = qkv.split([d, Hkv * D, Hkv * D], dim=-1)
+        if a["qk_ln"]:
+            q, k = ln(q, p + "attn.q_ln"), ln(k, p + "attn.k_ln")
+        q = q.view(B, S, H, D).transpose(1, 2)  # (B, H, S, D)
+        k = k.view(B, S, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+        v = v.view(B, S, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+        scores = (q @ k.transpose(-1, -2)) * scale + bias  # (B, H, S, S)
+        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        y = (probs @ v).transpose(1, 2).reshape(B, S, d)
+        x = x + lin(y, p + "attn.out_proj")
+        x = x + lin(F.gelu(lin(ln(x, p + "norm_2"), p + "ffn.up_proj")), p + "ffn.down_proj")
+    x = ln(x, "transformer.norm_f")
+    head = sd["transformer.wte.weight"] if c.tie_word_embeddings else sd["lm_head.weight"]
+    ls = c.logit_scale
+    ls = 1.0 if ls is None else (1.0 / math.sqrt(d) if ls == "inv_sqrt_d_model" else float(ls))
+    return (x @ head.T) * ls
+
+
+REFERENCE_CONFIGS = {
+    # 6 heads: not a power of two (interleaved slopes); alibi_bias_max 16 as StoryWriter
+    "bias_max16-inv_sqrt_logits": dict(kw=dict(alibi_bias_max=16), top=dict(logit_scale="inv_sqrt_d_model")),
+    "softmax_scale-clip-qk_ln-gqa-bias": dict(
+        kw=dict(softmax_scale=0.31, clip_qkv=0.4, qk_ln=True, attn_type="grouped_query_attention", kv_n_heads=2),
+        top=dict(no_bias=False, logit_scale=0.7)),
+    "mqa-untied-bias_max4": dict(kw=dict(alibi_bias_max=4, attn_type="multiquery_attention"),
+                                 top=dict(tie_word_embeddings=False, embedding_fraction=0.25)),
+}
+
+
+@pytest.mark.parametrize("attn_impl", ["flash", "torch"])
+@pytest.mark.parametrize("name", list(REFERENCE_CONFIGS))
+def test_forward_equals_an_independent_float64_reference(name, attn_impl):
+    """Both attention paths against MPT's formulas in float64: the settings transformers does not have
+    (alibi_bias_max, softmax_scale, clip_qkv, qk_ln, logit_scale, GQA/MQA, biases) could otherwise be
+    read wrongly by a part the kernel and torch paths share (the slopes, the config) unnoticed."""
+    spec = REFERENCE_CONFIGS[name]
+    cfg = small(attn_impl=attn_impl, **spec["kw"]).replace(**spec["top"])
+    m = perturb_norms(MPTForCausalLM(cfg)).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    ids = torch.randint(0, 101, (2, 23))
+    seq = torch.tensor([[7] * 9 + [3] * 6 + [5] * 8, [2] * 23])  # packed documents, ids not in order
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids).logits.double(), mpt_forward_float64(m, ids), atol=ATOL, rtol=0)
+        torch.testing.assert_close(m(ids, sequence_id=seq).logits.double(), mpt_forward_float64(m, ids, seq),
+                                   atol=ATOL, rtol=0)
+
+
+def test_embedding_fraction_scales_only_the_embedding_gradient():
+    """MPT's x = x * f + x.detach() * (1 - f): the forward is unchanged, the gradient reaching the
+    embedding through the lookup is f times the one at f = 1 (untied head: the lookup is its only path);
+    every other gradient is unchanged."""
+    cfg = small().replace(tie_word_embeddings=False)
+    a = perturb_norms(MPTForCausalLM(cfg))
+    b = MPTForCausalLM(cfg.replace(embedding_fraction=0.3))
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(0, 101, (2, 17))
+    la, lb = a(ids, labels=ids), b(ids, labels=ids)
+    torch.testing.assert_close(la.logits, lb.logits, atol=ATOL, rtol=0)  # (x*f + x*(1-f): rounding only)
+    la.loss.backward()
+    lb.loss.backward()
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        want = pa.grad * 0.3 if n == "transformer.wte.weight" else pa.grad
+        torch.testing.assert_close(pb.grad, want, atol=1e-6, rtol=1e-3, msg=n)
+    assert a.transformer.wte.weight.grad.abs().sum() > 0
+
+
+def test_right_padding_with_a_kv_cache_is_refused():
+    """With a cache the kernel reads keys [row start, end) of each row: right padding would be read as
+    real keys by every later decode step, so it is refused up front (without a cache it is fine)."""
+    m = MPTForCausalLM(small()).eval()
+    ids = torch.randint(1, 101, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    with torch.no_grad():
+        m(ids, attention_mask=mask)  # no cache: right padding is fine
+        with pytest.raises(ValueError, match="left padding"):
+            m(ids, attention_mask=mask, use_cache=True)
+        with pytest.raises(ValueError, match="left padding"):
+            m.generate(ids, 3, temperature=0, attention_mask=mask)
+
+
+@pytest.mark.parametrize("attn_impl,fast_step", [("flash", True), ("flash", False), ("torch", False)])
+def test_padded_decode_steps_equal_each_rows_own_forward(attn_impl, fast_step, monkeypatch):
+    """Left-padded rows decoded with a cache (the "rows" plan of the module path: CUDA, attn_impl torch, or
+    the CPU with the fast decode step off; and the fast step itself): each step's logits equal a fresh
+    forward over that row's real tokens alone."""
+    from mpt_kernels.model import decode
+
+    monkeypatch.setattr(decode, "ENABLED", fast_step)
+    m = perturb_norms(MPTForCausalLM(small(attn_impl=attn_impl))).eval()
+    ids = torch.randint(1, 101, (3, 14))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    mask[2, :2] = 0
+    P = 8  # prompt length (padding included), then one token per step
+    with torch.no_grad():
+        cache = m.new_cache(3)
+        steps = [m(ids[:, :P], attention_mask=mask[:, :P], past_key_values=cache, use_cache=True).logits[:, -1]]
+        for t in range(P, 14):
+            steps.append(m(ids[:, t:t + 1], past_key_values=cache).logits[:, -1])
+        got = torch.stack(steps, 1)  # (3, 7, V): logits after positions P-1 .. 13
+        for b in range(3):
+            s = int((mask[b] == 0).sum())
+            want = m(ids[b:b + 1, s:]).logits[0, P - 1 - s:]
+            torch.testing.assert_close(got[b], want, atol=ATOL, rtol=0, msg=f"row {b}")
+
+
+@pytest.mark.parametrize("fast_step", [True, False])
+def test_decode_across_cache_growths_equals_full_forward(fast_step, monkeypatch):
+    """A cache that grows many times (chunk of 4 positions) keeps every earlier key and value: the decode
+    logits at every step equal a full forward, the steps right after each growth included."""
+    from mpt_kernels.model import KVCache, decode
+
+    monkeypatch.setattr(decode, "ENABLED", fast_step)
+    m = perturb_norms(MPTForCausalLM(small())).eval()
+    c = m.config
+    ids = torch.randint(0, 101, (2, 30))
+    cache = KVCache(c.n_layers, 2, c.kv_n_heads, c.head_dim, dtype=m.dtype, device="cpu", chunk=4)
+    with torch.no_grad():
+        full = m(ids).logits
+        steps = [m(ids[:, :3], past_key_values=cache).logits[:, -1]]
+        caps = {cache.capacity}
+        for t in range(3, 30):
+            steps.append(m(ids[:, t:t + 1], past_key_values=cache).logits[:, -1])
+            caps.add(cache.capacity)
+    assert len(caps) >= 3  # it grew more than once
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 2:], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("attn_impl", ["flash", "torch"])
+def test_reordered_padded_cache_keeps_each_rows_padding(attn_impl):
+    """KVCache.reorder (beam search, dropping finished rows) moves each row's padding start with it: the
+    next step's logits equal those of a cache prefilled with the rows in the new order."""
+    m = perturb_norms(MPTForCausalLM(small(attn_impl=attn_impl))).eval()
+    ids = torch.randint(1, 101, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0
+    mask[1, :1] = 0
+    order = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        cache = m.new_cache(3)
+        m(ids[:, :9], attention_mask=mask[:, :9], past_key_values=cache, use_cache=True)
+        cache.reorder(order)
+        got = m(ids[order, 9:], past_key_values=cache).logits
+        cache2 = m.new_cache(3)
+        m(ids[order, :9], attention_mask=mask[order, :9], past_key_values=cache2, use_cache=True)
+        want = m(ids[order, 9:], past_key_values=cache2).logits
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+        cache.reorder([1])  # one row left: the original row 0, with six pad positions
+        nxt = torch.randint(1, 101, (1, 1))
+        got1 = m(nxt, past_key_values=cache).logits[0, -1]
+        want1 = m(torch.cat([ids[:1, 6:], nxt], 1)).logits[0, -1]
+        torch.testing.assert_close(got1, want1, atol=ATOL, rtol=0)
+
+
+def test_tied_checkpoint_that_also_stores_the_head_loads(tmp_path):
+    """A tied model's checkpoint that also holds lm_head.weight (the tied copy, as some exporters and older
+    transformers write it) loads strictly: the copy is dropped and the head stays wte."""
+    from safetensors.torch import load_file, save_file
+
+    m = perturb_norms(MPTForCausalLM(small())).eval()
+    m.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in sd
+    sd["lm_head.weight"] = sd["transformer.wte.weight"].clone()
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    back = MPTForCausalLM.from_pretrained(tmp_path).eval()
+    assert "lm_head.weight" not in back.state_dict()
+    ids = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, m(ids).logits, atol=0, rtol=0)

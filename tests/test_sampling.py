@@ -172,3 +172,21 @@ def test_equals_transformers_top_p_warper_and_draw():
         got = sample_next(logits, 1.0, top_p=0.9, generator=torch.Generator().manual_seed(1))
         if not bool(diff.any()):
             assert torch.equal(got, want)
+
+
+def test_a_token_exactly_at_top_p_is_dropped():
+    """The boundary itself, on exactly representable probabilities (four equal tokens of 0.25): a token
+    stays only when the tokens ranked above it hold less than top_p, so at top_p = 0.5 two tokens stay,
+    not three. transformers' warper (drop where the ascending cumulative probability is <= 1 - top_p)
+    keeps the same number."""
+    logits = torch.zeros(2, 4)
+    for top_p, kept in ((0.25, 1), (0.5, 2), (0.75, 3), (0.2500001, 2), (0.4999999, 2), (1.0 - 1e-9, 4)):
+        drop = top_p_drop(logits, top_p)
+        assert (~drop).sum(-1).tolist() == [kept, kept], top_p
+        assert torch.equal(drop, reference_drop(logits, top_p)[0])
+        try:
+            import transformers
+        except ImportError:
+            continue
+        theirs = torch.isinf(transformers.TopPLogitsWarper(top_p)(None, logits.clone()))
+        assert (~theirs).sum(-1).tolist() == [kept, kept], top_p

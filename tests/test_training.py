@@ -186,22 +186,24 @@ def test_checkpoint_atomic_and_pruned(tmp_path):
 @pytest.mark.slow
 def test_resume_after_kill_is_exact(tmp_path, corpus):
     """20 steps straight == 10 steps + SIGKILL + 10 resumed; and a kill in the middle of the step-10
-    save falls back to step 5 and still ends identically (losses and final parameters)."""
-    straight = run_train(micro_args(tmp_path, corpus, run_name="straight"))
+    save falls back to step 5 and still ends identically (losses and final parameters). The model has
+    dropout, so the resumed run must also continue torch's RNG where the saved one was (its masks)."""
+    drop = {"model.overrides": "{d_model: 64, n_heads: 2, n_layers: 2, resid_pdrop: 0.1, emb_pdrop: 0.1}"}
+    straight = run_train(micro_args(tmp_path, corpus, run_name="straight", **drop))
     assert straight.returncode == 0, why(straight)
 
-    killed = run_train(micro_args(tmp_path, corpus, run_name="killed", **{"fault.kill_at_step": 10}))
+    killed = run_train(micro_args(tmp_path, corpus, run_name="killed", **{"fault.kill_at_step": 10}, **drop))
     assert killed.returncode == -signal.SIGKILL, why(killed)
     assert latest_checkpoint(tmp_path / "runs/killed/checkpoints").name == "step_00000010"
-    again = run_train(micro_args(tmp_path, corpus, run_name="killed", **{"checkpoint.autoresume": True}))
+    again = run_train(micro_args(tmp_path, corpus, run_name="killed", **{"checkpoint.autoresume": True}, **drop))
     assert again.returncode == 0, why(again)
     assert "resumed from" in again.stderr
 
     mid = run_train(micro_args(tmp_path, corpus, run_name="midsave",
-                               **{"fault.kill_at_step": 10, "fault.during_save": True}))
+                               **{"fault.kill_at_step": 10, "fault.during_save": True}, **drop))
     assert mid.returncode == -signal.SIGKILL, why(mid)
     assert latest_checkpoint(tmp_path / "runs/midsave/checkpoints").name == "step_00000005"
-    mid2 = run_train(micro_args(tmp_path, corpus, run_name="midsave", **{"checkpoint.autoresume": True}))
+    mid2 = run_train(micro_args(tmp_path, corpus, run_name="midsave", **{"checkpoint.autoresume": True}, **drop))
     assert mid2.returncode == 0, why(mid2)
 
     ref = losses(tmp_path / "runs/straight")
@@ -964,3 +966,22 @@ def test_print_config_into_a_closed_pipe_ends_quietly():
         os.close(wr)
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+def test_pretraining_evaluation_is_the_mean_over_every_target_token(tmp_path, corpus):
+    """evaluate(): the mean next-token loss over every target of the val samples it reads (seq_len - 1 per
+    sample: a sample's first token is no target), and that count as "tokens"; recomputed here one sample
+    at a time."""
+    from mpt_kernels.train import Trainer
+
+    tr = Trainer(_micro_cfg(tmp_path, corpus, max_steps=1, precision="fp32", micro_batch_size=2, global_batch_size=2,
+                            **{"checkpoint.save_every": 0, "checkpoint.save_hf": False, "eval.sample_tokens": 0,
+                               "eval.batches": 3}))
+    ev = tr.evaluate()
+    samples = [s["input_ids"] for s in tr.val_set]  # the samples evaluate() reads: 3 batches of 2
+    assert len(samples) == 6
+    with torch.no_grad():
+        tr.raw_model.eval()
+        total = sum(float(tr._forward_loss({"input_ids": x[None]})) * (x.numel() - 1) for x in samples)
+    assert ev["tokens"] == 6 * 31
+    assert ev["loss"] == pytest.approx(total / (6 * 31), rel=1e-5)
