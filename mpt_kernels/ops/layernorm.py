@@ -214,7 +214,6 @@ _LayerNormEager = _ext.eager_function("_LayerNormEager", layer_norm_fwd, _setup_
 _LayerNormFunc = _ext.transform_function("_LayerNormFunc", layer_norm_fwd, _setup_context, _backward)
 
 
-
 # torch.func.vmap: batching rules (``_ext.register_vmap``): one kernel call for the whole batch. The
 # forward is per row, so the vmapped dim folds into the rows. The backward's dweight and dbias are sums
 # over rows, which must stay per sample: the folded call gives dh (and dx) of every row, and a second
@@ -296,7 +295,6 @@ def _bwd_vmap(n, in_dims, dy, dresidual_out, h, weight, mean, rstd, has_bias, wa
 
 _ext.register_vmap(layer_norm_fwd, _fwd_vmap)
 _ext.register_vmap(layer_norm_bwd, _bwd_vmap)
-
 
 
 def _check_param(t, name: str, x: Tensor, hidden: int) -> None:

@@ -86,7 +86,6 @@ _CrossEntropyEager = _ext.eager_function("_CrossEntropyEager", cross_entropy_fwd
 _CrossEntropyFunc = _ext.transform_function("_CrossEntropyFunc", cross_entropy_fwd, _setup_context, _backward)
 
 
-
 # torch.func.vmap: batching rules (``_ext.register_vmap``). Both kernels work row by row, so the vmapped
 # dim folds into the rows: one call for the whole batch, each row's result bit for bit its sample's
 # own. (The mean over a sample's non-ignored rows is taken by torch outside the ops, per sample.)
@@ -112,7 +111,6 @@ def _bwd_vmap(n, in_dims, logits, targets, lse, drow, ignore_index):
 
 _ext.register_vmap(cross_entropy_fwd, _fwd_vmap)
 _ext.register_vmap(cross_entropy_bwd, _bwd_vmap)
-
 
 
 def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
