@@ -292,9 +292,10 @@ def _chat(p: argparse.ArgumentParser, args, model, tokenizer, device, vocab: int
     return 0
 
 
-def _run() -> int:
-    """``main`` as a command: Ctrl-C (how a --chat user leaves) and a reader that closed the pipe
-    (``| head``) end it quietly, with the statuses shells expect, instead of a traceback."""
+def run_command(main) -> int:
+    """``main()`` as a command (this one's and the export CLI's): Ctrl-C (how a --chat user leaves) and a
+    reader that closed the pipe (``| head``) end it quietly, with the statuses shells expect, instead of
+    a traceback."""
     try:
         return main()
     except KeyboardInterrupt:
@@ -311,4 +312,4 @@ def _run() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_run())
+    sys.exit(run_command(main))

@@ -537,6 +537,39 @@ def test_onnx_greedy_decode_left_padded_batch(onnx_export):
     np.testing.assert_array_equal(got[1:, 5:], model.generate(ids[1:, 5:], 10, temperature=0).numpy())
 
 
+def test_onnx_greedy_stops_at_eos_like_generate(onnx_export):
+    """With eos_token_id, a finished row is padded and fed its pad id, and decoding ends once every row
+    has finished: the same tokens and length as model.generate."""
+    from mpt_kernels.export.onnx import OnnxMPT
+
+    model, path = onnx_export
+    runner = OnnxMPT(path)
+    torch.manual_seed(7)
+    ids = torch.randint(0, VOCAB, (3, 6))
+    free = model.generate(ids, 12, temperature=0)[:, 6:]
+    # an EOS row 0 produces at its 3rd new token, and one row 1 produces at its 5th: the rows finish
+    # at different steps, the third row (if it never emits either) runs to max_new_tokens
+    eos = [int(free[0, 2]), int(free[1, 4])]
+    for pad in (None, 5):
+        ref = model.generate(ids, 12, temperature=0, eos_token_id=eos, pad_token_id=pad)
+        got = runner.greedy(ids.numpy(), 12, eos_token_id=eos, pad_token_id=pad)
+        np.testing.assert_array_equal(got, ref.numpy())
+        assert (got[0, 6 + 3:] == (eos[0] if pad is None else pad)).all()  # filled after its EOS
+    # every row finished early: fewer than max_new_tokens columns, as generate returns
+    first = int(free[0, 0])
+    ref = model.generate(ids[:1], 12, temperature=0, eos_token_id=first)
+    got = runner.greedy(ids[:1].numpy(), 12, eos_token_id=np.int64(first))
+    assert got.shape == (1, 7)
+    np.testing.assert_array_equal(got, ref.numpy())
+    np.testing.assert_array_equal(runner.greedy(ids.numpy(), 0), ids.numpy())
+    with pytest.raises(ValueError, match="eos_token_id.*vocab_size"):
+        runner.greedy(ids.numpy(), 3, eos_token_id=VOCAB + 100)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        runner.greedy(ids.numpy(), 3, eos_token_id=1, pad_token_id=-1)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        runner.greedy(ids.numpy(), -1)
+
+
 def test_onnx_verify_checks_the_kv_cache_path(onnx_export, tmp_path, capsys):
     """--verify on the KV-cache graph also decodes tokens through the cache (a prefill-only check would
     pass a graph whose past/present path is wrong)."""
@@ -1133,3 +1166,27 @@ def test_cli_fp16_range_error_names_the_flag(tmp_path, capsys):
     msg = _cli_message(ValueError("dtype: w holds values beyond float16's range (max |x| = 7e+04 > 65504); "
                                   "export with dtype='fp32'"))
     assert msg.endswith("export with --dtype fp32") and msg.startswith("--dtype: "), msg
+
+
+def test_cli_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`python -m mpt_kernels.export fastertransformer ... --verify | head -1`: the reader leaving raised
+    BrokenPipeError with a traceback. Now: exit status 1, no traceback; the export itself is complete."""
+    import os
+    import subprocess
+    import sys
+
+    from _subproc import NEUTRAL_CWD, subprocess_env
+
+    mpt(n_layers=1).save_pretrained(tmp_path / "ckpt")
+    rd, wr = os.pipe()
+    os.close(rd)  # the reader is gone before the first line
+    try:
+        r = subprocess.run([sys.executable, "-m", "mpt_kernels.export", "fastertransformer", "--model",
+                            str(tmp_path / "ckpt"), "--out", str(tmp_path / "ft"), "--verify"], stdout=wr,
+                           stderr=subprocess.PIPE, text=True, timeout=180, env=subprocess_env(OMP_NUM_THREADS="1"),
+                           cwd=NEUTRAL_CWD)
+    finally:
+        os.close(wr)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
+    assert (tmp_path / "ft" / "1-gpu" / "config.ini").is_file()

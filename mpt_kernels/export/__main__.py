@@ -180,4 +180,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ..generate import run_command  # `... --verify | head`: no BrokenPipeError traceback
+
+    sys.exit(run_command(main))

@@ -429,6 +429,7 @@ class OnnxMPT:
         self.n_layers = int(meta["mpt_kernels.n_layers"])
         self.kv_heads = int(meta["mpt_kernels.kv_heads"])
         self.head_dim = int(meta["mpt_kernels.head_dim"])
+        self.vocab_size = int(meta["mpt_kernels.vocab_size"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.past_dtype = {"tensor(float)": "float32", "tensor(float16)": "float16"}[self.session.get_inputs()[2].type]
 
@@ -450,19 +451,42 @@ class OnnxMPT:
         out = self.session.run(None, dict(zip(self.input_names, feed)))
         return out[0], out[1:]
 
-    def greedy(self, input_ids, max_new_tokens: int, attention_mask=None):
-        """Prefill then ``max_new_tokens`` decode steps; returns prompt + new tokens (batch, S + n).
-        ``attention_mask`` (batch, S) marks left padding of a batch of unequal prompts."""
+    def greedy(self, input_ids, max_new_tokens: int, attention_mask=None, *, eos_token_id=None,
+               pad_token_id=None):
+        """Prefill then up to ``max_new_tokens`` decode steps; returns prompt + new tokens (batch, S + n).
+        ``attention_mask`` (batch, S) marks left padding of a batch of unequal prompts.
+
+        ``eos_token_id`` (an id or a list of ids) stops as ``MPTForCausalLM.generate`` does: a row that
+        has produced one is filled with ``pad_token_id`` (default: the first EOS id) and fed it on the
+        next step, and generation ends once every row has, so n <= max_new_tokens. The tokens equal
+        ``model.generate(..., temperature=0, eos_token_id=...)``'s."""
+        import numbers
+
         import numpy as np
 
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: must be an integer >= 0, got {max_new_tokens!r}")
+        vocab = self.vocab_size
+        eos = [] if eos_token_id is None else [int(e) for e in np.asarray(eos_token_id).reshape(-1).tolist()]
+        for name, val in [("eos_token_id", e) for e in eos] + [("pad_token_id", pad_token_id)]:
+            if val is not None and not 0 <= int(val) < vocab:  # a finished row is fed its pad id
+                raise ValueError(f"{name}: ids must be in [0, {vocab}) (the model's vocab_size), got {int(val)}")
+        pad = int(pad_token_id) if pad_token_id is not None else (eos[0] if eos else 0)
         ids = np.asarray(input_ids, dtype=np.int64)
         mask = np.ones(ids.shape, np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
-        logits, past = self.run(ids, None, mask)
         out = [ids]
+        if max_new_tokens == 0:
+            return ids.copy()
+        logits, past = self.run(ids, None, mask)
+        finished = np.zeros(ids.shape[0], dtype=bool)
         for step in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-            out.append(nxt)
-            if step + 1 < max_new_tokens:
-                mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
-                logits, past = self.run(nxt, past, mask)
+            nxt = logits[:, -1].argmax(-1).astype(np.int64)
+            if eos:
+                nxt = np.where(finished, pad, nxt)
+                finished |= np.isin(nxt, eos)
+            out.append(nxt[:, None])
+            if step + 1 == max_new_tokens or (eos and finished.all()):
+                break
+            mask = np.concatenate([mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
+            logits, past = self.run(nxt[:, None], past, mask)
         return np.concatenate(out, axis=1)
