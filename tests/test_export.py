@@ -169,6 +169,37 @@ def test_ft_layout_and_config(tmp_path):
     assert b.shape == (96,) and not b.any()
 
 
+@pytest.mark.parametrize("edit, match", [
+    (lambda t: "head_num = 4\n" + t, "not a FasterTransformer config.ini"),       # no section header
+    (lambda t: t.replace("[gpt]", "[gpt]\nnum_layer = 2"), "not a FasterTransformer config.ini"),  # twice
+    (lambda t: t.replace("head_num = 4\n", ""), r"\[gpt\] has no head_num"),
+    (lambda t: t.replace("max_pos_seq_len = 64\n", ""), r"\[gpt\] has no max_pos_seq_len"),
+    (lambda t: t.replace("inter_size = 128", "inter_size = 12x"), "inter_size = '12x' is not a valid int"),
+    (lambda t: t.replace("head_num = 4", "head_num = 0"), "head_num = 0 is out of range"),
+    (lambda t: t.replace("use_attention_linear_bias = True", "use_attention_linear_bias = maybe"),
+     "is not a valid bool"),
+    (lambda t: t.replace("activation_type = Gelu", "activation_type = Relu"), "only MPT's 'gelu'"),
+    (lambda t: t.replace("layernorm_type = pre_layernorm", "layernorm_type = post_layernorm"),
+     "only MPT's 'pre_layernorm'"),
+    (lambda t: t.replace("has_pre_decoder_layernorm = False", "has_pre_decoder_layernorm = True"), "MPT has False"),
+    (lambda t: t.replace("[gpt]", "[opt]"), r"has no \[gpt\] section"),
+])
+def test_ft_reader_refuses_a_foreign_or_broken_config_ini(tmp_path, edit, match):
+    """read_fastertransformer on a config.ini not written for an MPT raised configparser's errors or a
+    TypeError (a missing key read as None), or read another architecture (post-LayerNorm, ReLU, an
+    embedding LayerNorm) as MPT. Each now raises ValueError naming the file and key."""
+    export_fastertransformer(mpt(), tmp_path)
+    ini = tmp_path / "1-gpu" / "config.ini"
+    text = ini.read_text()
+    assert edit(text) != text, "the edit must change the file"
+    ini.write_text(edit(text))
+    with pytest.raises(ValueError, match=match):
+        read_fastertransformer(tmp_path)
+    ini.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ValueError, match="not a FasterTransformer config.ini"):
+        read_fastertransformer(tmp_path)
+
+
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_ft_roundtrip_fp32_exact(tmp_path, tp):
     model = mpt()

@@ -279,18 +279,48 @@ def read_fastertransformer(path) -> tuple[dict, dict[str, torch.Tensor]]:
     written by any tensor-parallel size. Returns (Hugging Face MPT config dict, float32 state dict
     under MPT's parameter names). ``no_bias`` is inferred: all bias files zero -> True."""
     ft_dir = _find_ft_dir(path)
+    ini_path = ft_dir / "config.ini"
     ini = configparser.ConfigParser(interpolation=None)
-    ini.read(ft_dir / "config.ini")
+    try:
+        with open(ini_path, encoding="utf-8") as f:
+            ini.read_file(f)
+    except (configparser.Error, UnicodeDecodeError) as exc:  # no section header, a key given twice, binary
+        raise ValueError(f"path: {ini_path} is not a FasterTransformer config.ini ({exc})") from exc
     if "gpt" not in ini:
-        raise ValueError(f"path: {ft_dir / 'config.ini'} has no [gpt] section")
+        raise ValueError(f"path: {ini_path} has no [gpt] section (not a FasterTransformer GPT checkpoint)")
     g = ini["gpt"]
-    n_heads, head_dim = g.getint("head_num"), g.getint("size_per_head")
-    n_layers, inter, vocab = g.getint("num_layer"), g.getint("inter_size"), g.getint("vocab_size")
-    tp = g.getint("tensor_para_size", fallback=1)
+    _MISSING = object()
+
+    def val(key, kind, fallback=_MISSING):
+        """[gpt] key as int / float / bool, with an error naming the file and key."""
+        if key not in g:
+            if fallback is _MISSING:
+                raise ValueError(f"path: {ini_path} [gpt] has no {key} (not a FasterTransformer GPT checkpoint?)")
+            return fallback
+        get = {int: g.getint, float: g.getfloat, bool: g.getboolean}[kind]
+        try:
+            v = get(key)
+        except ValueError as exc:
+            raise ValueError(f"path: {ini_path} [gpt] {key} = {g[key]!r} is not a valid {kind.__name__}") from exc
+        if kind is int and v < (0 if key in ("start_id", "end_id") else 1):
+            raise ValueError(f"path: {ini_path} [gpt] {key} = {v} is out of range")
+        return v
+
+    n_heads, head_dim = val("head_num", int), val("size_per_head", int)
+    n_layers, inter, vocab = val("num_layer", int), val("inter_size", int), val("vocab_size", int)
+    max_seq_len = val("max_pos_seq_len", int)
+    tp = val("tensor_para_size", int, 1)
     d = n_heads * head_dim
     _check_tp(tp, n_heads, d, inter)
     np_dtype = _check_dtype(g.get("weight_data_type", "fp32"))
-    alibi = g.getboolean("use_attention_linear_bias", fallback=False)
+    alibi = val("use_attention_linear_bias", bool, False)
+    # MPT's block structure (what the writer spells out): another one would be read as MPT, wrongly
+    for key, want in (("layernorm_type", "pre_layernorm"), ("activation_type", "gelu")):
+        if key in g and g[key].strip().lower() != want:
+            raise ValueError(f"path: {ini_path} [gpt] {key} = {g[key]!r}: only MPT's {want!r} can be read")
+    for key, want in (("has_pre_decoder_layernorm", False), ("has_post_decoder_layernorm", True)):
+        if val(key, bool, want) != want:
+            raise ValueError(f"path: {ini_path} [gpt] {key} = {g[key]!r}: MPT has {want} (not an MPT checkpoint)")
 
     def rd(name, shape):
         f = ft_dir / f"model.{name}.bin"
@@ -304,8 +334,8 @@ def read_fastertransformer(path) -> tuple[dict, dict[str, torch.Tensor]]:
     sd: dict[str, torch.Tensor] = {}
     biases: dict[str, torch.Tensor] = {}
     sd["transformer.wte.weight"] = rd("wte", (vocab, d))
-    if g.getboolean("has_positional_encoding", fallback=False):
-        sd["transformer.wpe.weight"] = rd("wpe", (g.getint("max_pos_seq_len"), d))
+    if val("has_positional_encoding", bool, False):
+        sd["transformer.wpe.weight"] = rd("wpe", (max_seq_len, d))
     tied = not (ft_dir / "model.lm_head.weight.bin").exists()
     if not tied:
         sd["lm_head.weight"] = rd("lm_head.weight", (vocab, d))
@@ -338,7 +368,7 @@ def read_fastertransformer(path) -> tuple[dict, dict[str, torch.Tensor]]:
     if tied:
         sd["lm_head.weight"] = sd["transformer.wte.weight"]
 
-    start_id, end_id = g.getint("start_id", fallback=0), g.getint("end_id", fallback=0)
+    start_id, end_id = val("start_id", int, 0), val("end_id", int, 0)
     expansion = inter // d if inter % d == 0 else inter / d
     cfg = config_to_dict({
         "model_type": "mpt",
@@ -346,9 +376,9 @@ def read_fastertransformer(path) -> tuple[dict, dict[str, torch.Tensor]]:
         "n_heads": n_heads,
         "n_layers": n_layers,
         "expansion_ratio": expansion,
-        "max_seq_len": g.getint("max_pos_seq_len"),
+        "max_seq_len": max_seq_len,
         "vocab_size": vocab,
-        "layer_norm_epsilon": g.getfloat("layernorm_eps", fallback=1e-5),
+        "layer_norm_epsilon": val("layernorm_eps", float, 1e-5),
         "no_bias": no_bias,
         "learned_pos_emb": "transformer.wpe.weight" in sd,
         "tie_word_embeddings": tied,
