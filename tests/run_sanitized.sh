@@ -13,6 +13,7 @@
 # Environment: PYTHON (default python3), SANITIZE_DIR (scratch directory, default a fresh temp dir).
 # Exit status 0 when the tests pass and no sanitizer report was written; reports are printed.
 set -uo pipefail
+T0=$(date +%s)
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
 WORK=${SANITIZE_DIR:-$(mktemp -d /tmp/mptk_sanitize.XXXXXX)}
@@ -28,7 +29,7 @@ mkdir -p "$WORK/src"
 (cd "$ROOT" && git ls-files -co --exclude-standard -z | xargs -0 tar -cf -) | tar -xf - -C "$WORK/src" || exit 1
 rm -f "$WORK"/src/mpt_kernels/_C*.so
 
-echo "== build (MPT_KERNELS_SANITIZE=address,undefined, CPU only)"
+echo "== build (MPT_KERNELS_SANITIZE=address,undefined, CPU only) (+$(( $(date +%s) - T0 ))s)"
 (cd "$WORK/src" && MPT_KERNELS_CUDA=0 MPT_KERNELS_SANITIZE=address,undefined MPT_KERNELS_BUILD_DIR="$WORK/build" \
   "$PY" setup.py -q build_ext --inplace > "$WORK/build.log" 2>&1) || { tail -40 "$WORK/build.log"; exit 1; }
 
@@ -39,7 +40,7 @@ if [ $# -eq 0 ]; then
     tests/test_eager_paths.py \
     tests/test_memory.py tests/test_model.py tests/test_generation_review.py tests/test_fuzz_inputs.py tests/test_decode_step.py
 fi
-echo "== pytest under the sanitizers: $*"
+echo "== pytest under the sanitizers: $* (+$(( $(date +%s) - T0 ))s)"
 rm -f "$WORK"/report.*
 # Python is not instrumented: the runtime is preloaded (libstdc++ too, or ASan's __cxa_throw
 # interceptor finds no real function and aborts at the first C++ exception). Leak checking is off:
@@ -54,7 +55,7 @@ if [ $EMU -eq 1 ] && [ $rc -eq 0 ]; then
   # The CUDA kernels' own source on the host emulator (tests/cuda_emu), built with the same sanitizers:
   # reads or writes past a tensor from a kernel, the .cu line named (a CPU-side memcheck). One case
   # per kernel path plus the LayerNorm, loss and Lion kernels (~3 min build + ~2.5 min on 2 cores).
-  echo "== CUDA kernels on the host emulator under the sanitizers"
+  echo "== CUDA kernels on the host emulator under the sanitizers (+$(( $(date +%s) - T0 ))s)"
   LD_PRELOAD="$ASAN_LIB $STDCXX_LIB" MPTK_EMU_SANITIZE=address,undefined \
     ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:log_path=$WORK/report" \
     UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$WORK/report" \
@@ -72,6 +73,6 @@ if ls "$WORK"/report.* > /dev/null 2>&1; then
   cat "$WORK"/report.*
   rc=1
 fi
-echo "run_sanitized: rc=$rc"
+echo "run_sanitized: rc=$rc in $(( $(date +%s) - T0 ))s"
 if [ $rc -eq 0 ] && [ -z "${SANITIZE_DIR:-}" ]; then rm -rf "$WORK"; fi  # kept when something failed
 exit $rc
