@@ -1049,3 +1049,48 @@ def test_model_training_uses_the_packed_backward(monkeypatch):
     for name in ("dense", "varlen"):
         (la, ga), (lb, gb) = got[True, name], got[False, name]
         assert torch.equal(la, lb) and all(torch.equal(a, b) for a, b in zip(ga, gb))
+
+
+def test_device_offsets_are_not_read_back_while_their_device_captures(monkeypatch):
+    """A CUDA graph captured on cuda:1 while cuda:0 is the current device: the capture check asked
+    cuda:0's current stream (not capturing), so the offsets were copied to the host inside the capture
+    (an error there). The check now asks the offsets' device. No GPU here: torch.cuda's device context
+    and capture query are replaced by a model of two devices, cuda:1 capturing."""
+    import contextlib
+
+    from mpt_kernels.ops import attention as att
+
+    state = {"current": 0}
+
+    @contextlib.contextmanager
+    def device(d):
+        before, state["current"] = state["current"], torch.device(d).index
+        try:
+            yield
+        finally:
+            state["current"] = before
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state["current"] == 1)
+
+    def read_back(*args):
+        raise AssertionError("offsets read back to the host during a capture")
+
+    monkeypatch.setattr(att, "_check_cu_seqlens_once", read_back)
+
+    class Offsets:  # what _check_device_cu_seqlens looks at of a device int32 offsets tensor
+        def __init__(self, index):
+            self.device, self.dtype = torch.device("cuda", index), torch.int32
+
+        def dim(self):
+            return 1
+
+        def numel(self):
+            return 3
+
+    cu = Offsets(1)
+    att._check_device_cu_seqlens(cu, cu, 4, 4, True, 8, 8)  # capturing on cuda:1: no read-back
+    assert state["current"] == 0
+    cu = Offsets(0)  # cuda:0 is not capturing: the offsets are checked (read back)
+    with pytest.raises(AssertionError, match="read back"):
+        att._check_device_cu_seqlens(cu, cu, 4, 4, True, 8, 8)

@@ -75,8 +75,13 @@ def _check_device_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     """The compiled core checks host cu_seqlens itself; device ones are checked here (one small copy
     to the host), except while a CUDA graph is being captured, where a sync is not allowed (offsets
     outside q's or k's rows then read and write out of bounds: capture only checked offsets)."""
-    if cu_seqlens_q.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    if cu_seqlens_q.device.type != "cuda":
         return
+    # Capturing or not is a property of the offsets' device's current stream, which need not be the
+    # current device's (a graph captured on cuda:1 while cuda:0 is current).
+    with torch.cuda.device(cu_seqlens_q.device):
+        if torch.cuda.is_current_stream_capturing():
+            return
     if cu_seqlens_q.dtype != torch.int32 or cu_seqlens_k.dtype != torch.int32:
         return  # the binding names the argument
     if cu_seqlens_q.dim() != 1 or cu_seqlens_k.dim() != 1 or cu_seqlens_q.numel() == 0 or cu_seqlens_k.numel() == 0:
