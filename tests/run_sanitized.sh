@@ -8,7 +8,7 @@
 # (csrc/common/host_pool.cpp), so the red zone starts right after each kernel output.
 #
 #   bash tests/run_sanitized.sh                       # kernel + model tests, then the CUDA kernels on the
-#                                                     # host emulator (tests/cuda_emu; ~10 min on 2 cores)
+#                                                     # host emulator (tests/cuda_emu; ~8 min on 2 cores)
 #   bash tests/run_sanitized.sh tests/test_model.py   # other test files
 # Environment: PYTHON (default python3), SANITIZE_DIR (scratch directory, default a fresh temp dir).
 # Exit status 0 when the tests pass and no sanitizer report was written; reports are printed.
@@ -54,7 +54,7 @@ rc=$?
 if [ $EMU -eq 1 ] && [ $rc -eq 0 ]; then
   # The CUDA kernels' own source on the host emulator (tests/cuda_emu), built with the same sanitizers:
   # reads or writes past a tensor from a kernel, the .cu line named (a CPU-side memcheck). One case
-  # per kernel path plus the LayerNorm, loss and Lion kernels (~3 min build + ~2.5 min on 2 cores).
+  # per kernel path plus the LayerNorm, loss and Lion kernels (~3.5 min on 2 cores, build included).
   echo "== CUDA kernels on the host emulator under the sanitizers (+$(( $(date +%s) - T0 ))s)"
   LD_PRELOAD="$ASAN_LIB $STDCXX_LIB" MPTK_EMU_SANITIZE=address,undefined \
     ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:log_path=$WORK/report" \

@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-FLAGS = ["-std=c++17", "-O1", "-g", "-fPIC", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas",
+FLAGS = ["-std=c++17", "-O1", "-g1", "-fPIC", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas",
          "-Wno-unused-variable", "-Wno-unused-function"]
 
 

@@ -1,4 +1,4 @@
-// The host emulator's runtime: fibers (ucontext), barriers, warp collectives, shared memory,
+// The host emulator's runtime: fibers, barriers, warp collectives, shared memory,
 // cp.async, ldmatrix and mma.m16n8k16 (tests/cuda_emu/cuda_emu.h says what is modelled).
 #include "cuda_emu.h"
 
@@ -18,12 +18,6 @@
 
 namespace mptk_emu {
 
-float half_bits_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
-  if (e == 0) return std::copysign(std::ldexp(static_cast<float>(m), -24), sign ? -1.0f : 1.0f);
-  if (e == 31) return bitcast<float>(sign | 0x7F800000u | (m << 13));
-  return bitcast<float>(sign | ((e + 112) << 23) | (m << 13));
-}
 uint16_t float_to_half_bits(float f) {  // round to nearest even
   uint32_t x = bitcast<uint32_t>(f);
   const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
@@ -82,6 +76,86 @@ int occupancy(const void*, int block_size, size_t smem) {
 }
 
 // ---------------------------------------------------------------- fibers
+// A fiber switch happens at every __syncthreads and warp collective of every thread. glibc's
+// swapcontext also saves and restores the signal mask, a system call per switch (a quarter of an
+// attention test's time), so on x86-64 the switch is the few instructions below: the callee-saved
+// registers, MXCSR and the x87 control word pushed on the fiber's own stack, then the stack pointer
+// swapped. AddressSanitizer is told of each switch (its fiber interface), so it tracks the stacks as
+// it does for swapcontext. On other machines, or with MPTK_EMU_UCONTEXT=1 set, fibers use ucontext.
+#if defined(__x86_64__)
+#define MPTK_EMU_FAST_SWITCH 1
+extern "C" void mptk_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+  .text
+  .globl mptk_emu_switch
+  .hidden mptk_emu_switch
+  .type mptk_emu_switch, @function
+mptk_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $16, %rsp
+  stmxcsr 8(%rsp)
+  fnstcw 12(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr 8(%rsp)
+  fldcw 12(%rsp)
+  addq $16, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size mptk_emu_switch, .-mptk_emu_switch
+)");
+#else
+#define MPTK_EMU_FAST_SWITCH 0
+#endif
+
+#if defined(__SANITIZE_ADDRESS__)
+#define MPTK_EMU_ASAN 1
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#else
+#define MPTK_EMU_ASAN 0
+#endif
+
+struct Context {
+  ucontext_t uc;
+  void* sp = nullptr;  // the fast switch's saved stack pointer
+  const void* stack_bottom = nullptr;  // for AddressSanitizer: the context's stack (the scheduler's is
+  size_t stack_size = 0;               // learnt at the first switch into a fiber)
+};
+
+static bool fast_switch() {
+  static const bool fast = MPTK_EMU_FAST_SWITCH && env_int("MPTK_EMU_UCONTEXT", 0) == 0;
+  return fast;
+}
+
+static void switch_context(Context& from, Context& to, bool from_finished = false) {
+#if MPTK_EMU_FAST_SWITCH
+  if (fast_switch()) {
+#if MPTK_EMU_ASAN
+    void* fake_stack = nullptr;
+    __sanitizer_start_switch_fiber(from_finished ? nullptr : &fake_stack, to.stack_bottom, to.stack_size);
+#endif
+    mptk_emu_switch(&from.sp, to.sp);
+#if MPTK_EMU_ASAN
+    __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);  // back in `from`
+#endif
+    return;
+  }
+#endif
+  (void)from_finished;
+  swapcontext(&from.uc, &to.uc);
+}
+
 thread_local ThreadState* g_thread = nullptr;
 thread_local dim3 g_thread_idx, g_block_idx, g_block_dim, g_grid_dim;
 
@@ -100,7 +174,7 @@ struct Block;
 }  // namespace
 
 struct ThreadState {
-  ucontext_t ctx;
+  Context ctx;
   int index = 0;  // linear thread index in the block
   dim3 tid;
   bool done = false;
@@ -133,7 +207,7 @@ struct Block {
   std::vector<unsigned char> dyn;  // dynamic shared memory
   size_t dyn_size = 0;
   std::map<std::pair<int, size_t>, std::vector<unsigned char>> statics;  // (site, type hash) -> bytes
-  ucontext_t scheduler;
+  Context scheduler;
   std::string error;
   const std::function<void()>* body = nullptr;
 };
@@ -148,11 +222,11 @@ int warp_size_of(const Block& b, int w) {
 
 [[noreturn]] void abandon_fiber() {
   // the fiber never runs again: back to the scheduler, which sees the error
-  swapcontext(&g_thread->ctx, &g_block->scheduler);
+  switch_context(g_thread->ctx, g_block->scheduler);
   std::abort();
 }
 
-void yield() { swapcontext(&g_thread->ctx, &g_block->scheduler); }
+void yield() { switch_context(g_thread->ctx, g_block->scheduler); }
 
 // After a thread exits or arrives somewhere: release the block barrier when every live thread is there.
 void maybe_release_block(Block& b) {
@@ -174,8 +248,38 @@ void fiber_entry() {
     b.error = "a thread exited while lanes of its warp wait in a warp collective (" +
               std::string(b.warps[w].op ? b.warps[w].op : "?") + ")";
   maybe_release_block(b);
-  // returning switches to uc_link (the scheduler)
+  // returning switches to uc_link (the scheduler); fiber_start does that for the fast switch
 }
+
+#if MPTK_EMU_FAST_SWITCH
+[[noreturn]] void fiber_start() {
+#if MPTK_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &g_block->scheduler.stack_bottom, &g_block->scheduler.stack_size);
+#endif
+  fiber_entry();
+  switch_context(g_thread->ctx, g_block->scheduler, true);  // done: the scheduler never resumes it
+  std::abort();
+}
+
+// A new fiber's stack as mptk_emu_switch leaves a suspended one: its first switch-in "returns" into
+// fiber_start, with the stack aligned as at a function's entry (rsp = 8 mod 16).
+void* initial_stack(void* stack, size_t bytes) {
+#if MPTK_EMU_ASAN
+  __asan_unpoison_memory_region(stack, bytes);  // frames an abandoned fiber left poisoned
+#endif
+  uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t{15};
+  auto* frame = reinterpret_cast<uint64_t*>(top - 80);
+  std::memset(frame, 0, 80);  // r15 .. rbp = 0, and a null return address above fiber_start's frame
+  uint32_t mxcsr;
+  uint16_t fpucw;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpucw));
+  std::memcpy(reinterpret_cast<unsigned char*>(frame) + 8, &mxcsr, 4);
+  std::memcpy(reinterpret_cast<unsigned char*>(frame) + 12, &fpucw, 2);
+  frame[8] = reinterpret_cast<uint64_t>(&fiber_start);
+  return frame;
+}
+#endif
 
 std::string dim_str(dim3 d) {
   return "(" + std::to_string(d.x) + ", " + std::to_string(d.y) + ", " + std::to_string(d.z) + ")";
@@ -192,11 +296,19 @@ void run_block(Block& b, dim3 block, int schedule, std::mt19937& rng) {
     t.exchange_parity = 0;
     t.groups.clear();
     t.open.clear();
-    getcontext(&t.ctx);
-    t.ctx.uc_stack.ss_sp = t.stack;
-    t.ctx.uc_stack.ss_size = kStackBytes;
-    t.ctx.uc_link = &b.scheduler;
-    makecontext(&t.ctx, fiber_entry, 0);
+#if MPTK_EMU_FAST_SWITCH
+    if (fast_switch()) {
+      t.ctx.sp = initial_stack(t.stack, kStackBytes);
+      t.ctx.stack_bottom = t.stack;
+      t.ctx.stack_size = kStackBytes;
+      continue;
+    }
+#endif
+    getcontext(&t.ctx.uc);
+    t.ctx.uc.uc_stack.ss_sp = t.stack;
+    t.ctx.uc.uc_stack.ss_size = kStackBytes;
+    t.ctx.uc.uc_link = &b.scheduler.uc;
+    makecontext(&t.ctx.uc, fiber_entry, 0);
   }
   for (auto& w : b.warps) {
     w.arrived = 0;
@@ -218,7 +330,7 @@ void run_block(Block& b, dim3 block, int schedule, std::mt19937& rng) {
     if (t.done || t.wait != Wait::None) return false;
     g_thread = &t;
     g_thread_idx = t.tid;
-    swapcontext(&b.scheduler, &t.ctx);
+    switch_context(b.scheduler, t.ctx);
     g_thread = nullptr;
     if (!b.error.empty()) throw Error(b.error);
     return true;
@@ -490,14 +602,23 @@ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     const MmaIn& src = all[col * 4 + (k % 8) / 2];
     return elem<kBf16>(k >= 8 ? src.b1 : src.b0, k % 2);
   };
+  // this lane's two rows of A (g, g + 8) and two columns of B (2t, 2t + 1), each element converted once
+  double a_rows[2][16], b_cols[2][16];
+  for (int k = 0; k < 16; ++k) {
+    a_rows[0][k] = A(g, k);
+    a_rows[1][k] = A(g + 8, k);
+    b_cols[0][k] = B(k, 2 * t);
+    b_cols[1][k] = B(k, 2 * t + 1);
+  }
   for (int i = 0; i < 4; ++i) {
-    const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i % 2);
+    const double* ar = a_rows[i >= 2 ? 1 : 0];
+    const double* bc = b_cols[i % 2];
     if (g_mma_mode == 1) {
-      for (int k = 0; k < 16; ++k) c[i] = add_toward_zero(c[i], static_cast<double>(A(row, k)) * B(k, col));
+      for (int k = 0; k < 16; ++k) c[i] = add_toward_zero(c[i], ar[k] * bc[k]);
       continue;
     }
     double s = 0.0;  // products exact; one rounding of the sum into float32
-    for (int k = 0; k < 16; ++k) s += static_cast<double>(A(row, k)) * B(k, col);
+    for (int k = 0; k < 16; ++k) s += ar[k] * bc[k];
     c[i] = static_cast<float>(static_cast<double>(c[i]) + s);
   }
 }

@@ -60,7 +60,13 @@ inline To bitcast(const From& f) {
   std::memcpy(&t, &f, sizeof(To));
   return t;
 }
-float half_bits_to_float(uint16_t h);
+// Inline: the emulated mma converts two operands per product, so this is on the hot path.
+inline float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+  if (e == 0) return bitcast<float>(sign | bitcast<uint32_t>(static_cast<float>(m) * 5.9604644775390625e-08f));  // m 2^-24, exact
+  if (e == 31) return bitcast<float>(sign | 0x7F800000u | (m << 13));
+  return bitcast<float>(sign | ((e + 112) << 23) | (m << 13));
+}
 uint16_t float_to_half_bits(float f);
 }  // namespace mptk_emu
 
