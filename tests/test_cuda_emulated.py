@@ -371,6 +371,10 @@ LN_MODES = [
 @pytest.mark.parametrize("mode", LN_MODES, ids=[m[0] for m in LN_MODES])
 @pytest.mark.parametrize("shape", LN_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_layer_norm_matches_cpu_kernels(E, shape, mode, bias):
+    _layer_norm_case(E, shape, mode, bias)
+
+
+def _layer_norm_case(E, shape, mode, bias):
     _, xd, wd, rd, yd = mode
     torch.manual_seed(shape[0] * 7 + shape[1])
     x = (torch.randn(shape) * 2 + 0.5).to(xd)
@@ -398,6 +402,10 @@ CE_CASES = [(5, 1), (4, 7), (6, 1000), (3, 4099), (2, 50432), (9, 8)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("rows,vocab", CE_CASES, ids=[f"{r}x{v}" for r, v in CE_CASES])
 def test_cross_entropy_matches_cpu_and_float64(E, rows, vocab, dtype):
+    _cross_entropy_case(E, rows, vocab, dtype)
+
+
+def _cross_entropy_case(E, rows, vocab, dtype):
     torch.manual_seed(rows * 100 + vocab)
     base = torch.randn(rows, vocab + 8) * 4
     logits = base[:, 3:3 + vocab].to(dtype) if dtype == torch.float32 else base[:, :vocab].to(dtype)
@@ -435,6 +443,10 @@ def test_cross_entropy_matches_cpu_and_float64(E, rows, vocab, dtype):
 def lion_on_emulated_cuda(E, monkeypatch):
     """mk.optim.Lion whose CPU tensors go through the emulated CUDA kernels (sum of squares, finalize,
     the multi-tensor step)."""
+    _emulate_lion(E, monkeypatch)
+
+
+def _emulate_lion(E, monkeypatch):
     import mpt_kernels.optim as optim
 
     monkeypatch.setattr(optim, "_C", E)
@@ -599,3 +611,84 @@ def test_attention_backward_with_a_huge_alibi_row_constant(E, dtype):
         assert not torch.isnan(got).any(), name
         rel = ((got.double() - ref).norm() / ref.norm()).item()
         assert rel < bound, f"{name}: relative error {rel:.3g}"
+
+
+# ----------------------------------------------------------------------------------------- racecheck
+# The racecheck variant of the emulator (tests/cuda_emu/README.md, "Racecheck"): the kernels' every
+# shared-memory access is checked against the last write and the reads since, per byte; two threads'
+# accesses, one a write, with no __syncthreads between them (nor, within a warp, a warp collective)
+# are reported with both source lines. Strict mode (MPTK_EMU_RACECHECK_STRICT=1) counts barriers only.
+@pytest.fixture(scope="module")
+def R():
+    return emu_build.load(racecheck=True)
+
+
+@pytest.fixture
+def strict(monkeypatch):
+    monkeypatch.setenv("MPTK_EMU_RACECHECK_STRICT", "1")
+
+
+SELFTESTS = ["exchange", "overwrite_read", "same_slot", "within_warp", "static_exchange", "async_read",
+             "async_in_flight", "async_overwrite", "ldmatrix_other_warp"]
+
+
+@pytest.mark.parametrize("sched", ["0", "1", "2", "3"])
+@pytest.mark.parametrize("name", SELFTESTS)
+def test_racecheck_reports_each_planted_hazard(E, R, monkeypatch, name, sched):
+    """tests/cuda_emu/selftest.cu: each kernel with a planted bug is reported (under every schedule: the
+    check does not depend on the order the threads happen to run in), naming both accesses' lines in
+    selftest.cu; its fixed twin runs clean and computes what the plain emulator computes."""
+    monkeypatch.setenv("MPTK_EMU_SCHEDULE", sched)
+    line = r"selftest\.cu:\d+"
+    with pytest.raises(RuntimeError, match=rf"racecheck: .*(hazard|in flight) on .* at .*{line}.* at .*{line}"):
+        R._emu_selftest(name, False)
+    fixed = R._emu_selftest(name, True)
+    assert fixed == E._emu_selftest(name, True)
+    assert not any(math.isnan(v) for v in fixed)
+
+
+def test_racecheck_strict_mode_counts_barriers_only(R, monkeypatch):
+    """A warp collective orders the lanes of its warp by default (how the kernels' warp-level exchanges
+    behave on the hardware); strict mode asks for a __syncthreads there too."""
+    R._emu_selftest("within_warp", True)
+    monkeypatch.setenv("MPTK_EMU_RACECHECK_STRICT", "1")
+    with pytest.raises(RuntimeError, match="racecheck: (read-after-write|write-after-read) hazard"):
+        R._emu_selftest("within_warp", True)
+    R._emu_selftest("exchange", True)
+
+
+def test_racecheck_plain_build_checks_nothing(E):
+    """The plain emulator runs the planted bugs without a report (what racecheck adds)."""
+    for name in SELFTESTS:
+        E._emu_selftest(name, False)
+
+
+@pytest.mark.parametrize("name,shape,grad", PATHS, ids=[c[0] for c in PATHS])
+def test_racecheck_attention_each_path(R, strict, name, shape, grad):
+    """Every attention kernel path (forward, split-K decode and its combine, backward) under the strict
+    racecheck: the cp.async stages, the Q tile that borrows a K/V stage, the backward's reused dS tile."""
+    torch.manual_seed(hash(name) % 1000)
+    B, Sq, Sk, H, Hkv, D, causal, alibi = shape
+    q, k, v = _qkv(B, Sq, Sk, H, Hkv, D, torch.bfloat16)
+    slopes = mk.alibi_slopes(H) if alibi else torch.zeros(H)
+    _run_attention(R, q, k, v, causal, slopes, grad=grad)
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (37, 768), (3, 16384), (300, 96)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mode", [m for m in LN_MODES if m[0] in ("bf16_res", "mixed_f32stream_bf16", "f32")],
+                         ids=lambda m: m[0])
+def test_racecheck_layer_norm(R, strict, shape, mode):
+    _layer_norm_case(R, shape, mode, True)
+
+
+@pytest.mark.parametrize("rows,vocab", [(4, 7), (6, 1000), (2, 50432)], ids=lambda v: str(v))
+def test_racecheck_cross_entropy(R, strict, rows, vocab):
+    _cross_entropy_case(R, rows, vocab, torch.bfloat16)
+
+
+def test_racecheck_lion(R, strict, monkeypatch):
+    cpu, _ = _lion_run(LION_SHAPES, torch.bfloat16, torch.float32, 2, max_grad_norm=1.0)
+    _emulate_lion(R, monkeypatch)  # (the clipping norm's block reduction goes through shared memory)
+    emu, _ = _lion_run(LION_SHAPES, torch.bfloat16, torch.float32, 2, max_grad_norm=1.0)
+    for a, b in zip(emu, cpu):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -7, atol=1e-5)

@@ -105,17 +105,41 @@ def _flags():
     return flags
 
 
-def build(verbose: bool = False) -> Path:
-    """Path of the built module (built now when its sources changed)."""
+def racecheck_requested() -> bool:
+    return os.environ.get("MPTK_EMU_RACECHECK", "") not in ("", "0")
+
+
+def module_name(racecheck: bool) -> str:
+    # another name for the racecheck variant: Python keeps one extension module per name, so both
+    # variants can be loaded in one process
+    return "_C_emu_race" if racecheck else "_C_emu"
+
+
+def build(verbose: bool = False, racecheck: bool | None = None) -> Path:
+    """Path of the built module (built now when its sources changed). ``racecheck`` (default: the
+    MPTK_EMU_RACECHECK environment variable) builds the variant whose kernels check every shared-memory
+    access for hazards between threads (README.md, "Racecheck")."""
+    if racecheck is None:
+        racecheck = racecheck_requested()
     cpu, cu, deps = _sources()
+    cu = cu + [HERE / "selftest.cu"]  # the emulator's own checks, each with a planted bug (test_cuda_emulated.py)
+    cpu = cpu + [HERE / "selftest_bind.cpp"]
     flags = _flags()
+    # Racecheck: the CUDA units are instrumented by GCC's ThreadSanitizer pass, whose callbacks
+    # cuda_emu.cpp defines (ThreadSanitizer's runtime is not linked); the CPU units are the plain build's.
+    emu_flags = flags + (["-DMPTK_EMU_RACECHECK=1"] if racecheck else [])
+    cu_flags = emu_flags + (["-fsanitize=thread"] if racecheck else [])
+    if racecheck and any(f.startswith("-fsanitize=") for f in flags):
+        raise RuntimeError("cuda_emu: MPTK_EMU_RACECHECK cannot be combined with MPTK_EMU_SANITIZE "
+                           "(GCC's thread instrumentation excludes the address sanitizer)")
     h = hashlib.sha256()
     for p in cpu + cu + deps:
         h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes())
-    h.update(" ".join([_compiler()] + flags).encode())
+    h.update(" ".join([_compiler()] + cu_flags).encode())
     out_dir = ROOT / "build" / "cuda_emu" / h.hexdigest()[:16]
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    target = out_dir / f"_C_emu{suffix}"
+    name = module_name(racecheck)
+    target = out_dir / f"{name}{suffix}"
     if target.exists():
         return target
     gen = out_dir / "src"
@@ -124,24 +148,30 @@ def build(verbose: bool = False) -> Path:
     for p in cpu:
         text = p.read_text()
         if p.name == "module.cpp":
-            text = text.replace("PYBIND11_MODULE(_C,", "PYBIND11_MODULE(_C_emu,")
+            # (one line: the .cpp's line numbers stay the real file's)
+            head = "PYBIND11_MODULE(_C, m) {"
+            if head not in text:
+                raise RuntimeError("cuda_emu: python/module.cpp no longer opens with " + head)
+            text = text.replace(head, "void mptk_emu_bind_selftest(pybind11::module_&); "
+                                      f"PYBIND11_MODULE({name}, m) {{ mptk_emu_bind_selftest(m);")
             q = gen / "module.cpp"
             q.write_text(f'#line 1 "{p}"\n' + text)
-            units.append(q)
+            units.append((q, flags))
         else:
-            units.append(p)
+            units.append((p, flags))
     for p in cu:
         q = gen / (p.stem + "_cu.cpp")
         q.write_text('#include "cuda_emu.h"\n' + f'#line 1 "{p}"\n' + transform_cu(p.read_text()))
-        units.append(q)
-    units.append(HERE / "cuda_emu.cpp")
+        units.append((q, cu_flags))
+    units.append((HERE / "cuda_emu.cpp", emu_flags))
 
     header_hash = hashlib.sha256(b"".join(p.read_bytes() for p in deps)).hexdigest()
     obj_dir = ROOT / "build" / "cuda_emu" / "obj"
     obj_dir.mkdir(parents=True, exist_ok=True)
 
-    def compile_one(src: Path) -> Path:
+    def compile_one(unit) -> Path:
         # objects cached by unit text + every header + flags: a one-file edit recompiles one file
+        src, flags = unit
         key = hashlib.sha256(src.read_bytes() + header_hash.encode() + " ".join(flags).encode()).hexdigest()[:20]
         obj = obj_dir / f"{src.stem}-{key}.o"
         if obj.exists():
@@ -168,14 +198,16 @@ def build(verbose: bool = False) -> Path:
     return target
 
 
-def load(verbose: bool = False):
-    """The ``_C_emu`` module (built first when needed)."""
-    path = build(verbose)
-    spec = importlib.util.spec_from_file_location("_C_emu", path)
+def load(verbose: bool = False, racecheck: bool | None = None):
+    """The ``_C_emu`` module (built first when needed); ``racecheck`` as for ``build``."""
+    if racecheck is None:
+        racecheck = racecheck_requested()
+    path = build(verbose, racecheck)
+    spec = importlib.util.spec_from_file_location(module_name(racecheck), path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
 if __name__ == "__main__":
-    print(build(verbose=True))
+    print(build(verbose=True, racecheck="--racecheck" in sys.argv[1:] or None))

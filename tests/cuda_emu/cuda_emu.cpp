@@ -2,6 +2,7 @@
 // cp.async, ldmatrix and mma.m16n8k16 (tests/cuda_emu/cuda_emu.h says what is modelled).
 #include "cuda_emu.h"
 
+#include <dlfcn.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -159,6 +160,35 @@ static void switch_context(Context& from, Context& to, bool from_finished = fals
 thread_local ThreadState* g_thread = nullptr;
 thread_local dim3 g_thread_idx, g_block_idx, g_block_dim, g_grid_dim;
 
+
+#if MPTK_EMU_RACECHECK
+// Shared-memory racecheck (tests/cuda_emu/README.md, "Racecheck"): the kernels' translation units are
+// compiled with -fsanitize=thread, which only instruments them: every load and store calls
+// __tsan_readN / __tsan_writeN (defined at the end of this file, in place of ThreadSanitizer's
+// runtime). Accesses that land in the block's shared memory are checked against one shadow entry per
+// byte: the last write and the reads since, each with its thread and the number of barriers and
+// warp collectives that thread had passed. Two accesses of different threads, one a write, are a
+// hazard unless a __syncthreads lies between them (the later thread has passed more barriers than the
+// earlier one had) or, within one warp, a warp collective (shuffle, ldmatrix, mma) does.
+namespace race {
+enum : uint8_t { kWrite = 1, kPending = 2, kRead = 4, kReadLanes = 8, kReadWarps = 16 };
+struct Shadow {
+  uint32_t gen = 0;  // the block that wrote this entry (older entries are empty)
+  uint8_t flags = 0;
+  uint16_t w_thread = 0, r_thread = 0;
+  uint32_t w_epoch = 0, w_wepoch = 0, r_epoch = 0, r_wepoch = 0;  // r_wepoch: the latest reader's
+  const void* w_pc = nullptr;
+  const void* r_pc = nullptr;
+};
+struct Region {
+  unsigned char* base;
+  size_t size;
+  std::vector<Shadow> shadow;
+  std::string name;
+};
+}  // namespace race
+#endif
+
 namespace {
 
 constexpr size_t kStackBytes = 256 * 1024;
@@ -180,6 +210,8 @@ struct ThreadState {
   bool done = false;
   Wait wait = Wait::None;
   int exchange_parity = 0;
+  // barriers and warp collectives this thread has passed (racecheck's happens-before)
+  uint32_t bar_epoch = 0, warp_epoch = 0;
   // cp.async: committed groups (oldest first) and the open one
   struct Copy {
     unsigned char* dst;
@@ -208,6 +240,9 @@ struct Block {
   size_t dyn_size = 0;
   std::map<std::pair<int, size_t>, std::vector<unsigned char>> statics;  // (site, type hash) -> bytes
   Context scheduler;
+#if MPTK_EMU_RACECHECK
+  std::vector<race::Region> regions;  // dynamic shared memory first, then each static variable
+#endif
   std::string error;
   const std::function<void()>* body = nullptr;
 };
@@ -294,6 +329,7 @@ void run_block(Block& b, dim3 block, int schedule, std::mt19937& rng) {
     t.done = false;
     t.wait = Wait::None;
     t.exchange_parity = 0;
+    t.bar_epoch = t.warp_epoch = 0;
     t.groups.clear();
     t.open.clear();
 #if MPTK_EMU_FAST_SWITCH
@@ -383,7 +419,7 @@ thread_local StackPool g_stacks;
 }  // namespace
 
 void fail(const char* fmt, ...) {
-  char buf[512];
+  char buf[2048];
   va_list ap;
   va_start(ap, fmt);
   std::vsnprintf(buf, sizeof buf, fmt, ap);
@@ -394,6 +430,151 @@ void fail(const char* fmt, ...) {
   }
   abandon_fiber();
 }
+
+
+#if MPTK_EMU_RACECHECK
+// ---------------------------------------------------------------- racecheck (see race:: above)
+namespace race {
+namespace {
+thread_local uintptr_t g_lo = UINTPTR_MAX, g_hi = 0;  // bounds of the running block's shared memory
+thread_local uint32_t g_gen = 0;                      // increments at every block start
+bool g_strict = false;  // MPTK_EMU_RACECHECK_STRICT=1: only __syncthreads orders threads (not warp collectives)
+
+void set_bounds(const Block* b) {
+  g_lo = UINTPTR_MAX;
+  g_hi = 0;
+  if (b == nullptr) return;
+  for (const Region& r : b->regions) {
+    if (r.size == 0) continue;
+    g_lo = std::min(g_lo, reinterpret_cast<uintptr_t>(r.base));
+    g_hi = std::max(g_hi, reinterpret_cast<uintptr_t>(r.base) + r.size);
+  }
+}
+
+// "file:line" of a code address (innermost inlined frame first, " <- " its callers), by addr2line.
+std::string code_location(const void* pc) {
+  if (pc == nullptr) return "?";
+  Dl_info info;
+  if (dladdr(pc, &info) == 0 || info.dli_fname == nullptr) return "?";
+  const uintptr_t off = reinterpret_cast<uintptr_t>(pc) - reinterpret_cast<uintptr_t>(info.dli_fbase) - 1;
+  char cmd[1200];
+  std::snprintf(cmd, sizeof cmd, "addr2line -i -e '%s' 0x%lx 2>/dev/null", info.dli_fname,
+                static_cast<unsigned long>(off));
+  std::string out;
+  if (FILE* f = popen(cmd, "r")) {
+    char line[1024];
+    while (std::fgets(line, sizeof line, f)) {
+      std::string l(line);
+      while (!l.empty() && (l.back() == '\n' || l.back() == '\r')) l.pop_back();
+      const size_t d = l.find(" (discriminator");
+      if (d != std::string::npos) l.resize(d);
+      const size_t slash = l.rfind('/');
+      if (slash != std::string::npos) l = l.substr(slash + 1);
+      if (l.empty() || l.rfind("??", 0) == 0) continue;
+      out += (out.empty() ? "" : " <- ") + l;
+    }
+    pclose(f);
+  }
+  return out.empty() ? "?" : out;
+}
+
+std::string thread_str(int index) {
+  const dim3 d = g_block_dim;
+  return dim_str(dim3(index % d.x, (index / d.x) % d.y, index / (d.x * d.y)));
+}
+
+[[noreturn]] void report(const char* hazard, const Region& r, size_t off, int prev_thread, const char* prev_what,
+                         const void* prev_pc, const char* what, const void* pc, const char* advice) {
+  const ThreadState& t = *g_thread;
+  std::string msg = std::string("racecheck: ") + hazard + " on " + r.name + " byte " + std::to_string(off) +
+                    ": thread " + thread_str(prev_thread) + " " + prev_what + " it at " + code_location(prev_pc) +
+                    ", then thread " + thread_str(t.index) + " " + what + " it at " + code_location(pc) + " " + advice;
+  fail("%s", msg.c_str());
+  std::abort();
+}
+
+enum Kind { kLoad, kStore, kAsyncIssue, kAsyncLand };
+
+void check_byte(Region& r, size_t off, Kind kind, const void* pc) {
+  Shadow& s = r.shadow[off];
+  const ThreadState& t = *g_thread;
+  if (s.gen != g_gen) s = Shadow{g_gen};
+  const uint32_t e = t.bar_epoch, we = t.warp_epoch;
+  const int me = t.index, w = me / 32;
+  auto ordered = [&](int p, uint32_t pe, uint32_t pwe) {
+    return p == me || e > pe || (!g_strict && p / 32 == w && we > pwe);
+  };
+  const char* no_sync = "with no __syncthreads between them (nor, within a warp, a warp collective)";
+  if (kind == kAsyncLand) {  // the issuing thread's copy completes at its wait_group
+    s.flags = kWrite;
+    s.w_thread = static_cast<uint16_t>(me);
+    s.w_epoch = e;
+    s.w_wepoch = we;
+    return;
+  }
+  if (s.flags & kPending)
+    report("access to a cp.async destination in flight", r, off, s.w_thread, "issued a cp.async into", s.w_pc,
+           kind == kLoad ? "reads" : "writes", pc,
+           "before the copy was waited for (cp.async.wait_group in the issuing thread, then __syncthreads for others)");
+  if ((s.flags & kWrite) && !ordered(s.w_thread, s.w_epoch, s.w_wepoch))
+    report(kind == kLoad ? "read-after-write hazard" : "write-after-write hazard", r, off, s.w_thread, "wrote", s.w_pc,
+           kind == kLoad ? "reads" : (kind == kAsyncIssue ? "starts a cp.async into" : "writes"), pc, no_sync);
+  if (kind == kLoad) {
+    if (!(s.flags & kRead) || s.r_epoch < e) {  // readers of earlier barrier intervals precede every later access
+      s.flags = static_cast<uint8_t>((s.flags & (kWrite | kPending)) | kRead);
+    } else if (s.r_thread / 32 != w) {
+      s.flags |= kReadWarps;
+    } else if (s.r_thread != me) {
+      s.flags |= kReadLanes;
+    }
+    s.r_wepoch = (s.flags & (kReadLanes | kReadWarps)) ? std::max(s.r_wepoch, we) : we;
+    s.r_thread = static_cast<uint16_t>(me);
+    s.r_epoch = e;
+    s.r_pc = pc;
+    return;
+  }
+  if ((s.flags & kRead) && s.r_epoch == e) {
+    bool ok;
+    if (s.flags & kReadWarps) ok = false;
+    else if (s.r_thread / 32 != w) ok = false;
+    else if (!(s.flags & kReadLanes) && s.r_thread == me) ok = true;
+    else ok = !g_strict && we > s.r_wepoch;
+    if (!ok)
+      report("write-after-read hazard", r, off, s.r_thread, "read", s.r_pc,
+             kind == kAsyncIssue ? "starts a cp.async into" : "writes", pc, no_sync);
+  }
+  s.flags = static_cast<uint8_t>(kWrite | (kind == kAsyncIssue ? kPending : 0));
+  s.w_thread = static_cast<uint16_t>(me);
+  s.w_epoch = e;
+  s.w_wepoch = we;
+  s.w_pc = pc;
+}
+}  // namespace
+
+inline bool maybe_shared(const void* p, size_t n) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  return a < g_hi && a + n > g_lo && g_thread != nullptr && g_block != nullptr;
+}
+
+void access(const void* p, size_t n, int kind, const void* pc) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  for (Region& r : g_block->regions) {
+    const uintptr_t b = reinterpret_cast<uintptr_t>(r.base);
+    if (a + n <= b || a >= b + r.size) continue;
+    const size_t from = a > b ? a - b : 0, to = std::min<uintptr_t>(a + n - b, r.size);
+    for (size_t off = from; off < to; ++off) check_byte(r, off, static_cast<Kind>(kind), pc);
+  }
+}
+}  // namespace race
+#define MPTK_EMU_RACE(p, n, kind, pc) \
+  do {                                \
+    if (::mptk_emu::race::maybe_shared(p, n)) ::mptk_emu::race::access(p, n, kind, pc); \
+  } while (0)
+#else
+#define MPTK_EMU_RACE(p, n, kind, pc) \
+  do {                                \
+  } while (0)
+#endif
 
 void run_grid(const void* func, dim3 grid, dim3 block, size_t dynamic_smem, const std::function<void()>& body) {
   const uint64_t nthreads = uint64_t{block.x} * block.y * block.z;
@@ -410,6 +591,9 @@ void run_grid(const void* func, dim3 grid, dim3 block, size_t dynamic_smem, cons
   }
   const int schedule = env_int("MPTK_EMU_SCHEDULE", 0);
   g_mma_mode = env_int("MPTK_EMU_MMA", 0);
+#if MPTK_EMU_RACECHECK
+  race::g_strict = env_int("MPTK_EMU_RACECHECK_STRICT", 0) != 0;
+#endif
   std::mt19937 rng(static_cast<unsigned>(schedule));
   Block b;
   b.threads.resize(nthreads);
@@ -417,6 +601,9 @@ void run_grid(const void* func, dim3 grid, dim3 block, size_t dynamic_smem, cons
   b.warps.resize((nthreads + 31) / 32);
   b.dyn_size = dynamic_smem;
   b.dyn.resize(dynamic_smem + 16);
+#if MPTK_EMU_RACECHECK
+  b.regions.push_back({b.dyn.data(), dynamic_smem, std::vector<race::Shadow>(dynamic_smem), "dynamic shared memory"});
+#endif
   b.body = &body;
   Block* saved_block = g_block;
   const dim3 saved_dims[3] = {g_block_idx, g_block_dim, g_grid_dim};
@@ -434,15 +621,25 @@ void run_grid(const void* func, dim3 grid, dim3 block, size_t dynamic_smem, cons
       g_block_idx = dim3(lin % grid.x, (lin / grid.x) % grid.y, lin / (uint64_t{grid.x} * grid.y));
       std::memset(b.dyn.data(), kPoison, b.dyn.size());
       for (auto& s : b.statics) std::memset(s.second.data(), kPoison, s.second.size());
+#if MPTK_EMU_RACECHECK
+      ++race::g_gen;  // every shadow entry of the previous block reads as empty
+      race::set_bounds(&b);
+#endif
       run_block(b, block, schedule, rng);
     }
   } catch (...) {
+#if MPTK_EMU_RACECHECK
+    race::set_bounds(saved_block);
+#endif
     g_block = saved_block;
     g_block_idx = saved_dims[0];
     g_block_dim = saved_dims[1];
     g_grid_dim = saved_dims[2];
     throw;
   }
+#if MPTK_EMU_RACECHECK
+  race::set_bounds(saved_block);
+#endif
   g_block = saved_block;
   g_block_idx = saved_dims[0];
   g_block_dim = saved_dims[1];
@@ -456,6 +653,7 @@ void syncthreads() {
   ++b.block_arrived;
   maybe_release_block(b);
   while (t.wait == Wait::Block) yield();
+  ++t.bar_epoch;
   g_thread_idx = t.tid;
 }
 
@@ -471,6 +669,13 @@ void* static_smem(int site, size_t bytes, size_t align, const std::type_info& ty
   auto it = b.statics.find(key);
   if (it == b.statics.end()) {
     it = b.statics.emplace(key, std::vector<unsigned char>(bytes + align, kPoison)).first;
+#if MPTK_EMU_RACECHECK
+    uintptr_t q = reinterpret_cast<uintptr_t>(it->second.data());
+    q = (q + align - 1) / align * align;
+    b.regions.push_back({reinterpret_cast<unsigned char*>(q), bytes, std::vector<race::Shadow>(bytes),
+                         "static __shared__ variable #" + std::to_string(site)});
+    race::set_bounds(&b);
+#endif
   }
   uintptr_t p = reinterpret_cast<uintptr_t>(it->second.data());
   p = (p + align - 1) / align * align;
@@ -505,6 +710,7 @@ void warp_exchange(const char* op, const void* in, size_t bytes, void* all_out) 
     }
   }
   while (t.wait == Wait::Warp) yield();
+  ++t.warp_epoch;
   g_thread_idx = t.tid;
   unsigned char* out = static_cast<unsigned char*>(all_out);
   for (int l = 0; l < 32; ++l) std::memcpy(out + l * bytes, ws.slot[parity][l], bytes);
@@ -517,6 +723,7 @@ void cp_async_16(uint32_t off, const void* src, bool valid) {
   if (off + 16 > b.dyn_size) fail("cp.async: shared address %u + 16 past the dynamic shared memory (%zu bytes)", off, b.dyn_size);
   if (valid && reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("cp.async: global address %p is not 16-byte aligned", src);
   unsigned char* dst = b.dyn.data() + off;
+  MPTK_EMU_RACE(dst, 16, 2, __builtin_return_address(0));
   std::memset(dst, kPoison, 16);  // undefined until the group completes
   g_thread->open.push_back({dst, static_cast<const unsigned char*>(src), valid});
 }
@@ -531,6 +738,7 @@ void cp_async_wait(int allowed) {
     for (auto& c : t.groups.front()) {
       if (c.valid) std::memcpy(c.dst, c.src, 16);
       else std::memset(c.dst, 0, 16);
+      MPTK_EMU_RACE(c.dst, 16, 3, nullptr);
     }
     t.groups.erase(t.groups.begin());
   }
@@ -554,11 +762,16 @@ void ldmatrix_x4(uint32_t (&r)[4], uint32_t off, bool trans) {
     }
   }
   const unsigned char* base = b.dyn.data();
+  const void* pc = __builtin_return_address(0);
+  (void)pc;
   for (int i = 0; i < 4; ++i) {
     if (!trans) {
+      MPTK_EMU_RACE(base + addr[8 * i + L / 4] + 4 * (L % 4), 4, 0, pc);
       std::memcpy(&r[i], base + addr[8 * i + L / 4] + 4 * (L % 4), 4);
     } else {
       uint16_t lo, hi;
+      MPTK_EMU_RACE(base + addr[8 * i + 2 * (L % 4)] + 2 * (L / 4), 2, 0, pc);
+      MPTK_EMU_RACE(base + addr[8 * i + 2 * (L % 4) + 1] + 2 * (L / 4), 2, 0, pc);
       std::memcpy(&lo, base + addr[8 * i + 2 * (L % 4)] + 2 * (L / 4), 2);
       std::memcpy(&hi, base + addr[8 * i + 2 * (L % 4) + 1] + 2 * (L / 4), 2);
       r[i] = lo | (static_cast<uint32_t>(hi) << 16);
@@ -628,3 +841,29 @@ void mma_16816_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t
 void mma_16816_f16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { mma<false>(c, a, b0, b1); }
 
 }  // namespace mptk_emu
+
+#if MPTK_EMU_RACECHECK
+// The entry points GCC's -fsanitize=thread instrumentation calls (the kernels' translation units only;
+// ThreadSanitizer's own runtime is not linked). Only shared-memory accesses of a running CUDA thread
+// are checked; the rest return at the bounds test.
+extern "C" {
+#define MPTK_EMU_TSAN_ACCESS(n)                                                                           \
+  void __tsan_read##n(void* p) { MPTK_EMU_RACE(p, n, 0, __builtin_return_address(0)); }                  \
+  void __tsan_write##n(void* p) { MPTK_EMU_RACE(p, n, 1, __builtin_return_address(0)); }                 \
+  void __tsan_unaligned_read##n(void* p) { MPTK_EMU_RACE(p, n, 0, __builtin_return_address(0)); }        \
+  void __tsan_unaligned_write##n(void* p) { MPTK_EMU_RACE(p, n, 1, __builtin_return_address(0)); }
+MPTK_EMU_TSAN_ACCESS(1)
+MPTK_EMU_TSAN_ACCESS(2)
+MPTK_EMU_TSAN_ACCESS(4)
+MPTK_EMU_TSAN_ACCESS(8)
+MPTK_EMU_TSAN_ACCESS(16)
+#undef MPTK_EMU_TSAN_ACCESS
+void __tsan_read_range(void* p, unsigned long n) { MPTK_EMU_RACE(p, n, 0, __builtin_return_address(0)); }
+void __tsan_write_range(void* p, unsigned long n) { MPTK_EMU_RACE(p, n, 1, __builtin_return_address(0)); }
+void __tsan_init() {}
+void __tsan_func_entry(void*) {}
+void __tsan_func_exit() {}
+void __tsan_vptr_update(void**, void*) {}
+void __tsan_vptr_read(void**) {}
+}
+#endif
