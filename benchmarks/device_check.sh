@@ -125,8 +125,9 @@ if [ -z "${SKIP_TESTS:-}" ] && command -v compute-sanitizer > /dev/null; then
     $PY -m pytest -q -p no:cacheprovider -m "cuda and not slow" -x --timeout=140 \
     -k "smoke or empty or offset or bad_input or rejects or step_matches or row_blocks or 6x4097 or 3x50432 or qkvpacked or matches_cpu_and_uses_current_stream or unused_sum_output" tests
   grep -E "ERROR SUMMARY|Invalid|out of bounds" "$WORK/memcheck.txt" 2>/dev/null | head -20
-  # Shared-memory races (cp.async stages, the Q tile borrowing a K/V stage, dS^T reuse): the CPU
-  # emulation loads tiles synchronously and cannot see them. One dtype of the per-path smoke tests.
+  # Shared-memory races (cp.async stages, the Q tile borrowing a K/V stage, dS^T reuse) on the real
+  # hardware; the CPU emulator's racecheck build (tests/cuda_emu/README.md) checks the same per byte
+  # against barrier counts, this against the GPU's own scheduling. One dtype of the per-path smoke tests.
   stage "racecheck (smoke tests, bf16)" 100 compute-sanitizer --tool racecheck \
     --error-exitcode 3 --print-limit 20 --log-file "$WORK/racecheck.txt" \
     $PY -m pytest -q -p no:cacheprovider -m cuda -x --timeout=90 -k "smoke and bfloat16" tests/test_attention_cuda.py

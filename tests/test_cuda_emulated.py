@@ -576,18 +576,25 @@ def test_attention_backward_single_buffered_on_smaller_shared_memory(E, dtype, m
     _run_attention(E, q, k, v, True, mk.alibi_slopes(2))
 
 
+@pytest.mark.parametrize("rows,hidden", [(300, 96), (40, 4096)], ids=["warp_rows", "block_rows"])
 @pytest.mark.parametrize("sms", ["1", "7", "200"])
-def test_layer_norm_backward_grid_follows_the_sm_count(E, sms, monkeypatch):
-    """The backward's grid (and so its partial sums) is sized from the SM count and occupancy."""
+def test_layer_norm_backward_grid_follows_the_sm_count(E, sms, monkeypatch, rows, hidden):
+    """The backward's grid (and so its partial sums) is sized from the SM count and occupancy. At hidden
+    4096 a row takes a whole block (block-wide reductions through shared memory), and with few SMs a
+    block takes several rows in turn: one reduction's buffer reused by the next."""
+    _layer_norm_bwd_grid_case(E, sms, monkeypatch, rows, hidden)
+
+
+def _layer_norm_bwd_grid_case(E, sms, monkeypatch, rows, hidden):
     monkeypatch.setenv("MPTK_EMU_SM_COUNT", sms)
     torch.manual_seed(int(sms))
-    x, w, b = torch.randn(300, 96), torch.rand(96) + 0.5, torch.randn(96)
+    x, w, b = torch.randn(rows, hidden), torch.rand(hidden) + 0.5, torch.randn(hidden)
     cpu = ln_fwd(_ext._C, -1, x, w, b, None, torch.float32)
-    dy = torch.randn(300, 96)
+    dy = torch.randn(rows, hidden)
     cpu_b = ln_bwd(_ext._C, -1, dy, None, x, w, cpu[2], cpu[3], True, False)
     emu_b = ln_bwd(E, 0, dy, None, x, w, cpu[2], cpu[3], True, False)
     for name, g, c in zip(("dh", "dweight", "dbias"), emu_b, cpu_b):
-        _close(g, c, name, ulps=2 if name == "dh" else 4 * 300 + 8)
+        _close(g, c, name, ulps=2 if name == "dh" else 4 * rows + 8)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -629,7 +636,8 @@ def strict(monkeypatch):
 
 
 SELFTESTS = ["exchange", "overwrite_read", "same_slot", "within_warp", "static_exchange", "async_read",
-             "async_in_flight", "async_overwrite", "ldmatrix_other_warp"]
+             "async_in_flight", "async_overwrite", "ldmatrix_other_warp", "global_overlap", "global_other_block",
+             "global_atomic"]
 
 
 @pytest.mark.parametrize("sched", ["0", "1", "2", "3"])
@@ -679,6 +687,11 @@ def test_racecheck_attention_each_path(R, strict, name, shape, grad):
                          ids=lambda m: m[0])
 def test_racecheck_layer_norm(R, strict, shape, mode):
     _layer_norm_case(R, shape, mode, True)
+
+
+def test_racecheck_layer_norm_backward_rows_in_turn(R, strict, monkeypatch):
+    """One SM: each block of the backward takes several whole-block rows, reusing its reduction buffer."""
+    _layer_norm_bwd_grid_case(R, "1", monkeypatch, 40, 4096)
 
 
 @pytest.mark.parametrize("rows,vocab", [(4, 7), (6, 1000), (2, 50432)], ids=lambda v: str(v))

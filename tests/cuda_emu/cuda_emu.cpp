@@ -171,14 +171,16 @@ thread_local dim3 g_thread_idx, g_block_idx, g_block_dim, g_grid_dim;
 // hazard unless a __syncthreads lies between them (the later thread has passed more barriers than the
 // earlier one had) or, within one warp, a warp collective (shuffle, ldmatrix, mma) does.
 namespace race {
-enum : uint8_t { kWrite = 1, kPending = 2, kRead = 4, kReadLanes = 8, kReadWarps = 16 };
+enum : uint8_t { kWrite = 1, kPending = 2, kRead = 4, kReadLanes = 8, kReadWarps = 16, kReadBlocks = 32, kAtomic = 64 };
 struct Shadow {
-  uint32_t gen = 0;  // the block that wrote this entry (older entries are empty)
+  uint32_t gen = 0;  // the block (shared memory) or launch (global) of this entry; older ones are empty
   uint8_t flags = 0;
-  uint16_t w_thread = 0, r_thread = 0;
+  uint16_t w_thread = 0, r_thread = 0, r2_thread = 0;
+  uint32_t w_block = 0, r_block = 0, r2_block = 0;  // linear block indices (r2: a reader of another block)
   uint32_t w_epoch = 0, w_wepoch = 0, r_epoch = 0, r_wepoch = 0;  // r_wepoch: the latest reader's
   const void* w_pc = nullptr;
   const void* r_pc = nullptr;
+  const void* r2_pc = nullptr;
 };
 struct Region {
   unsigned char* base;
@@ -438,7 +440,21 @@ namespace race {
 namespace {
 thread_local uintptr_t g_lo = UINTPTR_MAX, g_hi = 0;  // bounds of the running block's shared memory
 thread_local uint32_t g_gen = 0;                      // increments at every block start
+uint32_t g_launch = 0;                                 // increments at every launch
 bool g_strict = false;  // MPTK_EMU_RACECHECK_STRICT=1: only __syncthreads orders threads (not warp collectives)
+
+// Global memory: a shadow page per 4 KiB page touched during the launch (dropped at the next launch).
+constexpr uintptr_t kPage = 4096;
+std::map<uintptr_t, std::vector<Shadow>> g_pages;
+uintptr_t g_last_page = 0;
+Shadow* g_last_shadow = nullptr;
+
+void new_launch() {
+  ++g_launch;
+  g_pages.clear();
+  g_last_page = 0;
+  g_last_shadow = nullptr;
+}
 
 void set_bounds(const Block* b) {
   g_lo = UINTPTR_MAX;
@@ -478,50 +494,81 @@ std::string code_location(const void* pc) {
   return out.empty() ? "?" : out;
 }
 
-std::string thread_str(int index) {
-  const dim3 d = g_block_dim;
-  return dim_str(dim3(index % d.x, (index / d.x) % d.y, index / (d.x * d.y)));
+uint32_t block_linear() { return g_block_idx.x + g_grid_dim.x * (g_block_idx.y + g_grid_dim.y * g_block_idx.z); }
+
+std::string thread_str(int index, uint32_t block) {
+  const dim3 d = g_block_dim, g = g_grid_dim;
+  std::string s = dim_str(dim3(index % d.x, (index / d.x) % d.y, index / (d.x * d.y)));
+  if (block != block_linear()) s += " of block " + dim_str(dim3(block % g.x, (block / g.x) % g.y, block / (g.x * g.y)));
+  return s;
 }
 
-[[noreturn]] void report(const char* hazard, const Region& r, size_t off, int prev_thread, const char* prev_what,
-                         const void* prev_pc, const char* what, const void* pc, const char* advice) {
+struct Where {  // what a report calls the byte
+  const char* space;
+  uintptr_t at;
+  bool shared;
+};
+
+[[noreturn]] void report(const char* hazard, const Where& where, int prev_thread, uint32_t prev_block,
+                         const char* prev_what, const void* prev_pc, const char* what, const void* pc, const char* advice) {
   const ThreadState& t = *g_thread;
-  std::string msg = std::string("racecheck: ") + hazard + " on " + r.name + " byte " + std::to_string(off) +
-                    ": thread " + thread_str(prev_thread) + " " + prev_what + " it at " + code_location(prev_pc) +
-                    ", then thread " + thread_str(t.index) + " " + what + " it at " + code_location(pc) + " " + advice;
+  char at[64];
+  std::snprintf(at, sizeof at, where.shared ? " byte %lu" : " at 0x%lx", static_cast<unsigned long>(where.at));
+  std::string msg = std::string("racecheck: ") + hazard + " on " + where.space + at + ": thread " +
+                    thread_str(prev_thread, prev_block) + " " + prev_what + " it at " + code_location(prev_pc) +
+                    ", then thread " + thread_str(t.index, block_linear()) + " " + what + " it at " +
+                    code_location(pc) + " " + advice;
   fail("%s", msg.c_str());
   std::abort();
 }
 
-enum Kind { kLoad, kStore, kAsyncIssue, kAsyncLand };
+enum Kind { kLoad, kStore, kAsyncIssue, kAsyncLand, kAtomicAdd };
 
-void check_byte(Region& r, size_t off, Kind kind, const void* pc) {
-  Shadow& s = r.shadow[off];
+void check_byte(Shadow& s, uint32_t gen, const Where& where, Kind kind, const void* pc) {
   const ThreadState& t = *g_thread;
-  if (s.gen != g_gen) s = Shadow{g_gen};
-  const uint32_t e = t.bar_epoch, we = t.warp_epoch;
+  if (s.gen != gen) s = Shadow{gen};
+  const uint32_t e = t.bar_epoch, we = t.warp_epoch, blk = block_linear();
   const int me = t.index, w = me / 32;
-  auto ordered = [&](int p, uint32_t pe, uint32_t pwe) {
-    return p == me || e > pe || (!g_strict && p / 32 == w && we > pwe);
+  // Barriers and warp collectives order the threads of one block; nothing orders two blocks.
+  auto ordered = [&](uint32_t pb, int p, uint32_t pe, uint32_t pwe) {
+    return pb == blk && (p == me || e > pe || (!g_strict && p / 32 == w && we > pwe));
   };
-  const char* no_sync = "with no __syncthreads between them (nor, within a warp, a warp collective)";
-  if (kind == kAsyncLand) {  // the issuing thread's copy completes at its wait_group
-    s.flags = kWrite;
+  const char* no_sync = where.shared ? "with no __syncthreads between them (nor, within a warp, a warp collective)"
+                                     : "with nothing ordering them (another block, or no __syncthreads between them)";
+  auto set_write = [&](uint8_t flags) {
+    s.flags = flags;
     s.w_thread = static_cast<uint16_t>(me);
+    s.w_block = blk;
     s.w_epoch = e;
     s.w_wepoch = we;
+    s.w_pc = pc;
+  };
+  if (kind == kAsyncLand) {  // the issuing thread's copy completes at its wait_group
+    const void* issued = s.w_pc;
+    set_write(kWrite);
+    s.w_pc = issued;
     return;
   }
+  const char* doing = kind == kLoad ? "reads" : kind == kAsyncIssue ? "starts a cp.async into" :
+                      kind == kAtomicAdd ? "atomically adds to" : "writes";
   if (s.flags & kPending)
-    report("access to a cp.async destination in flight", r, off, s.w_thread, "issued a cp.async into", s.w_pc,
-           kind == kLoad ? "reads" : "writes", pc,
-           "before the copy was waited for (cp.async.wait_group in the issuing thread, then __syncthreads for others)");
-  if ((s.flags & kWrite) && !ordered(s.w_thread, s.w_epoch, s.w_wepoch))
-    report(kind == kLoad ? "read-after-write hazard" : "write-after-write hazard", r, off, s.w_thread, "wrote", s.w_pc,
-           kind == kLoad ? "reads" : (kind == kAsyncIssue ? "starts a cp.async into" : "writes"), pc, no_sync);
+    report("access to a cp.async destination in flight", where, s.w_thread, s.w_block, "issued a cp.async into", s.w_pc,
+           doing, pc, "before the copy was waited for (cp.async.wait_group in the issuing thread, then __syncthreads for others)");
+  const bool atomic_pair = kind == kAtomicAdd && (s.flags & kAtomic);  // atomics commute with each other
+  if ((s.flags & kWrite) && !atomic_pair && !ordered(s.w_block, s.w_thread, s.w_epoch, s.w_wepoch))
+    report(kind == kLoad ? "read-after-write hazard" : "write-after-write hazard", where, s.w_thread, s.w_block,
+           (s.flags & kAtomic) ? "atomically added to" : "wrote", s.w_pc, doing, pc, no_sync);
   if (kind == kLoad) {
-    if (!(s.flags & kRead) || s.r_epoch < e) {  // readers of earlier barrier intervals precede every later access
-      s.flags = static_cast<uint8_t>((s.flags & (kWrite | kPending)) | kRead);
+    const uint8_t keep = s.flags & (kWrite | kPending | kAtomic);
+    if (!(s.flags & kRead)) {
+      s.flags = keep | kRead;
+    } else if (s.r_block != blk) {  // remember one reader of another block
+      s.flags |= kReadBlocks;
+      s.r2_thread = s.r_thread;
+      s.r2_block = s.r_block;
+      s.r2_pc = s.r_pc;
+    } else if (s.r_epoch < e) {  // same-block readers of earlier barrier intervals precede every later access
+      s.flags = keep | kRead | (s.flags & kReadBlocks);
     } else if (s.r_thread / 32 != w) {
       s.flags |= kReadWarps;
     } else if (s.r_thread != me) {
@@ -529,46 +576,83 @@ void check_byte(Region& r, size_t off, Kind kind, const void* pc) {
     }
     s.r_wepoch = (s.flags & (kReadLanes | kReadWarps)) ? std::max(s.r_wepoch, we) : we;
     s.r_thread = static_cast<uint16_t>(me);
+    s.r_block = blk;
     s.r_epoch = e;
     s.r_pc = pc;
     return;
   }
-  if ((s.flags & kRead) && s.r_epoch == e) {
+  if ((s.flags & kReadBlocks) && s.r2_block != blk)
+    report("write-after-read hazard", where, s.r2_thread, s.r2_block, "read", s.r2_pc, doing, pc, no_sync);
+  if (s.flags & kRead) {
     bool ok;
-    if (s.flags & kReadWarps) ok = false;
+    if (s.r_block != blk) ok = false;
+    else if (s.flags & kReadBlocks) ok = false;  // (a reader of another block before this block's)
+    else if (s.r_epoch < e) ok = true;
+    else if (s.flags & kReadWarps) ok = false;
     else if (s.r_thread / 32 != w) ok = false;
     else if (!(s.flags & kReadLanes) && s.r_thread == me) ok = true;
     else ok = !g_strict && we > s.r_wepoch;
-    if (!ok)
-      report("write-after-read hazard", r, off, s.r_thread, "read", s.r_pc,
-             kind == kAsyncIssue ? "starts a cp.async into" : "writes", pc, no_sync);
+    if (!ok) {
+      const bool other = s.r_block == blk && (s.flags & kReadBlocks);
+      report("write-after-read hazard", where, other ? s.r2_thread : s.r_thread, other ? s.r2_block : s.r_block, "read",
+             other ? s.r2_pc : s.r_pc, doing, pc, no_sync);
+    }
   }
-  s.flags = static_cast<uint8_t>(kWrite | (kind == kAsyncIssue ? kPending : 0));
-  s.w_thread = static_cast<uint16_t>(me);
-  s.w_epoch = e;
-  s.w_wepoch = we;
-  s.w_pc = pc;
+  set_write(static_cast<uint8_t>(kWrite | (kind == kAsyncIssue ? kPending : 0) | (kind == kAtomicAdd ? kAtomic : 0)));
+}
+
+bool private_to_the_thread(uintptr_t a) {
+  // the fiber's own stack, and the emulator's thread-local threadIdx/blockIdx/blockDim/gridDim
+  const uintptr_t stack = reinterpret_cast<uintptr_t>(g_thread->stack);
+  if (a >= stack && a < stack + kStackBytes) return true;
+  for (const dim3* d : {&g_thread_idx, &g_block_idx, &g_block_dim, &g_grid_dim}) {
+    const uintptr_t b = reinterpret_cast<uintptr_t>(d);
+    if (a >= b && a < b + sizeof(dim3)) return true;
+  }
+  return false;
+}
+
+Shadow* global_page(uintptr_t page) {
+  if (page == g_last_page && g_last_shadow) return g_last_shadow;
+  auto it = g_pages.find(page);
+  if (it == g_pages.end()) it = g_pages.emplace(page, std::vector<Shadow>(kPage)).first;
+  g_last_page = page;
+  g_last_shadow = it->second.data();
+  return g_last_shadow;
 }
 }  // namespace
 
-inline bool maybe_shared(const void* p, size_t n) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  return a < g_hi && a + n > g_lo && g_thread != nullptr && g_block != nullptr;
-}
+inline bool in_kernel() { return g_thread != nullptr && g_block != nullptr; }
 
 void access(const void* p, size_t n, int kind, const void* pc) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  for (Region& r : g_block->regions) {
-    const uintptr_t b = reinterpret_cast<uintptr_t>(r.base);
-    if (a + n <= b || a >= b + r.size) continue;
-    const size_t from = a > b ? a - b : 0, to = std::min<uintptr_t>(a + n - b, r.size);
-    for (size_t off = from; off < to; ++off) check_byte(r, off, static_cast<Kind>(kind), pc);
+  if (a < g_hi && a + n > g_lo) {
+    for (Region& r : g_block->regions) {
+      const uintptr_t b = reinterpret_cast<uintptr_t>(r.base);
+      if (a + n <= b || a >= b + r.size) continue;
+      const size_t from = a > b ? a - b : 0, to = std::min<uintptr_t>(a + n - b, r.size);
+      for (size_t off = from; off < to; ++off)
+        check_byte(r.shadow[off], g_gen, Where{r.name.c_str(), off, true}, static_cast<Kind>(kind), pc);
+    }
+    return;
+  }
+  if (private_to_the_thread(a)) return;
+  for (uintptr_t x = a; x < a + n; ++x) {
+    Shadow* page = global_page(x & ~(kPage - 1));
+    check_byte(page[x & (kPage - 1)], g_launch, Where{"global memory", x, false}, static_cast<Kind>(kind), pc);
   }
 }
 }  // namespace race
+
+float atomic_add_f32(float* p, float v) {
+  if (race::in_kernel()) race::access(p, sizeof(float), race::kAtomicAdd, __builtin_return_address(0));
+  const float old = *p;
+  *p = old + v;
+  return old;
+}
 #define MPTK_EMU_RACE(p, n, kind, pc) \
   do {                                \
-    if (::mptk_emu::race::maybe_shared(p, n)) ::mptk_emu::race::access(p, n, kind, pc); \
+    if (::mptk_emu::race::in_kernel()) ::mptk_emu::race::access(p, n, kind, pc); \
   } while (0)
 #else
 #define MPTK_EMU_RACE(p, n, kind, pc) \
@@ -593,6 +677,7 @@ void run_grid(const void* func, dim3 grid, dim3 block, size_t dynamic_smem, cons
   g_mma_mode = env_int("MPTK_EMU_MMA", 0);
 #if MPTK_EMU_RACECHECK
   race::g_strict = env_int("MPTK_EMU_RACECHECK_STRICT", 0) != 0;
+  race::new_launch();
 #endif
   std::mt19937 rng(static_cast<unsigned>(schedule));
   Block b;
@@ -724,6 +809,7 @@ void cp_async_16(uint32_t off, const void* src, bool valid) {
   if (valid && reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("cp.async: global address %p is not 16-byte aligned", src);
   unsigned char* dst = b.dyn.data() + off;
   MPTK_EMU_RACE(dst, 16, 2, __builtin_return_address(0));
+  if (valid) MPTK_EMU_RACE(src, 16, 0, __builtin_return_address(0));  // (read at some point before the wait)
   std::memset(dst, kPoison, 16);  // undefined until the group completes
   g_thread->open.push_back({dst, static_cast<const unsigned char*>(src), valid});
 }

@@ -13,6 +13,8 @@
 // check that all 32 lanes take part in the same operation; a barrier nobody can pass, a launch the
 // hardware refuses (block size, grid limits, dynamic shared memory above 48 KiB without the
 // attribute) and misaligned or out-of-range ldmatrix/cp.async addresses are reported as errors.
+// The racecheck build (MPTK_EMU_RACECHECK, cuda_emu.cpp's race::) also checks every shared-memory
+// access for hazards between threads not ordered by a barrier or, within a warp, a warp collective.
 #pragma once
 
 #include <cmath>
@@ -229,11 +231,18 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   if (mask != 0xffffffffu) mptk_emu::fail("__shfl_xor_sync: partial mask %08x is not modelled", mask);
   return mptk_emu::shfl_xor(v, lane_mask);
 }
+#if MPTK_EMU_RACECHECK
+namespace mptk_emu {
+float atomic_add_f32(float* p, float v);  // the add, recorded as atomic for racecheck
+}
+inline float atomicAdd(float* p, float v) { return mptk_emu::atomic_add_f32(p, v); }
+#else
 inline float atomicAdd(float* p, float v) {  // fibers switch only at barriers: a plain add is atomic
   const float old = *p;
   *p = old + v;
   return old;
 }
+#endif
 inline size_t __cvta_generic_to_shared(const void* p) {
   const unsigned char* c = static_cast<const unsigned char*>(p);
   const unsigned char* base = mptk_emu::dynamic_smem();

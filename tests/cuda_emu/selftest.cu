@@ -131,6 +131,31 @@ __global__ void ldmatrix_other_warp(float* out, bool fixed) {
   out[blockIdx.x * kThreads + t] = v;
 }
 
+// Global memory, across blocks: both blocks write the same 64 outputs (fixed: a row per block).
+__global__ void global_overlap(float* out, bool fixed) {
+  const int t = threadIdx.x;
+  out[(fixed ? blockIdx.x * kThreads : 0) + t] = t + 1.0f;
+}
+
+// Global memory: a block reads what the other block writes in the same launch (fixed: its own row,
+// after a barrier; within a block __syncthreads orders global memory too).
+__global__ void global_other_block(float* out, bool fixed) {
+  const int t = threadIdx.x, b = blockIdx.x;
+  out[b * kThreads + t] = t + 1.0f;
+  __syncthreads();
+  const float v = out[(fixed ? b : 1 - b) * kThreads + (t ^ 32)];
+  __syncthreads();
+  out[b * kThreads + t] = v;
+}
+
+// Atomics: every block adds into the same 64 sums (clean); buggy, each thread also reads its sum back
+// while other blocks may still be adding.
+__global__ void global_atomic(float* out, bool fixed) {
+  const int t = threadIdx.x;
+  atomicAdd(out + t, 1.0f);
+  if (!fixed) out[kThreads + t] = out[t];
+}
+
 template <typename K, typename... A>
 void launch(K kernel, A... args) {
   kernel<<<kBlocks, kThreads, 1024>>>(args...);
@@ -155,6 +180,9 @@ std::vector<float> mptk_emu_selftest_run(const std::string& name, bool fixed) {
   else if (name == "async_in_flight") launch(async_in_flight, static_cast<const float*>(in.data()), out.data(), fixed);
   else if (name == "async_overwrite") launch(async_overwrite, static_cast<const float*>(in.data()), out.data(), fixed);
   else if (name == "ldmatrix_other_warp") launch(ldmatrix_other_warp, out.data(), fixed);
+  else if (name == "global_overlap") launch(global_overlap, out.data(), fixed);
+  else if (name == "global_other_block") launch(global_other_block, out.data(), fixed);
+  else if (name == "global_atomic") launch(global_atomic, out.data(), fixed);
   else throw std::invalid_argument("unknown selftest " + name);
   return out;
 }
