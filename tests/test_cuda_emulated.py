@@ -660,6 +660,7 @@ def test_racecheck_reports_each_planted_hazard(E, R, monkeypatch, name, sched):
 def test_racecheck_strict_mode_counts_barriers_only(R, monkeypatch):
     """A warp collective orders the lanes of its warp by default (how the kernels' warp-level exchanges
     behave on the hardware); strict mode asks for a __syncthreads there too."""
+    monkeypatch.delenv("MPTK_EMU_RACECHECK_STRICT", raising=False)
     R._emu_selftest("within_warp", True)
     monkeypatch.setenv("MPTK_EMU_RACECHECK_STRICT", "1")
     with pytest.raises(RuntimeError, match="racecheck: (read-after-write|write-after-read) hazard"):
