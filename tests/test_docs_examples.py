@@ -22,7 +22,10 @@ What a block may get that is not written in it, and nothing else:
   (../shared/tokenizers; the test skips without it); the ``...`` of ``train.py --print-config ...``
   (the other arguments) -> none; the command ``python`` -> this test's interpreter, with
   OMP_NUM_THREADS=1 (the README's advice for a shared machine). Commands that only parse arguments and
-  print, and the converter, run in this process through ``runpy``.
+  print, the converter, and where a CLI already runs as a subprocess (generate --prompt, export
+  fastertransformer; train.py in tests/test_training.py) its other lines (generate --chat, export onnx,
+  the shrunk main job and finetune), run in this process through ``runpy``, one thread: a subprocess
+  spends seconds importing torch.
 * **Inputs**: data the block's prose and comments describe but leave to the reader (``q``, ``x``,
   ``model``, ``prompt_ids`` ...), made to the shapes the comments state, and the files a command reads
   (``corpus.jsonl``, ``ckpt/`` ...). Inputs must be exactly the block's free names (read before the
@@ -33,12 +36,12 @@ benchmarks/results/), install packages, or need 8 GPUs are skipped with that rea
 check of the same command line exists it runs instead (``--print-config`` for a training command line,
 checking the config file's values and each override; ``--help`` listing every flag of a benchmark
 command; ``pyproject.toml`` declaring an installed extra). The main job, ``python training/train.py``,
-also runs shrunk (``MAIN_JOB_SHRUNK``: a 2-layer model for 3 steps, ~10 s), against the outputs its
+also runs shrunk (``MAIN_JOB_SHRUNK``: a 2-layer model for 3 steps, seconds), against the outputs its
 section and the checkpoint layout describe, and so does the shipped instruct finetune after it
-(``FINETUNE_SHRUNK``: 2 steps in ChatML, ~8 s), against the Finetuning section.
+(``FINETUNE_SHRUNK``: 2 steps in ChatML), against the Finetuning section.
 
-Runtime: ~90 s on 2 shared cores, three ONNX exports (~5-20 s each) and the shrunk main job and
-finetune (~20 s) being most of it.
+Runtime: ~35-40 s on 2 shared cores, three ONNX exports (~5-9 s each) and the subprocess runs of the
+generate, export and convert CLIs (~3-4 s each) being most of it.
 """
 from __future__ import annotations
 
@@ -244,13 +247,27 @@ def run_cli(argv: list[str], cwd: Path, stdin: str | None = None) -> subprocess.
 def run_cli_in_process(argv: list[str], cwd: Path, capsys) -> str:
     """``python -m pkg ...`` / ``python script.py ...`` through runpy in this process (for commands that only
     parse arguments and print: a subprocess would spend seconds importing torch). Returns stdout."""
+    return run_cli_here(argv, cwd, capsys).stdout
+
+
+def run_cli_here(argv: list[str], cwd: Path, capsys, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """run_cli's counterpart in this process, through runpy (the module or script run as ``__main__``), for a
+    command whose CLI has a subprocess run elsewhere in this file or in tests/test_training.py: ``stdin`` as
+    its standard input, stdout and stderr as captured by ``capsys``, the exit status asserted 0 (an exception
+    it does not turn into an exit propagates, with its traceback); torch's thread count is restored (the
+    module runs with one thread, as OMP_NUM_THREADS=1 gives run_cli's commands)."""
+    import io
     import runpy
+    import warnings
 
     assert argv[0] == "python", argv
-    old_argv, old_cwd, old_path = sys.argv, os.getcwd(), list(sys.path)
+    old_argv, old_cwd, old_path, old_stdin = sys.argv, os.getcwd(), list(sys.path), sys.stdin
+    threads = torch.get_num_threads()
     capsys.readouterr()
     try:
         os.chdir(cwd)
+        if stdin is not None:
+            sys.stdin = io.StringIO(stdin)
         if argv[1] == "-m":
             sys.argv = [argv[2], *argv[3:]]
             sys.path.insert(0, str(cwd))  # python -m puts the working directory first
@@ -259,16 +276,21 @@ def run_cli_in_process(argv: list[str], cwd: Path, capsys) -> str:
             sys.argv = argv[1:]
             run = lambda: runpy.run_path(argv[1], run_name="__main__")  # noqa: E731
         try:
-            run()
+            with warnings.catch_warnings():
+                # `-m` of a module an earlier test imported: runpy runs a fresh copy of it as __main__, as
+                # python -m does; its "found in sys.modules" warning says only that
+                warnings.filterwarnings("ignore", "'.*' found in sys.modules after import of package", RuntimeWarning)
+                run()
             code = 0
         except SystemExit as exc:
             code = exc.code
     finally:
-        sys.argv, sys.path[:] = old_argv, old_path
+        sys.argv, sys.path[:], sys.stdin = old_argv, old_path, old_stdin
         os.chdir(old_cwd)
+        torch.set_num_threads(threads)
     out, err = capsys.readouterr()
     assert code in (0, None), f"{shlex.join(argv)} exited with {code}\n{out}\n{err}"
-    return out
+    return subprocess.CompletedProcess(argv, 0, out, err)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -570,7 +592,9 @@ def _generate_prompt(argv, tmp_path, request):
 def _generate_chat(argv, tmp_path, request):
     model_dir = request.getfixturevalue("chat_model_dir")
     argv = [str(model_dir) if a == "DIR" else a for a in argv]
-    r = run_cli(argv, tmp_path, stdin="Hello, who are you?\nAnd what can you do?\n")
+    # in this process (the --prompt line runs the generate CLI in a subprocess)
+    r = run_cli_here(argv, tmp_path, request.getfixturevalue("capsys"),
+                     stdin="Hello, who are you?\nAnd what can you do?\n")
     turns = re.findall(r"\[turn (\d+): prefilled (\d+) of (\d+) tokens; (\d+) tokens in", r.stderr)
     assert [t[0] for t in turns] == ["1", "2"], r.stderr
     (_, pre1, len1, _), (_, pre2, len2, _) = turns
@@ -764,7 +788,7 @@ def _export_onnx_cli(argv, tmp_path, request):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     tiny_model().save_pretrained(tmp_path / "ckpt")
-    r = run_cli(argv, tmp_path)
+    r = run_cli_here(argv, tmp_path, request.getfixturevalue("capsys"))  # (the fastertransformer line: a subprocess)
     # export.md: "for the KV-cache graph two numbers, the prefill logits and the last 3 tokens decoded one at a
     # time through the cache"
     m = re.search(r"verify: max \|.*\| = ([\d.e+-]+) \(prefill\), ([\d.e+-]+) \(last 3 tokens decoded through "
@@ -896,7 +920,7 @@ def test_readme_pip_extras():
 # ----------------------------------------------------------------------------------------------
 # docs/training.md: the main job (shrunk) and the claims a test can check cheaply
 
-# The main job's documented command line, `python training/train.py`, with only its size changed: ~10 s
+# The main job's documented command line, `python training/train.py`, with only its size changed: seconds
 # instead of minutes (a 2-layer d_model-64 model, 32-token samples, a 512-token BPE on 150 kB of the
 # standard library, 3 steps, a checkpoint after each (tiny.yaml keeps the last 2), evaluations every 2).
 MAIN_JOB_SHRUNK = [
@@ -906,7 +930,7 @@ MAIN_JOB_SHRUNK = [
 ]
 
 
-def test_training_main_job(tmp_path):
+def test_training_main_job(tmp_path, capsys):
     """"The main job" section and the checkpoint layout block, on `python training/train.py` shrunk
     (MAIN_JOB_SHRUNK), run from a temporary directory standing for the repository root, so the default
     run_root `runs` puts everything under tmp_path/runs/tiny/; then the shipped instruct finetune from its
@@ -916,7 +940,8 @@ def test_training_main_job(tmp_path):
     from mpt_kernels.model import MPTForCausalLM
     from mpt_kernels.train import read_metrics
 
-    r = run_cli(["python", str(ROOT / "training" / "train.py"), *MAIN_JOB_SHRUNK], tmp_path)
+    # in this process (tests/test_training.py runs train.py in subprocesses, and under torchrun)
+    r = run_cli_here(["python", str(ROOT / "training" / "train.py"), *MAIN_JOB_SHRUNK], tmp_path, capsys)
     run = tmp_path / "runs" / "tiny"
     # 1. the bundled corpus under runs/tiny/corpus/, its BPE cached next to the shards
     corpus = run / "corpus"
@@ -989,12 +1014,12 @@ def test_training_main_job(tmp_path):
     # training/data/instruct_example.jsonl)", shrunk, with data.finetune_format=chatml (as the config's comment
     # suggests); tmp_path stands for the repository root, so its training/ is the repository's
     (tmp_path / "training").symlink_to(ROOT / "training", target_is_directory=True)
-    r = run_cli(["python", str(ROOT / "training" / "train.py"), "--config", "training/configs/instruct-finetune.yaml",
-                 *FINETUNE_SHRUNK], tmp_path)
+    r = run_cli_here(["python", str(ROOT / "training" / "train.py"), "--config",
+                      "training/configs/instruct-finetune.yaml", *FINETUNE_SHRUNK], tmp_path, capsys)
     assert_finetune_hf_folder(tmp_path / "runs" / "instruct", r.stdout)
 
 
-# instruct-finetune.yaml after the main job, with only its size changed and the ChatML format: ~8 s
+# instruct-finetune.yaml after the main job, with only its size changed and the ChatML format: seconds
 FINETUNE_SHRUNK = ["threads=1", "progress=false", "max_steps=2", "global_batch_size=2", "micro_batch_size=2",
                    "eval.every=-1", "eval.sample_tokens=4", "data.finetune_format=chatml"]
 

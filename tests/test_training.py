@@ -4,8 +4,11 @@ the CPU (gloo) including a rank killed under torchrun --max-restarts=1.
 
 Every run uses a "micro" model (the tiny preset shrunk to d_model 64, 2 layers) on a 150 kB slice of
 the bundled corpus with a 512-token BPE, one thread per process: each run takes seconds."""
+import contextlib
+import io
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -56,6 +59,30 @@ def run_train(args: list[str], *, torchrun: int = 0, extra: list[str] = (), time
     else:
         cmd = [sys.executable, str(TRAIN), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=NEUTRAL_CWD)
+
+
+def run_train_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """``python training/train.py ARGS`` in this process: the script itself, run as ``__main__`` through
+    runpy from the same neutral working directory, its stdout and stderr captured and its exit status
+    taken from its SystemExit (an exception it does not turn into one propagates, with its traceback).
+    For command lines that need no process of their own: a subprocess spends seconds importing torch.
+    torch's thread count (threads=1 sets it) is restored afterwards."""
+    old_argv, old_cwd, threads = sys.argv, os.getcwd(), torch.get_num_threads()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.chdir(NEUTRAL_CWD)
+        sys.argv = [str(TRAIN), *args]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(TRAIN), run_name="__main__")
+                code = 0
+            except SystemExit as exc:
+                code = 0 if exc.code is None else exc.code
+    finally:
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess([sys.executable, str(TRAIN), *args], code, out.getvalue(), err.getvalue())
 
 
 def why(proc: subprocess.CompletedProcess) -> str:
@@ -299,16 +326,28 @@ def test_evaluation_and_checkpoints_stay_out_of_throughput(tmp_path, corpus, mon
     cfg = _micro_cfg(tmp_path, corpus, max_steps=6, **{"checkpoint.save_every": 0, "checkpoint.save_hf": False,
                                                        "eval.sample_tokens": 0, "eval.every": 2, "log_every": 2})
     tr = Trainer(cfg)
-    real = tr.evaluate
+    real, real_step = tr.evaluate, tr.train_step
+    steps, slowed = {"done": 0}, []
 
     pause = 2.5  # far longer than two micro steps, even on a loaded machine
 
+    def counted_step(it):
+        out = real_step(it)
+        steps["done"] += 1
+        return out
+
     def slow_eval():
-        time_mod.sleep(pause)
+        # the evaluations between training steps (after steps 2 and 4); the one before training and the
+        # final one fall in no throughput window, so they are not slowed down
+        if 0 < steps["done"] < cfg.max_steps:
+            slowed.append(steps["done"])
+            time_mod.sleep(pause)
         return real()
 
+    monkeypatch.setattr(tr, "train_step", counted_step)
     monkeypatch.setattr(tr, "evaluate", slow_eval)
     tr.fit()
+    assert slowed == [2, 4]
     recs = {r["step"]: r for r in read_metrics(tmp_path / "runs" / "micro" / "metrics.jsonl", "train") if "tokens_per_s" in r}
     tokens = 2 * cfg.global_batch_size * cfg.data.seq_len  # per window of two steps
     for st in (4, 6):  # windows that follow an evaluation
@@ -407,30 +446,41 @@ def test_saved_tokenizer_loads_in_transformers_with_the_finetune_format(tmp_path
 
 # --------------------------------------------------------------------------------------- distributed
 
+TWO_VS_ONE = dict(max_steps=8, global_batch_size=4, **{"checkpoint.save_every": 4, "eval.sample_tokens": 4})
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, corpus) -> Path:
+    """The 1 rank x 4 reference of test_two_processes_match_one: the same command line for its ddp and
+    fsdp cases, so it is run once for both (in this process; only the runs it is compared with need
+    processes of their own). The tests only read its folder."""
+    tmp = tmp_path_factory.mktemp("one_process")
+    one = run_train_in_process(micro_args(tmp, corpus, run_name="one", micro_batch_size=4, **TWO_VS_ONE))
+    assert one.returncode == 0, why(one)
+    return tmp / "runs" / "one"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_one(tmp_path, corpus, parallel):
+def test_two_processes_match_one(tmp_path, corpus, one_process_run, parallel):
     """Same global batch (4) as 2 ranks x 2 as 1 rank x 4: the same samples each step, so the same
     losses up to float summation order: the first steps to ~1e-7 relative. Later steps may drift
     further (docs/training.md, Distributed): a rounding difference in a gradient entry near zero can
     flip the sign of Lion's update there, and the difference grows from step to step (~4e-6 relative
     by step 6 with the 4.2M-parameter tiny model, 1e-4 by step 7 has been seen); in this micro config
     all 8 steps still agree to ~1e-7."""
-    common = dict(max_steps=8, global_batch_size=4, **{"checkpoint.save_every": 4, "eval.sample_tokens": 4})
-    one = run_train(micro_args(tmp_path, corpus, run_name="one", micro_batch_size=4, **common))
-    assert one.returncode == 0, why(one)
-    two = run_train(micro_args(tmp_path, corpus, run_name="two", micro_batch_size=2, parallel=parallel, **common),
+    two = run_train(micro_args(tmp_path, corpus, run_name="two", micro_batch_size=2, parallel=parallel, **TWO_VS_ONE),
                     torchrun=2)
     assert two.returncode == 0, why(two)
     # FSDP2 warns on every forward when a wrapped module (a block, the model) returns a view
     assert "returned a view tensor" not in two.stderr + two.stdout
-    a, b = losses(tmp_path / "runs/one"), losses(tmp_path / "runs/two")
+    a, b = losses(one_process_run), losses(tmp_path / "runs/two")
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for s in a:
         # first steps: summation order only; later ones: the drift bound the docs give
         assert b[s] == pytest.approx(a[s], rel=2e-6 if s <= 3 else 1e-3), s
     assert (tmp_path / "runs/two/checkpoints/step_00000008/dcp").is_dir()  # sharded checkpoint
-    pa, pb = final_params(tmp_path / "runs/one", 8), final_params(tmp_path / "runs/two", 8)
+    pa, pb = final_params(one_process_run, 8), final_params(tmp_path / "runs/two", 8)
     for k in pa:
         torch.testing.assert_close(pb[k], pa[k], atol=1e-4, rtol=1e-4)
 
@@ -601,7 +651,7 @@ def test_finetune_two_processes_match_one(tmp_path, corpus):
               "data.tokenizer": str(corpus / "tokenizer.json"), "data.seq_len": 256, "checkpoint.save_every": 0,
               "checkpoint.save_hf": False, "eval.sample_tokens": 0, "eval.every": -1,
               "data.finetune_val_path": str(data), "eval.batches": 8}
-    one = run_train(micro_args(tmp_path, corpus, run_name="one", micro_batch_size=4, **common))
+    one = run_train_in_process(micro_args(tmp_path, corpus, run_name="one", micro_batch_size=4, **common))
     assert one.returncode == 0, why(one)
     two = run_train(micro_args(tmp_path, corpus, run_name="two", micro_batch_size=2, parallel="ddp", **common),
                     torchrun=2)
@@ -660,7 +710,7 @@ def test_shards_seq_len_must_match_data_seq_len(tmp_path, corpus):
                                                  "data.tokenizer": str(corpus / "tokenizer.json")}))
 
 
-def test_config_int_from_float_and_bad_values(tmp_path):
+def test_config_int_from_float_and_bad_values(tmp_path, corpus):
     assert load_config(None, ["max_steps=1e3"]).max_steps == 1000
     with pytest.raises(ValueError, match="expected"):
         load_config(None, ["max_steps=1.5"])
@@ -668,14 +718,19 @@ def test_config_int_from_float_and_bad_values(tmp_path):
         load_config(None, ["log_every=0"])
     with pytest.raises(ValueError, match="data.seq_len must be >= 2"):
         load_config(None, ["data.seq_len=-1"])
+    # the real script in a process of its own: a usage error is exit status 2 with no traceback
     r = subprocess.run([sys.executable, str(TRAIN), "log_every=0"], capture_output=True, text=True,
                        env=subprocess_env(), cwd=NEUTRAL_CWD, timeout=120)
     assert r.returncode == 2 and "error: config: log_every must be >= 1" in r.stderr and "Traceback" not in r.stderr
-    # found by trying overrides: these passed the config checks and then raised a traceback in setup
-    for override, says in (("model.preset=nope", "unknown preset 'nope'"),
-                           ("global_batch_size=7", "must be a multiple of micro_batch_size")):
-        r = subprocess.run([sys.executable, str(TRAIN), override, f"run_root={tmp_path}"], capture_output=True,
-                           text=True, env=subprocess_env(), cwd=NEUTRAL_CWD, timeout=300)
+    # found by trying overrides: these passed the config checks and then raised a traceback in setup (run
+    # in this process; the unknown preset on this module's corpus: the model is built after the data, and
+    # tiny.yaml's own corpus would first be built, ~11 s)
+    shared_corpus = [f"data.{k}={v}" for k, v in (("kind", "bundled"), ("seq_len", 32), ("bpe_vocab_size", 512),
+                                                  ("max_code_bytes", 150000), ("val_fraction", 0.2),
+                                                  ("cache_dir", corpus))]
+    for override, says, data in (("model.preset=nope", "unknown preset 'nope'", shared_corpus),
+                                 ("global_batch_size=7", "must be a multiple of micro_batch_size", [])):
+        r = run_train_in_process([override, f"run_root={tmp_path}", *data])
         assert r.returncode == 2 and "error: setup:" in r.stderr and says in r.stderr, r.stderr[-2000:]
         assert "Traceback" not in r.stderr
 
@@ -774,11 +829,10 @@ def test_stream_entries_and_model_overrides_are_checked_up_front(override, says)
 
 
 def test_bad_overrides_are_usage_errors_on_the_command_line(tmp_path):
+    # train.py in this process (test_config_int_from_float_and_bad_values runs a usage error in a real one)
     for override, says in (("data.streams=[{paht: x}]", "unknown key(s) ['paht']"),
                            ("model.overrides.n_layer=2", "unknown key 'n_layer'")):
-        r = subprocess.run([sys.executable, str(TRAIN), "data.kind=shards", f"data.streams=[{tmp_path}/none]", override,
-                            f"run_root={tmp_path}"],
-                           capture_output=True, text=True, env=subprocess_env(), cwd=NEUTRAL_CWD, timeout=120)
+        r = run_train_in_process(["data.kind=shards", f"data.streams=[{tmp_path}/none]", override, f"run_root={tmp_path}"])
         assert r.returncode == 2 and "error: config:" in r.stderr and says in r.stderr, r.stderr[-2000:]
         assert "Traceback" not in r.stderr
     assert not any(tmp_path.iterdir())  # nothing written
