@@ -564,6 +564,9 @@ skip("MPT_KERNELS_CUDA=0 python setup.py build_ext --inplace",
 skip("python -m pytest -q tests", "the whole suite (many minutes)")
 skip("bash tests/run_sanitized.sh", "~10 min sanitizer build and run")
 skip("python -m pytest -q tests/test_cuda_emulated.py", "~4 min on the host emulator")
+skip("MPTK_EMU_RACECHECK=1 python -m pytest -q tests/test_cuda_emulated.py",
+     "~8 min: the whole emulated file on the racecheck build (its self-tests and every kernel path under it "
+     "run in the suite: test_cuda_emulated.py -k racecheck)")
 
 
 @runs('python -m mpt_kernels.generate --model DIR --prompt "Once upon a time" --max-new-tokens 100')
