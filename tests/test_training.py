@@ -351,8 +351,9 @@ def test_evaluation_and_checkpoints_stay_out_of_throughput(tmp_path, corpus, mon
     recs = {r["step"]: r for r in read_metrics(tmp_path / "runs" / "micro" / "metrics.jsonl", "train") if "tokens_per_s" in r}
     tokens = 2 * cfg.global_batch_size * cfg.data.seq_len  # per window of two steps
     for st in (4, 6):  # windows that follow an evaluation
-        # charged with the evaluation, the window would take more than the pause itself
-        assert tokens / recs[st]["tokens_per_s"] < pause / 2, (st, recs[st]["tokens_per_s"])
+        # charged with the evaluation, the window would take more than the pause itself (its two steps
+        # take ~0.02 s, but over a second has been seen on a loaded 2-core machine: the bound is the pause)
+        assert tokens / recs[st]["tokens_per_s"] < pause, (st, recs[st]["tokens_per_s"])
 
 
 @pytest.mark.parametrize("optim", ["lion", "adamw"])
