@@ -117,8 +117,8 @@ def module_name(racecheck: bool) -> str:
 
 def build(verbose: bool = False, racecheck: bool | None = None) -> Path:
     """Path of the built module (built now when its sources changed). ``racecheck`` (default: the
-    MPTK_EMU_RACECHECK environment variable) builds the variant whose kernels check every shared-memory
-    access for hazards between threads (README.md, "Racecheck")."""
+    MPTK_EMU_RACECHECK environment variable) builds the variant ``_C_emu_race``, whose kernels check
+    every shared- and global-memory access for hazards between threads (README.md, "Racecheck")."""
     if racecheck is None:
         racecheck = racecheck_requested()
     cpu, cu, deps = _sources()
@@ -199,7 +199,7 @@ def build(verbose: bool = False, racecheck: bool | None = None) -> Path:
 
 
 def load(verbose: bool = False, racecheck: bool | None = None):
-    """The ``_C_emu`` module (built first when needed); ``racecheck`` as for ``build``."""
+    """The ``_C_emu`` module, or ``_C_emu_race`` (built first when needed); ``racecheck`` as for ``build``."""
     if racecheck is None:
         racecheck = racecheck_requested()
     path = build(verbose, racecheck)

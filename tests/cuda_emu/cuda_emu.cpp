@@ -443,11 +443,12 @@ thread_local uint32_t g_gen = 0;                      // increments at every blo
 uint32_t g_launch = 0;                                 // increments at every launch
 bool g_strict = false;  // MPTK_EMU_RACECHECK_STRICT=1: only __syncthreads orders threads (not warp collectives)
 
-// Global memory: a shadow page per 4 KiB page touched during the launch (dropped at the next launch).
+// Global memory: a shadow page per 4 KiB page touched during the launch (dropped at the next launch;
+// per OS thread, like the launch itself).
 constexpr uintptr_t kPage = 4096;
-std::map<uintptr_t, std::vector<Shadow>> g_pages;
-uintptr_t g_last_page = 0;
-Shadow* g_last_shadow = nullptr;
+thread_local std::map<uintptr_t, std::vector<Shadow>> g_pages;
+thread_local uintptr_t g_last_page = 0;
+thread_local Shadow* g_last_shadow = nullptr;
 
 void new_launch() {
   ++g_launch;
