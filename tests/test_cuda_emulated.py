@@ -639,7 +639,7 @@ def strict(monkeypatch):
 
 SELFTESTS = ["exchange", "overwrite_read", "same_slot", "within_warp", "static_exchange", "async_read",
              "async_in_flight", "async_overwrite", "ldmatrix_other_warp", "global_overlap", "global_other_block",
-             "global_atomic"]
+             "global_atomic", "global_atomic_last_block"]
 
 
 @pytest.mark.parametrize("sched", ["0", "1", "2", "3"])

@@ -171,7 +171,10 @@ thread_local dim3 g_thread_idx, g_block_idx, g_block_dim, g_grid_dim;
 // hazard unless a __syncthreads lies between them (the later thread has passed more barriers than the
 // earlier one had) or, within one warp, a warp collective (shuffle, ldmatrix, mma) does.
 namespace race {
-enum : uint8_t { kWrite = 1, kPending = 2, kRead = 4, kReadLanes = 8, kReadWarps = 16, kReadBlocks = 32, kAtomic = 64 };
+enum : uint8_t {
+  kWrite = 1, kPending = 2, kRead = 4, kReadLanes = 8, kReadWarps = 16, kReadBlocks = 32, kAtomic = 64,
+  kAtomicBlocks = 128  // atomics of more than one block since the last plain write
+};
 struct Shadow {
   uint32_t gen = 0;  // the block (shared memory) or launch (global) of this entry; older ones are empty
   uint8_t flags = 0;
@@ -556,6 +559,10 @@ void check_byte(Shadow& s, uint32_t gen, const Where& where, Kind kind, const vo
     report("access to a cp.async destination in flight", where, s.w_thread, s.w_block, "issued a cp.async into", s.w_pc,
            doing, pc, "before the copy was waited for (cp.async.wait_group in the issuing thread, then __syncthreads for others)");
   const bool atomic_pair = kind == kAtomicAdd && (s.flags & kAtomic);  // atomics commute with each other
+  if ((s.flags & kAtomicBlocks) && kind != kAtomicAdd)  // (the last adder alone may be this very thread)
+    report(kind == kLoad ? "read-after-atomic hazard" : "write-after-atomic hazard", where, s.w_thread, s.w_block,
+           "(as did a thread of another block) atomically added to", s.w_pc, doing, pc, no_sync);
+  const bool atomic_blocks = atomic_pair && ((s.flags & kAtomicBlocks) || s.w_block != blk);
   if ((s.flags & kWrite) && !atomic_pair && !ordered(s.w_block, s.w_thread, s.w_epoch, s.w_wepoch))
     report(kind == kLoad ? "read-after-write hazard" : "write-after-write hazard", where, s.w_thread, s.w_block,
            (s.flags & kAtomic) ? "atomically added to" : "wrote", s.w_pc, doing, pc, no_sync);
@@ -599,7 +606,8 @@ void check_byte(Shadow& s, uint32_t gen, const Where& where, Kind kind, const vo
              other ? s.r2_pc : s.r_pc, doing, pc, no_sync);
     }
   }
-  set_write(static_cast<uint8_t>(kWrite | (kind == kAsyncIssue ? kPending : 0) | (kind == kAtomicAdd ? kAtomic : 0)));
+  set_write(static_cast<uint8_t>(kWrite | (kind == kAsyncIssue ? kPending : 0) | (kind == kAtomicAdd ? kAtomic : 0) |
+                                 (atomic_blocks ? kAtomicBlocks : 0)));
 }
 
 bool private_to_the_thread(uintptr_t a) {

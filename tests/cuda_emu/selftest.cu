@@ -156,6 +156,14 @@ __global__ void global_atomic(float* out, bool fixed) {
   if (!fixed) out[kThreads + t] = out[t];
 }
 
+// Atomics again, the read back only in the last block: it follows its own add, but not the other
+// block's (fixed: no read back).
+__global__ void global_atomic_last_block(float* out, bool fixed) {
+  const int t = threadIdx.x;
+  atomicAdd(out + t, 1.0f);
+  if (!fixed && blockIdx.x == gridDim.x - 1) out[kThreads + t] = out[t];
+}
+
 template <typename K, typename... A>
 void launch(K kernel, A... args) {
   kernel<<<kBlocks, kThreads, 1024>>>(args...);
@@ -183,6 +191,7 @@ std::vector<float> mptk_emu_selftest_run(const std::string& name, bool fixed) {
   else if (name == "global_overlap") launch(global_overlap, out.data(), fixed);
   else if (name == "global_other_block") launch(global_other_block, out.data(), fixed);
   else if (name == "global_atomic") launch(global_atomic, out.data(), fixed);
+  else if (name == "global_atomic_last_block") launch(global_atomic_last_block, out.data(), fixed);
   else throw std::invalid_argument("unknown selftest " + name);
   return out;
 }
