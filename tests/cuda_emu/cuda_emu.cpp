@@ -162,14 +162,15 @@ thread_local dim3 g_thread_idx, g_block_idx, g_block_dim, g_grid_dim;
 
 
 #if MPTK_EMU_RACECHECK
-// Shared-memory racecheck (tests/cuda_emu/README.md, "Racecheck"): the kernels' translation units are
-// compiled with -fsanitize=thread, which only instruments them: every load and store calls
-// __tsan_readN / __tsan_writeN (defined at the end of this file, in place of ThreadSanitizer's
-// runtime). Accesses that land in the block's shared memory are checked against one shadow entry per
-// byte: the last write and the reads since, each with its thread and the number of barriers and
-// warp collectives that thread had passed. Two accesses of different threads, one a write, are a
-// hazard unless a __syncthreads lies between them (the later thread has passed more barriers than the
-// earlier one had) or, within one warp, a warp collective (shuffle, ldmatrix, mma) does.
+// Racecheck (tests/cuda_emu/README.md, "Racecheck"): the kernels' translation units are compiled
+// with -fsanitize=thread, which only instruments them: every load and store calls __tsan_readN /
+// __tsan_writeN (defined at the end of this file, in place of ThreadSanitizer's runtime). Shared- and
+// global-memory accesses of a CUDA thread are checked against one shadow entry per byte: the last
+// write and the reads since, each with its thread, its block and the number of barriers and warp
+// collectives that thread had passed. Two accesses of different threads, one a write, are a hazard
+// unless they are in one block and a __syncthreads lies between them (the later thread has passed more
+// barriers than the earlier one had) or, within one warp, a warp collective (shuffle, ldmatrix, mma)
+// does, or both are atomic adds.
 namespace race {
 enum : uint8_t {
   kWrite = 1, kPending = 2, kRead = 4, kReadLanes = 8, kReadWarps = 16, kReadBlocks = 32, kAtomic = 64,
@@ -443,7 +444,7 @@ namespace race {
 namespace {
 thread_local uintptr_t g_lo = UINTPTR_MAX, g_hi = 0;  // bounds of the running block's shared memory
 thread_local uint32_t g_gen = 0;                      // increments at every block start
-uint32_t g_launch = 0;                                 // increments at every launch
+thread_local uint32_t g_launch = 0;                    // increments at every launch
 bool g_strict = false;  // MPTK_EMU_RACECHECK_STRICT=1: only __syncthreads orders threads (not warp collectives)
 
 // Global memory: a shadow page per 4 KiB page touched during the launch (dropped at the next launch;
