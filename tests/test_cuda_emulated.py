@@ -171,6 +171,10 @@ PATHS = list(SMOKE) + [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name,shape,grad", PATHS, ids=[c[0] for c in PATHS])
 def test_attention_each_path(E, schedule, name, shape, grad, dtype):
+    _attention_path_case(E, name, shape, grad, dtype)
+
+
+def _attention_path_case(E, name, shape, grad, dtype):
     torch.manual_seed(hash(name) % 1000)
     B, Sq, Sk, H, Hkv, D, causal, alibi = shape
     q, k, v = _qkv(B, Sq, Sk, H, Hkv, D, dtype)
@@ -680,11 +684,7 @@ def test_racecheck_plain_build_checks_nothing():
 def test_racecheck_attention_each_path(R, strict, name, shape, grad):
     """Every attention kernel path (forward, split-K decode and its combine, backward) under the strict
     racecheck: the cp.async stages, the Q tile that borrows a K/V stage, the backward's reused dS tile."""
-    torch.manual_seed(hash(name) % 1000)
-    B, Sq, Sk, H, Hkv, D, causal, alibi = shape
-    q, k, v = _qkv(B, Sq, Sk, H, Hkv, D, torch.bfloat16)
-    slopes = mk.alibi_slopes(H) if alibi else torch.zeros(H)
-    _run_attention(R, q, k, v, causal, slopes, grad=grad)
+    _attention_path_case(R, name, shape, grad, torch.bfloat16)
 
 
 @pytest.mark.parametrize("shape", [(1, 7), (37, 768), (3, 16384), (300, 96)], ids=lambda s: "x".join(map(str, s)))
