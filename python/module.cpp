@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include "bindings.h"
+#include "common/cpu_math.h"
 
 namespace py = pybind11;
 
@@ -65,6 +66,7 @@ PYBIND11_MODULE(_C, m) {
     d["cxx_flags"] = MPTK_CXX_FLAGS;
     d["cpu_features"] = cpu_features();
     d["openmp_max_threads"] = omp_get_max_threads();
+    d["cpu_avx512_kernels"] = mptk::cpu_avx512();  // 512-bit kernel paths in use (run-time choice)
 #ifdef MPTK_WITH_CUDA
     d["cuda"] = true;
     d["cuda_archs"] = MPTK_CUDA_ARCHS;
@@ -84,6 +86,11 @@ PYBIND11_MODULE(_C, m) {
     MPTK_CUDA_CHECK(cudaDeviceSynchronize());
 #endif
   });
+  // The CPU kernels' 512-bit paths (common/cpu_math.h): on by default where the CPU has AVX-512;
+  // MPTK_CPU_AVX512=0 turns them off for the process, this for tests comparing the two paths.
+  m.def("_cpu_avx512", []() { return mptk::cpu_avx512(); }, "whether the CPU kernels take their 512-bit paths");
+  m.def("_set_cpu_avx512", [](bool on) { return mptk::set_cpu_avx512(on); }, py::arg("on"),
+        "turn the CPU kernels' 512-bit paths on (where the CPU has AVX-512) or off; returns the previous setting");
   py::register_exception<mptk::ValueError>(m, "KernelValueError", PyExc_ValueError);
   mptk::bind_memory(m);  // not an op: the host caching pool (bind_memory.cpp)
   for (auto& kv : mptk::binding_registry()) kv.second(m);

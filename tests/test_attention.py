@@ -411,6 +411,58 @@ def test_backward_schedules_agree_bitwise(case, dtype, monkeypatch):
         assert torch.equal(a, b)  # NaN-poisoned: every row (keys without queries get dK = dV = 0) written
 
 
+AVX512_CASES = SCHEDULE_CASES + [  # head dims that end in each panel width's tail; decode; long keys
+    (2, 130, 130, 4, 4, 24, True, "mpt"),
+    (1, 70, 200, 2, 1, 40, True, "random"),
+    (2, 64, 64, 3, 3, 128, False, "mpt"),
+    (1, 33, 33, 2, 2, 256, True, "random"),
+    (3, 1, 700, 4, 2, 64, True, "mpt"),  # decode: split keys
+    (1, 3, 300, 4, 4, 96, True, "mpt"),  # few query rows: K and V read in place
+]
+
+
+@pytest.fixture
+def cpu_avx512_restored():
+    if not _C._set_cpu_avx512(True) and not _C._cpu_avx512():
+        pytest.skip("this CPU has no AVX-512: only the 256-bit paths exist here")
+    yield
+    _C._set_cpu_avx512(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("case", AVX512_CASES, ids=["B{}_Sq{}_Sk{}_H{}_{}_D{}_causal{}_{}".format(*c) for c in AVX512_CASES])
+def test_avx512_paths_equal_the_avx2_paths_bitwise(case, dtype, cpu_avx512_restored):
+    """The CPU kernels' 512-bit paths (taken at run time where the CPU has AVX-512) form every product
+    and sum in the 256-bit paths' order: forward (out, lse) and backward (dq, dk, dv), batched and
+    varlen, NaN-poisoned outputs, bitwise equal; the 512-bit results also meet the float64 bound."""
+    B, Sq, Sk, H, Hkv, D, causal, kind = case
+    q, k, v = make_qkv(B, Sq, Sk, H, Hkv, D, dtype)
+    q[0, Sq - 1, 0, 1] = NAN  # a NaN row: must come out NaN the same way on both paths
+    slopes = make_slopes(kind, B, H)
+    dout = torch.randn(B, Sq, H, D, dtype=dtype)
+    lens_q, lens_k = [min(Sq, 17), 0, Sq], [min(Sk, 40), 9, Sk]
+    vq, vk, vv, cu_q, cu_k = _varlen_batch(lens_q, lens_k, H, Hkv, D, dtype)
+    vdout = torch.randn_like(vq)
+    kw = dict(cu_q=cu_q, cu_k=cu_k, max_sq=max(lens_q), max_sk=max(lens_k))
+    results = {}
+    for wide in (True, False):
+        _C._set_cpu_avx512(wide)
+        assert _C._cpu_avx512() == wide
+        out, lse, _ = fwd_C(q, k, v, slopes, causal)
+        grads = bwd_C(dout, q, k, v, out, lse, slopes, causal)
+        vout, vlse, _ = fwd_C(vq, vk, vv, mk.alibi_slopes(H), causal, **kw)
+        vgrads = bwd_C(vdout, vq, vk, vv, vout, vlse, mk.alibi_slopes(H), causal, **kw)
+        results[wide] = (out, lse, *grads, vout, vlse, *vgrads)
+    names = ("out", "lse", "dq", "dk", "dv", "varlen out", "varlen lse", "varlen dq", "varlen dk", "varlen dv")
+    for name, a, b in zip(names, results[True], results[False]):
+        assert torch.equal(a.isnan(), b.isnan()), name
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()), name
+    assert results[True][0][0, Sq - 1, 0].isnan().all() and not results[True][0][0, :Sq - 1].isnan().any()
+    q = q.nan_to_num()  # the float64 bound on the wide path, without the NaN row
+    _C._set_cpu_avx512(True)
+    _fwd_against_reference(q, k, v, slopes, causal, dtype)
+
+
 def test_autograd_through_public_api_with_views_and_gqa():
     q, k, v = make_qkv(2, 65, 65, 8, 2, 64, torch.float32, fused=True)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))

@@ -12,6 +12,25 @@ def test_build_info_fields():
         assert "80" in info["cuda_archs"] or "90" in info["cuda_archs"]
 
 
+def test_cpu_avx512_switch(monkeypatch):
+    """The 512-bit CPU paths are chosen at run time: on where the CPU has AVX-512 F/VL/BW/DQ (GCC's
+    check, which includes the OS's XCR0 state), off with MPTK_CPU_AVX512=0, never on without the CPU."""
+    import subprocess
+    import sys
+
+    from _subproc import NEUTRAL_CWD, subprocess_env
+
+    flags = open("/proc/cpuinfo").read().split("\n\nprocessor")[0] if sys.platform == "linux" else ""
+    has = all(f" {f} " in flags.replace("\n", " ") + " " for f in ("avx512f", "avx512vl", "avx512bw", "avx512dq"))
+    info = mk.build_info()
+    assert info["cpu_avx512_kernels"] == has
+    code = "import mpt_kernels as mk; print(mk.build_info()['cpu_avx512_kernels'], mk._ext._C._set_cpu_avx512(True), mk._ext._C._cpu_avx512())"
+    for env, want in (("0", f"False False {has}"), ("1", f"{has} {has} {has}")):
+        r = subprocess.run([sys.executable, "-c", code], env={**subprocess_env(), "MPTK_CPU_AVX512": env},
+                           cwd=NEUTRAL_CWD, capture_output=True, text=True, check=True)
+        assert r.stdout.split() == want.split(), (env, r.stdout, r.stderr)
+
+
 def test_cuda_available_is_bool():
     assert isinstance(mk.cuda_available(), bool)
 

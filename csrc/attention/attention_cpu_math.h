@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "common/cpu_math.h"
 
@@ -77,11 +78,102 @@ inline void gemm_rows(int rows, int K, const float* A, int64_t lda, const float*
 }
 #endif
 
+#ifdef MPTK_AVX512_PATH
+// The 512-bit twin of gemm_micro: R rows x (16*NV) columns (NV = 1, 2 or 4; R * NV <= 24 of the 32
+// zmm registers). Each C element is the same chain of FMAs over k, in the same order, as in the
+// 256-bit kernel, so the two give bitwise the same C.
+template <int R, int NV, bool AT = false>
+MPTK_AVX512_FN inline void gemm_micro512(int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                                         int64_t ldc, bool accumulate) {
+  static_assert(R >= 1 && R <= 6 && (NV == 1 || NV == 2 || NV == 4), "register tile");
+  const __m512 z = _mm512_setzero_ps();
+  __m512 c00 = z, c01 = z, c02 = z, c03 = z, c10 = z, c11 = z, c12 = z, c13 = z, c20 = z, c21 = z, c22 = z, c23 = z,
+         c30 = z, c31 = z, c32 = z, c33 = z, c40 = z, c41 = z, c42 = z, c43 = z, c50 = z, c51 = z, c52 = z, c53 = z;
+#define MPTK_G5_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#define MPTK_G5_LOAD(r)                                                        \
+  if constexpr (R > r) {                                                       \
+    c##r##0 = _mm512_loadu_ps(C + r * ldc);                                    \
+    if constexpr (NV > 1) c##r##1 = _mm512_loadu_ps(C + r * ldc + 16);         \
+    if constexpr (NV > 2) c##r##2 = _mm512_loadu_ps(C + r * ldc + 32);         \
+    if constexpr (NV > 2) c##r##3 = _mm512_loadu_ps(C + r * ldc + 48);         \
+  }
+#define MPTK_G5_FMA(r)                                                         \
+  if constexpr (R > r) {                                                       \
+    const __m512 a = _mm512_set1_ps(AT ? A[k * lda + r] : A[r * lda + k]);     \
+    c##r##0 = _mm512_fmadd_ps(a, b0, c##r##0);                                 \
+    if constexpr (NV > 1) c##r##1 = _mm512_fmadd_ps(a, b1, c##r##1);           \
+    if constexpr (NV > 2) c##r##2 = _mm512_fmadd_ps(a, b2, c##r##2);           \
+    if constexpr (NV > 2) c##r##3 = _mm512_fmadd_ps(a, b3, c##r##3);           \
+  }
+#define MPTK_G5_STORE(r)                                                       \
+  if constexpr (R > r) {                                                       \
+    _mm512_storeu_ps(C + r * ldc, c##r##0);                                    \
+    if constexpr (NV > 1) _mm512_storeu_ps(C + r * ldc + 16, c##r##1);         \
+    if constexpr (NV > 2) _mm512_storeu_ps(C + r * ldc + 32, c##r##2);         \
+    if constexpr (NV > 2) _mm512_storeu_ps(C + r * ldc + 48, c##r##3);         \
+  }
+  if (accumulate) {
+    MPTK_G5_ROWS(MPTK_G5_LOAD)
+  }
+  for (int k = 0; k < K; ++k) {
+    const float* bk = B + k * ldb;
+    const __m512 b0 = _mm512_loadu_ps(bk);
+    const __m512 b1 = NV > 1 ? _mm512_loadu_ps(bk + 16) : z;
+    const __m512 b2 = NV > 2 ? _mm512_loadu_ps(bk + 32) : z;
+    const __m512 b3 = NV > 2 ? _mm512_loadu_ps(bk + 48) : z;
+    MPTK_G5_ROWS(MPTK_G5_FMA)
+  }
+  MPTK_G5_ROWS(MPTK_G5_STORE)
+#undef MPTK_G5_ROWS
+#undef MPTK_G5_LOAD
+#undef MPTK_G5_FMA
+#undef MPTK_G5_STORE
+}
+
+template <int NV, bool AT>
+MPTK_AVX512_FN inline void gemm_rows512(int rows, int K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                                        float* C, int64_t ldc, bool acc) {
+  switch (rows) {
+    case 1: gemm_micro512<1, NV, AT>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 2: gemm_micro512<2, NV, AT>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 3: gemm_micro512<3, NV, AT>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 4: gemm_micro512<4, NV, AT>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 5: gemm_micro512<5, NV, AT>(K, A, lda, B, ldb, C, ldc, acc); break;
+    default: gemm_micro512<6, NV, AT>(K, A, lda, B, ldb, C, ldc, acc); break;
+  }
+}
+
+// gemm_impl's 512-bit path: 64-, 32- and 16-column panels, then the 256-bit kernel for a last 8.
+template <bool AT>
+MPTK_AVX512_FN inline void gemm_impl512(int M, int N, int K, const float* A, int64_t lda,
+                                                           const float* B, int64_t ldb, float* C, int64_t ldc,
+                                                           bool accumulate) {
+  int n = 0;
+  auto panel = [&](auto nv) {
+    constexpr int NV = decltype(nv)::value;
+    for (int m = 0; m < M; m += 6)
+      gemm_rows512<NV, AT>(std::min(6, M - m), K, AT ? A + m : A + m * lda, lda, B + n, ldb, C + m * ldc + n, ldc,
+                           accumulate);
+    n += 16 * NV;
+  };
+  while (n + 64 <= N) panel(std::integral_constant<int, 4>());
+  if (n + 32 <= N) panel(std::integral_constant<int, 2>());
+  if (n + 16 <= N) panel(std::integral_constant<int, 1>());
+  for (; n < N; n += 8)
+    for (int m = 0; m < M; m += 6)
+      gemm_rows<1, AT>(std::min(6, M - m), K, AT ? A + m : A + m * lda, lda, B + n, ldb, C + m * ldc + n, ldc,
+                       accumulate);
+}
+#endif
+
 // C[M x N] = (accumulate ? C : 0) + op(A) * B[K x N]; all row-major float32, N % 8 == 0. op(A) is
 // A[M x K] or, with AT, the transpose of A[K x M] (element (m, k) at A[k * lda + m]).
 template <bool AT = false>
 inline void gemm_impl(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                       int64_t ldc, bool accumulate) {
+#ifdef MPTK_AVX512_PATH
+  if (cpu_avx512()) return gemm_impl512<AT>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+#endif
 #ifdef MPTK_AVX2
   // Column panels outermost: a K x 16 panel of B (at most 16 KiB) stays in L1 while the rows of A
   // stream past it.
@@ -141,11 +233,44 @@ inline __m256 exp2_ps(__m256 x) {
 }
 #endif
 
+#ifdef MPTK_AVX512_PATH
+// exp2_ps on 16 lanes: the same operations in the same order, so each lane is bitwise exp2_ps's.
+MPTK_AVX512_FN inline __m512 exp2_ps512(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-127.f), x);  // vmaxps/vminps return the second operand for a NaN,
+  x = _mm512_min_ps(_mm512_set1_ps(127.f), x);   // as their 256-bit forms do
+  __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// Row helpers below on 16 lanes, each bitwise its 256-bit twin: elementwise work is the same per
+// element, and a sum adds the 16 lanes' two halves to the 8-lane accumulator one after the other,
+// the order the 256-bit loop adds them in.
+MPTK_AVX512_FN inline void exp2_diff512(float* out, const float* a, const float* b, int n);
+MPTK_AVX512_FN inline float scale_alibi_mask_max512(float* x, float scale, float slope, int offset,
+                                                                       int n);
+MPTK_AVX512_FN inline float exp2_sub_sum512(float* x, int n, float sub);
+MPTK_AVX512_FN inline void scale_row512(float* x, int n, float a);
+MPTK_AVX512_FN inline void softmax_grad_row512(float* ds, const float* p, float delta, int n);
+#endif
+
 // out[j] = 2^(a[j] - b[j]); 0 where the difference is NaN (both -inf: a row with nothing visible yet).
 // The tail goes through the same vector code (zero padded), so an element's value does not depend on
 // its position: a tile row rounds the same whether its tile holds one head's rows or every head's.
 inline void exp2_diff(float* out, const float* a, const float* b, int n) {
   int j = 0;
+#ifdef MPTK_AVX512_PATH
+  if (cpu_avx512()) return exp2_diff512(out, a, b, n);
+#endif
 #ifdef MPTK_AVX2
   auto eight = [](const __m256 d) {
     return _mm256_blendv_ps(exp2_ps(d), _mm256_setzero_ps(), _mm256_cmp_ps(d, d, _CMP_UNORD_Q));
@@ -173,6 +298,9 @@ inline void exp2_diff(float* out, const float* a, const float* b, int n) {
 // A visible NaN score (a NaN in q or k) makes the maximum NaN, so the row's output and lse come out
 // NaN (the max instructions alone would drop it and the row would look fully masked: zeros).
 inline float scale_alibi_mask_max(float* x, float scale, float slope, int offset, int n) {
+#ifdef MPTK_AVX512_PATH
+  if (cpu_avx512()) return scale_alibi_mask_max512(x, scale, slope, offset, n);
+#endif
 #ifdef MPTK_AVX2
   const __m256 s = _mm256_set1_ps(scale), sl = _mm256_set1_ps(slope), ninf = _mm256_set1_ps(kNegInf);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -220,6 +348,9 @@ inline float exp2_sub_sum(float* x, int n, float sub) {
     std::fill(x, x + n, 0.f);
     return 0.f;
   }
+#ifdef MPTK_AVX512_PATH
+  if (cpu_avx512()) return exp2_sub_sum512(x, n, sub);
+#endif
 #ifdef MPTK_AVX2
   const __m256 s = _mm256_set1_ps(sub);
   __m256 acc = _mm256_setzero_ps();
@@ -240,6 +371,9 @@ inline float exp2_sub_sum(float* x, int n, float sub) {
 }
 
 inline void scale_row(float* x, int n, float a) {
+#ifdef MPTK_AVX512_PATH
+  if (cpu_avx512()) return scale_row512(x, n, a);
+#endif
 #ifdef MPTK_AVX2
   const __m256 s = _mm256_set1_ps(a);
   for (int j = 0; j < n; j += 8) _mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), s));
@@ -263,6 +397,9 @@ inline float dot_row(const float* a, const float* b, int n) {
 
 // ds[j] = p[j] * (ds[j] - delta), n % 8 == 0 (dP -> dS in place).
 inline void softmax_grad_row(float* ds, const float* p, float delta, int n) {
+#ifdef MPTK_AVX512_PATH
+  if (cpu_avx512()) return softmax_grad_row512(ds, p, delta, n);
+#endif
 #ifdef MPTK_AVX2
   const __m256 d = _mm256_set1_ps(delta);
   for (int j = 0; j < n; j += 8)
@@ -293,6 +430,88 @@ inline void store_row(T* dst, const float* src, int d, float scale) {
 #endif
   for (; j < d; ++j) dst[j] = from_float<T>(src[j] * scale);
 }
+
+#ifdef MPTK_AVX512_PATH
+// Definitions of the 512-bit row helpers declared above. Called from code compiled without the
+// 512-bit target (a portable build), they are not inlined there: one call per row of 64 or so.
+MPTK_AVX512_FN inline void exp2_diff512(float* out, const float* a, const float* b, int n) {
+  const __m512 zero = _mm512_setzero_ps();
+  int j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j));
+    _mm512_storeu_ps(out + j, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(d, d, _CMP_UNORD_Q), exp2_ps512(d), zero));
+  }
+  if (j < n) {  // the last 1-15 through the same 16-lane code, zero padded
+    alignas(64) float d[16] = {};
+    for (int t = 0; t < n - j; ++t) d[t] = a[j + t] - b[j + t];
+    const __m512 v = _mm512_load_ps(d);
+    _mm512_store_ps(d, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), exp2_ps512(v), zero));
+    std::copy(d, d + (n - j), out + j);
+  }
+}
+
+MPTK_AVX512_FN inline float scale_alibi_mask_max512(float* x, float scale, float slope, int offset, int n) {
+  const __m512 s = _mm512_set1_ps(scale), sl = _mm512_set1_ps(slope), ninf = _mm512_set1_ps(kNegInf);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 m = ninf;
+  __mmask16 un = 0;
+  int j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512i rel = _mm512_add_epi32(lane, _mm512_set1_epi32(j + offset));
+    __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), s, _mm512_mul_ps(sl, _mm512_cvtepi32_ps(rel)));
+    if (j + 15 + offset > 0) v = _mm512_mask_blend_ps(_mm512_cmpgt_epi32_mask(rel, _mm512_setzero_si512()), v, ninf);
+    _mm512_storeu_ps(x + j, v);
+    m = _mm512_max_ps(m, v);
+    un |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  if (j < n) {  // n % 8 == 0: one last 8 (lanes 0-7 of the same arithmetic)
+    const __mmask16 k8 = 0xff;
+    const __m512i rel = _mm512_add_epi32(lane, _mm512_set1_epi32(j + offset));
+    __m512 v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k8, x + j), s, _mm512_mul_ps(sl, _mm512_cvtepi32_ps(rel)));
+    v = _mm512_mask_blend_ps(_mm512_cmpgt_epi32_mask(rel, _mm512_setzero_si512()), v, ninf);
+    _mm512_mask_storeu_ps(x + j, k8, v);
+    m = _mm512_mask_max_ps(m, k8, m, v);
+    un |= _mm512_mask_cmp_ps_mask(k8, v, v, _CMP_UNORD_Q);
+  }
+  return un ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(m);
+}
+
+MPTK_AVX512_FN inline float exp2_sub_sum512(float* x, int n, float sub) {
+  const __m512 s = _mm512_set1_ps(sub);
+  __m256 acc = _mm256_setzero_ps();
+  int j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = exp2_ps512(_mm512_sub_ps(_mm512_loadu_ps(x + j), s));
+    _mm512_storeu_ps(x + j, e);
+    acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
+    acc = _mm256_add_ps(acc, _mm512_extractf32x8_ps(e, 1));
+  }
+  if (j < n) {  // n % 8 == 0: one last 8
+    const __m256 e = _mm512_castps512_ps256(exp2_ps512(_mm512_castps256_ps512(
+        _mm256_sub_ps(_mm256_loadu_ps(x + j), _mm512_castps512_ps256(s)))));
+    _mm256_storeu_ps(x + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  return hsum8(acc);
+}
+
+MPTK_AVX512_FN inline void scale_row512(float* x, int n, float a) {
+  const __m512 s = _mm512_set1_ps(a);
+  int j = 0;
+  for (; j + 16 <= n; j += 16) _mm512_storeu_ps(x + j, _mm512_mul_ps(_mm512_loadu_ps(x + j), s));
+  if (j < n) _mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), _mm512_castps512_ps256(s)));
+}
+
+MPTK_AVX512_FN inline void softmax_grad_row512(float* ds, const float* p, float delta, int n) {
+  const __m512 d = _mm512_set1_ps(delta);
+  int j = 0;
+  for (; j + 16 <= n; j += 16)
+    _mm512_storeu_ps(ds + j, _mm512_mul_ps(_mm512_loadu_ps(p + j), _mm512_sub_ps(_mm512_loadu_ps(ds + j), d)));
+  if (j < n)
+    _mm256_storeu_ps(ds + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), _mm256_sub_ps(_mm256_loadu_ps(ds + j),
+                                                                                   _mm512_castps512_ps256(d))));
+}
+#endif
 
 }  // namespace attn_cpu
 }  // namespace mptk

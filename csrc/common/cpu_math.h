@@ -10,9 +10,24 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define MPTK_AVX2 1
+// 512-bit paths, compiled into every x86-64 build (GCC/Clang function targets) and taken at run time
+// when the CPU has AVX-512 F/VL/BW/DQ: a portable -mavx2 build uses them too, and a test can turn
+// them off and compare (each path's results are bitwise those of its 256-bit twin).
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define MPTK_AVX512_PATH 1
+#define MPTK_AVX512_FN __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")))
+#endif
 #endif
 
 namespace mptk {
+
+// Whether the CPU kernels take their 512-bit paths now: the CPU (and OS) supports AVX-512 F/VL/BW/DQ
+// and neither MPTK_CPU_AVX512=0 in the environment (read once) nor set_cpu_avx512(false) turned
+// them off. set_cpu_avx512 returns the previous setting; turning it on on a CPU without AVX-512
+// leaves it off. (common/cpu_features.cpp)
+bool cpu_avx512_supported();
+bool cpu_avx512();
+bool set_cpu_avx512(bool on);
 
 struct bf16 {
   uint16_t bits;
