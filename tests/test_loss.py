@@ -74,6 +74,35 @@ def test_matches_float64(device, dtype, shape):
     check(logits, targets.to(device))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_avx512_paths_equal_the_avx2_paths_bitwise(dtype):
+    """The kernels' 512-bit paths (taken where the CPU has AVX-512) give bitwise the 256-bit paths'
+    loss, lse and gradient: vocab sizes ending on every tail (16-, 8-lane and scalar), a NaN row, an
+    ignored row, huge logits."""
+    if not _C._set_cpu_avx512(True) and not _C._cpu_avx512():
+        pytest.skip("this CPU has no AVX-512: only the 256-bit paths exist here")
+    torch.manual_seed(3)
+    try:
+        for vocab in (1, 7, 8, 15, 16, 24, 63, 64, 72, 1000, 4096, 4097, 50432):
+            logits = (torch.randn(9, vocab) * 4 + 1).to(dtype)
+            logits[2, vocab // 2] = float("nan")
+            logits[4] *= 1e4
+            targets = torch.randint(0, vocab, (9,))
+            targets[5] = -100
+            drow = torch.rand(9)
+            got = {}
+            for wide in (True, False):
+                _C._set_cpu_avx512(wide)
+                loss, lse = loss_op.cross_entropy_fwd(logits, targets, -100)
+                got[wide] = (loss, lse, loss_op.cross_entropy_bwd(logits, targets, lse, drow, -100))
+            for name, a, b in zip(("loss", "lse", "dlogits"), got[True], got[False]):
+                assert torch.equal(a.isnan(), b.isnan()), (vocab, name)
+                assert torch.equal(a.nan_to_num(), b.nan_to_num()), (vocab, name)
+            assert got[True][0][2].isnan() and not got[True][2][0].isnan().any()
+    finally:
+        _C._set_cpu_avx512(True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_ignored_rows_custom_index_and_all_ignored(device):
     torch.manual_seed(0)

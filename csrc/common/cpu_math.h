@@ -177,6 +177,23 @@ inline float hmax8(__m256 v) {
   s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 0x55));
   return _mm_cvtss_f32(s);
 }
+#ifdef MPTK_AVX512_PATH
+// 16 elements <-> one __m512 of float32 (512-bit paths; conversions as load8 / store8 on each half).
+MPTK_AVX512_FN inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+MPTK_AVX512_FN inline __m512 load16(const bf16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+MPTK_AVX512_FN inline __m512 load16(const fp16* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+MPTK_AVX512_FN inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+template <typename T>
+MPTK_AVX512_FN inline void store16(T* p, __m512 v) {
+  store8(p, _mm512_castps512_ps256(v));
+  store8(p + 8, _mm512_extractf32x8_ps(v, 1));
+}
+#endif
 #endif
 
 }  // namespace mptk

@@ -1,4 +1,4 @@
-// CPU cross-entropy: OpenMP over rows, AVX2 over the vocab axis (bf16/fp16 converted at load and
+// CPU cross-entropy: OpenMP over rows, AVX2 (or AVX-512, chosen at run time) over the vocab axis (bf16/fp16 converted at load and
 // store, csrc/common/cpu_math.h; exp2 from attention_cpu_math.h). The twin of cross_entropy_cuda.cu:
 // one row is one unit of work, float32 arithmetic, exponentials taken as 2^((x - shift) * log2(e))
 // with the shift (the row's max, then lse) subtracted first, the same outputs (cross_entropy.h). The
@@ -21,8 +21,79 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr int64_t kParallelMinElems = 1 << 15;
 
+#ifdef MPTK_AVX512_PATH
+// The 512-bit twins of row_max, row_sum_exp2 and the backward's row (taken when cpu_avx512()):
+// bitwise the same results. The sum's 16 lanes are the 256-bit loop's two 8-lane accumulators
+// (a0 = lanes 0-7, a1 = lanes 8-15), each adding the same terms in the same order.
+template <typename T>
+MPTK_AVX512_FN float row_max512(const T* x, int64_t V) {
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t v = 0;
+  __m512 a0 = _mm512_set1_ps(m), a1 = a0, a2 = a0, a3 = a0;
+  __mmask16 un = 0;
+  for (; v + 64 <= V; v += 64) {
+    const __m512 x0 = load16(x + v), x1 = load16(x + v + 16), x2 = load16(x + v + 32), x3 = load16(x + v + 48);
+    a0 = _mm512_max_ps(a0, x0);
+    a1 = _mm512_max_ps(a1, x1);
+    a2 = _mm512_max_ps(a2, x2);
+    a3 = _mm512_max_ps(a3, x3);
+    un |= _mm512_cmp_ps_mask(x0, x1, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(x2, x3, _CMP_UNORD_Q);
+  }
+  for (; v + 16 <= V; v += 16) {
+    const __m512 x0 = load16(x + v);
+    a0 = _mm512_max_ps(a0, x0);
+    un |= _mm512_cmp_ps_mask(x0, x0, _CMP_UNORD_Q);
+  }
+  m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(a0, a1), _mm512_max_ps(a2, a3)));
+  bool nan = un != 0;
+  for (; v < V; ++v) {
+    const float e = to_float(x[v]);
+    nan |= e != e;
+    m = std::max(m, e);
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
+}
+
+template <typename T>
+MPTK_AVX512_FN float row_sum_exp2_512(const T* x, int64_t V, float m) {
+  int64_t v = 0;
+  const __m512 l2e = _mm512_set1_ps(kLog2e), vm = _mm512_set1_ps(m);
+  __m512 a = _mm512_setzero_ps();
+  for (; v + 16 <= V; v += 16)
+    a = _mm512_add_ps(a, attn_cpu::exp2_ps512(_mm512_mul_ps(_mm512_sub_ps(load16(x + v), vm), l2e)));
+  if (v + 8 <= V) {  // one more 8 into a0 (lanes 0-7)
+    const __m512 e = attn_cpu::exp2_ps512(_mm512_castps256_ps512(
+        _mm256_mul_ps(_mm256_sub_ps(load8(x + v), _mm512_castps512_ps256(vm)), _mm512_castps512_ps256(l2e))));
+    a = _mm512_mask_add_ps(a, 0xff, a, e);
+    v += 8;
+  }
+  float s = hsum8(_mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)));
+  for (; v < V; ++v) s += std::exp2((to_float(x[v]) - m) * kLog2e);
+  return s;
+}
+
+// d[v] = 2^((x_v - lse) * log2e) * g for v in [0, V - V % 8); returns where the scalar tail starts.
+template <typename T>
+MPTK_AVX512_FN int64_t bwd_row512(T* d, const T* x, int64_t V, float lse, float g) {
+  int64_t v = 0;
+  const __m512 l2e = _mm512_set1_ps(kLog2e), vl = _mm512_set1_ps(lse), vg = _mm512_set1_ps(g);
+  for (; v + 16 <= V; v += 16)
+    store16(d + v, _mm512_mul_ps(attn_cpu::exp2_ps512(_mm512_mul_ps(_mm512_sub_ps(load16(x + v), vl), l2e)), vg));
+  if (v + 8 <= V) {
+    const __m512 e = attn_cpu::exp2_ps512(_mm512_castps256_ps512(
+        _mm256_mul_ps(_mm256_sub_ps(load8(x + v), _mm512_castps512_ps256(vl)), _mm512_castps512_ps256(l2e))));
+    store8(d + v, _mm256_mul_ps(_mm512_castps512_ps256(e), _mm512_castps512_ps256(vg)));
+    v += 8;
+  }
+  return v;
+}
+#endif
+
 template <typename T>
 float row_max(const T* x, int64_t V) {
+#ifdef MPTK_AVX512_PATH
+  if (cpu_avx512()) return row_max512(x, V);
+#endif
   float m = -std::numeric_limits<float>::infinity();
   int64_t v = 0;
   bool nan = false;
@@ -59,6 +130,9 @@ float row_max(const T* x, int64_t V) {
 // |x| > ~2.36e38, x - m does not for finite logits of one sign (and -inf for opposite signs: 0).
 template <typename T>
 float row_sum_exp2(const T* x, int64_t V, float m) {
+#ifdef MPTK_AVX512_PATH
+  if (cpu_avx512()) return row_sum_exp2_512(x, V, m);
+#endif
   float s = 0.f;
   int64_t v = 0;
 #ifdef MPTK_AVX2
@@ -136,6 +210,9 @@ void bwd_impl(const CrossEntropyBwdParams& p) {
       continue;
     }
     int64_t v = 0;
+#ifdef MPTK_AVX512_PATH
+    if (cpu_avx512()) v = bwd_row512(d, x, V, lse, g);
+#endif
 #ifdef MPTK_AVX2
     const __m256 l2e = _mm256_set1_ps(kLog2e), vl = _mm256_set1_ps(lse), vg = _mm256_set1_ps(g);
     for (; v + 8 <= V; v += 8)
