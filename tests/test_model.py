@@ -534,7 +534,7 @@ def test_apply_to_hf_logits_and_generate(tmp_path):
     assert hf.transformer.blocks[0].attn.forward.__func__.__module__ == "mpt_kernels.model.hf_patch"
     with torch.no_grad():
         after = hf(ids, attention_mask=mask).logits
-    torch.testing.assert_close(after[mask.bool()], before[mask.bool()], atol=ATOL, rtol=0)
+    torch.testing.assert_close(after, before, atol=ATOL, rtol=0)  # pad positions too
     gen_after = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert torch.equal(gen_after, gen_before)
     assert torch.equal(gen_after, ours.generate(ids, 10, temperature=0, attention_mask=mask))
@@ -560,6 +560,42 @@ def test_apply_to_hf_logits_and_generate(tmp_path):
     with torch.no_grad():
         other_ref = apply_ref(ids, attention_mask=mask2).logits
     torch.testing.assert_close(other[mask2.bool()], other_ref[mask2.bool()], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_apply_to_hf_padded_batch_training_loss_and_gradients(tmp_path, dtype):
+    """A padded training batch (left- and right-padded rows, a row of padding only; labels -100 at the
+    pads, so the last left pad still predicts the first real token, as in transformers): the patched
+    model's logits at every position, loss and every parameter's gradient are transformers' own.
+    transformers' pad queries see either no key (left padding: every score at the dtype's minimum, a
+    plain mean of the values) or the real keys before them (right padding)."""
+    torch.manual_seed(0)
+    ours = perturb_norms(MPTForCausalLM(small(n_heads=4, d_model=64))).eval()
+    ids = torch.randint(1, 101, (4, 13))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0   # left padding
+    mask[1, 9:] = 0   # right padding
+    mask[2, :] = 0    # padding only
+    mask[3, :12] = 0  # one real token
+    labels = ids.masked_fill(mask == 0, -100)
+    results = []
+    for patched in (False, True):
+        hf = to_hf(ours, tmp_path / str(patched)).to(dtype)
+        hf.train()
+        if patched:
+            apply_to_hf(hf)
+        out = hf(ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        results.append((out.logits.detach().float(), out.loss.detach().float(),
+                        {n: p.grad.float() for n, p in hf.named_parameters() if p.grad is not None}))
+    (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = results
+    tol = dict(atol=ATOL, rtol=0) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
+    torch.testing.assert_close(logits, ref_logits, **tol)
+    torch.testing.assert_close(loss, ref_loss, **(dict(atol=1e-5, rtol=0) if dtype == torch.float32 else tol))
+    assert grads.keys() == ref_grads.keys() and grads
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], **(dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32
+                                                               else dict(atol=0.02, rtol=0.05)), msg=n)
 
 
 def test_float32_gemm_linear_for_low_precision_on_cpu(monkeypatch):
@@ -791,7 +827,7 @@ def test_apply_to_hf_right_padding_and_non_mpt(tmp_path):
         before = hf(ids, attention_mask=mask).logits
         apply_to_hf(hf)
         after = hf(ids, attention_mask=mask).logits
-    torch.testing.assert_close(after[mask.bool()], before[mask.bool()], atol=ATOL, rtol=0)
+    torch.testing.assert_close(after, before, atol=ATOL, rtol=0)  # pad positions too
     hole = torch.ones_like(ids)
     hole[0, 4:6] = 0
     with pytest.raises(ValueError, match="one block"), torch.no_grad():

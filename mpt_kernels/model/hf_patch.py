@@ -9,7 +9,10 @@ The Liger-Kernel convention: the instance's modules keep their parameters; only 
 replaced. Attention then runs the ALiBi flash kernel on views of the Wqkv output and of transformers'
 own KV cache (no dense (S, S) bias or score matrix), which also lifts transformers' max_seq_len limit.
 Padding comes in as transformers' 4-D boolean mask; its last query row tells which keys are real
-(left padding), and padded rows are attended one by one over their real keys.
+(left padding), and padded rows are attended one by one over their real keys. Pad positions get
+transformers' own outputs too (a query that sees no key: the plain mean of every value; a query
+after right padding: attention over the real keys), so logits and a padded batch's loss match at
+every position.
 """
 from __future__ import annotations
 
@@ -81,6 +84,15 @@ def _is_static(cache) -> bool:
     return "Static" in type(cache).__name__ or any("Static" in type(layer).__name__ for layer in layers)
 
 
+def _unattended(v, n):
+    """transformers' output for ``n`` query rows whose every key is masked (left-padding positions,
+    rows of padding only): the mask sets all their scores to the dtype's minimum, so the float32
+    softmax weighs every key alike, 1 / Sk rounded to v's dtype. v (1, Sk, H, D) -> (1, n, H, D)."""
+    Sk = v.shape[1]
+    w = torch.full((Sk,), 1.0 / Sk, dtype=torch.float32, device=v.device).to(v.dtype)
+    return torch.einsum("j,bjhd->bhd", w, v).unsqueeze(1).expand(-1, n, -1, -1)
+
+
 def _attention_forward(self, hidden_states, position_bias=None, cache=None, attention_mask=None, **kwargs):
     if self.training and getattr(self, "attn_dropout_p", 0):
         raise ValueError(f"apply_to_hf: attn_pdrop={self.attn_dropout_p} in training mode: the flash kernel has no "
@@ -111,18 +123,23 @@ def _attention_forward(self, hidden_states, position_bias=None, cache=None, atte
     if rows is None:
         out = mk.alibi_attention(q, k, v, **kw)  # (B, S, H, D)
     else:
-        out = q.new_zeros(B, S, H, D)
+        out = q.new_empty(B, S, H, D)
         starts, counts = rows
         for b, (start, count) in enumerate(zip(starts, counts)):
-            if count == 0:
-                continue  # no real token in the row: all outputs left as zeros
-            if count > 0 and start + count == Sk:  # left padding (or none in this row)
-                q_start = max(0, start - (Sk - S))  # queries at pad positions see no key: left as zeros
+            if count == 0:  # no real token in the row: every query sees no key
+                out[b:b + 1] = _unattended(v[b:b + 1], S)
+            elif count > 0 and start + count == Sk:  # left padding (or none in this row)
+                q_start = max(0, start - (Sk - S))
                 out[b:b + 1, q_start:] = mk.alibi_attention(q[b:b + 1, q_start:], k[b:b + 1, start:],
                                                              v[b:b + 1, start:], **kw)
+                if q_start:  # queries at pad positions see no key
+                    out[b:b + 1, :q_start] = _unattended(v[b:b + 1], q_start)
             elif count > 0 and start == 0 and S == Sk:  # right padding, no cached past: the real tokens are a prefix
                 out[b:b + 1, :count] = mk.alibi_attention(q[b:b + 1, :count], k[b:b + 1, :count],
-                                                           v[b:b + 1, :count], **kw)  # pad queries: zeros
+                                                           v[b:b + 1, :count], **kw)
+                if count < S:  # pad queries see every real key (all before them): MPT's key-position bias
+                    out[b:b + 1, count:] = mk.alibi_attention(q[b:b + 1, count:], k[b:b + 1, :count],
+                                                               v[b:b + 1, :count], **{**kw, "causal": False})
             elif cache is not None and _is_static(cache):
                 raise ValueError("apply_to_hf: a static KV cache (cache_implementation=\"static\") is not supported "
                                  "by the patched attention: its unused positions look like right padding, which it "
