@@ -2,7 +2,8 @@
 float64 reference, and its use by the model's Linear layers.
 
 The output is NaN-filled before every call (autouse fixture), so an element the kernel forgets to
-write fails. Tolerance: each output is a float32 dot product over K terms (summed in 8 lanes, then
+write fails. Every test runs on both CPU paths (512-bit where the CPU has AVX-512, and 256-bit).
+Tolerance: each output is a float32 dot product over K terms (summed in 8 or 16 lanes, then
 across them) plus the bias, rounded once to the dtype: bound = (|x| . |w| + |b|) * (K + 1) * 2^-24
 (float32 sums) + |y| * one rounding of the dtype (float32 2^-24, bfloat16 2^-8, float16 2^-11) +
 2^-25 (float16's subnormal spacing), checked per element.
@@ -21,6 +22,19 @@ from mpt_kernels.ops.linear import few_rows_linear
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ROUND = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 needs_avx2 = pytest.mark.skipif(not lin._AVX2, reason="the model uses the kernel only in AVX2 builds")
+
+
+@pytest.fixture(autouse=True, params=["avx512", "avx2"])
+def cpu_path(request):
+    """Every test on both of the kernel's paths: the 512-bit one (where the CPU has AVX-512, chosen at
+    run time) and the 256-bit one. They round differently (16 lanes vs 8); each meets the bound."""
+    from mpt_kernels._ext import _C
+
+    if request.param == "avx512" and not _C._set_cpu_avx512(True) and not _C._cpu_avx512():
+        pytest.skip("this CPU has no AVX-512: the 256-bit path is the only one")
+    _C._set_cpu_avx512(request.param == "avx512")
+    yield request.param
+    _C._set_cpu_avx512(True)
 
 
 @pytest.fixture(autouse=True)
@@ -48,10 +62,11 @@ def rand(*shape, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8])
-@pytest.mark.parametrize("K", [1, 7, 8, 15, 16, 17, 33, 200, 768])
+@pytest.mark.parametrize("K", [1, 7, 8, 15, 16, 17, 31, 32, 33, 48, 120, 200, 768])
 def test_matches_float64_reference(dtype, M, K):
-    """Every row count (each has its own register tile), K around the 8- and 16-element vector steps
-    (bfloat16 reads 16 weights per load), N around the 4-row blocks and the threads' 8-row split."""
+    """Every row count (each has its own register tile), K around the 8-, 16- and 32-element vector steps
+    (bfloat16 reads 16 weights per load, 32 on the 512-bit path), N around the 2- and 4-row blocks
+    and the threads' 8-row split."""
     torch.manual_seed(1000 * M + K)
     for N in (1, 3, 5, 13, 130):
         x, w, b = rand(M, K, dtype=dtype), rand(N, K, dtype=dtype), rand(N, dtype=dtype)

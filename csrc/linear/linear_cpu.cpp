@@ -128,6 +128,134 @@ inline void dot_block_bf16(const float* xs, int64_t K, const bf16* w, int64_t ws
 }
 #endif
 
+#ifdef MPTK_AVX512_PATH
+// The 512-bit path (16-bit weights, where the CPU has AVX-512: cpu_avx512()): the same scheme 16 lanes wide,
+// with the 32 zmm registers holding more accumulators (more W rows per block for 2-8 rows, where the
+// 256-bit kernel runs out of registers and turns compute-bound). A dot product sums in 16 lanes
+// (bfloat16: the even and odd weights of each 32-chunk), so it rounds differently from the 256-bit
+// path; within this path an output feature's value still does not depend on its block or thread.
+template <typename T>
+MPTK_AVX512_FN inline void prefetch_ahead512(const T* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+}
+
+// Whole 16-groups from k0 on into chain 0 (x in natural order there), then per (row, W row) the
+// chains added, summed across the lanes, plus the k tail.
+template <typename T, int M, int NR, int CH>
+MPTK_AVX512_FN inline void finish_dots512(__m512 (&acc)[M][NR][2], const float* xs, int64_t K, const T* w,
+                                          int64_t ws, int64_t k0, float* out) {
+  const int64_t K16 = k0 + ((K - k0) & ~int64_t{15});
+  for (int64_t k = k0; k < K16; k += 16) {
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      const __m512 wv = load16(w + r * ws + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) acc[m][r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xs + m * K + k), wv, acc[m][r][0]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      float sum = _mm512_reduce_add_ps(CH == 2 ? _mm512_add_ps(acc[m][r][0], acc[m][r][1]) : acc[m][r][0]);
+      for (int64_t k = K16; k < K; ++k) sum += xs[m * K + k] * to_float(w[r * ws + k]);
+      out[m * NR + r] = sum;
+    }
+}
+
+template <typename T, int M, int NR, int CH>
+MPTK_AVX512_FN inline void dot_block512(const float* xs, int64_t K, const T* w, int64_t ws, float* out) {
+  __m512 acc[M][NR][2];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) acc[m][r][0] = acc[m][r][1] = _mm512_setzero_ps();
+  const int64_t Kc = K & ~int64_t{16 * CH - 1};
+  for (int64_t k = 0; k < Kc; k += 16 * CH) {
+    if ((sizeof(T) == 2 || M > 1) && (k * sizeof(T)) % 64 == 0)
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) prefetch_ahead512(w + r * ws + k);
+#pragma GCC unroll 2
+    for (int c = 0; c < CH; ++c) {
+      __m512 wv[NR];
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) wv[r] = load16(w + r * ws + k + 16 * c);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const __m512 xv = _mm512_loadu_ps(xs + m * K + k + 16 * c);
+#pragma GCC unroll 8
+        for (int r = 0; r < NR; ++r) acc[m][r][c] = _mm512_fmadd_ps(xv, wv[r], acc[m][r][c]);
+      }
+    }
+  }
+  finish_dots512<T, M, NR, CH>(acc, xs, K, w, ws, Kc, out);
+}
+
+// bfloat16: one 64-byte load holds 32 weights; shifted and masked lanes give the even and the odd
+// ones (dot_block_bf16's scheme), against x de-interleaved per whole 32-chunk (x_layout).
+template <int M, int NR, int CH>
+MPTK_AVX512_FN inline void dot_block512_bf16(const float* xs, int64_t K, const bf16* w, int64_t ws, float* out) {
+  static_assert(CH == 1 || CH == 2, "chains");
+  __m512 acc[M][NR][2];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) acc[m][r][0] = acc[m][r][1] = _mm512_setzero_ps();
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const int64_t K32 = K & ~int64_t{31};
+  for (int64_t k = 0; k < K32; k += 32) {
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) prefetch_ahead512(w + r * ws + k);
+    __m512 we[NR], wo[NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      const __m512i v = _mm512_loadu_si512(w + r * ws + k);
+      we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      wo[r] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const __m512 xe = _mm512_loadu_ps(xs + m * K + k), xo = _mm512_loadu_ps(xs + m * K + k + 16);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) {
+        acc[m][r][0] = _mm512_fmadd_ps(xe, we[r], acc[m][r][0]);
+        acc[m][r][CH - 1] = _mm512_fmadd_ps(xo, wo[r], acc[m][r][CH - 1]);
+      }
+    }
+  }
+  finish_dots512<bf16, M, NR, CH>(acc, xs, K, w, ws, K32, out);  // (x in natural order past K32)
+}
+
+// features() on the 512-bit path: NR W rows per block, CH chains; M * NR * CH accumulators, the W
+// vectors (two per row for bfloat16) and an x vector within the 32 registers.
+template <typename T, int M>
+MPTK_AVX512_FN void features512(const FewRowsLinearParams& p, const float* xs, int64_t n0, int64_t n1) {
+  const int64_t K = p.in_features;
+  const T* w = static_cast<const T*>(p.w);
+  const T* bias = static_cast<const T*>(p.bias);
+  T* y = static_cast<T*>(p.y);
+  constexpr bool kBf16 = std::is_same_v<T, bf16>;
+  constexpr int NR = M <= 4 ? 4 : 2;
+  constexpr int CH = M <= 2 ? 2 : 1;
+  float out[kFewRowsMax * 4];
+  auto block = [&](auto nr_const, int64_t n) {
+    constexpr int nr = decltype(nr_const)::value;
+    if constexpr (kBf16)
+      dot_block512_bf16<M, nr, CH>(xs, K, w + n * p.w_row_stride, p.w_row_stride, out);
+    else
+      dot_block512<T, M, nr, CH>(xs, K, w + n * p.w_row_stride, p.w_row_stride, out);
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < nr; ++r) {
+        const float b = bias ? to_float(bias[n + r]) : 0.f;
+        y[m * p.y_row_stride + n + r] = from_float<T>(out[m * nr + r] + b);
+      }
+  };
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) block(std::integral_constant<int, NR>{}, n);
+  for (; n < n1; ++n) block(std::integral_constant<int, 1>{}, n);
+}
+#endif
+
 template <typename T>
 float dot_scalar(const float* x, const T* w, int64_t K) {
   float s = 0.f;
@@ -177,15 +305,22 @@ void features(const FewRowsLinearParams& p, const float* xs, int64_t n0, int64_t
 
 // Where x's element k is stored in the float32 copy: in place, except for bfloat16 in an AVX2 build,
 // where each whole 16-chunk is de-interleaved (dot_block_bf16).
+// The 512-bit path (wide) de-interleaves whole 32-chunks the same way (16 even, then 16 odd).
 template <typename T>
-inline int64_t x_layout(int64_t k, int64_t K) {
+inline int64_t x_layout(int64_t k, int64_t K, bool wide) {
 #ifdef MPTK_AVX2
   if constexpr (std::is_same_v<T, bf16>) {
-    const int64_t c = k & ~int64_t{15}, i = k & 15;
-    if (c + 16 <= K) return c + (i & 1) * 8 + (i >> 1);
+    if (wide) {
+      const int64_t c = k & ~int64_t{31}, i = k & 31;
+      if (c + 32 <= K) return c + (i & 1) * 16 + (i >> 1);
+    } else {
+      const int64_t c = k & ~int64_t{15}, i = k & 15;
+      if (c + 16 <= K) return c + (i & 1) * 8 + (i >> 1);
+    }
   }
 #endif
   (void)K;
+  (void)wide;
   return k;
 }
 
@@ -196,8 +331,16 @@ void run(const FewRowsLinearParams& p) {
   // x in float32 once (a few rows of K floats), shared by the threads.
   std::vector<float> xs(static_cast<size_t>(M) * K);
   const T* x = static_cast<const T*>(p.x);
+#ifdef MPTK_AVX512_PATH
+  // Read once: x's layout and the kernel must agree. 16-bit weights only: interleaved A/B runs here
+  // (1-8 rows, MPT-125M's and a 7B block's matrices) gave bfloat16 1.04-1.28x from DRAM and 1.3-1.95x
+  // from cache, float32 0.9-1.3x either way, no better than the runs' noise.
+  const bool wide = cpu_avx512() && sizeof(T) == 2;
+#else
+  const bool wide = false;
+#endif
   for (int m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xs[m * K + x_layout<T>(k, K)] = to_float(x[m * p.x_row_stride + k]);
+    for (int64_t k = 0; k < K; ++k) xs[m * K + x_layout<T>(k, K, wide)] = to_float(x[m * p.x_row_stride + k]);
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(),
                                                                             N / kMinFeaturesPerThread)));
 #pragma omp parallel num_threads(threads)
@@ -206,7 +349,25 @@ void run(const FewRowsLinearParams& p) {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     const int64_t blocks = (N + 7) / 8;
     const int64_t n0 = std::min(N, blocks * t / nt * 8), n1 = std::min(N, blocks * (t + 1) / nt * 8);
-    switch (M) {
+    bool done = false;
+#ifdef MPTK_AVX512_PATH
+    if constexpr (sizeof(T) == 2) {
+      if (wide) {
+        switch (M) {
+          case 1: features512<T, 1>(p, xs.data(), n0, n1); break;
+          case 2: features512<T, 2>(p, xs.data(), n0, n1); break;
+          case 3: features512<T, 3>(p, xs.data(), n0, n1); break;
+          case 4: features512<T, 4>(p, xs.data(), n0, n1); break;
+          case 5: features512<T, 5>(p, xs.data(), n0, n1); break;
+          case 6: features512<T, 6>(p, xs.data(), n0, n1); break;
+          case 7: features512<T, 7>(p, xs.data(), n0, n1); break;
+          default: features512<T, 8>(p, xs.data(), n0, n1); break;
+        }
+        done = true;
+      }
+    }
+#endif
+    if (!done) switch (M) {
       case 1: features<T, 1>(p, xs.data(), n0, n1); break;
       case 2: features<T, 2>(p, xs.data(), n0, n1); break;
       case 3: features<T, 3>(p, xs.data(), n0, n1); break;
