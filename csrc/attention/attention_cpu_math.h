@@ -145,9 +145,8 @@ MPTK_AVX512_FN inline void gemm_rows512(int rows, int K, const float* A, int64_t
 
 // gemm_impl's 512-bit path: 64-, 32- and 16-column panels, then the 256-bit kernel for a last 8.
 template <bool AT>
-MPTK_AVX512_FN inline void gemm_impl512(int M, int N, int K, const float* A, int64_t lda,
-                                                           const float* B, int64_t ldb, float* C, int64_t ldc,
-                                                           bool accumulate) {
+MPTK_AVX512_FN inline void gemm_impl512(int M, int N, int K, const float* A, int64_t lda, const float* B,
+                                        int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   int n = 0;
   auto panel = [&](auto nv) {
     constexpr int NV = decltype(nv)::value;
@@ -256,8 +255,7 @@ MPTK_AVX512_FN inline __m512 exp2_ps512(__m512 x) {
 // element, and a sum adds the 16 lanes' two halves to the 8-lane accumulator one after the other,
 // the order the 256-bit loop adds them in.
 MPTK_AVX512_FN inline void exp2_diff512(float* out, const float* a, const float* b, int n);
-MPTK_AVX512_FN inline float scale_alibi_mask_max512(float* x, float scale, float slope, int offset,
-                                                                       int n);
+MPTK_AVX512_FN inline float scale_alibi_mask_max512(float* x, float scale, float slope, int offset, int n);
 MPTK_AVX512_FN inline float exp2_sub_sum512(float* x, int n, float sub);
 MPTK_AVX512_FN inline void scale_row512(float* x, int n, float a);
 MPTK_AVX512_FN inline void softmax_grad_row512(float* ds, const float* p, float delta, int n);
@@ -487,7 +485,7 @@ MPTK_AVX512_FN inline float exp2_sub_sum512(float* x, int n, float sub) {
     acc = _mm256_add_ps(acc, _mm512_extractf32x8_ps(e, 1));
   }
   if (j < n) {  // n % 8 == 0: one last 8
-    const __m256 e = _mm512_castps512_ps256(exp2_ps512(_mm512_castps256_ps512(
+    const __m256 e = _mm512_castps512_ps256(exp2_ps512(zext512(
         _mm256_sub_ps(_mm256_loadu_ps(x + j), _mm512_castps512_ps256(s)))));
     _mm256_storeu_ps(x + j, e);
     acc = _mm256_add_ps(acc, e);

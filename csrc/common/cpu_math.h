@@ -188,6 +188,8 @@ MPTK_AVX512_FN inline __m512 load16(const fp16* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 MPTK_AVX512_FN inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+// 8 floats in the low half of a __m512, zeros above (a cast would leave the upper half undefined).
+MPTK_AVX512_FN inline __m512 zext512(__m256 v) { return _mm512_insertf32x8(_mm512_setzero_ps(), v, 0); }
 template <typename T>
 MPTK_AVX512_FN inline void store16(T* p, __m512 v) {
   store8(p, _mm512_castps512_ps256(v));

@@ -62,7 +62,7 @@ MPTK_AVX512_FN float row_sum_exp2_512(const T* x, int64_t V, float m) {
   for (; v + 16 <= V; v += 16)
     a = _mm512_add_ps(a, attn_cpu::exp2_ps512(_mm512_mul_ps(_mm512_sub_ps(load16(x + v), vm), l2e)));
   if (v + 8 <= V) {  // one more 8 into a0 (lanes 0-7)
-    const __m512 e = attn_cpu::exp2_ps512(_mm512_castps256_ps512(
+    const __m512 e = attn_cpu::exp2_ps512(zext512(
         _mm256_mul_ps(_mm256_sub_ps(load8(x + v), _mm512_castps512_ps256(vm)), _mm512_castps512_ps256(l2e))));
     a = _mm512_mask_add_ps(a, 0xff, a, e);
     v += 8;
@@ -80,7 +80,7 @@ MPTK_AVX512_FN int64_t bwd_row512(T* d, const T* x, int64_t V, float lse, float 
   for (; v + 16 <= V; v += 16)
     store16(d + v, _mm512_mul_ps(attn_cpu::exp2_ps512(_mm512_mul_ps(_mm512_sub_ps(load16(x + v), vl), l2e)), vg));
   if (v + 8 <= V) {
-    const __m512 e = attn_cpu::exp2_ps512(_mm512_castps256_ps512(
+    const __m512 e = attn_cpu::exp2_ps512(zext512(
         _mm256_mul_ps(_mm256_sub_ps(load8(x + v), _mm512_castps512_ps256(vl)), _mm512_castps512_ps256(l2e))));
     store8(d + v, _mm256_mul_ps(_mm512_castps512_ps256(e), _mm512_castps512_ps256(vg)));
     v += 8;
