@@ -323,6 +323,102 @@ inline void pv_direct_chunk(float* o, const float* P, const T* v, int64_t vs, in
   for (int c = 0; c < NC; ++c) _mm256_storeu_ps(o + 8 * c, acc[c]);
 }
 
+#ifdef MPTK_AVX512_PATH
+// The direct path's 512-bit twin (cpu_avx512()). S = q K^T sums each dot product in 16 lanes over the
+// head dim (the last, partial 16 by masked loads), then reduces 16 keys' accumulators at once with a
+// transposing tree (reduce16: 45 shuffles and adds for the 16 sums, where a horizontal sum costs ~8
+// per key); every key's lanes are added in the same tree whichever slot it has, so a score does not
+// depend on the chunking. It rounds differently from the 256-bit path (8 lanes, then across them).
+// O += P V is per output element the 256-bit path's chain (same keys, same order): bitwise equal.
+MPTK_AVX512_FN inline __m512 reduce16(const __m512 (&a)[16]) {
+  __m512 x[8], y[4];
+#pragma GCC unroll 8
+  for (int t = 0; t < 8; ++t)  // keys 2t, 2t+1: [a.lo256 + a.hi256, b.lo256 + b.hi256]
+    x[t] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * t], a[2 * t + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * t], a[2 * t + 1], 0xEE));
+#pragma GCC unroll 4
+  for (int t = 0; t < 4; ++t)  // 128-bit block i: key 4t + i, 4 partial sums
+    y[t] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * t], x[2 * t + 1], 0x88),
+                         _mm512_shuffle_f32x4(x[2 * t], x[2 * t + 1], 0xDD));
+  const __m512 z0 = _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x44), _mm512_shuffle_ps(y[0], y[1], 0xEE));
+  const __m512 z1 = _mm512_add_ps(_mm512_shuffle_ps(y[2], y[3], 0x44), _mm512_shuffle_ps(y[2], y[3], 0xEE));
+  const __m512 w = _mm512_add_ps(_mm512_shuffle_ps(z0, z1, 0x88), _mm512_shuffle_ps(z0, z1, 0xDD));
+  // w's lane 4i + c holds key 4c + i
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), w);
+}
+
+// S[j .. j + n) = q . k_{j+t} (t < n <= 16) for one query row q (float32, Dp >= D).
+template <typename T, bool kFull>
+MPTK_AVX512_FN inline void qk_direct16_512(float* S, const float* q, const T* k, int64_t ks, int j, int n, int D) {
+  __m512 a[16];
+#pragma GCC unroll 16
+  for (int t = 0; t < 16; ++t) a[t] = _mm512_setzero_ps();
+  int d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const __m512 qv = _mm512_loadu_ps(q + d);
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; ++t)
+      if (kFull || t < n) a[t] = _mm512_fmadd_ps(qv, load16(k + (j + t) * ks + d), a[t]);
+  }
+  if (d < D) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (D - d)) - 1);
+    const __m512 qv = _mm512_maskz_loadu_ps(m, q + d);
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; ++t)
+      if (kFull || t < n) a[t] = _mm512_fmadd_ps(qv, load16_first(k + (j + t) * ks + d, m), a[t]);
+  }
+  const __m512 s = reduce16(a);
+  if (kFull)
+    _mm512_storeu_ps(S + j, s);
+  else
+    _mm512_mask_storeu_ps(S + j, static_cast<__mmask16>((1u << n) - 1), s);
+}
+
+// S[r * kBlockK + j] for keys j in [j0, j1), rows r < R (query row r at q + r * Dp).
+template <typename T>
+MPTK_AVX512_FN void qk_direct512(float* S, const float* q, int R, int Dp, const T* k, int64_t ks, int j0, int j1,
+                                 int D) {
+  for (int r = 0; r < R; ++r) {
+    int j = j0;
+    for (; j + 16 <= j1; j += 16) qk_direct16_512<T, true>(S + r * kBlockK, q + r * Dp, k, ks, j, 16, D);
+    if (j < j1) qk_direct16_512<T, false>(S + r * kBlockK, q + r * Dp, k, ks, j, j1 - j, D);
+  }
+}
+
+template <typename T, int NC>
+MPTK_AVX512_FN inline void pv_direct_chunk512(float* o, const float* P, const T* v, int64_t vs, int nk) {
+  __m512 acc[NC];
+#pragma GCC unroll 4
+  for (int c = 0; c < NC; ++c) acc[c] = _mm512_loadu_ps(o + 16 * c);
+  for (int j = 0; j < nk; ++j) {
+    const __m512 pj = _mm512_set1_ps(P[j]);
+    const T* vj = v + j * vs;
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) acc[c] = _mm512_fmadd_ps(pj, load16(vj + 16 * c), acc[c]);
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < NC; ++c) _mm512_storeu_ps(o + 16 * c, acc[c]);
+}
+
+template <typename T>
+void pv_direct(float* O, const float* P, int rows, int Dp, const T* v, int64_t vs, int nk, int D);
+
+template <typename T>
+MPTK_AVX512_FN void pv_direct512(float* O, const float* P, int rows, int Dp, const T* v, int64_t vs, int nk, int D) {
+  const int D16 = D & ~15;
+  for (int r = 0; r < rows; ++r) {
+    float* o = O + static_cast<size_t>(r) * Dp;
+    const float* p = P + r * kBlockK;
+    int d = 0;
+    for (; d + 64 <= D16; d += 64) pv_direct_chunk512<T, 4>(o + d, p, v + d, vs, nk);
+    for (; d + 32 <= D16; d += 32) pv_direct_chunk512<T, 2>(o + d, p, v + d, vs, nk);
+    for (; d < D16; d += 16) pv_direct_chunk512<T, 1>(o + d, p, v + d, vs, nk);
+  }
+  if (D16 < D)  // the last 1-15 elements of each row: the 256-bit code (same chains)
+    pv_direct<T>(O + D16, P, rows, Dp, v + D16, vs, nk, D - D16);
+}
+#endif
+
 // O[r] += P[r] V over nk keys for `rows` rows (row r of O at r * Dp, of P at r * kBlockK).
 template <typename T>
 void pv_direct(float* O, const float* P, int rows, int Dp, const T* v, int64_t vs, int nk, int D) {
@@ -370,6 +466,9 @@ void fwd_tile(const AttentionFwdParams& p, const SeqInfo& si, int b, int h, int 
 #else
   const bool direct = false;
 #endif
+#ifdef MPTK_AVX512_PATH
+  const bool wide = direct && cpu_avx512();  // the direct path's 512-bit twin
+#endif
   // KV heads in the tile and tile rows per KV head (a tile holds one KV head's rows, or, on the direct
   // path, possibly every head's; its heads start at a KV group's first head).
   const int group = p.n_heads / p.n_kv_heads;
@@ -400,6 +499,13 @@ void fwd_tile(const AttentionFwdParams& p, const SeqInfo& si, int b, int h, int 
         }
         for (int c = 0; c < n_kv; ++c) {
           const T* kc = kp + c * p.k_head_stride;
+#ifdef MPTK_AVX512_PATH
+          if (wide) {
+            qk_direct512<T>(w.s + c * per_kv * kBlockK, w.q + static_cast<size_t>(c) * per_kv * Dp, per_kv, Dp, kc,
+                            p.k_row_stride, j0, j1, D);
+            continue;
+          }
+#endif
           for (int r = c * per_kv; r < (c + 1) * per_kv; r += kDirectRows) {
             float* S = w.s + r * kBlockK;
             const float* q = w.q + static_cast<size_t>(r) * Dp;
@@ -442,9 +548,17 @@ void fwd_tile(const AttentionFwdParams& p, const SeqInfo& si, int b, int h, int 
       const T* vp = vbase + k0 * p.v_row_stride;
       for (int j0 = 0; j0 < nk; j0 += kDirectChunk) {
         const int n = std::min(nk, j0 + kDirectChunk) - j0;
-        for (int c = 0; c < n_kv; ++c)
+        for (int c = 0; c < n_kv; ++c) {
+#ifdef MPTK_AVX512_PATH
+          if (wide) {
+            pv_direct512<T>(w.o + static_cast<size_t>(c) * per_kv * Dp, w.s + c * per_kv * kBlockK + j0, per_kv, Dp,
+                            vp + c * p.v_head_stride + j0 * p.v_row_stride, p.v_row_stride, n, D);
+            continue;
+          }
+#endif
           pv_direct<T>(w.o + static_cast<size_t>(c) * per_kv * Dp, w.s + c * per_kv * kBlockK + j0, per_kv, Dp,
                        vp + c * p.v_head_stride + j0 * p.v_row_stride, p.v_row_stride, n, D);
+        }
       }
       continue;
     }

@@ -188,6 +188,14 @@ MPTK_AVX512_FN inline __m512 load16(const fp16* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 MPTK_AVX512_FN inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+// The first n (0-16) elements as float32, zeros above; elements past n are not read.
+MPTK_AVX512_FN inline __m512 load16_first(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+MPTK_AVX512_FN inline __m512 load16_first(const bf16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+MPTK_AVX512_FN inline __m512 load16_first(const fp16* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
 // 8 floats in the low half of a __m512, zeros above (a cast would leave the upper half undefined).
 MPTK_AVX512_FN inline __m512 zext512(__m256 v) { return _mm512_insertf32x8(_mm512_setzero_ps(), v, 0); }
 template <typename T>
