@@ -25,9 +25,9 @@ constexpr int64_t kParallelMinElems = 1 << 15;
 // The 512-bit twins of row_max, row_sum_exp2 and the backward's row (taken when cpu_avx512()):
 // bitwise the same results. The sum's 16 lanes are the 256-bit loop's two 8-lane accumulators
 // (a0 = lanes 0-7, a1 = lanes 8-15), each adding the same terms in the same order.
+// The vector part of row_max: m and nan over x[0, v), returns v (the scalar tail is row_max's).
 template <typename T>
-MPTK_AVX512_FN float row_max512(const T* x, int64_t V) {
-  float m = -std::numeric_limits<float>::infinity();
+MPTK_AVX512_FN int64_t row_max512(const T* x, int64_t V, float& m, bool& nan) {
   int64_t v = 0;
   __m512 a0 = _mm512_set1_ps(m), a1 = a0, a2 = a0, a3 = a0;
   __mmask16 un = 0;
@@ -45,17 +45,13 @@ MPTK_AVX512_FN float row_max512(const T* x, int64_t V) {
     un |= _mm512_cmp_ps_mask(x0, x0, _CMP_UNORD_Q);
   }
   m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(a0, a1), _mm512_max_ps(a2, a3)));
-  bool nan = un != 0;
-  for (; v < V; ++v) {
-    const float e = to_float(x[v]);
-    nan |= e != e;
-    m = std::max(m, e);
-  }
-  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
+  nan = un != 0;
+  return v;
 }
 
+// The vector part of row_sum_exp2: s over x[0, v), returns v.
 template <typename T>
-MPTK_AVX512_FN float row_sum_exp2_512(const T* x, int64_t V, float m) {
+MPTK_AVX512_FN int64_t row_sum_exp2_512(const T* x, int64_t V, float m, float& s) {
   int64_t v = 0;
   const __m512 l2e = _mm512_set1_ps(kLog2e), vm = _mm512_set1_ps(m);
   __m512 a = _mm512_setzero_ps();
@@ -67,9 +63,8 @@ MPTK_AVX512_FN float row_sum_exp2_512(const T* x, int64_t V, float m) {
     a = _mm512_mask_add_ps(a, 0xff, a, e);
     v += 8;
   }
-  float s = hsum8(_mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)));
-  for (; v < V; ++v) s += std::exp2((to_float(x[v]) - m) * kLog2e);
-  return s;
+  s = hsum8(_mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)));
+  return v;
 }
 
 // d[v] = 2^((x_v - lse) * log2e) * g for v in [0, V - V % 8); returns where the scalar tail starts.
@@ -91,12 +86,14 @@ MPTK_AVX512_FN int64_t bwd_row512(T* d, const T* x, int64_t V, float lse, float 
 
 template <typename T>
 float row_max(const T* x, int64_t V) {
-#ifdef MPTK_AVX512_PATH
-  if (cpu_avx512()) return row_max512(x, V);
-#endif
   float m = -std::numeric_limits<float>::infinity();
   int64_t v = 0;
   bool nan = false;
+#ifdef MPTK_AVX512_PATH
+  if (cpu_avx512()) v = row_max512(x, V, m, nan);
+  else  // the 256-bit loop below
+#endif
+  {
 #ifdef MPTK_AVX2
   // max_ps drops a NaN (it returns its second operand when either is NaN): NaNs are tracked apart.
   __m256 a0 = _mm256_set1_ps(m), a1 = a0, a2 = a0, a3 = a0, un = _mm256_setzero_ps();
@@ -118,6 +115,7 @@ float row_max(const T* x, int64_t V) {
   for (float e : t) m = std::max(m, e);
   nan = _mm256_movemask_ps(un) != 0;
 #endif
+  }
   for (; v < V; ++v) {
     const float e = to_float(x[v]);
     nan |= e != e;
@@ -130,11 +128,13 @@ float row_max(const T* x, int64_t V) {
 // |x| > ~2.36e38, x - m does not for finite logits of one sign (and -inf for opposite signs: 0).
 template <typename T>
 float row_sum_exp2(const T* x, int64_t V, float m) {
-#ifdef MPTK_AVX512_PATH
-  if (cpu_avx512()) return row_sum_exp2_512(x, V, m);
-#endif
   float s = 0.f;
   int64_t v = 0;
+#ifdef MPTK_AVX512_PATH
+  if (cpu_avx512()) v = row_sum_exp2_512(x, V, m, s);
+  else  // the 256-bit loop below
+#endif
+  {
 #ifdef MPTK_AVX2
   const __m256 l2e = _mm256_set1_ps(kLog2e), vm = _mm256_set1_ps(m);
   __m256 a0 = _mm256_setzero_ps(), a1 = a0;
@@ -146,6 +146,7 @@ float row_sum_exp2(const T* x, int64_t V, float m) {
     a0 = _mm256_add_ps(a0, attn_cpu::exp2_ps(_mm256_mul_ps(_mm256_sub_ps(load8(x + v), vm), l2e)));
   s = hsum8(_mm256_add_ps(a0, a1));
 #endif
+  }
   for (; v < V; ++v) s += std::exp2((to_float(x[v]) - m) * kLog2e);
   return s;
 }
