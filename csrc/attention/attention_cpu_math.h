@@ -211,6 +211,12 @@ inline void gemm_at(int M, int N, int K, const float* A, int64_t lda, const floa
 }
 
 #ifdef MPTK_AVX2
+// 2^f = sum_i kExp2Poly[i] f^(7 - i) (Horner, highest degree first): shared by exp2_ps and its
+// 512-bit twin, whose lanes must round alike.
+constexpr float kExp2Poly[8] = {1.525273380405984e-05f, 1.5403530393381606e-04f, 1.3333558146428443e-03f,
+                                9.618129107628477e-03f, 5.550410866482158e-02f,  2.402265069591007e-01f,
+                                6.931471805599453e-01f, 1.0f};
+
 // 2^x for float32 lanes: x = n + f with f in [-0.5, 0.5]; 2^f from its Taylor series in f*ln2 to
 // degree 7 (relative error < 1e-8 before float rounding), 2^n built in the exponent field.
 // x <= -127 (including -inf) gives exactly 0 because the biased exponent becomes 0; NaN stays NaN.
@@ -219,14 +225,9 @@ inline __m256 exp2_ps(__m256 x) {
   x = _mm256_min_ps(_mm256_set1_ps(127.f), x);  // here too: min_ps returns its second operand for a NaN
   __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 f = _mm256_sub_ps(x, n);
-  __m256 p = _mm256_set1_ps(1.525273380405984e-05f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.5403530393381606e-04f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-03f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618129107628477e-03f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550410866482158e-02f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402265069591007e-01f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471805599453e-01f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  __m256 p = _mm256_set1_ps(kExp2Poly[0]);
+#pragma GCC unroll 7
+  for (int i = 1; i < 8; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[i]));
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
@@ -239,14 +240,9 @@ MPTK_AVX512_FN inline __m512 exp2_ps512(__m512 x) {
   x = _mm512_min_ps(_mm512_set1_ps(127.f), x);   // as their 256-bit forms do
   __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+#pragma GCC unroll 7
+  for (int i = 1; i < 8; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[i]));
   __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
