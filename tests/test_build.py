@@ -12,7 +12,7 @@ def test_build_info_fields():
         assert "80" in info["cuda_archs"] or "90" in info["cuda_archs"]
 
 
-def test_cpu_avx512_switch(monkeypatch):
+def test_cpu_avx512_switch():
     """The 512-bit CPU paths are chosen at run time: on where the CPU has AVX-512 F/VL/BW/DQ (GCC's
     check, which includes the OS's XCR0 state), off with MPTK_CPU_AVX512=0, never on without the CPU."""
     import subprocess
