@@ -5,7 +5,8 @@
     y = mk.layer_norm(x, weight)                      # low-precision LayerNorm, float32 statistics
     opt = mk.optim.Lion(model.parameters(), lr=1e-4)  # fused multi-tensor Lion
 """
-from ._ext import build_info, cuda_available, empty_host_cache, host_cache_info, set_host_cache_limit
+from ._ext import (build_info, cuda_available, empty_host_cache, host_cache_info, set_flush_denormal,
+                   set_host_cache_limit)
 from .ops.attention import alibi_attention, alibi_attention_qkvpacked, alibi_slopes
 from .ops.layernorm import layer_norm
 from . import nn, optim
@@ -34,6 +35,7 @@ __all__ = [
     "build_info",
     "cuda_available",
     "host_cache_info",
+    "set_flush_denormal",
     "empty_host_cache",
     "set_host_cache_limit",
     *_LAZY_SUBPACKAGES,

@@ -91,6 +91,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("_cpu_avx512", []() { return mptk::cpu_avx512(); }, "whether the CPU kernels take their 512-bit paths");
   m.def("_set_cpu_avx512", [](bool on) { return mptk::set_cpu_avx512(on); }, py::arg("on"),
         "turn the CPU kernels' 512-bit paths on (where the CPU has AVX-512) or off; returns the previous setting");
+  m.def("set_flush_denormal", [](bool on) { return mptk::set_flush_denormal(on); }, py::arg("on"),
+        "flush-to-zero + denormals-are-zero on the calling thread and every OpenMP pool thread (x86); "
+        "returns the calling thread's previous setting");
   py::register_exception<mptk::ValueError>(m, "KernelValueError", PyExc_ValueError);
   mptk::bind_memory(m);  // not an op: the host caching pool (bind_memory.cpp)
   for (auto& kv : mptk::binding_registry()) kv.second(m);

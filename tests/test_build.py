@@ -31,6 +31,31 @@ def test_cpu_avx512_switch():
         assert r.stdout.split() == want.split(), (env, r.stdout, r.stderr)
 
 
+def test_set_flush_denormal_reaches_the_pool_threads():
+    """mk.set_flush_denormal: flush-to-zero + denormals-are-zero on the caller and every OpenMP pool
+    thread (a 1M-element torch product runs on all of them), returns the previous setting, restores
+    cleanly; anything but a bool is a ValueError."""
+    import platform
+
+    import pytest
+    import torch
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("MXCSR (x86) only")
+    x = torch.full((1 << 20,), 1e-38)
+    try:
+        was = mk.set_flush_denormal(True)
+        assert bool(((x * 0.1) == 0).all()) and bool((x * 1.0 == 0).all())  # outputs and inputs
+        assert mk.set_flush_denormal(True) is True
+        assert mk.set_flush_denormal(False) is True
+        assert bool(((x * 0.1) != 0).all())
+        assert mk.set_flush_denormal(False) is False
+    finally:
+        mk.set_flush_denormal(bool(was))
+    with pytest.raises(ValueError, match="on: expected True or False"):
+        mk.set_flush_denormal(1)
+
+
 def test_cuda_available_is_bool():
     assert isinstance(mk.cuda_available(), bool)
 

@@ -254,6 +254,45 @@ def _micro_cfg(tmp_path, corpus, **kw) -> Config:
     return load_config(None, micro_args(tmp_path, corpus, **{"threads": "null", **kw}))
 
 
+@pytest.mark.parametrize("flush", [True, False])
+def test_cpu_fit_flushes_denormals_and_restores_the_setting(tmp_path, corpus, monkeypatch, flush):
+    """CPU training runs with denormals flushed to zero (on every pool thread: a parallel torch op
+    inside a step sees them flushed), and the setting from before fit() is back afterwards, also
+    when fit() raises. flush_denormals=false leaves it alone."""
+    import mpt_kernels as mk
+    from mpt_kernels.train import Trainer
+
+    cfg = _micro_cfg(tmp_path, corpus, max_steps=2, flush_denormals=str(flush).lower(),
+                     **{"checkpoint.save_every": 0, "checkpoint.save_hf": False, "eval.sample_tokens": 0,
+                        "eval.every": -1})
+    tr = Trainer(cfg)
+    real = tr._forward_loss
+    seen = []
+    tiny = torch.full((1 << 20,), 1e-38)  # large enough for torch to split it across the pool
+
+    def probe(batch):
+        seen.append(bool(((tiny * 0.1) == 0).all()))  # 1e-39 is denormal: 0 when flushed
+        return real(batch)
+
+    monkeypatch.setattr(tr, "_forward_loss", probe)
+    assert mk.set_flush_denormal(False) is False
+    tr.fit()
+    assert len(seen) >= 2 and set(seen) == {flush}  # every forward (micro-batches) of both steps
+    assert mk.set_flush_denormal(False) is False  # restored: off, as before fit()
+    assert ((tiny * 0.1) != 0).all()
+
+    def boom(batch):
+        raise RuntimeError("boom")
+
+    tr2 = Trainer(_micro_cfg(tmp_path / "again", corpus, max_steps=2, flush_denormals=str(flush).lower(),
+                             **{"checkpoint.save_every": 0, "checkpoint.save_hf": False, "eval.sample_tokens": 0,
+                                "eval.every": -1}))
+    monkeypatch.setattr(tr2, "_forward_loss", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        tr2.fit()
+    assert mk.set_flush_denormal(False) is False
+
+
 def test_nonfinite_step_is_skipped_and_logged(tmp_path, corpus, monkeypatch):
     from mpt_kernels.train import Trainer
 

@@ -1,9 +1,16 @@
-// Runtime CPU feature switch for the kernels' 512-bit paths (common/cpu_math.h: cpu_avx512).
+// Runtime CPU feature switch for the kernels' 512-bit paths (common/cpu_math.h: cpu_avx512), and
+// the process-wide flush-to-zero switch (set_flush_denormal).
+#include <omp.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
 
 #include "common/cpu_math.h"
+
+#if defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
 
 namespace mptk {
 namespace {
@@ -39,5 +46,24 @@ bool cpu_avx512_supported() {
 bool cpu_avx512() { return avx512_flag().load(std::memory_order_relaxed); }
 
 bool set_cpu_avx512(bool on) { return avx512_flag().exchange(on && cpu_avx512_supported()); }
+
+bool set_flush_denormal(bool on) {
+#if defined(__SSE2__)
+  const bool was = (_mm_getcsr() & 0x8040u) == 0x8040u;
+  // MXCSR bit 15: flush-to-zero (denormal results become 0); bit 6: denormals-are-zero (inputs).
+  // The register is per thread: the caller's, then every thread of the OpenMP pool, which torch's
+  // CPU ops and MKL's GEMMs share with these kernels (one libgomp in the process); threads the pool
+  // creates later start from their creator's setting.
+  constexpr unsigned kBits = 0x8040u;
+  auto apply = [on] { _mm_setcsr(on ? (_mm_getcsr() | kBits) : (_mm_getcsr() & ~kBits)); };
+  apply();
+#pragma omp parallel
+  apply();
+  return was;
+#else
+  (void)on;
+  return false;
+#endif
+}
 
 }  // namespace mptk

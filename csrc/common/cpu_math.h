@@ -28,6 +28,11 @@ namespace mptk {
 bool cpu_avx512_supported();
 bool cpu_avx512();
 bool set_cpu_avx512(bool on);
+// Flush-to-zero and denormals-are-zero on (or off) for the calling thread and every OpenMP pool
+// thread (x86; elsewhere changes nothing). Returns whether the calling thread had both on before. Denormal operands cost Intel cores a
+// microcode assist per operation: a CPU training run slowed 1.5x once its gradients and attention
+// probabilities reached them (benchmarks/NOTES.md, Training).
+bool set_flush_denormal(bool on);
 
 struct bf16 {
   uint16_t bits;

@@ -128,6 +128,7 @@ class Config:
     progress: bool = True
     plot: bool = True
     threads: int | None = None               # torch CPU threads (None: torch's default)
+    flush_denormals: bool = True             # CPU: flush denormal floats to zero while training (mk.set_flush_denormal)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
