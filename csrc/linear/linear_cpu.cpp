@@ -134,11 +134,6 @@ inline void dot_block_bf16(const float* xs, int64_t K, const bf16* w, int64_t ws
 // 256-bit kernel runs out of registers and turns compute-bound). A dot product sums in 16 lanes
 // (bfloat16: the even and odd weights of each 32-chunk), so it rounds differently from the 256-bit
 // path; within this path an output feature's value still does not depend on its block or thread.
-template <typename T>
-MPTK_AVX512_FN inline void prefetch_ahead512(const T* p) {
-  _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
-}
-
 // Whole 16-groups from k0 on into chain 0 (x in natural order there), then per (row, W row) the
 // chains added, summed across the lanes, plus the k tail.
 template <typename T, int M, int NR, int CH>
@@ -174,7 +169,7 @@ MPTK_AVX512_FN inline void dot_block512(const float* xs, int64_t K, const T* w, 
   for (int64_t k = 0; k < Kc; k += 16 * CH) {
     if ((sizeof(T) == 2 || M > 1) && (k * sizeof(T)) % 64 == 0)
 #pragma GCC unroll 8
-      for (int r = 0; r < NR; ++r) prefetch_ahead512(w + r * ws + k);
+      for (int r = 0; r < NR; ++r) prefetch_ahead(w + r * ws + k);
 #pragma GCC unroll 2
     for (int c = 0; c < CH; ++c) {
       __m512 wv[NR];
@@ -205,7 +200,7 @@ MPTK_AVX512_FN inline void dot_block512_bf16(const float* xs, int64_t K, const b
   const int64_t K32 = K & ~int64_t{31};
   for (int64_t k = 0; k < K32; k += 32) {
 #pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) prefetch_ahead512(w + r * ws + k);
+    for (int r = 0; r < NR; ++r) prefetch_ahead(w + r * ws + k);
     __m512 we[NR], wo[NR];
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
