@@ -129,7 +129,7 @@ inline void dot_block_bf16(const float* xs, int64_t K, const bf16* w, int64_t ws
 #endif
 
 #ifdef MPTK_AVX512_PATH
-// The 512-bit path (16-bit weights, where the CPU has AVX-512: cpu_avx512()): the same scheme 16 lanes wide,
+// The 512-bit path (where the CPU has AVX-512: cpu_avx512()): the same scheme 16 lanes wide,
 // with the 32 zmm registers holding more accumulators (more W rows per block for 2-8 rows, where the
 // 256-bit kernel runs out of registers and turns compute-bound). A dot product sums in 16 lanes
 // (bfloat16: the even and odd weights of each 32-chunk), so it rounds differently from the 256-bit
@@ -327,10 +327,11 @@ void run(const FewRowsLinearParams& p) {
   std::vector<float> xs(static_cast<size_t>(M) * K);
   const T* x = static_cast<const T*>(p.x);
 #ifdef MPTK_AVX512_PATH
-  // Read once: x's layout and the kernel must agree. 16-bit weights only: interleaved A/B runs here
-  // (1-8 rows, MPT-125M's and a 7B block's matrices) gave bfloat16 1.04-1.28x from DRAM and 1.3-1.95x
-  // from cache, float32 0.9-1.3x either way, no better than the runs' noise.
-  const bool wide = cpu_avx512() && sizeof(T) == 2;
+  // Read once: x's layout and the kernel must agree. Interleaved A/B runs against the 256-bit path
+  // here (1-8 rows, MPT-125M's, a 7B block's and the tiny model's matrices): bfloat16 1.04-1.28x from
+  // DRAM and 1.3-1.95x from cache; float32 1.0-1.15x from DRAM (within the runs' noise) and 1.1-1.75x
+  // from cache at 2-8 rows, where the 256-bit kernel's 16 registers leave it compute-bound.
+  const bool wide = cpu_avx512();
 #else
   const bool wide = false;
 #endif
@@ -346,7 +347,7 @@ void run(const FewRowsLinearParams& p) {
     const int64_t n0 = std::min(N, blocks * t / nt * 8), n1 = std::min(N, blocks * (t + 1) / nt * 8);
     bool done = false;
 #ifdef MPTK_AVX512_PATH
-    if constexpr (sizeof(T) == 2) {
+    {
       if (wide) {
         switch (M) {
           case 1: features512<T, 1>(p, xs.data(), n0, n1); break;
