@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/aligned_vector.h"
 #include "common/cpu_math.h"
 #include "common/error.h"
 #include "layernorm/layernorm.h"
@@ -233,7 +234,7 @@ void layer_norm_fwd_row(const TX* x, const TH* res, TH* hout, const float* w, co
 
 // The weight (or bias) as float32: the array itself when WT is float, else converted into `buf`.
 template <typename WT>
-const float* as_float(const WT* v, int64_t n, std::vector<float>& buf) {
+const float* as_float(const WT* v, int64_t n, aligned_vector<float>& buf) {
   if (v == nullptr) return nullptr;
   if constexpr (std::is_same_v<WT, float>) {
     return v;
@@ -250,7 +251,7 @@ void layer_norm_fwd_impl(const LayerNormFwdParams& p) {
   const TH* res = static_cast<const TH*>(p.residual);
   TH* hout = static_cast<TH*>(p.residual_out);
   TY* y = static_cast<TY*>(p.y);
-  std::vector<float> wbuf, bbuf;
+  aligned_vector<float> wbuf, bbuf;
   const float* w = as_float(static_cast<const WT*>(p.weight), p.hidden, wbuf);
   const float* b = as_float(static_cast<const WT*>(p.bias), p.hidden, bbuf);
   bool wb_finite = true;  // lets the bfloat16 rows with finite statistics skip the NaN-safe rounding
@@ -260,7 +261,7 @@ void layer_norm_fwd_impl(const LayerNormFwdParams& p) {
     constexpr bool kStream = decltype(stream)::value;
 #pragma omp parallel if (p.rows * p.hidden >= kParallelMinElems)
     {
-      std::vector<float> scratch(std::is_same_v<TH, float> ? 0 : static_cast<size_t>(p.hidden));
+      aligned_vector<float> scratch(std::is_same_v<TH, float> ? 0 : static_cast<size_t>(p.hidden));
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < p.rows; ++r) {
         layer_norm_fwd_row<TX, TH, TY, kStream>(
@@ -374,11 +375,11 @@ void reduce_partials(const float* partials, int64_t P, int64_t H, WT* dst) {
 
 template <typename TH, typename TY, typename WT>
 void layer_norm_bwd_impl(const LayerNormBwdParams& p) {
-  std::vector<float> wbuf;
+  aligned_vector<float> wbuf;
   const float* w = as_float(static_cast<const WT*>(p.weight), p.hidden, wbuf);
 #pragma omp parallel if (p.rows * p.hidden >= kParallelMinElems)
   {
-    std::vector<float> scratch(2 * static_cast<size_t>(p.hidden));
+    aligned_vector<float> scratch(2 * static_cast<size_t>(p.hidden));
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < p.num_partials; ++g)
       layer_norm_bwd_group<TH, TY>(p, w, g, scratch.data(), scratch.data() + p.hidden);

@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/aligned_vector.h"
 #include "common/cpu_math.h"
 #include "common/error.h"
 #include "linear/linear.h"
@@ -18,6 +19,13 @@ namespace {
 
 // Output features per thread range: enough that one range streams a few hundred KB of W.
 constexpr int64_t kMinFeaturesPerThread = 64;
+
+// Floats between the rows of x's float32 copy (64-byte aligned storage): K rounded up to whole cache
+// lines plus one more, so the rows of a long K do not all sit in the same L1 cache set. With a row
+// stride a multiple of 4 KiB (K = 4096: 16 KiB), the 8 rows and the W rows and prefetches of a block
+// all mapped to one 12-way set and evicted one another: 8 rows of a 4096 x 4096 bfloat16 product took
+// 4.5x the time of 4 rows.
+inline int64_t x_row_stride(int64_t K) { return ((K + 15) & ~int64_t{15}) + 16; }
 
 #ifdef MPTK_AVX2
 // Software prefetch distance along each W row, in bytes: with 16-bit rows of 1.5-8 KB this reaches
@@ -33,15 +41,15 @@ inline void prefetch_ahead(const T* p) {
 // The end of a block's dot products: whole groups of 8 from k0 on into chain 0, then per (row, W row)
 // the chains added, summed across the lanes, plus the k tail (x in natural order from k0 on).
 template <typename T, int M, int NR, int CH>
-inline void finish_dots(__m256 (&acc)[M][NR][2], const float* xs, int64_t K, const T* w, int64_t ws, int64_t k0,
-                        float* out) {
+inline void finish_dots(__m256 (&acc)[M][NR][2], const float* xs, int64_t xst, int64_t K, const T* w, int64_t ws,
+                        int64_t k0, float* out) {
   const int64_t K8 = K & ~int64_t{7};
   for (int64_t k = k0; k < K8; k += 8) {
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
       const __m256 wv = load8(w + r * ws + k);
 #pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) acc[m][r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xs + m * K + k), wv, acc[m][r][0]);
+      for (int m = 0; m < M; ++m) acc[m][r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xs + m * xst + k), wv, acc[m][r][0]);
     }
   }
 #pragma GCC unroll 8
@@ -49,15 +57,15 @@ inline void finish_dots(__m256 (&acc)[M][NR][2], const float* xs, int64_t K, con
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
       float sum = hsum8(CH == 2 ? _mm256_add_ps(acc[m][r][0], acc[m][r][1]) : acc[m][r][0]);
-      for (int64_t k = K8; k < K; ++k) sum += xs[m * K + k] * to_float(w[r * ws + k]);
+      for (int64_t k = K8; k < K; ++k) sum += xs[m * xst + k] * to_float(w[r * ws + k]);
       out[m * NR + r] = sum;
     }
 }
 
 // y[m * ys + n + r] for r < NR, m < M: NR W rows (at w + r * ws) against M float32 rows of x
-// (at xs + m * K). M * NR * CH accumulators; CH chains of 8 lanes each over k.
+// (at xs + m * xst). M * NR * CH accumulators; CH chains of 8 lanes each over k.
 template <typename T, int M, int NR, int CH>
-inline void dot_block(const float* xs, int64_t K, const T* w, int64_t ws, float* out /* M x NR */) {
+inline void dot_block(const float* xs, int64_t xst, int64_t K, const T* w, int64_t ws, float* out /* M x NR */) {
   __m256 acc[M][NR][2];
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m)
@@ -77,13 +85,13 @@ inline void dot_block(const float* xs, int64_t K, const T* w, int64_t ws, float*
       for (int r = 0; r < NR; ++r) wv[r] = load8(w + r * ws + k + 8 * c);
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
-        const __m256 xv = _mm256_loadu_ps(xs + m * K + k + 8 * c);
+        const __m256 xv = _mm256_loadu_ps(xs + m * xst + k + 8 * c);
 #pragma GCC unroll 8
         for (int r = 0; r < NR; ++r) acc[m][r][c] = _mm256_fmadd_ps(xv, wv[r], acc[m][r][c]);
       }
     }
   }
-  finish_dots<T, M, NR, CH>(acc, xs, K, w, ws, K8, out);
+  finish_dots<T, M, NR, CH>(acc, xs, xst, K, w, ws, K8, out);
 }
 
 // bfloat16 without shuffles: one 32-byte load holds 16 weights, two per 32-bit lane; the lane shifted
@@ -94,7 +102,7 @@ inline void dot_block(const float* xs, int64_t K, const T* w, int64_t ws, float*
 // the one-row product compute-bound at ~15 GB/s here. CH = 1 sums even and odd in one chain (more
 // rows: the rows' chains hide the FMA latency, and fewer accumulators stay in registers).
 template <int M, int NR, int CH>
-inline void dot_block_bf16(const float* xs, int64_t K, const bf16* w, int64_t ws, float* out) {
+inline void dot_block_bf16(const float* xs, int64_t xst, int64_t K, const bf16* w, int64_t ws, float* out) {
   static_assert(CH == 1 || CH == 2, "chains");
   __m256 acc[M][NR][2];
 #pragma GCC unroll 8
@@ -116,7 +124,7 @@ inline void dot_block_bf16(const float* xs, int64_t K, const bf16* w, int64_t ws
     }
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
-      const __m256 xe = _mm256_loadu_ps(xs + m * K + k), xo = _mm256_loadu_ps(xs + m * K + k + 8);
+      const __m256 xe = _mm256_loadu_ps(xs + m * xst + k), xo = _mm256_loadu_ps(xs + m * xst + k + 8);
 #pragma GCC unroll 8
       for (int r = 0; r < NR; ++r) {
         acc[m][r][0] = _mm256_fmadd_ps(xe, we[r], acc[m][r][0]);
@@ -124,7 +132,7 @@ inline void dot_block_bf16(const float* xs, int64_t K, const bf16* w, int64_t ws
       }
     }
   }
-  finish_dots<bf16, M, NR, CH>(acc, xs, K, w, ws, K16, out);  // (x in natural order past K16)
+  finish_dots<bf16, M, NR, CH>(acc, xs, xst, K, w, ws, K16, out);  // (x in natural order past K16)
 }
 #endif
 
@@ -137,7 +145,7 @@ inline void dot_block_bf16(const float* xs, int64_t K, const bf16* w, int64_t ws
 // Whole 16-groups from k0 on into chain 0 (x in natural order there), then per (row, W row) the
 // chains added, summed across the lanes, plus the k tail.
 template <typename T, int M, int NR, int CH>
-MPTK_AVX512_FN inline void finish_dots512(__m512 (&acc)[M][NR][2], const float* xs, int64_t K, const T* w,
+MPTK_AVX512_FN inline void finish_dots512(__m512 (&acc)[M][NR][2], const float* xs, int64_t xst, int64_t K, const T* w,
                                           int64_t ws, int64_t k0, float* out) {
   const int64_t K16 = k0 + ((K - k0) & ~int64_t{15});
   for (int64_t k = k0; k < K16; k += 16) {
@@ -145,7 +153,7 @@ MPTK_AVX512_FN inline void finish_dots512(__m512 (&acc)[M][NR][2], const float* 
     for (int r = 0; r < NR; ++r) {
       const __m512 wv = load16(w + r * ws + k);
 #pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) acc[m][r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xs + m * K + k), wv, acc[m][r][0]);
+      for (int m = 0; m < M; ++m) acc[m][r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xs + m * xst + k), wv, acc[m][r][0]);
     }
   }
 #pragma GCC unroll 8
@@ -153,13 +161,13 @@ MPTK_AVX512_FN inline void finish_dots512(__m512 (&acc)[M][NR][2], const float* 
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
       float sum = _mm512_reduce_add_ps(CH == 2 ? _mm512_add_ps(acc[m][r][0], acc[m][r][1]) : acc[m][r][0]);
-      for (int64_t k = K16; k < K; ++k) sum += xs[m * K + k] * to_float(w[r * ws + k]);
+      for (int64_t k = K16; k < K; ++k) sum += xs[m * xst + k] * to_float(w[r * ws + k]);
       out[m * NR + r] = sum;
     }
 }
 
 template <typename T, int M, int NR, int CH>
-MPTK_AVX512_FN inline void dot_block512(const float* xs, int64_t K, const T* w, int64_t ws, float* out) {
+MPTK_AVX512_FN inline void dot_block512(const float* xs, int64_t xst, int64_t K, const T* w, int64_t ws, float* out) {
   __m512 acc[M][NR][2];
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m)
@@ -177,19 +185,20 @@ MPTK_AVX512_FN inline void dot_block512(const float* xs, int64_t K, const T* w, 
       for (int r = 0; r < NR; ++r) wv[r] = load16(w + r * ws + k + 16 * c);
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
-        const __m512 xv = _mm512_loadu_ps(xs + m * K + k + 16 * c);
+        const __m512 xv = _mm512_loadu_ps(xs + m * xst + k + 16 * c);
 #pragma GCC unroll 8
         for (int r = 0; r < NR; ++r) acc[m][r][c] = _mm512_fmadd_ps(xv, wv[r], acc[m][r][c]);
       }
     }
   }
-  finish_dots512<T, M, NR, CH>(acc, xs, K, w, ws, Kc, out);
+  finish_dots512<T, M, NR, CH>(acc, xs, xst, K, w, ws, Kc, out);
 }
 
 // bfloat16: one 64-byte load holds 32 weights; shifted and masked lanes give the even and the odd
 // ones (dot_block_bf16's scheme), against x de-interleaved per whole 32-chunk (x_layout).
 template <int M, int NR, int CH>
-MPTK_AVX512_FN inline void dot_block512_bf16(const float* xs, int64_t K, const bf16* w, int64_t ws, float* out) {
+MPTK_AVX512_FN inline void dot_block512_bf16(const float* xs, int64_t xst, int64_t K, const bf16* w, int64_t ws,
+                                             float* out) {
   static_assert(CH == 1 || CH == 2, "chains");
   __m512 acc[M][NR][2];
 #pragma GCC unroll 8
@@ -210,7 +219,7 @@ MPTK_AVX512_FN inline void dot_block512_bf16(const float* xs, int64_t K, const b
     }
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
-      const __m512 xe = _mm512_loadu_ps(xs + m * K + k), xo = _mm512_loadu_ps(xs + m * K + k + 16);
+      const __m512 xe = _mm512_loadu_ps(xs + m * xst + k), xo = _mm512_loadu_ps(xs + m * xst + k + 16);
 #pragma GCC unroll 8
       for (int r = 0; r < NR; ++r) {
         acc[m][r][0] = _mm512_fmadd_ps(xe, we[r], acc[m][r][0]);
@@ -218,14 +227,14 @@ MPTK_AVX512_FN inline void dot_block512_bf16(const float* xs, int64_t K, const b
       }
     }
   }
-  finish_dots512<bf16, M, NR, CH>(acc, xs, K, w, ws, K32, out);  // (x in natural order past K32)
+  finish_dots512<bf16, M, NR, CH>(acc, xs, xst, K, w, ws, K32, out);  // (x in natural order past K32)
 }
 
 // features() on the 512-bit path: NR W rows per block, CH chains; M * NR * CH accumulators, the W
 // vectors (two per row for bfloat16) and an x vector within the 32 registers.
 template <typename T, int M>
 MPTK_AVX512_FN void features512(const FewRowsLinearParams& p, const float* xs, int64_t n0, int64_t n1) {
-  const int64_t K = p.in_features;
+  const int64_t K = p.in_features, xst = x_row_stride(K);
   const T* w = static_cast<const T*>(p.w);
   const T* bias = static_cast<const T*>(p.bias);
   T* y = static_cast<T*>(p.y);
@@ -236,9 +245,9 @@ MPTK_AVX512_FN void features512(const FewRowsLinearParams& p, const float* xs, i
   auto block = [&](auto nr_const, int64_t n) {
     constexpr int nr = decltype(nr_const)::value;
     if constexpr (kBf16)
-      dot_block512_bf16<M, nr, CH>(xs, K, w + n * p.w_row_stride, p.w_row_stride, out);
+      dot_block512_bf16<M, nr, CH>(xs, xst, K, w + n * p.w_row_stride, p.w_row_stride, out);
     else
-      dot_block512<T, M, nr, CH>(xs, K, w + n * p.w_row_stride, p.w_row_stride, out);
+      dot_block512<T, M, nr, CH>(xs, xst, K, w + n * p.w_row_stride, p.w_row_stride, out);
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < nr; ++r) {
         const float b = bias ? to_float(bias[n + r]) : 0.f;
@@ -261,7 +270,7 @@ float dot_scalar(const float* x, const T* w, int64_t K) {
 // Output features [n0, n1) for all rows.
 template <typename T, int M>
 void features(const FewRowsLinearParams& p, const float* xs, int64_t n0, int64_t n1) {
-  const int64_t K = p.in_features;
+  const int64_t K = p.in_features, xst = x_row_stride(K);
   const T* w = static_cast<const T*>(p.w);
   const T* bias = static_cast<const T*>(p.bias);
   T* y = static_cast<T*>(p.y);
@@ -283,16 +292,16 @@ void features(const FewRowsLinearParams& p, const float* xs, int64_t n0, int64_t
   auto block = [&](auto nr_const, int64_t n) {
     constexpr int nr = decltype(nr_const)::value;
     if constexpr (std::is_same_v<T, bf16>)
-      dot_block_bf16<M, nr, CH>(xs, K, w + n * p.w_row_stride, p.w_row_stride, out);
+      dot_block_bf16<M, nr, CH>(xs, xst, K, w + n * p.w_row_stride, p.w_row_stride, out);
     else
-      dot_block<T, M, nr, CH>(xs, K, w + n * p.w_row_stride, p.w_row_stride, out);
+      dot_block<T, M, nr, CH>(xs, xst, K, w + n * p.w_row_stride, p.w_row_stride, out);
     store(n, nr);
   };
   for (; n + NR <= n1; n += NR) block(std::integral_constant<int, NR>{}, n);
   for (; n < n1; ++n) block(std::integral_constant<int, 1>{}, n);
 #else
   for (; n < n1; ++n) {
-    for (int m = 0; m < M; ++m) out[m] = dot_scalar(xs + m * K, w + n * p.w_row_stride, K);
+    for (int m = 0; m < M; ++m) out[m] = dot_scalar(xs + m * xst, w + n * p.w_row_stride, K);
     store(n, 1);
   }
 #endif
@@ -324,7 +333,8 @@ void run(const FewRowsLinearParams& p) {
   const int M = p.rows;
   const int64_t K = p.in_features, N = p.out_features;
   // x in float32 once (a few rows of K floats), shared by the threads.
-  std::vector<float> xs(static_cast<size_t>(M) * K);
+  const int64_t xst = x_row_stride(K);
+  aligned_vector<float> xs(static_cast<size_t>(M) * xst);
   const T* x = static_cast<const T*>(p.x);
 #ifdef MPTK_AVX512_PATH
   // Read once: x's layout and the kernel must agree. Interleaved A/B runs against the 256-bit path
@@ -336,7 +346,7 @@ void run(const FewRowsLinearParams& p) {
   const bool wide = false;
 #endif
   for (int m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xs[m * K + x_layout<T>(k, K, wide)] = to_float(x[m * p.x_row_stride + k]);
+    for (int64_t k = 0; k < K; ++k) xs[m * xst + x_layout<T>(k, K, wide)] = to_float(x[m * p.x_row_stride + k]);
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(),
                                                                             N / kMinFeaturesPerThread)));
 #pragma omp parallel num_threads(threads)
