@@ -2,8 +2,9 @@
 //
 // malloc aligns to 16 bytes, and a block past its mmap threshold starts 16 bytes into a page, so a
 // plain std::vector<float> put every 32- or 64-byte vector load of a tile row across two cache lines.
-// A split load costs the core two loads: an 8 x 2 register tile of the few-row product (the x rows
-// from scratch) ran 1.5-1.7x slower on it than from aligned rows (AVX-512 host, K = 256-4096).
+// A split load costs the core two loads: a stand-alone loop of the few-row product's 8 x 2 register
+// tile (x rows from memory, one thread, AVX-512 host) ran 1.46-1.72x slower with its x rows 16 bytes
+// off a line than with aligned ones (K = 256-4096).
 #pragma once
 
 #include <cstddef>

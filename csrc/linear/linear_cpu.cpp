@@ -22,9 +22,9 @@ constexpr int64_t kMinFeaturesPerThread = 64;
 
 // Floats between the rows of x's float32 copy (64-byte aligned storage): K rounded up to whole cache
 // lines plus one more, so the rows of a long K do not all sit in the same L1 cache set. With a row
-// stride a multiple of 4 KiB (K = 4096: 16 KiB), the 8 rows and the W rows and prefetches of a block
-// all mapped to one 12-way set and evicted one another: 8 rows of a 4096 x 4096 bfloat16 product took
-// 4.5x the time of 4 rows.
+// stride a multiple of 4 KiB (K = 4096: 16 KiB), a block's 8 x rows, its W rows and their prefetches
+// (4 KiB ahead) all mapped to one 12-way set (8 rows of a cache-resident 4096 x 4096 bfloat16 product:
+// 1.12x faster padded, with the aligned copy; see benchmarks/NOTES.md).
 inline int64_t x_row_stride(int64_t K) { return ((K + 15) & ~int64_t{15}) + 16; }
 
 #ifdef MPTK_AVX2
