@@ -83,6 +83,23 @@ def test_large_feature_counts_across_threads(dtype):
         assert_linear_close(few_rows_linear(x, w), x, w)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [5, 6, 8])
+def test_long_rows_walked_in_chunks(dtype, M):
+    """5-8 rows over a long K, where the 512-bit path walks K in chunks of 512 over up to 8 blocks of W
+    rows at a time once x passes 40 KiB (K = 2065 and 4096 here; 1057 stays below for 5-8 rows): K
+    past several chunks with a partial last one and a tail below the vector step, N leaving a partial
+    group of blocks and a last row. Each output feature must be bitwise what it is alone (a one-row
+    slice of W takes the unchunked block of one row)."""
+    torch.manual_seed(100 + M)
+    for K, N in ((1057, 203), (2065, 37), (4096, 17)):
+        x, w, b = rand(M, K, dtype=dtype), rand(N, K, dtype=dtype) * 0.05, rand(N, dtype=dtype)
+        y = few_rows_linear(x, w, b)
+        assert_linear_close(y, x, w, b)
+        for a in (0, 1, N // 2, N - 1):
+            assert torch.equal(few_rows_linear(x, w[a:a + 1], b[a:a + 1]), y[:, a:a + 1])
+
+
 def test_output_columns_do_not_depend_on_the_split():
     """An output feature's value is the same whichever thread range and register block hold it: a
     slice of the weight gives bitwise the same columns."""
