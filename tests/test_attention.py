@@ -1169,3 +1169,30 @@ def test_device_offsets_are_not_read_back_while_their_device_captures(monkeypatc
     cu = Offsets(0)  # cuda:0 is not capturing: the offsets are checked (read back)
     with pytest.raises(AssertionError, match="read back"):
         att._check_device_cu_seqlens(cu, cu, 4, 4, True, 8, 8)
+
+
+@pytest.mark.parametrize("caller_flushes", [False, True])
+def test_cpu_kernels_flush_denormals_and_leave_the_callers_setting(caller_flushes):
+    """The CPU attention computes with denormals flushed (inputs read as zero, results written as zero)
+    whatever the caller set: far keys' probabilities and their products with small gradients reach
+    that range over long sequences, where each operation would cost an Intel core a microcode assist.
+    The caller's own setting (mk.set_flush_denormal) is the same after the forward and the backward."""
+    before = mk.set_flush_denormal(caller_flushes)
+    try:
+        torch.manual_seed(0)
+        q, k = torch.randn(2, 40, 2, 16), torch.randn(2, 40, 2, 16)
+        v = torch.full((2, 40, 2, 16), 1e-39).requires_grad_()  # float32 denormals
+        out = mk.alibi_attention(q, k, v)
+        assert (out == 0).all(), "denormal values went through unflushed"
+        assert mk.set_flush_denormal(caller_flushes) == caller_flushes
+        q2, k2, v2 = (torch.randn(1, 33, 2, 16, requires_grad=True) for _ in range(3))
+        o2 = mk.alibi_attention(q2, k2, v2)
+        g = torch.full_like(o2, 1e-39)  # a denormal gradient: every product below 2^-126
+        dq, dk, dv = torch.autograd.grad(o2, (q2, k2, v2), g)
+        assert (dq == 0).all() and (dk == 0).all() and (dv == 0).all()
+        assert mk.set_flush_denormal(caller_flushes) == caller_flushes
+        # normal values are untouched: the same as the float64 reference's rounding allows
+        ref = R.attention_reference(q2.double(), k2.double(), v2.double(), alibi_slopes=R.alibi_slopes(2).double())
+        torch.testing.assert_close(o2.double(), ref, rtol=1e-5, atol=1e-6)
+    finally:
+        mk.set_flush_denormal(before)

@@ -636,6 +636,7 @@ void fwd_run(const AttentionFwdParams& p) {
   // scheduling hands out the long items first.
 #pragma omp parallel num_threads(nthreads)
   {
+    const ScopedFlushDenormals ftz;
     FwdScratch w(fwd_thread_scratch(fwd_scratch_floats(Dp)), Dp);
 #pragma omp for schedule(dynamic, 1)
     for (long it = 0; it < items; ++it) {
@@ -679,6 +680,7 @@ void fwd_run(const AttentionFwdParams& p) {
   const long rows = static_cast<long>(p.batch) * p.n_heads * p.seqlen_q;
 #pragma omp parallel num_threads(nthreads)
   {
+    const ScopedFlushDenormals ftz;
     aligned_vector<float> acc(Dp);
 #pragma omp for schedule(static)
     for (long it = 0; it < rows; ++it) {
@@ -857,6 +859,7 @@ void bwd_run(const AttentionBwdParams& p) {
   const long rows = static_cast<long>(p.batch) * p.n_heads * p.seqlen_q;
 #pragma omp parallel num_threads(nthreads)
   {
+    const ScopedFlushDenormals ftz;
     aligned_vector<float> a(Dp), c(Dp);
 #pragma omp for schedule(static)
     for (long it = 0; it < rows; ++it) {
@@ -877,6 +880,7 @@ void bwd_run(const AttentionBwdParams& p) {
     const long items = static_cast<long>(p.batch) * p.n_kv_heads;
 #pragma omp parallel num_threads(nthreads)
     {
+      const ScopedFlushDenormals ftz;
       BwdScratch w(scratch.data() + BwdScratch::floats(Dp) * omp_get_thread_num(), Dp);
       aligned_vector<float> dq_acc;
 #pragma omp for schedule(dynamic, 1)
@@ -905,6 +909,7 @@ void bwd_run(const AttentionBwdParams& p) {
   const long kv_items = static_cast<long>(p.batch) * p.n_kv_heads * nkb;
 #pragma omp parallel num_threads(nthreads)
   {
+    const ScopedFlushDenormals ftz;
     BwdScratch w(scratch.data() + BwdScratch::floats(Dp) * omp_get_thread_num(), Dp);
 #pragma omp for schedule(dynamic, 1)
     for (long it = 0; it < kv_items; ++it) {
@@ -921,6 +926,7 @@ void bwd_run(const AttentionBwdParams& p) {
   const long q_items = static_cast<long>(p.batch) * p.n_heads * nqb;
 #pragma omp parallel num_threads(nthreads)
   {
+    const ScopedFlushDenormals ftz;
     BwdScratch w(scratch.data() + BwdScratch::floats(Dp) * omp_get_thread_num(), Dp);
 #pragma omp for schedule(dynamic, 1)
     for (long it = 0; it < q_items; ++it) {
