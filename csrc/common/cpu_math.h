@@ -57,6 +57,8 @@ struct ScopedFlushDenormals {
   unsigned saved;
   ScopedFlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040u); }
   ~ScopedFlushDenormals() { _mm_setcsr(saved); }
+#else
+  ScopedFlushDenormals() {}  // (user-provided: the kernels declare it const)
 #endif
   ScopedFlushDenormals(const ScopedFlushDenormals&) = delete;
   ScopedFlushDenormals& operator=(const ScopedFlushDenormals&) = delete;
