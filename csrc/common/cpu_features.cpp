@@ -8,10 +8,6 @@
 
 #include "common/cpu_math.h"
 
-#if defined(__SSE2__)
-#include <xmmintrin.h>
-#endif
-
 namespace mptk {
 namespace {
 
@@ -48,13 +44,12 @@ bool cpu_avx512() { return avx512_flag().load(std::memory_order_relaxed); }
 bool set_cpu_avx512(bool on) { return avx512_flag().exchange(on && cpu_avx512_supported()); }
 
 bool set_flush_denormal(bool on) {
-#if defined(__SSE2__)
-  const bool was = (_mm_getcsr() & 0x8040u) == 0x8040u;
-  // MXCSR bit 15: flush-to-zero (denormal results become 0); bit 6: denormals-are-zero (inputs).
+#if defined(MPTK_MXCSR)
+  constexpr unsigned kBits = kMxcsrFlushDenormals;
+  const bool was = (_mm_getcsr() & kBits) == kBits;
   // The register is per thread: the caller's, then every thread of the OpenMP pool, which torch's
   // CPU ops and MKL's GEMMs share with these kernels (one libgomp in the process); threads the pool
   // creates later start from their creator's setting.
-  constexpr unsigned kBits = 0x8040u;
   auto apply = [on] { _mm_setcsr(on ? (_mm_getcsr() | kBits) : (_mm_getcsr() & ~kBits)); };
   apply();
 #pragma omp parallel

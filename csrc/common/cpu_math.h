@@ -6,8 +6,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#if defined(__SSE__) || defined(__x86_64__)
-#include <xmmintrin.h>  // _mm_getcsr / _mm_setcsr (ScopedFlushDenormals)
+#if defined(__SSE__)
+#include <xmmintrin.h>  // _mm_getcsr / _mm_setcsr (set_flush_denormal, ScopedFlushDenormals)
+#define MPTK_MXCSR 1
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -39,10 +40,13 @@ namespace mptk {
 bool cpu_avx512_supported();
 bool cpu_avx512();
 bool set_cpu_avx512(bool on);
+// MXCSR bit 15, flush-to-zero (denormal results become 0), and bit 6, denormals-are-zero (inputs).
+constexpr unsigned kMxcsrFlushDenormals = 0x8040u;
+
 // Flush-to-zero and denormals-are-zero on (or off) for the calling thread and every OpenMP pool
-// thread (x86; elsewhere changes nothing). Returns whether the calling thread had both on before. Denormal operands cost Intel cores a
-// microcode assist per operation: a CPU training run slowed 1.5x once its gradients and attention
-// probabilities reached them (benchmarks/NOTES.md, Training).
+// thread (x86; elsewhere changes nothing). Returns whether the calling thread had both on before.
+// Denormal operands cost Intel cores a microcode assist per operation: a CPU training run slowed
+// 1.5x once its gradients and attention probabilities reached them (benchmarks/NOTES.md, Training).
 bool set_flush_denormal(bool on);
 
 // Flush-to-zero and denormals-are-zero on the calling thread for this object's lifetime (x86; a
@@ -53,9 +57,9 @@ bool set_flush_denormal(bool on);
 // without, 10.5-11 s with; attention's backward was 80% of it). Only values below 2^-126 change
 // (to zero): the same results elsewhere, far below every output's rounding.
 struct ScopedFlushDenormals {
-#if defined(__SSE__) || defined(__x86_64__)
+#if defined(MPTK_MXCSR)
   unsigned saved;
-  ScopedFlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040u); }
+  ScopedFlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | kMxcsrFlushDenormals); }
   ~ScopedFlushDenormals() { _mm_setcsr(saved); }
 #else
   ScopedFlushDenormals() {}  // (user-provided: the kernels declare it const)
